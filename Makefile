@@ -1,0 +1,47 @@
+# The two commands a newcomer needs: `make run` and `make test`. Everything else supports them.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install run token test lint check format ci-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## install: create .venv with the service and its dev extra
+install: $(STAMP)
+
+## run: start a local MongoDB-compatible server (unless MONGODB_URI is set) and the service on 127.0.0.1:8080
+run: install
+	$(PY) deploy/local/run.py
+
+## token: print a development token (make token user=alice ttl=3600)
+token: install
+	@ENVIRONMENT=local $(PY) -m service token --user $(or $(user),dev) --ttl $(or $(ttl),86400)
+
+## test: lint, type-check and run the whole suite against a throwaway SecantusDB
+test: install lint
+	$(PY) -m pytest --cov --cov-report=term
+
+## lint: ruff and mypy (strict on service/)
+lint: install
+	$(VENV)/bin/ruff check service tests deploy
+	$(VENV)/bin/ruff format --check service tests deploy
+	$(VENV)/bin/mypy
+
+check: lint
+
+format: install
+	$(VENV)/bin/ruff format service tests deploy
+	$(VENV)/bin/ruff check --fix service tests deploy
+
+## ci-deps: system packages the test suite needs (CI runs this before `make test`)
+ci-deps:
+	@true
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

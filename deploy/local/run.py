@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""`make run`: SecantusDB on loopback plus the service; no keys, no network.
+
+- Unless MONGODB_URI is set, starts ``secantusd-py`` as a separate process on a free loopback
+  port with its data under ``.data/mongo`` (git-ignored), so chats survive a restart.
+- Starts ``python -m service serve`` with ENVIRONMENT=local (a development JWT key is created in
+  ``.data`` and kept) and the offline demo model.
+- Ctrl-C (or SIGTERM) stops the service first, then the database, and waits for both.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / ".data"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], deadline_s: float = 30.0) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise SystemExit(
+                f"SecantusDB exited early (code {proc.returncode}); see .data/mongo.log"
+            )
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit("SecantusDB did not start listening within 30 s; see .data/mongo.log")
+
+
+def start_mongo() -> tuple[subprocess.Popen[bytes], str]:
+    exe = shutil.which("secantusd-py", path=str(Path(sys.executable).parent)) or "secantusd-py"
+    port = free_port()
+    (DATA / "mongo").mkdir(parents=True, exist_ok=True)
+    with (DATA / "mongo.log").open("ab") as log:
+        proc = subprocess.Popen(
+            [
+                exe,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--storage-path",
+                str(DATA / "mongo"),
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    wait_for_port(port, proc)
+    return proc, f"mongodb://127.0.0.1:{port}/"
+
+
+def stop(
+    proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, timeout: float = 30
+) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def banner(env: dict[str, str]) -> None:
+    url = f"http://{env.get('HOST', '127.0.0.1')}:{env.get('PORT', '8080')}"
+    print(
+        f"\n  chat-gateway (local mode) on {url}\n"
+        f"  MongoDB: {env['MONGODB_URI']}  (data in .data/)\n"
+        "  get a token:  make token user=alice\n"
+        "  try:         TOKEN=$(make -s token user=alice)\n"
+        f'               curl -s -X POST -H "Authorization: Bearer $TOKEN" {url}/api/chat\n'
+        "  Ctrl-C stops the service and the database.\n",
+        flush=True,
+    )
+
+
+def main() -> int:
+    env = dict(os.environ)
+    env.setdefault("ENVIRONMENT", "local")
+    env.setdefault("HOST", "127.0.0.1")
+    env.setdefault("PORT", "8080")
+    env.setdefault("DATA_DIR", str(DATA))
+    mongo = None
+    if not env.get("MONGODB_URI"):
+        mongo, env["MONGODB_URI"] = start_mongo()
+    service = None
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        if service is not None and service.poll() is None:
+            service.send_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        banner(env)
+        # Own session: a terminal's Ctrl-C reaches us only, and we stop the children in order.
+        service = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve"], env=env, cwd=ROOT, start_new_session=True
+        )
+        while service.poll() is None:
+            try:
+                service.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                continue
+        return 0 if stopping else (service.returncode or 0)
+    finally:
+        stop(service, signal.SIGINT)
+        stop(mongo)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

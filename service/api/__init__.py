@@ -1,0 +1,1 @@
+"""HTTP handlers: thin, they validate input and call the store or the turn producer."""

@@ -1,0 +1,113 @@
+"""Chat API: list, create, read (with paginated messages), soft delete."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.http import json_response, not_found, parse_uuid, read_json, validate
+from service.keys import PRINCIPAL, SETTINGS, STORE
+from service.store import Doc
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class CreateChat(StrictModel):
+    title: str | None = Field(None, min_length=1, max_length=200)
+    model: str | None = Field(None, min_length=1, max_length=100)
+
+
+class ListChatsQuery(StrictModel):
+    model_config = ConfigDict(strict=False)  # query strings are text: lax ints
+    limit: int = Field(20, ge=1, le=100)
+    cursor: str | None = Field(None, max_length=200)
+
+
+class ChatQuery(StrictModel):
+    model_config = ConfigDict(strict=False)
+    limit: int = Field(100, ge=1, le=500)
+    after: int = Field(-1, ge=-1)
+
+
+def chat_view(doc: Doc) -> dict[str, Any]:
+    return {
+        "chat_id": doc["_id"],
+        "title": doc.get("title"),
+        "model": doc.get("model"),
+        "created_at": doc["created_at"],
+        "updated_at": doc["updated_at"],
+    }
+
+
+def message_view(doc: Doc) -> dict[str, Any]:
+    return {
+        "message_id": doc["_id"],
+        "seq": doc["seq"],
+        "role": doc["role"],
+        "content": doc.get("content", ""),
+        "status": doc.get("status", "complete"),
+        "created_at": doc["created_at"],
+        "model": doc.get("model"),
+        "finish_reason": doc.get("finish_reason"),
+        "error": doc.get("error"),
+        "tokens": doc.get("tokens"),
+    }
+
+
+async def list_chats(request: web.Request) -> web.Response:
+    query = validate(ListChatsQuery, dict(request.query))
+    page = await request.app[STORE].list_chats(
+        request[PRINCIPAL].user_id, limit=query.limit, cursor=query.cursor
+    )
+    return json_response(
+        {"chats": [chat_view(c) for c in page.items], "next_cursor": page.next_cursor}
+    )
+
+
+async def create_chat(request: web.Request) -> web.Response:
+    body = await read_json(request, CreateChat, empty_ok=True)
+    chat = await request.app[STORE].create_chat(
+        request[PRINCIPAL].user_id,
+        title=body.title,
+        model=body.model,
+        cap=request.app[SETTINGS].max_chats_per_user,
+    )
+    return json_response(chat_view(chat), status=201)
+
+
+async def get_chat(request: web.Request) -> web.Response:
+    chat_id = parse_uuid(request.match_info["chat_id"], "chat_id")
+    query = validate(ChatQuery, dict(request.query))
+    store = request.app[STORE]
+    chat = await store.get_chat(request[PRINCIPAL].user_id, chat_id)
+    if chat is None:
+        raise not_found("chat")
+    messages = await store.list_messages(chat_id, after_seq=query.after, limit=query.limit + 1)
+    more = len(messages) > query.limit
+    messages = messages[: query.limit]
+    return json_response(
+        {
+            **chat_view(chat),
+            "messages": [message_view(m) for m in messages],
+            "next_after": messages[-1]["seq"] if more else None,
+        }
+    )
+
+
+async def delete_chat(request: web.Request) -> web.Response:
+    chat_id = parse_uuid(request.match_info["chat_id"], "chat_id")
+    deleted_at = await request.app[STORE].delete_chat(request[PRINCIPAL].user_id, chat_id)
+    if deleted_at is None:
+        raise not_found("chat")
+    return json_response({"chat_id": chat_id, "deleted_at": deleted_at})
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/api/chat", list_chats)
+    app.router.add_post("/api/chat", create_chat)
+    app.router.add_get("/api/chat/{chat_id}", get_chat)
+    app.router.add_delete("/api/chat/{chat_id}", delete_chat)

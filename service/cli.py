@@ -1,0 +1,66 @@
+"""Command line: ``python -m service serve`` and ``python -m service token``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from service import __version__
+from service.settings import SettingsError, load_settings, require_server_settings
+
+DESCRIPTION = """\
+Streaming chat gateway: streams LLM answers over SSE, WebSocket and an OpenAI-compatible API,
+keeping chats, messages and per-user token usage in MongoDB.
+
+All settings come from the environment (or a .env file); see README.md for the table.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser(
+        "serve",
+        help="start the HTTP server (HOST, PORT, MONGODB_URI, JWT_* ... from the environment)",
+    )
+    token = sub.add_parser("token", help="print a bearer token signed with the configured JWT key")
+    token.add_argument("--user", required=True, help="the user id (the token's 'sub')")
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    token.add_argument(
+        "--private-key", help="PEM file to sign with, for RS*/ES*/EdDSA (HS* uses JWT_SECRET)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    try:
+        settings = load_settings()
+        if args.command == "serve":
+            require_server_settings(settings)
+    except SettingsError as exc:
+        print(f"chat-gateway: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "token":
+        from service.auth import mint_token
+
+        try:
+            print(mint_token(settings, args.user, ttl_s=args.ttl, private_key=args.private_key))
+        except ValueError as exc:
+            print(f"chat-gateway: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    from service.app import run
+    from service.logs import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level)
+    run(settings)
+    return 0

@@ -1,0 +1,143 @@
+"""The service's own exception tree, and the one JSON error shape.
+
+    ServiceError                      status  code
+    ├── BadRequest                    400     bad_request | invalid_json | validation_error | ...
+    ├── Unauthorized                  401     unauthorized (with WWW-Authenticate)
+    ├── BudgetExceeded                403     budget_exceeded
+    ├── NotFound                      404     not_found | chat_not_found | model_not_found | ...
+    ├── Conflict                      409     chat_limit_reached | ...
+    ├── PayloadTooLarge               413     payload_too_large
+    ├── RateLimited                   429     rate_limited (with Retry-After)
+    ├── StoreUnavailable              503     database_unavailable
+    ├── ServiceUnavailable            503     shutting_down | ...
+    └── UpstreamError                 502/503/504  upstream_* (see ``UPSTREAM_STATUS``)
+
+Third-party errors (pymongo/motor, aiohttp client) are converted at the boundary that calls
+them, with ``raise ... from exc``. Anything else reaching the middleware becomes a 500 with
+the same shape; the traceback goes only to the log.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+JsonDict = dict[str, Any]
+
+
+class ServiceError(Exception):
+    status = 500
+    code = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        details: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.details = details
+        self.headers = headers or {}
+
+    def body(self) -> JsonDict:
+        err: JsonDict = {"code": self.code, "message": self.message}
+        if self.details is not None:
+            err["details"] = self.details
+        return {"error": err}
+
+
+class BadRequest(ServiceError):
+    status = 400
+    code = "bad_request"
+
+
+class Unauthorized(ServiceError):
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str, *, details: Any = None) -> None:
+        error = "invalid_token" if "token" in message else "invalid_request"
+        super().__init__(
+            message,
+            details=details,
+            headers={"WWW-Authenticate": f'Bearer realm="chat-gateway", error="{error}"'},
+        )
+
+
+class BudgetExceeded(ServiceError):
+    status = 403
+    code = "budget_exceeded"
+
+
+class NotFound(ServiceError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(ServiceError):
+    status = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+    code = "payload_too_large"
+
+
+class RateLimited(ServiceError):
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: float, details: Any = None) -> None:
+        seconds = max(1, math.ceil(retry_after_s))
+        super().__init__(
+            message,
+            details={"retry_after_ms": int(retry_after_s * 1000), **(details or {})},
+            headers={"Retry-After": str(seconds)},
+        )
+        self.retry_after_s = retry_after_s
+
+
+class StoreUnavailable(ServiceError):
+    status = 503
+    code = "database_unavailable"
+
+
+class ServiceUnavailable(ServiceError):
+    status = 503
+    code = "service_unavailable"
+
+
+UPSTREAM_STATUS = {
+    "upstream_auth": 502,
+    "upstream_bad_request": 502,
+    "upstream_bad_response": 502,
+    "upstream_rate_limited": 503,
+    "upstream_unavailable": 503,
+    "upstream_timeout": 504,
+    "upstream_refused": 502,
+}
+
+
+class UpstreamError(ServiceError):
+    """A model vendor failed; ``code`` is one of ``UPSTREAM_STATUS``."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        retryable: bool = False,
+        retry_after_s: float | None = None,
+        upstream_status: int | None = None,
+    ) -> None:
+        super().__init__(message, code=code)
+        self.status = UPSTREAM_STATUS.get(code, 502)
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
+        self.upstream_status = upstream_status

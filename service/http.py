@@ -1,0 +1,83 @@
+"""Small HTTP helpers shared by the handlers: JSON in, JSON out, one error shape."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, TypeVar
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from service.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def dumps(obj: Any) -> bytes:
+    """JSON bytes; datetimes (always UTC here) as ISO 8601 with a ``Z``."""
+    return orjson.dumps(obj, option=orjson.OPT_UTC_Z)
+
+
+def json_response(
+    obj: Any, *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=dumps(obj), status=status, headers=headers, content_type="application/json"
+    )
+
+
+def error_response(exc: ServiceError) -> web.Response:
+    return json_response(exc.body(), status=exc.status, headers=exc.headers)
+
+
+def _validation_details(exc: ValidationError) -> list[dict[str, Any]]:
+    return [
+        {
+            "field": ".".join(str(p) for p in e["loc"]) or None,
+            "problem": e["msg"],
+            "type": e["type"],
+        }
+        for e in exc.errors(include_url=False, include_input=False)
+    ]
+
+
+def validate(model: type[M], data: Any) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise BadRequest(
+            "request validation failed", code="validation_error", details=_validation_details(exc)
+        ) from exc
+
+
+async def read_json(request: web.Request, model: type[M], *, empty_ok: bool = False) -> M:
+    """Read, parse and validate a JSON body (413 when over ``client_max_size``)."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise PayloadTooLarge(
+            f"request body too large (limit {request.app._client_max_size} bytes)"
+        ) from exc
+    if not raw.strip() and empty_ok:
+        return validate(model, {})
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest("request body is not valid JSON", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object", code="invalid_json")
+    return validate(model, data)
+
+
+def parse_uuid(value: str, what: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError as exc:
+        raise BadRequest(
+            f"{what} must be a UUID", code="invalid_id", details={"field": what}
+        ) from exc
+
+
+def not_found(what: str) -> NotFound:
+    return NotFound(f"{what} not found", code=f"{what.replace(' ', '_')}_not_found")

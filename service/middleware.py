@@ -1,0 +1,97 @@
+"""Request middleware: request id, one access line, errors as JSON, bearer auth.
+
+Order (outermost first): ``request_context`` binds the request id to every log line, turns every
+exception into the one JSON error shape (a 500 keeps its traceback in the log only) and writes
+the access line; ``authenticate`` guards ``/api`` and ``/v1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from service.errors import PayloadTooLarge, ServiceError
+from service.http import error_response
+from service.keys import AUTH, PRINCIPAL, REQUEST_ID
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+log = structlog.get_logger("service.access")
+
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+PUBLIC_PREFIXES = ("/api/dev/",)
+GUARDED_PREFIXES = ("/api/", "/v1/")
+
+
+def _request_id(request: web.Request) -> str:
+    incoming = request.headers.get("X-Request-ID", "")
+    return incoming if _REQUEST_ID_OK.match(incoming) else uuid.uuid4().hex
+
+
+def _from_http_exception(exc: web.HTTPException) -> ServiceError:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return PayloadTooLarge("request body too large")
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
+    err = ServiceError(exc.reason, code=code)
+    err.status = exc.status
+    return err
+
+
+def _to_response(request: web.Request, exc: BaseException) -> web.StreamResponse:
+    if isinstance(exc, ServiceError):
+        return error_response(exc)
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            return exc
+        return error_response(_from_http_exception(exc))
+    log.error("request.unhandled_exception", path=request.path, exc_info=exc)
+    return error_response(ServiceError("internal error; see the log with this request id"))
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    rid = _request_id(request)
+    request[REQUEST_ID] = rid
+    started = time.perf_counter()
+    with structlog.contextvars.bound_contextvars(request_id=rid):
+        try:
+            response = await handler(request)
+        except asyncio.CancelledError:
+            _access(request, 499, started)  # the client closed the connection
+            raise
+        except Exception as exc:  # noqa: BLE001 - every error becomes the JSON shape
+            response = _to_response(request, exc)
+        _access(request, response.status, started)
+        return response
+
+
+def _access(request: web.Request, status: int, started: float) -> None:
+    log.info(
+        "http.request",
+        method=request.method,
+        path=request.path,
+        status=status,
+        duration_ms=round((time.perf_counter() - started) * 1000, 2),
+    )
+
+
+async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every response, streaming ones included, echoes the request id."""
+    rid = request.get(REQUEST_ID)
+    if rid:
+        response.headers["X-Request-ID"] = rid
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    path = request.path
+    if path.startswith(GUARDED_PREFIXES) and not path.startswith(PUBLIC_PREFIXES):
+        principal = request.app[AUTH].verify_header(request.headers.get("Authorization"))
+        request[PRINCIPAL] = principal
+        structlog.contextvars.bind_contextvars(user_id=principal.user_id)
+    return await handler(request)

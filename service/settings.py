@@ -1,0 +1,126 @@
+"""Configuration: every setting comes from the environment (or an optional ``.env``).
+
+``load_settings`` turns a validation failure into ``SettingsError`` whose message names the
+variable and the problem, one line each, so that start-up can stop with a clear message.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+HS_ALGORITHMS = ("HS256", "HS384", "HS512")
+JwtAlgorithm = Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "EdDSA"]
+
+
+class SettingsError(Exception):
+    """A setting is missing or invalid; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    # --- server
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    environment: Literal["local", "production"] = "production"
+    data_dir: Path = Path(".data")
+    max_body_bytes: int = Field(64 * 1024, ge=1024)
+    drain_timeout_s: float = Field(20.0, ge=0)
+
+    # --- MongoDB
+    mongodb_uri: str | None = None
+    mongodb_db: str = Field("chat_gateway", min_length=1)
+    mongodb_timeout_ms: int = Field(3000, ge=100)
+    mongodb_max_pool_size: int = Field(100, ge=1)
+
+    # --- auth
+    jwt_secret: SecretStr | None = None
+    jwt_public_key: str | None = None
+    jwt_jwks: str | None = None
+    jwt_algorithm: JwtAlgorithm = "HS256"
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_leeway_s: int = Field(30, ge=0, le=300)
+
+    # --- logs
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # --- chat rules (reference 001)
+    default_token_limit: int = Field(100_000, ge=0)
+    max_chats_per_user: int = Field(100, ge=1)
+    message_rate_limit_ms: int = Field(1000, ge=0)
+    max_message_chars: int = Field(5000, ge=1)
+    context_messages: int = Field(10, ge=0)
+
+    @model_validator(mode="after")
+    def _check_keys(self) -> Settings:
+        if self.jwt_algorithm in HS_ALGORITHMS:
+            if self.jwt_public_key or self.jwt_jwks:
+                raise ValueError(
+                    "JWT_PUBLIC_KEY/JWT_JWKS are for asymmetric algorithms; "
+                    f"JWT_ALGORITHM={self.jwt_algorithm} uses JWT_SECRET"
+                )
+        elif self.jwt_secret is not None:
+            raise ValueError(
+                f"JWT_SECRET is for HS algorithms; JWT_ALGORITHM={self.jwt_algorithm} "
+                "needs JWT_PUBLIC_KEY or JWT_JWKS"
+            )
+        return self
+
+    @property
+    def is_local(self) -> bool:
+        return self.environment == "local"
+
+    @property
+    def has_jwt_key(self) -> bool:
+        return bool(self.jwt_secret or self.jwt_public_key or self.jwt_jwks)
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        name = "_".join(str(p) for p in err["loc"]).upper() or "settings"
+        lines.append(f"invalid setting {name}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment; ``overrides`` win (tests use them)."""
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from exc
+    return resolve_local_defaults(settings)
+
+
+def resolve_local_defaults(settings: Settings) -> Settings:
+    """Local mode only: a development JWT secret kept in the data folder (kept across restarts)."""
+    if settings.has_jwt_key or not settings.is_local:
+        return settings
+    path = settings.data_dir / "dev-jwt-secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(48))
+        path.chmod(0o600)
+    return settings.model_copy(update={"jwt_secret": SecretStr(path.read_text().strip())})
+
+
+def require_server_settings(settings: Settings) -> None:
+    """What ``serve`` needs beyond valid values: a MongoDB and a JWT key."""
+    if not settings.mongodb_uri:
+        raise SettingsError(
+            "invalid setting MONGODB_URI: not set (a replica-set URI; make run starts a local one)"
+        )
+    if not settings.has_jwt_key:
+        raise SettingsError(
+            "invalid setting JWT_SECRET: no JWT key configured (set JWT_SECRET, JWT_PUBLIC_KEY "
+            "or JWT_JWKS; ENVIRONMENT=local creates a development key)"
+        )
