@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
+import aiohttp
 import structlog
 from aiohttp import web
 from pymongo.errors import PyMongoError
 
-from service.api import chats, health
+from service.api import chats, health, messages
 from service.auth import Authenticator
-from service.keys import AUTH, SETTINGS, STORE
+from service.keys import AUTH, CATALOGUE, PRODUCER, REGISTRY, SETTINGS, STORE, UPSTREAM, WATCHER
 from service.middleware import add_request_id_header, authenticate, request_context
+from service.models import load_catalogue
+from service.providers.registry import Counters, build_providers, upstream_timeout
 from service.settings import Settings
 from service.store import Store, make_client
+from service.stream.producer import TurnProducer
+from service.stream.registry import StreamRegistry
+from service.stream.watcher import watch
+from service.tokens import load_encoding
 
 log = structlog.get_logger("service.app")
 
@@ -32,6 +41,59 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     client.close()
 
 
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    """One pooled client session for every upstream call, sized for the pod's stream capacity."""
+    settings = app[SETTINGS]
+    connector = aiohttp.TCPConnector(limit=settings.upstream_pool_size, limit_per_host=0)
+    session = aiohttp.ClientSession(
+        connector=connector, timeout=upstream_timeout(settings), read_bufsize=1 << 18
+    )
+    app[UPSTREAM] = session
+    yield
+    await session.close()
+
+
+async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    catalogue = app[CATALOGUE]
+    for encoding in {m.encoding for m in catalogue.all() if m.encoding}:
+        await asyncio.to_thread(load_encoding, encoding)  # ~0.5 s once; keep it off the loop
+    registry = StreamRegistry()
+    app[REGISTRY] = registry
+    app[PRODUCER] = TurnProducer(
+        settings=settings,
+        store=app[STORE],
+        catalogue=catalogue,
+        providers=build_providers(settings, app[UPSTREAM], catalogue),
+        counter_for=Counters(),
+        registry=registry,
+    )
+    watcher = asyncio.create_task(watch(app[STORE], registry, settings), name="stream-watcher")
+    app[WATCHER] = watcher
+    yield
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    registry.cancel_all("shutdown")
+    await registry.wait_idle(timeout_s=10)
+
+
+async def _drain(app: web.Application) -> None:
+    """on_shutdown: refuse new turns, let streams finish up to DRAIN_TIMEOUT_S, then stop them."""
+    registry = app[REGISTRY]
+    registry.draining = True
+    settings = app[SETTINGS]
+    if registry.streams:
+        log.info(
+            "service.draining",
+            live_streams=len(registry.streams),
+            timeout_s=settings.drain_timeout_s,
+        )
+    if not await registry.wait_idle(settings.drain_timeout_s):
+        registry.cancel_all("shutdown")
+        await registry.wait_idle(timeout_s=10)
+
+
 async def _auth_ctx(app: web.Application) -> AsyncIterator[None]:
     app[AUTH] = await Authenticator.create(app[SETTINGS])
     yield
@@ -43,10 +105,13 @@ def create_app(settings: Settings) -> web.Application:
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
-    app.cleanup_ctx.extend([_auth_ctx, _store_ctx])
+    app[CATALOGUE] = load_catalogue(settings)
+    app.cleanup_ctx.extend([_auth_ctx, _store_ctx, _upstream_ctx, _streams_ctx])
     app.on_response_prepare.append(add_request_id_header)
+    app.on_shutdown.append(_drain)
     health.setup(app)
     chats.setup(app)
+    messages.setup(app)
     return app
 
 

@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
         if args.command == "serve":
             require_server_settings(settings)
+            from service.models import load_catalogue
+
+            load_catalogue(settings)  # a bad catalogue entry stops start-up here, by name
     except SettingsError as exc:
         print(f"chat-gateway: {exc}", file=sys.stderr)
         return 2

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import aiohttp
 from aiohttp import web
 
 from service.auth import Authenticator, Principal
+from service.models import Catalogue
 from service.settings import Settings
 from service.store import Store
+from service.stream.producer import TurnProducer
+from service.stream.registry import StreamRegistry
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 AUTH = web.AppKey("auth", Authenticator)
+UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
+CATALOGUE = web.AppKey("catalogue", Catalogue)
+REGISTRY = web.AppKey("registry", StreamRegistry)
+PRODUCER = web.AppKey("producer", TurnProducer)
+WATCHER = web.AppKey("watcher", asyncio.Task[None])
 
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)

@@ -59,6 +59,33 @@ class Settings(BaseSettings):
     message_rate_limit_ms: int = Field(1000, ge=0)
     max_message_chars: int = Field(5000, ge=1)
     context_messages: int = Field(10, ge=0)
+    system_prompt: str = (
+        "You are a helpful assistant. Answer clearly and concisely; use Markdown when it helps."
+    )
+
+    # --- models and upstreams
+    default_model: str = "demo"
+    models: str | None = None  # JSON list of model entries (see README); overrides MODELS_FILE
+    models_file: Path | None = None
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_api_key: SecretStr | None = None
+    demo_token_delay_ms: int = Field(30, ge=0, le=10_000)
+    upstream_connect_timeout_s: float = Field(10.0, gt=0)
+    upstream_idle_timeout_s: float = Field(60.0, gt=0)
+    upstream_first_token_timeout_s: float = Field(90.0, gt=0)
+    upstream_total_timeout_s: float = Field(900.0, gt=0)
+    upstream_max_attempts: int = Field(3, ge=1, le=10)
+    upstream_retry_base_s: float = Field(0.5, ge=0)
+    upstream_retry_max_s: float = Field(8.0, ge=0)
+    upstream_pool_size: int = Field(1000, ge=1)
+
+    # --- streams
+    sse_heartbeat_s: float = Field(15.0, gt=0)
+    stream_send_timeout_s: float = Field(30.0, gt=0)
+    checkpoint_interval_s: float = Field(1.0, gt=0)
+    watch_interval_s: float = Field(0.5, gt=0)
+    stale_stream_s: float = Field(30.0, gt=0)
+    reaper_interval_s: float = Field(10.0, gt=0)
 
     @model_validator(mode="after")
     def _check_keys(self) -> Settings:

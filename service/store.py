@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
+import random
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import orjson
@@ -34,7 +36,14 @@ from pymongo.errors import (
     PyMongoError,
 )
 
-from service.errors import BadRequest, Conflict, StoreUnavailable
+from service.errors import (
+    BadRequest,
+    BudgetExceeded,
+    Conflict,
+    RateLimited,
+    ServiceError,
+    StoreUnavailable,
+)
 from service.settings import Settings
 
 P = ParamSpec("P")
@@ -144,6 +153,7 @@ class Store:
         await self.usage.create_index(
             [("user_id", ASCENDING), ("period", ASCENDING)], name="user_period", unique=True
         )
+        await self.usage.create_index([("open.at", ASCENDING)], name="open_reservations")
 
     @db_call
     async def ping(self, timeout_s: float) -> None:
@@ -244,3 +254,229 @@ class Store:
             return None
         await self.chat_counts.update_one({"_id": user_id}, {"$inc": {"active": -1}})
         return now
+
+    # ------------------------------------------------------------------ turns
+    @db_call
+    async def begin_chat_turn(self, user_id: str, chat_id: str) -> Doc | None:
+        """Authorize (active, owned) and allocate two message seqs, in one update."""
+        doc: Doc | None = await self.chats.find_one_and_update(
+            {"_id": chat_id, "user_id": user_id, "is_active": True},
+            {"$inc": {"next_seq": 2}, "$set": {"updated_at": utcnow()}},
+            projection={"next_seq": 1, "model": 1},
+            return_document=ReturnDocument.AFTER,
+        )
+        return doc
+
+    @db_call
+    async def context_messages(self, chat_id: str, *, before_seq: int, limit: int) -> list[Doc]:
+        if limit <= 0 or before_seq <= 0:
+            return []
+        docs: list[Doc] = (
+            await self.messages.find(
+                {"chat_id": chat_id, "seq": {"$lt": before_seq}},
+                projection={"role": 1, "content": 1, "status": 1},
+            )
+            .sort("seq", DESCENDING)
+            .limit(limit)
+            .to_list(limit)
+        )
+        docs.reverse()
+        return docs
+
+    @db_call
+    async def reserve(self, req: ReserveRequest) -> Reservation:
+        """Rate limit + budget in one conditional update; raise RateLimited / BudgetExceeded."""
+        for attempt in range(RESERVE_ATTEMPTS):
+            if attempt > 1:  # contended: concurrent turns of one user settled in between
+                await asyncio.sleep(0.002 * attempt * random.random())
+            doc: Doc | None = await self.usage.find_one_and_update(
+                _reserve_filter(req), _reserve_update(req), return_document=ReturnDocument.AFTER
+            )
+            if doc is not None:
+                return Reservation.from_doc(doc, req)
+            existing = await self.usage.find_one({"user_id": req.user_id, "period": req.period})
+            if existing is None:  # first turn of the period: create the document, then reserve
+                with contextlib.suppress(DuplicateKeyError):
+                    await self.usage.insert_one(
+                        {"user_id": req.user_id, "period": req.period, "used": 0, "reserved": 0}
+                    )
+                continue
+            refusal = _refusal(existing, req)
+            if refusal is not None:
+                raise refusal
+            # It fits now: another turn settled in between. Try again.
+        raise StoreUnavailable("could not reserve the token budget under contention")
+
+    @db_call
+    async def insert_messages(self, docs: list[Doc]) -> None:
+        await self.messages.insert_many(docs, ordered=True)
+
+    @db_call
+    async def checkpoint(self, message_id: str, content: str) -> None:
+        now = utcnow()
+        await self.messages.update_one(
+            {"_id": message_id, "status": "streaming"},
+            {"$set": {"content": content, "checkpoint_at": now, "alive_at": now}},
+        )
+
+    @db_call
+    async def settle_usage(
+        self, user_id: str, period: str, message_id: str, *, grant: int, billed: int
+    ) -> Doc | None:
+        """Turn a reservation into actual usage, once: a second call for a turn is a no-op."""
+        doc: Doc | None = await self.usage.find_one_and_update(
+            {"user_id": user_id, "period": period, "open.mid": message_id},
+            {"$inc": {"used": billed, "reserved": -grant}, "$pull": {"open": {"mid": message_id}}},
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is None:
+            doc = await self.usage.find_one({"user_id": user_id, "period": period})
+        return doc
+
+    @db_call
+    async def finish_message(self, message_id: str, fields: Doc) -> bool:
+        result = await self.messages.update_one(
+            {"_id": message_id, "status": "streaming"}, {"$set": fields}
+        )
+        return bool(result.modified_count)
+
+    @db_call
+    async def request_cancel(self, user_id: str, chat_id: str, message_id: str) -> Doc | None:
+        """Flag a running turn for cancellation (any replica notices); None when not found."""
+        query = {"_id": message_id, "chat_id": chat_id, "user_id": user_id, "role": "assistant"}
+        doc: Doc | None = await self.messages.find_one_and_update(
+            {**query, "status": "streaming"},
+            {"$set": {"cancel_requested": True}},
+            projection={"status": 1},
+        )
+        if doc is None:
+            doc = await self.messages.find_one(query, projection={"status": 1})
+        return doc
+
+    @db_call
+    async def cancel_requested(self, message_ids: list[str]) -> list[str]:
+        docs = await self.messages.find(
+            {"_id": {"$in": message_ids}, "cancel_requested": True}, projection={"_id": 1}
+        ).to_list(len(message_ids))
+        return [d["_id"] for d in docs]
+
+    @db_call
+    async def mark_alive(self, message_ids: list[str]) -> None:
+        await self.messages.update_many(
+            {"_id": {"$in": message_ids}, "status": "streaming"}, {"$set": {"alive_at": utcnow()}}
+        )
+
+    @db_call
+    async def stale_streams(self, *, older_than: datetime, limit: int = 100) -> list[Doc]:
+        docs: list[Doc] = (
+            await self.messages.find({"status": "streaming", "alive_at": {"$lt": older_than}})
+            .limit(limit)
+            .to_list(limit)
+        )
+        return docs
+
+    @db_call
+    async def old_reservations(self, *, older_than: datetime, limit: int = 100) -> list[Doc]:
+        """Reservations whose turn never settled (e.g. the process died before persisting)."""
+        docs: list[Doc] = (
+            await self.usage.find(
+                {"open.at": {"$lt": older_than}}, projection={"user_id": 1, "period": 1, "open": 1}
+            )
+            .limit(limit)
+            .to_list(limit)
+        )
+        return docs
+
+    @db_call
+    async def get_message(self, message_id: str) -> Doc | None:
+        doc: Doc | None = await self.messages.find_one({"_id": message_id})
+        return doc
+
+    @db_call
+    async def get_usage(self, user_id: str, period: str) -> Doc | None:
+        doc: Doc | None = await self.usage.find_one({"user_id": user_id, "period": period})
+        return doc
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+RESERVE_ATTEMPTS = 10
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveRequest:
+    user_id: str
+    period: str
+    message_id: str
+    want: int  # prompt + the largest completion the model may produce
+    need: int  # the least that makes a turn worthwhile (prompt + a few tokens)
+    default_limit: int
+    rate_limit_ms: int
+    now: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    grant: int
+    limit: int
+    used: int
+    reserved: int
+
+    @classmethod
+    def from_doc(cls, doc: Doc, req: ReserveRequest) -> Reservation:
+        entry = next(e for e in doc["open"] if e["mid"] == req.message_id)
+        return cls(
+            grant=int(entry["grant"]),
+            limit=int(doc.get("limit", req.default_limit)),
+            used=int(doc.get("used", 0)),
+            reserved=int(doc.get("reserved", 0)),
+        )
+
+
+def _available(default_limit: int) -> Doc:
+    limit = {"$ifNull": ["$limit", default_limit]}
+    spent = {"$add": [{"$ifNull": ["$used", 0]}, {"$ifNull": ["$reserved", 0]}]}
+    return {"$subtract": [limit, spent]}
+
+
+def _reserve_filter(req: ReserveRequest) -> Doc:
+    # The replica's clock (NTP-synced), not $$NOW: SecantusDB evaluates $$NOW in update
+    # pipelines but not in a query's $expr, and the filter must behave the same everywhere.
+    conditions: list[Doc] = [{"$gte": [_available(req.default_limit), req.need]}]
+    if req.rate_limit_ms:
+        conditions.append({"$lte": [{"$ifNull": ["$next_at", EPOCH]}, req.now]})
+    return {"user_id": req.user_id, "period": req.period, "$expr": {"$and": conditions}}
+
+
+def _reserve_update(req: ReserveRequest) -> list[Doc]:
+    next_at = req.now + timedelta(milliseconds=req.rate_limit_ms)
+    return [
+        {"$set": {"_grant": {"$min": [req.want, _available(req.default_limit)]}}},
+        {
+            "$set": {
+                "reserved": {"$add": [{"$ifNull": ["$reserved", 0]}, "$_grant"]},
+                "next_at": next_at,
+                "open": {
+                    "$concatArrays": [
+                        {"$ifNull": ["$open", []]},
+                        [{"mid": req.message_id, "grant": "$_grant", "at": req.now}],
+                    ]
+                },
+            }
+        },
+        {"$unset": "_grant"},
+    ]
+
+
+def _refusal(doc: Doc, req: ReserveRequest) -> ServiceError | None:
+    next_at = doc.get("next_at")
+    if req.rate_limit_ms and next_at is not None and next_at > req.now:
+        wait = (next_at - req.now).total_seconds()
+        return RateLimited("too many messages; wait before sending another", retry_after_s=wait)
+    limit = int(doc.get("limit", req.default_limit))
+    remaining = max(0, limit - int(doc.get("used", 0)) - int(doc.get("reserved", 0)))
+    if remaining >= req.need:
+        return None
+    return BudgetExceeded(
+        "monthly token budget exhausted",
+        details={"limit": limit, "remaining": remaining, "needed": req.need, "period": req.period},
+    )

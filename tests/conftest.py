@@ -95,3 +95,53 @@ def logs() -> Iterator[list[dict[str, Any]]]:
         yield capture.entries
     finally:
         structlog.configure(**saved)
+
+
+@pytest.fixture
+async def fake_openai():
+    from tests.fake_openai import FakeOpenAI
+
+    fake = FakeOpenAI()
+    await fake.start()
+    yield fake
+    await fake.close()
+
+
+TEST_MODELS = [
+    {
+        "name": "gpt-test",
+        "provider": "openai",
+        "upstream_id": "gpt-4o-mini",
+        "context_window": 16000,
+        "max_output_tokens": 256,
+    },
+    {"name": "demo", "provider": "demo", "context_window": 8000, "max_output_tokens": 512},
+]
+
+
+@pytest.fixture
+def stream_settings(make_settings, fake_openai):
+    """Settings for stream tests: the fake upstream as the default model, short timeouts."""
+    import json
+
+    def factory(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "models": json.dumps(TEST_MODELS),
+            "default_model": "gpt-test",
+            "openai_base_url": fake_openai.url,
+            "openai_api_key": "sk-upstream-secret",
+            "upstream_retry_base_s": 0.01,
+            "upstream_retry_max_s": 0.05,
+            "upstream_idle_timeout_s": 5.0,
+            "watch_interval_s": 0.1,
+            "demo_token_delay_ms": 1,
+        }
+        values.update(overrides)
+        return make_settings(**values)
+
+    return factory
+
+
+@pytest.fixture
+async def stream_client(aiohttp_client, stream_settings):
+    return await aiohttp_client(create_app(stream_settings()))

@@ -1,0 +1,89 @@
+"""The model catalogue: which public model name is served by which provider and upstream id.
+
+Configured with ``MODELS`` (a JSON list) or ``MODELS_FILE`` (a JSON file with the same list);
+without either, the catalogue is the offline demo model alone. Validated at start-up: a bad
+entry stops it with a message naming the entry.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.errors import NotFound
+from service.settings import Settings, SettingsError
+
+ProviderName = Literal["demo", "openai", "gemini"]
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=100)
+    provider: ProviderName
+    upstream_id: str | None = None
+    context_window: int = Field(128_000, ge=256)
+    max_output_tokens: int = Field(4096, ge=1)
+    encoding: str | None = "o200k_base"  # None: no local tokenizer, use the estimate
+    enabled: bool = True
+
+    @property
+    def upstream(self) -> str:
+        return self.upstream_id or self.name
+
+
+DEMO_MODEL = ModelSpec(name="demo", provider="demo", context_window=32_000, max_output_tokens=1024)
+
+
+class Catalogue:
+    def __init__(self, models: list[ModelSpec], default: str) -> None:
+        self._models = {m.name: m for m in models if m.enabled}
+        self.default = default
+
+    def resolve(self, name: str | None) -> ModelSpec:
+        spec = self._models.get(name or self.default)
+        if spec is None:
+            raise NotFound(f"model '{name}' is not available", code="model_not_found")
+        return spec
+
+    def all(self) -> list[ModelSpec]:
+        return list(self._models.values())
+
+
+def load_catalogue(settings: Settings) -> Catalogue:
+    raw: object
+    if settings.models:
+        source, raw = "MODELS", _json(settings.models, "MODELS")
+    elif settings.models_file:
+        source, raw = "MODELS_FILE", _json(settings.models_file.read_text(), "MODELS_FILE")
+    else:
+        return Catalogue([DEMO_MODEL], settings.default_model)
+    if not isinstance(raw, list):
+        raise SettingsError(f"invalid setting {source}: expected a JSON list of model entries")
+    models = []
+    for i, entry in enumerate(raw):
+        try:
+            models.append(ModelSpec.model_validate(entry))
+        except ValidationError as exc:
+            name = entry.get("name", f"#{i}") if isinstance(entry, dict) else f"#{i}"
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False)
+            )
+            raise SettingsError(f"invalid setting {source}: model '{name}': {problems}") from exc
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise SettingsError(f"invalid setting {source}: duplicate model names")
+    if settings.default_model not in {m.name for m in models if m.enabled}:
+        raise SettingsError(
+            f"invalid setting DEFAULT_MODEL: '{settings.default_model}' is not an enabled model"
+        )
+    return Catalogue(models, settings.default_model)
+
+
+def _json(text: str, source: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"invalid setting {source}: not valid JSON ({exc.msg})") from exc

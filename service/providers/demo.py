@@ -1,0 +1,66 @@
+"""The built-in offline demo model: real-looking Markdown answers at a realistic pace, no network.
+
+It is named ``demo`` everywhere it appears, so nobody mistakes it for a real model. It honours
+``max_tokens`` (finishing with ``length``) and reports exact usage, as a real upstream would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from collections.abc import AsyncIterator
+
+from service.providers.base import Chunk, CompletionRequest, Usage
+from service.tokens import TokenCounter
+
+ANSWERS = (
+    "Here is a short overview.\n\n1. **Start small**: pick one concrete goal.\n"
+    "2. **Measure**: decide how you will know it worked.\n3. **Iterate**: change one thing at "
+    "a time and compare.\n\nIf you tell me more about your situation, I can be more specific.",
+    "Good question. The short answer is *it depends on the trade-off you care about*.\n\n"
+    "- If latency matters most, keep the path short and avoid extra round trips.\n"
+    "- If cost matters most, batch work and cache what repeats.\n"
+    "- If correctness matters most, make every step observable and testable.\n\n"
+    "Most real systems need a balance of all three.",
+    "Let me think about that step by step.\n\nFirst, restate the problem in your own words. "
+    "Second, list what you already know and what is missing. Third, try the simplest thing "
+    "that could work, then look at where it falls short.\n\n> A good plan today beats a "
+    "perfect plan tomorrow.\n\nWant me to walk through an example?",
+)
+_WORDS = re.compile(r"\S+\s*|\s+")
+
+
+class DemoProvider:
+    name = "demo"
+
+    def __init__(self, counter: TokenCounter, *, delay_s: float) -> None:
+        self._counter = counter
+        self._delay = delay_s
+
+    def answer_for(self, messages: list[dict[str, str]]) -> str:
+        question = messages[-1]["content"] if messages else ""
+        pick = hashlib.sha256(question.encode()).digest()[0] % len(ANSWERS)
+        topic = " ".join(question.split()[:8])
+        return f"(demo model) You asked: “{topic}”.\n\n{ANSWERS[pick]}"
+
+    async def open(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
+        return self._stream(request)
+
+    async def _stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
+        prompt = self._counter.count_messages(request.messages)
+        produced: list[str] = []
+        used = 0
+        finish = "stop"
+        for piece in _WORDS.findall(self.answer_for(request.messages)):
+            cost = self._counter.count(piece)
+            if used + cost > request.max_tokens:
+                finish = "length"
+                break
+            if self._delay:
+                await asyncio.sleep(self._delay)
+            used += cost
+            produced.append(piece)
+            yield Chunk(text=piece)
+        completion = self._counter.count("".join(produced))
+        yield Chunk(finish_reason=finish, usage=Usage(prompt, completion))

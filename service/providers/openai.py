@@ -1,0 +1,119 @@
+"""Any OpenAI-compatible ``/v1/chat/completions`` upstream (OpenAI, vLLM, Ollama, gateways).
+
+The key stays server-side. Streams with ``stream_options.include_usage`` so exact counts come
+back; handles ``[DONE]``, keep-alive comments, multi-line data, a stream that ends without
+``[DONE]`` (an error: the answer may be cut), malformed or oversized frames, and error frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from service.errors import UpstreamError
+from service.providers.base import (
+    Chunk,
+    CompletionRequest,
+    RetryPolicy,
+    Usage,
+    error_for_exception,
+    raise_for_status,
+    with_retries,
+)
+from service.providers.sse import SSEDecoder
+
+
+class OpenAIProvider:
+    name = "openai"
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        base_url: str,
+        api_key: str | None,
+        retry: RetryPolicy,
+        timeout: aiohttp.ClientTimeout,
+    ) -> None:
+        self._session = session
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._retry = retry
+        self._timeout = timeout
+
+    def _body(self, req: CompletionRequest) -> bytes:
+        body: dict[str, Any] = {
+            "model": req.model,
+            "messages": req.messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": req.max_tokens,
+        }
+        for key in ("temperature", "top_p", "stop"):
+            value = getattr(req, key)
+            if value is not None:
+                body[key] = value
+        body.update(req.extra)
+        return orjson.dumps(body)
+
+    async def open(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
+        body = self._body(request)
+
+        async def attempt() -> aiohttp.ClientResponse:
+            resp = await self._session.post(
+                self._url, data=body, headers=self._headers, timeout=self._timeout
+            )
+            await raise_for_status(resp)
+            return resp
+
+        resp = await with_retries(attempt, self._retry, provider=self.name)
+        return _chunks(resp)
+
+
+async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
+    decoder = SSEDecoder()
+    finished = False
+    try:
+        async for data in resp.content.iter_any():
+            for event in decoder.feed(data):
+                if event.data == "[DONE]":
+                    return
+                chunk = _parse(event.data)
+                finished = finished or chunk.finish_reason is not None
+                yield chunk
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise error_for_exception(exc) from exc
+    finally:
+        resp.close()
+    if not finished:  # a clean close after a finish_reason is complete; otherwise it was cut
+        raise UpstreamError("upstream_bad_response", "upstream stream ended without [DONE]")
+
+
+def _parse(data: str) -> Chunk:
+    try:
+        frame = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise UpstreamError("upstream_bad_response", "malformed upstream frame") from exc
+    if not isinstance(frame, dict):
+        raise UpstreamError("upstream_bad_response", "malformed upstream frame")
+    if "error" in frame:
+        err = frame["error"] if isinstance(frame["error"], dict) else {}
+        raise UpstreamError("upstream_bad_response", f"upstream error: {err.get('message', '')}")
+    chunk = Chunk()
+    choices = frame.get("choices")
+    if choices:
+        choice = choices[0]
+        delta = choice.get("delta") or {}
+        chunk.text = delta.get("content") or ""
+        chunk.finish_reason = choice.get("finish_reason")
+    usage = frame.get("usage")
+    if usage:
+        chunk.usage = Usage(
+            int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+        )
+    return chunk

@@ -1,0 +1,66 @@
+"""An incremental decoder for ``text/event-stream`` bodies (the WHATWG event-stream format).
+
+CR, LF and CRLF all end a line; an event is dispatched at a blank line; ``data:`` lines of one
+event are joined with LF; comment lines (``:``) and other fields are ignored except ``event``.
+An event larger than ``max_event_bytes`` is a protocol error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.errors import UpstreamError
+
+
+@dataclass(slots=True)
+class SSEEvent:
+    data: str
+    event: str = "message"
+
+
+class SSEDecoder:
+    def __init__(self, max_event_bytes: int = 1 << 20) -> None:
+        self._buf = b""
+        self._max = max_event_bytes
+
+    def feed(self, data: bytes) -> list[SSEEvent]:
+        buf = self._buf + data
+        if b"\r" in buf:
+            tail = b"\r" if buf.endswith(b"\r") else b""  # maybe the first half of a CRLF
+            if tail:
+                buf = buf[:-1]
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + tail
+        *blocks, rest = buf.split(b"\n\n")
+        if len(rest) > self._max:
+            raise UpstreamError("upstream_bad_response", "upstream event too large")
+        self._buf = rest
+        events = []
+        for block in blocks:
+            event = self._parse(block)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def finish(self) -> list[SSEEvent]:
+        """At end of stream: a final event without its blank line is discarded, per the spec."""
+        self._buf = b""
+        return []
+
+    def _parse(self, block: bytes) -> SSEEvent | None:
+        if len(block) > self._max:
+            raise UpstreamError("upstream_bad_response", "upstream event too large")
+        data: list[str] = []
+        name = "message"
+        for raw in block.split(b"\n"):
+            if not raw or raw.startswith(b":"):
+                continue
+            field, _, value = raw.partition(b":")
+            if value.startswith(b" "):
+                value = value[1:]
+            if field == b"data":
+                data.append(value.decode("utf-8", errors="replace"))
+            elif field == b"event":
+                name = value.decode("utf-8", errors="replace")
+        if not data:
+            return None
+        return SSEEvent("\n".join(data), name)

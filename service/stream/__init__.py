@@ -1,0 +1,1 @@
+"""The turn producer: one chat turn from rules to finalization, as a stream of typed events."""

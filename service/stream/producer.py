@@ -1,0 +1,496 @@
+"""The turn producer: every rule of a chat turn, from authorization to the final record.
+
+``TurnProducer.start`` runs everything that may refuse the turn (validation, authorization,
+model, rate limit and budget, persisting, opening the upstream) and raises ``ServiceError`` with
+the right status. ``Turn.events`` then yields ``Started``, ``Delta``s and one terminal event.
+Finalization (persist the text, settle the tokens, log the outcome) runs shielded and tracked by
+the registry, so neither a disconnect nor a shutdown can skip it. Transports only encode events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+from service.errors import (
+    BadRequest,
+    Conflict,
+    ServiceError,
+    ServiceUnavailable,
+    UpstreamError,
+)
+from service.http import not_found
+from service.models import Catalogue, ModelSpec
+from service.providers.base import Chunk, CompletionRequest, Provider, Usage
+from service.settings import Settings
+from service.store import Doc, Reservation, ReserveRequest, Store, utcnow
+from service.stream.context import fit_to_window, history_messages
+from service.stream.events import Delta, Done, Error, Event, Final, Started
+from service.stream.registry import LiveStream, StreamRegistry
+from service.tokens import TokenCounter
+
+log = structlog.get_logger("service.stream")
+
+MIN_COMPLETION_TOKENS = 16
+OUTCOME = {"complete": "completed", "cancelled": "cancelled", "failed": "failed"}
+
+
+def period_of(at: datetime) -> str:
+    return f"{at.year:04d}-{at.month:02d}"
+
+
+@dataclass(frozen=True, slots=True)
+class TurnInput:
+    user_id: str
+    transport: str
+    chat_id: str | None = None  # a stored chat's turn ...
+    text: str | None = None
+    messages: list[dict[str, str]] | None = None  # ... or a stateless turn (OpenAI route)
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] | None = None
+
+
+class TurnProducer:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        catalogue: Catalogue,
+        providers: dict[str, Provider],
+        counter_for: Callable[[ModelSpec], TokenCounter],
+        registry: StreamRegistry,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.catalogue = catalogue
+        self.providers = providers
+        self.counter_for = counter_for
+        self.registry = registry
+
+    async def start(self, inp: TurnInput) -> Turn:
+        started = time.perf_counter()
+        if self.registry.draining:
+            raise ServiceUnavailable("the server is shutting down; retry", code="shutting_down")
+        text = self._validate(inp)
+        message_id = str(uuid.uuid4())
+        seq = 0
+        chat_model = None
+        if inp.chat_id is not None:
+            chat = await self.store.begin_chat_turn(inp.user_id, inp.chat_id)
+            if chat is None:
+                raise not_found("chat")
+            seq, chat_model = int(chat["next_seq"]) - 2, chat.get("model")
+        spec = self.catalogue.resolve(inp.model or chat_model)
+        provider = self.providers.get(spec.provider)
+        if provider is None:
+            raise ServiceUnavailable(
+                f"provider '{spec.provider}' is not configured", code="model_unavailable"
+            )
+        counter = self.counter_for(spec)
+        max_out = min(spec.max_output_tokens, inp.max_tokens or spec.max_output_tokens)
+        messages = await self._prompt(inp, text, seq, spec, counter, max_out)
+        prompt_tokens = counter.count_messages(messages)
+        now = utcnow()
+        period = period_of(now)
+        reservation = await self.store.reserve(
+            ReserveRequest(
+                user_id=inp.user_id,
+                period=period,
+                message_id=message_id,
+                want=prompt_tokens + max_out,
+                need=prompt_tokens + min(MIN_COMPLETION_TOKENS, max_out),
+                default_limit=self.settings.default_token_limit,
+                rate_limit_ms=self.settings.message_rate_limit_ms,
+                now=now,
+            )
+        )
+        turn = Turn(
+            producer=self,
+            inp=inp,
+            spec=spec,
+            provider=provider,
+            counter=counter,
+            message_id=message_id,
+            messages=messages,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max(1, reservation.grant - prompt_tokens),
+            reservation=reservation,
+            period=period,
+            started=started,
+        )
+        await turn.begin(text, seq, now)
+        return turn
+
+    def _validate(self, inp: TurnInput) -> str:
+        if inp.messages is not None:
+            return ""
+        text = (inp.text or "").strip()
+        limit = self.settings.max_message_chars
+        if not 1 <= len(text) <= limit:
+            raise BadRequest(
+                f"message must be 1 to {limit} characters after trimming",
+                code="invalid_message",
+                details={"length": len(text), "max": limit},
+            )
+        return text
+
+    async def _prompt(
+        self,
+        inp: TurnInput,
+        text: str,
+        seq: int,
+        spec: ModelSpec,
+        counter: TokenCounter,
+        max_out: int,
+    ) -> list[dict[str, str]]:
+        budget = spec.context_window - max_out
+        if inp.messages is not None:
+            system = [m for m in inp.messages[:1] if m["role"] == "system"]
+            history = inp.messages[len(system) : -1]
+            tail = inp.messages[-1:]
+        else:
+            system = [{"role": "system", "content": self.settings.system_prompt}]
+            docs = await self.store.context_messages(
+                inp.chat_id or "", before_seq=seq, limit=self.settings.context_messages
+            )
+            history = history_messages(docs)
+            tail = [{"role": "user", "content": text}]
+        messages = fit_to_window(system, history, tail, counter, budget)
+        if counter.count_messages(messages) > budget:
+            raise BadRequest(
+                "the message does not fit the model's context window", code="context_too_long"
+            )
+        return messages
+
+
+class Turn:
+    """One running turn. ``begin`` persists and opens the upstream; ``events`` streams it."""
+
+    def __init__(
+        self,
+        *,
+        producer: TurnProducer,
+        inp: TurnInput,
+        spec: ModelSpec,
+        provider: Provider,
+        counter: TokenCounter,
+        message_id: str,
+        messages: list[dict[str, str]],
+        prompt_tokens: int,
+        max_tokens: int,
+        reservation: Reservation,
+        period: str,
+        started: float,
+    ) -> None:
+        self.p = producer
+        self.inp = inp
+        self.spec = spec
+        self.provider = provider
+        self.counter = counter
+        self.message_id = message_id
+        self.messages = messages
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.reservation = reservation
+        self.period = period
+        self.started = started
+        self.live = LiveStream(message_id, inp.chat_id, inp.user_id, inp.transport)
+        self.parts: list[str] = []
+        self.chunks = 0
+        self.usage: Usage | None = None
+        self.finish_reason: str | None = None
+        self.final: Final | None = None
+        self._stream: AsyncIterator[Chunk] | None = None
+        self._checkpoint: asyncio.Task[None] | None = None
+        self._next_checkpoint = 0.0
+        self.log = log.bind(
+            stream_id=message_id,
+            message_id=message_id,
+            chat_id=inp.chat_id,
+            user_id=inp.user_id,
+            model=spec.name,
+            transport=inp.transport,
+        )
+
+    # ------------------------------------------------------------------ begin
+    async def begin(self, text: str, seq: int, now: datetime) -> None:
+        try:
+            await self.p.store.insert_messages(self._records(text, seq, now))
+            self.p.registry.add(self.live)
+            self.log.info(
+                "stream.started", prompt_tokens=self.prompt_tokens, max_tokens=self.max_tokens
+            )
+            await self._open()
+        except ServiceError as exc:
+            await self._finalize_shielded("failed", _reason_of(exc), exc, billable=False)
+            raise
+        except BaseException:
+            await self._finalize_shielded(
+                "cancelled", self.live.reason or "client_disconnect", None, billable=False
+            )
+            raise
+
+    def _records(self, text: str, seq: int, now: datetime) -> list[Doc]:
+        common = {"chat_id": self.inp.chat_id, "user_id": self.inp.user_id, "created_at": now}
+        assistant = {
+            **common,
+            "_id": self.message_id,
+            "seq": seq + 1 if self.inp.chat_id else 0,
+            "role": "assistant",
+            "content": "",
+            "status": "streaming",
+            "model": self.spec.name,
+            "transport": self.inp.transport,
+            "period": self.period,
+            "reservation": self.reservation.grant,
+            "prompt_tokens": self.prompt_tokens,
+            "encoding": self.spec.encoding,
+            "alive_at": now,
+            "checkpoint_at": now,
+        }
+        if self.inp.chat_id is None:
+            assistant["seq"] = None
+            return [assistant]
+        user = {
+            **common,
+            "_id": str(uuid.uuid4()),
+            "seq": seq,
+            "role": "user",
+            "content": text,
+            "status": "complete",
+        }
+        return [user, assistant]
+
+    async def _open(self) -> None:
+        live = self.live
+        loop = asyncio.get_running_loop()
+        live.task = asyncio.current_task()
+        live.deadline = loop.time() + self.p.settings.upstream_first_token_timeout_s
+        request = CompletionRequest(
+            model=self.spec.upstream,
+            messages=self.messages,
+            max_tokens=self.max_tokens,
+            temperature=self.inp.temperature,
+            top_p=self.inp.top_p,
+            stop=self.inp.stop,
+        )
+        live.reading = True
+        try:
+            self._stream = await self.provider.open(request)
+        except asyncio.CancelledError:
+            if not _absorb_cancel(live):
+                raise
+            raise _stop_error(live.reason) from None
+        finally:
+            live.reading = False
+
+    # ------------------------------------------------------------------ stream
+    async def events(self) -> AsyncGenerator[Event, None]:
+        live = self.live
+        live.task = asyncio.current_task()
+        yield Started(self.message_id, self.inp.chat_id, self.spec.name)
+        status, reason, error = "complete", "finished", None
+        try:
+            async for delta in self._deltas():
+                yield delta
+            if live.reason is not None:
+                status, reason, error = _stopped(live.reason)
+        except UpstreamError as exc:
+            status, reason, error = "failed", _reason_of(exc), exc
+        except asyncio.CancelledError:
+            if not _absorb_cancel(live):
+                await self._finalize_shielded("cancelled", live.reason or "client_disconnect")
+                raise
+            status, reason, error = _stopped(live.reason or "client_disconnect")
+        except GeneratorExit:
+            await self._finalize_shielded("cancelled", live.reason or "client_disconnect")
+            raise
+        final = await self._finalize_shielded(status, reason, error)
+        if status == "complete" or reason == "user_cancel":
+            yield Done(final)
+        else:
+            yield Error(final)
+
+    async def _deltas(self) -> AsyncGenerator[Delta, None]:
+        live = self.live
+        stream = self._stream
+        assert stream is not None
+        loop = asyncio.get_running_loop()
+        interval = self.p.settings.checkpoint_interval_s
+        try:
+            while live.reason is None:
+                live.reading = True
+                try:
+                    chunk = await anext(stream)
+                except StopAsyncIteration:
+                    return
+                finally:
+                    live.reading = False
+                if chunk.text:
+                    if not self.parts:
+                        self._first_token(loop)
+                        self._next_checkpoint = loop.time() + interval
+                    self.parts.append(chunk.text)
+                    self.chunks += 1
+                    yield Delta(chunk.text)
+                    if loop.time() >= self._next_checkpoint:
+                        self._start_checkpoint()
+                        self._next_checkpoint = loop.time() + interval
+                if chunk.usage is not None:
+                    self.usage = chunk.usage
+                if chunk.finish_reason is not None:
+                    self.finish_reason = chunk.finish_reason
+        finally:
+            await _aclose(stream)
+
+    def _first_token(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.live.deadline = loop.time() + self.p.settings.upstream_total_timeout_s
+        self.log.info(
+            "stream.first_token", ttft_ms=round((time.perf_counter() - self.started) * 1000, 2)
+        )
+
+    def _start_checkpoint(self) -> None:
+        if self._checkpoint is not None and not self._checkpoint.done():
+            return  # the previous one is still writing; never queue them up
+        task = asyncio.create_task(self.p.store.checkpoint(self.message_id, "".join(self.parts)))
+        task.add_done_callback(_log_checkpoint_failure)
+        self._checkpoint = task
+
+    # ------------------------------------------------------------------ finalize
+    async def _finalize_shielded(
+        self, status: str, reason: str, error: ServiceError | None = None, *, billable: bool = True
+    ) -> Final:
+        if self.final is not None:
+            return self.final
+        task = asyncio.ensure_future(self._finalize(status, reason, error, billable))
+        self.p.registry.track(task)
+        return await asyncio.shield(task)
+
+    async def _finalize(
+        self, status: str, reason: str, error: ServiceError | None, billable: bool
+    ) -> Final:
+        if self._checkpoint is not None and not self._checkpoint.done():
+            self._checkpoint.cancel()
+            with contextlib.suppress(BaseException):
+                await self._checkpoint
+        content = "".join(self.parts)
+        prompt, completion, source = self._tokens(content, billable)
+        store = self.p.store
+        limit = remaining = 0
+        try:
+            usage = await store.settle_usage(
+                self.inp.user_id,
+                self.period,
+                self.message_id,
+                grant=self.reservation.grant,
+                billed=prompt + completion,
+            )
+            if usage is not None:
+                limit = int(usage.get("limit", self.p.settings.default_token_limit))
+                remaining = max(0, limit - int(usage["used"]) - int(usage["reserved"]))
+            await store.finish_message(
+                self.message_id,
+                {
+                    "content": content,
+                    "status": status,
+                    "finish_reason": self.finish_reason if status == "complete" else status,
+                    "reason": reason,
+                    "error": {"code": error.code, "message": error.message} if error else None,
+                    "tokens": {
+                        "prompt": prompt,
+                        "completion": completion,
+                        "total": prompt + completion,
+                        "source": source,
+                    },
+                    "completed_at": utcnow(),
+                },
+            )
+        except ServiceError as exc:
+            # MongoDB is down: the message stays 'streaming' and the reaper settles it later.
+            self.log.error("stream.finalize_failed", code=exc.code)
+        finally:
+            self.p.registry.remove(self.message_id)
+        self.final = Final(
+            message_id=self.message_id,
+            status=status,
+            reason=reason,
+            finish_reason=self.finish_reason if status == "complete" else status,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            token_source=source,
+            budget_limit=limit,
+            budget_remaining=remaining,
+            error_code=error.code if error else None,
+            error_message=error.message if error else None,
+        )
+        self.log.info(
+            "stream.ended",
+            outcome=OUTCOME[status],
+            reason=reason,
+            error_code=error.code if error else None,
+            tokens={"prompt": prompt, "completion": completion, "total": prompt + completion},
+            token_source=source,
+            chunks=self.chunks,
+            duration_ms=round((time.perf_counter() - self.started) * 1000, 2),
+        )
+        return self.final
+
+    def _tokens(self, content: str, billable: bool) -> tuple[int, int, str]:
+        if self.usage is not None:
+            return self.usage.prompt_tokens, self.usage.completion_tokens, "upstream"
+        if not billable:
+            return 0, 0, self.counter.source
+        return self.prompt_tokens, self.counter.count(content), self.counter.source
+
+
+# ---------------------------------------------------------------------- helpers
+def _absorb_cancel(live: LiveStream) -> bool:
+    """A cancel we asked for (reason set) is handled; a foreign one (disconnect) propagates."""
+    task = asyncio.current_task()
+    if live.reason is None or task is None or task.cancelling() > 1:
+        return False
+    task.uncancel()
+    return True
+
+
+def _stopped(reason: str) -> tuple[str, str, ServiceError | None]:
+    if reason == "timeout":
+        return "failed", reason, UpstreamError("upstream_timeout", "the model took too long")
+    if reason == "shutdown":
+        return "cancelled", reason, _stop_error(reason)
+    return "cancelled", reason, None
+
+
+def _stop_error(reason: str | None) -> ServiceError:
+    if reason == "timeout":
+        return UpstreamError("upstream_timeout", "the model did not answer in time")
+    if reason == "shutdown":
+        return ServiceUnavailable("the server is shutting down; retry", code="shutting_down")
+    return Conflict("the turn was cancelled before it started", code="cancelled")
+
+
+def _reason_of(exc: ServiceError) -> str:
+    return "timeout" if exc.code == "upstream_timeout" else "upstream_error"
+
+
+async def _aclose(stream: AsyncIterator[Chunk]) -> None:
+    close: Any = getattr(stream, "aclose", None)
+    if close is not None:
+        await close()
+
+
+def _log_checkpoint_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("stream.checkpoint_failed", error=type(task.exception()).__name__)

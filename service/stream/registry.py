@@ -1,0 +1,89 @@
+"""The registry of live streams on this replica, and the finalizations still running.
+
+A ``LiveStream`` is cancelled by giving a reason. When the producer is waiting on the upstream
+(``reading``) its task is cancelled at once, which closes the upstream connection; otherwise the
+producer sees the reason before its next read. Either way it finalizes and ends the stream with
+a terminal event. Shutdown waits for every tracked finalization before MongoDB is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+
+
+class LiveStream:
+    __slots__ = (
+        "chat_id",
+        "deadline",
+        "message_id",
+        "reading",
+        "reason",
+        "task",
+        "transport",
+        "user_id",
+    )
+
+    def __init__(self, message_id: str, chat_id: str | None, user_id: str, transport: str) -> None:
+        self.message_id = message_id
+        self.chat_id = chat_id
+        self.user_id = user_id
+        self.transport = transport
+        self.task: asyncio.Task[object] | None = None
+        self.reason: str | None = None
+        self.reading = False
+        self.deadline = 0.0  # loop time by which the next stage (first token / end) must happen
+
+    def cancel(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        if self.reading and self.task is not None and not self.task.done():
+            self.task.cancel()
+
+
+class StreamRegistry:
+    def __init__(self) -> None:
+        self.streams: dict[str, LiveStream] = {}
+        self.draining = False
+        self._finalizers: set[asyncio.Task[object]] = set()
+
+    def add(self, live: LiveStream) -> None:
+        self.streams[live.message_id] = live
+
+    def remove(self, message_id: str) -> None:
+        self.streams.pop(message_id, None)
+
+    def cancel(self, message_id: str, reason: str) -> bool:
+        live = self.streams.get(message_id)
+        if live is None:
+            return False
+        live.cancel(reason)
+        return True
+
+    def cancel_all(self, reason: str) -> None:
+        for live in list(self.streams.values()):
+            live.cancel(reason)
+
+    def by_transport(self) -> Counter[str]:
+        return Counter(live.transport for live in self.streams.values())
+
+    def track(self, task: asyncio.Task[object]) -> None:
+        self._finalizers.add(task)
+        task.add_done_callback(self._finalizers.discard)
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no stream is live and no finalization runs; False on timeout."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
+        while self.streams or self._finalizers:
+            if loop.time() >= end:
+                return False
+            if self._finalizers:
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(
+                        asyncio.gather(*self._finalizers, return_exceptions=True), end - loop.time()
+                    )
+            else:
+                await asyncio.sleep(0.05)
+        return True

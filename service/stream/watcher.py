@@ -1,0 +1,120 @@
+"""One background loop per replica, independent of how many streams are live:
+
+- cancel requests written to MongoDB by any replica reach the local stream (``user_cancel``);
+- first-token and total deadlines are enforced (``timeout``);
+- live streams are marked alive, so that a stream left ``streaming`` by a dead process can be
+  told apart from a slow one;
+- the reaper settles such dead turns: billed for the text of their last checkpoint, the
+  reservation released, the message marked ``interrupted``; and it releases reservations whose
+  turn never got persisted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import structlog
+
+from service.errors import ServiceError
+from service.settings import Settings
+from service.store import Doc, Store, utcnow
+from service.stream.registry import StreamRegistry
+from service.tokens import TokenCounter
+
+log = structlog.get_logger("service.stream")
+ALIVE_EVERY_S = 5.0
+
+
+async def settle_interrupted(store: Store, doc: Doc) -> bool:
+    """Settle one turn whose process died. Idempotent; False when someone else settled it."""
+    content = doc.get("content") or ""
+    counter = TokenCounter(doc.get("encoding"))
+    completion = counter.count(content)
+    prompt = int(doc.get("prompt_tokens", 0))
+    await store.settle_usage(
+        doc["user_id"],
+        doc["period"],
+        doc["_id"],
+        grant=int(doc["reservation"]),
+        billed=prompt + completion,
+    )
+    done = await store.finish_message(
+        doc["_id"],
+        {
+            "status": "interrupted",
+            "reason": "interrupted",
+            "finish_reason": "interrupted",
+            "error": {"code": "interrupted", "message": "the server stopped while answering"},
+            "tokens": {
+                "prompt": prompt,
+                "completion": completion,
+                "total": prompt + completion,
+                "source": counter.source,
+            },
+            "completed_at": utcnow(),
+        },
+    )
+    if done:
+        log.info(
+            "stream.ended",
+            outcome="interrupted",
+            reason="interrupted",
+            stream_id=doc["_id"],
+            message_id=doc["_id"],
+            chat_id=doc.get("chat_id"),
+            user_id=doc["user_id"],
+            model=doc.get("model"),
+            transport=doc.get("transport"),
+            tokens={"prompt": prompt, "completion": completion, "total": prompt + completion},
+            token_source=counter.source,
+        )
+    return done
+
+
+async def reap(store: Store, settings: Settings) -> int:
+    now = utcnow()
+    settled = 0
+    for doc in await store.stale_streams(
+        older_than=now - timedelta(seconds=settings.stale_stream_s)
+    ):
+        settled += await settle_interrupted(store, doc)
+    horizon = settings.upstream_total_timeout_s + settings.stale_stream_s
+    for usage in await store.old_reservations(older_than=now - timedelta(seconds=horizon)):
+        for entry in usage.get("open", []):
+            message = await store.get_message(entry["mid"])
+            if message is not None and message.get("status") == "streaming":
+                settled += await settle_interrupted(store, message)
+            else:  # never persisted, or already final: nothing was produced for it
+                await store.settle_usage(
+                    usage["user_id"],
+                    usage["period"],
+                    entry["mid"],
+                    grant=int(entry["grant"]),
+                    billed=0,
+                )
+    return settled
+
+
+async def watch(store: Store, registry: StreamRegistry, settings: Settings) -> None:
+    loop = asyncio.get_running_loop()
+    next_alive = next_reap = loop.time()
+    while True:
+        await asyncio.sleep(settings.watch_interval_s)
+        now = loop.time()
+        for live in list(registry.streams.values()):
+            if live.deadline and now > live.deadline:
+                live.cancel("timeout")
+        try:
+            ids = list(registry.streams)
+            if ids:
+                for message_id in await store.cancel_requested(ids):
+                    registry.cancel(message_id, "user_cancel")
+                if now >= next_alive:
+                    await store.mark_alive(ids)
+                    next_alive = now + min(ALIVE_EVERY_S, settings.stale_stream_s / 3)
+            if now >= next_reap:
+                next_reap = now + settings.reaper_interval_s
+                await reap(store, settings)
+        except ServiceError as exc:
+            log.warning("stream.watch_failed", code=exc.code)

@@ -1,0 +1,1 @@
+"""Transports: encode the producer's events for one wire format; detect disconnects. No rules."""
