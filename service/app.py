@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 from pymongo.errors import PyMongoError
 
-from service.api import chats, health, messages
+from service.api import chats, health, messages, openai_compat, page, ws
 from service.auth import Authenticator
 from service.keys import AUTH, CATALOGUE, PRODUCER, REGISTRY, SETTINGS, STORE, UPSTREAM, WATCHER
 from service.middleware import add_request_id_header, authenticate, request_context
@@ -112,6 +112,9 @@ def create_app(settings: Settings) -> web.Application:
     health.setup(app)
     chats.setup(app)
     messages.setup(app)
+    openai_compat.setup(app)
+    ws.setup(app)
+    page.setup(app)
     return app
 
 

@@ -25,6 +25,7 @@ log = structlog.get_logger("service.access")
 
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 PUBLIC_PREFIXES = ("/api/dev/",)
+SELF_AUTHENTICATING = frozenset({"/api/ws"})  # browsers cannot set headers on a WebSocket
 GUARDED_PREFIXES = ("/api/", "/v1/")
 
 
@@ -90,7 +91,11 @@ async def add_request_id_header(request: web.Request, response: web.StreamRespon
 @web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     path = request.path
-    if path.startswith(GUARDED_PREFIXES) and not path.startswith(PUBLIC_PREFIXES):
+    if (
+        path.startswith(GUARDED_PREFIXES)
+        and not path.startswith(PUBLIC_PREFIXES)
+        and path not in SELF_AUTHENTICATING
+    ):
         principal = request.app[AUTH].verify_header(request.headers.get("Authorization"))
         request[PRINCIPAL] = principal
         structlog.contextvars.bind_contextvars(user_id=principal.user_id)

@@ -87,6 +87,17 @@ class Settings(BaseSettings):
     stale_stream_s: float = Field(30.0, gt=0)
     reaper_interval_s: float = Field(10.0, gt=0)
 
+    # --- WebSocket transport
+    ws_allowed_origins: str = ""  # comma-separated; empty: same-origin only
+    ws_max_turns_per_connection: int = Field(4, ge=1)
+    ws_max_msg_bytes: int = Field(64 * 1024, ge=1024)
+    ws_heartbeat_s: float = Field(20.0, gt=0)
+    ws_send_queue: int = Field(256, ge=8)
+    ws_ticket_ttl_s: int = Field(60, ge=5)
+
+    # --- the chat page
+    dev_token_endpoint: bool = False  # GET /api/dev/token mints tokens: local development only
+
     @model_validator(mode="after")
     def _check_keys(self) -> Settings:
         if self.jwt_algorithm in HS_ALGORITHMS:

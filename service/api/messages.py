@@ -10,7 +10,7 @@ from pydantic import Field
 from service.api.chats import StrictModel
 from service.errors import Conflict
 from service.http import json_response, not_found, parse_uuid, read_json
-from service.keys import PRINCIPAL, PRODUCER, REGISTRY, SETTINGS, STORE
+from service.keys import CATALOGUE, PRINCIPAL, PRODUCER, REGISTRY, SETTINGS, STORE
 from service.store import utcnow
 from service.stream.producer import TurnInput, period_of
 from service.transports import sse
@@ -84,3 +84,22 @@ def setup(app: web.Application) -> None:
     app.router.add_post("/api/chat/{chat_id}/message", send_message)
     app.router.add_post("/api/chat/{chat_id}/messages/{message_id}/cancel", cancel_message)
     app.router.add_get("/api/usage", get_usage)
+    app.router.add_get("/api/models", list_models)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    catalogue = request.app[CATALOGUE]
+    return json_response(
+        {
+            "default": catalogue.default,
+            "models": [
+                {
+                    "name": m.name,
+                    "provider": m.provider,
+                    "context_window": m.context_window,
+                    "max_output_tokens": m.max_output_tokens,
+                }
+                for m in catalogue.all()
+            ],
+        }
+    )
