@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from aiohttp import web
@@ -9,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.http import json_response, not_found, parse_uuid, read_json, validate
 from service.keys import PRINCIPAL, SETTINGS, STORE
-from service.store import Doc
+from service.store import Doc, utcnow
+from service.stream.watcher import settle_interrupted
 
 
 class StrictModel(BaseModel):
@@ -87,6 +89,8 @@ async def get_chat(request: web.Request) -> web.Response:
     if chat is None:
         raise not_found("chat")
     messages = await store.list_messages(chat_id, after_seq=query.after, limit=query.limit + 1)
+    if await _settle_dead_streams(request, messages):
+        messages = await store.list_messages(chat_id, after_seq=query.after, limit=query.limit + 1)
     more = len(messages) > query.limit
     messages = messages[: query.limit]
     return json_response(
@@ -96,6 +100,22 @@ async def get_chat(request: web.Request) -> web.Response:
             "next_after": messages[-1]["seq"] if more else None,
         }
     )
+
+
+async def _settle_dead_streams(request: web.Request, messages: list[Doc]) -> bool:
+    """A message left 'streaming' by a dead process is reported as interrupted when read."""
+    settings = request.app[SETTINGS]
+    cutoff = utcnow() - timedelta(seconds=settings.stale_stream_s)
+    dead = [
+        m
+        for m in messages
+        if m.get("status") == "streaming"
+        and m.get("alive_at") is not None
+        and m["alive_at"] < cutoff
+    ]
+    for doc in dead:
+        await settle_interrupted(request.app[STORE], doc)
+    return bool(dead)
 
 
 async def delete_chat(request: web.Request) -> web.Response:

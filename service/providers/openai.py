@@ -86,6 +86,10 @@ async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
                 chunk = _parse(event.data)
                 finished = finished or chunk.finish_reason is not None
                 yield chunk
+        for event in decoder.finish():
+            if event.data == "[DONE]":
+                return
+            yield _parse(event.data)
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise error_for_exception(exc) from exc
     finally:

@@ -42,9 +42,10 @@ class SSEDecoder:
         return events
 
     def finish(self) -> list[SSEEvent]:
-        """At end of stream: a final event without its blank line is discarded, per the spec."""
-        self._buf = b""
-        return []
+        """At end of stream: dispatch what a final CR completes; drop an unterminated event."""
+        buf, self._buf = self._buf.replace(b"\r", b"\n"), b""
+        *blocks, _unterminated = buf.split(b"\n\n")
+        return [e for e in map(self._parse, blocks) if e is not None]
 
     def _parse(self, block: bytes) -> SSEEvent | None:
         if len(block) > self._max:
