@@ -144,8 +144,11 @@ class Store:
             ],
             name="user_active_recent",
         )
-        await self.messages.create_index(
-            [("chat_id", ASCENDING), ("seq", ASCENDING)], name="chat_seq", unique=True
+        await self.messages.create_index(  # stateless turns (no chat) are outside it
+            [("chat_id", ASCENDING), ("seq", ASCENDING)],
+            name="chat_seq",
+            unique=True,
+            partialFilterExpression={"chat_id": {"$type": "string"}},
         )
         await self.messages.create_index(
             [("status", ASCENDING), ("checkpoint_at", ASCENDING)], name="status_checkpoint"
