@@ -81,3 +81,40 @@ def parse_uuid(value: str, what: str) -> str:
 
 def not_found(what: str) -> NotFound:
     return NotFound(f"{what} not found", code=f"{what.replace(' ', '_')}_not_found")
+
+
+# --------------------------------------------------------------------------- OpenAI error shape
+# Our codes that OpenAI names differently: (status, type, code). Anything else keeps our code,
+# with the type following the status (see ``_OPENAI_TYPES``).
+_OPENAI_CODES: dict[str, tuple[int, str, str]] = {
+    "budget_exceeded": (429, "insufficient_quota", "insufficient_quota"),
+    "rate_limited": (429, "requests", "rate_limit_exceeded"),
+    "unauthorized": (401, "authentication_error", "invalid_api_key"),
+    "context_too_long": (400, "invalid_request_error", "context_length_exceeded"),
+}
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 429: "requests"}
+
+
+def openai_error_parts(exc: ServiceError) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """``exc`` as OpenAI renders errors: status, ``{"error": {message, type, param, code}}``
+    and headers (Retry-After, WWW-Authenticate kept; quota errors say ``x-should-retry: false``
+    so the SDKs do not retry what only a new period or a higher limit can fix)."""
+    headers = dict(exc.headers)
+    if exc.code in _OPENAI_CODES:
+        status, kind, code = _OPENAI_CODES[exc.code]
+    else:
+        status, code = exc.status, exc.code
+        if status >= 500:
+            kind = "server_error"
+        else:
+            kind = _OPENAI_TYPES.get(status, "invalid_request_error")
+    if exc.code == "budget_exceeded":
+        headers["x-should-retry"] = "false"
+    param = exc.details.get("param") if isinstance(exc.details, dict) else None
+    body = {"error": {"message": exc.message, "type": kind, "param": param, "code": code}}
+    return status, body, headers
+
+
+def openai_error_response(exc: ServiceError) -> web.Response:
+    status, body, headers = openai_error_parts(exc)
+    return json_response(body, status=status, headers=headers)

@@ -17,7 +17,7 @@ import structlog
 from aiohttp import web
 
 from service.errors import PayloadTooLarge, ServiceError
-from service.http import error_response
+from service.http import error_response, openai_error_response
 from service.keys import AUTH, PRINCIPAL, REQUEST_ID
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -44,14 +44,20 @@ def _from_http_exception(exc: web.HTTPException) -> ServiceError:
 
 
 def _to_response(request: web.Request, exc: BaseException) -> web.StreamResponse:
+    # ``/v1`` is the OpenAI-compatible API: its errors take OpenAI's shape, ``/api`` keeps ours.
+    openai = request.path.startswith("/v1/")
+    render = openai_error_response if openai else error_response
     if isinstance(exc, ServiceError):
-        return error_response(exc)
+        return render(exc)
     if isinstance(exc, web.HTTPException):
         if exc.status < 400:
             return exc
-        return error_response(_from_http_exception(exc))
+        err = _from_http_exception(exc)
+        if openai and exc.status == 404:
+            err.message, err.code = f"Invalid URL ({request.method} {request.path})", "unknown_url"
+        return render(err)
     log.error("request.unhandled_exception", path=request.path, exc_info=exc)
-    return error_response(ServiceError("internal error; see the log with this request id"))
+    return render(ServiceError("internal error; see the log with this request id"))
 
 
 @web.middleware

@@ -1,0 +1,182 @@
+"""The OpenAI transport: a turn as ``chat.completion.chunk`` frames, or as one ``chat.completion``.
+
+Streamed, the frames are exactly OpenAI's::
+
+    data: {"id":"chatcmpl-…","object":"chat.completion.chunk",…,"delta":{"role":"assistant",…}}
+    data: {… "delta":{"content":"Hel"},"logprobs":null,"finish_reason":null}]}     (one per Delta)
+    data: {… "delta":{},"logprobs":null,"finish_reason":"stop"}]}
+    data: {… "choices":[],"usage":{"prompt_tokens":…}}       (with stream_options.include_usage)
+    data: [DONE]
+
+A turn that fails after it started ends with ``data: {"error": {...}}`` (the SDKs raise it as an
+``APIError``). The constant parts of every frame are built once per turn; a delta costs one
+``orjson.dumps`` of its text. A failed or stalled write ends the stream the way the SSE transport
+does: closing the event generator finalizes the turn as cancelled, bills what was generated and
+closes the upstream request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+
+from service.errors import ServiceError, ServiceUnavailable, UpstreamError
+from service.http import openai_error_parts
+from service.settings import Settings
+from service.stream.events import Delta, Done, Error, Final, Started
+from service.stream.producer import Turn
+
+DONE = b"data: [DONE]\n\n"
+FINISH_REASONS = frozenset({"stop", "length", "content_filter", "tool_calls", "function_call"})
+
+
+def finish_reason_of(final: Final) -> str:
+    """OpenAI's finish reasons only: a cancelled turn (or an unknown upstream reason) is a stop."""
+    reason = final.finish_reason
+    return reason if reason in FINISH_REASONS else "stop"
+
+
+def usage_of(final: Final) -> dict[str, int]:
+    return {
+        "prompt_tokens": final.prompt_tokens,
+        "completion_tokens": final.completion_tokens,
+        "total_tokens": final.tokens_used,
+    }
+
+
+def completion_id(turn: Turn) -> str:
+    return "chatcmpl-" + turn.message_id
+
+
+def error_of(final: Final) -> ServiceError:
+    """The error that ended a started turn, as the exception it would have been before it."""
+    code = final.error_code or final.reason
+    message = final.error_message or f"the answer was stopped ({final.reason})"
+    if code.startswith("upstream_"):
+        return UpstreamError(code, message)
+    return ServiceUnavailable(message, code=code)
+
+
+class ChunkEncoder:
+    """Frames for one completion; everything but the delta text is pre-built bytes."""
+
+    __slots__ = ("_delta_head", "_delta_tail", "_head", "_usage_null")
+
+    def __init__(self, cid: str, model: str, created: int, *, include_usage: bool) -> None:
+        common = orjson.dumps(
+            {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "system_fingerprint": None,
+            }
+        )
+        self._head = b"data: " + common[:-1] + b',"choices":'
+        self._usage_null = b',"usage":null' if include_usage else b""
+        self._delta_head = self._head + b'[{"index":0,"delta":{"content":'
+        self._delta_tail = b'},"logprobs":null,"finish_reason":null}]' + self._usage_null + b"}\n\n"
+
+    def role(self) -> bytes:
+        choice = b'[{"index":0,"delta":{"role":"assistant","content":""},'
+        return (
+            self._head
+            + choice
+            + b'"logprobs":null,"finish_reason":null}]'
+            + self._usage_null
+            + b"}\n\n"
+        )
+
+    def delta(self, text: str) -> bytes:
+        return self._delta_head + orjson.dumps(text) + self._delta_tail
+
+    def finish(self, reason: str) -> bytes:
+        choice = b'[{"index":0,"delta":{},"logprobs":null,"finish_reason":' + orjson.dumps(reason)
+        return self._head + choice + b"}]" + self._usage_null + b"}\n\n"
+
+    def usage(self, final: Final) -> bytes:
+        return self._head + b'[],"usage":' + orjson.dumps(usage_of(final)) + b"}\n\n"
+
+    @staticmethod
+    def error(final: Final) -> bytes:
+        _, body, _ = openai_error_parts(error_of(final))
+        return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+async def stream_turn(
+    request: web.Request, turn: Turn, settings: Settings, *, include_usage: bool, created: int
+) -> web.StreamResponse:
+    resp = EventSourceResponse(
+        allow_all_methods=True,
+        ping_interval=settings.sse_heartbeat_s,  # ``: ping`` comments; the SDKs skip them
+        send_timeout=settings.stream_send_timeout_s,
+    )
+    resp.headers["Cache-Control"] = "no-cache, no-transform"
+    enc = ChunkEncoder(completion_id(turn), turn.spec.name, created, include_usage=include_usage)
+    events = turn.events()
+    try:
+        await resp.prepare(request)
+        async for event in events:
+            if isinstance(event, Delta):
+                frame = enc.delta(event.text)
+            elif isinstance(event, Started):
+                frame = enc.role()
+            elif isinstance(event, Done):
+                frame = enc.finish(finish_reason_of(event.final))
+                if include_usage:
+                    frame += enc.usage(event.final)
+                frame += DONE
+            else:
+                frame = enc.error(event.final)
+            async with asyncio.timeout(settings.stream_send_timeout_s):
+                await resp.write(frame)
+    except TimeoutError:
+        turn.live.cancel("slow_client")
+    except (ConnectionResetError, RuntimeError):
+        turn.live.cancel("client_disconnect")  # RuntimeError: a write after the transport closed
+    finally:
+        await events.aclose()
+        if resp.prepared:
+            resp.stop_streaming()
+            with contextlib.suppress(ConnectionResetError, RuntimeError):
+                await resp.write_eof()
+    return resp
+
+
+async def complete_turn(turn: Turn, *, created: int) -> dict[str, Any]:
+    """Run the turn to its end and return one ``chat.completion`` (raise if it failed)."""
+    parts: list[str] = []
+    final: Final | None = None
+    events = turn.events()
+    try:
+        async for event in events:
+            if isinstance(event, Delta):
+                parts.append(event.text)
+            elif isinstance(event, Done):
+                final = event.final
+            elif isinstance(event, Error):
+                raise error_of(event.final)
+    finally:
+        await events.aclose()
+    assert final is not None
+    return {
+        "id": completion_id(turn),
+        "object": "chat.completion",
+        "created": created,
+        "model": turn.spec.name,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "".join(parts), "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason_of(final),
+            }
+        ],
+        "usage": usage_of(final),
+    }

@@ -1,0 +1,427 @@
+"""The OpenAI-compatible front door, driven by the official ``openai`` SDK over real sockets,
+against the fake upstream (OpenAI's real streaming format) and SecantusDB."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import openai
+import pytest
+from openai import AsyncOpenAI
+
+from service.app import create_app
+from service.keys import STORE
+from service.store import utcnow
+from service.stream.producer import period_of
+from service.tokens import TokenCounter
+from tests.fake_openai import Script
+
+HI = [{"role": "user", "content": "Hi there"}]
+
+
+@pytest.fixture
+async def sdk_for(token_for):
+    """An SDK client for the test server: only the base URL and the key change."""
+    made: list[AsyncOpenAI] = []
+
+    def factory(client, user: str = "alice", api_key: str | None = None) -> AsyncOpenAI:
+        sdk = AsyncOpenAI(
+            base_url=str(client.make_url("/v1")),
+            api_key=api_key or token_for(user),
+            max_retries=0,  # a retry would hide which error came first
+        )
+        made.append(sdk)
+        return sdk
+
+    yield factory
+    for sdk in made:
+        await sdk.close()
+
+
+@pytest.fixture
+def oai(stream_client, sdk_for):
+    return sdk_for(stream_client)
+
+
+async def usage_doc(client, user="alice"):
+    return await client.app[STORE].usage.find_one({"user_id": user, "period": period_of(utcnow())})
+
+
+async def until(predicate, within_s=5.0):
+    deadline = time.monotonic() + within_s
+    while not (result := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        await asyncio.sleep(0.01)  # polling with a deadline, not synchronisation
+    return result
+
+
+def ended(logs, **match):
+    return [
+        e
+        for e in logs
+        if e["event"] == "stream.ended" and all(e.get(k) == v for k, v in match.items())
+    ]
+
+
+async def raw_frames(resp) -> list[bytes]:
+    """The response body split into SSE blocks, exactly as sent (comments dropped)."""
+    body = (await resp.read()).replace(b"\r\n", b"\n")
+    return [b for b in body.split(b"\n\n") if b and not b.startswith(b":")]
+
+
+# --------------------------------------------------------------------------- streaming
+async def test_stream_frames_match_the_upstream(stream_client, fake_openai, auth, logs):
+    """Frame by frame: OpenAI's chunk format, the upstream's text, finish reason and usage."""
+    script = Script(chunks=["The ", "answer ", "is ", "42."], usage=(30, 5), finish_reason="length")
+    fake_openai.default = script
+    resp = await stream_client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "gpt-test",
+            "messages": HI,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+        headers=auth(),
+    )
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    assert resp.headers["X-Request-ID"]
+    frames = await raw_frames(resp)
+    assert frames[-1] == b"data: [DONE]"
+    assert all(f.startswith(b"data: ") for f in frames)
+    chunks = [json.loads(f[len(b"data: ") :]) for f in frames[:-1]]
+    role, *deltas, finish, usage = chunks
+    ids = {c["id"] for c in chunks}
+    assert len(ids) == 1 and ids.pop().startswith("chatcmpl-")
+    for c in chunks:
+        assert c["object"] == "chat.completion.chunk" and c["model"] == "gpt-test"
+        assert isinstance(c["created"], int) and abs(c["created"] - time.time()) < 60
+        assert "usage" in c  # null on every chunk but the last, as OpenAI does with include_usage
+    assert role["choices"] == [
+        {
+            "index": 0,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
+    ]
+    assert [d["choices"][0]["delta"] for d in deltas] == [{"content": t} for t in script.chunks]
+    assert all(d["choices"][0]["finish_reason"] is None and d["usage"] is None for d in deltas)
+    assert "".join(d["choices"][0]["delta"]["content"] for d in deltas) == "".join(script.chunks)
+    assert finish["choices"] == [
+        {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
+    ]
+    assert usage["choices"] == []
+    assert usage["usage"] == {"prompt_tokens": 30, "completion_tokens": 5, "total_tokens": 35}
+    # What we forwarded: the request's messages as they were, the upstream's model id.
+    sent = fake_openai.requests[0]
+    assert sent["model"] == "gpt-4o-mini" and sent["messages"] == HI
+    line = ended(logs)[0]
+    assert line["transport"] == "openai" and line["outcome"] == "completed"
+    assert line["tokens"]["total"] == 35 and line["user_id"] == "alice"
+
+
+async def test_sdk_streaming_with_include_usage(stream_client, oai, fake_openai, logs):
+    fake_openai.default = Script(chunks=["Hello", ", ", "world", "!"], usage=(21, 4))
+    stream = await oai.chat.completions.create(
+        model="gpt-test",
+        messages=[{"role": "system", "content": "Be brief."}, *HI],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [c async for c in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Hello, world!"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.prompt_tokens == 21 and chunks[-1].usage.completion_tokens == 4
+    assert chunks[-1].usage.total_tokens == 25
+    assert fake_openai.requests[0]["messages"][0] == {"role": "system", "content": "Be brief."}
+    usage = await usage_doc(stream_client)
+    assert usage["used"] == 25 and usage["reserved"] == 0
+    for name in ("stream.started", "stream.first_token", "stream.ended"):
+        line = next(e for e in logs if e["event"] == name)
+        assert line["transport"] == "openai" and line["chat_id"] is None
+        assert line["model"] == "gpt-test" and line["user_id"] == "alice"
+
+
+async def test_sdk_streaming_without_include_usage_has_no_usage_chunk(oai, fake_openai):
+    stream = await oai.chat.completions.create(model="gpt-test", messages=HI, stream=True)
+    chunks = [c async for c in stream]
+    assert all(c.choices for c in chunks) and all(c.usage is None for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hello, world!"
+
+
+async def test_closing_the_stream_early_cancels_upstream_and_bills_the_partial(
+    stream_client, oai, fake_openai, logs
+):
+    fake_openai.default = Script(chunks=["a ", "b ", "c ", "d"], gate_after=2)
+    stream = await oai.chat.completions.create(model="gpt-test", messages=HI, stream=True)
+    texts = []
+    async for chunk in stream:
+        texts.append(chunk.choices[0].delta.content or "")
+        if "".join(texts) == "a b ":
+            break
+    await asyncio.wait_for(fake_openai.reached_gate.wait(), 5)
+    closed_at = time.monotonic()
+    await stream.close()
+    await asyncio.wait_for(fake_openai.disconnected.wait(), 2.0)  # the upstream request closed
+    assert fake_openai.disconnected_at - closed_at < 2.0
+    assert not fake_openai.finished.is_set()
+    await until(lambda: ended(logs, outcome="cancelled"))
+    line = ended(logs, outcome="cancelled")[0]
+    assert line["reason"] == "client_disconnect" and line["transport"] == "openai"
+    store = stream_client.app[STORE]
+    assistant = await store.messages.find_one({"user_id": "alice", "role": "assistant"})
+    assert assistant["status"] == "cancelled" and assistant["content"] == "a b "
+    assert assistant["transport"] == "openai" and assistant["chat_id"] is None
+    assert assistant["tokens"]["completion"] == TokenCounter().count("a b ")
+    assert assistant["tokens"]["prompt"] > 0
+    usage = await usage_doc(stream_client)
+    assert usage["used"] == assistant["tokens"]["total"] and usage["reserved"] == 0
+
+
+async def test_upstream_failure_mid_stream_raises_in_the_sdk(oai, fake_openai):
+    fake_openai.default = Script(chunks=["cut", " more"], reset_after=1)
+    stream = await oai.chat.completions.create(model="gpt-test", messages=HI, stream=True)
+    got: list[str] = []
+
+    async def read_all():
+        async for chunk in stream:
+            got.append(chunk.choices[0].delta.content or "")
+
+    with pytest.raises(openai.APIError) as info:
+        await read_all()
+    assert "".join(got) == "cut"
+    assert info.value.type == "server_error" and info.value.code.startswith("upstream_")
+
+
+# --------------------------------------------------------------------------- non-streaming
+async def test_sdk_non_streaming_completion(stream_client, oai, fake_openai, logs):
+    fake_openai.default = Script(chunks=["The ", "answer."], usage=(12, 3))
+    completion = await oai.chat.completions.create(
+        model="gpt-test",
+        messages=[
+            {"role": "developer", "content": "Answer plainly."},
+            {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": [{"type": "text", "text": "q2"}]},
+        ],
+        temperature=0.5,
+        top_p=0.9,
+        stop="END",
+        max_completion_tokens=50,
+        user="end-user-7",
+        extra_body={"frobnicate": True, "metadata": {"k": "v"}},  # unknown fields: tolerated
+    )
+    assert completion.object == "chat.completion" and completion.model == "gpt-test"
+    assert completion.id.startswith("chatcmpl-")
+    [choice] = completion.choices
+    assert choice.message.role == "assistant" and choice.message.content == "The answer."
+    assert choice.finish_reason == "stop"
+    assert completion.usage.prompt_tokens == 12 and completion.usage.completion_tokens == 3
+    assert completion.usage.total_tokens == 15
+    sent = fake_openai.requests[0]
+    assert sent["messages"] == [
+        {"role": "system", "content": "Answer plainly."},
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"},
+    ]
+    assert sent["temperature"] == 0.5 and sent["top_p"] == 0.9 and sent["stop"] == ["END"]
+    assert sent["max_tokens"] == 50
+    assert (await usage_doc(stream_client))["used"] == 15
+    assert ended(logs, transport="openai", outcome="completed")
+
+
+async def test_demo_model_non_streaming(oai):
+    completion = await oai.chat.completions.create(model="demo", messages=HI)
+    assert completion.model == "demo" and completion.choices[0].message.content
+    assert completion.usage.total_tokens > 0
+
+
+# --------------------------------------------------------------------------- stored chat
+async def test_x_chat_id_persists_the_turn_like_the_sse_route(
+    stream_client, oai, fake_openai, auth, logs
+):
+    client, h = stream_client, auth()
+    resp = await client.post("/api/chat", json=None, headers=h)
+    chat_id = (await resp.json())["chat_id"]
+    fake_openai.scripts = [Script(chunks=["first answer"]), Script(chunks=["second"])]
+    one = await oai.chat.completions.create(
+        model="gpt-test",
+        messages=[{"role": "user", "content": "q1"}],
+        extra_headers={"X-Chat-Id": chat_id},
+    )
+    assert one.choices[0].message.content == "first answer"
+    stream = await oai.chat.completions.create(
+        model="gpt-test",
+        messages=[{"role": "user", "content": "ignored"}, {"role": "user", "content": "q2"}],
+        stream=True,
+        extra_headers={"X-Chat-Id": chat_id},
+    )
+    assert "".join([c.choices[0].delta.content or "" async for c in stream]) == "second"
+    # The chat's history (with the server's system prompt) is the context, not the request's.
+    sent = fake_openai.requests[-1]["messages"]
+    assert [m["role"] for m in sent] == ["system", "user", "assistant", "user"]
+    assert [m["content"] for m in sent[1:]] == ["q1", "first answer", "q2"]
+    body = await (await client.get(f"/api/chat/{chat_id}", headers=h)).json()
+    assert [(m["role"], m["content"], m["status"]) for m in body["messages"]] == [
+        ("user", "q1", "complete"),
+        ("assistant", "first answer", "complete"),
+        ("user", "q2", "complete"),
+        ("assistant", "second", "complete"),
+    ]
+    records = await client.app[STORE].messages.find({"chat_id": chat_id}).to_list(None)
+    assert {r["transport"] for r in records if r["role"] == "assistant"} == {"openai"}
+    assert all(line["chat_id"] == chat_id for line in ended(logs, transport="openai"))
+
+
+async def test_x_chat_id_errors(oai):
+    with pytest.raises(openai.NotFoundError) as info:
+        await oai.chat.completions.create(
+            model="gpt-test",
+            messages=HI,
+            extra_headers={"X-Chat-Id": "6f1c0a36-8c46-4f0e-9d50-6d3f4c1c2b11"},
+        )
+    assert info.value.code == "chat_not_found" and info.value.type == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as info:
+        await oai.chat.completions.create(
+            model="gpt-test", messages=HI, extra_headers={"X-Chat-Id": "nope"}
+        )
+    assert info.value.code == "invalid_id"
+
+
+# --------------------------------------------------------------------------- errors
+async def test_bad_key_is_an_authentication_error(stream_client, sdk_for):
+    sdk = sdk_for(stream_client, api_key="not-a-jwt")
+    with pytest.raises(openai.AuthenticationError) as info:
+        await sdk.chat.completions.create(model="gpt-test", messages=HI)
+    err = info.value
+    assert err.status_code == 401
+    assert err.type == "authentication_error" and err.code == "invalid_api_key"
+    assert err.response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert err.response.headers["X-Request-ID"]
+
+
+async def test_budget_exceeded_is_insufficient_quota(aiohttp_client, stream_settings, sdk_for):
+    client = await aiohttp_client(create_app(stream_settings(default_token_limit=10)))
+    sdk = sdk_for(client)
+    with pytest.raises(openai.RateLimitError) as info:
+        await sdk.chat.completions.create(model="gpt-test", messages=HI, stream=True)
+    err = info.value
+    assert err.status_code == 429
+    assert err.type == "insufficient_quota" and err.code == "insufficient_quota"
+    assert err.response.headers["x-should-retry"] == "false"
+
+
+async def test_rate_limit_is_rate_limit_exceeded_with_retry_after(
+    aiohttp_client, stream_settings, sdk_for
+):
+    client = await aiohttp_client(create_app(stream_settings(message_rate_limit_ms=60_000)))
+    sdk = sdk_for(client)
+    await sdk.chat.completions.create(model="gpt-test", messages=HI)
+    with pytest.raises(openai.RateLimitError) as info:
+        await sdk.chat.completions.create(model="gpt-test", messages=HI)
+    err = info.value
+    assert err.status_code == 429 and err.code == "rate_limit_exceeded"
+    assert 1 <= int(err.response.headers["Retry-After"]) <= 60
+
+
+async def test_unknown_model_is_not_found(oai, fake_openai):
+    with pytest.raises(openai.NotFoundError) as info:
+        await oai.chat.completions.create(model="gpt-nope", messages=HI)
+    assert info.value.code == "model_not_found" and info.value.type == "invalid_request_error"
+    assert fake_openai.requests == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "code"),
+    [
+        ({"temperature": "hot"}, "temperature", "invalid_type"),
+        ({"stream": "yes"}, "stream", "invalid_type"),
+        ({"max_tokens": 1.5}, "max_tokens", "invalid_type"),
+        ({"messages": [{"role": "user", "content": 7}]}, "messages[0].content", "invalid_type"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "invalid_value"),
+        ({"temperature": 3}, "temperature", "invalid_value"),
+        ({"messages": []}, "messages", "invalid_value"),
+        ({"messages": [*HI, {"role": "assistant", "content": "x"}]}, "messages[1].role", None),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", None),
+        ({"n": 2}, "n", "invalid_value"),
+    ],
+)
+async def test_invalid_request_is_bad_request(oai, fake_openai, extra, param, code):
+    body = {"messages": HI, **extra}
+    with pytest.raises(openai.BadRequestError) as info:
+        await oai.chat.completions.create(
+            model="gpt-test",
+            messages=body.pop("messages"),
+            extra_body=body,
+        )
+    err = info.value
+    assert err.status_code == 400 and err.type == "invalid_request_error"
+    assert err.param == param
+    if code:
+        assert err.code == code
+    assert fake_openai.requests == []
+
+
+async def test_missing_model_is_missing_required_parameter(stream_client, auth):
+    resp = await stream_client.post("/v1/chat/completions", json={"messages": HI}, headers=auth())
+    assert resp.status == 400
+    assert (await resp.json())["error"] == {
+        "message": "Missing required parameter: 'model'.",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "missing_required_parameter",
+    }
+
+
+async def test_transport_errors_take_openai_shape_on_v1_only(aiohttp_client, stream_settings, auth):
+    client = await aiohttp_client(create_app(stream_settings(max_body_bytes=1024)))
+    h = auth()
+
+    async def error_of(resp, status):
+        assert resp.status == status
+        assert resp.headers["X-Request-ID"]
+        body = await resp.json()
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+        return body["error"]
+
+    err = await error_of(await client.get("/v1/nowhere", headers=h), 404)
+    assert err["type"] == "invalid_request_error" and err["code"] == "unknown_url"
+    assert "GET /v1/nowhere" in err["message"]
+    err = await error_of(await client.get("/v1/chat/completions", headers=h), 405)
+    assert err["type"] == "invalid_request_error" and err["code"] == "method_not_allowed"
+    err = await error_of(await client.post("/v1/chat/completions", data=b"{nope", headers=h), 400)
+    assert err["type"] == "invalid_request_error" and err["code"] == "invalid_json"
+    big = {"model": "gpt-test", "messages": [{"role": "user", "content": "x" * 4096}]}
+    err = await error_of(await client.post("/v1/chat/completions", json=big, headers=h), 413)
+    assert err["type"] == "invalid_request_error" and err["code"] == "payload_too_large"
+    resp = await client.get("/v1/models")
+    err = await error_of(resp, 401)
+    assert err["type"] == "authentication_error" and err["code"] == "invalid_api_key"
+    assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    # /api keeps the service's own shape.
+    resp = await client.get("/api/chats")
+    assert resp.status == 401
+    assert set((await resp.json())["error"]) <= {"code", "message", "details"}
+
+
+# --------------------------------------------------------------------------- models
+async def test_models_list_and_retrieve(oai):
+    page = await oai.models.list()
+    assert [m.id for m in page.data] == ["gpt-test", "demo"]
+    assert all(m.object == "model" and isinstance(m.created, int) for m in page.data)
+    assert {m.owned_by for m in page.data} == {"openai", "demo"}
+    model = await oai.models.retrieve("demo")
+    assert model.id == "demo"
+    with pytest.raises(openai.NotFoundError) as info:
+        await oai.models.retrieve("gpt-nope")
+    assert info.value.code == "model_not_found"
