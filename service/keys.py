@@ -13,6 +13,7 @@ from service.settings import Settings
 from service.store import Store
 from service.stream.producer import TurnProducer
 from service.stream.registry import StreamRegistry
+from service.transports.ws import Connection
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
@@ -22,6 +23,7 @@ CATALOGUE = web.AppKey("catalogue", Catalogue)
 REGISTRY = web.AppKey("registry", StreamRegistry)
 PRODUCER = web.AppKey("producer", TurnProducer)
 WATCHER = web.AppKey("watcher", asyncio.Task[None])
+WS_CONNECTIONS = web.AppKey("ws_connections", set[Connection])  # open sockets, closed on shutdown
 
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)

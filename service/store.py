@@ -19,6 +19,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import hashlib
 import random
 import uuid
 from collections.abc import Callable, Coroutine
@@ -157,6 +158,9 @@ class Store:
             [("user_id", ASCENDING), ("period", ASCENDING)], name="user_period", unique=True
         )
         await self.usage.create_index([("open.at", ASCENDING)], name="open_reservations")
+        await self.db["ws_tickets"].create_index(
+            [("expires_at", ASCENDING)], name="ticket_ttl", expireAfterSeconds=0
+        )
 
     @db_call
     async def ping(self, timeout_s: float) -> None:
@@ -398,6 +402,30 @@ class Store:
     @db_call
     async def get_usage(self, user_id: str, period: str) -> Doc | None:
         doc: Doc | None = await self.usage.find_one({"user_id": user_id, "period": period})
+        return doc
+
+    # ---- WebSocket tickets
+    # A ticket is stored under its SHA-256 only; consuming it is one find_one_and_delete filtered
+    # on "not expired", so it works once, on any replica. The TTL index only tidies up.
+    @db_call
+    async def create_ws_ticket(
+        self, ticket: str, *, user_id: str, token_expires_at: float, expires_at: datetime
+    ) -> None:
+        await self.db["ws_tickets"].insert_one(
+            {
+                "_id": hashlib.sha256(ticket.encode()).hexdigest(),
+                "user_id": user_id,
+                "token_expires_at": token_expires_at,
+                "expires_at": expires_at,
+                "created_at": utcnow(),
+            }
+        )
+
+    @db_call
+    async def consume_ws_ticket(self, ticket: str, *, now: datetime) -> Doc | None:
+        doc: Doc | None = await self.db["ws_tickets"].find_one_and_delete(
+            {"_id": hashlib.sha256(ticket.encode()).hexdigest(), "expires_at": {"$gt": now}}
+        )
         return doc
 
 

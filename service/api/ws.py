@@ -1,9 +1,115 @@
-"""WebSocket transport endpoint: GET /api/ws (and POST /api/ws/ticket)."""
+"""WebSocket transport endpoint: GET /api/ws (and POST /api/ws/ticket).
+
+``/api/ws`` authenticates itself, before the upgrade, because browsers cannot set headers on a
+WebSocket: programs send ``Authorization: Bearer <JWT>``, browsers pass ``?ticket=`` from
+``POST /api/ws/ticket`` (one use, short-lived, kept in MongoDB so any replica accepts it). The
+Origin is checked first (cross-site WebSocket hijacking). The protocol is in docs/websocket.md.
+"""
 
 from __future__ import annotations
 
+import secrets
+import time
+from datetime import timedelta
+from urllib.parse import urlsplit
+
+import structlog
 from aiohttp import web
+
+from service.auth import Principal
+from service.errors import BadRequest, ServiceError, Unauthorized
+from service.http import json_response
+from service.keys import AUTH, PRINCIPAL, PRODUCER, SETTINGS, STORE, WS_CONNECTIONS
+from service.store import utcnow
+from service.transports import ws as transport
+
+log = structlog.get_logger("service.ws")
+
+
+class OriginNotAllowed(ServiceError):
+    status = 403
+    code = "origin_not_allowed"
+
+
+def origin_allowed(request: web.Request, allowed: str) -> bool:
+    """No Origin (a program) is fine; a browser's must be listed or be this server's own."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    normalized = origin.strip().rstrip("/").lower()
+    listed = {o.strip().rstrip("/").lower() for o in allowed.split(",") if o.strip()}
+    if "*" in listed or normalized in listed:
+        return True
+    parts = urlsplit(normalized)
+    return parts.scheme in ("http", "https") and parts.netloc == request.host.lower()
+
+
+async def _authenticate(request: web.Request) -> Principal:
+    header = request.headers.get("Authorization")
+    if header is not None:
+        return request.app[AUTH].verify_header(header)
+    ticket = request.query.get("ticket")
+    if not ticket:
+        raise Unauthorized("missing credentials: send a bearer token or a ?ticket=")
+    doc = await request.app[STORE].consume_ws_ticket(ticket, now=utcnow())
+    if doc is None:
+        raise Unauthorized("invalid ticket: unknown, already used or expired")
+    principal = Principal(user_id=str(doc["user_id"]), expires_at=float(doc["token_expires_at"]))
+    if principal.expires_at <= time.time():
+        raise Unauthorized("invalid ticket: its token has expired")
+    return principal
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    if not origin_allowed(request, settings.ws_allowed_origins):
+        log.info("ws.origin_rejected", origin=request.headers.get("Origin"))
+        raise OriginNotAllowed("this Origin may not open a WebSocket here")
+    ws = web.WebSocketResponse(
+        heartbeat=settings.ws_heartbeat_s, max_msg_size=settings.ws_max_msg_bytes
+    )
+    if not ws.can_prepare(request).ok:
+        raise BadRequest("expected a WebSocket upgrade request", code="websocket_required")
+    principal = await _authenticate(request)
+    request[PRINCIPAL] = principal
+    structlog.contextvars.bind_contextvars(user_id=principal.user_id)
+    await ws.prepare(request)
+    await transport.serve(
+        request,
+        ws,
+        principal=principal,
+        producer=request.app[PRODUCER],
+        settings=settings,
+        registry=request.app[WS_CONNECTIONS],
+    )
+    return ws
+
+
+async def create_ticket(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    principal = request[PRINCIPAL]
+    ttl = int(min(settings.ws_ticket_ttl_s, max(0.0, principal.expires_at - time.time())))
+    if ttl < 1:
+        raise Unauthorized("invalid token: about to expire")
+    ticket = secrets.token_urlsafe(32)
+    await request.app[STORE].create_ws_ticket(
+        ticket,
+        user_id=principal.user_id,
+        token_expires_at=principal.expires_at,
+        expires_at=utcnow() + timedelta(seconds=ttl),
+    )
+    return json_response(
+        {"ticket": ticket, "expires_in": ttl}, headers={"Cache-Control": "no-store"}
+    )
+
+
+async def _close_sockets(app: web.Application) -> None:
+    """on_shutdown (after the drain hook): close every socket with 1001 GOING_AWAY."""
+    await transport.close_all(app[WS_CONNECTIONS], timeout_s=app[SETTINGS].stream_send_timeout_s)
 
 
 def setup(app: web.Application) -> None:
-    """Register this module's routes (filled in by its issue)."""
+    app[WS_CONNECTIONS] = set()
+    app.router.add_get("/api/ws", websocket)
+    app.router.add_post("/api/ws/ticket", create_ticket)
+    app.on_shutdown.append(_close_sockets)

@@ -1,0 +1,443 @@
+"""The WebSocket transport: many turns multiplexed over one socket (protocol v1, docs/websocket.md).
+
+One ``Connection`` per socket. Only the handler task reads; each turn runs in its own task and
+encodes its events into frames; ONE writer task sends them, fed by a bounded queue. A client
+that stops reading fills the queue: the socket is closed (1013) and its turns are cancelled as
+``slow_client``. Whatever closes the socket (the peer, a bad frame, token expiry, shutdown) stops
+its turns with a reason, and the producer finalizes each of them as for SSE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from service.auth import Principal
+from service.errors import ServiceError
+from service.settings import Settings
+from service.stream.events import Delta, Done, Event, Final, Started
+from service.stream.producer import TurnInput, TurnProducer
+from service.stream.registry import LiveStream
+
+log = structlog.get_logger("service.ws")
+
+PROTOCOL_VERSION = 1
+MAX_ID_CHARS = 128
+MAX_RAW_MESSAGE_CHARS = 200_000  # the producer enforces MAX_MESSAGE_CHARS after trimming
+MAX_MODEL_CHARS = 100
+
+CLOSE_TOKEN_EXPIRED = 4001
+Frame = dict[str, Any]
+
+
+class FrameError(Exception):
+    """A client frame that is not valid protocol v1; answered with an ``invalid_frame`` error."""
+
+    def __init__(self, message: str, turn_id: str | None = None, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.turn_id = turn_id
+        self.field = field
+
+
+@dataclass(frozen=True, slots=True)
+class SendFrame:
+    id: str
+    chat_id: str
+    message: str
+    model: str | None
+
+
+def parse_frame(raw: str) -> Frame:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise FrameError("frame is not valid JSON") from exc
+    if not isinstance(data, dict):
+        raise FrameError("frame must be a JSON object")
+    if not isinstance(data.get("type"), str):
+        raise FrameError("frame needs a string 'type'", _id_of(data), "type")
+    return data
+
+
+def _id_of(data: Frame) -> str | None:
+    value = data.get("id")
+    return value if isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS else None
+
+
+def _turn_id(data: Frame) -> str:
+    value = data.get("id")
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS:
+        raise FrameError(f"'id' must be a string of 1 to {MAX_ID_CHARS} characters", None, "id")
+    return value
+
+
+def _check_keys(data: Frame, allowed: set[str], turn_id: str | None) -> None:
+    extra = sorted(set(data) - allowed)
+    if extra:
+        raise FrameError(f"unknown field '{extra[0]}'", turn_id, extra[0])
+
+
+def parse_send(data: Frame) -> SendFrame:
+    turn_id = _turn_id(data)
+    _check_keys(data, {"type", "id", "chat_id", "message", "model"}, turn_id)
+    chat_id = data.get("chat_id")
+    try:
+        chat_id = str(uuid.UUID(chat_id)) if isinstance(chat_id, str) else None
+    except ValueError:
+        chat_id = None
+    if chat_id is None:
+        raise FrameError("'chat_id' must be a UUID string", turn_id, "chat_id")
+    message = data.get("message")
+    if not isinstance(message, str) or len(message) > MAX_RAW_MESSAGE_CHARS:
+        raise FrameError("'message' must be a string", turn_id, "message")
+    model = data.get("model")
+    if model is not None and (not isinstance(model, str) or not 0 < len(model) <= MAX_MODEL_CHARS):
+        raise FrameError(
+            f"'model' must be a string of 1 to {MAX_MODEL_CHARS} characters", turn_id, "model"
+        )
+    return SendFrame(turn_id, chat_id, message, model)
+
+
+def refusal_frame(turn_id: str | None, exc: ServiceError) -> Frame:
+    """An ``error`` frame for a turn refused before it streamed (the HTTP error, as a frame)."""
+    frame: Frame = {
+        "type": "error",
+        "id": turn_id,
+        "code": exc.code,
+        "message": exc.message,
+        "status": exc.status,
+    }
+    if exc.details is not None:
+        frame["details"] = exc.details
+        if isinstance(exc.details, dict) and "retry_after_ms" in exc.details:
+            frame["retry_after_ms"] = exc.details["retry_after_ms"]
+    return frame
+
+
+def event_frame(turn_id: str, seq: int, event: Event) -> Frame:
+    if isinstance(event, Delta):
+        return {"type": "delta", "id": turn_id, "seq": seq, "text": event.text}
+    if isinstance(event, Started):
+        return {"type": "started", "id": turn_id, **event.data()}
+    if isinstance(event, Done):
+        return {"type": "done", "id": turn_id, **event.data()}
+    return _final_error(turn_id, event.final)
+
+
+def _final_error(turn_id: str, final: Final) -> Frame:
+    frame: Frame = {"type": "error", "id": turn_id, **final.data()}
+    frame.setdefault("code", "cancelled" if final.status == "cancelled" else "stream_failed")
+    frame.setdefault("message", f"the turn was stopped ({final.reason})")
+    return frame
+
+
+@dataclass(slots=True)
+class Slot:
+    """One client turn on this socket, from its ``send`` until its terminal frame."""
+
+    id: str
+    task: asyncio.Task[None] | None = None
+    live: LiveStream | None = None
+    reason: str | None = None
+
+    def stop(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        if self.live is not None:
+            self.live.cancel(reason)
+
+
+@dataclass(slots=True)
+class Closing:
+    code: int
+    message: str
+    reason: str  # the cancel reason given to the socket's turns
+    flush: bool  # deliver the turns' terminal frames before closing
+    task: asyncio.Task[None] | None = field(default=None)
+
+
+class Connection:
+    def __init__(
+        self,
+        request: web.Request,
+        ws: web.WebSocketResponse,
+        *,
+        principal: Principal,
+        producer: TurnProducer,
+        settings: Settings,
+    ) -> None:
+        self.request = request
+        self.ws = ws
+        self.principal = principal
+        self.producer = producer
+        self.settings = settings
+        self.id = uuid.uuid4().hex
+        self.slots: dict[str, Slot] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.queue: asyncio.Queue[str] = asyncio.Queue(settings.ws_send_queue)
+        self.closing: Closing | None = None
+        self.broken = False
+        self.turns_started = 0
+        self._writer: asyncio.Task[None] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self.log = log.bind(ws_id=self.id, user_id=principal.user_id, transport="ws")
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        """Serve the socket until it closes; every turn is stopped and awaited before returning."""
+        loop = asyncio.get_running_loop()
+        self._writer = asyncio.create_task(self._write(), name=f"ws-writer-{self.id}")
+        delay = max(0.0, self.principal.expires_at - time.time())
+        self._expiry = loop.call_later(delay, self._token_expired)
+        self.log.info("ws.connected", max_turns=self.settings.ws_max_turns_per_connection)
+        self.send({"type": "ready", "v": PROTOCOL_VERSION, "max_turns": self._max_turns})
+        try:
+            await self._read()
+        finally:
+            self.close(WSCloseCode.OK, "", "client_disconnect", flush=False)
+            closing = self.closing
+            assert closing is not None and closing.task is not None
+            try:
+                # Shielded: if the handler is cancelled (peer gone) the turns still finalize.
+                await asyncio.shield(
+                    asyncio.gather(closing.task, *self.tasks, return_exceptions=True)
+                )
+            finally:
+                self.log.info(
+                    "ws.closed",
+                    code=self.ws.close_code,
+                    reason=closing.reason,
+                    turns=self.turns_started,
+                )
+
+    async def _read(self) -> None:
+        async for msg in self.ws:
+            if msg.type is WSMsgType.TEXT:
+                if self.closing is None:
+                    self._on_text(msg.data)
+            elif msg.type is WSMsgType.BINARY:
+                self.close(
+                    WSCloseCode.UNSUPPORTED_DATA,
+                    "binary frames are not supported",
+                    "protocol_error",
+                )
+            elif msg.type is WSMsgType.ERROR:
+                # aiohttp has closed the socket already (1009 for an oversize frame).
+                self.log.info("ws.protocol_error", error=str(msg.data))
+                self.close(WSCloseCode.OK, "", "protocol_error", flush=False)
+                return
+
+    @property
+    def _max_turns(self) -> int:
+        return self.settings.ws_max_turns_per_connection
+
+    def _token_expired(self) -> None:
+        self.log.info("ws.token_expired")
+        self.close(CLOSE_TOKEN_EXPIRED, "token expired; reconnect with a new one", "token_expired")
+
+    def close(self, code: int, message: str, reason: str, *, flush: bool = True) -> None:
+        """Start closing (once): stop every turn with ``reason``, then close with ``code``."""
+        if self.closing is not None:
+            return
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self.closing = Closing(code, message, reason, flush and not self.ws.closed)
+        for slot in self.slots.values():
+            slot.stop(reason)
+        self.closing.task = asyncio.create_task(
+            self._close(self.closing), name=f"ws-close-{self.id}"
+        )
+
+    async def _close(self, closing: Closing) -> None:
+        timeout = self.settings.stream_send_timeout_s
+        if closing.flush:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    if self.tasks:
+                        await asyncio.wait(set(self.tasks))
+                    await self.queue.join()
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+        if self.ws.closed:
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await self.ws.close(code=closing.code, message=closing.message.encode())
+        except TimeoutError:
+            self.log.warning("ws.close_timeout", code=closing.code)
+            transport = self.request.transport
+            if transport is not None:
+                transport.abort()
+
+    # ------------------------------------------------------------------ sending
+    def send(self, frame: Frame) -> bool:
+        """Queue a frame for the writer; never waits. A full queue closes the socket (1013)."""
+        if self.broken or (self.closing is not None and not self.closing.flush):
+            return False
+        try:
+            self.queue.put_nowait(orjson.dumps(frame).decode())
+        except asyncio.QueueFull:
+            self.log.warning(
+                "ws.slow_client", queued=self.queue.qsize(), running_turns=len(self.slots)
+            )
+            self.close(
+                WSCloseCode.TRY_AGAIN_LATER,
+                "slow_client: the send buffer is full",
+                "slow_client",
+                flush=False,
+            )
+            return False
+        return True
+
+    async def _write(self) -> None:
+        """The one writer: frames leave in queue order, so each turn's events stay in order."""
+        while True:
+            text = await self.queue.get()
+            try:
+                await self.ws.send_str(text)
+            except (ConnectionError, RuntimeError):
+                self.broken = True  # the peer is gone; the reader sees it and closes
+                while not self.queue.empty():
+                    self.queue.get_nowait()
+                    self.queue.task_done()
+            finally:
+                self.queue.task_done()
+
+    # ------------------------------------------------------------------ receiving
+    def _on_text(self, raw: str) -> None:
+        try:
+            data = parse_frame(raw)
+            kind = data["type"]
+            if kind == "send":
+                self._on_send(parse_send(data))
+            elif kind == "cancel":
+                turn_id = _turn_id(data)
+                _check_keys(data, {"type", "id"}, turn_id)
+                slot = self.slots.get(turn_id)
+                if slot is not None:
+                    slot.stop("user_cancel")
+            elif kind == "ping":
+                _check_keys(data, {"type"}, None)
+                self.send({"type": "pong"})
+            else:
+                raise FrameError(f"unknown frame type '{kind}'", _id_of(data), "type")
+        except FrameError as exc:
+            self.log.info("ws.invalid_frame", problem=exc.message, field=exc.field)
+            frame: Frame = {
+                "type": "error",
+                "id": exc.turn_id,
+                "code": "invalid_frame",
+                "message": exc.message,
+            }
+            if exc.field is not None:
+                frame["details"] = {"field": exc.field}
+            self.send(frame)
+
+    def _on_send(self, req: SendFrame) -> None:
+        if req.id in self.slots:
+            self.send(
+                {
+                    "type": "error",
+                    "id": req.id,
+                    "code": "duplicate_id",
+                    "message": "a turn with this id is already running on this connection",
+                }
+            )
+            return
+        if len(self.slots) >= self._max_turns:
+            self.send(
+                {
+                    "type": "error",
+                    "id": req.id,
+                    "code": "too_many_turns",
+                    "message": f"at most {self._max_turns} turns may run at once on a connection",
+                    "details": {"max_turns": self._max_turns},
+                }
+            )
+            return
+        slot = Slot(req.id)
+        self.slots[req.id] = slot
+        self.turns_started += 1
+        task = asyncio.create_task(self._run_turn(slot, req), name=f"ws-turn-{self.id}-{req.id}")
+        slot.task = task
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # ------------------------------------------------------------------ one turn
+    async def _run_turn(self, slot: Slot, req: SendFrame) -> None:
+        try:
+            try:
+                turn = await self.producer.start(
+                    TurnInput(
+                        user_id=self.principal.user_id,
+                        transport="ws",
+                        chat_id=req.chat_id,
+                        text=req.message,
+                        model=req.model,
+                    )
+                )
+            except ServiceError as exc:
+                self.send(refusal_frame(req.id, exc))
+                return
+            slot.live = turn.live
+            if slot.reason is not None:  # cancelled (or the socket closed) while starting
+                turn.live.cancel(slot.reason)
+            events = turn.events()
+            try:
+                seq = 0
+                async for event in events:
+                    if isinstance(event, Delta):
+                        seq += 1
+                    self.send(event_frame(req.id, seq, event))
+            finally:
+                await events.aclose()
+        except Exception:  # one turn's bug must not take the socket down
+            self.log.exception("ws.turn_failed", turn_id=req.id)
+            self.send(
+                {
+                    "type": "error",
+                    "id": req.id,
+                    "code": "internal_error",
+                    "message": "internal error; see the log",
+                }
+            )
+        finally:
+            self.slots.pop(req.id, None)
+
+
+async def serve(
+    request: web.Request,
+    ws: web.WebSocketResponse,
+    *,
+    principal: Principal,
+    producer: TurnProducer,
+    settings: Settings,
+    registry: set[Connection],
+) -> None:
+    """Run one prepared socket; registered in ``registry`` so shutdown can close it (1001)."""
+    conn = Connection(request, ws, principal=principal, producer=producer, settings=settings)
+    registry.add(conn)
+    try:
+        await conn.run()
+    finally:
+        registry.discard(conn)
+
+
+async def close_all(registry: set[Connection], timeout_s: float) -> None:
+    """on_shutdown: close every socket with 1001 GOING_AWAY; their turns stop as ``shutdown``."""
+    conns = list(registry)
+    for conn in conns:
+        conn.close(WSCloseCode.GOING_AWAY, "server shutting down", "shutdown")
+    tasks = [c.closing.task for c in conns if c.closing is not None and c.closing.task is not None]
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout_s)

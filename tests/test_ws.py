@@ -1,0 +1,441 @@
+"""The WebSocket transport (protocol v1): many turns over one socket, against the same producer,
+fake upstream, SecantusDB and real sockets; with aiohttp's client and the ``websockets`` package."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import aiohttp
+import pytest
+import websockets
+from websockets.asyncio.client import connect as ws_lib_connect
+
+from service.app import create_app
+from service.keys import STORE
+from service.store import utcnow
+from tests.fake_openai import Script
+from tests.sse_client import collect, text_of
+
+
+# --------------------------------------------------------------------------- helpers
+async def new_chat(client, headers) -> str:
+    resp = await client.post("/api/chat", headers=headers)
+    assert resp.status == 201
+    return (await resp.json())["chat_id"]
+
+
+async def records(client, chat_id):
+    return await client.app[STORE].messages.find({"chat_id": chat_id}).sort("seq", 1).to_list(None)
+
+
+def ended(logs, **match):
+    lines = [e for e in logs if e["event"] == "stream.ended"]
+    return [e for e in lines if all(e.get(k) == v for k, v in match.items())]
+
+
+async def until(predicate, limit_s=5.0):
+    deadline = time.monotonic() + limit_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def recv(ws, limit_s=5.0) -> dict[str, Any]:
+    msg = await asyncio.wait_for(ws.receive(), limit_s)
+    assert msg.type is aiohttp.WSMsgType.TEXT, msg
+    return json.loads(msg.data)
+
+
+async def connect(client, headers, **kw):
+    ws = await client.ws_connect("/api/ws", headers=headers, **kw)
+    ready = await recv(ws)
+    assert ready["type"] == "ready" and ready["v"] == 1
+    return ws
+
+
+async def until_terminal(ws, ids: set[str]) -> list[dict[str, Any]]:
+    """Read frames until every id in ``ids`` has its done/error frame."""
+    frames, open_ = [], set(ids)
+    while open_:
+        frame = await recv(ws)
+        frames.append(frame)
+        if frame["type"] in ("done", "error") and frame.get("id") in open_:
+            open_.discard(frame["id"])
+    return frames
+
+
+def of(frames, turn_id):
+    return [f for f in frames if f.get("id") == turn_id]
+
+
+def text(frames, turn_id):
+    return "".join(f["text"] for f in of(frames, turn_id) if f["type"] == "delta")
+
+
+def send(turn_id, chat_id, message="Hi there", **extra):
+    return {"type": "send", "id": turn_id, "chat_id": chat_id, "message": message, **extra}
+
+
+# --------------------------------------------------------------------------- one turn
+async def test_one_turn_aiohttp_client(stream_client, fake_openai, auth, logs):
+    client, h = stream_client, auth()
+    chat_id = await new_chat(client, h)
+    fake_openai.default = Script(chunks=["The ", "answer ", "is ", "42."], usage=(30, 5))
+    ws = await connect(client, h)
+    await ws.send_json(send("t1", chat_id, "What is the answer?"))
+    frames = await until_terminal(ws, {"t1"})
+    assert [f["type"] for f in frames] == ["started", "delta", "delta", "delta", "delta", "done"]
+    started, done = frames[0], frames[-1]
+    assert started["chat_id"] == chat_id and started["model"] == "gpt-test"
+    assert [f["seq"] for f in frames if f["type"] == "delta"] == [1, 2, 3, 4]
+    assert text(frames, "t1") == "The answer is 42."
+    assert done["message_id"] == started["message_id"] and done["status"] == "complete"
+    assert done["tokens_used"] == 35 and done["finish_reason"] == "stop"
+    assert done["budget"]["remaining"] == done["budget"]["limit"] - 35
+    await ws.send_json({"type": "ping"})
+    assert await recv(ws) == {"type": "pong"}
+    await ws.close()
+
+    user_msg, assistant = await records(client, chat_id)
+    assert user_msg["content"] == "What is the answer?"
+    assert assistant["_id"] == started["message_id"] and assistant["status"] == "complete"
+    assert assistant["content"] == "The answer is 42." and assistant["transport"] == "ws"
+    for name in ("stream.started", "stream.first_token", "stream.ended"):
+        line = next(e for e in logs if e["event"] == name)
+        assert line["transport"] == "ws" and line["user_id"] == "alice"
+        assert line["message_id"] == started["message_id"] and line["request_id"]
+    assert ended(logs, transport="ws", outcome="completed", reason="finished")
+    await until(lambda: any(e["event"] == "ws.closed" for e in logs))
+
+
+async def test_one_turn_websockets_package(stream_client, fake_openai, auth, token_for):
+    client, h = stream_client, auth()
+    chat_id = await new_chat(client, h)
+    uri = f"ws://127.0.0.1:{client.server.port}/api/ws"
+    headers = {"Authorization": f"Bearer {token_for('alice')}"}
+    async with ws_lib_connect(uri, additional_headers=headers) as ws:
+        assert json.loads(await ws.recv())["type"] == "ready"
+        await ws.send(json.dumps(send("a", chat_id)))
+        frames = []
+        while not frames or frames[-1]["type"] not in ("done", "error"):
+            frames.append(json.loads(await asyncio.wait_for(ws.recv(), 5)))
+    assert frames[0]["type"] == "started" and frames[-1]["type"] == "done"
+    assert text(frames, "a") == "Hello, world!" and frames[-1]["status"] == "complete"
+    _, assistant = await records(client, chat_id)
+    assert assistant["content"] == "Hello, world!" and assistant["transport"] == "ws"
+
+
+# --------------------------------------------------------------------------- multiplexing
+async def test_three_concurrent_turns_interleave_and_one_is_cancelled(
+    stream_client, fake_openai, auth, logs
+):
+    client, h = stream_client, auth()
+    chats = [await new_chat(client, h) for _ in range(3)]
+    fake_openai.default = Script(chunks=["one ", "two ", "three"], gate_after=1)
+    ws = await connect(client, h)
+    for turn_id, chat_id in zip("abc", chats, strict=True):
+        await ws.send_json(send(turn_id, chat_id))
+    frames = []
+    # Every turn streams its first delta while the upstream holds all three at the gate.
+    while {f["id"] for f in frames if f["type"] == "delta"} != {"a", "b", "c"}:
+        frames.append(await recv(ws))
+    await ws.send_json({"type": "cancel", "id": "b"})
+    while not of(frames, "b") or of(frames, "b")[-1]["type"] != "done":
+        frames.append(await recv(ws))
+    assert of(frames, "b")[-1]["status"] == "cancelled"
+    assert of(frames, "b")[-1]["reason"] == "user_cancel"
+    await asyncio.wait_for(fake_openai.disconnected.wait(), 1.0)  # b's upstream was closed
+    fake_openai.gate.set()
+    frames += await until_terminal(ws, {"a", "c"})
+    await ws.close()
+
+    for turn_id in "ac":
+        mine = of(frames, turn_id)
+        assert [f["type"] for f in mine] == ["started", "delta", "delta", "delta", "done"]
+        assert [f["seq"] for f in mine if f["type"] == "delta"] == [1, 2, 3]
+        assert mine[-1]["status"] == "complete" and text(frames, turn_id) == "one two three"
+    # Turns interleave: every turn's first delta came before any turn's second one.
+    deltas = [(f["id"], f["seq"]) for f in frames if f["type"] == "delta"]
+    first_seconds = min(i for i, (_, seq) in enumerate(deltas) if seq == 2)
+    assert {d[0] for d in deltas[:first_seconds]} == {"a", "b", "c"}
+    _, b_record = await records(client, chats[1])
+    assert b_record["status"] == "cancelled" and b_record["reason"] == "user_cancel"
+    assert b_record["content"] == "one " and b_record["tokens"]["total"] > 0
+    for chat_id in (chats[0], chats[2]):
+        assert (await records(client, chat_id))[1]["status"] == "complete"
+    assert ended(logs, transport="ws", outcome="cancelled", reason="user_cancel")
+    assert len(ended(logs, transport="ws", outcome="completed")) == 2
+
+
+async def test_socket_closed_mid_stream_cancels_upstream_and_saves_partial(
+    stream_client, fake_openai, auth, logs
+):
+    client, h = stream_client, auth()
+    chat_id = await new_chat(client, h)
+    fake_openai.default = Script(chunks=["a ", "b ", "c ", "d"], gate_after=2)
+    ws = await connect(client, h)
+    await ws.send_json(send("x", chat_id))
+    frames = []
+    while len([f for f in frames if f["type"] == "delta"]) < 2:
+        frames.append(await recv(ws))
+    await asyncio.wait_for(fake_openai.reached_gate.wait(), 5)
+    await ws.close()
+    await asyncio.wait_for(fake_openai.disconnected.wait(), 1.0)
+    await until(lambda: ended(logs, outcome="cancelled"))
+    _, assistant = await records(client, chat_id)
+    assert assistant["status"] == "cancelled" and assistant["content"] == "a b "
+    assert assistant["reason"] == "client_disconnect" and assistant["tokens"]["total"] > 0
+    assert ended(logs, transport="ws", outcome="cancelled", reason="client_disconnect")
+
+
+# --------------------------------------------------------------------------- authentication
+async def test_ticket_auth_valid_reused_and_expired(stream_client, auth, token_for):
+    client, h = stream_client, auth()
+    resp = await client.post("/api/ws/ticket", headers=h)
+    assert resp.status == 200 and resp.headers["Cache-Control"] == "no-store"
+    body = await resp.json()
+    assert body["expires_in"] == 60 and len(body["ticket"]) >= 32
+    ws = await connect(client, {}, params={"ticket": body["ticket"]})
+    await ws.send_json({"type": "ping"})
+    assert await recv(ws) == {"type": "pong"}
+    await ws.close()
+    stored = await client.app[STORE].db["ws_tickets"].find_one({})
+    assert stored is None  # consumed; only ever stored as a hash
+
+    with pytest.raises(aiohttp.WSServerHandshakeError) as reused:
+        await client.ws_connect("/api/ws", params={"ticket": body["ticket"]})
+    assert reused.value.status == 401
+
+    ticket = (await (await client.post("/api/ws/ticket", headers=h)).json())["ticket"]
+    assert ticket not in json.dumps(
+        await client.app[STORE].db["ws_tickets"].find_one({}), default=str
+    )
+    await (
+        client.app[STORE]
+        .db["ws_tickets"]
+        .update_many({}, {"$set": {"expires_at": utcnow() - timedelta(seconds=1)}})
+    )
+    uri = f"ws://127.0.0.1:{client.server.port}/api/ws?ticket={ticket}"
+    with pytest.raises(websockets.InvalidStatus) as expired:
+        async with ws_lib_connect(uri):
+            pass
+    assert expired.value.response.status_code == 401
+
+    for headers in ({}, {"Authorization": "Bearer nope"}):
+        with pytest.raises(aiohttp.WSServerHandshakeError) as missing:
+            await client.ws_connect("/api/ws", headers=headers)
+        assert missing.value.status == 401
+    assert (await client.post("/api/ws/ticket")).status == 401
+
+
+async def test_ticket_index_is_a_ttl_index(stream_client, auth):
+    client = stream_client
+    await client.post("/api/ws/ticket", headers=auth())
+    info = await client.app[STORE].db["ws_tickets"].index_information()
+    assert info["ticket_ttl"]["expireAfterSeconds"] == 0
+
+
+async def test_expired_token_closes_the_socket_with_4001(stream_client, token_for):
+    client = stream_client
+    headers = {"Authorization": f"Bearer {token_for('alice', ttl_s=1)}"}
+    ws = await connect(client, headers)
+    msg = await asyncio.wait_for(ws.receive(), 5)
+    assert msg.type is aiohttp.WSMsgType.CLOSE
+    assert msg.data == 4001 and "expired" in msg.extra
+
+
+async def test_origin_is_checked_before_the_upgrade(aiohttp_client, stream_settings, auth):
+    client = await aiohttp_client(
+        create_app(stream_settings(ws_allowed_origins="https://chat.example.com"))
+    )
+    h = auth()
+    with pytest.raises(aiohttp.WSServerHandshakeError) as rejected:
+        await client.ws_connect("/api/ws", headers={**h, "Origin": "https://evil.example"})
+    assert rejected.value.status == 403
+    uri = f"ws://127.0.0.1:{client.server.port}/api/ws"
+    with pytest.raises(websockets.InvalidStatus) as rejected_lib:
+        async with ws_lib_connect(uri, origin="null", additional_headers=h):
+            pass
+    assert rejected_lib.value.response.status_code == 403
+    for origin in ("https://chat.example.com", f"http://127.0.0.1:{client.server.port}"):
+        ws = await connect(client, {**h, "Origin": origin})
+        await ws.close()
+    ws = await connect(client, h)  # programs send no Origin
+    await ws.close()
+
+
+# --------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("frame", "turn_id", "field"),
+    [
+        ("{not json", None, None),
+        ("[1, 2]", None, None),
+        ('{"id": "t"}', "t", "type"),
+        ('{"type": "launch", "id": "t"}', "t", "type"),
+        ('{"type": "send", "chat_id": "C", "message": "hi"}', None, "id"),
+        ('{"type": "send", "id": "t", "chat_id": "not-a-uuid", "message": "hi"}', "t", "chat_id"),
+        ('{"type": "send", "id": "t", "chat_id": "C", "message": 5}', "t", "message"),
+        ('{"type": "send", "id": "t", "chat_id": "C", "message": "hi", "model": 3}', "t", "model"),
+        ('{"type": "send", "id": "t", "chat_id": "C", "message": "hi", "x": 1}', "t", "x"),
+        ('{"type": "cancel"}', None, "id"),
+        ('{"type": "cancel", "id": 7}', None, "id"),
+    ],
+)
+async def test_invalid_frames_get_an_error_frame_and_the_socket_stays(
+    stream_client, auth, frame, turn_id, field
+):
+    client, h = stream_client, auth()
+    ws = await connect(client, h)
+    await ws.send_str(frame.replace('"C"', json.dumps(str(uuid.uuid4()))))
+    err = await recv(ws)
+    assert err["type"] == "error" and err["code"] == "invalid_frame" and err["message"]
+    assert err["id"] == turn_id
+    assert err.get("details", {}).get("field") == field
+    await ws.send_json({"type": "ping"})
+    assert await recv(ws) == {"type": "pong"}
+    await ws.close()
+
+
+async def test_binary_frame_closes_1003_and_oversize_1009(aiohttp_client, stream_settings, auth):
+    client = await aiohttp_client(create_app(stream_settings(ws_max_msg_bytes=1024)))
+    ws = await connect(client, auth())
+    await ws.send_bytes(b"\x00\x01")
+    msg = await asyncio.wait_for(ws.receive(), 5)
+    assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1003
+
+    uri = f"ws://127.0.0.1:{client.server.port}/api/ws"
+    async with ws_lib_connect(uri, additional_headers=auth()) as lib:
+        await lib.recv()
+        await lib.send(json.dumps({"type": "ping", "pad": "x" * 2000}))
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(lib.recv(), 5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
+async def test_refusals_duplicates_and_turn_cap_are_error_frames(
+    aiohttp_client, stream_settings, fake_openai, auth
+):
+    client = await aiohttp_client(
+        create_app(stream_settings(ws_max_turns_per_connection=1, message_rate_limit_ms=60_000))
+    )
+    h = auth()
+    chat_id, other = await new_chat(client, h), await new_chat(client, h)
+    fake_openai.default = Script(chunks=["x ", "y"], gate_after=1)
+    ws = await connect(client, h)
+
+    await ws.send_json(send("bad", chat_id, "   "))
+    err = await recv(ws)
+    assert (err["id"], err["code"], err["status"]) == ("bad", "invalid_message", 400)
+    await ws.send_json(send("gone", str(uuid.uuid4())))
+    err = await recv(ws)
+    assert (err["id"], err["code"], err["status"]) == ("gone", "chat_not_found", 404)
+
+    await ws.send_json(send("t1", chat_id))
+    frames = [await recv(ws), await recv(ws)]
+    assert [f["type"] for f in frames] == ["started", "delta"]
+    await ws.send_json(send("t1", other))
+    err = await recv(ws)
+    assert (err["id"], err["code"]) == ("t1", "duplicate_id")
+    await ws.send_json(send("t2", other))
+    err = await recv(ws)
+    assert (err["id"], err["code"], err["details"]) == ("t2", "too_many_turns", {"max_turns": 1})
+    fake_openai.gate.set()
+    frames += await until_terminal(ws, {"t1"})
+    assert frames[-1]["type"] == "done" and frames[-1]["status"] == "complete"
+
+    await ws.send_json(send("t3", other))  # the rate limit applies as for SSE
+    err = await recv(ws)
+    assert (err["id"], err["code"], err["status"]) == ("t3", "rate_limited", 429)
+    assert err["retry_after_ms"] > 0
+    await ws.close()
+
+
+async def test_budget_exceeded_is_an_error_frame(aiohttp_client, stream_settings, auth):
+    client = await aiohttp_client(create_app(stream_settings(default_token_limit=10)))
+    h = auth()
+    chat_id = await new_chat(client, h)
+    ws = await connect(client, h)
+    await ws.send_json(send("t", chat_id))
+    err = await recv(ws)
+    assert (err["id"], err["code"], err["status"]) == ("t", "budget_exceeded", 403)
+    await ws.close()
+
+
+async def test_upstream_failure_before_first_token_is_an_error_frame(
+    stream_client, fake_openai, auth
+):
+    client, h = stream_client, auth()
+    chat_id = await new_chat(client, h)
+    fake_openai.scripts = [Script(status=400)]
+    ws = await connect(client, h)
+    await ws.send_json(send("t", chat_id))
+    err = await recv(ws)
+    assert err["type"] == "error" and err["id"] == "t" and err["code"].startswith("upstream_")
+    assert err["status"] >= 500
+    await ws.close()
+
+
+# --------------------------------------------------------------------------- slow reader
+async def test_reader_that_stops_reading_is_closed_and_its_turn_cancelled(
+    aiohttp_client, stream_settings, fake_openai, auth, logs
+):
+    client = await aiohttp_client(create_app(stream_settings(ws_send_queue=8)))
+    h = auth()
+    chat_id = await new_chat(client, h)
+    fake_openai.default = Script(chunks=["z" * 8192] * 4000, usage=None)
+    ws = await connect(client, h)
+    await ws.send_json(send("big", chat_id))
+    # Stop reading: kernel buffers, then the writer, then the send queue fill up.
+    await until(lambda: ended(logs, reason="slow_client"), limit_s=30)
+    assert any(e["event"] == "ws.slow_client" for e in logs)
+    while True:  # reading again shows what was sent before the close frame: 1013
+        msg = await asyncio.wait_for(ws.receive(), 10)
+        if msg.type is not aiohttp.WSMsgType.TEXT:
+            break
+    assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1013
+    assert "slow_client" in msg.extra
+    _, assistant = await records(client, chat_id)
+    assert assistant["status"] == "cancelled" and assistant["reason"] == "slow_client"
+    assert assistant["tokens"]["completion"] > 0
+    assert ended(logs, transport="ws", outcome="cancelled", reason="slow_client")
+
+
+# --------------------------------------------------------------------------- parity and shutdown
+VOLATILE = {"_id", "chat_id", "created_at", "alive_at", "checkpoint_at", "completed_at"}
+
+
+async def test_ws_and_sse_leave_identical_records(stream_client, fake_openai, auth):
+    client, h = stream_client, auth()
+    fake_openai.default = Script(chunks=["Same ", "answer."], usage=(12, 3))
+    sse_chat, ws_chat = await new_chat(client, h), await new_chat(client, h)
+    resp = await client.post(
+        f"/api/chat/{sse_chat}/message", json={"message": "Same question"}, headers=h
+    )
+    sse_events = await collect(resp)
+    assert text_of(sse_events) == "Same answer."
+    ws = await connect(client, h)
+    await ws.send_json(send("t", ws_chat, "Same question"))
+    frames = await until_terminal(ws, {"t"})
+    await ws.close()
+    assert sse_events[-1]["data"]["tokens"] == frames[-1]["tokens"]
+
+    def strip(docs, transport):
+        assert docs[1]["transport"] == transport
+        return [{k: v for k, v in d.items() if k not in VOLATILE | {"transport"}} for d in docs]
+
+    assert strip(await records(client, ws_chat), "ws") == strip(
+        await records(client, sse_chat), "sse"
+    )
+
+
+async def test_shutdown_closes_sockets_with_going_away(stream_client, auth):
+    client = stream_client
+    ws = await connect(client, auth())
+    await client.app.shutdown()
+    msg = await asyncio.wait_for(ws.receive(), 5)
+    assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1001
