@@ -51,14 +51,19 @@ def validate(model: type[M], data: Any) -> M:
         ) from exc
 
 
-async def read_json(request: web.Request, model: type[M], *, empty_ok: bool = False) -> M:
-    """Read, parse and validate a JSON body (413 when over ``client_max_size``)."""
+async def read_body(request: web.Request) -> bytes:
+    """The raw body; 413 (``PayloadTooLarge``) when over ``client_max_size``."""
     try:
-        raw = await request.read()
+        return await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise PayloadTooLarge(
             f"request body too large (limit {request.app._client_max_size} bytes)"
         ) from exc
+
+
+async def read_json(request: web.Request, model: type[M], *, empty_ok: bool = False) -> M:
+    """Read, parse and validate a JSON body (413 when over ``client_max_size``)."""
+    raw = await read_body(request)
     if not raw.strip() and empty_ok:
         return validate(model, {})
     try:

@@ -19,8 +19,8 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.errors import BadRequest, PayloadTooLarge
-from service.http import json_response, parse_uuid
+from service.errors import BadRequest
+from service.http import json_response, parse_uuid, read_body
 from service.keys import CATALOGUE, PRINCIPAL, PRODUCER, SETTINGS
 from service.models import ModelSpec
 from service.stream.producer import TurnInput
@@ -98,12 +98,7 @@ def _validation_error(exc: ValidationError) -> BadRequest:
 
 
 async def _read_body(request: web.Request) -> ChatCompletionRequest:
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise PayloadTooLarge(
-            f"request body too large (limit {request.app._client_max_size} bytes)"
-        ) from exc
+    raw = await read_body(request)
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
