@@ -54,6 +54,16 @@ class Provider(Protocol):
         """
         ...
 
+    async def list_models(self) -> set[str] | None:
+        """The upstream model ids the key may use now, or None when the provider has no list
+        (its models are always live). Raises ``UpstreamError`` when the list cannot be read."""
+        ...
+
+    async def count_prompt(self, request: CompletionRequest) -> int | None:
+        """Exact prompt tokens from the upstream (e.g. Gemini's countTokens), or None when the
+        provider has no such call and a local tokenizer or estimate is used instead."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:

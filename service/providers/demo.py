@@ -47,6 +47,12 @@ class DemoProvider:
     async def open(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
         return self._stream(request)
 
+    async def list_models(self) -> set[str] | None:
+        return None  # built in: always live
+
+    async def count_prompt(self, request: CompletionRequest) -> int | None:
+        return None
+
     async def _stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
         prompt = self._counter.count_messages(request.messages)
         produced: list[str] = []

@@ -40,6 +40,7 @@ class OpenAIProvider:
     ) -> None:
         self._session = session
         self._url = base_url.rstrip("/") + "/chat/completions"
+        self._models_url = base_url.rstrip("/") + "/models"
         self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -73,6 +74,27 @@ class OpenAIProvider:
 
         resp = await with_retries(attempt, self._retry, provider=self.name)
         return _chunks(resp)
+
+    async def list_models(self) -> set[str] | None:
+        """``GET /models``: the ids this key may use (OpenAI, vLLM, Ollama and most gateways)."""
+        headers = {k: v for k, v in self._headers.items() if k != "Accept"}
+        try:
+            async with self._session.get(
+                self._models_url, headers=headers, timeout=self._timeout
+            ) as resp:
+                await raise_for_status(resp)
+                body = await resp.json(loads=orjson.loads, content_type=None)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise error_for_exception(exc) from exc
+        except ValueError as exc:
+            raise UpstreamError("upstream_bad_response", "malformed model list") from exc
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise UpstreamError("upstream_bad_response", "malformed model list")
+        return {str(m["id"]) for m in data if isinstance(m, dict) and "id" in m}
+
+    async def count_prompt(self, request: CompletionRequest) -> int | None:
+        return None  # counted locally with the model's tokenizer
 
 
 async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:

@@ -101,7 +101,7 @@ class TurnProducer:
         counter = self.counter_for(spec)
         max_out = min(spec.max_output_tokens, inp.max_tokens or spec.max_output_tokens)
         messages = await self._prompt(inp, text, seq, spec, counter, max_out)
-        prompt_tokens = counter.count_messages(messages)
+        prompt_tokens = await self._count_prompt(spec, provider, counter, messages, max_out)
         now = utcnow()
         period = period_of(now)
         reservation = await self.store.reserve(
@@ -132,6 +132,27 @@ class TurnProducer:
         )
         await turn.begin(text, seq, now)
         return turn
+
+    async def _count_prompt(
+        self,
+        spec: ModelSpec,
+        provider: Provider,
+        counter: TokenCounter,
+        messages: list[dict[str, str]],
+        max_out: int,
+    ) -> int:
+        """The local tokenizer when the model has one; else the upstream's count (Gemini's
+        countTokens), falling back to the estimate when that call fails."""
+        if spec.encoding is None:
+            request = CompletionRequest(model=spec.upstream, messages=messages, max_tokens=max_out)
+            try:
+                exact = await provider.count_prompt(request)
+            except UpstreamError as exc:
+                log.warning("stream.count_tokens_failed", model=spec.name, code=exc.code)
+                exact = None
+            if exact is not None:
+                return exact
+        return counter.count_messages(messages)
 
     def _validate(self, inp: TurnInput) -> str:
         if inp.messages is not None:
