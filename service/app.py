@@ -13,8 +13,19 @@ from pymongo.errors import PyMongoError
 
 from service.api import chats, health, messages, openai_compat, page, ws
 from service.auth import Authenticator
-from service.keys import AUTH, CATALOGUE, PRODUCER, REGISTRY, SETTINGS, STORE, UPSTREAM, WATCHER
+from service.keys import (
+    AUTH,
+    CATALOGUE,
+    MODEL_LISTS,
+    PRODUCER,
+    REGISTRY,
+    SETTINGS,
+    STORE,
+    UPSTREAM,
+    WATCHER,
+)
 from service.middleware import add_request_id_header, authenticate, request_context
+from service.model_lists import ModelLists
 from service.models import load_catalogue
 from service.providers.registry import Counters, build_providers, upstream_timeout
 from service.settings import Settings
@@ -60,11 +71,16 @@ async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(load_encoding, encoding)  # ~0.5 s once; keep it off the loop
     registry = StreamRegistry()
     app[REGISTRY] = registry
+    providers = build_providers(settings, app[UPSTREAM], catalogue)
+    model_lists = ModelLists(providers, catalogue.all(), ttl_s=settings.model_list_ttl_s)
+    model_lists.start()
+    app[MODEL_LISTS] = model_lists
     app[PRODUCER] = TurnProducer(
         settings=settings,
         store=app[STORE],
         catalogue=catalogue,
-        providers=build_providers(settings, app[UPSTREAM], catalogue),
+        model_lists=model_lists,
+        providers=providers,
         counter_for=Counters(),
         registry=registry,
     )
@@ -74,6 +90,7 @@ async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:
     watcher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await watcher
+    await model_lists.close()
     registry.cancel_all("shutdown")
     await registry.wait_idle(timeout_s=10)
 

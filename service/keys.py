@@ -8,6 +8,7 @@ import aiohttp
 from aiohttp import web
 
 from service.auth import Authenticator, Principal
+from service.model_lists import ModelLists
 from service.models import Catalogue
 from service.settings import Settings
 from service.store import Store
@@ -20,6 +21,7 @@ STORE = web.AppKey("store", Store)
 AUTH = web.AppKey("auth", Authenticator)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 CATALOGUE = web.AppKey("catalogue", Catalogue)
+MODEL_LISTS = web.AppKey("model_lists", ModelLists)  # which configured models are live now
 REGISTRY = web.AppKey("registry", StreamRegistry)
 PRODUCER = web.AppKey("producer", TurnProducer)
 WATCHER = web.AppKey("watcher", asyncio.Task[None])

@@ -72,9 +72,11 @@ def load_catalogue(settings: Settings) -> Catalogue:
                 f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False)
             )
             raise SettingsError(f"invalid setting {source}: model '{name}': {problems}") from exc
-    names = [m.name for m in models]
-    if len(set(names)) != len(names):
-        raise SettingsError(f"invalid setting {source}: duplicate model names")
+    seen: set[str] = set()
+    for m in models:
+        if m.name in seen:
+            raise SettingsError(f"invalid setting {source}: duplicate model name '{m.name}'")
+        seen.add(m.name)
     if settings.default_model not in {m.name for m in models if m.enabled}:
         raise SettingsError(
             f"invalid setting DEFAULT_MODEL: '{settings.default_model}' is not an enabled model"

@@ -46,6 +46,10 @@ class FakeOpenAI:
         self.finished = asyncio.Event()
         self.runner: web.AppRunner | None = None
         self.url = ""
+        self.listed = {"gpt-4o-mini"}  # what GET /v1/models answers
+        self.models_status = 200
+        self.models_requests = 0
+        self.models_headers: list[dict[str, str]] = []
 
     async def start(self) -> None:
         app = web.Application()
@@ -64,9 +68,18 @@ class FakeOpenAI:
             await self.runner.cleanup()
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model"}]}
-        )
+        self.models_requests += 1
+        self.models_headers.append(dict(request.headers))
+        if self.models_status != 200:
+            return web.json_response(
+                {"error": {"message": "scripted failure", "type": "server_error"}},
+                status=self.models_status,
+            )
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "system"}
+            for name in sorted(self.listed)
+        ]
+        return web.json_response({"object": "list", "data": data})
 
     def _frame(self, script: Script, body: Any) -> bytes:
         sep = "\r\n" if script.crlf else "\n"

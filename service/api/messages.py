@@ -10,7 +10,7 @@ from pydantic import Field
 from service.api.chats import StrictModel
 from service.errors import Conflict
 from service.http import json_response, not_found, parse_uuid, read_json
-from service.keys import CATALOGUE, PRINCIPAL, PRODUCER, REGISTRY, SETTINGS, STORE
+from service.keys import CATALOGUE, MODEL_LISTS, PRINCIPAL, PRODUCER, REGISTRY, SETTINGS, STORE
 from service.store import utcnow
 from service.stream.producer import TurnInput, period_of
 from service.transports import sse
@@ -89,6 +89,7 @@ def setup(app: web.Application) -> None:
 
 async def list_models(request: web.Request) -> web.Response:
     catalogue = request.app[CATALOGUE]
+    models = await request.app[MODEL_LISTS].live(catalogue.all())
     return json_response(
         {
             "default": catalogue.default,
@@ -99,7 +100,7 @@ async def list_models(request: web.Request) -> web.Response:
                     "context_window": m.context_window,
                     "max_output_tokens": m.max_output_tokens,
                 }
-                for m in catalogue.all()
+                for m in models
             ],
         }
     )

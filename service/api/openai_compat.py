@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.errors import BadRequest
 from service.http import json_response, parse_uuid, read_body
-from service.keys import CATALOGUE, PRINCIPAL, PRODUCER, SETTINGS
+from service.keys import CATALOGUE, MODEL_LISTS, PRINCIPAL, PRODUCER, SETTINGS
 from service.models import ModelSpec
 from service.stream.producer import TurnInput
 from service.transports import openai_chunks
@@ -208,14 +208,17 @@ def _model_view(spec: ModelSpec) -> dict[str, Any]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """``GET /v1/models``: every model of the catalogue (each caller may use all of them)."""
-    models = request.app[CATALOGUE].all()
+    """``GET /v1/models``: the catalogue's models their upstreams list now (every caller may use
+    all of them)."""
+    models = await request.app[MODEL_LISTS].live(request.app[CATALOGUE].all())
     return json_response({"object": "list", "data": [_model_view(m) for m in models]})
 
 
 async def get_model(request: web.Request) -> web.Response:
     """``GET /v1/models/{model}``: one model, or 404 ``model_not_found``."""
-    return json_response(_model_view(request.app[CATALOGUE].resolve(request.match_info["model"])))
+    spec = request.app[CATALOGUE].resolve(request.match_info["model"])
+    await request.app[MODEL_LISTS].require(spec)
+    return json_response(_model_view(spec))
 
 
 def setup(app: web.Application) -> None:

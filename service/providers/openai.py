@@ -25,6 +25,8 @@ from service.providers.base import (
 )
 from service.providers.sse import SSEDecoder
 
+LIST_TIMEOUT = aiohttp.ClientTimeout(total=10)
+
 
 class OpenAIProvider:
     name = "openai"
@@ -80,7 +82,7 @@ class OpenAIProvider:
         headers = {k: v for k, v in self._headers.items() if k != "Accept"}
         try:
             async with self._session.get(
-                self._models_url, headers=headers, timeout=self._timeout
+                self._models_url, headers=headers, timeout=LIST_TIMEOUT
             ) as resp:
                 await raise_for_status(resp)
                 body = await resp.json(loads=orjson.loads, content_type=None)

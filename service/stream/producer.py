@@ -28,6 +28,7 @@ from service.errors import (
     UpstreamError,
 )
 from service.http import not_found
+from service.model_lists import ModelLists
 from service.models import Catalogue, ModelSpec
 from service.providers.base import Chunk, CompletionRequest, Provider, Usage
 from service.settings import Settings
@@ -68,6 +69,7 @@ class TurnProducer:
         settings: Settings,
         store: Store,
         catalogue: Catalogue,
+        model_lists: ModelLists,
         providers: dict[str, Provider],
         counter_for: Callable[[ModelSpec], TokenCounter],
         registry: StreamRegistry,
@@ -75,6 +77,7 @@ class TurnProducer:
         self.settings = settings
         self.store = store
         self.catalogue = catalogue
+        self.model_lists = model_lists
         self.providers = providers
         self.counter_for = counter_for
         self.registry = registry
@@ -93,6 +96,7 @@ class TurnProducer:
                 raise not_found("chat")
             seq, chat_model = int(chat["next_seq"]) - 2, chat.get("model")
         spec = self.catalogue.resolve(inp.model or chat_model)
+        await self.model_lists.require(spec)
         provider = self.providers.get(spec.provider)
         if provider is None:
             raise ServiceUnavailable(
