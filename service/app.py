@@ -11,6 +11,7 @@ import structlog
 from aiohttp import web
 from pymongo.errors import PyMongoError
 
+from service import metrics
 from service.api import chats, health, messages, openai_compat, page, ws
 from service.auth import Authenticator
 from service.keys import (
@@ -132,6 +133,7 @@ def create_app(settings: Settings) -> web.Application:
     openai_compat.setup(app)
     ws.setup(app)
     page.setup(app)
+    metrics.setup(app)
     return app
 
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 import structlog
 
 from service.errors import NotFound, UpstreamError
+from service.metrics import UPSTREAM_ERRORS
 from service.models import ModelSpec
 from service.providers.base import Provider
 
@@ -101,6 +102,7 @@ class ModelLists:
             ids = await self._providers[provider].list_models()
         except UpstreamError as exc:
             log.warning("models.list_failed", provider=provider, code=exc.code)
+            UPSTREAM_ERRORS.labels(provider, exc.code, "list").inc()
             entry.expires = self._clock() + min(self._ttl, RETRY_S)
             return
         finally:

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import hashlib
 import random
+import time
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from service.errors import (
     ServiceError,
     StoreUnavailable,
 )
+from service.metrics import MONGODB_SECONDS
 from service.settings import Settings
 
 P = ParamSpec("P")
@@ -69,16 +71,23 @@ def db_call(
 ) -> Callable[Concatenate[Store, P], Coroutine[Any, Any, R]]:
     """Ensure the indexes exist; turn driver outages and timeouts into ``StoreUnavailable``."""
 
+    ok = MONGODB_SECONDS.labels(fn.__name__, "ok")
+    failed = MONGODB_SECONDS.labels(fn.__name__, "error")
+
     @functools.wraps(fn)
     async def wrapper(store: Store, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        started = time.perf_counter()
         try:
             if not store.indexes_ready:
                 await store.ensure_indexes()
-            return await fn(store, *args, **kwargs)
+            result = await fn(store, *args, **kwargs)
         except PyMongoError as exc:
+            failed.observe(time.perf_counter() - started)
             if _unavailable(exc):
                 raise StoreUnavailable("the database is unavailable; try again shortly") from exc
             raise
+        ok.observe(time.perf_counter() - started)
+        return result
 
     return wrapper
 

@@ -13,6 +13,7 @@ import aiohttp
 import structlog
 
 from service.errors import UpstreamError
+from service.metrics import UPSTREAM_ERRORS
 
 log = structlog.get_logger("service.providers")
 
@@ -152,6 +153,7 @@ async def with_retries(
             err = error_for_exception(exc)
             if not err.retryable or attempt >= policy.max_attempts:
                 raise err from exc
+            UPSTREAM_ERRORS.labels(provider, err.code, "retried").inc()
             delay = policy.delay(attempt, err.retry_after_s)
             log.warning(
                 "upstream.retry", provider=provider, code=err.code, attempt=attempt, delay_s=delay

@@ -22,12 +22,15 @@ import structlog
 
 from service.errors import (
     BadRequest,
+    BudgetExceeded,
     Conflict,
+    RateLimited,
     ServiceError,
     ServiceUnavailable,
     UpstreamError,
 )
 from service.http import not_found
+from service.metrics import DURATION, REJECTIONS, TOKENS, TTFT, TURNS, UPSTREAM_ERRORS
 from service.model_lists import ModelLists
 from service.models import Catalogue, ModelSpec
 from service.providers.base import Chunk, CompletionRequest, Provider, Usage
@@ -85,6 +88,7 @@ class TurnProducer:
     async def start(self, inp: TurnInput) -> Turn:
         started = time.perf_counter()
         if self.registry.draining:
+            REJECTIONS.labels("shutting_down").inc()
             raise ServiceUnavailable("the server is shutting down; retry", code="shutting_down")
         text = self._validate(inp)
         message_id = str(uuid.uuid4())
@@ -108,18 +112,22 @@ class TurnProducer:
         prompt_tokens = await self._count_prompt(spec, provider, counter, messages, max_out)
         now = utcnow()
         period = period_of(now)
-        reservation = await self.store.reserve(
-            ReserveRequest(
-                user_id=inp.user_id,
-                period=period,
-                message_id=message_id,
-                want=prompt_tokens + max_out,
-                need=prompt_tokens + min(MIN_COMPLETION_TOKENS, max_out),
-                default_limit=self.settings.default_token_limit,
-                rate_limit_ms=self.settings.message_rate_limit_ms,
-                now=now,
+        try:
+            reservation = await self.store.reserve(
+                ReserveRequest(
+                    user_id=inp.user_id,
+                    period=period,
+                    message_id=message_id,
+                    want=prompt_tokens + max_out,
+                    need=prompt_tokens + min(MIN_COMPLETION_TOKENS, max_out),
+                    default_limit=self.settings.default_token_limit,
+                    rate_limit_ms=self.settings.message_rate_limit_ms,
+                    now=now,
+                )
             )
-        )
+        except (RateLimited, BudgetExceeded) as exc:
+            REJECTIONS.labels(exc.code).inc()
+            raise
         turn = Turn(
             producer=self,
             inp=inp,
@@ -382,9 +390,9 @@ class Turn:
 
     def _first_token(self, loop: asyncio.AbstractEventLoop) -> None:
         self.live.deadline = loop.time() + self.p.settings.upstream_total_timeout_s
-        self.log.info(
-            "stream.first_token", ttft_ms=round((time.perf_counter() - self.started) * 1000, 2)
-        )
+        ttft = time.perf_counter() - self.started
+        TTFT.labels(self.spec.name).observe(ttft)
+        self.log.info("stream.first_token", ttft_ms=round(ttft * 1000, 2))
 
     def _start_checkpoint(self) -> None:
         if self._checkpoint is not None and not self._checkpoint.done():
@@ -460,6 +468,8 @@ class Turn:
             error_code=error.code if error else None,
             error_message=error.message if error else None,
         )
+        duration = time.perf_counter() - self.started
+        self._count(OUTCOME[status], reason, error, prompt, completion, source, duration)
         self.log.info(
             "stream.ended",
             outcome=OUTCOME[status],
@@ -468,9 +478,30 @@ class Turn:
             tokens={"prompt": prompt, "completion": completion, "total": prompt + completion},
             token_source=source,
             chunks=self.chunks,
-            duration_ms=round((time.perf_counter() - self.started) * 1000, 2),
+            duration_ms=round(duration * 1000, 2),
         )
         return self.final
+
+    def _count(
+        self,
+        outcome: str,
+        reason: str,
+        error: ServiceError | None,
+        prompt: int,
+        completion: int,
+        source: str,
+        duration: float,
+    ) -> None:
+        transport = self.inp.transport
+        TURNS.labels(transport, outcome, reason).inc()
+        DURATION.labels(transport, outcome).observe(duration)
+        if prompt:
+            TOKENS.labels(self.spec.name, "prompt", source).inc(prompt)
+        if completion:
+            TOKENS.labels(self.spec.name, "completion", source).inc(completion)
+        if isinstance(error, UpstreamError):
+            stage = "stream" if self._stream is not None else "connect"
+            UPSTREAM_ERRORS.labels(self.provider.name, error.code, stage).inc()
 
     def _tokens(self, content: str, billable: bool) -> tuple[int, int, str]:
         if self.usage is not None:

@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 from collections import Counter
 
+from service.metrics import ACTIVE_STREAMS
+
 
 class LiveStream:
     __slots__ = (
@@ -50,9 +52,12 @@ class StreamRegistry:
 
     def add(self, live: LiveStream) -> None:
         self.streams[live.message_id] = live
+        ACTIVE_STREAMS.labels(live.transport).inc()
 
     def remove(self, message_id: str) -> None:
-        self.streams.pop(message_id, None)
+        live = self.streams.pop(message_id, None)
+        if live is not None:
+            ACTIVE_STREAMS.labels(live.transport).dec()
 
     def cancel(self, message_id: str, reason: str) -> bool:
         live = self.streams.get(message_id)

@@ -1,0 +1,97 @@
+"""Prometheus metrics: what an operator needs to see a pod's streams, upstreams and MongoDB.
+
+Every label has a small, fixed set of values (transport, outcome, reason, model name from the
+catalogue, provider, error code, store operation): never a user, chat or message id. Nothing is
+recorded per chunk; a turn updates a few counters when it starts, at its first token and when it
+ends, so the per-chunk path stays free of metrics work.
+
+The metrics live in one process-wide registry (as prometheus-client intends): several apps in one
+process (the tests) share them, which is why tests compare before/after values.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)  # RSS, CPU seconds, open fds: per live stream cost at a glance
+PlatformCollector(registry=REGISTRY)
+
+TRANSPORTS = ("sse", "ws", "openai")
+
+ACTIVE_STREAMS = Gauge(
+    "gateway_active_streams",
+    "Turns streaming on this process now.",
+    ["transport"],
+    registry=REGISTRY,
+)
+TURNS = Counter(
+    "gateway_turns",
+    "Turns that ended, by outcome (completed, cancelled, failed) and reason.",
+    ["transport", "outcome", "reason"],
+    registry=REGISTRY,
+)
+TTFT = Histogram(
+    "gateway_time_to_first_token_seconds",
+    "From the request to the first token from the upstream.",
+    ["model"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 13, 20, 30, 60),
+    registry=REGISTRY,
+)
+DURATION = Histogram(
+    "gateway_stream_duration_seconds",
+    "From the request to the end of the turn.",
+    ["transport", "outcome"],
+    buckets=(0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 900),
+    registry=REGISTRY,
+)
+TOKENS = Counter(
+    "gateway_tokens",
+    "Tokens billed by model, kind (prompt, completion) and source (upstream, tokenizer, estimate).",
+    ["model", "kind", "source"],
+    registry=REGISTRY,
+)
+UPSTREAM_ERRORS = Counter(
+    "gateway_upstream_errors",
+    "Upstream failures by provider and code. stage: retried (an attempt before the stream that "
+    "was tried again), connect (a turn failed before its stream began), stream (a turn failed "
+    "after it began), list (a model list could not be read).",
+    ["provider", "code", "stage"],
+    registry=REGISTRY,
+)
+REJECTIONS = Counter(
+    "gateway_turn_rejections",
+    "Turns refused before they started by a rule: rate_limited, budget_exceeded, shutting_down.",
+    ["reason"],
+    registry=REGISTRY,
+)
+MONGODB_SECONDS = Histogram(
+    "gateway_mongodb_operation_seconds",
+    "Latency of each store operation (one or more MongoDB round trips), by operation and result.",
+    ["operation", "result"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    registry=REGISTRY,
+)
+
+for _transport in TRANSPORTS:
+    ACTIVE_STREAMS.labels(_transport)  # present at 0 from the start, so dashboards show a line
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: the Prometheus text format. Not routed by the HTTPRoute or Ingress."""
+    body = generate_latest(REGISTRY)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/metrics", metrics)
