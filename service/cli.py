@@ -47,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             require_server_settings(settings)
             from service.models import load_catalogue
+            from service.providers.gemini import parse_safety_settings
 
             load_catalogue(settings)  # a bad catalogue entry stops start-up here, by name
+            parse_safety_settings(settings.gemini_safety_settings)
     except SettingsError as exc:
         print(f"chat-gateway: {exc}", file=sys.stderr)
         return 2

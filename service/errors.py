@@ -121,6 +121,7 @@ UPSTREAM_STATUS = {
     "upstream_unavailable": 503,
     "upstream_timeout": 504,
     "upstream_refused": 502,
+    "upstream_content_filtered": 400,
 }
 
 

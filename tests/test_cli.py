@@ -58,3 +58,16 @@ def test_local_mode_dev_key_is_stable_across_runs(tmp_path):
     secret = (tmp_path / "dev-jwt-secret").read_text().strip()
     for out in (first, second):
         assert jwt.decode(out.stdout.strip(), secret, algorithms=["HS256"])["sub"] == "a"
+
+
+def test_bad_gemini_safety_settings_stop_startup_in_one_line(tmp_path):
+    out = run(
+        "serve",
+        MONGODB_URI="mongodb://127.0.0.1:1",
+        JWT_SECRET="s" * 40,
+        GEMINI_SAFETY_SETTINGS='{"category": "x"}',
+        DATA_DIR=str(tmp_path),
+    )
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "GEMINI_SAFETY_SETTINGS" in lines[0], out.stderr

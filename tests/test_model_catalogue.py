@@ -12,7 +12,9 @@ from service.app import create_app
 from service.models import load_catalogue
 from service.settings import SettingsError
 from tests.conftest import TEST_MODELS
+from tests.fake_gemini import FakeGemini
 from tests.test_cli import run
+from tests.test_gemini import MODELS as GEMINI_MODELS
 
 
 async def model_names(client, headers) -> set[str]:
@@ -91,6 +93,35 @@ async def _lacks(client, headers, name: str) -> bool:
 
 async def _has(client, headers, name: str) -> bool:
     return name in await model_names(client, headers)
+
+
+async def test_a_gemini_model_dropped_from_models_list_is_hidden_after_the_ttl(
+    aiohttp_client, make_settings, auth
+):
+    fake = FakeGemini()
+    await fake.start()
+    try:
+        settings = make_settings(
+            models=json.dumps(GEMINI_MODELS),
+            gemini_base_url=fake.url,
+            gemini_api_key="AIza-key",
+            model_list_ttl_s=1,
+        )
+        client = await aiohttp_client(create_app(settings))
+        h = auth()
+        assert await model_names(client, h) == {"gemini-test", "demo"}
+        fake.models = [m for m in fake.models if m["name"] != "models/gemini-2.0-flash"]
+        await until(lambda: _lacks(client, h, "gemini-test"))
+        chat_id = await new_chat(client, h)
+        resp = await client.post(
+            f"/api/chat/{chat_id}/message",
+            json={"message": "hi", "model": "gemini-test"},
+            headers=h,
+        )
+        assert resp.status == 404 and (await resp.json())["error"]["code"] == "model_not_found"
+        assert fake.calls("streamGenerateContent") == []
+    finally:
+        await fake.close()
 
 
 async def test_a_configured_model_never_listed_is_hidden_from_the_first_request(

@@ -7,6 +7,7 @@ import aiohttp
 from service.models import Catalogue, ModelSpec
 from service.providers.base import Provider, RetryPolicy
 from service.providers.demo import DemoProvider
+from service.providers.gemini import GeminiProvider
 from service.providers.openai import OpenAIProvider
 from service.settings import Settings
 from service.tokens import TokenCounter
@@ -42,6 +43,16 @@ def build_providers(
             session,
             base_url=settings.openai_base_url,
             api_key=key,
+            retry=retry_policy(settings),
+            timeout=upstream_timeout(settings),
+        )
+    if any(m.provider == "gemini" for m in catalogue.all()):
+        key = settings.gemini_api_key.get_secret_value() if settings.gemini_api_key else None
+        providers["gemini"] = GeminiProvider(  # raises SettingsError on GEMINI_SAFETY_SETTINGS
+            session,
+            base_url=settings.gemini_base_url,
+            api_key=key,
+            safety_settings=settings.gemini_safety_settings,
             retry=retry_policy(settings),
             timeout=upstream_timeout(settings),
         )
