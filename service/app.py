@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -96,20 +97,56 @@ async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:
     await registry.wait_idle(timeout_s=10)
 
 
-async def _drain(app: web.Application) -> None:
-    """on_shutdown: refuse new turns, let streams finish up to DRAIN_TIMEOUT_S, then stop them."""
+FINALIZE_TIMEOUT_S = 10.0  # how long stopped streams get to save and bill their partial text
+DRAIN_POLL_S = 0.05  # how often the drain looks whether the live streams have ended
+
+
+def _begin_draining(app: web.Application, cause: str) -> None:
+    """From this instant /readyz answers 503 and the producer refuses new turns; logged once."""
     registry = app[REGISTRY]
+    if registry.draining:
+        return
     registry.draining = True
-    settings = app[SETTINGS]
+    log.info(
+        "service.draining",
+        cause=cause,
+        live_streams=len(registry.streams),
+        timeout_s=app[SETTINGS].drain_timeout_s,
+    )
+
+
+async def drain(app: web.Application, hurry: asyncio.Event | None = None) -> None:
+    """Refuse new turns, let live streams finish for up to DRAIN_TIMEOUT_S, then stop the rest
+    (reason ``shutdown``: a terminal event, partial text saved and billed) and wait for every
+    finalization, so MongoDB is never closed under a turn that still has to settle.
+
+    The one drain for both ways a server stops: ``serve`` calls it on SIGTERM/SIGINT while the
+    listener is still open; on_shutdown calls it for servers ``serve`` did not start (the tests'
+    in-process servers), and after ``serve`` it finds nothing live and returns at once. ``hurry``
+    (a second signal) ends the wait for live streams early.
+    """
+    _begin_draining(app, "shutdown")
+    registry = app[REGISTRY]
+    hurry = hurry or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    end = loop.time() + app[SETTINGS].drain_timeout_s
+    # Polls the stream table, waking at once on ``hurry`` (a second signal).
+    while registry.streams and not hurry.is_set() and (left := end - loop.time()) > 0:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(hurry.wait(), min(DRAIN_POLL_S, left))
     if registry.streams:
         log.info(
-            "service.draining",
+            "service.stopping_streams",
             live_streams=len(registry.streams),
-            timeout_s=settings.drain_timeout_s,
+            cause="second_signal" if hurry.is_set() else "drain_timeout",
         )
-    if not await registry.wait_idle(settings.drain_timeout_s):
         registry.cancel_all("shutdown")
-        await registry.wait_idle(timeout_s=10)
+    await registry.wait_idle(FINALIZE_TIMEOUT_S)
+
+
+async def _drain(app: web.Application) -> None:
+    """on_shutdown: ``drain`` for servers not run by ``serve`` (a no-op after ``serve``'s)."""
+    await drain(app)
 
 
 async def _auth_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -138,19 +175,63 @@ def create_app(settings: Settings) -> web.Application:
 
 
 def run(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT, drain, and return (the process then exits 0)."""
+    asyncio.run(serve(settings))
+
+
+async def serve(settings: Settings) -> None:
+    """Run the app with our own signal handlers instead of ``web.run_app``'s.
+
+    ``run_app`` stops listening first and drains afterwards (in on_shutdown), so /readyz could
+    never say 503 and clients on keep-alive connections got connection errors. Here the first
+    signal flips the registry to draining at once (/readyz 503 ``shutting_down``, new turns
+    refused) while the listener stays open; live streams get up to DRAIN_TIMEOUT_S, then are
+    stopped as ``shutdown``; only then does ``runner.cleanup()`` close the listener and run
+    on_shutdown (WebSockets closed with 1001 by the WebSocket module) and the cleanup contexts.
+    A second signal cuts the wait for live streams short.
+    """
     app = create_app(settings)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    hurry = asyncio.Event()
+    received: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        if not stopping.is_set():
+            stopping.set()
+            if REGISTRY in app:  # started: refuse new turns from this instant
+                _begin_draining(app, sig.name)
+        elif not hurry.is_set():
+            hurry.set()
+            log.info("service.drain_cut_short", signal=sig.name)
+
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:  # before start-up, so a signal during it still means a clean stop
+        loop.add_signal_handler(sig, on_signal, sig)
     log.info(
         "service.starting",
         url=f"http://{settings.host}:{settings.port}",
         environment=settings.environment,
         mongodb_db=settings.mongodb_db,
     )
-    web.run_app(
+    runner = web.AppRunner(
         app,
-        host=settings.host,
-        port=settings.port,
         handler_cancellation=True,
         access_log=None,
-        print=None,
         shutdown_timeout=settings.drain_timeout_s + 5,
     )
+    try:
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, settings.host, settings.port).start()
+            log.info("service.listening", url=f"http://{settings.host}:{settings.port}")
+            await stopping.wait()
+            _begin_draining(app, received[0])
+            await drain(app, hurry)
+        finally:
+            await runner.cleanup()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    log.info("service.stopped", signals=received)

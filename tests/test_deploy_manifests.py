@@ -29,6 +29,9 @@ from typing import Any, NoReturn
 
 import pytest
 
+from service.api.ws import CLOSE_AT_SHUTDOWN_S
+from service.app import FINALIZE_TIMEOUT_S
+
 pytestmark = pytest.mark.k8s
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +80,8 @@ SECRETISH_VALUE = re.compile(
 
 PORT = 8080
 DEFAULT_DRAIN_TIMEOUT_S = 20.0  # service/settings.py
-SHUTDOWN_SLACK_S = 5.0  # web.run_app(shutdown_timeout=DRAIN_TIMEOUT_S + 5)
+# After the drain: final records (bounded) + WebSocket closes (bounded), service/app.py's serve().
+SHUTDOWN_SLACK_S = FINALIZE_TIMEOUT_S + CLOSE_AT_SHUTDOWN_S
 STREAM_TIMEOUT_S = 3600  # proxy/gateway timeouts for one stream: 0 (none) or at least this
 CMD = ["python", "-m", "service", "serve"]
 

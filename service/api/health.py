@@ -1,12 +1,17 @@
-"""Liveness and readiness probes (no auth)."""
+"""Liveness and readiness probes (no auth).
+
+/healthz never depends on anything (a MongoDB outage must not restart pods). /readyz is 503
+while MongoDB is unreachable or while the process drains after SIGTERM, so load balancers stop
+sending new work here while the streams in flight finish.
+"""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from service.errors import ServiceError
+from service.errors import ServiceError, ServiceUnavailable
 from service.http import error_response, json_response
-from service.keys import STORE
+from service.keys import REGISTRY, STORE
 
 READY_TIMEOUT_S = 1.0
 
@@ -16,6 +21,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    if request.app[REGISTRY].draining:  # checked first: no MongoDB round trip while stopping
+        return error_response(
+            ServiceUnavailable("the server is shutting down", code="shutting_down")
+        )
     try:
         await request.app[STORE].ping(READY_TIMEOUT_S)
     except ServiceError as exc:

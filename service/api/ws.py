@@ -103,9 +103,14 @@ async def create_ticket(request: web.Request) -> web.Response:
     )
 
 
+CLOSE_AT_SHUTDOWN_S = 5.0  # a reader that stopped reading must not outlast the grace period
+
+
 async def _close_sockets(app: web.Application) -> None:
-    """on_shutdown (after the drain hook): close every socket with 1001 GOING_AWAY."""
-    await transport.close_all(app[WS_CONNECTIONS], timeout_s=app[SETTINGS].stream_send_timeout_s)
+    """on_shutdown (after the drain hook): close every socket with 1001 GOING_AWAY. Every turn
+    is final by now; a client that does not take its last frames in time loses only those."""
+    timeout_s = min(CLOSE_AT_SHUTDOWN_S, app[SETTINGS].stream_send_timeout_s)
+    await transport.close_all(app[WS_CONNECTIONS], timeout_s=timeout_s)
 
 
 def setup(app: web.Application) -> None:

@@ -9,7 +9,6 @@ a terminal event. Shutdown waits for every tracked finalization before MongoDB i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import Counter
 
 from service.metrics import ACTIVE_STREAMS
@@ -85,10 +84,9 @@ class StreamRegistry:
             if loop.time() >= end:
                 return False
             if self._finalizers:
-                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                    await asyncio.wait_for(
-                        asyncio.gather(*self._finalizers, return_exceptions=True), end - loop.time()
-                    )
+                # asyncio.wait, not wait_for(gather(...)): a timeout must never cancel the
+                # finalizations themselves (a half-written final record stays 'streaming').
+                await asyncio.wait(set(self._finalizers), timeout=end - loop.time())
             else:
                 await asyncio.sleep(0.05)
         return True

@@ -214,7 +214,8 @@ class Connection:
             finally:
                 self.log.info(
                     "ws.closed",
-                    code=self.ws.close_code,
+                    code=closing.code,  # what this side sent (or 1000 when the peer closed)
+                    peer_code=self.ws.close_code,
                     reason=closing.reason,
                     turns=self.turns_started,
                 )
