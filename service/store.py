@@ -284,13 +284,15 @@ class Store:
         return doc
 
     @db_call
-    async def context_messages(self, chat_id: str, *, before_seq: int, limit: int) -> list[Doc]:
-        if limit <= 0 or before_seq <= 0:
+    async def recent_messages(self, chat_id: str, user_id: str, *, limit: int) -> list[Doc]:
+        """The chat's last ``limit`` messages, oldest first. Filtered on the user, so it may run
+        alongside the chat's authorization (``begin_chat_turn``) and save a round trip."""
+        if limit <= 0:
             return []
         docs: list[Doc] = (
             await self.messages.find(
-                {"chat_id": chat_id, "seq": {"$lt": before_seq}},
-                projection={"role": 1, "content": 1, "status": 1},
+                {"chat_id": chat_id, "user_id": user_id},
+                projection={"role": 1, "content": 1, "status": 1, "seq": 1},
             )
             .sort("seq", DESCENDING)
             .limit(limit)

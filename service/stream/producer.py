@@ -27,6 +27,7 @@ from service.errors import (
     RateLimited,
     ServiceError,
     ServiceUnavailable,
+    StoreUnavailable,
     UpstreamError,
 )
 from service.http import not_found
@@ -94,11 +95,13 @@ class TurnProducer:
         message_id = str(uuid.uuid4())
         seq = 0
         chat_model = None
+        history: list[Doc] = []
         if inp.chat_id is not None:
-            chat = await self.store.begin_chat_turn(inp.user_id, inp.chat_id)
-            if chat is None:
-                raise not_found("chat")
+            chat, history = await self._chat_and_history(inp.user_id, inp.chat_id)
             seq, chat_model = int(chat["next_seq"]) - 2, chat.get("model")
+            # Messages of a turn of this chat that started in between are not context.
+            limit = self.settings.context_messages
+            history = [d for d in history if d["seq"] < seq][-limit:] if limit else []
         spec = self.catalogue.resolve(inp.model or chat_model)
         await self.model_lists.require(spec)
         provider = self.providers.get(spec.provider)
@@ -108,7 +111,7 @@ class TurnProducer:
             )
         counter = self.counter_for(spec)
         max_out = min(spec.max_output_tokens, inp.max_tokens or spec.max_output_tokens)
-        messages = await self._prompt(inp, text, seq, spec, counter, max_out)
+        messages = self._prompt(inp, text, history, spec, counter, max_out)
         prompt_tokens = await self._count_prompt(spec, provider, counter, messages, max_out)
         now = utcnow()
         period = period_of(now)
@@ -179,11 +182,24 @@ class TurnProducer:
             )
         return text
 
-    async def _prompt(
+    async def _chat_and_history(self, user_id: str, chat_id: str) -> tuple[Doc, list[Doc]]:
+        """Authorize the chat (allocating the turn's seqs) and read its recent messages at
+        once: one round trip before the first token instead of two. The read asks for two
+        extra messages for a concurrent turn of the same chat, whose messages are dropped."""
+        limit = self.settings.context_messages
+        chat, history = await asyncio.gather(
+            self.store.begin_chat_turn(user_id, chat_id),
+            self.store.recent_messages(chat_id, user_id, limit=limit + 2 if limit else 0),
+        )
+        if chat is None:
+            raise not_found("chat")
+        return chat, history
+
+    def _prompt(
         self,
         inp: TurnInput,
         text: str,
-        seq: int,
+        docs: list[Doc],
         spec: ModelSpec,
         counter: TokenCounter,
         max_out: int,
@@ -195,9 +211,6 @@ class TurnProducer:
             tail = inp.messages[-1:]
         else:
             system = [{"role": "system", "content": self.settings.system_prompt}]
-            docs = await self.store.context_messages(
-                inp.chat_id or "", before_seq=seq, limit=self.settings.context_messages
-            )
             history = history_messages(docs)
             tail = [{"role": "user", "content": text}]
         messages = fit_to_window(system, history, tail, counter, budget)
@@ -246,6 +259,7 @@ class Turn:
         self.finish_reason: str | None = None
         self.final: Final | None = None
         self._stream: AsyncIterator[Chunk] | None = None
+        self._insert: asyncio.Future[None] | None = None
         self._checkpoint: asyncio.Task[None] | None = None
         self._next_checkpoint = 0.0
         self.log = log.bind(
@@ -259,13 +273,23 @@ class Turn:
 
     # ------------------------------------------------------------------ begin
     async def begin(self, text: str, seq: int, now: datetime) -> None:
+        """Persist the records and open the upstream at the same time: the insert's round trip
+        hides behind the upstream's. The first delta waits for the insert (``_records_written``,
+        which raises if it failed), and so does finalization: no text reaches a client, and no
+        update reaches the records, before they exist."""
+        self._insert = asyncio.ensure_future(
+            self.p.store.insert_messages(self._records(text, seq, now))
+        )
         try:
-            await self.p.store.insert_messages(self._records(text, seq, now))
             self.p.registry.add(self.live)
             self.log.info(
                 "stream.started", prompt_tokens=self.prompt_tokens, max_tokens=self.max_tokens
             )
-            await self._open()
+            try:
+                await self._open()
+            except BaseException:
+                await self._insert_finished()
+                raise
         except ServiceError as exc:
             await self._finalize_shielded("failed", _reason_of(exc), exc, billable=False)
             raise
@@ -274,6 +298,25 @@ class Turn:
                 "cancelled", self.live.reason or "client_disconnect", None, billable=False
             )
             raise
+
+    async def _insert_finished(self) -> BaseException | None:
+        """Wait for the records' insert, even through a cancellation; return its failure."""
+        insert = self._insert
+        if insert is None:
+            return None
+        if not insert.done():
+            try:
+                await asyncio.wait({insert})  # never cancels it, never raises its error
+            except asyncio.CancelledError:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({insert})
+                raise
+        return insert.exception()
+
+    async def _records_written(self) -> None:
+        failure = await self._insert_finished()
+        if failure is not None:
+            raise failure
 
     def _records(self, text: str, seq: int, now: datetime) -> list[Doc]:
         common = {"chat_id": self.inp.chat_id, "user_id": self.inp.user_id, "created_at": now}
@@ -340,7 +383,7 @@ class Turn:
                 yield delta
             if live.reason is not None:
                 status, reason, error = _stopped(live.reason)
-        except UpstreamError as exc:
+        except ServiceError as exc:  # the upstream failed, or MongoDB did (the records' insert)
             status, reason, error = "failed", _reason_of(exc), exc
         except asyncio.CancelledError:
             if not _absorb_cancel(live):
@@ -373,6 +416,7 @@ class Turn:
                     live.reading = False
                 if chunk.text:
                     if not self.parts:
+                        await self._records_written()
                         self._first_token(loop)
                         self._next_checkpoint = loop.time() + interval
                     self.parts.append(chunk.text)
@@ -414,6 +458,7 @@ class Turn:
     async def _finalize(
         self, status: str, reason: str, error: ServiceError | None, billable: bool
     ) -> Final:
+        await self._insert_finished()  # the final write must not overtake the first
         if self._checkpoint is not None and not self._checkpoint.done():
             self._checkpoint.cancel()
             with contextlib.suppress(BaseException):
@@ -538,7 +583,11 @@ def _stop_error(reason: str | None) -> ServiceError:
 
 
 def _reason_of(exc: ServiceError) -> str:
-    return "timeout" if exc.code == "upstream_timeout" else "upstream_error"
+    if exc.code == "upstream_timeout":
+        return "timeout"
+    if isinstance(exc, StoreUnavailable):
+        return "database_error"  # the records could not be written
+    return "upstream_error"
 
 
 async def _aclose(stream: AsyncIterator[Chunk]) -> None:
