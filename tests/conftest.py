@@ -145,3 +145,29 @@ def stream_settings(make_settings, fake_openai):
 @pytest.fixture
 async def stream_client(aiohttp_client, stream_settings):
     return await aiohttp_client(create_app(stream_settings()))
+
+
+# ---------------------------------------------------------------- real service processes
+@pytest.fixture
+async def services(mongo_server, db_name, fake_openai, tmp_path):
+    """Start ``python -m service serve`` processes on this test's database (tests/processes.py)."""
+    from tests.processes import ServiceProcesses
+
+    procs = ServiceProcesses(
+        mongodb_uri=mongo_server.uri,
+        mongodb_db=db_name,
+        upstream_url=fake_openai.url,
+        workdir=tmp_path,
+    )
+    yield procs
+    procs.close()
+
+
+@pytest.fixture
+async def db(mongo_server, db_name):
+    """This test's database, read directly (what the service processes wrote)."""
+    from motor.motor_asyncio import AsyncIOMotorClient
+
+    client: AsyncIOMotorClient[Any] = AsyncIOMotorClient(mongo_server.uri)
+    yield client[db_name]
+    client.close()

@@ -347,3 +347,13 @@ async def open_ws(http: aiohttp.ClientSession) -> WsClient:
     await wait_until(lambda: client.frames, 5.0, "the ready frame")
     assert client.frames[0]["type"] == "ready"
     return client
+
+
+def session(svc: ServiceProcess, token: str) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(base_url=svc.url, headers={"Authorization": f"Bearer {token}"})
+
+
+async def new_chat(http: aiohttp.ClientSession) -> str:
+    async with http.post("/api/chat", json={}) as resp:
+        assert resp.status == 201, await resp.text()
+        return str((await resp.json())["chat_id"])

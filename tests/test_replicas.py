@@ -14,44 +14,13 @@ import signal
 from typing import Any
 
 import aiohttp
-import pytest
-from motor.motor_asyncio import AsyncIOMotorClient
 
 from service.settings import Settings
 from service.stream.producer import MIN_COMPLETION_TOKENS
 from service.tokens import TokenCounter
 from tests.conftest import TEST_MODELS
 from tests.fake_openai import Script
-from tests.processes import ServiceProcess, ServiceProcesses, eventually, open_sse, wait_until
-
-
-@pytest.fixture
-async def services(mongo_server, db_name, fake_openai, tmp_path):
-    procs = ServiceProcesses(
-        mongodb_uri=mongo_server.uri,
-        mongodb_db=db_name,
-        upstream_url=fake_openai.url,
-        workdir=tmp_path,
-    )
-    yield procs
-    procs.close()
-
-
-@pytest.fixture
-async def db(mongo_server, db_name):
-    client: AsyncIOMotorClient[Any] = AsyncIOMotorClient(mongo_server.uri)
-    yield client[db_name]
-    client.close()
-
-
-def session(svc: ServiceProcess, token: str) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(base_url=svc.url, headers={"Authorization": f"Bearer {token}"})
-
-
-async def new_chat(http: aiohttp.ClientSession) -> str:
-    async with http.post("/api/chat", json={}) as resp:
-        assert resp.status == 201, await resp.text()
-        return str((await resp.json())["chat_id"])
+from tests.processes import ServiceProcess, eventually, new_chat, open_sse, session, wait_until
 
 
 async def send(http: aiohttp.ClientSession, chat_id: str) -> tuple[int, Any]:

@@ -15,17 +15,15 @@ import time
 from typing import Any
 
 import aiohttp
-import pytest
-from motor.motor_asyncio import AsyncIOMotorClient
 
 from tests.fake_openai import Script
 from tests.processes import (
-    ServiceProcess,
-    ServiceProcesses,
     SseTurn,
     eventually,
+    new_chat,
     open_sse,
     open_ws,
+    session,
 )
 
 EXIT_MARGIN_S = 4.0  # finalization, closing sockets and MongoDB, interpreter exit
@@ -40,35 +38,6 @@ def short_script() -> Script:
 
 def long_script() -> Script:
     return Script(chunks=list(LONG), stall_after=2)
-
-
-@pytest.fixture
-async def services(mongo_server, db_name, fake_openai, tmp_path):
-    procs = ServiceProcesses(
-        mongodb_uri=mongo_server.uri,
-        mongodb_db=db_name,
-        upstream_url=fake_openai.url,
-        workdir=tmp_path,
-    )
-    yield procs
-    procs.close()
-
-
-@pytest.fixture
-async def db(mongo_server, db_name):
-    client: AsyncIOMotorClient[Any] = AsyncIOMotorClient(mongo_server.uri)
-    yield client[db_name]
-    client.close()
-
-
-def session(svc: ServiceProcess, token: str) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(base_url=svc.url, headers={"Authorization": f"Bearer {token}"})
-
-
-async def new_chat(http: aiohttp.ClientSession) -> str:
-    async with http.post("/api/chat", json={}) as resp:
-        assert resp.status == 201, await resp.text()
-        return str((await resp.json())["chat_id"])
 
 
 async def sse_turn(http, fake_openai, chat_id: str, script: Script, held_at: int = 2) -> SseTurn:
