@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+BENCH_STAMP := $(VENV)/.bench-stamp
 
-.PHONY: install run token test lint check format ci-deps clean
+.PHONY: install run token test lint check format ci-deps clean bench bench-quick
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,15 +30,27 @@ test: install lint
 
 ## lint: ruff and mypy (strict on service/)
 lint: install
-	$(VENV)/bin/ruff check service tests deploy
-	$(VENV)/bin/ruff format --check service tests deploy
+	$(VENV)/bin/ruff check service tests deploy bench
+	$(VENV)/bin/ruff format --check service tests deploy bench
 	$(VENV)/bin/mypy
 
 check: lint
 
 format: install
-	$(VENV)/bin/ruff format service tests deploy
-	$(VENV)/bin/ruff check --fix service tests deploy
+	$(VENV)/bin/ruff format service tests deploy bench
+	$(VENV)/bin/ruff check --fix service tests deploy bench
+
+## bench-quick: the benchmark's reduced set (under a minute); see docs/performance.md
+bench-quick: $(BENCH_STAMP)
+	$(PY) -m bench --quick
+
+## bench: the gateway's cost against direct and a thin relay, all four scenarios (~8.5 minutes)
+bench: $(BENCH_STAMP)
+	$(PY) -m bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
 
 ## ci-deps: system packages the test suite needs (CI runs this before `make test`)
 # Debian's chromium for the page's browser tests (they fail, not skip, under CI=true without it).

@@ -132,16 +132,15 @@ def _parse(data: str) -> Chunk:
     if "error" in frame:
         err = frame["error"] if isinstance(frame["error"], dict) else {}
         raise UpstreamError("upstream_bad_response", f"upstream error: {err.get('message', '')}")
-    chunk = Chunk()
+    text, finish, counts = "", None, None
     choices = frame.get("choices")
     if choices:
         choice = choices[0]
-        delta = choice.get("delta") or {}
-        chunk.text = delta.get("content") or ""
-        chunk.finish_reason = choice.get("finish_reason")
+        delta = choice.get("delta")
+        if delta:
+            text = delta.get("content") or ""
+        finish = choice.get("finish_reason")
     usage = frame.get("usage")
     if usage:
-        chunk.usage = Usage(
-            int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
-        )
-    return chunk
+        counts = Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
+    return Chunk(text, counts, finish)

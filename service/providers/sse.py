@@ -24,7 +24,7 @@ class SSEDecoder:
         self._max = max_event_bytes
 
     def feed(self, data: bytes) -> list[SSEEvent]:
-        buf = self._buf + data
+        buf = self._buf + data if self._buf else data
         if b"\r" in buf:
             tail = b"\r" if buf.endswith(b"\r") else b""  # maybe the first half of a CRLF
             if tail:
@@ -36,6 +36,10 @@ class SSEDecoder:
         self._buf = rest
         events = []
         for block in blocks:
+            # The usual upstream event is one ``data: ...`` line: take it without the line loop.
+            if block.startswith(b"data: ") and b"\n" not in block and len(block) <= self._max:
+                events.append(SSEEvent(block[6:].decode("utf-8", errors="replace")))
+                continue
             event = self._parse(block)
             if event is not None:
                 events.append(event)

@@ -10,14 +10,14 @@ Streamed, the frames are exactly OpenAI's::
 
 A turn that fails after it started ends with ``data: {"error": {...}}`` (the SDKs raise it as an
 ``APIError``). The constant parts of every frame are built once per turn; a delta costs one
-``orjson.dumps`` of its text. A failed or stalled write ends the stream the way the SSE transport
-does: closing the event generator finalizes the turn as cancelled, bills what was generated and
+``orjson.dumps`` of its text. Frames are written by ``pump`` (shared with the SSE transport):
+the frames of deltas already read go out in one write, and a failed or stalled write ends the
+stream: closing the event generator finalizes the turn as cancelled, bills what was generated and
 closes the upstream request.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from typing import Any
 
@@ -28,8 +28,9 @@ from aiohttp_sse import EventSourceResponse
 from service.errors import ServiceError, ServiceUnavailable, UpstreamError
 from service.http import openai_error_parts
 from service.settings import Settings
-from service.stream.events import Delta, Done, Error, Final, Started
+from service.stream.events import Delta, Done, Error, Event, Final, Started
 from service.stream.producer import Turn
+from service.transports.pump import pump
 
 DONE = b"data: [DONE]\n\n"
 FINISH_REASONS = frozenset({"stop", "length", "content_filter", "tool_calls", "function_call"})
@@ -118,29 +119,23 @@ async def stream_turn(
     )
     resp.headers["Cache-Control"] = "no-cache, no-transform"
     enc = ChunkEncoder(completion_id(turn), turn.spec.name, created, include_usage=include_usage)
-    events = turn.events()
+
+    def encode(event: Event) -> bytes:
+        if isinstance(event, Delta):
+            return enc.delta(event.text)
+        if isinstance(event, Started):
+            return enc.role()
+        if isinstance(event, Done):
+            frame = enc.finish(finish_reason_of(event.final))
+            if include_usage:
+                frame += enc.usage(event.final)
+            return frame + DONE
+        return enc.error(event.final)
+
     try:
         await resp.prepare(request)
-        async for event in events:
-            if isinstance(event, Delta):
-                frame = enc.delta(event.text)
-            elif isinstance(event, Started):
-                frame = enc.role()
-            elif isinstance(event, Done):
-                frame = enc.finish(finish_reason_of(event.final))
-                if include_usage:
-                    frame += enc.usage(event.final)
-                frame += DONE
-            else:
-                frame = enc.error(event.final)
-            async with asyncio.timeout(settings.stream_send_timeout_s):
-                await resp.write(frame)
-    except TimeoutError:
-        turn.live.cancel("slow_client")
-    except (ConnectionResetError, RuntimeError):
-        turn.live.cancel("client_disconnect")  # RuntimeError: a write after the transport closed
+        await pump(resp, turn, encode, settings.stream_send_timeout_s)
     finally:
-        await events.aclose()
         if resp.prepared:
             resp.stop_streaming()
             with contextlib.suppress(ConnectionResetError, RuntimeError):

@@ -7,7 +7,6 @@ turn as cancelled (``client_disconnect`` / ``slow_client``) and closes the upstr
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 
 import orjson
@@ -15,11 +14,18 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from service.settings import Settings
+from service.stream.events import Delta, Event
 from service.stream.producer import Turn
+from service.transports.pump import pump
 
 
 def frame(seq: int, name: str, data: object) -> bytes:
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, name.encode(), orjson.dumps(data))
+
+
+def delta_frame(seq: int, text: str) -> bytes:
+    """``frame(seq, "delta", {"text": text})``, without building the dict."""
+    return b'id: %d\nevent: delta\ndata: {"text":%s}\n\n' % (seq, orjson.dumps(text))
 
 
 async def stream_turn(request: web.Request, turn: Turn, settings: Settings) -> web.StreamResponse:
@@ -29,20 +35,19 @@ async def stream_turn(request: web.Request, turn: Turn, settings: Settings) -> w
         send_timeout=settings.stream_send_timeout_s,
     )
     resp.headers["Cache-Control"] = "no-cache, no-transform"
-    events = turn.events()
+    seq = 0
+
+    def encode(event: Event) -> bytes:
+        nonlocal seq
+        seq += 1
+        if isinstance(event, Delta):
+            return delta_frame(seq, event.text)
+        return frame(seq, event.name, event.data())
+
     try:
         await resp.prepare(request)
-        seq = 0
-        async for event in events:
-            seq += 1
-            async with asyncio.timeout(settings.stream_send_timeout_s):
-                await resp.write(frame(seq, event.name, event.data()))
-    except TimeoutError:
-        turn.live.cancel("slow_client")
-    except (ConnectionResetError, RuntimeError):
-        turn.live.cancel("client_disconnect")  # RuntimeError: a write after the transport closed
+        await pump(resp, turn, encode, settings.stream_send_timeout_s)
     finally:
-        await events.aclose()
         if resp.prepared:
             resp.stop_streaming()
             with contextlib.suppress(ConnectionResetError, RuntimeError):
