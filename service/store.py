@@ -160,6 +160,11 @@ class Store:
             unique=True,
             partialFilterExpression={"chat_id": {"$type": "string"}},
         )
+        # The partial unique index above cannot serve a query on chat_id alone (the planner may
+        # only use a partial index when the query implies its filter): history and pages use this.
+        await self.messages.create_index(
+            [("chat_id", ASCENDING), ("seq", ASCENDING)], name="chat_seq_lookup"
+        )
         await self.messages.create_index(
             [("status", ASCENDING), ("checkpoint_at", ASCENDING)], name="status_checkpoint"
         )
