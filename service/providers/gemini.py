@@ -54,7 +54,7 @@ from service.providers.base import (
     error_for_status,
     with_retries,
 )
-from service.providers.sse import SSEDecoder
+from service.providers.sse import SSEDecoder, load_frame
 from service.settings import SettingsError
 
 LIST_TIMEOUT_S = 10.0  # the whole models.list walk, every page included
@@ -342,7 +342,7 @@ class _Reader:
         self.blocked: UpstreamError | None = None
 
     def chunk(self, data: str) -> Chunk:
-        frame = _load(data)
+        frame = load_frame(data)
         meta = frame.get("usageMetadata")
         if isinstance(meta, dict):
             self.usage = _usage(meta)
@@ -375,19 +375,6 @@ class _Reader:
     def raise_if_blocked(self) -> None:
         if self.blocked is not None:
             raise self.blocked
-
-
-def _load(data: str) -> dict[str, Any]:
-    try:
-        frame = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise UpstreamError("upstream_bad_response", "malformed upstream frame") from exc
-    if not isinstance(frame, dict):
-        raise UpstreamError("upstream_bad_response", "malformed upstream frame")
-    if "error" in frame:
-        err = frame["error"] if isinstance(frame["error"], dict) else {}
-        raise UpstreamError("upstream_bad_response", f"upstream error: {err.get('message', '')}")
-    return frame
 
 
 def _text(candidate: dict[str, Any]) -> str:

@@ -23,7 +23,7 @@ from service.providers.base import (
     raise_for_status,
     with_retries,
 )
-from service.providers.sse import SSEDecoder
+from service.providers.sse import SSEDecoder, load_frame
 
 LIST_TIMEOUT = aiohttp.ClientTimeout(total=10)
 
@@ -123,15 +123,7 @@ async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
 
 
 def _parse(data: str) -> Chunk:
-    try:
-        frame = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise UpstreamError("upstream_bad_response", "malformed upstream frame") from exc
-    if not isinstance(frame, dict):
-        raise UpstreamError("upstream_bad_response", "malformed upstream frame")
-    if "error" in frame:
-        err = frame["error"] if isinstance(frame["error"], dict) else {}
-        raise UpstreamError("upstream_bad_response", f"upstream error: {err.get('message', '')}")
+    frame = load_frame(data)
     text, finish, counts = "", None, None
     choices = frame.get("choices")
     if choices:

@@ -8,6 +8,9 @@ An event larger than ``max_event_bytes`` is a protocol error.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import orjson
 
 from service.errors import UpstreamError
 
@@ -69,3 +72,18 @@ class SSEDecoder:
         if not data:
             return None
         return SSEEvent("\n".join(data), name)
+
+
+def load_frame(data: str) -> dict[str, Any]:
+    """An event's JSON object; a malformed frame or a vendor's ``{"error": ...}`` frame raises
+    ``upstream_bad_response``."""
+    try:
+        frame = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise UpstreamError("upstream_bad_response", "malformed upstream frame") from exc
+    if not isinstance(frame, dict):
+        raise UpstreamError("upstream_bad_response", "malformed upstream frame")
+    if "error" in frame:
+        err = frame["error"] if isinstance(frame["error"], dict) else {}
+        raise UpstreamError("upstream_bad_response", f"upstream error: {err.get('message', '')}")
+    return frame
