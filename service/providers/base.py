@@ -10,6 +10,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 import aiohttp
+import orjson
 import structlog
 
 from service.errors import UpstreamError
@@ -172,3 +173,31 @@ async def raise_for_status(resp: aiohttp.ClientResponse) -> None:
     finally:
         resp.release()
     raise error_for_status(resp.status, detail, resp.headers.get("Retry-After"))
+
+
+async def call_json(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    headers: dict[str, str],
+    limits: aiohttp.ClientTimeout,
+    check: Callable[[aiohttp.ClientResponse], Awaitable[None]] = raise_for_status,
+    params: dict[str, str] | None = None,
+    body: bytes | None = None,
+) -> dict[str, Any]:
+    """One JSON request and its JSON object answer (model lists, token counts; no retries:
+    callers have a fallback). ``check`` turns a vendor's error answer into ``UpstreamError``."""
+    try:
+        async with session.request(
+            method, url, params=params, data=body, headers=headers, timeout=limits
+        ) as resp:
+            await check(resp)
+            answer = await resp.json(loads=orjson.loads, content_type=None)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise error_for_exception(exc) from exc
+    except ValueError as exc:
+        raise UpstreamError("upstream_bad_response", f"malformed answer from {url}") from exc
+    if not isinstance(answer, dict):
+        raise UpstreamError("upstream_bad_response", f"malformed answer from {url}")
+    return answer

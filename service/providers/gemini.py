@@ -50,6 +50,7 @@ from service.providers.base import (
     CompletionRequest,
     RetryPolicy,
     Usage,
+    call_json,
     error_for_exception,
     error_for_status,
     with_retries,
@@ -239,19 +240,16 @@ class GeminiProvider:
         body: bytes | None = None,
     ) -> dict[str, Any]:
         """One JSON request/answer (no retries: callers have a fallback or a retry loop)."""
-        try:
-            async with self._session.request(
-                method, url, params=params, data=body, headers=self._headers, timeout=CALL_TIMEOUT
-            ) as resp:
-                await _raise_for_status(resp)
-                answer = await resp.json(loads=orjson.loads, content_type=None)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise error_for_exception(exc) from exc
-        except ValueError as exc:
-            raise UpstreamError("upstream_bad_response", "malformed Gemini answer") from exc
-        if not isinstance(answer, dict):
-            raise UpstreamError("upstream_bad_response", "malformed Gemini answer")
-        return answer
+        return await call_json(
+            self._session,
+            method,
+            url,
+            headers=self._headers,
+            limits=CALL_TIMEOUT,
+            check=_raise_for_status,
+            params=params,
+            body=body,
+        )
 
 
 def _generating_models(page: dict[str, Any]) -> set[str]:

@@ -19,6 +19,7 @@ from service.providers.base import (
     CompletionRequest,
     RetryPolicy,
     Usage,
+    call_json,
     error_for_exception,
     raise_for_status,
     with_retries,
@@ -80,17 +81,10 @@ class OpenAIProvider:
     async def list_models(self) -> set[str] | None:
         """``GET /models``: the ids this key may use (OpenAI, vLLM, Ollama and most gateways)."""
         headers = {k: v for k, v in self._headers.items() if k != "Accept"}
-        try:
-            async with self._session.get(
-                self._models_url, headers=headers, timeout=LIST_TIMEOUT
-            ) as resp:
-                await raise_for_status(resp)
-                body = await resp.json(loads=orjson.loads, content_type=None)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise error_for_exception(exc) from exc
-        except ValueError as exc:
-            raise UpstreamError("upstream_bad_response", "malformed model list") from exc
-        data = body.get("data") if isinstance(body, dict) else None
+        body = await call_json(
+            self._session, "GET", self._models_url, headers=headers, limits=LIST_TIMEOUT
+        )
+        data = body.get("data")
         if not isinstance(data, list):
             raise UpstreamError("upstream_bad_response", "malformed model list")
         return {str(m["id"]) for m in data if isinstance(m, dict) and "id" in m}

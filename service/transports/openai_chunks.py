@@ -18,19 +18,17 @@ closes the upstream request.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp_sse import EventSourceResponse
 
 from service.errors import ServiceError, ServiceUnavailable, UpstreamError
 from service.http import openai_error_parts
 from service.settings import Settings
 from service.stream.events import Delta, Done, Error, Event, Final, Started
 from service.stream.producer import Turn
-from service.transports.pump import pump
+from service.transports.pump import stream_events
 
 DONE = b"data: [DONE]\n\n"
 FINISH_REASONS = frozenset({"stop", "length", "content_filter", "tool_calls", "function_call"})
@@ -112,12 +110,6 @@ class ChunkEncoder:
 async def stream_turn(
     request: web.Request, turn: Turn, settings: Settings, *, include_usage: bool, created: int
 ) -> web.StreamResponse:
-    resp = EventSourceResponse(
-        allow_all_methods=True,
-        ping_interval=settings.sse_heartbeat_s,  # ``: ping`` comments; the SDKs skip them
-        send_timeout=settings.stream_send_timeout_s,
-    )
-    resp.headers["Cache-Control"] = "no-cache, no-transform"
     enc = ChunkEncoder(completion_id(turn), turn.spec.name, created, include_usage=include_usage)
 
     def encode(event: Event) -> bytes:
@@ -132,15 +124,7 @@ async def stream_turn(
             return frame + DONE
         return enc.error(event.final)
 
-    try:
-        await resp.prepare(request)
-        await pump(resp, turn, encode, settings.stream_send_timeout_s)
-    finally:
-        if resp.prepared:
-            resp.stop_streaming()
-            with contextlib.suppress(ConnectionResetError, RuntimeError):
-                await resp.write_eof()
-    return resp
+    return await stream_events(request, turn, settings, encode)
 
 
 async def complete_turn(turn: Turn, *, created: int) -> dict[str, Any]:

@@ -27,12 +27,36 @@ from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 from aiohttp import web
+from aiohttp_sse import EventSourceResponse
 
+from service.settings import Settings
 from service.stream.events import Event
 from service.stream.producer import Turn
 from service.stream.registry import LiveStream
 
 MAX_BATCH_BYTES = 1 << 16  # a batch this big is written even if more is already read
+
+
+async def stream_events(
+    request: web.Request, turn: Turn, settings: Settings, encode: Callable[[Event], bytes]
+) -> web.StreamResponse:
+    """The ``text/event-stream`` response both SSE routes send: heartbeats, no caching or
+    transformation by proxies, every event of ``turn`` through ``pump``, then a clean end."""
+    resp = EventSourceResponse(
+        allow_all_methods=True,
+        ping_interval=settings.sse_heartbeat_s,  # ``: ping`` comments; SSE clients skip them
+        send_timeout=settings.stream_send_timeout_s,
+    )
+    resp.headers["Cache-Control"] = "no-cache, no-transform"
+    try:
+        await resp.prepare(request)
+        await pump(resp, turn, encode, settings.stream_send_timeout_s)
+    finally:
+        if resp.prepared:
+            resp.stop_streaming()
+            with contextlib.suppress(ConnectionResetError, RuntimeError):
+                await resp.write_eof()
+    return resp
 
 
 async def pump(

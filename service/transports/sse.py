@@ -7,16 +7,13 @@ turn as cancelled (``client_disconnect`` / ``slow_client``) and closes the upstr
 
 from __future__ import annotations
 
-import contextlib
-
 import orjson
 from aiohttp import web
-from aiohttp_sse import EventSourceResponse
 
 from service.settings import Settings
 from service.stream.events import Delta, Event
 from service.stream.producer import Turn
-from service.transports.pump import pump
+from service.transports.pump import stream_events
 
 
 def frame(seq: int, name: str, data: object) -> bytes:
@@ -29,12 +26,6 @@ def delta_frame(seq: int, text: str) -> bytes:
 
 
 async def stream_turn(request: web.Request, turn: Turn, settings: Settings) -> web.StreamResponse:
-    resp = EventSourceResponse(
-        allow_all_methods=True,
-        ping_interval=settings.sse_heartbeat_s,
-        send_timeout=settings.stream_send_timeout_s,
-    )
-    resp.headers["Cache-Control"] = "no-cache, no-transform"
     seq = 0
 
     def encode(event: Event) -> bytes:
@@ -44,12 +35,4 @@ async def stream_turn(request: web.Request, turn: Turn, settings: Settings) -> w
             return delta_frame(seq, event.text)
         return frame(seq, event.name, event.data())
 
-    try:
-        await resp.prepare(request)
-        await pump(resp, turn, encode, settings.stream_send_timeout_s)
-    finally:
-        if resp.prepared:
-            resp.stop_streaming()
-            with contextlib.suppress(ConnectionResetError, RuntimeError):
-                await resp.write_eof()
-    return resp
+    return await stream_events(request, turn, settings, encode)
