@@ -2,7 +2,10 @@
 
 Exactly one algorithm is accepted, the configured one, so ``alg: none`` and HS/RS confusion are
 rejected by construction. ``exp`` and ``sub`` are required; ``iss``/``aud`` are checked when
-configured; ``JWT_LEEWAY_S`` allows for clock skew.
+configured; ``JWT_LEEWAY_S`` allows for clock skew. Successful verifications are remembered in a
+bounded LRU keyed by the exact token string and reused until ``exp`` (plus the leeway), which is
+safe because the key and the accepted algorithm (and the other checks) are fixed for the process's
+life, so the same token string always verifies the same way until it expires.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,9 @@ import jwt
 
 from service.errors import Unauthorized
 from service.settings import HS_ALGORITHMS, Settings
+
+# Most verified tokens remembered per Authenticator (LRU); failures are never remembered.
+VERIFIED_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +45,7 @@ class Authenticator:
         self._leeway = settings.jwt_leeway_s
         self._jwks = jwks
         self._key: Any = None
+        self._verified: OrderedDict[str, Principal] = OrderedDict()
         if settings.jwt_algorithm in HS_ALGORITHMS:
             if settings.jwt_secret is not None:
                 self._key = settings.jwt_secret.get_secret_value()
@@ -70,6 +78,20 @@ class Authenticator:
         return self.verify(token.strip())
 
     def verify(self, token: str) -> Principal:
+        cached = self._verified.get(token)
+        if cached is not None:
+            # The same test jwt.decode applies to ``exp``: valid while exp > now - leeway.
+            if time.time() < cached.expires_at + self._leeway:
+                self._verified.move_to_end(token)
+                return cached
+            del self._verified[token]  # expired: a full verification rejects it as before
+        principal = self._verify_uncached(token)
+        self._verified[token] = principal
+        while len(self._verified) > VERIFIED_CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return principal
+
+    def _verify_uncached(self, token: str) -> Principal:
         if self._key is None and self._jwks is None:
             raise Unauthorized("token verification is not configured")
         try:
