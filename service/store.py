@@ -30,7 +30,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import orjson
 from motor.motor_asyncio import AsyncIOMotorClient, AsyncIOMotorDatabase
-from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
 from pymongo.errors import (
     ConnectionFailure,
     DuplicateKeyError,
@@ -133,6 +133,7 @@ class Store:
         self.usage = db["usage"]
         self.chat_counts = db["chat_counts"]
         self.rate_limits = db["rate_limits"]
+        self.replicas = db["replicas"]
         self.indexes_ready = False
         self._index_lock = asyncio.Lock()
 
@@ -167,6 +168,14 @@ class Store:
         )
         await self.messages.create_index(
             [("status", ASCENDING), ("checkpoint_at", ASCENDING)], name="status_checkpoint"
+        )
+        await self.messages.create_index(  # the watcher's cancel poll: only flagged turns
+            [("status", ASCENDING)],
+            name="cancel_flags",
+            partialFilterExpression={"cancel_requested": True},
+        )
+        await self.replicas.create_index(  # heartbeats of replicas long gone tidy themselves up
+            [("alive_at", ASCENDING)], name="replica_ttl", expireAfterSeconds=REPLICA_TTL_S
         )
         await self.usage.create_index(
             [("user_id", ASCENDING), ("period", ASCENDING)], name="user_period", unique=True
@@ -335,11 +344,20 @@ class Store:
         await self.messages.insert_many(docs, ordered=True)
 
     @db_call
-    async def checkpoint(self, message_id: str, content: str) -> None:
+    async def checkpoint_many(self, texts: list[tuple[str, str]]) -> None:
+        """Save the text of many live streams in one command (the replica's checkpoint round):
+        one unordered bulk write, not one command per stream. A stream finalized meanwhile is
+        left alone (``status`` is no longer ``streaming``)."""
         now = utcnow()
-        await self.messages.update_one(
-            {"_id": message_id, "status": "streaming"},
-            {"$set": {"content": content, "checkpoint_at": now, "alive_at": now}},
+        await self.messages.bulk_write(
+            [
+                UpdateOne(
+                    {"_id": message_id, "status": "streaming"},
+                    {"$set": {"content": content, "checkpoint_at": now, "alive_at": now}},
+                )
+                for message_id, content in texts
+            ],
+            ordered=False,
         )
 
     @db_call
@@ -377,26 +395,59 @@ class Store:
         return doc
 
     @db_call
-    async def cancel_requested(self, message_ids: list[str]) -> list[str]:
+    async def cancels_requested(self) -> list[str]:
+        """Every running turn flagged for cancellation, on any replica: served by the partial
+        ``cancel_flags`` index, so it costs O(flagged turns), not O(live streams)."""
         docs = await self.messages.find(
-            {"_id": {"$in": message_ids}, "cancel_requested": True}, projection={"_id": 1}
-        ).to_list(len(message_ids))
+            {"cancel_requested": True, "status": "streaming"}, projection={"_id": 1}
+        ).to_list(None)
         return [d["_id"] for d in docs]
 
     @db_call
-    async def mark_alive(self, message_ids: list[str]) -> None:
-        await self.messages.update_many(
-            {"_id": {"$in": message_ids}, "status": "streaming"}, {"$set": {"alive_at": utcnow()}}
+    async def heartbeat(self, replica_id: str) -> None:
+        """This replica is alive: one small write per interval, however many streams it runs."""
+        await self.replicas.update_one(
+            {"_id": replica_id}, {"$set": {"alive_at": utcnow()}}, upsert=True
         )
 
     @db_call
+    async def live_replicas(self, *, since: datetime) -> list[str]:
+        docs = await self.replicas.find(
+            {"alive_at": {"$gte": since}}, projection={"_id": 1}
+        ).to_list(None)
+        return [d["_id"] for d in docs]
+
+    @db_call
     async def stale_streams(self, *, older_than: datetime, limit: int = 100) -> list[Doc]:
+        """Turns left ``streaming`` by a dead process: not saved since ``older_than`` and their
+        replica's heartbeat is older too (or gone)."""
+        alive = await self.live_replicas(since=older_than)
         docs: list[Doc] = (
-            await self.messages.find({"status": "streaming", "alive_at": {"$lt": older_than}})
+            await self.messages.find(
+                {
+                    "status": "streaming",
+                    "alive_at": {"$lt": older_than},
+                    "replica": {"$nin": alive},
+                }
+            )
             .limit(limit)
             .to_list(limit)
         )
         return docs
+
+    async def dead_among(self, docs: list[Doc], *, older_than: datetime) -> list[Doc]:
+        """Those of ``docs`` (messages just read) that a dead process left ``streaming``."""
+        candidates = [
+            d
+            for d in docs
+            if d.get("status") == "streaming"
+            and d.get("alive_at") is not None
+            and d["alive_at"] < older_than
+        ]
+        if not candidates:
+            return []
+        alive = set(await self.live_replicas(since=older_than))
+        return [d for d in candidates if d.get("replica") not in alive]
 
     @db_call
     async def old_reservations(self, *, older_than: datetime, limit: int = 100) -> list[Doc]:
@@ -446,6 +497,9 @@ class Store:
 
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# A replica whose heartbeat is missing counts as dead, so its document may go once it is far
+# older than any STALE_STREAM_S.
+REPLICA_TTL_S = 86_400
 RESERVE_ATTEMPTS = 10
 
 

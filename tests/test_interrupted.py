@@ -8,19 +8,28 @@ from __future__ import annotations
 from datetime import timedelta
 
 from service.app import create_app
-from service.keys import STORE
+from service.keys import REGISTRY, STORE
 from service.settings import Settings
 from service.store import ReserveRequest, Store, utcnow
 from service.stream.producer import period_of
 from service.stream.watcher import reap
 from service.tokens import TokenCounter
+from tests.processes import eventually
 
 
-async def dead_turn(store: Store, user: str, chat_id: str | None, content: str, *, age_s: float):
+async def dead_turn(
+    store: Store,
+    user: str,
+    chat_id: str | None,
+    content: str,
+    *,
+    age_s: float,
+    replica: str = "gone",
+):
     """Write exactly what a process leaves behind when it dies mid-stream."""
     now = utcnow()
     period = period_of(now)
-    mid = f"dead-{age_s}-{len(content)}"
+    mid = f"dead-{age_s}-{len(content)}-{replica}"
     reservation = await store.reserve(
         ReserveRequest(
             user, period, mid, want=300, need=50, default_limit=10_000, rate_limit_ms=0, now=now
@@ -46,6 +55,7 @@ async def dead_turn(store: Store, user: str, chat_id: str | None, content: str, 
                 "alive_at": seen,
                 "checkpoint_at": seen,
                 "created_at": seen,
+                "replica": replica,
             }
         ]
     )
@@ -110,3 +120,29 @@ async def test_reservation_without_a_turn_record_is_released(aiohttp_client, mak
     await reap(store, settings)
     usage = await store.usage.find_one({"user_id": "orphan"})
     assert usage["reserved"] == 0 and usage["used"] == 0 and usage["open"] == []
+
+
+async def test_quiet_stream_of_a_live_replica_is_not_reaped(client, auth, settings: Settings):
+    """Liveness is the replica's heartbeat, not a write per stream: a turn with nothing new to
+    save for longer than STALE_STREAM_S (a model thinking before its first token) is left alone
+    while its replica beats, by the reaper and by a read; the same turn of a replica whose
+    heartbeat stopped is settled."""
+    store = client.app[STORE]
+    me = client.app[REGISTRY].replica_id
+
+    async def beating() -> bool:
+        return me in await store.live_replicas(since=utcnow() - timedelta(seconds=5))
+
+    await eventually(beating, 5, "this replica's heartbeat")
+    stopped = utcnow() - timedelta(seconds=600)
+    await store.replicas.insert_one({"_id": "stopped", "alive_at": stopped})
+    chat = await (await client.post("/api/chat", headers=auth("thinker"))).json()
+    quiet, _ = await dead_turn(store, "thinker", chat["chat_id"], "", age_s=300, replica=me)
+    dead, _ = await dead_turn(store, "thinker", None, "some text", age_s=300, replica="stopped")
+
+    assert await reap(store, settings) == 1
+    assert (await store.messages.find_one({"_id": quiet}))["status"] == "streaming"
+    assert (await store.messages.find_one({"_id": dead}))["status"] == "interrupted"
+    body = await (await client.get(f"/api/chat/{chat['chat_id']}", headers=auth("thinker"))).json()
+    assert [m["status"] for m in body["messages"]] == ["streaming"]
+    assert (await store.messages.find_one({"_id": quiet}))["status"] == "streaming"

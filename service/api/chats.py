@@ -104,17 +104,11 @@ async def get_chat(request: web.Request) -> web.Response:
 
 async def _settle_dead_streams(request: web.Request, messages: list[Doc]) -> bool:
     """A message left 'streaming' by a dead process is reported as interrupted when read."""
-    settings = request.app[SETTINGS]
-    cutoff = utcnow() - timedelta(seconds=settings.stale_stream_s)
-    dead = [
-        m
-        for m in messages
-        if m.get("status") == "streaming"
-        and m.get("alive_at") is not None
-        and m["alive_at"] < cutoff
-    ]
+    store = request.app[STORE]
+    cutoff = utcnow() - timedelta(seconds=request.app[SETTINGS].stale_stream_s)
+    dead = await store.dead_among(messages, older_than=cutoff)
     for doc in dead:
-        await settle_interrupted(request.app[STORE], doc)
+        await settle_interrupted(store, doc)
     return bool(dead)
 
 

@@ -253,15 +253,13 @@ class Turn:
         self.period = period
         self.started = started
         self.live = LiveStream(message_id, inp.chat_id, inp.user_id, inp.transport)
-        self.parts: list[str] = []
+        self.parts = self.live.parts  # the watcher checkpoints it
         self.chunks = 0
         self.usage: Usage | None = None
         self.finish_reason: str | None = None
         self.final: Final | None = None
         self._stream: AsyncIterator[Chunk] | None = None
         self._insert: asyncio.Future[None] | None = None
-        self._checkpoint: asyncio.Task[None] | None = None
-        self._next_checkpoint = 0.0
         self.log = log.bind(
             stream_id=message_id,
             message_id=message_id,
@@ -335,6 +333,7 @@ class Turn:
             "encoding": self.spec.encoding,
             "alive_at": now,
             "checkpoint_at": now,
+            "replica": self.p.registry.replica_id,
         }
         if self.inp.chat_id is None:
             assistant["seq"] = None
@@ -404,7 +403,6 @@ class Turn:
         stream = self._stream
         assert stream is not None
         loop = asyncio.get_running_loop()
-        interval = self.p.settings.checkpoint_interval_s
         try:
             while live.reason is None:
                 live.reading = True
@@ -418,13 +416,9 @@ class Turn:
                     if not self.parts:
                         await self._records_written()
                         self._first_token(loop)
-                        self._next_checkpoint = loop.time() + interval
                     self.parts.append(chunk.text)
                     self.chunks += 1
                     yield Delta(chunk.text)
-                    if loop.time() >= self._next_checkpoint:
-                        self._start_checkpoint()
-                        self._next_checkpoint = loop.time() + interval
                 if chunk.usage is not None:
                     self.usage = chunk.usage
                 if chunk.finish_reason is not None:
@@ -437,13 +431,6 @@ class Turn:
         ttft = time.perf_counter() - self.started
         TTFT.labels(self.spec.name).observe(ttft)
         self.log.info("stream.first_token", ttft_ms=round(ttft * 1000, 2))
-
-    def _start_checkpoint(self) -> None:
-        if self._checkpoint is not None and not self._checkpoint.done():
-            return  # the previous one is still writing; never queue them up
-        task = asyncio.create_task(self.p.store.checkpoint(self.message_id, "".join(self.parts)))
-        task.add_done_callback(_log_checkpoint_failure)
-        self._checkpoint = task
 
     # ------------------------------------------------------------------ finalize
     async def _finalize_shielded(
@@ -459,10 +446,6 @@ class Turn:
         self, status: str, reason: str, error: ServiceError | None, billable: bool
     ) -> Final:
         await self._insert_finished()  # the final write must not overtake the first
-        if self._checkpoint is not None and not self._checkpoint.done():
-            self._checkpoint.cancel()
-            with contextlib.suppress(BaseException):
-                await self._checkpoint
         content = "".join(self.parts)
         prompt, completion, source = self._tokens(content, billable)
         store = self.p.store
@@ -594,8 +577,3 @@ async def _aclose(stream: AsyncIterator[Chunk]) -> None:
     close: Any = getattr(stream, "aclose", None)
     if close is not None:
         await close()
-
-
-def _log_checkpoint_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("stream.checkpoint_failed", error=type(task.exception()).__name__)

@@ -9,6 +9,7 @@ a terminal event. Shutdown waits for every tracked finalization before MongoDB i
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import Counter
 
 from service.metrics import ACTIVE_STREAMS
@@ -19,8 +20,10 @@ class LiveStream:
         "chat_id",
         "deadline",
         "message_id",
+        "parts",
         "reading",
         "reason",
+        "saved",
         "task",
         "transport",
         "user_id",
@@ -35,6 +38,11 @@ class LiveStream:
         self.reason: str | None = None
         self.reading = False
         self.deadline = 0.0  # loop time by which the next stage (first token / end) must happen
+        self.parts: list[str] = []  # the text so far (the turn's own list; filled once persisted)
+        self.saved = 0  # how many of ``parts`` the last checkpoint holds
+
+    def grown(self) -> bool:
+        return len(self.parts) > self.saved
 
     def cancel(self, reason: str) -> None:
         if self.reason is None:
@@ -45,6 +53,7 @@ class LiveStream:
 
 class StreamRegistry:
     def __init__(self) -> None:
+        self.replica_id = uuid.uuid4().hex  # this process, in heartbeats and on its turns
         self.streams: dict[str, LiveStream] = {}
         self.draining = False
         self._finalizers: set[asyncio.Task[object]] = set()

@@ -2,8 +2,9 @@
 
 - cancel requests written to MongoDB by any replica reach the local stream (``user_cancel``);
 - first-token and total deadlines are enforced (``timeout``);
-- live streams are marked alive, so that a stream left ``streaming`` by a dead process can be
-  told apart from a slow one;
+- the replica's heartbeat is written, so that a stream left ``streaming`` by a dead process can
+  be told apart from a slow one (one write per replica, however many streams it runs);
+- the text of every live stream that grew is checkpointed, in one bulk write per interval;
 - the reaper settles such dead turns: billed for the text of their last checkpoint, the
   reservation released, the message marked ``interrupted``; and it releases reservations whose
   turn never got persisted.
@@ -97,24 +98,54 @@ async def reap(store: Store, settings: Settings) -> int:
 
 
 async def watch(store: Store, registry: StreamRegistry, settings: Settings) -> None:
+    """The replica's two loops: control (deadlines, cancels, heartbeat, reaper) and checkpoints,
+    apart so that a slow checkpoint round never delays a cancel."""
+    await asyncio.gather(
+        _control(store, registry, settings), _checkpoints(store, registry, settings)
+    )
+
+
+async def _control(store: Store, registry: StreamRegistry, settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     next_alive = next_reap = loop.time()
     while True:
-        await asyncio.sleep(settings.watch_interval_s)
         now = loop.time()
         for live in list(registry.streams.values()):
             if live.deadline and now > live.deadline:
                 live.cancel("timeout")
         try:
-            ids = list(registry.streams)
-            if ids:
-                for message_id in await store.cancel_requested(ids):
+            if now >= next_alive:
+                await store.heartbeat(registry.replica_id)
+                next_alive = now + min(ALIVE_EVERY_S, settings.stale_stream_s / 3)
+            if registry.streams:
+                for message_id in await store.cancels_requested():
                     registry.cancel(message_id, "user_cancel")
-                if now >= next_alive:
-                    await store.mark_alive(ids)
-                    next_alive = now + min(ALIVE_EVERY_S, settings.stale_stream_s / 3)
             if now >= next_reap:
                 next_reap = now + settings.reaper_interval_s
                 await reap(store, settings)
         except ServiceError as exc:
             log.warning("stream.watch_failed", code=exc.code)
+        except Exception:  # one failed round must not end the replica's watch
+            log.exception("stream.watch_failed")
+        await asyncio.sleep(settings.watch_interval_s)
+
+
+async def _checkpoints(store: Store, registry: StreamRegistry, settings: Settings) -> None:
+    """Every ``CHECKPOINT_INTERVAL_S``, the text of every live stream that grew since its last
+    checkpoint, in one bulk write for the whole replica."""
+    while True:
+        await asyncio.sleep(settings.checkpoint_interval_s)
+        grown = [live for live in registry.streams.values() if live.grown()]
+        if not grown:
+            continue
+        saved = [len(live.parts) for live in grown]
+        try:
+            await store.checkpoint_many([(live.message_id, "".join(live.parts)) for live in grown])
+        except ServiceError as exc:
+            log.warning("stream.checkpoint_failed", code=exc.code)
+            continue
+        except Exception:  # the next round retries; streams go on regardless
+            log.exception("stream.checkpoint_failed")
+            continue
+        for live, n in zip(grown, saved, strict=True):
+            live.saved = n
