@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     message_rate_limit_ms: int = Field(1000, ge=0)
     max_message_chars: int = Field(5000, ge=1)
     context_messages: int = Field(10, ge=0)
+    context_cache_chats: int = Field(1000, ge=0)
     system_prompt: str = (
         "You are a helpful assistant. Answer clearly and concisely; use Markdown when it helps."
     )

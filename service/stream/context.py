@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from service.store import Doc
 from service.tokens import TOKENS_PER_MESSAGE, TokenCounter
 
@@ -37,3 +39,59 @@ def fit_to_window(
         total -= costs[start]
         start += 1
     return [*system, *history[start:], *tail]
+
+
+class ContextCache:
+    """The recent messages of the chats whose latest turn ran on this replica, so that the next
+    turn of such a chat does not read them again (one MongoDB query less per turn).
+
+    Exact by construction: an entry is keyed by the seq the chat's next turn gets if no other turn
+    began in between, and is used only when ``begin_chat_turn`` hands out exactly that seq. Only
+    final messages are kept (an entry that would hold a message still streaming, i.e. a concurrent
+    turn's, is not stored), so nothing in it can change behind this replica's back.
+
+    When entries keep missing (replicas taking turns of the same chats, no session affinity), the
+    producer stops relying on them and reads the history alongside the chat's authorization, as
+    without a cache; it keeps scoring what would have hit and relies on the cache again when that
+    rate recovers.
+    """
+
+    TRUST = 0.5  # the least hit rate at which reading the history first from here pays off
+    DECAY = 0.9  # weight of the past in the hit rate (an exponential moving average)
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.hit_rate = 1.0
+        self._entries: OrderedDict[str, tuple[int, list[Doc]]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def trusted(self, chat_id: str) -> bool:
+        """Worth asking first: there is an entry and entries have been hitting."""
+        return chat_id in self._entries and self.hit_rate >= self.TRUST
+
+    def resolve(self, chat_id: str, seq: int) -> list[Doc] | None:
+        """The chat's messages before ``seq`` when the entry is exact; scores the outcome."""
+        entry = self._entries.pop(chat_id, None)
+        if entry is None:
+            return None
+        hit = entry[0] == seq
+        self.hit_rate = self.DECAY * self.hit_rate + (1 - self.DECAY) * hit
+        return entry[1] if hit else None
+
+    def put(self, chat_id: str, next_seq: int, docs: list[Doc]) -> None:
+        """Remember ``docs`` as the chat's messages before ``next_seq``."""
+        if self.size <= 0 or any(d.get("status") == "streaming" for d in docs):
+            self._entries.pop(chat_id, None)
+            return
+        current = self._entries.get(chat_id)
+        if current is not None and current[0] > next_seq:
+            return  # a later turn of the chat already finished here
+        self._entries[chat_id] = (next_seq, docs)
+        self._entries.move_to_end(chat_id)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def drop(self, chat_id: str) -> None:
+        self._entries.pop(chat_id, None)

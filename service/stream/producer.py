@@ -37,7 +37,7 @@ from service.models import Catalogue, ModelSpec
 from service.providers.base import Chunk, CompletionRequest, Provider, Usage
 from service.settings import Settings
 from service.store import Doc, Reservation, ReserveRequest, Store, utcnow
-from service.stream.context import fit_to_window, history_messages
+from service.stream.context import ContextCache, fit_to_window, history_messages
 from service.stream.events import Delta, Done, Error, Event, Final, Started
 from service.stream.registry import LiveStream, StreamRegistry
 from service.tokens import TokenCounter
@@ -77,6 +77,7 @@ class TurnProducer:
         providers: dict[str, Provider],
         counter_for: Callable[[ModelSpec], TokenCounter],
         registry: StreamRegistry,
+        context_cache: ContextCache | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -85,6 +86,7 @@ class TurnProducer:
         self.providers = providers
         self.counter_for = counter_for
         self.registry = registry
+        self.context_cache = context_cache or ContextCache(settings.context_cache_chats)
 
     async def start(self, inp: TurnInput) -> Turn:
         started = time.perf_counter()
@@ -99,9 +101,6 @@ class TurnProducer:
         if inp.chat_id is not None:
             chat, history = await self._chat_and_history(inp.user_id, inp.chat_id)
             seq, chat_model = int(chat["next_seq"]) - 2, chat.get("model")
-            # Messages of a turn of this chat that started in between are not context.
-            limit = self.settings.context_messages
-            history = [d for d in history if d["seq"] < seq][-limit:] if limit else []
         spec = self.catalogue.resolve(inp.model or chat_model)
         await self.model_lists.require(spec)
         provider = self.providers.get(spec.provider)
@@ -144,6 +143,7 @@ class TurnProducer:
             reservation=reservation,
             period=period,
             started=started,
+            history=history,
         )
         await turn.begin(text, seq, now)
         return turn
@@ -183,17 +183,31 @@ class TurnProducer:
         return text
 
     async def _chat_and_history(self, user_id: str, chat_id: str) -> tuple[Doc, list[Doc]]:
-        """Authorize the chat (allocating the turn's seqs) and read its recent messages at
-        once: one round trip before the first token instead of two. The read asks for two
-        extra messages for a concurrent turn of the same chat, whose messages are dropped."""
+        """Authorize the chat (allocating the turn's seqs) and get its recent messages: from the
+        context cache when this replica ran the chat's previous turn (no query), else read at
+        the same time as the authorization (one round trip). The read asks for two extra
+        messages, for a concurrent turn of the same chat, whose messages are not context."""
         limit = self.settings.context_messages
-        chat, history = await asyncio.gather(
-            self.store.begin_chat_turn(user_id, chat_id),
-            self.store.recent_messages(chat_id, user_id, limit=limit + 2 if limit else 0),
-        )
-        if chat is None:
-            raise not_found("chat")
-        return chat, history
+        cache = self.context_cache
+        store = self.store
+        if limit and cache.trusted(chat_id):
+            chat = await store.begin_chat_turn(user_id, chat_id)
+            if chat is None:
+                raise not_found("chat")
+            cached = cache.resolve(chat_id, int(chat["next_seq"]) - 2)
+            if cached is not None:
+                return chat, cached
+            history = await store.recent_messages(chat_id, user_id, limit=limit + 2)
+        else:
+            chat, history = await asyncio.gather(
+                store.begin_chat_turn(user_id, chat_id),
+                store.recent_messages(chat_id, user_id, limit=limit + 2 if limit else 0),
+            )
+            if chat is None:
+                raise not_found("chat")
+            cache.resolve(chat_id, int(chat["next_seq"]) - 2)  # scored, not used
+        seq = int(chat["next_seq"]) - 2
+        return chat, [d for d in history if d["seq"] < seq][-limit:] if limit else []
 
     def _prompt(
         self,
@@ -239,6 +253,7 @@ class Turn:
         reservation: Reservation,
         period: str,
         started: float,
+        history: list[Doc],
     ) -> None:
         self.p = producer
         self.inp = inp
@@ -252,6 +267,9 @@ class Turn:
         self.reservation = reservation
         self.period = period
         self.started = started
+        self.history = history  # the chat's messages before this turn (for the context cache)
+        self.seq = 0
+        self.text = ""
         self.live = LiveStream(message_id, inp.chat_id, inp.user_id, inp.transport)
         self.parts = self.live.parts  # the watcher checkpoints it
         self.chunks = 0
@@ -275,6 +293,7 @@ class Turn:
         hides behind the upstream's. The first delta waits for the insert (``_records_written``,
         which raises if it failed), and so does finalization: no text reaches a client, and no
         update reaches the records, before they exist."""
+        self.seq, self.text = seq, text
         self._insert = asyncio.ensure_future(
             self.p.store.insert_messages(self._records(text, seq, now))
         )
@@ -461,7 +480,7 @@ class Turn:
             if usage is not None:
                 limit = int(usage.get("limit", self.p.settings.default_token_limit))
                 remaining = max(0, limit - int(usage["used"]) - int(usage["reserved"]))
-            await store.finish_message(
+            finished = await store.finish_message(
                 self.message_id,
                 {
                     "content": content,
@@ -478,9 +497,11 @@ class Turn:
                     "completed_at": utcnow(),
                 },
             )
+            self._remember_context(content, status, finished)
         except ServiceError as exc:
             # MongoDB is down: the message stays 'streaming' and the reaper settles it later.
             self.log.error("stream.finalize_failed", code=exc.code)
+            self._remember_context(content, status, False)
         finally:
             self.p.registry.remove(self.message_id)
         self.final = Final(
@@ -509,6 +530,19 @@ class Turn:
             duration_ms=round(duration * 1000, 2),
         )
         return self.final
+
+    def _remember_context(self, content: str, status: str, finished: bool) -> None:
+        """The chat's messages as this turn leaves them, for the chat's next turn here."""
+        chat_id, limit = self.inp.chat_id, self.p.settings.context_messages
+        if chat_id is None or not limit:
+            return
+        cache = self.p.context_cache
+        if not finished:  # the records are not (or not only) what this turn wrote
+            cache.drop(chat_id)
+            return
+        user = {"seq": self.seq, "role": "user", "content": self.text, "status": "complete"}
+        answer = {"seq": self.seq + 1, "role": "assistant", "content": content, "status": status}
+        cache.put(chat_id, self.seq + 2, [*self.history, user, answer][-limit:])
 
     def _count(
         self,
