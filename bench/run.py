@@ -254,9 +254,17 @@ class Bench:
         return proc
 
     def start_mongo(self) -> None:
-        exe = shutil.which("secantusd-py", path=str(Path(PY).parent)) or "secantusd-py"
         port = free_port()
-        args = [exe, "--host", "127.0.0.1", "--port", str(port), "--storage-path", ":memory:"]
+        args = [
+            PY,
+            str(ROOT / "deploy" / "local" / "secantusd.py"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--storage-path",
+            ":memory:",
+        ]
         self.spawn("mongo", [*args, "--log-level", "WARNING"], port)
 
     def fresh_database(self, db: str = "bench", **extra: str) -> None:

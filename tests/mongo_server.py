@@ -11,6 +11,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# secantusd-py, with the fix in deploy/local/secantusd.py (its findAndModify scans otherwise)
+SECANTUSD = [sys.executable, str(Path(__file__).resolve().parents[1] / "deploy/local/secantusd.py")]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -31,11 +34,10 @@ class MongoServer:
         return f"mongodb://127.0.0.1:{self.port}/"
 
     def start(self) -> None:
-        exe = shutil.which("secantusd-py", path=str(Path(sys.executable).parent)) or "secantusd-py"
         with (self.dir / "server.log").open("ab") as log:
             self.proc = subprocess.Popen(
                 [
-                    exe,
+                    *SECANTUSD,
                     "--host",
                     "127.0.0.1",
                     "--port",

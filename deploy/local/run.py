@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -45,13 +44,13 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], deadline_s: float = 
 
 
 def start_mongo() -> tuple[subprocess.Popen[bytes], str]:
-    exe = shutil.which("secantusd-py", path=str(Path(sys.executable).parent)) or "secantusd-py"
     port = free_port()
     (DATA / "mongo").mkdir(parents=True, exist_ok=True)
     with (DATA / "mongo.log").open("ab") as log:
         proc = subprocess.Popen(
             [
-                exe,
+                sys.executable,
+                str(ROOT / "deploy" / "local" / "secantusd.py"),  # secantusd-py, with a fix
                 "--host",
                 "127.0.0.1",
                 "--port",
