@@ -120,10 +120,13 @@ class Upstream:
     async def stream(self, script: Script, writer: asyncio.StreamWriter) -> None:
         self.streams += 1
         write, delay = writer.write, script.delay_s
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         write(HEAD + script.role)
         for i in range(script.n):
-            if delay and i:
-                await asyncio.sleep(delay)
+            if delay and i:  # on a fixed schedule (chunk i at i * D), as a model's pace does not
+                # slow down when this process is busy: a late wake-up does not delay the rest
+                await asyncio.sleep(max(0.0, start + i * delay - loop.time()))
             write(script.content)
             if writer.transport.get_write_buffer_size() > 1 << 16:
                 await writer.drain()
