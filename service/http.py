@@ -52,13 +52,17 @@ def validate(model: type[M], data: Any) -> M:
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The raw body; 413 (``PayloadTooLarge``) when over ``client_max_size``."""
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise PayloadTooLarge(
-            f"request body too large (limit {request.app._client_max_size} bytes)"
-        ) from exc
+    """The raw body; 413 (``PayloadTooLarge``) when over ``client_max_size``.
+
+    Not ``request.read()``: that keeps the bytes on the request, and a streaming turn's request
+    lives as long as its stream (a long prompt would stay in memory for the whole answer)."""
+    limit = request.client_max_size
+    body = bytearray()
+    while chunk := await request.content.readany():
+        body.extend(chunk)
+        if limit and len(body) > limit:
+            raise PayloadTooLarge(f"request body too large (limit {limit} bytes)")
+    return bytes(body)
 
 
 async def read_json(request: web.Request, model: type[M], *, empty_ok: bool = False) -> M:

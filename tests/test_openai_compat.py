@@ -4,6 +4,7 @@ against the fake upstream (OpenAI's real streaming format) and SecantusDB."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 
@@ -185,6 +186,37 @@ async def test_closing_the_stream_early_cancels_upstream_and_bills_the_partial(
     assert assistant["tokens"]["prompt"] > 0
     usage = await usage_doc(stream_client)
     assert usage["used"] == assistant["tokens"]["total"] and usage["reserved"] == 0
+
+
+async def test_a_live_stream_keeps_neither_the_request_body_nor_the_prompt(
+    stream_client, oai, fake_openai
+):
+    """A replica holds thousands of streams: once the upstream has the prompt, the turn (and the
+    request it streams to) must not keep the request's body, its parsed messages or the prompt
+    for the length of the answer."""
+    from aiohttp import web
+
+    from service.stream.producer import Turn
+
+    fake_openai.default = Script(chunks=["a ", "b"], gate_after=1)
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x" * 5000}]
+    stream = await oai.chat.completions.create(model="gpt-test", messages=prompt, stream=True)
+    try:
+        await asyncio.wait_for(fake_openai.reached_gate.wait(), 5)
+        assert fake_openai.requests[-1]["messages"][-1]["content"] == "x" * 5000  # it was sent
+        gc.collect()
+        turns = [o for o in gc.get_objects() if isinstance(o, Turn) and o.final is None]
+        assert len(turns) == 1
+        assert turns[0].messages == [] and turns[0].inp.messages is None
+        requests = [
+            o
+            for o in gc.get_objects()
+            if isinstance(o, web.Request) and o.app is stream_client.app  # not the upstream's
+        ]
+        assert requests and all(getattr(r, "_read_bytes", None) is None for r in requests)
+    finally:
+        fake_openai.gate.set()
+        await stream.close()
 
 
 async def test_upstream_failure_mid_stream_raises_in_the_sdk(oai, fake_openai):

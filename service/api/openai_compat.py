@@ -23,7 +23,7 @@ from service.errors import BadRequest
 from service.http import json_response, parse_uuid, read_body
 from service.keys import CATALOGUE, MODEL_LISTS, PRINCIPAL, PRODUCER, SETTINGS
 from service.models import ModelSpec
-from service.stream.producer import TurnInput
+from service.stream.producer import Turn, TurnInput
 from service.transports import openai_chunks
 
 CHAT_ID_HEADER = "X-Chat-Id"
@@ -186,16 +186,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     ``stream_options.include_usage`` is set) and ``data: [DONE]``; otherwise one
     ``chat.completion`` with ``usage``.
     """
-    body = await _read_body(request)
-    inp = _turn_input(request, body)
-    turn = await request.app[PRODUCER].start(inp)
+    turn, stream, include_usage = await _start(request)
     created = int(time.time())
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    if stream:
         return await openai_chunks.stream_turn(
             request, turn, request.app[SETTINGS], include_usage=include_usage, created=created
         )
     return json_response(await openai_chunks.complete_turn(turn, created=created))
+
+
+async def _start(request: web.Request) -> tuple[Turn, bool, bool]:
+    """Start the turn; what the response needs of the body besides (the body itself is not
+    kept for the length of the stream)."""
+    body = await _read_body(request)
+    turn = await request.app[PRODUCER].start(_turn_input(request, body))
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return turn, bool(body.stream), include_usage
 
 
 def _model_view(spec: ModelSpec) -> dict[str, Any]:

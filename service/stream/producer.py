@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -236,7 +237,37 @@ class TurnProducer:
 
 
 class Turn:
-    """One running turn. ``begin`` persists and opens the upstream; ``events`` streams it."""
+    """One running turn. ``begin`` persists and opens the upstream; ``events`` streams it.
+
+    A replica holds thousands of these at once, so a turn keeps only what its stream still
+    needs: slots, no bound logger (``_log`` adds the ids per line), the prompt dropped once the
+    upstream has it, the records' insert kept as its outcome once it is done."""
+
+    __slots__ = (
+        "_insert",
+        "_stream",
+        "chunks",
+        "counter",
+        "final",
+        "finish_reason",
+        "history",
+        "inp",
+        "live",
+        "max_tokens",
+        "message_id",
+        "messages",
+        "p",
+        "parts",
+        "period",
+        "prompt_tokens",
+        "provider",
+        "reservation",
+        "seq",
+        "spec",
+        "started",
+        "text",
+        "usage",
+    )
 
     def __init__(
         self,
@@ -277,14 +308,19 @@ class Turn:
         self.finish_reason: str | None = None
         self.final: Final | None = None
         self._stream: AsyncIterator[Chunk] | None = None
-        self._insert: asyncio.Future[None] | None = None
-        self.log = log.bind(
-            stream_id=message_id,
-            message_id=message_id,
+        self._insert: asyncio.Future[None] | BaseException | None = None
+
+    def _log(self, level: str, event: str, **fields: Any) -> None:
+        inp = self.inp
+        getattr(log, level)(
+            event,
+            stream_id=self.message_id,
+            message_id=self.message_id,
             chat_id=inp.chat_id,
             user_id=inp.user_id,
-            model=spec.name,
+            model=self.spec.name,
             transport=inp.transport,
+            **fields,
         )
 
     # ------------------------------------------------------------------ begin
@@ -299,8 +335,11 @@ class Turn:
         )
         try:
             self.p.registry.add(self.live)
-            self.log.info(
-                "stream.started", prompt_tokens=self.prompt_tokens, max_tokens=self.max_tokens
+            self._log(
+                "info",
+                "stream.started",
+                prompt_tokens=self.prompt_tokens,
+                max_tokens=self.max_tokens,
             )
             try:
                 await self._open()
@@ -319,8 +358,8 @@ class Turn:
     async def _insert_finished(self) -> BaseException | None:
         """Wait for the records' insert, even through a cancellation; return its failure."""
         insert = self._insert
-        if insert is None:
-            return None
+        if not isinstance(insert, asyncio.Future):
+            return insert  # done before: None, or what it failed with
         if not insert.done():
             try:
                 await asyncio.wait({insert})  # never cancels it, never raises its error
@@ -328,7 +367,8 @@ class Turn:
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait({insert})
                 raise
-        return insert.exception()
+        self._insert = failure = insert.exception()  # not the task: a live turn keeps little
+        return failure
 
     async def _records_written(self) -> None:
         failure = await self._insert_finished()
@@ -383,6 +423,10 @@ class Turn:
         live.reading = True
         try:
             self._stream = await self.provider.open(request)
+            # The upstream has the prompt: a live turn does not keep it (nor the request's).
+            self.messages = []
+            if self.inp.messages is not None:
+                self.inp = dataclasses.replace(self.inp, messages=None)
         except asyncio.CancelledError:
             if not _absorb_cancel(live):
                 raise
@@ -449,7 +493,7 @@ class Turn:
         self.live.deadline = loop.time() + self.p.settings.upstream_total_timeout_s
         ttft = time.perf_counter() - self.started
         TTFT.labels(self.spec.name).observe(ttft)
-        self.log.info("stream.first_token", ttft_ms=round(ttft * 1000, 2))
+        self._log("info", "stream.first_token", ttft_ms=round(ttft * 1000, 2))
 
     # ------------------------------------------------------------------ finalize
     async def _finalize_shielded(
@@ -500,7 +544,7 @@ class Turn:
             self._remember_context(content, status, finished)
         except ServiceError as exc:
             # MongoDB is down: the message stays 'streaming' and the reaper settles it later.
-            self.log.error("stream.finalize_failed", code=exc.code)
+            self._log("error", "stream.finalize_failed", code=exc.code)
             self._remember_context(content, status, False)
         finally:
             self.p.registry.remove(self.message_id)
@@ -519,7 +563,8 @@ class Turn:
         )
         duration = time.perf_counter() - self.started
         self._count(OUTCOME[status], reason, error, prompt, completion, source, duration)
-        self.log.info(
+        self._log(
+            "info",
             "stream.ended",
             outcome=OUTCOME[status],
             reason=reason,
