@@ -379,16 +379,18 @@ class Bench:
     def left_s(self) -> float:
         return self.plan.budget_s - (time.monotonic() - self.started)
 
-    def memory_top(self) -> list[dict[str, Any]]:
+    def memory_top(self) -> dict[str, Any]:
+        """The service's allocations since the previous call (tracemalloc): total, by file, by
+        line."""
         path = self.workdir / "mongo-counts.json.memory.json"
         path.unlink(missing_ok=True)
         os.kill(self.procs["service"].pid, signal.SIGUSR2)
         end = time.monotonic() + 60
         while time.monotonic() < end:
             with contextlib.suppress(OSError, ValueError):
-                return list(orjson.loads(path.read_bytes()))
+                return dict(orjson.loads(path.read_bytes()))
             time.sleep(0.2)
-        return []
+        return {}
 
     def mongo_counts(self) -> dict[str, dict[str, int]]:
         path = self.workdir / "mongo-counts.json"
@@ -403,19 +405,24 @@ class Bench:
             time.sleep(0.005)
         raise RuntimeError("the service did not dump its MongoDB command counts")
 
-    def profiler(self, watch: str | None) -> subprocess.Popen[bytes] | None:
+    def profilers(self, watch: str | None) -> list[subprocess.Popen[bytes]]:
+        """py-spy the relaying process (and, for the service, the database) during a phase."""
         if self.profile_dir is None or watch not in ("service", "relay"):
-            return None
+            return []
         self.profile_dir.mkdir(parents=True, exist_ok=True)
-        out = self.profile_dir / f"{self.phase_tag}-{self.phase_no}-{watch}.txt"
         spy = shutil.which("py-spy", path=str(Path(PY).parent)) or "py-spy"
-        args = [spy, "record", "-p", str(self.procs[watch].pid), "-r", "250", "--gil"]
-        with self.logfile("py-spy") as log:
-            proc = subprocess.Popen(
-                [*args, "-f", "raw", "-o", str(out)], stdout=log, stderr=subprocess.STDOUT
-            )
+        procs = []
+        for name in (watch, "mongo") if watch == "service" else (watch,):
+            out = self.profile_dir / f"{self.phase_tag}-{self.phase_no}-{name}.txt"
+            args = [spy, "record", "-p", str(self.procs[name].pid), "-r", "250", "--gil"]
+            with self.logfile("py-spy") as log:
+                procs.append(
+                    subprocess.Popen(
+                        [*args, "-f", "raw", "-o", str(out)], stdout=log, stderr=subprocess.STDOUT
+                    )
+                )
         time.sleep(0.3)  # attached before the load starts
-        return proc
+        return procs
 
     # ------------------------------------------------------------------ one measured phase
     def phase(
@@ -480,6 +487,8 @@ class Bench:
             main0 = main_thread_cpu_s(pid) if pid else 0.0
             all0 = {n: cpu_s(p.pid) for n, p in self.procs.items()}
             rss0 = rss_kb(pid) if pid else 0
+            if self.tracemalloc and watch == "service":
+                self.memory_top()  # the next one: what the load allocated, not the startup
             if pid and capacity:
 
                 def sample() -> None:
@@ -488,7 +497,7 @@ class Bench:
                             samples.append((time.monotonic(), rss_kb(pid)))
 
                 threading.Thread(target=sample, daemon=True).start()
-            spy = self.profiler(watch)
+            spies = self.profilers(watch)
             t0 = time.monotonic()
             gen.stdin.write(b"go\n")
             gen.stdin.flush()
@@ -507,8 +516,9 @@ class Bench:
                 elif msg["event"] == "results":
                     break
             wall = time.monotonic() - t0
-            if spy is not None:
+            for spy in spies:
                 spy.send_signal(signal.SIGINT)
+            for spy in spies:
                 spy.wait(30)
             out.update(msg)
             out["wall_s"] = wall

@@ -18,6 +18,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import orjson
 from pymongo import monitoring
@@ -80,15 +81,28 @@ def main() -> int:
         import tracemalloc
 
         tracemalloc.start(1)
-        baseline = tracemalloc.take_snapshot()
+        baseline = [tracemalloc.take_snapshot()]
 
         def memory(_signum: int, _frame: FrameType | None) -> None:
-            stats = tracemalloc.take_snapshot().compare_to(baseline, "lineno")
-            top = [
-                {"where": str(s.traceback), "kb": s.size_diff / 1024, "count": s.count_diff}
-                for s in stats[:60]
-            ]
-            Path(out + ".memory.json").write_bytes(orjson.dumps(top))
+            """What was allocated since the previous signal (or since start), by line."""
+            snapshot = tracemalloc.take_snapshot()
+            lines = snapshot.compare_to(baseline[0], "lineno")
+            files = snapshot.compare_to(baseline[0], "filename")
+            baseline[0] = snapshot
+
+            def top(stats: list[tracemalloc.StatisticDiff], n: int) -> list[dict[str, Any]]:
+                return [
+                    {"where": str(s.traceback), "kb": s.size_diff / 1024, "count": s.count_diff}
+                    for s in stats[:n]
+                ]
+
+            summary = {
+                "total_kb": sum(s.size_diff for s in files) / 1024,
+                "blocks": sum(s.count_diff for s in files),
+                "files": top(files, 40),
+                "lines": top(lines, 60),
+            }
+            Path(out + ".memory.json").write_bytes(orjson.dumps(summary))
 
         signal.signal(signal.SIGUSR2, memory)
     if os.environ.get("BENCH_UVLOOP") == "1":
