@@ -26,7 +26,7 @@ from service.keys import (
     UPSTREAM,
     WATCHER,
 )
-from service.middleware import add_request_id_header, authenticate, request_context
+from service.middleware import add_request_id_header, request_context
 from service.model_lists import ModelLists
 from service.models import load_catalogue
 from service.providers.registry import Counters, build_providers, upstream_timeout
@@ -156,7 +156,7 @@ async def _auth_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
-        middlewares=[request_context, authenticate],
+        middlewares=[request_context],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings

@@ -1,8 +1,8 @@
 """Request middleware: request id, one access line, errors as JSON, bearer auth.
 
-Order (outermost first): ``request_context`` binds the request id to every log line, turns every
-exception into the one JSON error shape (a 500 keeps its traceback in the log only) and writes
-the access line; ``authenticate`` guards ``/api`` and ``/v1``.
+``request_context`` binds the request id to every log line, authenticates (``/api`` and ``/v1``),
+turns every exception into the one JSON error shape (a 500 keeps its traceback in the log only)
+and writes the access line.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -62,11 +63,15 @@ def _to_response(request: web.Request, exc: BaseException) -> web.StreamResponse
 
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one middleware: a streaming request stays in it for the whole answer, so it holds a
+    single frame and no context manager per request."""
     rid = _request_id(request)
     request[REQUEST_ID] = rid
     started = time.perf_counter()
-    with structlog.contextvars.bound_contextvars(request_id=rid):
+    bound = dict(structlog.contextvars.bind_contextvars(request_id=rid))
+    try:
         try:
+            bound.update(authenticate(request))
             response = await handler(request)
         except asyncio.CancelledError:
             _access(request, 499, started)  # the client closed the connection
@@ -75,6 +80,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             response = _to_response(request, exc)
         _access(request, response.status, started)
         return response
+    finally:
+        structlog.contextvars.reset_contextvars(**bound)
 
 
 def _access(request: web.Request, status: int, started: float) -> None:
@@ -94,8 +101,10 @@ async def add_request_id_header(request: web.Request, response: web.StreamRespon
         response.headers["X-Request-ID"] = rid
 
 
-@web.middleware
-async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+def authenticate(request: web.Request) -> Mapping[str, Any]:
+    """Guard ``/api`` and ``/v1`` (but the public and self-authenticating paths): the bearer
+    token's principal goes on the request and on every log line of it (the context variables'
+    tokens are returned, to be reset)."""
     path = request.path
     if (
         path.startswith(GUARDED_PREFIXES)
@@ -104,5 +113,5 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     ):
         principal = request.app[AUTH].verify_header(request.headers.get("Authorization"))
         request[PRINCIPAL] = principal
-        structlog.contextvars.bind_contextvars(user_id=principal.user_id)
-    return await handler(request)
+        return structlog.contextvars.bind_contextvars(user_id=principal.user_id)
+    return {}

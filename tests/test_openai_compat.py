@@ -205,13 +205,13 @@ async def test_a_live_stream_keeps_neither_the_request_body_nor_the_prompt(
         await asyncio.wait_for(fake_openai.reached_gate.wait(), 5)
         assert fake_openai.requests[-1]["messages"][-1]["content"] == "x" * 5000  # it was sent
         gc.collect()
-        turns = [o for o in gc.get_objects() if isinstance(o, Turn) and o.final is None]
+        turns = [o for o in gc.get_objects() if type(o) is Turn and o.final is None]
         assert len(turns) == 1
         assert turns[0].messages == [] and turns[0].inp.messages is None
         requests = [
             o
             for o in gc.get_objects()
-            if isinstance(o, web.Request) and o.app is stream_client.app  # not the upstream's
+            if type(o) is web.Request and o.app is stream_client.app  # not the upstream's
         ]
         assert requests and all(getattr(r, "_read_bytes", None) is None for r in requests)
     finally:

@@ -22,12 +22,13 @@ def retry_policy(settings: Settings) -> RetryPolicy:
 
 
 def upstream_timeout(settings: Settings) -> aiohttp.ClientTimeout:
-    # No total: a long answer is not a timeout. sock_read bounds the gap between chunks.
+    # No total: a long answer is not a timeout. No sock_read either: the stream watcher bounds
+    # the first token, the gaps between chunks and the answer (``Turn._active``); a socket read
+    # timeout would re-arm a timer on every network read of every live stream.
     return aiohttp.ClientTimeout(
         total=None,
         connect=settings.upstream_connect_timeout_s,
         sock_connect=settings.upstream_connect_timeout_s,
-        sock_read=settings.upstream_idle_timeout_s,
     )
 
 

@@ -245,6 +245,7 @@ class Turn:
 
     __slots__ = (
         "_insert",
+        "_stage_deadline",
         "_stream",
         "chunks",
         "counter",
@@ -309,6 +310,7 @@ class Turn:
         self.final: Final | None = None
         self._stream: AsyncIterator[Chunk] | None = None
         self._insert: asyncio.Future[None] | BaseException | None = None
+        self._stage_deadline = 0.0  # loop time: the first token's deadline, then the answer's
 
     def _log(self, level: str, event: str, **fields: Any) -> None:
         inp = self.inp
@@ -411,7 +413,8 @@ class Turn:
         live = self.live
         loop = asyncio.get_running_loop()
         live.task = asyncio.current_task()
-        live.deadline = loop.time() + self.p.settings.upstream_first_token_timeout_s
+        self._stage_deadline = loop.time() + self.p.settings.upstream_first_token_timeout_s
+        self._active(loop)
         request = CompletionRequest(
             model=self.spec.upstream,
             messages=self.messages,
@@ -475,6 +478,7 @@ class Turn:
                     return
                 finally:
                     live.reading = False
+                self._active(loop)
                 if chunk.text:
                     if not self.parts:
                         await self._records_written()
@@ -489,8 +493,16 @@ class Turn:
         finally:
             await _aclose(stream)
 
+    def _active(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The upstream was heard from: the watcher stops the turn (``timeout``) at the stage's
+        deadline, or after ``UPSTREAM_IDLE_TIMEOUT_S`` of silence, whichever comes first. A
+        float per chunk, where a socket read timeout would cost a timer per network read."""
+        idle = loop.time() + self.p.settings.upstream_idle_timeout_s
+        self.live.deadline = min(self._stage_deadline, idle)
+
     def _first_token(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.live.deadline = loop.time() + self.p.settings.upstream_total_timeout_s
+        self._stage_deadline = loop.time() + self.p.settings.upstream_total_timeout_s
+        self._active(loop)
         ttft = time.perf_counter() - self.started
         TTFT.labels(self.spec.name).observe(ttft)
         self._log("info", "stream.first_token", ttft_ms=round(ttft * 1000, 2))

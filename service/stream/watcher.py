@@ -1,7 +1,7 @@
 """One background loop per replica, independent of how many streams are live:
 
 - cancel requests written to MongoDB by any replica reach the local stream (``user_cancel``);
-- first-token and total deadlines are enforced (``timeout``);
+- first-token, idle (between chunks) and total deadlines are enforced (``timeout``);
 - the replica's heartbeat is written, so that a stream left ``streaming`` by a dead process can
   be told apart from a slow one (one write per replica, however many streams it runs);
 - the text of every live stream that grew is checkpointed, in one bulk write per interval;

@@ -61,10 +61,17 @@ def error_of(final: Final) -> ServiceError:
     return ServiceUnavailable(message, code=code)
 
 
-class ChunkEncoder:
-    """Frames for one completion; everything but the delta text is pre-built bytes."""
+_DELTA_OPEN = b'[{"index":0,"delta":{"content":'
+_DELTA_CLOSE = b'},"logprobs":null,"finish_reason":null}]'
+_ENDS = {True: b',"usage":null}\n\n', False: b"}\n\n"}  # by include_usage
+_DELTA_TAILS = {usage: _DELTA_CLOSE + end for usage, end in _ENDS.items()}
 
-    __slots__ = ("_delta_head", "_delta_tail", "_head", "_usage_null")
+
+class ChunkEncoder:
+    """Frames for one completion: one bytes prefix per turn (id, created, model), the rest
+    shared, so a live stream holds a single short buffer for its frames."""
+
+    __slots__ = ("_delta_head", "_delta_tail", "_end")
 
     def __init__(self, cid: str, model: str, created: int, *, include_usage: bool) -> None:
         common = orjson.dumps(
@@ -76,27 +83,24 @@ class ChunkEncoder:
                 "system_fingerprint": None,
             }
         )
-        self._head = b"data: " + common[:-1] + b',"choices":'
-        self._usage_null = b',"usage":null' if include_usage else b""
-        self._delta_head = self._head + b'[{"index":0,"delta":{"content":'
-        self._delta_tail = b'},"logprobs":null,"finish_reason":null}]' + self._usage_null + b"}\n\n"
+        self._delta_head = b"data: " + common[:-1] + b',"choices":' + _DELTA_OPEN
+        self._delta_tail = _DELTA_TAILS[include_usage]  # shared constants
+        self._end = _ENDS[include_usage]
+
+    @property
+    def _head(self) -> bytes:
+        return self._delta_head[: -len(_DELTA_OPEN)]
 
     def role(self) -> bytes:
         choice = b'[{"index":0,"delta":{"role":"assistant","content":""},'
-        return (
-            self._head
-            + choice
-            + b'"logprobs":null,"finish_reason":null}]'
-            + self._usage_null
-            + b"}\n\n"
-        )
+        return self._head + choice + b'"logprobs":null,"finish_reason":null}]' + self._end
 
     def delta(self, text: str) -> bytes:
         return self._delta_head + orjson.dumps(text) + self._delta_tail
 
     def finish(self, reason: str) -> bytes:
         choice = b'[{"index":0,"delta":{},"logprobs":null,"finish_reason":' + orjson.dumps(reason)
-        return self._head + choice + b"}]" + self._usage_null + b"}\n\n"
+        return self._head + choice + b"}]" + self._end
 
     def usage(self, final: Final) -> bytes:
         return self._head + b'[],"usage":' + orjson.dumps(usage_of(final)) + b"}\n\n"
