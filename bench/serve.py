@@ -96,7 +96,11 @@ def main() -> int:
                     for s in stats[:n]
                 ]
 
+            tasks = Counter(
+                getattr(t.get_coro(), "__qualname__", "?") for t in list(asyncio.tasks._all_tasks)
+            )
             summary = {
+                "tasks": dict(tasks.most_common(20)),
                 "total_kb": sum(s.size_diff for s in files) / 1024,
                 "blocks": sum(s.count_diff for s in files),
                 "files": top(files, 40),

@@ -18,6 +18,7 @@ from service.auth import Authenticator
 from service.keys import (
     AUTH,
     CATALOGUE,
+    HEARTBEATS,
     MODEL_LISTS,
     PRODUCER,
     REGISTRY,
@@ -36,6 +37,7 @@ from service.stream.producer import TurnProducer
 from service.stream.registry import StreamRegistry
 from service.stream.watcher import watch
 from service.tokens import load_encoding
+from service.transports.heartbeat import Heartbeats
 
 log = structlog.get_logger("service.app")
 
@@ -88,7 +90,10 @@ async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     watcher = asyncio.create_task(watch(app[STORE], registry, settings), name="stream-watcher")
     app[WATCHER] = watcher
+    heartbeats = app[HEARTBEATS] = Heartbeats(settings.sse_heartbeat_s)
+    heartbeats.start()
     yield
+    await heartbeats.close()
     watcher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await watcher

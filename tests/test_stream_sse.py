@@ -9,7 +9,7 @@ import time
 import pytest
 
 from service.app import create_app
-from service.keys import STORE
+from service.keys import HEARTBEATS, STORE
 from service.store import utcnow
 from service.stream.producer import period_of
 from service.tokens import TokenCounter
@@ -300,6 +300,31 @@ async def test_crlf_framed_upstream_is_parsed(stream_client, fake_openai, auth):
     client, h = stream_client, auth()
     evs = await collect(await send(client, await new_chat(client, h), h))
     assert text_of(evs) == "Hello, world!" and evs[-1]["event"] == "done"
+
+
+async def test_heartbeats_keep_a_quiet_stream_open_and_stop_with_it(
+    aiohttp_client, stream_settings, fake_openai, auth
+):
+    """While the model is quiet the client gets ``: ping`` comments (one ticker for all
+    streams); they are not events, and the answer goes on unchanged once the model resumes."""
+    client = await aiohttp_client(create_app(stream_settings(sse_heartbeat_s=0.05)))
+    heartbeats = client.app[HEARTBEATS]
+    fake_openai.default = Script(chunks=["before ", "after"], gate_after=1)
+    h = auth()
+    resp = await send(client, await new_chat(client, h), h)
+    seen: list[dict] = []
+    async for ev in events(resp):
+        seen.append(ev)
+        if sum(e.get("comment") == "ping" for e in seen) == 3:
+            break
+    assert len(heartbeats.streams) == 1
+    fake_openai.gate.set()
+    seen += [ev async for ev in events(resp)]
+    named = [e for e in seen if "event" in e]
+    assert [e["event"] for e in named] == ["started", "delta", "delta", "done"]
+    assert text_of(named) == "before after"
+    assert all(e.get("comment") == "ping" for e in seen if "event" not in e)
+    assert not heartbeats.streams  # the ended stream is no longer pinged
 
 
 # --------------------------------------------------------------------------- cancellation

@@ -27,12 +27,13 @@ from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 from aiohttp import web
-from aiohttp_sse import EventSourceResponse
 
+from service.keys import HEARTBEATS
 from service.settings import Settings
 from service.stream.events import Event
 from service.stream.producer import Turn
 from service.stream.registry import LiveStream
+from service.transports.heartbeat import SSEResponse
 
 MAX_BATCH_BYTES = 1 << 16  # a batch this big is written even if more is already read
 
@@ -42,18 +43,16 @@ async def stream_events(
 ) -> web.StreamResponse:
     """The ``text/event-stream`` response both SSE routes send: heartbeats, no caching or
     transformation by proxies, every event of ``turn`` through ``pump``, then a clean end."""
-    resp = EventSourceResponse(
-        allow_all_methods=True,
-        ping_interval=settings.sse_heartbeat_s,  # ``: ping`` comments; SSE clients skip them
-        send_timeout=settings.stream_send_timeout_s,
-    )
+    resp = SSEResponse(allow_all_methods=True, send_timeout=settings.stream_send_timeout_s)
     resp.headers["Cache-Control"] = "no-cache, no-transform"
+    heartbeats = request.app[HEARTBEATS]  # ``: ping`` comments; SSE clients skip them
     try:
         await resp.prepare(request)
+        heartbeats.add(resp)
         await pump(resp, turn, encode, settings.stream_send_timeout_s)
     finally:
+        heartbeats.discard(resp)
         if resp.prepared:
-            resp.stop_streaming()
             with contextlib.suppress(ConnectionResetError, RuntimeError):
                 await resp.write_eof()
     return resp
