@@ -54,7 +54,9 @@ def verdicts(r: dict[str, Any]) -> list[dict[str, Any]]:
     for route in ROUTES:
         v = turn.get(route, {}).get("ops_per_turn")
         met = None if v is None else v <= 5
-        add(f"MongoDB operations per turn, {LABEL[route]}", _f(v, ""), "<= 5", met)
+        own = turn.get(route, {}).get("replica_ops_per_s")
+        value = _f(v, "") + (f" (+ the replica's own {own:g}/s)" if own is not None else "")
+        add(f"MongoDB operations per turn, {LABEL[route]}", value, "<= 5", met)
     return out
 
 
@@ -116,8 +118,9 @@ def table(r: dict[str, Any]) -> str:
         for c, block in lat.items():
             mo = block["mongo"]
             w(
-                f"   C={c[2:]}: MongoDB per service turn (1 s turns, checkpoints included): "
-                f"{_n(mo['ops_per_turn'])} ops, {_n(mo['mongo_ms_per_turn'])} ms"
+                f"   C={c[2:]}: MongoDB per service turn (1 s turns): {_n(mo['ops_per_turn'])} "
+                f"ops, {_n(mo['mongo_ms_per_turn'])} ms; the replica's own (watcher): "
+                f"{_n(mo.get('replica_ops_per_s'))} commands/s"
             )
     cost = r.get("relay_cost")
     if cost:
@@ -164,6 +167,13 @@ def table(r: dict[str, Any]) -> str:
             "ops per turn",
         ]
         lines += grid(head, rows)  # fmt: skip
+        for t in ROUTES:
+            own = turn[t].get("replica_ops") or {}
+            listed = ", ".join(f"{k} {v}" for k, v in own.items())
+            w(
+                f"   {LABEL[t]}: the replica's own MongoDB commands (watcher, not per turn): "
+                f"{_n(turn[t].get('replica_ops_per_s'))}/s ({listed or 'none'})"
+            )
     marginal = r.get("marginal_us_per_chunk")
     if marginal:
         parts = ", ".join(f"{LABEL[t]} {v:.2f} us" for t, v in marginal.items())

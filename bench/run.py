@@ -576,16 +576,30 @@ def ttft_stats(records: list[list[Any]]) -> dict[str, Any]:
     }
 
 
+REPLICA_MARK = " (replica)"  # bench.serve's suffix for the replica's own commands
+
+
 def ops_per_turn(
-    mongo: dict[str, int], turns: int, micros: dict[str, int] | None = None
+    mongo: dict[str, int],
+    turns: int,
+    micros: dict[str, int] | None = None,
+    wall_s: float | None = None,
 ) -> dict[str, Any]:
-    total = sum(mongo.values())
+    """A turn's MongoDB commands, apart from the replica's own (the watcher's cancel polls,
+    heartbeats, checkpoints and reaper queries: ``comment`` ``gateway:replica``), which do not
+    grow with the turns; those are given per second of the phase."""
     micros = micros or {}
+    own = {k: v for k, v in mongo.items() if not k.endswith(REPLICA_MARK)}
+    replica = {k[: -len(REPLICA_MARK)]: v for k, v in mongo.items() if k.endswith(REPLICA_MARK)}
     return {
-        "ops_per_turn": round(total / turns, 2) if turns else None,
-        "by_command": {k: round(v / turns, 3) for k, v in sorted(mongo.items())} if turns else {},
+        "ops_per_turn": round(sum(own.values()) / turns, 2) if turns else None,
+        "by_command": {k: round(v / turns, 3) for k, v in sorted(own.items())} if turns else {},
+        "replica_ops": dict(sorted(replica.items())),
+        "replica_ops_per_s": round(sum(replica.values()) / wall_s, 2) if wall_s else None,
         "ms_per_op": {k: round(micros.get(k, 0) / v / 1000, 3) for k, v in sorted(mongo.items())},
-        "mongo_ms_per_turn": round(sum(micros.values()) / turns / 1000, 2) if turns else None,
+        "mongo_ms_per_turn": (
+            round(sum(micros.get(k, 0) for k in own) / turns / 1000, 2) if turns else None
+        ),
     }
 
 
@@ -614,7 +628,7 @@ def scenario_latency(bench: Bench) -> dict[str, Any]:
             if over is not None and relay_over:
                 stats[t]["overhead_vs_relay"] = over / relay_over if relay_over > 0 else None
         turns = sum(len(res["records"][t]) for t in ROUTES)
-        mongo = ops_per_turn(res.get("mongo", {}), turns, res.get("mongo_us"))
+        mongo = ops_per_turn(res.get("mongo", {}), turns, res.get("mongo_us"), res["wall_s"])
         out[f"C={c}"] = {"targets": stats, "mongo": mongo}
         print(f"  latency C={c}: done ({res['wall_s']:.1f} s)", flush=True)
     return out
@@ -676,7 +690,7 @@ def _cpu_runs(
                 n: sum(r["cpu_all_s"].get(n, 0) for r in rs) * 1e3 / max(1, requests)
                 for n in rs[0]["cpu_all_s"]
             },
-            **(ops_per_turn(mongo, requests, mongo_us) if t in ROUTES else {}),
+            **(ops_per_turn(mongo, requests, mongo_us, wall) if t in ROUTES else {}),
         }  # fmt: skip
     return out
 
@@ -762,7 +776,7 @@ def scenario_capacity(bench: Bench) -> dict[str, Any]:
             "cpu_all_s": res.get("cpu_all_s"),
             "wall_s": res["wall_s"],
             **(
-                ops_per_turn(res.get("mongo", {}), c, res.get("mongo_us"))
+                ops_per_turn(res.get("mongo", {}), c, res.get("mongo_us"), res["wall_s"])
                 if target in ROUTES
                 else {}
             ),

@@ -23,6 +23,8 @@ from typing import Any
 import orjson
 from pymongo import monitoring
 
+from service.store import REPLICA_WORK
+
 
 class CommandCounter(monitoring.CommandListener):
     """Commands by ``name:collection``, and the time they took (round trip, microseconds)."""
@@ -38,6 +40,8 @@ class CommandCounter(monitoring.CommandListener):
         name = event.command_name
         target = event.command.get(name)
         key = f"{name}:{target}" if isinstance(target, str) else name
+        if event.command.get("comment") == REPLICA_WORK:
+            key += " (replica)"  # the watcher's, not a turn's: see bench.run.ops_per_turn
         with self._lock:
             self.counts[key] += 1
             self.keys[event.request_id] = key

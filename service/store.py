@@ -358,6 +358,7 @@ class Store:
                 for message_id, content in texts
             ],
             ordered=False,
+            comment=REPLICA_WORK,
         )
 
     @db_call
@@ -399,7 +400,9 @@ class Store:
         """Every running turn flagged for cancellation, on any replica: served by the partial
         ``cancel_flags`` index, so it costs O(flagged turns), not O(live streams)."""
         docs = await self.messages.find(
-            {"cancel_requested": True, "status": "streaming"}, projection={"_id": 1}
+            {"cancel_requested": True, "status": "streaming"},
+            projection={"_id": 1},
+            comment=REPLICA_WORK,
         ).to_list(None)
         return [d["_id"] for d in docs]
 
@@ -407,13 +410,13 @@ class Store:
     async def heartbeat(self, replica_id: str) -> None:
         """This replica is alive: one small write per interval, however many streams it runs."""
         await self.replicas.update_one(
-            {"_id": replica_id}, {"$set": {"alive_at": utcnow()}}, upsert=True
+            {"_id": replica_id}, {"$set": {"alive_at": utcnow()}}, upsert=True, comment=REPLICA_WORK
         )
 
     @db_call
     async def live_replicas(self, *, since: datetime) -> list[str]:
         docs = await self.replicas.find(
-            {"alive_at": {"$gte": since}}, projection={"_id": 1}
+            {"alive_at": {"$gte": since}}, projection={"_id": 1}, comment=REPLICA_WORK
         ).to_list(None)
         return [d["_id"] for d in docs]
 
@@ -428,7 +431,8 @@ class Store:
                     "status": "streaming",
                     "alive_at": {"$lt": older_than},
                     "replica": {"$nin": alive},
-                }
+                },
+                comment=REPLICA_WORK,
             )
             .limit(limit)
             .to_list(limit)
@@ -454,7 +458,9 @@ class Store:
         """Reservations whose turn never settled (e.g. the process died before persisting)."""
         docs: list[Doc] = (
             await self.usage.find(
-                {"open.at": {"$lt": older_than}}, projection={"user_id": 1, "period": 1, "open": 1}
+                {"open.at": {"$lt": older_than}},
+                projection={"user_id": 1, "period": 1, "open": 1},
+                comment=REPLICA_WORK,
             )
             .limit(limit)
             .to_list(limit)
@@ -500,6 +506,9 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # A replica whose heartbeat is missing counts as dead, so its document may go once it is far
 # older than any STALE_STREAM_S.
 REPLICA_TTL_S = 86_400
+# The ``comment`` of the replica's own commands (the watcher's polls, heartbeats, checkpoints and
+# reaper queries), as opposed to a turn's: MongoDB's profiler, logs and currentOp show it.
+REPLICA_WORK = "gateway:replica"
 RESERVE_ATTEMPTS = 10
 
 

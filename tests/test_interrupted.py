@@ -146,3 +146,56 @@ async def test_quiet_stream_of_a_live_replica_is_not_reaped(client, auth, settin
     body = await (await client.get(f"/api/chat/{chat['chat_id']}", headers=auth("thinker"))).json()
     assert [m["status"] for m in body["messages"]] == ["streaming"]
     assert (await store.messages.find_one({"_id": quiet}))["status"] == "streaming"
+
+
+async def test_the_replica_s_own_commands_are_labelled_and_a_turn_s_are_not(mongo_server, db_name):
+    """The watcher's commands carry ``comment: gateway:replica`` (MongoDB's profiler, logs and
+    currentOp show it, and the bench counts them apart from a turn's); a turn's commands do not."""
+    from motor.motor_asyncio import AsyncIOMotorClient
+    from pymongo import monitoring
+
+    from service.store import REPLICA_WORK
+
+    class Recorder(monitoring.CommandListener):
+        def __init__(self) -> None:
+            self.comments: dict[str, list[object]] = {}
+
+        def started(self, event: monitoring.CommandStartedEvent) -> None:
+            target = event.command.get(event.command_name)
+            if isinstance(target, str):  # a collection's command, not the driver's housekeeping
+                key = f"{event.command_name}:{target}"
+                self.comments.setdefault(key, []).append(event.command.get("comment"))
+
+        def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+            pass
+
+        def failed(self, event: monitoring.CommandFailedEvent) -> None:
+            pass
+
+    recorder = Recorder()
+    client = AsyncIOMotorClient(mongo_server.uri, tz_aware=True, event_listeners=[recorder])
+    try:
+        store = Store(client[db_name])
+        await store.ensure_indexes()
+        recorder.comments.clear()
+        await dead_turn(store, "alice", None, "partial text", age_s=600)
+        turn_commands = dict(recorder.comments)
+        recorder.comments = {}
+        await store.heartbeat("replica-1")
+        await store.cancels_requested()
+        await store.checkpoint_many([("some-id", "text")])
+        await store.stale_streams(older_than=utcnow())
+        await store.old_reservations(older_than=utcnow())
+    finally:
+        client.close()
+    replica = recorder.comments
+    assert set(replica) >= {
+        "update:replicas",
+        "find:messages",
+        "update:messages",
+        "find:replicas",
+        "find:usage",
+    }
+    assert all(c == REPLICA_WORK for cs in replica.values() for c in cs)
+    assert set(turn_commands) >= {"findAndModify:usage", "insert:messages"}
+    assert all(c is None for cs in turn_commands.values() for c in cs)
