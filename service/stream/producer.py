@@ -483,7 +483,7 @@ class Turn:
                     if not self.parts:
                         await self._records_written()
                         self._first_token(loop)
-                    self.parts.append(chunk.text)
+                    self.live.add(chunk.text)
                     self.chunks += 1
                     yield Delta(chunk.text)
                 if chunk.usage is not None:

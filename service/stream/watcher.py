@@ -138,7 +138,7 @@ async def _checkpoints(store: Store, registry: StreamRegistry, settings: Setting
         grown = [live for live in registry.streams.values() if live.grown()]
         if not grown:
             continue
-        saved = [len(live.parts) for live in grown]
+        saved = [live.length for live in grown]
         try:
             await store.checkpoint_many([(live.message_id, "".join(live.parts)) for live in grown])
         except ServiceError as exc:
