@@ -18,6 +18,7 @@ closes the upstream request.
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from typing import Any
 
 import orjson
@@ -71,7 +72,7 @@ class ChunkEncoder:
     """Frames for one completion: one bytes prefix per turn (id, created, model), the rest
     shared, so a live stream holds a single short buffer for its frames."""
 
-    __slots__ = ("_delta_head", "_delta_tail", "_end")
+    __slots__ = ("_delta_head", "_delta_tail", "_end", "_include_usage")
 
     def __init__(self, cid: str, model: str, created: int, *, include_usage: bool) -> None:
         common = orjson.dumps(
@@ -84,6 +85,7 @@ class ChunkEncoder:
             }
         )
         self._delta_head = b"data: " + common[:-1] + b',"choices":' + _DELTA_OPEN
+        self._include_usage = include_usage
         self._delta_tail = _DELTA_TAILS[include_usage]  # shared constants
         self._end = _ENDS[include_usage]
 
@@ -95,8 +97,19 @@ class ChunkEncoder:
         choice = b'[{"index":0,"delta":{"role":"assistant","content":""},'
         return self._head + choice + b'"logprobs":null,"finish_reason":null}]' + self._end
 
-    def delta(self, text: str) -> bytes:
-        return self._delta_head + orjson.dumps(text) + self._delta_tail
+    def encode(self, event: Event) -> bytes:
+        """An event's frame(s): a delta; the role chunk; finish (+ usage) + ``[DONE]``; an
+        error."""
+        if isinstance(event, Delta):
+            return self._delta_head + orjson.dumps(event.text) + self._delta_tail
+        if isinstance(event, Started):
+            return self.role()
+        if isinstance(event, Done):
+            frame = self.finish(finish_reason_of(event.final))
+            if self._include_usage:
+                frame += self.usage(event.final)
+            return frame + DONE
+        return self.error(event.final)
 
     def finish(self, reason: str) -> bytes:
         choice = b'[{"index":0,"delta":{},"logprobs":null,"finish_reason":' + orjson.dumps(reason)
@@ -111,24 +124,12 @@ class ChunkEncoder:
         return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
-async def stream_turn(
+def stream_turn(
     request: web.Request, turn: Turn, settings: Settings, *, include_usage: bool, created: int
-) -> web.StreamResponse:
+) -> Coroutine[Any, Any, web.StreamResponse]:
+    """The streamed response (no frame of its own while it streams: it returns the pump's)."""
     enc = ChunkEncoder(completion_id(turn), turn.spec.name, created, include_usage=include_usage)
-
-    def encode(event: Event) -> bytes:
-        if isinstance(event, Delta):
-            return enc.delta(event.text)
-        if isinstance(event, Started):
-            return enc.role()
-        if isinstance(event, Done):
-            frame = enc.finish(finish_reason_of(event.final))
-            if include_usage:
-                frame += enc.usage(event.final)
-            return frame + DONE
-        return enc.error(event.final)
-
-    return await stream_events(request, turn, settings, encode)
+    return stream_events(request, turn, settings, enc.encode)
 
 
 async def complete_turn(turn: Turn, *, created: int) -> dict[str, Any]:

@@ -7,6 +7,9 @@ turn as cancelled (``client_disconnect`` / ``slow_client``) and closes the upstr
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
+from typing import Any
+
 import orjson
 from aiohttp import web
 
@@ -25,14 +28,23 @@ def delta_frame(seq: int, text: str) -> bytes:
     return b'id: %d\nevent: delta\ndata: {"text":%s}\n\n' % (seq, orjson.dumps(text))
 
 
-async def stream_turn(request: web.Request, turn: Turn, settings: Settings) -> web.StreamResponse:
-    seq = 0
+class _Encoder:
+    """Numbers the events of one stream (``id:``) as it encodes them."""
 
-    def encode(event: Event) -> bytes:
-        nonlocal seq
-        seq += 1
+    __slots__ = ("seq",)
+
+    def __init__(self) -> None:
+        self.seq = 0
+
+    def encode(self, event: Event) -> bytes:
+        self.seq += 1
         if isinstance(event, Delta):
-            return delta_frame(seq, event.text)
-        return frame(seq, event.name, event.data())
+            return delta_frame(self.seq, event.text)
+        return frame(self.seq, event.name, event.data())
 
-    return await stream_events(request, turn, settings, encode)
+
+def stream_turn(
+    request: web.Request, turn: Turn, settings: Settings
+) -> Coroutine[Any, Any, web.StreamResponse]:
+    """The streamed response (no frame of its own while it streams: it returns the pump's)."""
+    return stream_events(request, turn, settings, _Encoder().encode)
