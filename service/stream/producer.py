@@ -439,13 +439,39 @@ class Turn:
 
     # ------------------------------------------------------------------ stream
     async def events(self) -> AsyncGenerator[Event, None]:
+        """``Started``, a ``Delta`` per upstream text, then ``Done`` or ``Error`` once the turn
+        is finalized. One generator (its frame is held by every live stream)."""
         live = self.live
         live.task = asyncio.current_task()
         yield Started(self.message_id, self.inp.chat_id, self.spec.name)
         status, reason, error = "complete", "finished", None
+        stream = self._stream
+        assert stream is not None
+        loop = asyncio.get_running_loop()
         try:
-            async for delta in self._deltas():
-                yield delta
+            try:
+                while live.reason is None:
+                    live.reading = True
+                    try:
+                        chunk = await anext(stream)
+                    except StopAsyncIteration:
+                        break
+                    finally:
+                        live.reading = False
+                    self._active(loop)
+                    if chunk.text:
+                        if not self.parts:
+                            await self._records_written()
+                            self._first_token(loop)
+                        live.add(chunk.text)
+                        self.chunks += 1
+                        yield Delta(chunk.text)
+                    if chunk.usage is not None:
+                        self.usage = chunk.usage
+                    if chunk.finish_reason is not None:
+                        self.finish_reason = chunk.finish_reason
+            finally:
+                await _aclose(stream)
             if live.reason is not None:
                 status, reason, error = _stopped(live.reason)
         except ServiceError as exc:  # the upstream failed, or MongoDB did (the records' insert)
@@ -463,35 +489,6 @@ class Turn:
             yield Done(final)
         else:
             yield Error(final)
-
-    async def _deltas(self) -> AsyncGenerator[Delta, None]:
-        live = self.live
-        stream = self._stream
-        assert stream is not None
-        loop = asyncio.get_running_loop()
-        try:
-            while live.reason is None:
-                live.reading = True
-                try:
-                    chunk = await anext(stream)
-                except StopAsyncIteration:
-                    return
-                finally:
-                    live.reading = False
-                self._active(loop)
-                if chunk.text:
-                    if not self.parts:
-                        await self._records_written()
-                        self._first_token(loop)
-                    self.live.add(chunk.text)
-                    self.chunks += 1
-                    yield Delta(chunk.text)
-                if chunk.usage is not None:
-                    self.usage = chunk.usage
-                if chunk.finish_reason is not None:
-                    self.finish_reason = chunk.finish_reason
-        finally:
-            await _aclose(stream)
 
     def _active(self, loop: asyncio.AbstractEventLoop) -> None:
         """The upstream was heard from: the watcher stops the turn (``timeout``) at the stage's
