@@ -55,7 +55,7 @@ from service.providers.base import (
     error_for_status,
     with_retries,
 )
-from service.providers.sse import SSEDecoder, load_frame
+from service.providers.sse import SSEDecoder, SSEEvent, load_frame
 from service.settings import SettingsError
 
 LIST_TIMEOUT_S = 10.0  # the whole models.list walk, every page included
@@ -315,11 +315,13 @@ async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
 async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
     decoder = SSEDecoder()
     reader = _Reader()
+    event: SSEEvent | None = None
     try:
         async for data in resp.content.iter_any():
             for event in decoder.feed(data):
                 yield reader.chunk(event.data)
                 reader.raise_if_blocked()
+            data, event = b"", None  # not held while the next read waits
         for event in decoder.finish():
             yield reader.chunk(event.data)
             reader.raise_if_blocked()

@@ -24,7 +24,7 @@ from service.providers.base import (
     raise_for_status,
     with_retries,
 )
-from service.providers.sse import SSEDecoder, load_frame
+from service.providers.sse import SSEDecoder, SSEEvent, load_frame
 
 LIST_TIMEOUT = aiohttp.ClientTimeout(total=10)
 
@@ -96,6 +96,8 @@ class OpenAIProvider:
 async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
     decoder = SSEDecoder()
     finished = False
+    event: SSEEvent | None = None
+    chunk: Chunk | None = None
     try:
         async for data in resp.content.iter_any():
             for event in decoder.feed(data):
@@ -104,6 +106,7 @@ async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
                 chunk = _parse(event.data)
                 finished = finished or chunk.finish_reason is not None
                 yield chunk
+            data, event, chunk = b"", None, None  # not held while the next read waits
         for event in decoder.finish():
             if event.data == "[DONE]":
                 return

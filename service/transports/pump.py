@@ -75,9 +75,8 @@ async def pump(
             try:
                 waiting = step.send(None)
             except StopIteration as ready:  # already read: keep it, no wait involved
-                frame = encode(ready.value)
-                pending.append(frame)
-                size += len(frame)
+                pending.append(encode(ready.value))
+                size += len(pending[-1])
                 if size >= MAX_BATCH_BYTES:
                     await write(resp, b"".join(pending), send_timeout_s)
                     pending.clear()
@@ -89,13 +88,11 @@ async def pump(
                 await _write_while_waiting(resp, b"".join(pending), send_timeout_s, live, step)
                 pending.clear()
                 size = 0
-            try:
-                event = await _resume(step, waiting)
+            try:  # (no event or frame kept in a local while the next one is awaited)
+                pending.append(encode(await _resume(step, waiting)))
             except StopAsyncIteration:
                 break
-            frame = encode(event)
-            pending.append(frame)
-            size += len(frame)
+            size += len(pending[-1])
         if pending:
             await write(resp, b"".join(pending), send_timeout_s)
     except TimeoutError:
