@@ -306,7 +306,7 @@ class Store:
         docs: list[Doc] = (
             await self.messages.find(
                 {"chat_id": chat_id, "user_id": user_id},
-                projection={"role": 1, "content": 1, "status": 1, "seq": 1},
+                projection={"_id": 0, "role": 1, "content": 1, "status": 1, "seq": 1},
             )
             .sort("seq", DESCENDING)
             .limit(limit)

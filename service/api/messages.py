@@ -12,7 +12,7 @@ from service.errors import Conflict
 from service.http import json_response, not_found, parse_uuid, read_json
 from service.keys import CATALOGUE, MODEL_LISTS, PRINCIPAL, PRODUCER, REGISTRY, SETTINGS, STORE
 from service.store import utcnow
-from service.stream.producer import TurnInput, period_of
+from service.stream.producer import Turn, TurnInput, period_of
 from service.transports import sse
 
 
@@ -23,9 +23,15 @@ class SendMessage(StrictModel):
 
 
 async def send_message(request: web.Request) -> web.StreamResponse:
+    turn = await _start(request)
+    return await sse.stream_turn(request, turn, request.app[SETTINGS])
+
+
+async def _start(request: web.Request) -> Turn:
+    """Start the turn (the request's body is not kept for the length of the stream)."""
     chat_id = parse_uuid(request.match_info["chat_id"], "chat_id")
     body = await read_json(request, SendMessage)
-    turn = await request.app[PRODUCER].start(
+    return await request.app[PRODUCER].start(
         TurnInput(
             user_id=request[PRINCIPAL].user_id,
             transport="sse",
@@ -34,7 +40,6 @@ async def send_message(request: web.Request) -> web.StreamResponse:
             model=body.model,
         )
     )
-    return await sse.stream_turn(request, turn, request.app[SETTINGS])
 
 
 async def cancel_message(request: web.Request) -> web.Response:

@@ -299,7 +299,10 @@ class Turn:
         self.reservation = reservation
         self.period = period
         self.started = started
-        self.history = history  # the chat's messages before this turn (for the context cache)
+        # The chat's messages before this turn, for the context cache; not kept when one is a
+        # concurrent turn's, still streaming (the cache would refuse them at the end anyway).
+        streaming = any(d.get("status") == "streaming" for d in history)
+        self.history: list[Doc] | None = None if streaming else history
         self.seq = 0
         self.text = ""
         self.live = LiveStream(message_id, inp.chat_id, inp.user_id, inp.transport)
@@ -591,7 +594,7 @@ class Turn:
         if chat_id is None or not limit:
             return
         cache = self.p.context_cache
-        if not finished:  # the records are not (or not only) what this turn wrote
+        if not finished or self.history is None:  # not (only) this turn's, or not final
             cache.drop(chat_id)
             return
         user = {"seq": self.seq, "role": "user", "content": self.text, "status": "complete"}
