@@ -197,14 +197,14 @@ class Plan:
             cost_requests=3,
             turn_rounds=1,
             turn_requests=6,
-            capacity=[("relay", 5000), ("openai", 5000), ("sse", 600)],
+            capacity=[("relay", 5000), ("openai", 5000), ("sse", 2000)],
             hold_s=15,
             latency_stagger_s=1.0,
             budget_s=600,
         )
 
 
-RAMP_PER_S = {"direct": 500, "relay": 500, "openai": 80, "sse": 25}  # stream starts per second
+RAMP_PER_S = {"direct": 500, "relay": 500, "openai": 80, "sse": 50}  # stream starts per second
 
 
 def model(n: int, d_ms: int) -> str:
