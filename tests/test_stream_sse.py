@@ -237,6 +237,21 @@ async def test_stall_past_idle_timeout_fails_with_timeout(
     assert ended(logs, outcome="failed", reason="timeout")
 
 
+async def test_silence_before_the_first_token_is_bounded_by_its_own_deadline_only(
+    aiohttp_client, stream_settings, fake_openai, auth
+):
+    """A model may think in silence (role chunk, then nothing) longer than the idle timeout:
+    until the first token only UPSTREAM_FIRST_TOKEN_TIMEOUT_S applies."""
+    settings = stream_settings(upstream_first_token_timeout_s=10, upstream_idle_timeout_s=0.2)
+    client = await aiohttp_client(create_app(settings))
+    fake_openai.default = Script(chunks=["thought ", "through"], delay_s=0.6)
+    h = auth()
+    evs = await collect(await send(client, await new_chat(client, h), h))
+    assert evs[-1]["event"] == "error"  # the 0.6-s gap after the first token is too long ...
+    assert evs[-1]["data"]["code"] == "upstream_timeout"
+    assert text_of(evs) == "thought "  # ... the 0.6 s before it was not
+
+
 async def test_first_token_deadline(aiohttp_client, stream_settings, fake_openai, auth, logs):
     """A model that keeps the connection alive but never produces a token is stopped."""
     settings = stream_settings(upstream_first_token_timeout_s=0.3, upstream_idle_timeout_s=30)

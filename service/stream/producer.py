@@ -494,15 +494,21 @@ class Turn:
             yield Error(final)
 
     def _active(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The upstream was heard from: the watcher stops the turn (``timeout``) at the stage's
-        deadline, or after ``UPSTREAM_IDLE_TIMEOUT_S`` of silence, whichever comes first. A
-        float per chunk, where a socket read timeout would cost a timer per network read."""
-        idle = loop.time() + self.p.settings.upstream_idle_timeout_s
-        self.live.deadline = min(self._stage_deadline, idle)
+        """The upstream was heard from. Until the first token the watcher stops the turn
+        (``timeout``) at ``UPSTREAM_FIRST_TOKEN_TIMEOUT_S`` (a model may think in silence);
+        after it, at ``UPSTREAM_TOTAL_TIMEOUT_S`` or after ``UPSTREAM_IDLE_TIMEOUT_S`` without a
+        chunk, whichever comes first. A float per chunk, where a socket read timeout would cost
+        a timer per network read."""
+        if self.chunks:  # answering: the idle timeout applies
+            idle = loop.time() + self.p.settings.upstream_idle_timeout_s
+            self.live.deadline = min(self._stage_deadline, idle)
+        else:
+            self.live.deadline = self._stage_deadline
 
     def _first_token(self, loop: asyncio.AbstractEventLoop) -> None:
         self._stage_deadline = loop.time() + self.p.settings.upstream_total_timeout_s
-        self._active(loop)
+        idle = loop.time() + self.p.settings.upstream_idle_timeout_s
+        self.live.deadline = min(self._stage_deadline, idle)
         ttft = time.perf_counter() - self.started
         TTFT.labels(self.spec.name).observe(ttft)
         self._log("info", "stream.first_token", ttft_ms=round(ttft * 1000, 2))
