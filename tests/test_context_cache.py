@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from service.app import create_app
+from service.keys import STORE
 from service.metrics import REGISTRY
 from service.stream.context import ContextCache
 from tests.fake_openai import Script
@@ -117,3 +118,36 @@ def test_cache_is_bounded_and_never_holds_a_streaming_message():
     assert not cache.trusted("b")
     cache.put("c", 0, [])  # older than the entry held: ignored
     assert cache.resolve("c", 2) == [{"seq": 0, "status": "complete"}]
+
+
+async def test_a_view_missing_an_earlier_turn_s_records_is_not_cached(
+    stream_client, fake_openai, auth, monkeypatch
+):
+    """Turn A took its seqs first but its records are not written yet when turn B reads the chat
+    (A's insert runs alongside its upstream request): B's view lacks A's messages, so B must
+    leave no entry, and the next turn reads them all."""
+    client, h = stream_client, auth("late-insert")
+    chat_id = await new_chat(client, h)
+    store = client.app[STORE]
+    insert, released = store.insert_messages, asyncio.Event()
+
+    async def late_for_qa(docs):
+        if docs[0]["content"] == "qa":
+            await released.wait()
+        await insert(docs)
+
+    monkeypatch.setattr(store, "insert_messages", late_for_qa)
+    fake_openai.scripts = [Script(chunks=["A answer"]), Script(chunks=["B answer"])]
+    reading_a = asyncio.create_task(collect(await send(client, chat_id, h, "qa")))
+    await collect(await send(client, chat_id, h, "qb"))
+    assert prompt(fake_openai) == [("user", "qb")]  # B could not see A's records
+    released.set()
+    await reading_a
+    await collect(await send(client, chat_id, h, "qc"))
+    assert prompt(fake_openai) == [
+        ("user", "qa"),
+        ("assistant", "A answer"),
+        ("user", "qb"),
+        ("assistant", "B answer"),
+        ("user", "qc"),
+    ]

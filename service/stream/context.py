@@ -48,7 +48,9 @@ class ContextCache:
     Exact by construction: an entry is keyed by the seq the chat's next turn gets if no other turn
     began in between, and is used only when ``begin_chat_turn`` hands out exactly that seq. Only
     final messages are kept (an entry that would hold a message still streaming, i.e. a concurrent
-    turn's, is not stored), so nothing in it can change behind this replica's back.
+    turn's, is not stored), so nothing in it can change behind this replica's back; and only a
+    complete view (every seq below the key present: a concurrent turn that took its seqs first may
+    not have written its records when this one read the chat; see ``producer._complete``).
 
     When entries keep missing (replicas taking turns of the same chats, no session affinity), the
     producer stops relying on them and reads the history alongside the chat's authorization, as

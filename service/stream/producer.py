@@ -600,9 +600,10 @@ class Turn:
         if chat_id is None or not limit:
             return
         cache = self.p.context_cache
-        if not finished or self.history is None:  # not (only) this turn's, or not final
-            cache.drop(chat_id)
+        if not finished or not _complete(self.history, self.seq, limit):
+            cache.drop(chat_id)  # not (only) this turn's records, or a view that is not exact
             return
+        assert self.history is not None
         user = {"seq": self.seq, "role": "user", "content": self.text, "status": "complete"}
         answer = {"seq": self.seq + 1, "role": "assistant", "content": content, "status": status}
         cache.put(chat_id, self.seq + 2, [*self.history, user, answer][-limit:])
@@ -637,6 +638,19 @@ class Turn:
 
 
 # ---------------------------------------------------------------------- helpers
+def _complete(history: list[Doc] | None, seq: int, limit: int) -> bool:
+    """Whether ``history`` is exactly the chat's last messages before ``seq``: every seq below it
+    present (up to ``limit`` of them, or from the chat's first). A concurrent turn that took its
+    seqs first may not have written its records yet when this turn read the chat; such a view
+    must not be cached."""
+    if history is None:
+        return False
+    first = seq - len(history)
+    if len(history) < limit and first != 0:
+        return False
+    return all(d["seq"] == first + i for i, d in enumerate(history))
+
+
 def _absorb_cancel(live: LiveStream) -> bool:
     """A cancel we asked for (reason set) is handled; a foreign one (disconnect) propagates."""
     task = asyncio.current_task()
