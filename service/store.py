@@ -506,8 +506,9 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # A replica whose heartbeat is missing counts as dead, so its document may go once it is far
 # older than any STALE_STREAM_S.
 REPLICA_TTL_S = 86_400
-# The ``comment`` of the replica's own commands (the watcher's polls, heartbeats, checkpoints and
-# reaper queries), as opposed to a turn's: MongoDB's profiler, logs and currentOp show it.
+# The ``comment`` of the replica's own commands (the watcher's polls, heartbeats, checkpoints, the
+# reaper's queries, and the lookup of live replicas, also made when a chat read finds a stale
+# stream), as opposed to a turn's: MongoDB's profiler, logs and currentOp show it.
 REPLICA_WORK = "gateway:replica"
 RESERVE_ATTEMPTS = 10
 
