@@ -484,7 +484,7 @@ class Turn:
                 await self._finalize_shielded("cancelled", live.reason or "client_disconnect")
                 raise
             status, reason, error = _stopped(live.reason or "client_disconnect")
-        except GeneratorExit:
+        except BaseException:  # GeneratorExit (the client went away), or a bug: finalize anyway
             await self._finalize_shielded("cancelled", live.reason or "client_disconnect")
             raise
         final = await self._finalize_shielded(status, reason, error)
@@ -685,6 +685,10 @@ def _reason_of(exc: ServiceError) -> str:
 
 
 async def _aclose(stream: AsyncIterator[Chunk]) -> None:
+    """Close the provider's stream. A ``GeneratorExit`` thrown into it while it awaited its
+    read has already run its ``finally`` (the upstream response is closed) but leaves it marked
+    running, and ``aclose`` then raises ``RuntimeError``: nothing is left to close."""
     close: Any = getattr(stream, "aclose", None)
     if close is not None:
-        await close()
+        with contextlib.suppress(RuntimeError):
+            await close()
