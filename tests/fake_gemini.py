@@ -71,6 +71,7 @@ class Script:
     gate_after: int | None = None  # wait for ``gate`` after sending this many chunks
     reset_after: int | None = None  # abort the connection after this many chunks
     send_finish: bool = True
+    raw_after: dict[int, list[bytes]] = field(default_factory=dict)  # data lines before chunk i
 
 
 @dataclass
@@ -276,6 +277,8 @@ class FakeGemini:
             if script.reset_after == i:
                 request.transport.abort()  # type: ignore[union-attr]
                 return
+            for raw in script.raw_after.get(i, ()):
+                await resp.write(b"data: " + raw + b"\r\n\r\n")
             if script.finish_after == i:
                 body = self.response(None, script.finish_reason, self.usage(script, None))
                 await resp.write(self.frame(body))

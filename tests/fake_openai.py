@@ -21,6 +21,7 @@ class Script:
     chunks: list[str] = field(default_factory=lambda: ["Hello", ", ", "world", "!"])
     status: int = 200
     retry_after: str | None = None
+    error_body: dict[str, Any] | None = None  # the body of a status != 200
     usage: tuple[int, int] | None = (21, 4)
     finish_reason: str = "stop"
     delay_s: float = 0.0
@@ -28,6 +29,7 @@ class Script:
     reset_after: int | None = None  # abort the connection after this many chunks
     stall_after: int | None = None  # stop sending (but keep the connection) after this many
     malformed_after: int | None = None
+    raw_after: dict[int, list[bytes]] = field(default_factory=dict)  # data lines before chunk i
     send_done: bool = True
     send_finish: bool = True
     crlf: bool = False
@@ -109,7 +111,8 @@ class FakeOpenAI:
         if script.status != 200:
             headers = {"Retry-After": script.retry_after} if script.retry_after else None
             return web.json_response(
-                {"error": {"message": "scripted failure", "type": "server_error"}},
+                script.error_body
+                or {"error": {"message": "scripted failure", "type": "server_error"}},
                 status=script.status,
                 headers=headers,
             )
@@ -129,6 +132,8 @@ class FakeOpenAI:
                     await asyncio.sleep(3600)
                 if script.malformed_after == i:
                     await resp.write(b"data: {not json\n\n")
+                for raw in script.raw_after.get(i, ()):
+                    await resp.write(b"data: " + raw + b"\n\n")
                 if script.delay_s:
                     await asyncio.sleep(script.delay_s)
                 await resp.write(self._frame(script, self._chunk(text)))

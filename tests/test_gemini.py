@@ -344,15 +344,19 @@ async def test_429_before_the_first_token_is_retried_honouring_retry_info(
     ],
 )
 async def test_google_errors_map_to_our_codes(
-    client, fake_gemini, auth, status, reason, code, http, attempts
+    client, fake_gemini, auth, logs, status, reason, code, http, attempts
 ):
+    """Our code and our words for the client; Google's own message only in the log."""
     fake_gemini.default = Script(status=status, error_reason=reason)
     h = auth()
     chat_id = await new_chat(client, h)
     resp = await send(client, chat_id, h)
     assert resp.status == http
     error = (await resp.json())["error"]
-    assert error["code"] == code and f"scripted failure {status}" in error["message"]
+    assert error["code"] == code and f"(HTTP {status})" in error["message"]
+    assert "scripted failure" not in error["message"]
+    bodies = [e for e in logs if e["event"] == "upstream.error_body"]
+    assert bodies and f"scripted failure {status}" in bodies[0]["body"]
     assert len(fake_gemini.calls(STREAM)) == attempts  # UPSTREAM_MAX_ATTEMPTS when retryable
     _, assistant = await records(client, chat_id)
     assert assistant["status"] == "failed" and assistant["tokens"]["total"] == 0
@@ -516,3 +520,41 @@ async def test_valid_safety_settings_build_the_gemini_provider(gemini_settings):
     async with aiohttp.ClientSession() as session:
         providers = build_providers(settings, session, load_catalogue(settings))
     assert isinstance(providers["gemini"], GeminiProvider)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"[1]",
+        b'{"candidates": "x"}',
+        b'{"candidates": [7]}',
+        b'{"candidates": [{"content": {"parts": [{"text": "a"}]}, "finishReason": 3}]}',
+        b'{"usageMetadata": {"promptTokenCount": "many"}}',
+        b'{"error": {"message": "AIzaSyEchoedKeyEchoedKeyEchoedKey0"}}',
+    ],
+)
+async def test_a_malformed_frame_ends_the_turn_cleanly(client, fake_gemini, auth, frame):
+    """Every frame ends in text, a clean ``upstream_bad_response`` (partial text kept and
+    billed), or is ignored: never an exception out of the turn."""
+    fake_gemini.default = Script(chunks=["one ", "two ", "three"], raw_after={2: [frame]})
+    h = auth()
+    chat_id = await new_chat(client, h)
+    evs = await collect(await send(client, chat_id, h))
+    assert evs[-1]["event"] == "error" and evs[-1]["data"]["code"] == "upstream_bad_response"
+    assert text_of(evs) == "one two " and "AIza" not in repr(evs)
+    _, assistant = await records(client, chat_id)
+    assert assistant["status"] == "failed" and assistant["content"] == "one two "
+    assert assistant["tokens"]["completion"] > 0
+    assert (await usage_doc(client))["reserved"] == 0
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [b"{}", b'{"candidates": []}', b'{"candidates": [{"content": "x"}]}', b'{"usageMetadata": 5}'],
+)
+async def test_frames_with_nothing_usable_are_ignored(client, fake_gemini, auth, frame):
+    fake_gemini.default = Script(chunks=["one ", "two ", "three"], raw_after={2: [frame]})
+    h = auth()
+    chat_id = await new_chat(client, h)
+    evs = await collect(await send(client, chat_id, h))
+    assert evs[-1]["event"] == "done" and text_of(evs) == "one two three"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
@@ -95,30 +96,59 @@ def retry_after_seconds(value: str | None) -> float | None:
         return None
 
 
-def error_for_status(status: int, detail: str, retry_after: str | None = None) -> UpstreamError:
-    """Map a vendor's HTTP status to our upstream error codes."""
-    message = f"upstream answered HTTP {status}: {detail[:200]}" if detail else f"HTTP {status}"
+_STATUS_WORDS = {
+    "upstream_auth": "the upstream refused the gateway's credentials",
+    "upstream_rate_limited": "the upstream is rate limiting the gateway",
+    "upstream_timeout": "the upstream timed out",
+    "upstream_unavailable": "the upstream is unavailable",
+    "upstream_bad_request": "the upstream rejected the request",
+}
+# What an upstream's error body may echo that must not reach a log: keys of the usual shapes.
+_SECRET_SHAPES = re.compile(
+    r"(sk-[A-Za-z0-9_\-*]{6,}|AIza[0-9A-Za-z_\-]{20,}|eyJ[\w\-]+\.[\w\-]+\.[\w\-]*"
+    r"|(?i:bearer)\s+\S+)"
+)
+MAX_LOGGED_BODY = 500
+
+
+def error_for_status(status: int, retry_after: str | None = None) -> UpstreamError:
+    """Map a vendor's HTTP status to our upstream error codes, in our own words: the vendor's
+    body never reaches a client (it may echo a key or a prompt); ``log_upstream_body`` logs it."""
+    code = _code_for_status(status)
+    message = f"{_STATUS_WORDS[code]} (HTTP {status})"
+    retryable = code in ("upstream_rate_limited", "upstream_timeout", "upstream_unavailable")
+    delay = retry_after_seconds(retry_after) if code != "upstream_timeout" else None
+    return UpstreamError(
+        code, message, retryable=retryable, retry_after_s=delay, upstream_status=status
+    )
+
+
+def _code_for_status(status: int) -> str:
     if status in (401, 403):
-        return UpstreamError("upstream_auth", message, upstream_status=status)
+        return "upstream_auth"
     if status == 429:
-        return UpstreamError(
-            "upstream_rate_limited",
-            message,
-            retryable=True,
-            retry_after_s=retry_after_seconds(retry_after),
-            upstream_status=status,
-        )
+        return "upstream_rate_limited"
     if status in (408, 504):
-        return UpstreamError("upstream_timeout", message, retryable=True, upstream_status=status)
+        return "upstream_timeout"
     if status >= 500:
-        return UpstreamError(
-            "upstream_unavailable",
-            message,
-            retryable=True,
-            retry_after_s=retry_after_seconds(retry_after),
-            upstream_status=status,
-        )
-    return UpstreamError("upstream_bad_request", message, upstream_status=status)
+        return "upstream_unavailable"
+    return "upstream_bad_request"
+
+
+def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """``text`` bounded, with the keys we know and anything shaped like a key masked."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    text = _SECRET_SHAPES.sub("[redacted]", text)
+    return text if len(text) <= MAX_LOGGED_BODY else text[:MAX_LOGGED_BODY] + "…"
+
+
+def log_upstream_body(
+    provider: str, status: int | None, body: str, secrets: tuple[str, ...] = ()
+) -> None:
+    """What the vendor said, for operators: redacted and bounded, never for the client."""
+    log.warning("upstream.error_body", provider=provider, status=status, body=redact(body, secrets))
 
 
 def error_for_exception(exc: BaseException) -> UpstreamError:
@@ -162,17 +192,21 @@ async def with_retries(
             await asyncio.sleep(delay)
 
 
-async def raise_for_status(resp: aiohttp.ClientResponse) -> None:
-    """Turn a non-2xx answer into ``UpstreamError`` (releasing the connection)."""
+async def raise_for_status(
+    resp: aiohttp.ClientResponse, *, provider: str = "openai", secrets: tuple[str, ...] = ()
+) -> None:
+    """Turn a non-2xx answer into ``UpstreamError`` (releasing the connection); the vendor's
+    body goes to the log only, redacted (``secrets``: the keys this provider sends)."""
     if resp.status < 300:
         return
     try:
-        detail = (await resp.text(errors="replace"))[:500]
+        detail = await resp.text(errors="replace")
     except (aiohttp.ClientError, TimeoutError):
         detail = ""
     finally:
         resp.release()
-    raise error_for_status(resp.status, detail, resp.headers.get("Retry-After"))
+    log_upstream_body(provider, resp.status, detail, secrets)
+    raise error_for_status(resp.status, resp.headers.get("Retry-After"))
 
 
 async def call_json(

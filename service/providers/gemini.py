@@ -37,6 +37,7 @@ per (model, system text) and cached: the system prompt is the same for every tur
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,7 @@ from service.providers.base import (
     call_json,
     error_for_exception,
     error_for_status,
+    log_upstream_body,
     with_retries,
 )
 from service.providers.sse import SSEDecoder, SSEEvent, load_frame
@@ -153,6 +155,7 @@ class GeminiProvider:
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["x-goog-api-key"] = api_key
+        self._check = functools.partial(_raise_for_status, secrets=(api_key or "",))
         self._retry = retry
         self._timeout = timeout
         self._system_counts: dict[tuple[str, tuple[str, ...]], int] = {}
@@ -183,7 +186,7 @@ class GeminiProvider:
             resp = await self._session.post(
                 url, params={"alt": "sse"}, data=body, headers=headers, timeout=self._timeout
             )
-            await _raise_for_status(resp)
+            await self._check(resp)
             return resp
 
         resp = await with_retries(attempt, self._retry, provider=self.name)
@@ -246,7 +249,7 @@ class GeminiProvider:
             url,
             headers=self._headers,
             limits=CALL_TIMEOUT,
-            check=_raise_for_status,
+            check=self._check,
             params=params,
             body=body,
         )
@@ -291,8 +294,9 @@ def _google_error(raw: bytes) -> _GoogleError:
     return _GoogleError(f"{error.get('status', '')}: {error.get('message', '')}", reason, delay)
 
 
-async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
-    """``base.raise_for_status`` reading Google's error body (message, reason, retry delay)."""
+async def _raise_for_status(resp: aiohttp.ClientResponse, *, secrets: tuple[str, ...] = ()) -> None:
+    """``base.raise_for_status`` reading Google's error body (reason, retry delay); the body
+    itself goes to the log only, redacted."""
     if resp.status < 300:
         return
     try:
@@ -302,13 +306,14 @@ async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
     finally:
         resp.release()
     error = _google_error(raw)
+    log_upstream_body("gemini", resp.status, error.message, secrets)
     if error.reason == "API_KEY_INVALID":
         raise UpstreamError(
-            "upstream_auth", f"Gemini refused the key: {error.message}", upstream_status=resp.status
+            "upstream_auth",
+            f"the upstream refused the gateway's credentials (HTTP {resp.status})",
+            upstream_status=resp.status,
         )
-    raise error_for_status(
-        resp.status, error.message, resp.headers.get("Retry-After") or error.retry_delay
-    )
+    raise error_for_status(resp.status, resp.headers.get("Retry-After") or error.retry_delay)
 
 
 # ---------------------------------------------------------------------- stream
@@ -342,7 +347,7 @@ class _Reader:
         self.blocked: UpstreamError | None = None
 
     def chunk(self, data: str) -> Chunk:
-        frame = load_frame(data)
+        frame = load_frame(data, "gemini")
         meta = frame.get("usageMetadata")
         if isinstance(meta, dict):
             self.usage = _usage(meta)
@@ -355,8 +360,10 @@ class _Reader:
         chunk = Chunk(text=_text(candidate))
         reason = candidate.get("finishReason")
         if reason:
+            if not isinstance(reason, str):
+                raise UpstreamError("upstream_bad_response", "malformed upstream frame")
             self.finished = True
-            chunk.finish_reason = finish_reason(str(reason))
+            chunk.finish_reason = finish_reason(reason)
         if self.finished:
             chunk.usage = self.usage
         return chunk

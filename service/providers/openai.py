@@ -7,11 +7,13 @@ back; handles ``[DONE]``, keep-alive comments, multi-line data, a stream that en
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import orjson
+import structlog
 
 from service.errors import UpstreamError
 from service.providers.base import (
@@ -27,6 +29,7 @@ from service.providers.base import (
 from service.providers.sse import SSEDecoder, SSEEvent, load_frame
 
 LIST_TIMEOUT = aiohttp.ClientTimeout(total=10)
+log = structlog.get_logger("service.providers")
 
 
 class OpenAIProvider:
@@ -47,6 +50,9 @@ class OpenAIProvider:
         self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        self._check = functools.partial(
+            raise_for_status, provider=self.name, secrets=(api_key or "",)
+        )
         self._retry = retry
         self._timeout = timeout
 
@@ -72,7 +78,7 @@ class OpenAIProvider:
             resp = await self._session.post(
                 self._url, data=body, headers=self._headers, timeout=self._timeout
             )
-            await raise_for_status(resp)
+            await self._check(resp)
             return resp
 
         resp = await with_retries(attempt, self._retry, provider=self.name)
@@ -82,7 +88,12 @@ class OpenAIProvider:
         """``GET /models``: the ids this key may use (OpenAI, vLLM, Ollama and most gateways)."""
         headers = {k: v for k, v in self._headers.items() if k != "Accept"}
         body = await call_json(
-            self._session, "GET", self._models_url, headers=headers, limits=LIST_TIMEOUT
+            self._session,
+            "GET",
+            self._models_url,
+            headers=headers,
+            limits=LIST_TIMEOUT,
+            check=self._check,
         )
         data = body.get("data")
         if not isinstance(data, list):
@@ -120,16 +131,43 @@ async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
 
 
 def _parse(data: str) -> Chunk:
-    frame = load_frame(data)
-    text, finish, counts = "", None, None
+    """One ``chat.completion.chunk``. A frame of the wrong shape where text or a finish reason
+    would be is ``upstream_bad_response`` (the turn ends cleanly, its text so far kept); a usage
+    object of the wrong shape is ignored (the answer is billed by the local tokenizer then)."""
+    frame = load_frame(data, "openai")
+    text, finish = "", None
     choices = frame.get("choices")
     if choices:
-        choice = choices[0]
+        choice = choices[0] if isinstance(choices, list) else None
+        if not isinstance(choice, dict):
+            raise _malformed("choices")
         delta = choice.get("delta")
         if delta:
-            text = delta.get("content") or ""
+            if not isinstance(delta, dict):
+                raise _malformed("delta")
+            content = delta.get("content")
+            if content is not None and not isinstance(content, str):
+                raise _malformed("delta.content")
+            text = content or ""
         finish = choice.get("finish_reason")
+        if finish is not None and not isinstance(finish, str):
+            raise _malformed("finish_reason")
     usage = frame.get("usage")
-    if usage:
-        counts = Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
-    return Chunk(text, counts, finish)
+    return Chunk(text, _usage(usage) if usage else None, finish)
+
+
+def _usage(usage: object) -> Usage | None:
+    if isinstance(usage, dict):
+        prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+        if _count(prompt) and _count(completion):
+            return Usage(prompt, completion)
+    log.warning("upstream.malformed_usage", provider="openai")
+    return None
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _malformed(where: str) -> UpstreamError:
+    return UpstreamError("upstream_bad_response", f"malformed upstream frame ({where})")

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from service.errors import UpstreamError
+from service.providers.base import log_upstream_body
 
 
 @dataclass(slots=True)
@@ -74,16 +75,16 @@ class SSEDecoder:
         return SSEEvent("\n".join(data), name)
 
 
-def load_frame(data: str) -> dict[str, Any]:
+def load_frame(data: str, provider: str) -> dict[str, Any]:
     """An event's JSON object; a malformed frame or a vendor's ``{"error": ...}`` frame raises
-    ``upstream_bad_response``."""
+    ``upstream_bad_response`` (the vendor's words go to the log, redacted, never to a client)."""
     try:
         frame = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise UpstreamError("upstream_bad_response", "malformed upstream frame") from exc
     if not isinstance(frame, dict):
-        raise UpstreamError("upstream_bad_response", "malformed upstream frame")
+        raise UpstreamError("upstream_bad_response", "malformed upstream frame (not an object)")
     if "error" in frame:
-        err = frame["error"] if isinstance(frame["error"], dict) else {}
-        raise UpstreamError("upstream_bad_response", f"upstream error: {err.get('message', '')}")
+        log_upstream_body(provider, None, data)
+        raise UpstreamError("upstream_bad_response", "the upstream reported an error mid-stream")
     return frame

@@ -459,6 +459,13 @@ class Turn:
                         chunk = await anext(stream)
                     except StopAsyncIteration:
                         break
+                    except (ServiceError, asyncio.CancelledError):
+                        raise
+                    except Exception as exc:  # a provider's bug must not escape the turn
+                        self._log("error", "stream.upstream_unreadable", exc_info=exc)
+                        raise UpstreamError(
+                            "upstream_bad_response", "the upstream's answer could not be read"
+                        ) from exc
                     finally:
                         live.reading = False
                     self._active(loop)
@@ -685,10 +692,6 @@ def _reason_of(exc: ServiceError) -> str:
 
 
 async def _aclose(stream: AsyncIterator[Chunk]) -> None:
-    """Close the provider's stream. A ``GeneratorExit`` thrown into it while it awaited its
-    read has already run its ``finally`` (the upstream response is closed) but leaves it marked
-    running, and ``aclose`` then raises ``RuntimeError``: nothing is left to close."""
     close: Any = getattr(stream, "aclose", None)
     if close is not None:
-        with contextlib.suppress(RuntimeError):
-            await close()
+        await close()

@@ -85,7 +85,9 @@ async def pump(
             except StopAsyncIteration:
                 break
             if pending:  # the producer waits now: send what it has produced first
-                await _write_while_waiting(resp, b"".join(pending), send_timeout_s, live, step)
+                await _write_while_waiting(
+                    resp, b"".join(pending), send_timeout_s, live, step, waiting
+                )
                 pending.clear()
                 size = 0
             try:  # (no event or frame kept in a local while the next one is awaited)
@@ -120,36 +122,31 @@ async def _write_while_waiting(
     timeout_s: float,
     live: LiveStream,
     step: Coroutine[Any, Any, Event],
+    waiting: Any,
 ) -> None:
     """Write while the producer's step is suspended (usually on its upstream read).
 
     A cancel aimed at that read (``user_cancel``, ``timeout``) must not land on this write: the
     stream is marked not-reading meanwhile, and a reason that arrived is delivered after it. If
-    the write fails, the suspended step is closed first, as closing the generator would.
+    the write fails, the turn is stopped the way a cancel stops it (the reason set, the read
+    cancelled) and the suspended step is run to its end, so the producer finalizes as usual.
     """
     reading, live.reading = live.reading, False
     try:
         await write(resp, data, timeout_s)
     except BaseException as exc:
-        if isinstance(exc, TimeoutError):
-            live.cancel("slow_client")
-        elif isinstance(exc, ConnectionResetError | RuntimeError):
-            live.cancel("client_disconnect")
-        await _close(step)
+        live.reading = reading
+        live.cancel(_reason_of(exc))
+        with contextlib.suppress(StopAsyncIteration, asyncio.CancelledError):
+            await _resume(step, waiting)  # the producer absorbs our cancel and finalizes
         raise
     live.reading = reading
     if reading and live.reason is not None:
         live.cancel(live.reason)  # it came during the write: cancel the read now
 
 
-async def _close(step: Coroutine[Any, Any, Event]) -> None:
-    """Close a suspended step as ``aclose`` would: GeneratorExit where it waits, run to the end."""
-    try:
-        waiting = step.throw(GeneratorExit())
-    except (GeneratorExit, StopIteration, StopAsyncIteration):
-        return
-    with contextlib.suppress(GeneratorExit, StopAsyncIteration):
-        await _resume(step, waiting)
+def _reason_of(exc: BaseException) -> str:
+    return "slow_client" if isinstance(exc, TimeoutError) else "client_disconnect"
 
 
 @types.coroutine
