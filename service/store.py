@@ -98,6 +98,9 @@ def make_client(settings: Settings) -> AsyncIOMotorClient[Doc]:
         settings.mongodb_uri,
         appname="chat-gateway",
         tz_aware=True,
+        # The whole operation (server selection, pool wait, the retry of a retryable write)
+        # within MONGODB_TIMEOUT_MS, not each step of it: a restart must not hold a turn 3x longer.
+        timeoutMS=timeout,
         serverSelectionTimeoutMS=timeout,
         connectTimeoutMS=timeout,
         socketTimeoutMS=timeout * 2,

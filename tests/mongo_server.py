@@ -24,7 +24,10 @@ def free_port() -> int:
 class MongoServer:
     """Start/stop/restart a SecantusDB server; ``uri`` stays the same across restarts."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        # durable: every commit synced, so a SIGKILL loses no acknowledged write (as a real
+        # replica set with w: majority would not); slower, for the tests that stop or kill it.
+        self.durable = durable
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="secantus-"))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -46,6 +49,7 @@ class MongoServer:
                     str(self.dir / "data"),
                     "--log-level",
                     "WARNING",
+                    *(["--sync-on-commit"] if self.durable else []),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -64,13 +68,22 @@ class MongoServer:
         raise RuntimeError("SecantusDB did not start in 30 s")
 
     def stop(self) -> None:
+        """SIGTERM, and SIGKILL if it is not gone in 5 s (SecantusDB sometimes ignores a SIGTERM
+        that comes just after its start for 15 s; a durable server loses nothing either way)."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(15)
+                self.proc.wait(5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: the database dies mid-operation (same port and data path on ``start``)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
         self.proc = None
 
     def close(self) -> None:

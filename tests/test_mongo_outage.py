@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
@@ -13,7 +14,9 @@ from tests.mongo_server import MongoServer
 
 @pytest.fixture
 def own_mongo():
-    server = MongoServer()
+    """A server of the test's own, to stop, kill and restart: no acknowledged write is lost
+    (as on a real replica set), whatever way it goes down."""
+    server = MongoServer(durable=True)
     server.start()
     yield server
     server.close()
@@ -64,3 +67,89 @@ async def test_starts_while_mongodb_is_down(aiohttp_client, make_settings, auth,
     store = client.app[STORE]
     names = {i["name"] async for i in store.usage.list_indexes()}
     assert "user_period" in names  # the unique index the budget relies on exists after recovery
+
+
+async def test_a_turn_that_ends_while_mongodb_is_down_is_finalized_when_it_is_back(
+    aiohttp_client, make_settings, auth, own_mongo, fake_openai, logs
+):
+    """The client is told ``done``; MongoDB is away at that moment; the replica keeps the final
+    write and retries it once MongoDB answers again: the record ends ``complete`` with the
+    upstream's exact usage (not ``interrupted`` by the reaper), the reservation is released."""
+    import json
+
+    from service.keys import REGISTRY
+    from tests.conftest import TEST_MODELS
+    from tests.fake_openai import Script
+    from tests.faults import active_streams, settled, unretrieved_task_exceptions
+    from tests.sse_client import events, text_of
+
+    settings = make_settings(
+        mongodb_uri=own_mongo.uri,
+        mongodb_timeout_ms=800,
+        models=json.dumps(TEST_MODELS),
+        default_model="gpt-test",
+        openai_base_url=fake_openai.url,
+        watch_interval_s=0.1,
+        stale_stream_s=1.0,
+        reaper_interval_s=0.2,
+    )
+    with unretrieved_task_exceptions() as unretrieved:
+        gauge = active_streams()
+        client = await aiohttp_client(create_app(settings))
+        h = auth()
+        chat_id = (await (await client.post("/api/chat", headers=h)).json())["chat_id"]
+        fake_openai.default = Script(chunks=["all ", "of ", "it"], usage=(12, 3), gate_after=1)
+        resp = await client.post(f"/api/chat/{chat_id}/message", json={"message": "Hi"}, headers=h)
+        seen = []
+        async for event in events(resp):
+            seen += [event] if "event" in event else []
+            if event.get("event") == "delta":  # the records exist: kill MongoDB now
+                own_mongo.kill()
+                fake_openai.gate.set()
+        assert seen[-1]["event"] == "done", seen[-1]
+        assert seen[-1]["data"]["status"] == "complete"
+        assert text_of(seen) == "all of it"
+        assert client.app[REGISTRY].pending  # the final write waits for MongoDB
+        assert any(e["event"] == "stream.finalize_deferred" for e in logs)
+
+        own_mongo.start()  # same port, same data
+        await settled(client.app[STORE].db, registry=client.app[REGISTRY], gauge_before=gauge)
+        record = await client.app[STORE].messages.find_one(
+            {"chat_id": chat_id, "role": "assistant"}
+        )
+        assert record["status"] == "complete" and record["content"] == "all of it"
+        assert record["tokens"] == {
+            "prompt": 12,
+            "completion": 3,
+            "total": 15,
+            "source": "upstream",
+        }
+        usage = await client.app[STORE].usage.find_one({"user_id": "alice"})
+        assert usage["used"] == 15 and usage["reserved"] == 0
+        assert not client.app[REGISTRY].pending
+        assert any(e["event"] == "stream.finalize_retried" for e in logs)
+    assert unretrieved == []
+
+
+async def test_the_timeout_bounds_a_whole_operation_retries_included(
+    aiohttp_client, make_settings, auth, own_mongo
+):
+    """MONGODB_TIMEOUT_MS bounds the whole operation (server selection, the socket read, the
+    retry of a retryable write), so a turn asked for while the database hangs (restarting,
+    not answering on its open connections) answers 503 in about that time, not 3-6x it."""
+    settings = make_settings(mongodb_uri=own_mongo.uri, mongodb_timeout_ms=1000)
+    client = await aiohttp_client(create_app(settings))
+    h = auth()
+    chat_id = (await (await client.post("/api/chat", headers=h)).json())["chat_id"]
+    assert own_mongo.proc is not None
+    own_mongo.proc.send_signal(signal.SIGSTOP)  # hung: connections open, no answers
+    try:
+        for path, body in ((f"/api/chat/{chat_id}/message", {"message": "Hi"}), ("/api/chat", {})):
+            started = time.monotonic()
+            resp = await client.post(path, json=body, headers=h)
+            took = time.monotonic() - started
+            assert resp.status == 503, await resp.text()
+            assert (await resp.json())["error"]["code"] == "database_unavailable"
+            assert took < 1.6, f"{path}: {took:.2f} s against a 1 s MONGODB_TIMEOUT_MS"
+    finally:
+        own_mongo.proc.send_signal(signal.SIGCONT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -9,7 +10,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.http import json_response, not_found, parse_uuid, read_json, validate
-from service.keys import PRINCIPAL, SETTINGS, STORE
+from service.keys import PRINCIPAL, REGISTRY, SETTINGS, STORE
 from service.store import Doc, utcnow
 from service.stream.watcher import settle_interrupted
 
@@ -103,9 +104,13 @@ async def get_chat(request: web.Request) -> web.Response:
 
 
 async def _settle_dead_streams(request: web.Request, messages: list[Doc]) -> bool:
-    """A message left 'streaming' by a dead process is reported as interrupted when read."""
+    """A message left 'streaming' by a dead process is reported as interrupted when read (not
+    while this replica is just back from a MongoDB outage: live replicas' heartbeats are old)."""
     store = request.app[STORE]
-    cutoff = utcnow() - timedelta(seconds=request.app[SETTINGS].stale_stream_s)
+    stale_s = request.app[SETTINGS].stale_stream_s
+    if not request.app[REGISTRY].may_reap(asyncio.get_running_loop().time(), stale_s):
+        return False
+    cutoff = utcnow() - timedelta(seconds=stale_s)
     dead = await store.dead_among(messages, older_than=cutoff)
     for doc in dead:
         await settle_interrupted(store, doc)

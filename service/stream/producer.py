@@ -40,6 +40,7 @@ from service.settings import Settings
 from service.store import Doc, Reservation, ReserveRequest, Store, utcnow
 from service.stream.context import ContextCache, fit_to_window, history_messages
 from service.stream.events import Delta, Done, Error, Event, Final, Started
+from service.stream.finals import FinalWrite
 from service.stream.registry import LiveStream, StreamRegistry
 from service.tokens import TokenCounter
 
@@ -536,43 +537,41 @@ class Turn:
         await self._insert_finished()  # the final write must not overtake the first
         content = "".join(self.parts)
         prompt, completion, source = self._tokens(content, billable)
-        store = self.p.store
+        write = FinalWrite(
+            self.inp.user_id,
+            self.period,
+            self.message_id,
+            grant=self.reservation.grant,
+            billed=prompt + completion,
+            fields={
+                "content": content,
+                "status": status,
+                "finish_reason": self.finish_reason if status == "complete" else status,
+                "reason": reason,
+                "error": {"code": error.code, "message": error.message} if error else None,
+                "tokens": {
+                    "prompt": prompt,
+                    "completion": completion,
+                    "total": prompt + completion,
+                    "source": source,
+                },
+                "completed_at": utcnow(),
+            },
+        )
         limit = remaining = 0
         try:
-            usage = await store.settle_usage(
-                self.inp.user_id,
-                self.period,
-                self.message_id,
-                grant=self.reservation.grant,
-                billed=prompt + completion,
-            )
-            if usage is not None:
-                limit = int(usage.get("limit", self.p.settings.default_token_limit))
-                remaining = max(0, limit - int(usage["used"]) - int(usage["reserved"]))
-            finished = await store.finish_message(
-                self.message_id,
-                {
-                    "content": content,
-                    "status": status,
-                    "finish_reason": self.finish_reason if status == "complete" else status,
-                    "reason": reason,
-                    "error": {"code": error.code, "message": error.message} if error else None,
-                    "tokens": {
-                        "prompt": prompt,
-                        "completion": completion,
-                        "total": prompt + completion,
-                        "source": source,
-                    },
-                    "completed_at": utcnow(),
-                },
-            )
+            finished = await write.apply(self.p.store)
             self._remember_context(content, status, finished)
         except ServiceError as exc:
-            # MongoDB is down: the message stays 'streaming' and the reaper settles it later.
-            self._log("error", "stream.finalize_failed", code=exc.code)
+            # MongoDB is away: the replica retries this write once it answers again.
+            self._log("warning", "stream.finalize_deferred", code=exc.code)
+            self.p.registry.pending.add(write)
             self._remember_context(content, status, False)
         finally:
             self.p.registry.remove(self.message_id)
+        if write.usage is not None:
+            limit = int(write.usage.get("limit", self.p.settings.default_token_limit))
+            remaining = max(0, limit - int(write.usage["used"]) - int(write.usage["reserved"]))
         self.final = Final(
             message_id=self.message_id,
             status=status,

@@ -13,6 +13,7 @@ import uuid
 from collections import Counter
 
 from service.metrics import ACTIVE_STREAMS
+from service.stream.finals import PendingFinals
 
 TEXT_BLOCK = 16  # the text's pieces are joined by this many (see ``LiveStream.add``)
 
@@ -74,6 +75,12 @@ class StreamRegistry:
         self.replica_id = uuid.uuid4().hex  # this process, in heartbeats and on its turns
         self.streams: dict[str, LiveStream] = {}
         self.draining = False
+        self.pending = PendingFinals()  # final writes MongoDB could not take yet
+        # MongoDB as the watcher last found it: failing, or back since (loop time) after an
+        # outage. After an outage every replica's heartbeat is old at once: no turn is judged
+        # dead until all had STALE_STREAM_S to write theirs and their pending final writes.
+        self.store_failing = False
+        self.store_back_at: float | None = None
         self._finalizers: set[asyncio.Task[object]] = set()
 
     def add(self, live: LiveStream) -> None:
@@ -98,6 +105,16 @@ class StreamRegistry:
 
     def by_transport(self) -> Counter[str]:
         return Counter(live.transport for live in self.streams.values())
+
+    def may_reap(self, now: float, stale_s: float) -> bool:
+        """Whether a turn may be judged dead by its replica's heartbeat now (see above)."""
+        if self.store_failing:
+            return False
+        return self.store_back_at is None or now - self.store_back_at >= stale_s
+
+    def store_answered(self, now: float) -> None:
+        if self.store_failing:
+            self.store_failing, self.store_back_at = False, now
 
     def track(self, task: asyncio.Task[object]) -> None:
         self._finalizers.add(task)

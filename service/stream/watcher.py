@@ -114,16 +114,20 @@ async def _control(store: Store, registry: StreamRegistry, settings: Settings) -
             if live.deadline and now > live.deadline:
                 live.cancel("timeout")
         try:
-            if now >= next_alive:
-                await store.heartbeat(registry.replica_id)
+            if now >= next_alive or registry.store_failing:
+                await store.heartbeat(registry.replica_id)  # at once when MongoDB is back
                 next_alive = now + min(ALIVE_EVERY_S, settings.stale_stream_s / 3)
+                registry.store_answered(now)
+            if registry.pending:
+                await registry.pending.retry(store)
             if registry.streams:
                 for message_id in await store.cancels_requested():
                     registry.cancel(message_id, "user_cancel")
-            if now >= next_reap:
+            if now >= next_reap and registry.may_reap(now, settings.stale_stream_s):
                 next_reap = now + settings.reaper_interval_s
                 await reap(store, settings)
         except ServiceError as exc:
+            registry.store_failing = True
             log.warning("stream.watch_failed", code=exc.code)
         except Exception:  # one failed round must not end the replica's watch
             log.exception("stream.watch_failed")

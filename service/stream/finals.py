@@ -1,0 +1,79 @@
+"""A turn's final write (settle its tokens, write its final record), and the replica's queue of
+final writes that MongoDB could not take yet.
+
+The client is told how its turn ended before the final record is written; when MongoDB is
+away at that moment, the write waits here and the replica's watcher retries it once MongoDB
+answers again, so the record ends as the client was told (not ``interrupted`` by the reaper
+minutes later). The queue is bounded: past ``MAX_PENDING`` the oldest write is given up and
+left to the reaper, with a log line.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import structlog
+
+from service.errors import ServiceError
+from service.store import Doc, Store
+
+log = structlog.get_logger("service.stream")
+
+MAX_PENDING = 10_000
+
+
+@dataclass(slots=True)
+class FinalWrite:
+    user_id: str
+    period: str
+    message_id: str
+    grant: int  # the reservation to release
+    billed: int  # the tokens to bill instead
+    fields: Doc  # the final record's fields
+    settled: bool = False
+    usage: Doc | None = field(default=None)
+
+    async def apply(self, store: Store) -> bool:
+        """Settle (once) and write the final record; True when this write ended the record (a
+        record no longer ``streaming`` is left alone). Raises ``ServiceError`` (MongoDB away)."""
+        if not self.settled:
+            self.usage = await store.settle_usage(
+                self.user_id, self.period, self.message_id, grant=self.grant, billed=self.billed
+            )
+            self.settled = True
+        return await store.finish_message(self.message_id, self.fields)
+
+
+class PendingFinals:
+    """Final writes waiting for MongoDB, oldest first."""
+
+    def __init__(self, limit: int = MAX_PENDING) -> None:
+        self.limit = limit
+        self._writes: OrderedDict[str, FinalWrite] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._writes)
+
+    def add(self, write: FinalWrite) -> None:
+        self._writes[write.message_id] = write
+        while len(self._writes) > self.limit:
+            _, dropped = self._writes.popitem(last=False)
+            log.error("stream.finalize_given_up", message_id=dropped.message_id, pending=self.limit)
+
+    async def retry(self, store: Store) -> int:
+        """Apply the waiting writes in order until MongoDB fails again; how many were applied."""
+        applied = 0
+        while self._writes:
+            message_id, write = next(iter(self._writes.items()))
+            try:
+                await write.apply(store)
+            except ServiceError as exc:
+                log.warning("stream.finalize_retry_failed", code=exc.code, pending=len(self))
+                break
+            del self._writes[message_id]
+            applied += 1
+            log.info(
+                "stream.finalize_retried", message_id=message_id, status=write.fields["status"]
+            )
+        return applied
