@@ -21,6 +21,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
@@ -846,3 +847,16 @@ def test_dockerignore_keeps_the_context_to_what_the_build_copies() -> None:
             assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
             assert not _dockerignored(source), f"COPY {source}: excluded by .dockerignore"
     assert not _dockerignored("service/app.py")
+
+
+def test_the_build_stage_copies_every_file_pyproject_names() -> None:
+    """``pip install .`` reads the readme and the licence files; the image must ship the licence."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    needed = {"pyproject.toml", project["readme"], *project.get("license-files", [])}
+    copied = set()
+    for copy in _dockerfile_stages()[0].get("COPY", []):
+        *sources, _dest = shlex.split(copy)
+        copied |= {s for s in sources if not s.startswith("--")}
+    for name in sorted(needed):
+        assert name in copied, f"the build stage does not COPY {name}, which pyproject.toml names"
+        assert not _dockerignored(name), f"{name} is excluded from the build context"
