@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 from service.settings import Settings
@@ -20,6 +21,30 @@ def test_readme_commands_exist_in_the_makefile():
     makefile = (ROOT / "Makefile").read_text()
     for target in ("install", "run", "test", "token", "lint", "ci-deps"):
         assert re.search(rf"^{target}:", makefile, re.M), target
+
+
+def _phony_targets(makefile: str) -> list[str]:
+    phony = re.search(r"^\.PHONY:(.*)$", makefile, re.M)
+    assert phony, "the Makefile declares no .PHONY targets"
+    return phony.group(1).split()
+
+
+def test_make_alone_lists_every_public_target_with_what_it_does():
+    """A newcomer typing `make` gets the list, not an install: `help` is the default goal, and
+    every .PHONY target has a `## target: text` line that it prints."""
+    targets = _phony_targets((ROOT / "Makefile").read_text())
+    assert {"help", "install", "run", "token", "test", "lint", "check", "format"} <= set(targets)
+    assert {"bench", "bench-quick", "ci-deps", "clean"} <= set(targets)
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "-C", str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    listed = dict(re.findall(r"^  make (\S+)\s+(.+)$", proc.stdout, re.M))
+    assert sorted(listed) == sorted(targets), proc.stdout
+    assert all(text.strip() for text in listed.values())
 
 
 # A document or comment that points outside the repository ("see the design document",
