@@ -17,6 +17,41 @@ def test_every_setting_is_documented_in_the_readme():
     assert {name.upper() for name in Settings.model_fields} == documented
 
 
+# `.env.example` lists every setting as a commented-out `# NAME=default` line.
+ENV_EXAMPLE = ROOT / ".env.example"
+ENV_EXAMPLE_LINE = re.compile(r"^# ([A-Z][A-Z0-9_]*)=(.*)$", re.M)
+
+
+def test_env_example_names_every_setting_once_in_the_settings_order():
+    names = [name for name, _ in ENV_EXAMPLE_LINE.findall(ENV_EXAMPLE.read_text())]
+    fields = [name.upper() for name in Settings.model_fields]
+    missing = set(fields) - set(names)
+    assert not missing, f"add {sorted(missing)} to .env.example (with its default and a comment)"
+    assert names == fields, "one line per setting, grouped and ordered as in service/settings.py"
+
+
+def test_env_example_uncommented_gives_exactly_the_defaults(tmp_path, monkeypatch):
+    """Uncommenting every line that has a value changes nothing: each value shown is the
+    default. A line without a value is a setting that has none."""
+    example = ENV_EXAMPLE_LINE.findall(ENV_EXAMPLE.read_text())
+    for field in Settings.model_fields:
+        monkeypatch.delenv(field.upper(), raising=False)
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    env_file = tmp_path / "from-example.env"
+    env_file.write_text("".join(f"{name}={value}\n" for name, value in example if value))
+    shown = Settings(_env_file=env_file).model_dump()
+    defaults = Settings(_env_file=None).model_dump()
+    wrong = {k.upper(): (shown[k], defaults[k]) for k in defaults if shown[k] != defaults[k]}
+    assert not wrong, (
+        f".env.example shows values that are not the defaults (shown, default): {wrong}"
+    )
+    for name, value in example:
+        if not value:
+            assert Settings.model_fields[name.lower()].default in (None, ""), (
+                f"{name} has a default: show it in .env.example"
+            )
+
+
 def test_readme_commands_exist_in_the_makefile():
     makefile = (ROOT / "Makefile").read_text()
     for target in ("install", "run", "test", "token", "lint", "ci-deps"):
