@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import subprocess
+import time
 from pathlib import Path
 
+from service.app import create_app
 from service.settings import Settings
+from tests.sse_client import collect
 
 ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+
+def _readme_section(title: str) -> str:
+    found = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", README.read_text(), re.S | re.M)
+    assert found, f"README has no section '## {title}'"
+    return found.group(1)
 
 
 def test_every_setting_is_documented_in_the_readme():
@@ -120,3 +132,67 @@ def test_nothing_points_at_documents_outside_the_repository():
             if OUTSIDE_POINTERS.search(line):
                 found.append(f"{file.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not found, "\n".join(found)
+
+
+# The chat page itself ("The chat page" in the README), not part of the API table.
+PAGE_ROUTES = {("GET", "/"), ("GET", "/static/{path}")}
+
+
+def test_every_route_is_in_the_readme_api_table(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    app = create_app(Settings(_env_file=None, dev_token_endpoint=True))
+    routes = {(r.method, r.resource.canonical) for r in app.router.routes() if r.resource}
+    routes = {(method, path) for method, path in routes if method != "HEAD"} - PAGE_ROUTES
+    documented = set(re.findall(r"`([A-Z]+) (/[^`?\s]*)", _readme_section("API")))
+    missing = sorted(f"{method} {path}" for method, path in routes - documented)
+    assert not missing, f"routes missing from the README's API table: {missing}"
+    stale = sorted(f"{method} {path}" for method, path in documented - routes)
+    assert not stale, f"the README's API table names routes that do not exist: {stale}"
+
+
+def _readme_log_examples() -> dict[str, dict]:
+    block = re.search(r"```json\n(.*?)```", _readme_section("Logs"), re.S)
+    assert block, "the README's Logs section has no JSON example"
+    lines = [json.loads(line) for line in block.group(1).splitlines() if line.strip()]
+    return {line["event"]: line for line in lines}
+
+
+async def _logged(logs, event: str, deadline_s: float = 5.0, **match) -> dict:
+    """The last ``event`` line matching ``match``, polling until it is there (an access line is
+    written once the response has been sent, so it can trail the client's read)."""
+    end = time.monotonic() + deadline_s
+    while True:
+        found = [e for e in logs if e["event"] == event and match.items() <= e.items()]
+        if found:
+            return found[-1]
+        assert time.monotonic() < end, f"no {event} {match} logged within {deadline_s} s"
+        await asyncio.sleep(0.01)
+
+
+async def test_readme_log_examples_show_every_field_the_service_logs(stream_client, auth, logs):
+    """The README's example lines have exactly the fields of the real lines of a turn over SSE
+    (the real configuration adds ``timestamp``; the test capture adds ``log_level``)."""
+    headers = auth()
+    resp = await stream_client.post("/api/chat", json={}, headers=headers)
+    chat_id = (await resp.json())["chat_id"]
+    text = "A question the logs must not show"
+    resp = await stream_client.post(
+        f"/api/chat/{chat_id}/message", json={"message": text}, headers=headers
+    )
+    assert [e["event"] for e in await collect(resp)][-1] == "done"
+    examples = _readme_log_examples()
+    assert set(examples) == {"stream.started", "stream.first_token", "stream.ended", "http.request"}
+    path = f"/api/chat/{chat_id}/message"
+    real = {
+        "stream.started": await _logged(logs, "stream.started", chat_id=chat_id),
+        "stream.first_token": await _logged(logs, "stream.first_token", chat_id=chat_id),
+        "stream.ended": await _logged(logs, "stream.ended", chat_id=chat_id),
+        "http.request": await _logged(logs, "http.request", path=path),
+    }
+    for event, example in examples.items():
+        shown, logged = set(example) - {"timestamp"}, set(real[event]) - {"log_level"}
+        assert shown == logged, (
+            f"{event}: README shows {sorted(shown - logged)} that the service does not log, "
+            f"and omits {sorted(logged - shown)}"
+        )
+    assert text not in repr(logs)
