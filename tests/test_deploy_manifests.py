@@ -695,6 +695,67 @@ def test_ingress_nginx_streams_unbuffered_with_long_timeouts(
 
 
 # --------------------------------------------------------------------------------------------
+# Placeholders: deploy/README.md's "adjust before the first apply" list names every one
+
+DEPLOY_README = DEPLOY / "README.md"
+# Text that can only be a stand-in: example domains, CHANGE-ME / REPLACE / TODO markers, <...>.
+PLACEHOLDER = re.compile(
+    r"[a-z0-9.-]*\bexample\.(?:com|org|net)\b|\bCHANGE[-_ ]?ME\b|\bREPLACE\w*|\bTODO\b|<[^<>\s]+>",
+    re.I,
+)
+# Settings whose values depend on the cluster or the organisation, not on the service.
+CLUSTER_SETTINGS = ("JWT_ISSUER", "JWT_AUDIENCE", "MODELS", "DEFAULT_MODEL", "WS_ALLOWED_ORIGINS")
+
+
+def _adjust_list() -> list[str]:
+    """The code spans of deploy/README.md's list of what to adjust before the first apply."""
+    text = DEPLOY_README.read_text()
+    found = re.search(r"^Before the first apply, adjust.*?(?=^##)", text, re.S | re.M)
+    assert found, "deploy/README.md has no 'Before the first apply, adjust ...' list"
+    return re.findall(r"`([^`]+)`", found.group(0))
+
+
+def _cluster_specific_values(docs: list[Doc]) -> set[str]:
+    """Every value in the rendered manifests that names something of a particular cluster."""
+    values = {
+        m.group(0)
+        for node in _walk(docs)
+        if isinstance(node, str)
+        for m in PLACEHOLDER.finditer(node)
+    }
+    for doc in docs:
+        values.add(doc["metadata"]["namespace"])
+        for node in _walk(doc):
+            if not isinstance(node, dict):
+                continue
+            if "secretKeyRef" in node:
+                values.add(node["secretKeyRef"]["name"])
+            if "namespaceSelector" in node:
+                values |= set(node["namespaceSelector"]["matchLabels"].values())
+            if "emptyDir" in node and "sizeLimit" in node["emptyDir"]:
+                values.add(str(node["emptyDir"]["sizeLimit"]))
+    for route in _all(docs, "HTTPRoute"):
+        for ref in route["spec"]["parentRefs"]:
+            values |= {str(ref[k]) for k in ("name", "namespace", "sectionName") if k in ref}
+    for ingress in _all(docs, "Ingress"):
+        values.add(ingress["spec"]["ingressClassName"])
+        values |= {tls["secretName"] for tls in ingress["spec"].get("tls", [])}
+    values |= {c["image"].rsplit(":", 1)[0] for c in _pod_spec(docs)["containers"]}
+    data = {k: v for cm in _all(docs, "ConfigMap") for k, v in cm.get("data", {}).items()}
+    values |= {name for name in CLUSTER_SETTINGS if name in data}
+    return values
+
+
+def test_the_adjust_list_names_every_placeholder(docs: list[Doc], variant: str) -> None:
+    spans = _adjust_list()
+    missing = sorted(v for v in _cluster_specific_values(docs) if not any(v in s for s in spans))
+    assert not missing, (
+        f"{variant}: deploy/README.md's 'Before the first apply, adjust' list does not name "
+        f"{missing}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Dockerfile and build context (no kubectl needed)
 
 
