@@ -127,8 +127,8 @@ def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(n) for n in re.findall(r"\d+", text)[:3])
 
 
-@pytest.fixture(scope="session")
-def kubectl() -> str:
+def kubectl_or_unavailable() -> str:
+    """The kubectl binary, checked to bundle kustomize v5 (skip locally, fail under CI)."""
     path = _find_kubectl()
     if path is None:
         _unavailable(
@@ -149,7 +149,12 @@ def kubectl() -> str:
     return path
 
 
-def _import_or_unavailable(module: str, requirement: str) -> ModuleType:
+@pytest.fixture(scope="session")
+def kubectl() -> str:
+    return kubectl_or_unavailable()
+
+
+def import_or_unavailable(module: str, requirement: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -158,22 +163,26 @@ def _import_or_unavailable(module: str, requirement: str) -> ModuleType:
 
 @pytest.fixture(scope="session")
 def k8s_validate() -> ModuleType:
-    return _import_or_unavailable("kubernetes_validate", "kubernetes-validate>=1.33")
+    return import_or_unavailable("kubernetes_validate", "kubernetes-validate>=1.33")
 
 
 @pytest.fixture(scope="session")
 def yaml_module(k8s_validate: ModuleType) -> ModuleType:
-    return _import_or_unavailable("yaml", "PyYAML")  # a dependency of kubernetes-validate
+    return import_or_unavailable("yaml", "PyYAML")  # a dependency of kubernetes-validate
+
+
+def kustomize(kubectl: str, yaml_module: ModuleType, path: Path) -> list[Doc]:
+    out = _run_kubectl(kubectl, "kustomize", str(path))
+    docs = [d for d in yaml_module.safe_load_all(out) if d]
+    assert docs, f"`kubectl kustomize {path}` rendered nothing"
+    return docs
 
 
 @pytest.fixture(scope="session")
 def render(kubectl: str, yaml_module: ModuleType) -> Callable[[str], list[Doc]]:
     @cache
     def _render(variant: str) -> list[Doc]:
-        out = _run_kubectl(kubectl, "kustomize", str(VARIANTS[variant]))
-        docs = [d for d in yaml_module.safe_load_all(out) if d]
-        assert docs, f"`kubectl kustomize {VARIANTS[variant]}` rendered nothing"
-        return docs
+        return kustomize(kubectl, yaml_module, VARIANTS[variant])
 
     return _render
 
