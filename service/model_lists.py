@@ -1,7 +1,7 @@
 """Model lists as live data: a configured model is offered only while its upstream lists it.
 
-Reference 000: "show only models returned by the authenticated model list". Each provider's list
-(OpenAI-compatible ``GET /models``, Gemini ``models.list``) is cached for ``MODEL_LIST_TTL_S``.
+Each provider's list, as its upstream returns it for the gateway's own key (OpenAI-compatible
+``GET /models``, Gemini ``models.list``), is cached for ``MODEL_LIST_TTL_S``.
 A configured model its upstream stopped listing is hidden from ``/api/models`` and ``/v1/models``
 and refused with ``404 model_not_found`` until it is listed again. Providers without a list (the
 demo model) are always live.

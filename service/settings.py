@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    # --- chat rules (reference 001)
+    # --- chat rules
     default_token_limit: int = Field(100_000, ge=0)
     max_chats_per_user: int = Field(100, ge=1)
     message_rate_limit_ms: int = Field(1000, ge=0)

@@ -1,4 +1,4 @@
-"""Token counting: a local BPE tokenizer that works offline, and the reference's estimate.
+"""Token counting: a local BPE tokenizer that works offline, and a conservative estimate.
 
 Order of preference for a turn's numbers: what the upstream reports (``source="upstream"``), the
 local tokenizer for OpenAI-family encodings (``"tokenizer"``), the character estimate as the last
@@ -29,7 +29,8 @@ def load_encoding(name: str) -> Any:
 
 
 def estimate_tokens(text: str) -> int:
-    """Reference 001's conservative estimate: length/4, +2% per special character, +3% buffer.
+    """A conservative estimate (overcounting is safer for a budget than undercounting):
+    length/4, +2% per special (non-word) character, +3% buffer.
 
     The special-character factor is capped at 1.5: uncapped it grows without bound on long texts.
     """

@@ -21,6 +21,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
@@ -126,8 +127,8 @@ def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(n) for n in re.findall(r"\d+", text)[:3])
 
 
-@pytest.fixture(scope="session")
-def kubectl() -> str:
+def kubectl_or_unavailable() -> str:
+    """The kubectl binary, checked to bundle kustomize v5 (skip locally, fail under CI)."""
     path = _find_kubectl()
     if path is None:
         _unavailable(
@@ -148,7 +149,12 @@ def kubectl() -> str:
     return path
 
 
-def _import_or_unavailable(module: str, requirement: str) -> ModuleType:
+@pytest.fixture(scope="session")
+def kubectl() -> str:
+    return kubectl_or_unavailable()
+
+
+def import_or_unavailable(module: str, requirement: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -157,22 +163,26 @@ def _import_or_unavailable(module: str, requirement: str) -> ModuleType:
 
 @pytest.fixture(scope="session")
 def k8s_validate() -> ModuleType:
-    return _import_or_unavailable("kubernetes_validate", "kubernetes-validate>=1.33")
+    return import_or_unavailable("kubernetes_validate", "kubernetes-validate>=1.33")
 
 
 @pytest.fixture(scope="session")
 def yaml_module(k8s_validate: ModuleType) -> ModuleType:
-    return _import_or_unavailable("yaml", "PyYAML")  # a dependency of kubernetes-validate
+    return import_or_unavailable("yaml", "PyYAML")  # a dependency of kubernetes-validate
+
+
+def kustomize(kubectl: str, yaml_module: ModuleType, path: Path) -> list[Doc]:
+    out = _run_kubectl(kubectl, "kustomize", str(path))
+    docs = [d for d in yaml_module.safe_load_all(out) if d]
+    assert docs, f"`kubectl kustomize {path}` rendered nothing"
+    return docs
 
 
 @pytest.fixture(scope="session")
 def render(kubectl: str, yaml_module: ModuleType) -> Callable[[str], list[Doc]]:
     @cache
     def _render(variant: str) -> list[Doc]:
-        out = _run_kubectl(kubectl, "kustomize", str(VARIANTS[variant]))
-        docs = [d for d in yaml_module.safe_load_all(out) if d]
-        assert docs, f"`kubectl kustomize {VARIANTS[variant]}` rendered nothing"
-        return docs
+        return kustomize(kubectl, yaml_module, VARIANTS[variant])
 
     return _render
 
@@ -694,6 +704,67 @@ def test_ingress_nginx_streams_unbuffered_with_long_timeouts(
 
 
 # --------------------------------------------------------------------------------------------
+# Placeholders: deploy/README.md's "adjust before the first apply" list names every one
+
+DEPLOY_README = DEPLOY / "README.md"
+# Text that can only be a stand-in: example domains, CHANGE-ME / REPLACE / TODO markers, <...>.
+PLACEHOLDER = re.compile(
+    r"[a-z0-9.-]*\bexample\.(?:com|org|net)\b|\bCHANGE[-_ ]?ME\b|\bREPLACE\w*|\bTODO\b|<[^<>\s]+>",
+    re.I,
+)
+# Settings whose values depend on the cluster or the organisation, not on the service.
+CLUSTER_SETTINGS = ("JWT_ISSUER", "JWT_AUDIENCE", "MODELS", "DEFAULT_MODEL", "WS_ALLOWED_ORIGINS")
+
+
+def _adjust_list() -> list[str]:
+    """The code spans of deploy/README.md's list of what to adjust before the first apply."""
+    text = DEPLOY_README.read_text()
+    found = re.search(r"^Before the first apply, adjust.*?(?=^##)", text, re.S | re.M)
+    assert found, "deploy/README.md has no 'Before the first apply, adjust ...' list"
+    return re.findall(r"`([^`]+)`", found.group(0))
+
+
+def _cluster_specific_values(docs: list[Doc]) -> set[str]:
+    """Every value in the rendered manifests that names something of a particular cluster."""
+    values = {
+        m.group(0)
+        for node in _walk(docs)
+        if isinstance(node, str)
+        for m in PLACEHOLDER.finditer(node)
+    }
+    for doc in docs:
+        values.add(doc["metadata"]["namespace"])
+        for node in _walk(doc):
+            if not isinstance(node, dict):
+                continue
+            if "secretKeyRef" in node:
+                values.add(node["secretKeyRef"]["name"])
+            if "namespaceSelector" in node:
+                values |= set(node["namespaceSelector"]["matchLabels"].values())
+            if "emptyDir" in node and "sizeLimit" in node["emptyDir"]:
+                values.add(str(node["emptyDir"]["sizeLimit"]))
+    for route in _all(docs, "HTTPRoute"):
+        for ref in route["spec"]["parentRefs"]:
+            values |= {str(ref[k]) for k in ("name", "namespace", "sectionName") if k in ref}
+    for ingress in _all(docs, "Ingress"):
+        values.add(ingress["spec"]["ingressClassName"])
+        values |= {tls["secretName"] for tls in ingress["spec"].get("tls", [])}
+    values |= {c["image"].rsplit(":", 1)[0] for c in _pod_spec(docs)["containers"]}
+    data = {k: v for cm in _all(docs, "ConfigMap") for k, v in cm.get("data", {}).items()}
+    values |= {name for name in CLUSTER_SETTINGS if name in data}
+    return values
+
+
+def test_the_adjust_list_names_every_placeholder(docs: list[Doc], variant: str) -> None:
+    spans = _adjust_list()
+    missing = sorted(v for v in _cluster_specific_values(docs) if not any(v in s for s in spans))
+    assert not missing, (
+        f"{variant}: deploy/README.md's 'Before the first apply, adjust' list does not name "
+        f"{missing}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Dockerfile and build context (no kubectl needed)
 
 
@@ -846,3 +917,16 @@ def test_dockerignore_keeps_the_context_to_what_the_build_copies() -> None:
             assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
             assert not _dockerignored(source), f"COPY {source}: excluded by .dockerignore"
     assert not _dockerignored("service/app.py")
+
+
+def test_the_build_stage_copies_every_file_pyproject_names() -> None:
+    """``pip install .`` reads the readme and the licence files; the image must ship the licence."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    needed = {"pyproject.toml", project["readme"], *project.get("license-files", [])}
+    copied = set()
+    for copy in _dockerfile_stages()[0].get("COPY", []):
+        *sources, _dest = shlex.split(copy)
+        copied |= {s for s in sources if not s.startswith("--")}
+    for name in sorted(needed):
+        assert name in copied, f"the build stage does not COPY {name}, which pyproject.toml names"
+        assert not _dockerignored(name), f"{name} is excluded from the build context"
