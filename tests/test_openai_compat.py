@@ -457,3 +457,16 @@ async def test_models_list_and_retrieve(oai):
     with pytest.raises(openai.NotFoundError) as info:
         await oai.models.retrieve("gpt-nope")
     assert info.value.code == "model_not_found"
+
+
+@pytest.mark.parametrize("max_tokens", [1, 7, 20, 33])
+async def test_demo_model_length_stop_bills_what_was_asked_for(oai, max_tokens):
+    """A length stop bills ``max_tokens`` exactly, as a real model's does, and the text it sent
+    counts no more than that."""
+    from service.tokens import TokenCounter
+
+    completion = await oai.chat.completions.create(model="demo", messages=HI, max_tokens=max_tokens)
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage.completion_tokens == max_tokens
+    text = completion.choices[0].message.content
+    assert 0 < TokenCounter().count(text) <= max_tokens

@@ -1,7 +1,8 @@
 """The built-in offline demo model: real-looking Markdown answers at a realistic pace, no network.
 
 It is named ``demo`` everywhere it appears, so nobody mistakes it for a real model. It honours
-``max_tokens`` (finishing with ``length``) and reports exact usage, as a real upstream would.
+``max_tokens`` (finishing with ``length`` and billing exactly ``max_tokens`` then) and reports
+exact usage, as a real upstream would.
 """
 
 from __future__ import annotations
@@ -54,19 +55,27 @@ class DemoProvider:
         return None
 
     async def _stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
+        """Word by word until ``max_tokens``. A length stop bills ``max_tokens`` exactly, as a
+        real model's does: the word that does not fit is cut to the tokens left."""
+        count = self._counter.count
         prompt = self._counter.count_messages(request.messages)
-        produced: list[str] = []
-        used = 0
-        finish = "stop"
+        text = ""
         for piece in _WORDS.findall(self.answer_for(request.messages)):
-            cost = self._counter.count(piece)
-            if used + cost > request.max_tokens:
-                finish = "length"
-                break
+            if count(text + piece) > request.max_tokens:
+                cut = self._fit(text, piece, request.max_tokens)
+                if cut:
+                    yield Chunk(text=cut)
+                yield Chunk(finish_reason="length", usage=Usage(prompt, request.max_tokens))
+                return
             if self._delay:
                 await asyncio.sleep(self._delay)
-            used += cost
-            produced.append(piece)
+            text += piece
             yield Chunk(text=piece)
-        completion = self._counter.count("".join(produced))
-        yield Chunk(finish_reason=finish, usage=Usage(prompt, completion))
+        yield Chunk(finish_reason="stop", usage=Usage(prompt, count(text)))
+
+    def _fit(self, text: str, piece: str, tokens: int) -> str:
+        """The longest start of ``piece`` that ``text`` can take within ``tokens``."""
+        end = 0
+        while end < len(piece) and self._counter.count(text + piece[: end + 1]) <= tokens:
+            end += 1
+        return piece[:end]
