@@ -156,8 +156,9 @@ async def _drain(app: web.Application) -> None:
 
 
 async def _auth_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[AUTH] = await Authenticator.create(app[SETTINGS])
+    auth = app[AUTH] = await Authenticator.create(app[SETTINGS])
     yield
+    await auth.close()
 
 
 def create_app(settings: Settings) -> web.Application:

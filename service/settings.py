@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     jwt_leeway_s: int = Field(30, ge=0, le=300)
+    # A JWKS older than the TTL is fetched again; an unknown kid fetches it at most once a gap.
+    jwt_jwks_ttl_s: float = Field(300.0, gt=0)
+    jwt_jwks_min_refresh_s: float = Field(30.0, ge=0)
 
     # --- logs
     log_format: Literal["auto", "json", "console"] = "auto"

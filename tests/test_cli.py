@@ -145,6 +145,16 @@ def test_a_missing_file_is_named_in_one_line(name, tmp_path):
     assert missing in line
 
 
+def test_a_public_key_that_is_not_a_key_is_named_in_one_line(tmp_path):
+    path = tmp_path / "key.pem"
+    path.write_text("not a key\n")
+    out = run("serve", JWT_ALGORITHM="RS256", JWT_PUBLIC_KEY=str(path), **SERVE_ENV)
+    assert "not a RS256 public key" in one_line(out, "JWT_PUBLIC_KEY")
+    short = _public_key_file(tmp_path, bits=1024)
+    out = run("serve", JWT_ALGORITHM="RS256", JWT_PUBLIC_KEY=short, **SERVE_ENV)
+    assert "1024 bits" in one_line(out, "JWT_PUBLIC_KEY")
+
+
 def test_token_with_a_missing_private_key_names_the_option(tmp_path):
     missing = str(tmp_path / "missing.pem")
     out = run(
@@ -159,6 +169,15 @@ def test_token_with_a_missing_private_key_names_the_option(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "--private-key" in lines[0] and missing in lines[0], out.stderr
+
+
+def test_an_unreachable_jwks_url_is_named_in_one_line():
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/jwks.json"
+    out = run("serve", JWT_ALGORITHM="RS256", JWT_JWKS=url, **SERVE_ENV)
+    line = one_line(out, "JWT_JWKS")
+    assert f"cannot fetch {url}" in line
 
 
 def test_an_unresolvable_host_is_named_in_one_line():
@@ -177,11 +196,11 @@ def test_a_port_in_use_is_named_in_one_line():
     assert f"{port} is in use" in line
 
 
-def _public_key_file(tmp_path) -> str:
+def _public_key_file(tmp_path, bits: int = 2048) -> str:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
     pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
