@@ -15,6 +15,10 @@ import socket
 from service.settings import SettingsError
 
 
+class AddressInUse(SettingsError):
+    """PORT is taken (``make run`` words its own advice on that)."""
+
+
 def check_listen_address(host: str, port: int) -> None:
     if port == 0:  # the system picks a free port
         return
@@ -39,10 +43,12 @@ def listen_error(exc: OSError, host: str, port: int) -> SettingsError:
     """The one-line message for a failure to listen, naming HOST or PORT."""
     reason = exc.strerror or str(exc)
     if isinstance(exc, socket.gaierror):
-        problem = f"HOST: cannot resolve {host!r} ({reason})"
-    elif exc.errno == errno.EADDRINUSE:
-        problem = f"PORT: port {port} is in use on {host}; set PORT to a free port"
-    elif exc.errno == errno.EACCES:
+        return SettingsError(f"invalid setting HOST: cannot resolve {host!r} ({reason})")
+    if exc.errno == errno.EADDRINUSE:
+        return AddressInUse(
+            f"invalid setting PORT: port {port} is in use on {host}; set PORT to a free port"
+        )
+    if exc.errno == errno.EACCES:
         problem = f"PORT: no permission to listen on port {port} (below 1024 needs privileges)"
     elif exc.errno == errno.EADDRNOTAVAIL:
         problem = f"HOST: {host!r} is not an address of this machine"
