@@ -104,6 +104,8 @@ class Authenticator:
         return await self.verify(token.strip())
 
     async def verify(self, token: str) -> Principal:
+        if self._jwks is not None:
+            self._jwks.refresh_if_stale()  # also while every token is served from the cache
         self._forget_on_key_change()
         cached = self._verified.get(token)
         if cached is not None:

@@ -97,13 +97,18 @@ class Jwks:
             raise
         return jwks
 
-    async def key_for(self, kid: str | None) -> Any:
-        """The verification key for ``kid`` (the only one when the token names none), or None."""
+    def refresh_if_stale(self) -> None:
+        """Older than the TTL: fetch again in the background (the keys we hold serve meanwhile)."""
         now = self._clock()
         if now - self._loaded_at >= self._ttl_s and self._may_fetch(now, self._ttl_s):
-            self._start_fetch(now)  # in the background: the keys we hold serve meanwhile
+            self._start_fetch(now)
+
+    async def key_for(self, kid: str | None) -> Any:
+        """The verification key for ``kid`` (the only one when the token names none), or None."""
+        self.refresh_if_stale()
         key = self._lookup(kid)
         if key is None:
+            now = self._clock()
             if self._may_fetch(now, self._min_refresh_s):
                 self._start_fetch(now)
             if self._task is not None:  # ours, or one already under way: wait for its keys

@@ -163,6 +163,22 @@ async def test_ttl_refresh_picks_up_a_new_key_and_drops_a_withdrawn_one(
         await authenticator.verify(old)  # cached before, but its key is gone
 
 
+async def test_a_cached_token_of_a_withdrawn_key_is_refused_after_the_ttl_refresh(
+    authenticator, idp, keys, clock
+):
+    token = keys["a"].token()
+    assert (await authenticator.verify(token)).user_id == "alice"
+    idp.published = [keys["b"]]
+    idp.release = asyncio.Event()
+    clock.now += 300
+    assert (await authenticator.verify(token)).user_id == "alice"  # from the cache; fetch begins
+    await wait_until(lambda: idp.fetches == 2, what="the TTL fetch")
+    idp.release.set()
+    await wait_until(lambda: authenticator._jwks.version == 2, what="the new key set")
+    with pytest.raises(Unauthorized, match="unknown key id"):
+        await authenticator.verify(token)
+
+
 async def test_a_failed_refresh_keeps_the_keys_and_is_retried_after_the_gap(
     authenticator, idp, keys, clock, logs
 ):
