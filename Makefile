@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 ## run: start a local MongoDB-compatible server (unless MONGODB_URI is set) and the service on 127.0.0.1:8080
+## (another port: make run PORT=8081; make passes command-line variables to the recipe's environment)
 run: install
 	$(PY) deploy/local/run.py
 

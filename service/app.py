@@ -27,6 +27,7 @@ from service.keys import (
     UPSTREAM,
     WATCHER,
 )
+from service.listen import listen_error
 from service.middleware import add_request_id_header, request_context
 from service.model_lists import ModelLists
 from service.models import load_catalogue
@@ -155,8 +156,9 @@ async def _drain(app: web.Application) -> None:
 
 
 async def _auth_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[AUTH] = await Authenticator.create(app[SETTINGS])
+    auth = app[AUTH] = await Authenticator.create(app[SETTINGS])
     yield
+    await auth.close()
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -177,6 +179,13 @@ def create_app(settings: Settings) -> web.Application:
     page.setup(app)
     metrics.setup(app)
     return app
+
+
+async def _listen(runner: web.AppRunner, settings: Settings) -> None:
+    try:
+        await web.TCPSite(runner, settings.host, settings.port).start()
+    except OSError as exc:  # taken since the CLI's check_listen_address: the same one line
+        raise listen_error(exc, settings.host, settings.port) from None
 
 
 def run(settings: Settings) -> None:
@@ -229,7 +238,7 @@ async def serve(settings: Settings) -> None:
     try:
         await runner.setup()
         try:
-            await web.TCPSite(runner, settings.host, settings.port).start()
+            await _listen(runner, settings)
             log.info("service.listening", url=f"http://{settings.host}:{settings.port}")
             await stopping.wait()
             _begin_draining(app, received[0])

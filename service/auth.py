@@ -4,14 +4,16 @@ Exactly one algorithm is accepted, the configured one, so ``alg: none`` and HS/R
 rejected by construction. ``exp`` and ``sub`` are required; ``iss``/``aud`` are checked when
 configured; ``JWT_LEEWAY_S`` allows for clock skew. Successful verifications are remembered in a
 bounded LRU keyed by the exact token string and reused until ``exp`` (plus the leeway), which is
-safe because the key and the accepted algorithm (and the other checks) are fixed for the process's
-life, so the same token string always verifies the same way until it expires.
+safe because the accepted algorithm and the other checks are fixed for the process's life and the
+cache is emptied whenever the keys change (a JWKS refresh, ``service/jwks.py``), so the same token
+string always verifies the same way until it expires.
+
+A key that cannot be used stops start-up with one line naming its variable (``SettingsError``):
+a public key that does not parse or is shorter than PyJWT's minimum, a JWKS that cannot be loaded.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -21,7 +23,8 @@ from typing import Any
 import jwt
 
 from service.errors import Unauthorized
-from service.settings import HS_ALGORITHMS, Settings
+from service.jwks import Jwks, JwksError
+from service.settings import HS_ALGORITHMS, Settings, SettingsError
 
 # Most verified tokens remembered per Authenticator (LRU); failures are never remembered.
 VERIFIED_CACHE_SIZE = 4096
@@ -38,46 +41,72 @@ def _read_pem(value: str) -> str:
 
 
 class Authenticator:
-    def __init__(self, settings: Settings, jwks: jwt.PyJWKSet | None = None) -> None:
+    def __init__(self, settings: Settings, jwks: Jwks | None = None) -> None:
         self._alg = settings.jwt_algorithm
         self._issuer = settings.jwt_issuer
         self._audience = settings.jwt_audience
         self._leeway = settings.jwt_leeway_s
         self._jwks = jwks
+        self._jwks_version = jwks.version if jwks is not None else 0
         self._key: Any = None
         self._verified: OrderedDict[str, Principal] = OrderedDict()
         if settings.jwt_algorithm in HS_ALGORITHMS:
             if settings.jwt_secret is not None:
                 self._key = settings.jwt_secret.get_secret_value()
         elif settings.jwt_public_key:
-            self._key = _read_pem(settings.jwt_public_key)
+            self._key = _public_key(settings.jwt_algorithm, settings.jwt_public_key)
 
     @classmethod
     async def create(cls, settings: Settings) -> Authenticator:
-        """Build it, fetching a JWKS (file or URL) when one is configured."""
+        """Build it, loading the JWKS (file or URL) when one is configured."""
         jwks = None
         if settings.jwt_jwks:
-            jwks = await asyncio.to_thread(_load_jwks, settings.jwt_jwks)
+            try:
+                jwks = await Jwks.open(
+                    settings.jwt_jwks,
+                    ttl_s=settings.jwt_jwks_ttl_s,
+                    min_refresh_s=settings.jwt_jwks_min_refresh_s,
+                )
+            except JwksError as exc:
+                raise SettingsError(f"invalid setting JWT_JWKS: {exc}") from None
         return cls(settings, jwks)
 
-    def _key_for(self, token: str) -> Any:
+    async def close(self) -> None:
+        if self._jwks is not None:
+            await self._jwks.close()
+
+    async def _key_for(self, token: str) -> Any:
         if self._jwks is None:
             return self._key
-        kid = jwt.get_unverified_header(token).get("kid")
-        for key in self._jwks.keys:
-            if kid is None or key.key_id == kid:
-                return key.key
-        raise Unauthorized("invalid token: unknown key id")
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"invalid token: {type(exc).__name__}") from exc
+        if kid is not None and not isinstance(kid, str):
+            raise Unauthorized("invalid token: bad key id")
+        key = await self._jwks.key_for(kid)
+        if key is None:
+            raise Unauthorized("invalid token: unknown key id")
+        return key
 
-    def verify_header(self, header: str | None) -> Principal:
+    def _forget_on_key_change(self) -> None:
+        """A JWKS refresh may have withdrawn the key a cached token was verified with."""
+        if self._jwks is not None and self._jwks.version != self._jwks_version:
+            self._jwks_version = self._jwks.version
+            self._verified.clear()
+
+    async def verify_header(self, header: str | None) -> Principal:
         if not header:
             raise Unauthorized("missing bearer token")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("malformed Authorization header: expected 'Bearer <token>'")
-        return self.verify(token.strip())
+        return await self.verify(token.strip())
 
-    def verify(self, token: str) -> Principal:
+    async def verify(self, token: str) -> Principal:
+        if self._jwks is not None:
+            self._jwks.refresh_if_stale()  # also while every token is served from the cache
+        self._forget_on_key_change()
         cached = self._verified.get(token)
         if cached is not None:
             # The same test jwt.decode applies to ``exp``: valid while exp > now - leeway.
@@ -85,24 +114,30 @@ class Authenticator:
                 self._verified.move_to_end(token)
                 return cached
             del self._verified[token]  # expired: a full verification rejects it as before
-        principal = self._verify_uncached(token)
+        principal = self._decode(token, await self._key_for(token))
+        self._forget_on_key_change()  # the keys changed while we waited for them
         self._verified[token] = principal
         while len(self._verified) > VERIFIED_CACHE_SIZE:
             self._verified.popitem(last=False)
         return principal
 
-    def _verify_uncached(self, token: str) -> Principal:
-        if self._key is None and self._jwks is None:
+    def _decode(self, token: str, key: Any) -> Principal:
+        if key is None:
             raise Unauthorized("token verification is not configured")
         try:
             claims = jwt.decode(
                 token,
-                self._key_for(token),
+                key,
                 algorithms=[self._alg],
                 issuer=self._issuer,
                 audience=self._audience,
                 leeway=self._leeway,
-                options={"require": ["exp", "sub"], "verify_aud": self._audience is not None},
+                options={
+                    "require": ["exp", "sub"],
+                    "verify_aud": self._audience is not None,
+                    # A short key in a JWKS is refused (401), not a warning on every request.
+                    "enforce_minimum_key_length": True,
+                },
             )
         except jwt.ExpiredSignatureError as exc:
             raise Unauthorized("invalid token: expired") from exc
@@ -114,10 +149,26 @@ class Authenticator:
         return Principal(user_id=sub, expires_at=float(claims["exp"]))
 
 
-def _load_jwks(source: str) -> jwt.PyJWKSet:
-    if source.startswith(("http://", "https://")):
-        return jwt.PyJWKClient(source, cache_jwk_set=True).get_jwk_set()
-    return jwt.PyJWKSet.from_dict(json.loads(Path(source).read_text()))
+def _public_key(algorithm: str, value: str) -> Any:
+    """``JWT_PUBLIC_KEY`` (PEM text or a file), parsed once: a bad key stops start-up."""
+    try:
+        pem = _read_pem(value)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not a text file"
+        raise SettingsError(
+            f"invalid setting JWT_PUBLIC_KEY: cannot read {value} ({reason})"
+        ) from None
+    algo = jwt.get_algorithm_by_name(algorithm)
+    try:
+        key = algo.prepare_key(pem)
+    except (ValueError, TypeError, jwt.PyJWTError):
+        raise SettingsError(
+            f"invalid setting JWT_PUBLIC_KEY: not a {algorithm} public key in PEM form"
+        ) from None
+    too_short = algo.check_key_length(key)
+    if too_short:
+        raise SettingsError(f"invalid setting JWT_PUBLIC_KEY: {too_short}")
+    return key
 
 
 def mint_token(

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from service import __version__
-from service.settings import SettingsError, load_settings, require_server_settings
+from service.settings import Settings, SettingsError, load_settings, require_server_settings
 
 DESCRIPTION = """\
 Streaming chat gateway: streams LLM answers over SSE, WebSocket and an OpenAI-compatible API,
@@ -44,28 +45,55 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         settings = load_settings()
-        if args.command == "serve":
-            require_server_settings(settings)
-            from service.models import load_catalogue
-            from service.providers.gemini import parse_safety_settings
-
-            load_catalogue(settings)  # a bad catalogue entry stops start-up here, by name
-            parse_safety_settings(settings.gemini_safety_settings)
+        if args.command == "token":
+            print(_token(settings, args.user, args.ttl, args.private_key))
+        else:
+            _serve(settings)
     except SettingsError as exc:
         print(f"chat-gateway: {exc}", file=sys.stderr)
         return 2
-    if args.command == "token":
-        from service.auth import mint_token
+    return 0
 
-        try:
-            print(mint_token(settings, args.user, ttl_s=args.ttl, private_key=args.private_key))
-        except ValueError as exc:
-            print(f"chat-gateway: {exc}", file=sys.stderr)
-            return 2
-        return 0
+
+def _serve(settings: Settings) -> None:
+    """Check everything that can be checked before starting, then serve until a signal."""
+    require_server_settings(settings)
+    from service.listen import check_listen_address
+    from service.models import load_catalogue
+    from service.providers.gemini import parse_safety_settings
+
+    load_catalogue(settings)  # a bad catalogue entry stops start-up here, by name
+    parse_safety_settings(settings.gemini_safety_settings)
+    check_listen_address(settings.host, settings.port)
     from service.app import run
     from service.logs import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
-    run(settings)
-    return 0
+    run(settings)  # a key or JWKS that cannot be loaded raises SettingsError, by name
+
+
+def _token(settings: Settings, user: str, ttl: int, private_key: str | None) -> str:
+    import jwt
+
+    from service.auth import mint_token
+
+    pem = None if private_key is None else _read_private_key(private_key)
+    try:
+        return mint_token(settings, user, ttl_s=ttl, private_key=pem)
+    except (ValueError, TypeError, jwt.PyJWTError) as exc:
+        if pem is None:
+            raise SettingsError(str(exc)) from None
+        raise SettingsError(
+            f"invalid --private-key: {private_key} is not a {settings.jwt_algorithm} private key"
+        ) from None
+
+
+def _read_private_key(path: str) -> str:
+    try:
+        pem = Path(path).read_text()
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not a text file"
+        raise SettingsError(f"invalid --private-key: cannot read {path} ({reason})") from None
+    if "-----BEGIN" not in pem:
+        raise SettingsError(f"invalid --private-key: {path} is not a PEM file")
+    return pem

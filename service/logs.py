@@ -1,20 +1,102 @@
 """structlog, configured once at start-up.
 
-JSON lines when stdout is not a terminal (or ``LOG_FORMAT=json``), a readable console otherwise.
-Every line carries the context bound with ``structlog.contextvars`` (the request id, and for a
-stream its ids). Standard-library loggers (aiohttp, pymongo) go through the same renderer.
+JSON lines when stdout is not a terminal (or ``LOG_FORMAT=json``), a readable console otherwise
+(in colour only on a terminal). Every line carries the context bound with
+``structlog.contextvars`` (the request id, and for a stream its ids). Standard-library loggers
+(aiohttp, pymongo) and Python warnings go through the same processors and renderer, so every
+line is one JSON document: a traceback is rendered as text into its ``exception`` field.
+
+Nothing a client sends may put a credential in the log: aiohttp's parse errors echo the raw
+request line or header, a JWT included. ``scrub`` replaces what looks like a credential in every
+string field (JWTs, ``Bearer`` values, ``Authorization``/``Cookie``/API-key header values,
+``ticket=``/``token=``/``key=`` query values, OpenAI and Google API keys) and bounds each
+field's length, on our own lines as well: they are few per request, and a field runs the
+expression only when a few substring tests say it might match (about 3 µs a line).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any
 
 import orjson
 import structlog
+from structlog.typing import EventDict, WrappedLogger
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+
+REDACTED = "[redacted]"
+MAX_FIELD_CHARS = 2000  # a request line or header aiohttp echoes can be 8 KiB
+MAX_EXCEPTION_CHARS = 8000  # a traceback's text
+_CREDENTIAL = re.compile(
+    # a JWS or JWE: base64url JSON header ("eyJ" is '{"'), then 2 to 4 more segments
+    r"eyJ[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){2,4}"
+    # OpenAI-style and Google API keys
+    r"|\bsk-[A-Za-z0-9_-]{16,}|\bAIza[A-Za-z0-9_-]{30,}"
+    # Authorization/Cookie headers: the whole value, whatever its scheme
+    r"|(?P<h>(?i:\b(?:proxy-)?authorization|\bcookie|\bset-cookie)[\"']?\s*[:=]\s*[\"']?)"
+    r"[^\"'\r\n]+"
+    # a bearer token anywhere
+    r"|(?P<b>(?i:\bbearer)[\s\x00-\x1f]+)\S+"
+    # API-key headers and fields
+    r"|(?P<k>(?i:\b(?:x-goog-api-key|x-api-key|api[_-]?key))[\"']?\s*[:=]\s*[\"']?)"
+    r"[^\"'\s,;&}]+"
+    # credentials in a query string
+    r"|(?P<q>(?i:(?<![A-Za-z0-9])(?:ticket|(?:access_|id_|refresh_)?token|key|password|secret)=))"
+    r"[^&\s\"'#]+"
+)
+
+
+def _replace(match: re.Match[str]) -> str:
+    return (match["h"] or match["b"] or match["k"] or match["q"] or "") + REDACTED
+
+
+def _may_hold_credential(text: str) -> bool:
+    """A fast test (a few substring searches) that every match of the expression passes: most
+    fields (paths, ids, event names) skip the expression, which costs 10-20 times as much."""
+    low = text.lower()
+    return (
+        "=" in low
+        or "eyj" in low
+        or "key" in low
+        or "bearer" in low
+        or "auth" in low
+        or "cookie" in low
+        or "sk-" in low
+        or "aiza" in low
+    )
+
+
+def redact(text: str) -> str:
+    """``text`` with anything that looks like a credential replaced by ``[redacted]``."""
+    return _CREDENTIAL.sub(_replace, text) if _may_hold_credential(text) else text
+
+
+def _bound(text: str, limit: int, head: int) -> str:
+    """At most about ``limit`` characters: the first ``head`` and the rest from the end."""
+    if len(text) <= limit:
+        return text
+    cut = len(text) - limit
+    return f"{text[:head]}…[{cut} characters cut]…{text[len(text) - limit + head :]}"
+
+
+def scrub(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """Processor: redact credentials in, and bound the length of, every string field."""
+    for key, value in event_dict.items():
+        if isinstance(value, str) and (len(value) > MAX_FIELD_CHARS or _may_hold_credential(value)):
+            event_dict[key] = _scrubbed(value, exception=key == "exception")
+    return event_dict
+
+
+def _scrubbed(text: str, *, exception: bool) -> str:
+    # A traceback keeps its first line and its end (the frames nearest the error).
+    limit = MAX_EXCEPTION_CHARS if exception else MAX_FIELD_CHARS
+    head = limit // 4 if exception else limit
+    # Cut first, so the expression never scans megabytes; a token split by the cut is still
+    # redacted (its prefix matches) or no longer usable.
+    return _bound(redact(_bound(text, 4 * limit, head)), limit, head)
 
 
 def _orjson_dumps(obj: Any, default: Any = None) -> str:
@@ -22,11 +104,12 @@ def _orjson_dumps(obj: Any, default: Any = None) -> str:
 
 
 def configure_logging(fmt: str = "auto", level: str = "info", *, cache: bool = True) -> None:
-    json_output = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
+    tty = sys.stdout.isatty()
+    json_output = fmt == "json" or (fmt == "auto" and not tty)
     renderer: Any = (
         structlog.processors.JSONRenderer(serializer=_orjson_dumps)
         if json_output
-        else structlog.dev.ConsoleRenderer()
+        else structlog.dev.ConsoleRenderer(colors=tty)
     )
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -35,7 +118,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", *, cache: bool = T
     ]
     numeric = _LEVELS.get(level, logging.ERROR)
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        processors=[*shared, structlog.processors.format_exc_info, scrub, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
         cache_logger_on_first_use=cache,
@@ -43,7 +126,12 @@ def configure_logging(fmt: str = "auto", level: str = "info", *, cache: bool = T
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            foreign_pre_chain=[
+                *shared,
+                structlog.stdlib.add_logger_name,
+                structlog.processors.format_exc_info,
+                scrub,
+            ],
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )
@@ -53,6 +141,8 @@ def configure_logging(fmt: str = "auto", level: str = "info", *, cache: bool = T
     # Our middleware writes one access line per request; aiohttp's own would duplicate it.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("pymongo").setLevel(logging.WARNING)
+    # A library's warning (PyJWT's, aiohttp's) becomes a log line, not raw text on stderr.
+    logging.captureWarnings(True)
 
 
 def get_logger(name: str) -> Any:

@@ -71,7 +71,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     bound = dict(structlog.contextvars.bind_contextvars(request_id=rid))
     try:
         try:
-            bound.update(authenticate(request))
+            bound.update(await authenticate(request))
             response = await handler(request)
         except asyncio.CancelledError:
             _access(request, 499, started)  # the client closed the connection
@@ -101,7 +101,7 @@ async def add_request_id_header(request: web.Request, response: web.StreamRespon
         response.headers["X-Request-ID"] = rid
 
 
-def authenticate(request: web.Request) -> Mapping[str, Any]:
+async def authenticate(request: web.Request) -> Mapping[str, Any]:
     """Guard ``/api`` and ``/v1`` (but the public and self-authenticating paths): the bearer
     token's principal goes on the request and on every log line of it (the context variables'
     tokens are returned, to be reset)."""
@@ -111,7 +111,7 @@ def authenticate(request: web.Request) -> Mapping[str, Any]:
         and not path.startswith(PUBLIC_PREFIXES)
         and path not in SELF_AUTHENTICATING
     ):
-        principal = request.app[AUTH].verify_header(request.headers.get("Authorization"))
+        principal = await request.app[AUTH].verify_header(request.headers.get("Authorization"))
         request[PRINCIPAL] = principal
         return structlog.contextvars.bind_contextvars(user_id=principal.user_id)
     return {}

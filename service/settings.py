@@ -1,11 +1,13 @@
 """Configuration: every setting comes from the environment (or an optional ``.env``).
 
 ``load_settings`` turns a validation failure into ``SettingsError`` whose message names the
-variable and the problem, one line each, so that start-up can stop with a clear message.
+variable and the problem, one line each, so that start-up can stop with a clear message. Checks
+that span several variables raise ``_Invalid`` with the variable's name, for the same reason.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
 from typing import Literal
@@ -14,11 +16,22 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 HS_ALGORITHMS = ("HS256", "HS384", "HS512")
+# RFC 7518 section 3.2: an HMAC key at least as long as the hash's output, in bytes.
+HS_MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 JwtAlgorithm = Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "EdDSA"]
 
 
 class SettingsError(Exception):
     """A setting is missing or invalid; the message names the variable."""
+
+
+class _Invalid(ValueError):
+    """Raised inside a model validator: carries the variable's name, which pydantic cannot."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(problem)
+        self.name = name
+        self.problem = problem
 
 
 class Settings(BaseSettings):
@@ -48,6 +61,9 @@ class Settings(BaseSettings):
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     jwt_leeway_s: int = Field(30, ge=0, le=300)
+    # A JWKS older than the TTL is fetched again; an unknown kid fetches it at most once a gap.
+    jwt_jwks_ttl_s: float = Field(300.0, gt=0)
+    jwt_jwks_min_refresh_s: float = Field(30.0, ge=0)
 
     # --- logs
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -106,16 +122,35 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_keys(self) -> Settings:
         if self.jwt_algorithm in HS_ALGORITHMS:
-            if self.jwt_public_key or self.jwt_jwks:
-                raise ValueError(
-                    "JWT_PUBLIC_KEY/JWT_JWKS are for asymmetric algorithms; "
-                    f"JWT_ALGORITHM={self.jwt_algorithm} uses JWT_SECRET"
-                )
+            for name, value in (
+                ("JWT_PUBLIC_KEY", self.jwt_public_key),
+                ("JWT_JWKS", self.jwt_jwks),
+            ):
+                if value:
+                    raise _Invalid(
+                        name,
+                        f"is for asymmetric algorithms; JWT_ALGORITHM={self.jwt_algorithm} "
+                        "uses JWT_SECRET",
+                    )
+            if self.jwt_secret is not None:
+                check_secret_length(self.jwt_algorithm, self.jwt_secret.get_secret_value())
         elif self.jwt_secret is not None:
-            raise ValueError(
-                f"JWT_SECRET is for HS algorithms; JWT_ALGORITHM={self.jwt_algorithm} "
-                "needs JWT_PUBLIC_KEY or JWT_JWKS"
+            raise _Invalid(
+                "JWT_SECRET",
+                f"is for HS algorithms; JWT_ALGORITHM={self.jwt_algorithm} "
+                "needs JWT_PUBLIC_KEY or JWT_JWKS",
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_files(self) -> Settings:
+        """A file named by a setting must be there at start-up, not at the first request."""
+        if self.models_file is not None:
+            _check_readable("MODELS_FILE", self.models_file)
+        if self.jwt_public_key and "-----BEGIN" not in self.jwt_public_key:
+            _check_readable("JWT_PUBLIC_KEY", Path(self.jwt_public_key))
+        if self.jwt_jwks and not self.jwt_jwks.startswith(("http://", "https://")):
+            _check_readable("JWT_JWKS", Path(self.jwt_jwks))
         return self
 
     @property
@@ -127,9 +162,31 @@ class Settings(BaseSettings):
         return bool(self.jwt_secret or self.jwt_public_key or self.jwt_jwks)
 
 
+def check_secret_length(algorithm: str, secret: str) -> None:
+    minimum = HS_MIN_SECRET_BYTES[algorithm]
+    size = len(secret.encode())
+    if size < minimum:
+        raise _Invalid(
+            "JWT_SECRET",
+            f"{size} bytes is too short for {algorithm}: use at least {minimum} random bytes "
+            "(e.g. openssl rand -base64 48)",
+        )
+
+
+def _check_readable(name: str, path: Path) -> None:
+    if not path.is_file():
+        raise _Invalid(name, f"no such file: {path}")
+    if not os.access(path, os.R_OK):
+        raise _Invalid(name, f"cannot read {path}: permission denied")
+
+
 def _describe(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, _Invalid):
+            lines.append(f"invalid setting {cause.name}: {cause.problem}")
+            continue
         name = "_".join(str(p) for p in err["loc"]).upper() or "settings"
         lines.append(f"invalid setting {name}: {err['msg']}")
     return "\n".join(lines)
@@ -145,15 +202,26 @@ def load_settings(**overrides: object) -> Settings:
 
 
 def resolve_local_defaults(settings: Settings) -> Settings:
-    """Local mode only: a development JWT secret kept in the data folder (kept across restarts)."""
-    if settings.has_jwt_key or not settings.is_local:
+    """Local mode only: a development JWT secret kept in the data folder (kept across restarts).
+
+    48 random bytes make 64 characters: long enough for HS512, the longest HMAC hash.
+    """
+    if settings.has_jwt_key or not settings.is_local or settings.jwt_algorithm not in HS_ALGORITHMS:
         return settings
     path = settings.data_dir / "dev-jwt-secret"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(secrets.token_urlsafe(48))
         path.chmod(0o600)
-    return settings.model_copy(update={"jwt_secret": SecretStr(path.read_text().strip())})
+    secret = path.read_text().strip()
+    try:
+        check_secret_length(settings.jwt_algorithm, secret)
+    except _Invalid as exc:
+        raise SettingsError(
+            f"invalid setting JWT_SECRET: the development key in {path}: {exc.problem}; "
+            "delete the file to have a new one made"
+        ) from None
+    return settings.model_copy(update={"jwt_secret": SecretStr(secret)})
 
 
 def require_server_settings(settings: Settings) -> None:
@@ -166,4 +234,9 @@ def require_server_settings(settings: Settings) -> None:
         raise SettingsError(
             "invalid setting JWT_SECRET: no JWT key configured (set JWT_SECRET, JWT_PUBLIC_KEY "
             "or JWT_JWKS; ENVIRONMENT=local creates a development key)"
+        )
+    if settings.dev_token_endpoint and not settings.is_local:
+        raise SettingsError(
+            "invalid setting DEV_TOKEN_ENDPOINT: true lets anyone mint a token for any user; "
+            f"it is refused unless ENVIRONMENT=local (ENVIRONMENT={settings.environment})"
         )

@@ -189,17 +189,17 @@ def set_clock(monkeypatch):
     return move
 
 
-def test_verified_token_is_served_from_cache(settings, decodes):
+async def test_verified_token_is_served_from_cache(settings, decodes):
     auth = Authenticator(settings)
     token = mint_token(settings, "alice")
-    principal = auth.verify(token)
+    principal = await auth.verify(token)
     assert principal.user_id == "alice"
     auth._key = "another-secret-" + "y" * 60  # a fresh verification of `token` would now fail
-    assert auth.verify(token) == principal
-    assert auth.verify_header(f"Bearer {token}") == principal
+    assert await auth.verify(token) == principal
+    assert await auth.verify_header(f"Bearer {token}") == principal
     assert decodes == [token]
     with pytest.raises(Unauthorized):
-        auth.verify(mint_token(settings, "bob"))  # a token not seen before is fully verified
+        await auth.verify(mint_token(settings, "bob"))  # a token not seen before is fully verified
 
 
 async def test_app_verifies_a_token_once(client, auth, decodes):
@@ -209,45 +209,45 @@ async def test_app_verifies_a_token_once(client, auth, decodes):
     assert len(decodes) == 1
 
 
-def test_expired_cached_token_is_rejected(settings, decodes, set_clock):
+async def test_expired_cached_token_is_rejected(settings, decodes, set_clock):
     auth = Authenticator(settings)
     token = mint_token(settings, "alice", ttl_s=60)
-    expires_at = auth.verify(token).expires_at
+    expires_at = (await auth.verify(token)).expires_at
     leeway = settings.jwt_leeway_s
     set_clock(expires_at + leeway - 0.5)  # still inside the leeway: a cache hit
-    assert auth.verify(token).user_id == "alice"
+    assert (await auth.verify(token)).user_id == "alice"
     assert len(decodes) == 1
     set_clock(expires_at + leeway)  # past it: dropped, and fully verified (and rejected) again
     for calls in (2, 3):
         with pytest.raises(Unauthorized) as exc_info:
-            auth.verify(token)
+            await auth.verify(token)
         assert exc_info.value.message == "invalid token: expired"
         assert len(decodes) == calls
     assert token not in auth._verified
 
 
-def test_failed_verifications_are_not_cached(settings, decodes):
+async def test_failed_verifications_are_not_cached(settings, decodes):
     auth = Authenticator(settings)
     forged = jwt.encode({"sub": "alice", "exp": time.time() + 60}, "wrong-secret" * 4, "HS256")
     not_yet = mint_token(settings, "alice", extra={"nbf": int(time.time()) + 3600})
     for token in (forged, not_yet):
         for _ in range(2):
             with pytest.raises(Unauthorized):
-                auth.verify(token)
+                await auth.verify(token)
     assert decodes == [forged, forged, not_yet, not_yet]
     assert not auth._verified
 
 
-def test_cache_is_a_bounded_lru(settings, decodes, monkeypatch):
+async def test_cache_is_a_bounded_lru(settings, decodes, monkeypatch):
     monkeypatch.setattr(service.auth, "VERIFIED_CACHE_SIZE", 3)
     auth = Authenticator(settings)
     tokens = [mint_token(settings, f"user{i}") for i in range(4)]
     for token in tokens[:3]:
-        auth.verify(token)
-    auth.verify(tokens[0])  # a hit: now the most recently used
-    auth.verify(tokens[3])  # over the bound: evicts the least recently used, tokens[1]
+        await auth.verify(token)
+    await auth.verify(tokens[0])  # a hit: now the most recently used
+    await auth.verify(tokens[3])  # over the bound: evicts the least recently used, tokens[1]
     assert list(auth._verified) == [tokens[2], tokens[0], tokens[3]]
     assert decodes == tokens
-    auth.verify(tokens[1])  # evicted, so verified again
+    await auth.verify(tokens[1])  # evicted, so verified again
     assert decodes == [*tokens, tokens[1]]
     assert len(auth._verified) == 3

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
 import jwt
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,3 +73,137 @@ def test_bad_gemini_safety_settings_stop_startup_in_one_line(tmp_path):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "GEMINI_SAFETY_SETTINGS" in lines[0], out.stderr
+
+
+# ---------------------------------------------------------------- start-up refusals, one line each
+def one_line(out: subprocess.CompletedProcess[str], name: str) -> str:
+    """The process stopped with exit code 2 and one stderr line naming ``name``, no traceback."""
+    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
+    assert "Traceback" not in out.stdout + out.stderr, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"chat-gateway: invalid setting {name}: "), lines[0]
+    return lines[0]
+
+
+SERVE_ENV = {"MONGODB_URI": "mongodb://127.0.0.1:1", "MONGODB_TIMEOUT_MS": "200"}
+
+
+def test_dev_token_endpoint_is_refused_outside_local_mode(tmp_path):
+    for environment in ("production", None):
+        env = {"ENVIRONMENT": environment} if environment else {}
+        out = run(
+            "serve",
+            JWT_SECRET="s" * 40,
+            DEV_TOKEN_ENDPOINT="true",
+            DATA_DIR=str(tmp_path),
+            **SERVE_ENV,
+            **env,
+        )
+        line = one_line(out, "DEV_TOKEN_ENDPOINT")
+        assert "ENVIRONMENT=local" in line and "mint" in line
+
+
+@pytest.mark.parametrize(("algorithm", "minimum"), [("HS256", 32), ("HS384", 48), ("HS512", 64)])
+def test_a_secret_shorter_than_the_hash_is_refused(algorithm, minimum, tmp_path):
+    for command in (("serve",), ("token", "--user", "a")):
+        out = run(
+            *command,
+            JWT_ALGORITHM=algorithm,
+            JWT_SECRET="s" * (minimum - 1),
+            DATA_DIR=str(tmp_path),
+            **SERVE_ENV,
+        )
+        line = one_line(out, "JWT_SECRET")
+        assert f"{minimum - 1} bytes" in line and f"at least {minimum}" in line
+        assert "s" * 8 not in line  # the secret itself is never echoed
+    ok = run("token", "--user", "a", JWT_ALGORITHM=algorithm, JWT_SECRET="é" * (minimum // 2))
+    assert ok.returncode == 0, ok.stderr  # bytes of the UTF-8 secret, not characters
+    assert ok.stderr == ""
+
+
+def test_local_mode_dev_secret_satisfies_the_longest_hash(tmp_path):
+    out = run(
+        "token", "--user", "a", ENVIRONMENT="local", JWT_ALGORITHM="HS512", DATA_DIR=str(tmp_path)
+    )
+    assert out.returncode == 0, out.stderr
+    assert len((tmp_path / "dev-jwt-secret").read_bytes().strip()) >= 64
+
+
+def test_a_secret_with_an_asymmetric_algorithm_names_jwt_secret():
+    out = run("serve", JWT_ALGORITHM="RS256", JWT_SECRET="x", **SERVE_ENV)
+    line = one_line(out, "JWT_SECRET")
+    assert "RS256" in line
+
+
+@pytest.mark.parametrize("name", ["MODELS_FILE", "JWT_PUBLIC_KEY", "JWT_JWKS"])
+def test_a_missing_file_is_named_in_one_line(name, tmp_path):
+    missing = str(tmp_path / "missing.json")
+    env = {"JWT_SECRET": "s" * 40} if name == "MODELS_FILE" else {"JWT_ALGORITHM": "RS256"}
+    out = run("serve", **{name: missing}, **env, DATA_DIR=str(tmp_path), **SERVE_ENV)
+    line = one_line(out, name)
+    assert missing in line
+
+
+def test_a_public_key_that_is_not_a_key_is_named_in_one_line(tmp_path):
+    path = tmp_path / "key.pem"
+    path.write_text("not a key\n")
+    out = run("serve", JWT_ALGORITHM="RS256", JWT_PUBLIC_KEY=str(path), **SERVE_ENV)
+    assert "not a RS256 public key" in one_line(out, "JWT_PUBLIC_KEY")
+    short = _public_key_file(tmp_path, bits=1024)
+    out = run("serve", JWT_ALGORITHM="RS256", JWT_PUBLIC_KEY=short, **SERVE_ENV)
+    assert "1024 bits" in one_line(out, "JWT_PUBLIC_KEY")
+
+
+def test_token_with_a_missing_private_key_names_the_option(tmp_path):
+    missing = str(tmp_path / "missing.pem")
+    out = run(
+        "token",
+        "--user",
+        "a",
+        "--private-key",
+        missing,
+        JWT_ALGORITHM="RS256",
+        JWT_PUBLIC_KEY=_public_key_file(tmp_path),
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--private-key" in lines[0] and missing in lines[0], out.stderr
+
+
+def test_an_unreachable_jwks_url_is_named_in_one_line():
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/jwks.json"
+    out = run("serve", JWT_ALGORITHM="RS256", JWT_JWKS=url, **SERVE_ENV)
+    line = one_line(out, "JWT_JWKS")
+    assert f"cannot fetch {url}" in line
+
+
+def test_an_unresolvable_host_is_named_in_one_line():
+    out = run("serve", HOST="no-such-host.invalid", JWT_SECRET="s" * 40, **SERVE_ENV)
+    line = one_line(out, "HOST")
+    assert "no-such-host.invalid" in line
+
+
+def test_a_port_in_use_is_named_in_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = run("serve", HOST="127.0.0.1", PORT=str(port), JWT_SECRET="s" * 40, **SERVE_ENV)
+    line = one_line(out, "PORT")
+    assert f"{port} is in use" in line
+
+
+def _public_key_file(tmp_path, bits: int = 2048) -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    path = tmp_path / "public.pem"
+    path.write_bytes(pem)
+    return str(path)

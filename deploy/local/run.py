@@ -2,9 +2,12 @@
 """`make run`: SecantusDB on loopback plus the service; no keys, no network.
 
 - Unless MONGODB_URI is set, starts ``secantusd-py`` as a separate process on a free loopback
-  port with its data under ``.data/mongo`` (git-ignored), so chats survive a restart.
+  port with its data under ``.data/mongo`` (``DATA_DIR``; git-ignored), so chats survive a
+  restart.
 - Starts ``python -m service serve`` with ENVIRONMENT=local (a development JWT key is created in
-  ``.data`` and kept) and the offline demo model.
+  ``.data`` and kept) and the offline demo model, on HOST:PORT (127.0.0.1:8080 unless set:
+  ``make run PORT=8081``). A port already taken stops it before anything starts, with the
+  advice to set PORT. Its console log is coloured only on a terminal (``make run > file``: none).
 - Ctrl-C (or SIGTERM) stops the service first, then the database, and waits for both.
 """
 
@@ -18,8 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from service.listen import AddressInUse, check_listen_address
+from service.settings import SettingsError
+
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT / ".data"
 
 
 def free_port() -> int:
@@ -28,25 +33,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], deadline_s: float = 30.0) -> None:
+def wait_for_port(
+    port: int, proc: subprocess.Popen[bytes], log: Path, deadline_s: float = 30.0
+) -> None:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         if proc.poll() is not None:
-            raise SystemExit(
-                f"SecantusDB exited early (code {proc.returncode}); see .data/mongo.log"
-            )
+            raise SystemExit(f"SecantusDB exited early (code {proc.returncode}); see {log}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.1)
-    raise SystemExit("SecantusDB did not start listening within 30 s; see .data/mongo.log")
+    raise SystemExit(f"SecantusDB did not start listening within 30 s; see {log}")
 
 
-def start_mongo() -> tuple[subprocess.Popen[bytes], str]:
+def start_mongo(data: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    (DATA / "mongo").mkdir(parents=True, exist_ok=True)
-    with (DATA / "mongo.log").open("ab") as log:
+    (data / "mongo").mkdir(parents=True, exist_ok=True)
+    with (data / "mongo.log").open("ab") as log:
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -56,7 +61,7 @@ def start_mongo() -> tuple[subprocess.Popen[bytes], str]:
                 "--port",
                 str(port),
                 "--storage-path",
-                str(DATA / "mongo"),
+                str(data / "mongo"),
                 "--log-level",
                 "WARNING",
             ],
@@ -64,7 +69,7 @@ def start_mongo() -> tuple[subprocess.Popen[bytes], str]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    wait_for_port(port, proc)
+    wait_for_port(port, proc, data / "mongo.log")
     return proc, f"mongodb://127.0.0.1:{port}/"
 
 
@@ -81,11 +86,37 @@ def stop(
         proc.wait()
 
 
+def listen_problem(host: str, port: str) -> str | None:
+    """The service's own check (``service/listen.py``), before the banner and the database."""
+    if not port.isdigit():
+        return None  # not a port: the service names PORT itself
+    try:
+        check_listen_address(host, int(port))
+    except AddressInUse:
+        return (
+            f"port {port} is in use on {host}; set PORT to a free one "
+            f"(e.g. make run PORT={free_port_after(host, int(port))})"
+        )
+    except SettingsError as exc:
+        return f"chat-gateway: {exc}"
+    return None
+
+
+def free_port_after(host: str, port: int) -> int:
+    for candidate in range(port + 1, min(port + 100, 65536)):
+        try:
+            check_listen_address(host, candidate)
+        except SettingsError:
+            continue
+        return candidate
+    return free_port()
+
+
 def banner(env: dict[str, str]) -> None:
     url = f"http://{env.get('HOST', '127.0.0.1')}:{env.get('PORT', '8080')}"
     print(
         f"\n  chat-gateway (local mode) on {url}  (open it in a browser: the chat page)\n"
-        f"  MongoDB: {env['MONGODB_URI']}  (data in .data/)\n"
+        f"  MongoDB: {env['MONGODB_URI']}  (data in {env['DATA_DIR']})\n"
         "  get a token:  make token user=alice\n"
         "  try:         TOKEN=$(make -s token user=alice)\n"
         f'               curl -s -X POST -H "Authorization: Bearer $TOKEN" {url}/api/chat\n'
@@ -99,12 +130,16 @@ def main() -> int:
     env.setdefault("ENVIRONMENT", "local")
     env.setdefault("HOST", "127.0.0.1")
     env.setdefault("PORT", "8080")
-    env.setdefault("DATA_DIR", str(DATA))
+    env.setdefault("DATA_DIR", ".data")  # relative to the repository, where the service runs
     env.setdefault("DEV_TOKEN_ENDPOINT", "true")  # the page at / gets a local token by itself
-    env.setdefault("LOG_FORMAT", "console")
+    env.setdefault("LOG_FORMAT", "console")  # readable; coloured only on a terminal
+    problem = listen_problem(env["HOST"], env["PORT"])
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     mongo = None
     if not env.get("MONGODB_URI"):
-        mongo, env["MONGODB_URI"] = start_mongo()
+        mongo, env["MONGODB_URI"] = start_mongo(ROOT / env["DATA_DIR"])
     service = None
     stopping = False
 

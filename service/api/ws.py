@@ -47,7 +47,7 @@ def origin_allowed(request: web.Request, allowed: str) -> bool:
 async def _authenticate(request: web.Request) -> Principal:
     header = request.headers.get("Authorization")
     if header is not None:
-        return request.app[AUTH].verify_header(header)
+        return await request.app[AUTH].verify_header(header)
     ticket = request.query.get("ticket")
     if not ticket:
         raise Unauthorized("missing credentials: send a bearer token or a ?ticket=")
