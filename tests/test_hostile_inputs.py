@@ -1,7 +1,10 @@
-"""Hostile inputs get a 4xx in the route's error shape, never a 500."""
+"""Hostile inputs get a 4xx in the route's error shape, never a 500: raw bytes in the bearer
+token, integers MongoDB cannot hold."""
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 
 import pytest
@@ -57,3 +60,40 @@ async def test_non_ascii_bearer_token_is_401_on_every_guarded_route(client, toke
             assert_openai_error(resp.json(), "invalid_api_key")
         else:
             assert_api_error(resp.status, resp.json(), "unauthorized")
+
+
+# --------------------------------------------------------------------------- integers
+def cursor_of(value) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+
+async def test_after_beyond_a_mongodb_integer_is_400(client, auth):
+    h = auth()
+    chat_id = (await (await client.post("/api/chat", headers=h)).json())["chat_id"]
+    for after in (str(10**22), str(2**63), "-" + str(10**22)):
+        resp = await client.get(f"/api/chat/{chat_id}", params={"after": after}, headers=h)
+        assert resp.status == 400, after
+        body = await resp.json()
+        assert_api_error(400, body, "validation_error")
+        assert body["error"]["details"][0]["field"] == "after"
+    resp = await client.get(f"/api/chat/{chat_id}", params={"after": str(2**63 - 1)}, headers=h)
+    assert resp.status == 200 and (await resp.json())["messages"] == []
+
+
+@pytest.mark.parametrize(
+    "value",
+    [[1e300, "x"], [10**22, "x"], [2**63, "x"], [-(10**20), "x"], [10**15, "x"], [1e15, "x"]],
+)
+async def test_cursor_holding_an_out_of_range_time_is_400(client, auth, value):
+    resp = await client.get("/api/chat", params={"cursor": cursor_of(value)}, headers=auth())
+    assert resp.status == 400
+    assert_api_error(400, await resp.json(), "invalid_cursor")
+
+
+async def test_a_cursor_from_a_page_still_pages(client, auth):
+    h = auth()
+    for _ in range(3):
+        await client.post("/api/chat", headers=h)
+    first = await (await client.get("/api/chat", params={"limit": "2"}, headers=h)).json()
+    second = await client.get("/api/chat", params={"cursor": first["next_cursor"]}, headers=h)
+    assert second.status == 200 and len((await second.json())["chats"]) == 1
