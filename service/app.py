@@ -163,6 +163,9 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         middlewares=[request_context],
         client_max_size=settings.max_body_bytes,
+        # Bodies are decoded by service.http.read_body, the one place that knows which codings
+        # we take and how large a body may grow (see BODY_CODINGS there).
+        handler_args={"auto_decompress": False},
     )
     app[SETTINGS] = settings
     app[CATALOGUE] = load_catalogue(settings)
