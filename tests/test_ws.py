@@ -18,6 +18,7 @@ from websockets.asyncio.client import connect as ws_lib_connect
 from service.app import create_app
 from service.keys import STORE
 from service.store import utcnow
+from tests import raw_http
 from tests.fake_openai import Script
 from tests.sse_client import collect, text_of
 
@@ -267,6 +268,18 @@ async def test_origin_is_checked_before_the_upgrade(aiohttp_client, stream_setti
         await ws.close()
     ws = await connect(client, h)  # programs send no Origin
     await ws.close()
+
+
+async def test_an_origin_that_is_not_utf8_is_403_not_500(stream_client):
+    """The rejected Origin is logged: bytes that are not UTF-8 made the JSON renderer raise."""
+    client = stream_client
+    request = raw_http.build(
+        "GET",
+        "/api/ws",
+        [(b"Origin", b"https://\xff\xfe.example"), (b"Authorization", b"Bearer x")],
+    )
+    resp = await raw_http.send(client.server.host, client.server.port, request)
+    assert resp.status == 403 and resp.json()["error"]["code"] == "origin_not_allowed"
 
 
 async def error_of(resp) -> str:

@@ -44,6 +44,12 @@ def origin_allowed(request: web.Request, allowed: str) -> bool:
     return parts.scheme in ("http", "https") and parts.netloc == request.host.lower()
 
 
+def _loggable(value: str, limit: int = 200) -> str:
+    """A header value the JSON log can hold: aiohttp keeps bytes that are not UTF-8 as
+    surrogate escapes, which the renderer refuses (the log call would raise, a 500)."""
+    return value[:limit].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 async def _authenticate(request: web.Request, ws: web.WebSocketResponse) -> Principal:
     """Checks in the documented order: a credential (401), then the upgrade (400). A bearer
     header is verified before the upgrade check; a ticket only on a real upgrade request,
@@ -71,7 +77,7 @@ async def _redeem(request: web.Request, ticket: str) -> Principal:
 async def websocket(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     if not origin_allowed(request, settings.ws_allowed_origins):
-        log.info("ws.origin_rejected", origin=request.headers.get("Origin"))
+        log.info("ws.origin_rejected", origin=_loggable(request.headers.get("Origin", "")))
         raise OriginNotAllowed("this Origin may not open a WebSocket here")
     ws = web.WebSocketResponse(
         heartbeat=settings.ws_heartbeat_s, max_msg_size=settings.ws_max_msg_bytes
