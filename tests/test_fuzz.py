@@ -22,12 +22,14 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote_from_bytes
 
 import aiohttp
 import pytest
+import structlog
 
 from service.app import create_app
 from service.keys import STORE
@@ -321,6 +323,28 @@ def errors_logged(logs: list[dict[str, Any]], caplog) -> list[Any]:
 
 
 # ------------------------------------------------------------------------ fixtures
+@pytest.fixture
+def logs() -> Iterator[list[dict[str, Any]]]:
+    """Every structlog event, each first rendered by the service's own JSON pipeline (the one
+    tests/conftest.py configures for the session, as ``serve`` does): a value the renderer
+    cannot encode raises here as it would in production, where it turns the request into a
+    500. (The shared ``logs`` fixture captures without rendering.)"""
+    saved = structlog.get_config()
+    production = saved["processors"]
+    assert isinstance(production[-1], structlog.processors.JSONRenderer)
+    capture = structlog.testing.LogCapture()
+
+    def render_then_capture(logger: Any, method: str, event: Any) -> Any:
+        production[-1](logger, method, dict(event))
+        return capture(logger, method, event)
+
+    structlog.configure(processors=[*production[:-1], render_then_capture])
+    try:
+        yield capture.entries
+    finally:
+        structlog.configure(**saved)
+
+
 @pytest.fixture
 async def fuzz_client(aiohttp_client, stream_settings):
     settings = stream_settings(dev_token_endpoint=True, default_token_limit=10_000_000)
