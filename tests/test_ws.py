@@ -370,6 +370,13 @@ async def test_binary_frame_closes_1003_and_oversize_1009(aiohttp_client, stream
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
 
 
+async def test_text_frame_that_is_not_utf8_closes_1007(stream_client, auth):
+    ws = await connect(stream_client, auth())
+    await ws.send_frame(b"\xff\xfe", aiohttp.WSMsgType.TEXT)
+    msg = await asyncio.wait_for(ws.receive(), 5)
+    assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1007
+
+
 async def test_refusals_duplicates_and_turn_cap_are_error_frames(
     aiohttp_client, stream_settings, fake_openai, auth
 ):
