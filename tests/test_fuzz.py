@@ -36,8 +36,8 @@ from service.keys import STORE
 from tests import raw_http
 
 SEED = 20261130
-ROUNDS_PER_ROUTE = 80
-WS_FRAMES = 150
+ROUNDS_PER_ROUTE = 60
+WS_FRAMES = 120
 WS_MAX_MSG_BYTES = 65536  # the setting's default: a larger frame is closed with 1009
 USERS = ("alice", "bob")
 CORRUPT = 0.35  # the chance that each part of a request is made hostile
