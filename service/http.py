@@ -59,8 +59,8 @@ def validate(model: type[M], data: Any) -> M:
 
 
 # Request body codings we decode (``Content-Encoding``). aiohttp's own decoding is off (see
-# ``create_app``): it would know br and zstd only with optional packages installed and refuse
-# them before the app runs otherwise, and a body it failed to decode surfaced as a 500.
+# ``create_app``): it knows br and zstd only when optional packages are installed and refuses
+# them before the app runs otherwise, and its decoding errors reach the handler unlabelled.
 BODY_CODINGS = ("gzip", "x-gzip", "deflate")
 _IDENTITY = ("", "identity")
 
