@@ -28,7 +28,7 @@ from service.keys import (
     WATCHER,
 )
 from service.listen import listen_error
-from service.middleware import add_request_id_header, request_context
+from service.middleware import add_request_id_header, request_context, set_server_header
 from service.model_lists import ModelLists
 from service.models import load_catalogue
 from service.providers.registry import Counters, build_providers, upstream_timeout
@@ -165,11 +165,14 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         middlewares=[request_context],
         client_max_size=settings.max_body_bytes,
+        # Bodies are decoded by service.http.read_body, the one place that knows which codings
+        # we take and how large a body may grow (see BODY_CODINGS there).
+        handler_args={"auto_decompress": False},
     )
     app[SETTINGS] = settings
     app[CATALOGUE] = load_catalogue(settings)
     app.cleanup_ctx.extend([_auth_ctx, _store_ctx, _upstream_ctx, _streams_ctx])
-    app.on_response_prepare.append(add_request_id_header)
+    app.on_response_prepare.extend([add_request_id_header, set_server_header])
     app.on_shutdown.append(_drain)
     health.setup(app)
     chats.setup(app)

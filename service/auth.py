@@ -98,6 +98,8 @@ class Authenticator:
     async def verify_header(self, header: str | None) -> Principal:
         if not header:
             raise Unauthorized("missing bearer token")
+        if not header.isascii():  # a JWT is ASCII; PyJWT cannot even encode other bytes
+            raise Unauthorized("invalid token: not ASCII")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("malformed Authorization header: expected 'Bearer <token>'")

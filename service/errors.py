@@ -7,6 +7,7 @@
     ├── NotFound                      404     not_found | chat_not_found | model_not_found | ...
     ├── Conflict                      409     chat_limit_reached | ...
     ├── PayloadTooLarge               413     payload_too_large
+    ├── UnsupportedEncoding           415     unsupported_content_encoding
     ├── RateLimited                   429     rate_limited (with Retry-After)
     ├── StoreUnavailable              503     database_unavailable
     ├── ServiceUnavailable            503     shutting_down | ...
@@ -87,6 +88,11 @@ class Conflict(ServiceError):
 class PayloadTooLarge(ServiceError):
     status = 413
     code = "payload_too_large"
+
+
+class UnsupportedEncoding(ServiceError):
+    status = 415
+    code = "unsupported_content_encoding"
 
 
 class RateLimited(ServiceError):

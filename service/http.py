@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import uuid
+import zlib
 from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from service.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError
+from service.errors import (
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    UnsupportedEncoding,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -51,17 +58,86 @@ def validate(model: type[M], data: Any) -> M:
         ) from exc
 
 
+# Request body codings we decode (``Content-Encoding``). aiohttp's own decoding is off (see
+# ``create_app``): it knows br and zstd only when optional packages are installed and refuses
+# them before the app runs otherwise, and its decoding errors reach the handler unlabelled.
+BODY_CODINGS = ("gzip", "x-gzip", "deflate")
+_IDENTITY = ("", "identity")
+
+
+def _body_coding(request: web.Request) -> str | None:
+    """The body's one coding, None for identity; 415 for anything else (several codings too)."""
+    values = request.headers.getall("Content-Encoding", [])
+    coding = values[0].strip().lower() if len(values) == 1 else "several"
+    if not values or coding in _IDENTITY:
+        return None
+    if coding not in BODY_CODINGS:
+        raise UnsupportedEncoding(
+            "unsupported Content-Encoding: send the body as identity, gzip or deflate",
+            details={"supported": ["identity", "gzip", "deflate"]},
+        )
+    return coding
+
+
+class BodyDecoder:
+    """Incremental gzip/deflate decoding that never inflates more than ``limit`` + 1 bytes."""
+
+    def __init__(self, coding: str, limit: int) -> None:
+        self.coding = coding
+        self.limit = limit
+        self.produced = 0
+        self._head = b""  # the first bytes, until there are enough to tell the framing
+        self._zlib: Any = None
+
+    def feed(self, data: bytes) -> bytes:
+        if self._zlib is None:
+            self._head += data
+            if len(self._head) < 2:
+                return b""
+            data, self._head = self._head, b""
+            self._zlib = zlib.decompressobj(self._wbits(data))
+        try:
+            out: bytes = self._zlib.decompress(data, self.limit + 1 - self.produced)
+        except zlib.error as exc:
+            raise self._invalid() from exc
+        if self._zlib.eof and self._zlib.unused_data:
+            raise self._invalid()  # bytes after the end of the compressed stream
+        self.produced += len(out)
+        return out
+
+    def finish(self) -> None:
+        if self._head or (self._zlib is not None and not self._zlib.eof):
+            raise self._invalid()  # truncated
+
+    def _wbits(self, first: bytes) -> int:
+        if self.coding != "deflate":
+            return 16 + zlib.MAX_WBITS  # gzip framing
+        # "deflate" is zlib-framed (RFC 9110), but many clients send a raw deflate stream.
+        zlib_header = first[0] & 0x0F == 8 and int.from_bytes(first[:2], "big") % 31 == 0
+        return zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS
+
+    def _invalid(self) -> BadRequest:
+        return BadRequest(f"request body is not valid {self.coding} data", code="invalid_body")
+
+
 async def read_body(request: web.Request) -> bytes:
-    """The raw body; 413 (``PayloadTooLarge``) when over ``client_max_size``.
+    """The body, decoded when it came gzip or deflate; 413 (``PayloadTooLarge``) when it is
+    over ``client_max_size`` as sent or once decoded, 415 for other codings, 400 when it does
+    not decode.
 
     Not ``request.read()``: that keeps the bytes on the request, and a streaming turn's request
     lives as long as its stream (a long prompt would stay in memory for the whole answer)."""
+    coding = _body_coding(request)  # before reading: a refused coding needs no body
     limit = request.client_max_size
-    body = bytearray()
+    decoder = BodyDecoder(coding, limit) if coding else None
+    body, sent = bytearray(), 0
     while chunk := await request.content.readany():
-        body.extend(chunk)
-        if limit and len(body) > limit:
+        sent += len(chunk)
+        body.extend(decoder.feed(chunk) if decoder else chunk)
+        if limit and max(sent, len(body)) > limit:
             raise PayloadTooLarge(f"request body too large (limit {limit} bytes)")
+    if decoder:
+        decoder.finish()
     return bytes(body)
 
 

@@ -28,6 +28,7 @@ _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 PUBLIC_PREFIXES = ("/api/dev/",)
 SELF_AUTHENTICATING = frozenset({"/api/ws"})  # browsers cannot set headers on a WebSocket
 GUARDED_PREFIXES = ("/api/", "/v1/")
+SERVER_NAME = "chat-gateway"
 
 
 def _request_id(request: web.Request) -> str:
@@ -99,6 +100,12 @@ async def add_request_id_header(request: web.Request, response: web.StreamRespon
     rid = request.get(REQUEST_ID)
     if rid:
         response.headers["X-Request-ID"] = rid
+
+
+async def set_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: name the service without versions (aiohttp's default names the
+    Python and aiohttp versions, a map to known bugs). Runs after aiohttp's default is set."""
+    response.headers["Server"] = SERVER_NAME
 
 
 async def authenticate(request: web.Request) -> Mapping[str, Any]:

@@ -124,7 +124,9 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         ms, chat_id = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         return datetime.fromtimestamp(int(ms) / 1000, UTC), str(chat_id)
-    except (ValueError, TypeError) as exc:
+    # A time no datetime can hold: OverflowError or OSError from the platform, ValueError
+    # (year out of range) from datetime.
+    except (ValueError, TypeError, OverflowError, OSError) as exc:
         raise BadRequest("invalid cursor", code="invalid_cursor") from exc
 
 

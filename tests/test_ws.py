@@ -18,6 +18,7 @@ from websockets.asyncio.client import connect as ws_lib_connect
 from service.app import create_app
 from service.keys import STORE
 from service.store import utcnow
+from tests import raw_http
 from tests.fake_openai import Script
 from tests.sse_client import collect, text_of
 
@@ -269,6 +270,58 @@ async def test_origin_is_checked_before_the_upgrade(aiohttp_client, stream_setti
     await ws.close()
 
 
+async def test_an_origin_that_is_not_utf8_is_403_not_500(stream_client):
+    """The rejected Origin is logged: bytes that are not UTF-8 made the JSON renderer raise."""
+    client = stream_client
+    request = raw_http.build(
+        "GET",
+        "/api/ws",
+        [(b"Origin", b"https://\xff\xfe.example"), (b"Authorization", b"Bearer x")],
+    )
+    resp = await raw_http.send(client.server.host, client.server.port, request)
+    assert resp.status == 403 and resp.json()["error"]["code"] == "origin_not_allowed"
+
+
+async def error_of(resp) -> str:
+    return (await resp.json())["error"]["code"]
+
+
+async def test_checks_run_origin_then_credentials_then_upgrade(
+    aiohttp_client, stream_settings, auth
+):
+    """docs/websocket.md's order: 403 Origin, 401 credentials, 400 not an upgrade."""
+    client = await aiohttp_client(
+        create_app(stream_settings(ws_allowed_origins="https://chat.example.com"))
+    )
+    h = auth()
+    evil = {"Origin": "https://evil.example"}
+    resp = await client.get("/api/ws", headers=evil)
+    assert resp.status == 403 and await error_of(resp) == "origin_not_allowed"
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic x"}):
+        resp = await client.get("/api/ws", headers=headers)
+        assert resp.status == 401 and await error_of(resp) == "unauthorized", headers
+        assert resp.headers["WWW-Authenticate"].startswith("Bearer ")
+    resp = await client.get("/api/ws", params={"ticket": ""})
+    assert resp.status == 401
+    resp = await client.get("/api/ws", headers=h)
+    assert resp.status == 400 and await error_of(resp) == "websocket_required"
+
+
+async def test_a_ticket_on_a_request_that_is_no_upgrade_is_not_used_up(stream_client, auth):
+    """Checking a ticket consumes it, so it is checked only on an upgrade: a plain GET with one
+    is 400 websocket_required, and the ticket still opens a socket afterwards."""
+    client = stream_client
+    ticket = (await (await client.post("/api/ws/ticket", headers=auth())).json())["ticket"]
+    for params in ({"ticket": ticket}, {"ticket": "not-a-ticket"}):
+        resp = await client.get("/api/ws", params=params)
+        assert resp.status == 400 and await error_of(resp) == "websocket_required"
+    ws = await connect(client, {}, params={"ticket": ticket})
+    await ws.close()
+    with pytest.raises(aiohttp.WSServerHandshakeError) as unknown:
+        await client.ws_connect("/api/ws", params={"ticket": "not-a-ticket"})
+    assert unknown.value.status == 401
+
+
 # --------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     ("frame", "turn_id", "field"),
@@ -315,6 +368,13 @@ async def test_binary_frame_closes_1003_and_oversize_1009(aiohttp_client, stream
         with pytest.raises(websockets.ConnectionClosed) as closed:
             await asyncio.wait_for(lib.recv(), 5)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
+async def test_text_frame_that_is_not_utf8_closes_1007(stream_client, auth):
+    ws = await connect(stream_client, auth())
+    await ws.send_frame(b"\xff\xfe", aiohttp.WSMsgType.TEXT)
+    msg = await asyncio.wait_for(ws.receive(), 5)
+    assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1007
 
 
 async def test_refusals_duplicates_and_turn_cap_are_error_frames(

@@ -14,6 +14,9 @@ from service.keys import PRINCIPAL, REGISTRY, SETTINGS, STORE
 from service.store import Doc, utcnow
 from service.stream.watcher import settle_interrupted
 
+# The largest integer MongoDB stores (a signed 64-bit int); a larger one cannot even be encoded.
+MAX_INT64 = 2**63 - 1
+
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -33,7 +36,7 @@ class ListChatsQuery(StrictModel):
 class ChatQuery(StrictModel):
     model_config = ConfigDict(strict=False)
     limit: int = Field(100, ge=1, le=500)
-    after: int = Field(-1, ge=-1)
+    after: int = Field(-1, ge=-1, le=MAX_INT64)
 
 
 def chat_view(doc: Doc) -> dict[str, Any]:

@@ -44,13 +44,27 @@ def origin_allowed(request: web.Request, allowed: str) -> bool:
     return parts.scheme in ("http", "https") and parts.netloc == request.host.lower()
 
 
-async def _authenticate(request: web.Request) -> Principal:
+def _loggable(value: str, limit: int = 200) -> str:
+    """A header value the JSON log can hold: aiohttp keeps bytes that are not UTF-8 as
+    surrogate escapes, which the renderer refuses (the log call would raise, a 500)."""
+    return value[:limit].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+async def _authenticate(request: web.Request, ws: web.WebSocketResponse) -> Principal:
+    """Checks in the documented order: a credential (401), then the upgrade (400). A bearer
+    header is verified before the upgrade check; a ticket only on a real upgrade request,
+    because checking it uses it up."""
     header = request.headers.get("Authorization")
-    if header is not None:
-        return await request.app[AUTH].verify_header(header)
     ticket = request.query.get("ticket")
-    if not ticket:
+    if header is None and not ticket:
         raise Unauthorized("missing credentials: send a bearer token or a ?ticket=")
+    principal = await request.app[AUTH].verify_header(header) if header is not None else None
+    if not ws.can_prepare(request).ok:
+        raise BadRequest("expected a WebSocket upgrade request", code="websocket_required")
+    return principal or await _redeem(request, ticket or "")
+
+
+async def _redeem(request: web.Request, ticket: str) -> Principal:
     doc = await request.app[STORE].consume_ws_ticket(ticket, now=utcnow())
     if doc is None:
         raise Unauthorized("invalid ticket: unknown, already used or expired")
@@ -63,14 +77,12 @@ async def _authenticate(request: web.Request) -> Principal:
 async def websocket(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     if not origin_allowed(request, settings.ws_allowed_origins):
-        log.info("ws.origin_rejected", origin=request.headers.get("Origin"))
+        log.info("ws.origin_rejected", origin=_loggable(request.headers.get("Origin", "")))
         raise OriginNotAllowed("this Origin may not open a WebSocket here")
     ws = web.WebSocketResponse(
         heartbeat=settings.ws_heartbeat_s, max_msg_size=settings.ws_max_msg_bytes
     )
-    if not ws.can_prepare(request).ok:
-        raise BadRequest("expected a WebSocket upgrade request", code="websocket_required")
-    principal = await _authenticate(request)
+    principal = await _authenticate(request, ws)
     request[PRINCIPAL] = principal
     structlog.contextvars.bind_contextvars(user_id=principal.user_id)
     await ws.prepare(request)

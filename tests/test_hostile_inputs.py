@@ -1,0 +1,222 @@
+"""Hostile inputs get a 4xx in the route's error shape, never a 500: raw bytes in the bearer
+token, integers MongoDB cannot hold, bodies in encodings we do not speak or that do not decode."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import logging
+import uuid
+import zlib
+
+import pytest
+
+from service.app import create_app
+from service.http import BodyDecoder
+from tests import raw_http
+
+
+def guarded_routes(app) -> list[tuple[str, str]]:
+    """(method, path) of every authenticated route, path parameters filled in."""
+    out = []
+    for route in app.router.routes():
+        path = route.resource.canonical if route.resource else ""
+        if route.method == "HEAD" or not path.startswith(("/api/", "/v1/")):
+            continue
+        if path.startswith("/api/dev/"):
+            continue
+        path = path.replace("{model}", "demo")
+        for name in ("{chat_id}", "{message_id}"):
+            path = path.replace(name, str(uuid.uuid4()))
+        out.append((route.method, path))
+    return out
+
+
+def assert_api_error(status: int, body: dict, code: str) -> None:
+    assert set(body) == {"error"}, body
+    assert body["error"]["code"] == code and body["error"]["message"], body
+    assert set(body["error"]) <= {"code", "message", "details"}, body
+
+
+def assert_openai_error(body: dict, code: str) -> None:
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["code"] == code and body["error"]["message"], body
+
+
+# --------------------------------------------------------------------------- bearer token bytes
+@pytest.mark.parametrize(
+    "token",
+    [b"\xff\xfe.a.b", b"eyJ\xc3\xa9.e30.sig", b"\xe2\x80\x8b", b"a.b.\x80"],
+    ids=["ff-fe", "utf8-e-acute", "zero-width-space", "lone-continuation"],
+)
+async def test_non_ascii_bearer_token_is_401_on_every_guarded_route(client, token):
+    """Raw non-UTF-8 / non-ASCII bytes in the token: 401 with the usual body, on every route."""
+    routes = guarded_routes(client.app)
+    assert ("POST", "/v1/chat/completions") in routes and ("GET", "/api/ws") in routes
+    for method, path in routes:
+        request = raw_http.build(method, path, [(b"Authorization", b"Bearer " + token)])
+        resp = await raw_http.send(client.server.host, client.server.port, request)
+        assert resp.status == 401, (method, path, resp)
+        assert resp.headers["content-type"].startswith("application/json")
+        assert resp.headers["www-authenticate"].startswith("Bearer ")
+        if path.startswith("/v1/"):
+            assert_openai_error(resp.json(), "invalid_api_key")
+        else:
+            assert_api_error(resp.status, resp.json(), "unauthorized")
+
+
+# --------------------------------------------------------------------------- integers
+def cursor_of(value) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+
+async def test_after_beyond_a_mongodb_integer_is_400(client, auth):
+    h = auth()
+    chat_id = (await (await client.post("/api/chat", headers=h)).json())["chat_id"]
+    for after in (str(10**22), str(2**63), "-" + str(10**22)):
+        resp = await client.get(f"/api/chat/{chat_id}", params={"after": after}, headers=h)
+        assert resp.status == 400, after
+        body = await resp.json()
+        assert_api_error(400, body, "validation_error")
+        assert body["error"]["details"][0]["field"] == "after"
+    resp = await client.get(f"/api/chat/{chat_id}", params={"after": str(2**63 - 1)}, headers=h)
+    assert resp.status == 200 and (await resp.json())["messages"] == []
+
+
+@pytest.mark.parametrize(
+    "value",
+    [[1e300, "x"], [10**22, "x"], [2**63, "x"], [-(10**20), "x"], [10**15, "x"], [1e15, "x"]],
+)
+async def test_cursor_holding_an_out_of_range_time_is_400(client, auth, value):
+    resp = await client.get("/api/chat", params={"cursor": cursor_of(value)}, headers=auth())
+    assert resp.status == 400
+    assert_api_error(400, await resp.json(), "invalid_cursor")
+
+
+async def test_a_cursor_from_a_page_still_pages(client, auth):
+    h = auth()
+    for _ in range(3):
+        await client.post("/api/chat", headers=h)
+    first = await (await client.get("/api/chat", params={"limit": "2"}, headers=h)).json()
+    second = await client.get("/api/chat", params={"cursor": first["next_cursor"]}, headers=h)
+    assert second.status == 200 and len((await second.json())["chats"]) == 1
+
+
+# --------------------------------------------------------------------------- Content-Encoding
+BODY = b'{"title": "zipped"}'
+
+
+def gz(data: bytes) -> bytes:
+    return gzip.compress(data, mtime=0)
+
+
+def raw_deflate(data: bytes) -> bytes:
+    c = zlib.compressobj(wbits=-15)
+    return c.compress(data) + c.flush()
+
+
+@pytest.mark.parametrize(
+    ("encoding", "payload"),
+    [
+        ("gzip", gz(BODY)),
+        ("x-gzip", gz(BODY)),
+        ("GZip", gz(BODY)),
+        ("deflate", zlib.compress(BODY)),
+        ("deflate", raw_deflate(BODY)),  # what many clients send for "deflate"
+        ("identity", BODY),
+        (" identity ", BODY),
+    ],
+    ids=["gzip", "x-gzip", "mixed-case", "zlib-deflate", "raw-deflate", "identity", "spaces"],
+)
+async def test_gzip_and_deflate_bodies_are_decoded(client, auth, encoding, payload, caplog):
+    resp = await client.post(
+        "/api/chat", data=payload, headers={**auth(), "Content-Encoding": encoding}
+    )
+    assert resp.status == 201, await resp.text()
+    assert (await resp.json())["title"] == "zipped"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def body_routes(chat_id: str) -> list[tuple[str, bool]]:
+    """Every route that reads a request body, and whether it speaks OpenAI's error shape."""
+    return [
+        ("/api/chat", False),
+        (f"/api/chat/{chat_id}/message", False),
+        ("/v1/chat/completions", True),
+    ]
+
+
+async def post_all(client, h, encoding, payload, status, code, caplog):
+    chat_id = (await (await client.post("/api/chat", headers=h)).json())["chat_id"]
+    for path, openai in body_routes(chat_id):
+        caplog.clear()
+        resp = await client.post(path, data=payload, headers={**h, "Content-Encoding": encoding})
+        assert resp.status == status, (path, await resp.text())
+        assert resp.headers["Content-Type"].startswith("application/json")
+        body = await resp.json()
+        if openai:
+            assert_openai_error(body, code)
+            assert body["error"]["type"] == "invalid_request_error"
+        else:
+            assert_api_error(status, body, code)
+        # aiohttp must not be left to trip over an undecodable payload after we answered
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], path
+        assert (await client.get("/api/models", headers=h)).status == 200  # connection reused
+
+
+@pytest.mark.parametrize(
+    "encoding", ["br", "zstd", "compress", "gzip, gzip", "identity, gzip", "exotic", "gzip;q=1"]
+)
+async def test_other_encodings_are_415_whatever_is_installed(client, auth, encoding, caplog):
+    """br and zstd too: aiohttp could decode them only with optional packages installed."""
+    await post_all(
+        client,
+        auth(),
+        encoding,
+        b"\x00\x01 compressed somehow",
+        415,
+        "unsupported_content_encoding",
+        caplog,
+    )
+
+
+@pytest.mark.parametrize(
+    ("encoding", "payload"),
+    [
+        ("gzip", b"this is not gzip"),
+        ("deflate", b"this is not deflate"),
+        ("gzip", gz(BODY)[:-6]),  # truncated
+        ("gzip", gz(BODY) + b"trailing junk"),
+        ("deflate", zlib.compress(BODY)[:-3]),
+    ],
+    ids=["not-gzip", "not-deflate", "truncated-gzip", "gzip-trailing-junk", "truncated-deflate"],
+)
+async def test_bodies_that_do_not_decode_are_400(client, auth, encoding, payload, caplog):
+    await post_all(client, auth(), encoding, payload, 400, "invalid_body", caplog)
+
+
+async def test_decoded_size_is_what_counts_against_the_body_limit(
+    aiohttp_client, make_settings, auth
+):
+    """A gzip bomb stops at the limit (413) without inflating the rest."""
+    client = await aiohttp_client(create_app(make_settings(max_body_bytes=4096)))
+    bomb = gz(b'{"title": "' + b" " * 2_000_000 + b'"}')
+    assert len(bomb) < 4096
+    resp = await client.post("/api/chat", data=bomb, headers={**auth(), "Content-Encoding": "gzip"})
+    assert resp.status == 413
+    assert_api_error(413, await resp.json(), "payload_too_large")
+
+
+@pytest.mark.parametrize(
+    ("coding", "payload"),
+    [("gzip", gz(BODY)), ("deflate", zlib.compress(BODY)), ("deflate", raw_deflate(BODY))],
+    ids=["gzip", "zlib-deflate", "raw-deflate"],
+)
+def test_decoding_does_not_depend_on_how_the_body_is_split(coding, payload):
+    """A chunked body may arrive a byte at a time: the framing is told from the first two."""
+    decoder = BodyDecoder(coding, limit=1024)
+    out = b"".join(decoder.feed(payload[i : i + 1]) for i in range(len(payload)))
+    decoder.finish()
+    assert out == BODY
