@@ -22,6 +22,7 @@ from service.keys import (
     MODEL_LISTS,
     PRODUCER,
     REGISTRY,
+    RESUMES,
     SETTINGS,
     STORE,
     UPSTREAM,
@@ -34,11 +35,12 @@ from service.models import load_catalogue
 from service.providers.registry import Counters, build_providers, upstream_timeout
 from service.settings import Settings
 from service.store import Store, make_client
+from service.stream.mirror import Resumes
 from service.stream.producer import TurnProducer
 from service.stream.registry import StreamRegistry
 from service.stream.watcher import watch
 from service.tokens import load_encoding
-from service.transports.heartbeat import Heartbeats
+from service.transports.sse import Heartbeats
 
 log = structlog.get_logger("service.app")
 
@@ -91,9 +93,11 @@ async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     watcher = asyncio.create_task(watch(app[STORE], registry, settings), name="stream-watcher")
     app[WATCHER] = watcher
-    heartbeats = app[HEARTBEATS] = Heartbeats(settings.sse_heartbeat_s)
+    heartbeats = app[HEARTBEATS] = Heartbeats(registry, settings.sse_heartbeat_s)
     heartbeats.start()
+    resumes = app[RESUMES] = Resumes(app[STORE], registry, settings)
     yield
+    await resumes.close()
     await heartbeats.close()
     watcher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -101,6 +105,10 @@ async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:
     await model_lists.close()
     registry.cancel_all("shutdown")
     await registry.wait_idle(timeout_s=10)
+    if registry.pending:  # a last try at final writes MongoDB could not take
+        await registry.pending.retry(app[STORE])
+        if registry.pending:
+            log.error("service.final_writes_lost", pending=len(registry.pending))
 
 
 FINALIZE_TIMEOUT_S = 10.0  # how long stopped streams get to save and bill their partial text

@@ -12,9 +12,10 @@ from service.model_lists import ModelLists
 from service.models import Catalogue
 from service.settings import Settings
 from service.store import Store
+from service.stream.mirror import Resumes
 from service.stream.producer import TurnProducer
 from service.stream.registry import StreamRegistry
-from service.transports.heartbeat import Heartbeats
+from service.transports.sse import Heartbeats
 from service.transports.ws import Connection
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -26,7 +27,8 @@ MODEL_LISTS = web.AppKey("model_lists", ModelLists)  # which configured models a
 REGISTRY = web.AppKey("registry", StreamRegistry)
 PRODUCER = web.AppKey("producer", TurnProducer)
 WATCHER = web.AppKey("watcher", asyncio.Task[None])
-HEARTBEATS = web.AppKey("heartbeats", Heartbeats)  # ``: ping`` on every live SSE response
+HEARTBEATS = web.AppKey("heartbeats", Heartbeats)  # ``: ping`` to every idle SSE follower
+RESUMES = web.AppKey("resumes", Resumes)  # follow an answer from memory, another replica, a record
 WS_CONNECTIONS = web.AppKey("ws_connections", set[Connection])  # open sockets, closed on shutdown
 
 REQUEST_ID = web.RequestKey("request_id", str)

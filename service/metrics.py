@@ -87,8 +87,33 @@ MONGODB_SECONDS = Histogram(
     registry=REGISTRY,
 )
 
+DETACHED = Counter(
+    "gateway_turns_detached",
+    "Turns whose last follower left while they ran, and which went on to their natural end "
+    "(resumable; billed exactly).",
+    ["transport"],
+    registry=REGISTRY,
+)
+FOLLOWERS = Gauge(
+    "gateway_followers",
+    "Clients following a turn's answer on this process now, by transport (sse, ws, openai).",
+    ["transport"],
+    registry=REGISTRY,
+)
+RESUMES = Counter(
+    "gateway_resumes",
+    "Resumes of an answer by where its text came from: memory (this process runs the turn), "
+    "replica (another process runs it: followed through MongoDB), stored (it had ended).",
+    ["source"],
+    registry=REGISTRY,
+)
+RESUME_SOURCES = ("memory", "replica", "stored")
+
 for _transport in TRANSPORTS:
     ACTIVE_STREAMS.labels(_transport)  # present at 0 from the start, so dashboards show a line
+    FOLLOWERS.labels(_transport)
+for _source in RESUME_SOURCES:
+    RESUMES.labels(_source)
 
 
 async def metrics(request: web.Request) -> web.Response:

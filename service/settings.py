@@ -101,9 +101,15 @@ class Settings(BaseSettings):
     upstream_pool_size: int = Field(1000, ge=1)
 
     # --- streams
+    # When the last client of a chat turn goes away: finish it anyway (resumable, billed
+    # exactly), or cancel it at once. Stateless /v1 turns always cancel.
+    on_disconnect: Literal["finish", "cancel"] = "finish"
     sse_heartbeat_s: float = Field(15.0, gt=0)
     stream_send_timeout_s: float = Field(30.0, gt=0)
     checkpoint_interval_s: float = Field(1.0, gt=0)
+    # How often a turn followed from another replica is checkpointed, and how often that
+    # replica reads it (only for turns followed elsewhere).
+    follow_interval_s: float = Field(0.1, gt=0)
     watch_interval_s: float = Field(0.5, gt=0)
     stale_stream_s: float = Field(30.0, gt=0)
     reaper_interval_s: float = Field(10.0, gt=0)

@@ -29,12 +29,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import orjson
+import structlog
 from motor.motor_asyncio import AsyncIOMotorClient, AsyncIOMotorDatabase
 from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
 from pymongo.errors import (
+    BulkWriteError,
     ConnectionFailure,
     DuplicateKeyError,
     ExecutionTimeout,
+    OperationFailure,
     PyMongoError,
 )
 
@@ -49,6 +52,7 @@ from service.errors import (
 from service.metrics import MONGODB_SECONDS
 from service.settings import Settings
 
+log = structlog.get_logger("service.store")
 P = ParamSpec("P")
 R = TypeVar("R")
 Doc = dict[str, Any]
@@ -151,6 +155,8 @@ class Store:
                 self.indexes_ready = True
 
     async def _create_indexes(self) -> None:
+        with contextlib.suppress(OperationFailure):  # replaced by ``flags`` (cancel or follow)
+            await self.messages.drop_index("cancel_flags")
         await self.chats.create_index(
             [
                 ("user_id", ASCENDING),
@@ -174,10 +180,10 @@ class Store:
         await self.messages.create_index(
             [("status", ASCENDING), ("checkpoint_at", ASCENDING)], name="status_checkpoint"
         )
-        await self.messages.create_index(  # the watcher's cancel poll: only flagged turns
+        await self.messages.create_index(  # the watcher's poll: only turns with a cancel/follow
             [("status", ASCENDING)],
-            name="cancel_flags",
-            partialFilterExpression={"cancel_requested": True},
+            name="flags",
+            partialFilterExpression={"flagged": True},
         )
         await self.replicas.create_index(  # heartbeats of replicas long gone tidy themselves up
             [("alive_at", ASCENDING)], name="replica_ttl", expireAfterSeconds=REPLICA_TTL_S
@@ -354,17 +360,26 @@ class Store:
         one unordered bulk write, not one command per stream. A stream finalized meanwhile is
         left alone (``status`` is no longer ``streaming``)."""
         now = utcnow()
-        await self.messages.bulk_write(
-            [
-                UpdateOne(
-                    {"_id": message_id, "status": "streaming"},
-                    {"$set": {"content": content, "checkpoint_at": now, "alive_at": now}},
+        try:
+            await self.messages.bulk_write(
+                [
+                    UpdateOne(
+                        {"_id": message_id, "status": "streaming"},
+                        {"$set": {"content": content, "checkpoint_at": now, "alive_at": now}},
+                    )
+                    for message_id, content in texts
+                ],
+                ordered=False,
+                comment=REPLICA_WORK,
+            )
+        except BulkWriteError as exc:  # the others were written; never log the text itself
+            for error in exc.details.get("writeErrors", []):
+                log.error(
+                    "stream.checkpoint_refused",
+                    message_id=texts[error["index"]][0],
+                    code=error.get("code"),
+                    error=str(error.get("errmsg", ""))[:200],
                 )
-                for message_id, content in texts
-            ],
-            ordered=False,
-            comment=REPLICA_WORK,
-        )
 
     @db_call
     async def settle_usage(
@@ -393,7 +408,7 @@ class Store:
         query = {"_id": message_id, "chat_id": chat_id, "user_id": user_id, "role": "assistant"}
         doc: Doc | None = await self.messages.find_one_and_update(
             {**query, "status": "streaming"},
-            {"$set": {"cancel_requested": True}},
+            {"$set": {"cancel_requested": True, "flagged": True}},
             projection={"status": 1},
         )
         if doc is None:
@@ -401,15 +416,48 @@ class Store:
         return doc
 
     @db_call
-    async def cancels_requested(self) -> list[str]:
-        """Every running turn flagged for cancellation, on any replica: served by the partial
-        ``cancel_flags`` index, so it costs O(flagged turns), not O(live streams)."""
-        docs = await self.messages.find(
-            {"cancel_requested": True, "status": "streaming"},
-            projection={"_id": 1},
+    async def flagged_turns(self) -> list[Doc]:
+        """Every running turn, on any replica, with a cancel request or a follower on another
+        replica (``cancel_requested``, ``followed_until``): served by the partial ``flags``
+        index, so it costs O(flagged turns), not O(live streams)."""
+        docs: list[Doc] = await self.messages.find(
+            {"flagged": True, "status": "streaming"},
+            projection={"_id": 1, "cancel_requested": 1, "followed_until": 1},
             comment=REPLICA_WORK,
         ).to_list(None)
-        return [d["_id"] for d in docs]
+        return docs
+
+    @db_call
+    async def follow_turns(self, message_ids: list[str], *, until: datetime) -> None:
+        """This replica follows these running turns until ``until``: their replicas checkpoint
+        them every FOLLOW_INTERVAL_S meanwhile (renewed while anyone follows)."""
+        await self.messages.update_many(
+            {"_id": {"$in": message_ids}, "status": "streaming"},
+            {"$set": {"flagged": True, "followed_until": until}},
+            comment=REPLICA_WORK,
+        )
+
+    @db_call
+    async def read_turns(self, message_ids: list[str]) -> list[Doc]:
+        """The records of turns followed from here (their text so far, or their end)."""
+        docs: list[Doc] = await self.messages.find(
+            {"_id": {"$in": message_ids}}, comment=REPLICA_WORK
+        ).to_list(None)
+        return docs
+
+    @db_call
+    async def running_turn(self, user_id: str, chat_id: str) -> Doc | None:
+        """The chat's answer being produced now, if any (its latest)."""
+        docs: list[Doc] = (
+            await self.messages.find(
+                {"chat_id": chat_id, "user_id": user_id, "status": "streaming"},
+                projection={"_id": 1},
+            )
+            .sort("seq", DESCENDING)
+            .limit(1)
+            .to_list(1)
+        )
+        return docs[0] if docs else None
 
     @db_call
     async def heartbeat(self, replica_id: str) -> None:

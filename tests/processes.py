@@ -270,12 +270,11 @@ class SseTurn:
         last = self.events[-1] if self.events else None
         return last if last is not None and last["event"] in ("done", "error") else None
 
-    async def wait_deltas(self, n: int, deadline_s: float = 10.0) -> None:
-        await wait_until(
-            lambda: sum(e["event"] == "delta" for e in self.events) >= n,
-            deadline_s,
-            f"{n} deltas",
-        )
+    async def wait_text(self, text: str, deadline_s: float = 10.0) -> None:
+        """Until the answer so far is ``text`` (deltas come as the client reads, so several
+        upstream chunks may arrive as one)."""
+        await wait_until(lambda: len(self.text) >= len(text), deadline_s, f"text {text!r}")
+        assert self.text == text, (self.text, text)
 
     async def finished(self, deadline_s: float = 10.0) -> dict[str, Any] | None:
         """Wait for the end of the response; its terminal event (None if the connection broke)."""
@@ -324,12 +323,12 @@ class WsClient:
             {"type": "send", "id": turn_id, "chat_id": chat_id, "message": message}
         )
 
-    async def wait_deltas(self, turn_id: str, n: int, deadline_s: float = 10.0) -> None:
+    async def wait_text(self, turn_id: str, text: str, deadline_s: float = 10.0) -> None:
+        """Until turn ``turn_id``'s answer so far is ``text``."""
         await wait_until(
-            lambda: sum(f["type"] == "delta" for f in self.of(turn_id)) >= n,
-            deadline_s,
-            f"{n} deltas of {turn_id}",
+            lambda: len(self.text(turn_id)) >= len(text), deadline_s, f"text {text!r} of {turn_id}"
         )
+        assert self.text(turn_id) == text, (self.text(turn_id), text)
 
     async def wait_terminal(self, turn_id: str, deadline_s: float = 10.0) -> dict[str, Any]:
         await wait_until(lambda: self.terminal(turn_id), deadline_s, f"end of {turn_id}")

@@ -182,7 +182,9 @@ async def test_the_replica_s_own_commands_are_labelled_and_a_turn_s_are_not(mong
         turn_commands = dict(recorder.comments)
         recorder.comments = {}
         await store.heartbeat("replica-1")
-        await store.cancels_requested()
+        await store.flagged_turns()
+        await store.follow_turns(["some-id"], until=utcnow())
+        await store.read_turns(["some-id"])
         await store.checkpoint_many([("some-id", "text")])
         await store.stale_streams(older_than=utcnow())
         await store.old_reservations(older_than=utcnow())

@@ -145,7 +145,7 @@ async def test_cancel_sent_to_b_stops_a_stream_running_on_a(services, fake_opena
     async with session(a, token_for("alice")) as on_a, session(b, token_for("alice")) as on_b:
         chat = await new_chat(on_a)
         turn = await open_sse(on_a, chat)
-        await turn.wait_deltas(1)
+        await turn.wait_text("one ")
         url = f"/api/chat/{chat}/messages/{turn.message_id}/cancel"
         async with on_b.post(url) as resp:
             assert resp.status == 202 and (await resp.json())["status"] == "cancelling"
@@ -174,7 +174,7 @@ async def test_stream_of_a_killed_replica_is_reported_interrupted_through_b(
     async with session(a, token_for("alice")) as on_a, session(b, token_for("alice")) as on_b:
         chat = await new_chat(on_b)
         turn = await open_sse(on_a, chat)
-        await turn.wait_deltas(3)
+        await turn.wait_text(checkpoint)
         doc: dict[str, Any] = {}
 
         async def checkpointed() -> bool:

@@ -45,7 +45,7 @@ async def sse_turn(http, fake_openai, chat_id: str, script: Script, held_at: int
     wait until it is held by the upstream."""
     fake_openai.scripts.append(script)
     turn = await open_sse(http, chat_id)
-    await turn.wait_deltas(held_at)
+    await turn.wait_text("".join(script.chunks[:held_at]))
     return turn
 
 
@@ -110,10 +110,10 @@ async def test_sigterm_drains_live_sse_and_websocket_streams(services, fake_open
         ws = await open_ws(http)
         fake_openai.scripts.append(short_script())
         await ws.send("ws-short", chats[3])
-        await ws.wait_deltas("ws-short", 2)
+        await ws.wait_text("ws-short", "".join(SHORT[:2]))
         fake_openai.scripts.append(long_script())
         await ws.send("ws-long", chats[4])
-        await ws.wait_deltas("ws-long", 2)
+        await ws.wait_text("ws-long", "".join(LONG[:2]))
 
         sent = svc.send(signal.SIGTERM)
         body = await wait_not_ready(http)

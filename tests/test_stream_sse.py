@@ -9,7 +9,7 @@ import time
 import pytest
 
 from service.app import create_app
-from service.keys import HEARTBEATS, STORE
+from service.keys import REGISTRY, STORE
 from service.store import utcnow
 from service.stream.producer import period_of
 from service.tokens import TokenCounter
@@ -64,12 +64,15 @@ async def test_full_turn_streams_incrementally_and_records_everything(
         if "event" not in ev:
             continue
         seen.append(ev)
-        if ev["event"] == "delta" and len([e for e in seen if e["event"] == "delta"]) == 2:
+        if text_of(seen) == "The answer ":
             assert not fake_openai.finished.is_set()  # the upstream is still held at its gate
             fake_openai.gate.set()
     names = [e["event"] for e in seen]
-    assert names == ["started", "delta", "delta", "delta", "delta", "done"]
-    assert [int(e["id"]) for e in seen] == list(range(1, 7))
+    assert names[0] == "started" and names[-1] == "done" and set(names[1:-1]) == {"delta"}
+    # ids are offsets: characters of the answer up to the end of each event's text
+    assert int(seen[0]["id"]) == 0 and int(seen[-1]["id"]) == len("The answer is 42.")
+    for i, ev in enumerate(seen[1:-1], 1):
+        assert int(ev["id"]) == len(text_of(seen[: i + 1]))
     assert text_of(seen) == "The answer is 42."
     done = seen[-1]["data"]
     message_id = seen[0]["data"]["message_id"]
@@ -323,7 +326,7 @@ async def test_heartbeats_keep_a_quiet_stream_open_and_stop_with_it(
     """While the model is quiet the client gets ``: ping`` comments (one ticker for all
     streams); they are not events, and the answer goes on unchanged once the model resumes."""
     client = await aiohttp_client(create_app(stream_settings(sse_heartbeat_s=0.05)))
-    heartbeats = client.app[HEARTBEATS]
+    registry = client.app[REGISTRY]
     fake_openai.default = Script(chunks=["before ", "after"], gate_after=1)
     h = auth()
     resp = await send(client, await new_chat(client, h), h)
@@ -332,28 +335,30 @@ async def test_heartbeats_keep_a_quiet_stream_open_and_stop_with_it(
         seen.append(ev)
         if sum(e.get("comment") == "ping" for e in seen) == 3:
             break
-    assert len(heartbeats.streams) == 1
+    assert len(registry.followers) == 1
     fake_openai.gate.set()
     seen += [ev async for ev in events(resp)]
     named = [e for e in seen if "event" in e]
     assert [e["event"] for e in named] == ["started", "delta", "delta", "done"]
     assert text_of(named) == "before after"
     assert all(e.get("comment") == "ping" for e in seen if "event" not in e)
-    assert not heartbeats.streams  # the ended stream is no longer pinged
+    assert not registry.followers  # the ended stream is no longer pinged
 
 
 # --------------------------------------------------------------------------- cancellation
-async def test_client_disconnect_cancels_upstream_within_a_second(
-    stream_client, fake_openai, auth, logs
+async def test_with_on_disconnect_cancel_a_disconnect_cancels_the_upstream_within_a_second(
+    aiohttp_client, stream_settings, fake_openai, auth, logs
 ):
+    """``ON_DISCONNECT=cancel`` keeps the behaviour of a turn that lives with its connection."""
+    client = await aiohttp_client(create_app(stream_settings(on_disconnect="cancel")))
     fake_openai.default = Script(chunks=["a ", "b ", "c ", "d"], gate_after=2)
-    client, h = stream_client, auth()
+    h = auth()
     chat_id = await new_chat(client, h)
     resp = await send(client, chat_id, h)
-    deltas = 0
+    seen: list[dict] = []
     async for ev in events(resp):
-        deltas += ev.get("event") == "delta"
-        if deltas == 2:
+        seen += [ev] if "event" in ev else []
+        if text_of(seen) == "a b ":
             break
     await asyncio.wait_for(fake_openai.reached_gate.wait(), 5)
     closed_at = time.monotonic()
@@ -369,6 +374,34 @@ async def test_client_disconnect_cancels_upstream_within_a_second(
     usage = await usage_doc(client)
     assert usage["used"] == assistant["tokens"]["total"] and usage["reserved"] == 0
     assert ended(logs, outcome="cancelled", reason="client_disconnect")
+
+
+async def test_a_disconnect_detaches_the_turn_which_completes_and_is_billed_exactly(
+    stream_client, fake_openai, auth, logs
+):
+    """By default a client that goes away does not stop its turn: it reads the upstream to its
+    end and is billed with the upstream's exact usage; its text is all saved."""
+    fake_openai.default = Script(chunks=["a ", "b ", "c ", "d"], gate_after=2, usage=(17, 4))
+    client, h = stream_client, auth()
+    chat_id = await new_chat(client, h)
+    resp = await send(client, chat_id, h)
+    seen: list[dict] = []
+    async for ev in events(resp):
+        seen += [ev] if "event" in ev else []
+        if text_of(seen) == "a b ":
+            break
+    resp.close()
+    await _until(lambda: any(e["event"] == "stream.detached" for e in logs))
+    assert not fake_openai.disconnected.is_set()  # the upstream is still being read
+    fake_openai.gate.set()
+    await _until(lambda: ended(logs, outcome="completed"))
+    _, assistant = await records(client, chat_id)
+    assert assistant["status"] == "complete" and assistant["content"] == "a b c d"
+    assert assistant["tokens"] == {"prompt": 17, "completion": 4, "total": 21, "source": "upstream"}
+    usage = await usage_doc(client)
+    assert usage["used"] == 21 and usage["reserved"] == 0
+    detached = next(e for e in logs if e["event"] == "stream.detached")
+    assert detached["reason"] == "client_disconnect" and detached["offset"] == 4
 
 
 async def test_explicit_cancel_stops_stream_and_saves_partial(

@@ -1,4 +1,4 @@
-"""The WebSocket transport (protocol v1): many turns over one socket, against the same producer,
+"""The WebSocket transport (protocol v2): many turns over one socket, against the same producer,
 fake upstream, SecantusDB and real sockets; with aiohttp's client and the ``websockets`` package."""
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ async def recv(ws, limit_s=5.0) -> dict[str, Any]:
 async def connect(client, headers, **kw):
     ws = await client.ws_connect("/api/ws", headers=headers, **kw)
     ready = await recv(ws)
-    assert ready["type"] == "ready" and ready["v"] == 1
+    assert ready["type"] == "ready" and ready["v"] == 2
     return ws
 
 
@@ -90,10 +90,18 @@ async def test_one_turn_aiohttp_client(stream_client, fake_openai, auth, logs):
     ws = await connect(client, h)
     await ws.send_json(send("t1", chat_id, "What is the answer?"))
     frames = await until_terminal(ws, {"t1"})
-    assert [f["type"] for f in frames] == ["started", "delta", "delta", "delta", "delta", "done"]
+    kinds = [f["type"] for f in frames]
+    assert kinds[0] == "started" and kinds[-1] == "done" and set(kinds[1:-1]) == {"delta"}
     started, done = frames[0], frames[-1]
     assert started["chat_id"] == chat_id and started["model"] == "gpt-test"
-    assert [f["seq"] for f in frames if f["type"] == "delta"] == [1, 2, 3, 4]
+    assert started["offset"] == 0 and done["offset"] == len("The answer is 42.")
+    deltas = [f for f in frames if f["type"] == "delta"]
+    assert (
+        [f["offset"] for f in deltas]
+        == [  # the characters up to the end of each text
+            len("".join(d["text"] for d in deltas[: i + 1])) for i in range(len(deltas))
+        ]
+    )
     assert text(frames, "t1") == "The answer is 42."
     assert done["message_id"] == started["message_id"] and done["status"] == "complete"
     assert done["tokens_used"] == 35 and done["finish_reason"] == "stop"
@@ -157,13 +165,12 @@ async def test_three_concurrent_turns_interleave_and_one_is_cancelled(
 
     for turn_id in "ac":
         mine = of(frames, turn_id)
-        assert [f["type"] for f in mine] == ["started", "delta", "delta", "delta", "done"]
-        assert [f["seq"] for f in mine if f["type"] == "delta"] == [1, 2, 3]
+        assert mine[0]["type"] == "started" and mine[-1]["type"] == "done"
         assert mine[-1]["status"] == "complete" and text(frames, turn_id) == "one two three"
-    # Turns interleave: every turn's first delta came before any turn's second one.
-    deltas = [(f["id"], f["seq"]) for f in frames if f["type"] == "delta"]
-    first_seconds = min(i for i, (_, seq) in enumerate(deltas) if seq == 2)
-    assert {d[0] for d in deltas[:first_seconds]} == {"a", "b", "c"}
+    # Turns interleave: every turn's first delta came before any turn's later text.
+    deltas = [(f["id"], f["offset"]) for f in frames if f["type"] == "delta"]
+    first_later = min(i for i, (_, offset) in enumerate(deltas) if offset > len("one "))
+    assert {d[0] for d in deltas[:first_later]} == {"a", "b", "c"}
     _, b_record = await records(client, chats[1])
     assert b_record["status"] == "cancelled" and b_record["reason"] == "user_cancel"
     assert b_record["content"] == "one " and b_record["tokens"]["total"] > 0
@@ -173,16 +180,17 @@ async def test_three_concurrent_turns_interleave_and_one_is_cancelled(
     assert len(ended(logs, transport="ws", outcome="completed")) == 2
 
 
-async def test_socket_closed_mid_stream_cancels_upstream_and_saves_partial(
-    stream_client, fake_openai, auth, logs
+async def test_with_on_disconnect_cancel_a_closed_socket_cancels_its_turn(
+    aiohttp_client, stream_settings, fake_openai, auth, logs
 ):
-    client, h = stream_client, auth()
+    client = await aiohttp_client(create_app(stream_settings(on_disconnect="cancel")))
+    h = auth()
     chat_id = await new_chat(client, h)
     fake_openai.default = Script(chunks=["a ", "b ", "c ", "d"], gate_after=2)
     ws = await connect(client, h)
     await ws.send_json(send("x", chat_id))
     frames = []
-    while len([f for f in frames if f["type"] == "delta"]) < 2:
+    while text(frames, "x") != "a b ":
         frames.append(await recv(ws))
     await asyncio.wait_for(fake_openai.reached_gate.wait(), 5)
     await ws.close()
@@ -192,6 +200,38 @@ async def test_socket_closed_mid_stream_cancels_upstream_and_saves_partial(
     assert assistant["status"] == "cancelled" and assistant["content"] == "a b "
     assert assistant["reason"] == "client_disconnect" and assistant["tokens"]["total"] > 0
     assert ended(logs, transport="ws", outcome="cancelled", reason="client_disconnect")
+
+
+async def test_a_closed_socket_leaves_its_turn_running_and_resumable(
+    stream_client, fake_openai, auth, logs
+):
+    """By default a socket that closes only stops following: the turn completes; a new socket
+    resumes it (``resume`` from the offset it had) and gets exactly the rest, then the end."""
+    client, h = stream_client, auth()
+    chat_id = await new_chat(client, h)
+    fake_openai.default = Script(chunks=["a ", "b ", "c ", "d"], gate_after=2, usage=(9, 4))
+    ws = await connect(client, h)
+    await ws.send_json(send("x", chat_id))
+    frames = []
+    while text(frames, "x") != "a b ":
+        frames.append(await recv(ws))
+    message_id, offset = frames[0]["message_id"], frames[-1]["offset"]
+    await ws.close()
+    await until(lambda: any(e["event"] == "stream.detached" for e in logs))
+    assert not fake_openai.disconnected.is_set()
+
+    ws = await connect(client, h)
+    await ws.send_json({"type": "resume", "id": "y", "message_id": message_id, "after": offset})
+    first = await recv(ws)
+    assert first["type"] == "started" and first["offset"] == offset == 4
+    fake_openai.gate.set()
+    rest = [first, *await until_terminal(ws, {"y"})]
+    await ws.close()
+    assert text(rest, "y") == "c d" and rest[-1]["type"] == "done"
+    assert rest[-1]["status"] == "complete" and rest[-1]["offset"] == len("a b c d")
+    _, assistant = await records(client, chat_id)
+    assert assistant["status"] == "complete" and assistant["content"] == "a b c d"
+    assert assistant["tokens"]["source"] == "upstream" and assistant["tokens"]["total"] == 13
 
 
 # --------------------------------------------------------------------------- authentication
@@ -441,24 +481,46 @@ async def test_upstream_failure_before_first_token_is_an_error_frame(
 
 
 # --------------------------------------------------------------------------- slow reader
-async def test_reader_that_stops_reading_is_closed_and_its_turn_cancelled(
-    aiohttp_client, stream_settings, fake_openai, auth, logs
-):
-    client = await aiohttp_client(create_app(stream_settings(ws_send_queue=8)))
-    h = auth()
+async def _stop_reading(client, h, logs):
     chat_id = await new_chat(client, h)
-    fake_openai.default = Script(chunks=["z" * 8192] * 4000, usage=None)
     ws = await connect(client, h)
     await ws.send_json(send("big", chat_id))
     # Stop reading: kernel buffers, then the writer, then the send queue fill up.
-    await until(lambda: ended(logs, reason="slow_client"), limit_s=30)
-    assert any(e["event"] == "ws.slow_client" for e in logs)
+    await until(lambda: any(e["event"] == "ws.slow_client" for e in logs), limit_s=30)
     while True:  # reading again shows what was sent before the close frame: 1013
         msg = await asyncio.wait_for(ws.receive(), 10)
         if msg.type is not aiohttp.WSMsgType.TEXT:
             break
     assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1013
     assert "slow_client" in msg.extra
+    return chat_id
+
+
+async def test_reader_that_stops_reading_is_closed_and_its_turn_finishes(
+    aiohttp_client, stream_settings, fake_openai, auth, logs
+):
+    """1013 for the socket; the turn goes on detached to its end."""
+    client = await aiohttp_client(create_app(stream_settings(ws_send_queue=8)))
+    fake_openai.default = Script(chunks=["z" * 8192] * 200, usage=(5, 1000), gate_after=199)
+    chat_id = await _stop_reading(client, auth(), logs)
+    await until(lambda: any(e["event"] == "stream.detached" for e in logs))
+    fake_openai.gate.set()  # the socket is gone; the turn still has its last chunk to read
+    await until(lambda: ended(logs, transport="ws", outcome="completed"), limit_s=30)
+    _, assistant = await records(client, chat_id)
+    assert assistant["status"] == "complete" and len(assistant["content"]) == 8192 * 200
+    detached = next(e for e in logs if e["event"] == "stream.detached")
+    assert detached["reason"] == "slow_client"
+
+
+async def test_with_on_disconnect_cancel_a_reader_that_stops_is_cancelled_as_slow_client(
+    aiohttp_client, stream_settings, fake_openai, auth, logs
+):
+    client = await aiohttp_client(
+        create_app(stream_settings(ws_send_queue=8, on_disconnect="cancel"))
+    )
+    fake_openai.default = Script(chunks=["z" * 8192] * 200, usage=None, gate_after=199)
+    chat_id = await _stop_reading(client, auth(), logs)
+    await until(lambda: ended(logs, reason="slow_client"), limit_s=30)
     _, assistant = await records(client, chat_id)
     assert assistant["status"] == "cancelled" and assistant["reason"] == "slow_client"
     assert assistant["tokens"]["completion"] > 0

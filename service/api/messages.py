@@ -1,4 +1,5 @@
-"""Sending a message (streamed over SSE), cancelling a running answer, and the usage summary."""
+"""Sending a message (streamed over SSE), following an answer again (resume), cancelling one,
+and the usage summary."""
 
 from __future__ import annotations
 
@@ -8,12 +9,25 @@ from aiohttp import web
 from pydantic import Field
 
 from service.api.chats import StrictModel
-from service.errors import Conflict
+from service.errors import BadRequest, Conflict
 from service.http import json_response, not_found, parse_uuid, read_json
-from service.keys import CATALOGUE, MODEL_LISTS, PRINCIPAL, PRODUCER, REGISTRY, SETTINGS, STORE
+from service.keys import (
+    CATALOGUE,
+    MODEL_LISTS,
+    PRINCIPAL,
+    PRODUCER,
+    REGISTRY,
+    RESUMES,
+    SETTINGS,
+    STORE,
+)
+from service.metrics import RESUMES as RESUMES_TOTAL
 from service.store import utcnow
+from service.stream.live import LiveStream
 from service.stream.producer import Turn, TurnInput, period_of
 from service.transports import sse
+
+MAX_OFFSET = 10**9  # no answer is longer; a bigger offset is not one this service gave
 
 
 class SendMessage(StrictModel):
@@ -24,7 +38,7 @@ class SendMessage(StrictModel):
 
 async def send_message(request: web.Request) -> web.StreamResponse:
     turn = await _start(request)
-    return await sse.stream_turn(request, turn, request.app[SETTINGS])
+    return await _follow(request, turn.live, 0)
 
 
 async def _start(request: web.Request) -> Turn:
@@ -40,6 +54,63 @@ async def _start(request: web.Request) -> Turn:
             model=body.model,
         )
     )
+
+
+async def _follow(request: web.Request, live: LiveStream, offset: int) -> web.StreamResponse:
+    registry = request.app[REGISTRY]
+    follower = registry.follow(live, offset, "sse", keepalive=True)
+    return await sse.respond(request, registry, follower, request.app[SETTINGS])
+
+
+async def resume_message(request: web.Request) -> web.StreamResponse:
+    """``GET /api/chat/{chat_id}/messages/{message_id}/stream``: the answer from an offset
+    (``Last-Event-ID`` or ``?after=``): the text after it as one delta, then live deltas, then
+    the terminal event; from any replica. An ended answer gives the rest and its end at once."""
+    chat_id = parse_uuid(request.match_info["chat_id"], "chat_id")
+    message_id = parse_uuid(request.match_info["message_id"], "message_id")
+    after = _offset(request)
+    found = await request.app[RESUMES].find(request[PRINCIPAL].user_id, chat_id, message_id)
+    if found is None:
+        raise not_found("message")
+    return await _resume(request, *found, after)
+
+
+async def resume_chat(request: web.Request) -> web.StreamResponse:
+    """``GET /api/chat/{chat_id}/stream``: follow the chat's running answer (from ``after``),
+    or 204 when none runs (the AI SDK's ``resume`` convention)."""
+    chat_id = parse_uuid(request.match_info["chat_id"], "chat_id")
+    after = _offset(request)
+    user_id = request[PRINCIPAL].user_id
+    if await request.app[STORE].get_chat(user_id, chat_id) is None:
+        raise not_found("chat")
+    found = await request.app[RESUMES].running(user_id, chat_id)
+    if found is None:
+        return web.Response(status=204)
+    return await _resume(request, *found, after)
+
+
+async def _resume(
+    request: web.Request, live: LiveStream, source: str, after: int
+) -> web.StreamResponse:
+    if live.final is not None and after > live.length:
+        raise BadRequest(
+            f"offset {after} is past the end of the answer ({live.length} characters)",
+            code="invalid_offset",
+            details={"length": live.length},
+        )
+    RESUMES_TOTAL.labels(source).inc()
+    return await _follow(request, live, after)
+
+
+def _offset(request: web.Request) -> int:
+    """``?after=`` (wins) or ``Last-Event-ID``: a count of characters; 0 when neither."""
+    raw = request.query.get("after", request.headers.get("Last-Event-ID", "0")).strip()
+    if not raw.isascii() or not raw.isdigit() or int(raw) > MAX_OFFSET:
+        raise BadRequest(
+            "the offset (after / Last-Event-ID) must be a whole number of characters",
+            code="invalid_offset",
+        )
+    return int(raw)
 
 
 async def cancel_message(request: web.Request) -> web.Response:
@@ -87,6 +158,8 @@ async def get_usage(request: web.Request) -> web.Response:
 
 def setup(app: web.Application) -> None:
     app.router.add_post("/api/chat/{chat_id}/message", send_message)
+    app.router.add_get("/api/chat/{chat_id}/stream", resume_chat)
+    app.router.add_get("/api/chat/{chat_id}/messages/{message_id}/stream", resume_message)
     app.router.add_post("/api/chat/{chat_id}/messages/{message_id}/cancel", cancel_message)
     app.router.add_get("/api/usage", get_usage)
     app.router.add_get("/api/models", list_models)

@@ -21,10 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.errors import BadRequest
 from service.http import json_response, parse_uuid, read_body
-from service.keys import CATALOGUE, MODEL_LISTS, PRINCIPAL, PRODUCER, SETTINGS
+from service.keys import CATALOGUE, MODEL_LISTS, PRINCIPAL, PRODUCER, REGISTRY, SETTINGS
 from service.models import ModelSpec
 from service.stream.producer import Turn, TurnInput
-from service.transports import openai_chunks
+from service.transports import openai_chunks, sse
 
 CHAT_ID_HEADER = "X-Chat-Id"
 MODELS_CREATED = int(time.time())  # the catalogue has no dates: when this process loaded it
@@ -188,11 +188,20 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     """
     turn, stream, include_usage = await _start(request)
     created = int(time.time())
+    registry = request.app[REGISTRY]
+    follower = registry.follow(turn.live, 0, "openai", keepalive=stream)
     if stream:
-        return await openai_chunks.stream_turn(
-            request, turn, request.app[SETTINGS], include_usage=include_usage, created=created
+        enc = openai_chunks.ChunkEncoder(
+            openai_chunks.completion_id(turn.message_id),
+            turn.spec.name,
+            created,
+            include_usage=include_usage,
         )
-    return json_response(await openai_chunks.complete_turn(turn, created=created))
+        return await sse.respond(request, registry, follower, request.app[SETTINGS], enc.encode)
+    try:
+        return json_response(await openai_chunks.complete(follower, created=created))
+    finally:
+        registry.leave(follower, "client_disconnect")  # a no-op once the turn has ended
 
 
 async def _start(request: web.Request) -> tuple[Turn, bool, bool]:

@@ -19,7 +19,16 @@ from aiohttp import web
 from service.auth import Principal
 from service.errors import BadRequest, ServiceError, Unauthorized
 from service.http import json_response
-from service.keys import AUTH, PRINCIPAL, PRODUCER, SETTINGS, STORE, WS_CONNECTIONS
+from service.keys import (
+    AUTH,
+    PRINCIPAL,
+    PRODUCER,
+    REGISTRY,
+    RESUMES,
+    SETTINGS,
+    STORE,
+    WS_CONNECTIONS,
+)
 from service.store import utcnow
 from service.transports import ws as transport
 
@@ -86,13 +95,15 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     request[PRINCIPAL] = principal
     structlog.contextvars.bind_contextvars(user_id=principal.user_id)
     await ws.prepare(request)
-    await transport.serve(
-        request,
-        ws,
-        principal=principal,
+    services = transport.Services(
         producer=request.app[PRODUCER],
+        registry=request.app[REGISTRY],
+        resumes=request.app[RESUMES],
+        store=request.app[STORE],
         settings=settings,
-        registry=request.app[WS_CONNECTIONS],
+    )
+    await transport.serve(
+        request, ws, principal=principal, services=services, connections=request.app[WS_CONNECTIONS]
     )
     return ws
 

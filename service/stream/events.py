@@ -1,10 +1,18 @@
-"""The closed set of events a turn yields. Every transport encodes these and nothing else.
+"""The closed set of events a follower of a turn receives. Every transport encodes these.
 
     Started  -> Delta* -> (Done | Error)
 
-``Done`` ends a turn that completed or that the user cancelled; ``Error`` ends one that failed
-or was stopped by the server (shutdown, timeout). Both carry the saved message's id, its status
-and the tokens billed, and the budget left for the period.
+Every event carries an **offset**: the number of characters (Unicode code points) of the answer
+before the end of that event's text. ``Started`` carries the offset the follower starts from (0
+on a send, the client's offset on a resume), a ``Delta`` the offset its text ends at, the
+terminal event the length of the whole answer. A client that reconnects with the last offset it
+saw gets exactly the text after it.
+
+``Done`` ends a turn that completed or that the user cancelled; ``Error`` ends one that failed,
+was stopped by the server (shutdown, timeout) or whose process died (``interrupted``). Both
+carry the saved message's id, its status and the tokens billed, and the budget left.
+
+``Ping`` is not the turn's: a keep-alive a transport asked its follower for (``: ping`` on SSE).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ class Started:
     message_id: str
     chat_id: str | None
     model: str
+    offset: int = 0
     name = "started"
 
     def data(self) -> dict[str, Any]:
@@ -27,6 +36,7 @@ class Started:
 @dataclass(frozen=True, slots=True)
 class Delta:
     text: str
+    offset: int  # characters before the end of ``text``
     name = "delta"
 
     def data(self) -> dict[str, Any]:
@@ -38,7 +48,7 @@ class Final:
     """What finalization settled; the body of ``Done`` and ``Error``."""
 
     message_id: str
-    status: str  # complete | cancelled | failed
+    status: str  # complete | cancelled | failed | interrupted
     reason: str
     finish_reason: str | None
     prompt_tokens: int
@@ -52,6 +62,11 @@ class Final:
     @property
     def tokens_used(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def ok(self) -> bool:
+        """Ends with ``done`` (completed, or stopped by its user) rather than ``error``."""
+        return self.status == "complete" or self.reason == "user_cancel"
 
     def data(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -77,6 +92,7 @@ class Final:
 @dataclass(frozen=True, slots=True)
 class Done:
     final: Final
+    offset: int
     name = "done"
 
     def data(self) -> dict[str, Any]:
@@ -86,10 +102,22 @@ class Done:
 @dataclass(frozen=True, slots=True)
 class Error:
     final: Final
+    offset: int
     name = "error"
 
     def data(self) -> dict[str, Any]:
         return self.final.data()
 
 
+@dataclass(frozen=True, slots=True)
+class Ping:
+    name = "ping"
+
+
+PING = Ping()
+
 Event = Started | Delta | Done | Error
+
+
+def terminal(final: Final, offset: int) -> Done | Error:
+    return Done(final, offset) if final.ok else Error(final, offset)

@@ -1,5 +1,5 @@
-"""A turn's final write (settle its tokens, write its final record), and the replica's queue of
-final writes that MongoDB could not take yet.
+"""A turn's final write (settle its tokens, write its final record), the replica's queue of
+final writes that MongoDB could not take yet, and the final a stored record stands for.
 
 The client is told how its turn ended before the final record is written; when MongoDB is
 away at that moment, the write waits here and the replica's watcher retries it once MongoDB
@@ -17,6 +17,7 @@ import structlog
 
 from service.errors import ServiceError
 from service.store import Doc, Store
+from service.stream.events import Final
 
 log = structlog.get_logger("service.stream")
 
@@ -77,3 +78,25 @@ class PendingFinals:
                 "stream.finalize_retried", message_id=message_id, status=write.fields["status"]
             )
         return applied
+
+
+def final_of(doc: Doc, usage: Doc | None, default_limit: int) -> Final:
+    """The final a stored (ended) record stands for, as the turn that wrote it told its
+    client, with the budget as it is now."""
+    tokens = doc.get("tokens") or {}
+    error = doc.get("error") or {}
+    limit = int((usage or {}).get("limit", default_limit))
+    spent = int((usage or {}).get("used", 0)) + int((usage or {}).get("reserved", 0))
+    return Final(
+        message_id=doc["_id"],
+        status=doc["status"],
+        reason=doc.get("reason") or doc["status"],
+        finish_reason=doc.get("finish_reason"),
+        prompt_tokens=int(tokens.get("prompt", 0)),
+        completion_tokens=int(tokens.get("completion", 0)),
+        token_source=str(tokens.get("source", "upstream")),
+        budget_limit=limit,
+        budget_remaining=max(0, limit - spent),
+        error_code=error.get("code"),
+        error_message=error.get("message"),
+    )

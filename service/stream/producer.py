@@ -2,9 +2,11 @@
 
 ``TurnProducer.start`` runs everything that may refuse the turn (validation, authorization,
 model, rate limit and budget, persisting, opening the upstream) and raises ``ServiceError`` with
-the right status. ``Turn.events`` then yields ``Started``, ``Delta``s and one terminal event.
-Finalization (persist the text, settle the tokens, log the outcome) runs shielded and tracked by
-the registry, so neither a disconnect nor a shutdown can skip it. Transports only encode events.
+the right status. From admission on the turn runs as its own task, owned by the registry: it
+reads the upstream to its end into its ``LiveStream`` (``turn.live``), which transports follow
+from an offset (``registry.follow``); a client leaving never stops it by itself. Finalization
+(persist the text, settle the tokens, log the outcome) runs shielded and tracked by the
+registry, so neither a cancel nor a shutdown can skip it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import contextlib
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -39,14 +41,18 @@ from service.providers.base import Chunk, CompletionRequest, Provider, Usage
 from service.settings import Settings
 from service.store import Doc, Reservation, ReserveRequest, Store, utcnow
 from service.stream.context import ContextCache, fit_to_window, history_messages
-from service.stream.events import Delta, Done, Error, Event, Final, Started
+from service.stream.events import Final
 from service.stream.finals import FinalWrite
-from service.stream.registry import LiveStream, StreamRegistry
+from service.stream.live import LiveStream
+from service.stream.registry import StreamRegistry
 from service.tokens import TokenCounter
 
 log = structlog.get_logger("service.stream")
 
 MIN_COMPLETION_TOKENS = 16
+# The longest answer a turn keeps: an upstream that ignores max_tokens must not grow a turn's
+# memory, or its record, without end (MongoDB's documents stop at 16 MiB; this is at most 8).
+MAX_ANSWER_CHARS = 2_000_000
 OUTCOME = {"complete": "completed", "cancelled": "cancelled", "failed": "failed"}
 
 
@@ -147,7 +153,7 @@ class TurnProducer:
             started=started,
             history=history,
         )
-        await turn.begin(text, seq, now)
+        await turn.launch(text, seq, now)
         return turn
 
     async def _count_prompt(
@@ -238,7 +244,7 @@ class TurnProducer:
 
 
 class Turn:
-    """One running turn. ``begin`` persists and opens the upstream; ``events`` streams it.
+    """One running turn. ``launch`` starts its task (``_run``: persist, open, read, finalize).
 
     A replica holds thousands of these at once, so a turn keeps only what its stream still
     needs: slots, no bound logger (``_log`` adds the ids per line), the prompt dropped once the
@@ -306,7 +312,14 @@ class Turn:
         self.history: list[Doc] | None = None if streaming else history
         self.seq = 0
         self.text = ""
-        self.live = LiveStream(message_id, inp.chat_id, inp.user_id, inp.transport)
+        self.live = LiveStream(
+            message_id,
+            inp.chat_id,
+            inp.user_id,
+            inp.transport,
+            spec.name,
+            cancel_when_alone=inp.chat_id is None or producer.settings.on_disconnect == "cancel",
+        )
         self.parts = self.live.parts  # the watcher checkpoints it
         self.chunks = 0
         self.usage: Usage | None = None
@@ -329,37 +342,68 @@ class Turn:
             **fields,
         )
 
-    # ------------------------------------------------------------------ begin
-    async def begin(self, text: str, seq: int, now: datetime) -> None:
+    # ------------------------------------------------------------------ launch
+    async def launch(self, text: str, seq: int, now: datetime) -> None:
+        """Start the turn's own task and wait until its upstream has answered, so a refusal
+        before the first token is still an ordinary error of the request. From here on the
+        turn belongs to the registry: a client that leaves does not stop it (unless it is a
+        stateless API turn, or ON_DISCONNECT=cancel)."""
+        self.seq, self.text = seq, text
+        registry = self.p.registry
+        registry.add(self.live)
+        self._log(
+            "info", "stream.started", prompt_tokens=self.prompt_tokens, max_tokens=self.max_tokens
+        )
+        opened: asyncio.Future[ServiceError | None] = asyncio.get_running_loop().create_future()
+        registry.run(self.live, self._run(now, opened))
+        try:
+            refused = await asyncio.shield(opened)
+        except asyncio.CancelledError:
+            if self.live.cancel_when_alone:
+                self.live.cancel("client_disconnect")
+            raise
+        if refused is not None:
+            raise refused
+
+    async def _run(self, now: datetime, opened: asyncio.Future[ServiceError | None]) -> None:
+        """The turn's task: persist and open (at the same time), read the upstream to its end,
+        finalize, and hand the final to the followers."""
+        try:
+            refused = await self._begin(now)
+        except BaseException:  # a cancel that was not ours (the loop is closing): finalized
+            opened.set_result(_stop_error("shutdown"))
+            raise
+        opened.set_result(refused)
+        if refused is None:
+            self.live.end(await self._read())
+
+    async def _begin(self, now: datetime) -> ServiceError | None:
         """Persist the records and open the upstream at the same time: the insert's round trip
         hides behind the upstream's. The first delta waits for the insert (``_records_written``,
         which raises if it failed), and so does finalization: no text reaches a client, and no
-        update reaches the records, before they exist."""
-        self.seq, self.text = seq, text
+        update reaches the records, before they exist. A failure ends the turn here (billed
+        nothing) and is returned, to be the request's error."""
+        live = self.live
         self._insert = asyncio.ensure_future(
-            self.p.store.insert_messages(self._records(text, seq, now))
+            self.p.store.insert_messages(self._records(self.text, self.seq, now))
         )
         try:
-            self.p.registry.add(self.live)
-            self._log(
-                "info",
-                "stream.started",
-                prompt_tokens=self.prompt_tokens,
-                max_tokens=self.max_tokens,
-            )
             try:
                 await self._open()
-            except BaseException:
-                await self._insert_finished()
-                raise
+            finally:
+                if self._stream is None:
+                    await self._insert_finished()
         except ServiceError as exc:
-            await self._finalize_shielded("failed", _reason_of(exc), exc, billable=False)
-            raise
-        except BaseException:
-            await self._finalize_shielded(
-                "cancelled", self.live.reason or "client_disconnect", None, billable=False
-            )
-            raise
+            live.end(await self._finalize_shielded("failed", _reason_of(exc), exc, billable=False))
+            return exc
+        except asyncio.CancelledError:
+            if not _absorb_cancel(live):
+                live.end(await self._finalize_shielded("cancelled", "shutdown", billable=False))
+                raise
+            status, reason, error = _stopped(live.reason or "shutdown")
+            live.end(await self._finalize_shielded(status, reason, error, billable=False))
+            return _stop_error(live.reason)
+        return None
 
     async def _insert_finished(self) -> BaseException | None:
         """Wait for the records' insert, even through a cancellation; return its failure."""
@@ -416,7 +460,6 @@ class Turn:
     async def _open(self) -> None:
         live = self.live
         loop = asyncio.get_running_loop()
-        live.task = asyncio.current_task()
         self._stage_deadline = loop.time() + self.p.settings.upstream_first_token_timeout_s
         self._active(loop)
         request = CompletionRequest(
@@ -441,13 +484,11 @@ class Turn:
         finally:
             live.reading = False
 
-    # ------------------------------------------------------------------ stream
-    async def events(self) -> AsyncGenerator[Event, None]:
-        """``Started``, a ``Delta`` per upstream text, then ``Done`` or ``Error`` once the turn
-        is finalized. One generator (its frame is held by every live stream)."""
+    # ------------------------------------------------------------------ read
+    async def _read(self) -> Final:
+        """Read the upstream to its end (or until stopped), the text into the live stream, then
+        finalize. Nothing a follower does reaches this loop."""
         live = self.live
-        live.task = asyncio.current_task()
-        yield Started(self.message_id, self.inp.chat_id, self.spec.name)
         status, reason, error = "complete", "finished", None
         stream = self._stream
         assert stream is not None
@@ -476,11 +517,16 @@ class Turn:
                             self._first_token(loop)
                         live.add(chunk.text)
                         self.chunks += 1
-                        yield Delta(chunk.text)
+                        if live.length > MAX_ANSWER_CHARS:
+                            raise UpstreamError(
+                                "upstream_bad_response",
+                                "the upstream sent a longer answer than the service keeps",
+                            )
                     if chunk.usage is not None:
                         self.usage = chunk.usage
                     if chunk.finish_reason is not None:
                         self.finish_reason = chunk.finish_reason
+                        live.finish_seen = True
             finally:
                 await _aclose(stream)
             if live.reason is not None:
@@ -488,18 +534,11 @@ class Turn:
         except ServiceError as exc:  # the upstream failed, or MongoDB did (the records' insert)
             status, reason, error = "failed", _reason_of(exc), exc
         except asyncio.CancelledError:
-            if not _absorb_cancel(live):
-                await self._finalize_shielded("cancelled", live.reason or "client_disconnect")
+            if not _absorb_cancel(live):  # not ours: the loop is closing; finalize, then go
+                live.end(await self._finalize_shielded("cancelled", live.reason or "shutdown"))
                 raise
-            status, reason, error = _stopped(live.reason or "client_disconnect")
-        except BaseException:  # GeneratorExit (the client went away), or a bug: finalize anyway
-            await self._finalize_shielded("cancelled", live.reason or "client_disconnect")
-            raise
-        final = await self._finalize_shielded(status, reason, error)
-        if status == "complete" or reason == "user_cancel":
-            yield Done(final)
-        else:
-            yield Error(final)
+            status, reason, error = _stopped(live.reason or "shutdown")
+        return await self._finalize_shielded(status, reason, error)
 
     def _active(self, loop: asyncio.AbstractEventLoop) -> None:
         """The upstream was heard from. Until the first token the watcher stops the turn

@@ -1,9 +1,10 @@
-"""The registry of live streams on this replica, and the finalizations still running.
+"""The registry of this replica's live turns, their tasks, and who follows them.
 
-A ``LiveStream`` is cancelled by giving a reason. When the producer is waiting on the upstream
-(``reading``) its task is cancelled at once, which closes the upstream connection; otherwise the
-producer sees the reason before its next read. Either way it finalizes and ends the stream with
-a terminal event. Shutdown waits for every tracked finalization before MongoDB is closed.
+A turn runs as its own task from its records to its final write (``run``); transports only
+follow it (``follow`` / ``leave``). Leaving never stops a turn by itself: when the last
+follower goes, a chat turn goes on to its natural end (detached, resumable from any replica)
+unless it is a stateless API turn or ``ON_DISCONNECT=cancel`` (``LiveStream.cancel_when_alone``).
+Shutdown waits for every turn and every final write before MongoDB is closed.
 """
 
 from __future__ import annotations
@@ -11,69 +12,24 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
+from collections.abc import Coroutine
+from typing import Any
 
-from service.metrics import ACTIVE_STREAMS
+import structlog
+
+from service.metrics import ACTIVE_STREAMS, DETACHED, FOLLOWERS
 from service.stream.finals import PendingFinals
+from service.stream.live import Follower, LiveStream
 
-TEXT_BLOCK = 16  # the text's pieces are joined by this many (see ``LiveStream.add``)
-
-
-class LiveStream:
-    __slots__ = (
-        "chat_id",
-        "deadline",
-        "length",
-        "loose",
-        "message_id",
-        "parts",
-        "reading",
-        "reason",
-        "saved",
-        "task",
-        "transport",
-        "user_id",
-    )
-
-    def __init__(self, message_id: str, chat_id: str | None, user_id: str, transport: str) -> None:
-        self.message_id = message_id
-        self.chat_id = chat_id
-        self.user_id = user_id
-        self.transport = transport
-        self.task: asyncio.Task[object] | None = None
-        self.reason: str | None = None
-        self.reading = False
-        self.deadline = 0.0  # loop time by which the next stage (first token / end) must happen
-        self.parts: list[str] = []  # the text so far, in pieces (filled once persisted)
-        self.length = 0  # characters in ``parts``
-        self.loose = 0  # pieces at the end of ``parts`` not yet joined into a block
-        self.saved = 0  # characters the last checkpoint holds
-
-    def add(self, text: str) -> None:
-        """Append a delta's text. Every ``TEXT_BLOCK`` deltas are joined into one string: a
-        token-sized string costs ~50 bytes of header for ~4 characters, so a long answer held
-        as deltas would cost a live stream ~13x its text (a 1,000-token answer: ~57 KB)."""
-        parts = self.parts
-        parts.append(text)
-        self.length += len(text)
-        self.loose += 1
-        if self.loose == TEXT_BLOCK:
-            parts[-TEXT_BLOCK:] = ["".join(parts[-TEXT_BLOCK:])]
-            self.loose = 0
-
-    def grown(self) -> bool:
-        return self.length > self.saved
-
-    def cancel(self, reason: str) -> None:
-        if self.reason is None:
-            self.reason = reason
-        if self.reading and self.task is not None and not self.task.done():
-            self.task.cancel()
+log = structlog.get_logger("service.stream")
 
 
 class StreamRegistry:
     def __init__(self) -> None:
         self.replica_id = uuid.uuid4().hex  # this process, in heartbeats and on its turns
         self.streams: dict[str, LiveStream] = {}
+        self.followers: set[Follower] = set()
+        self.followed: set[LiveStream] = set()  # this replica's turns followed from another
         self.draining = False
         self.pending = PendingFinals()  # final writes MongoDB could not take yet
         # MongoDB as the watcher last found it: failing, or back since (loop time) after an
@@ -81,8 +37,9 @@ class StreamRegistry:
         # dead until all had STALE_STREAM_S to write theirs and their pending final writes.
         self.store_failing = False
         self.store_back_at: float | None = None
-        self._finalizers: set[asyncio.Task[object]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
 
+    # ------------------------------------------------------------------ turns
     def add(self, live: LiveStream) -> None:
         self.streams[live.message_id] = live
         ACTIVE_STREAMS.labels(live.transport).inc()
@@ -90,7 +47,15 @@ class StreamRegistry:
     def remove(self, message_id: str) -> None:
         live = self.streams.pop(message_id, None)
         if live is not None:
+            self.followed.discard(live)
             ACTIVE_STREAMS.labels(live.transport).dec()
+
+    def run(self, live: LiveStream, turn: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """The turn's own task, tracked until it has finished (final write included)."""
+        task = asyncio.create_task(turn, name=f"turn-{live.message_id}")
+        live.task = task
+        self.track(task)
+        return task
 
     def cancel(self, message_id: str, reason: str) -> bool:
         live = self.streams.get(message_id)
@@ -106,6 +71,53 @@ class StreamRegistry:
     def by_transport(self) -> Counter[str]:
         return Counter(live.transport for live in self.streams.values())
 
+    # ------------------------------------------------------------------ followers
+    def follow(
+        self, live: LiveStream, offset: int, transport: str, *, keepalive: bool = False
+    ) -> Follower:
+        """A new follower of ``live`` from ``offset``; ``keepalive``: it gets ``ping``ed."""
+        follower = Follower(live, offset, transport, keepalive=keepalive)
+        live.followers += 1
+        self.followers.add(follower)
+        FOLLOWERS.labels(transport).inc()
+        return follower
+
+    def leave(self, follower: Follower, reason: str) -> None:
+        """The follower is gone (its client, or the end of the turn). When it was the last one
+        of a turn still running: stop it, or let it finish detached (see the module's text)."""
+        if follower not in self.followers:
+            return
+        self.followers.discard(follower)
+        FOLLOWERS.labels(follower.transport).dec()
+        live = follower.live
+        live.followers -= 1
+        if live.followers or live.final is not None or live.message_id not in self.streams:
+            return
+        reason = follower.reason or reason
+        if live.cancel_when_alone and not live.finish_seen:
+            live.cancel(reason)
+            return
+        if not live.cancel_when_alone:
+            DETACHED.labels(live.transport).inc()
+            log.info(
+                "stream.detached",
+                message_id=live.message_id,
+                chat_id=live.chat_id,
+                user_id=live.user_id,
+                transport=live.transport,
+                reason=reason,
+                offset=follower.offset,
+            )
+        # else: the answer is complete and only its usage is still to come: read it, so the
+        # turn is billed exactly as if its client had stayed.
+
+    def ping(self) -> None:
+        """Ask every idle follower that wants keep-alives for one (SSE's ``: ping``)."""
+        for follower in self.followers:
+            if follower.keepalive and not follower.writing_since:
+                follower.nudge()
+
+    # ------------------------------------------------------------------ store health
     def may_reap(self, now: float, stale_s: float) -> bool:
         """Whether a turn may be judged dead by its replica's heartbeat now (see above)."""
         if self.store_failing:
@@ -116,21 +128,22 @@ class StreamRegistry:
         if self.store_failing:
             self.store_failing, self.store_back_at = False, now
 
-    def track(self, task: asyncio.Task[object]) -> None:
-        self._finalizers.add(task)
-        task.add_done_callback(self._finalizers.discard)
+    # ------------------------------------------------------------------ shutdown
+    def track(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no stream is live and no finalization runs; False on timeout."""
+        """Wait until no turn is live and no final write runs; False on timeout."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout_s
-        while self.streams or self._finalizers:
+        while self.streams or self._tasks:
             if loop.time() >= end:
                 return False
-            if self._finalizers:
+            if self._tasks:
                 # asyncio.wait, not wait_for(gather(...)): a timeout must never cancel the
-                # finalizations themselves (a half-written final record stays 'streaming').
-                await asyncio.wait(set(self._finalizers), timeout=end - loop.time())
+                # turns themselves (a half-written final record stays 'streaming').
+                await asyncio.wait(set(self._tasks), timeout=end - loop.time())
             else:
                 await asyncio.sleep(0.05)
         return True

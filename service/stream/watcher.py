@@ -18,6 +18,7 @@ from datetime import timedelta
 import structlog
 
 from service.errors import ServiceError
+from service.metrics import TURNS
 from service.settings import Settings
 from service.store import Doc, Store, utcnow
 from service.stream.registry import StreamRegistry
@@ -57,6 +58,7 @@ async def settle_interrupted(store: Store, doc: Doc) -> bool:
         },
     )
     if done:
+        TURNS.labels(doc.get("transport") or "sse", "interrupted", "interrupted").inc()
         log.info(
             "stream.ended",
             outcome="interrupted",
@@ -110,9 +112,8 @@ async def _control(store: Store, registry: StreamRegistry, settings: Settings) -
     next_alive = next_reap = loop.time()
     while True:
         now = loop.time()
-        for live in list(registry.streams.values()):
-            if live.deadline and now > live.deadline:
-                live.cancel("timeout")
+        _deadlines(registry, now)
+        _stalled_writes(registry, now, settings.stream_send_timeout_s)
         try:
             if now >= next_alive or registry.store_failing:
                 await store.heartbeat(registry.replica_id)  # at once when MongoDB is back
@@ -121,8 +122,7 @@ async def _control(store: Store, registry: StreamRegistry, settings: Settings) -
             if registry.pending:
                 await registry.pending.retry(store)
             if registry.streams:
-                for message_id in await store.cancels_requested():
-                    registry.cancel(message_id, "user_cancel")
+                _flags(registry, await store.flagged_turns(), now)
             if now >= next_reap and registry.may_reap(now, settings.stale_stream_s):
                 next_reap = now + settings.reaper_interval_s
                 await reap(store, settings)
@@ -134,17 +134,60 @@ async def _control(store: Store, registry: StreamRegistry, settings: Settings) -
         await asyncio.sleep(settings.watch_interval_s)
 
 
+def _deadlines(registry: StreamRegistry, now: float) -> None:
+    for live in list(registry.streams.values()):
+        if live.deadline and now > live.deadline:
+            live.cancel("timeout")
+
+
+def _stalled_writes(registry: StreamRegistry, now: float, send_timeout_s: float) -> None:
+    """A client whose write has waited past STREAM_SEND_TIMEOUT_S stopped reading: drop it
+    (``slow_client``); its turn goes on, or stops, as when any client leaves."""
+    for follower in list(registry.followers):
+        since = follower.writing_since
+        if since and now - since > send_timeout_s and follower.abort is not None:
+            follower.reason = "slow_client"
+            follower.abort.abort()
+
+
+def _flags(registry: StreamRegistry, docs: list[Doc], now: float) -> None:
+    """Cancel requests and remote followers of this replica's turns, from any replica."""
+    wall = utcnow()
+    followed = set()
+    for doc in docs:
+        live = registry.streams.get(doc["_id"])
+        if live is None:
+            continue
+        if doc.get("cancel_requested"):
+            live.cancel("user_cancel")
+        until = doc.get("followed_until")
+        if until is not None and until > wall:
+            live.followed_until = now + (until - wall).total_seconds()
+            followed.add(live)
+    registry.followed = followed
+
+
 async def _checkpoints(store: Store, registry: StreamRegistry, settings: Settings) -> None:
     """Every ``CHECKPOINT_INTERVAL_S``, the text of every live stream that grew since its last
-    checkpoint, in one bulk write for the whole replica."""
+    checkpoint, in one bulk write for the whole replica; every ``FOLLOW_INTERVAL_S``, that of
+    the turns a follower on another replica reads (only while there are such)."""
+    loop = asyncio.get_running_loop()
+    next_full = loop.time() + settings.checkpoint_interval_s
     while True:
-        await asyncio.sleep(settings.checkpoint_interval_s)
-        grown = [live for live in registry.streams.values() if live.grown()]
+        now = loop.time()
+        fast = [live for live in registry.followed if live.followed_until > now]
+        step = settings.follow_interval_s if fast else settings.checkpoint_interval_s
+        await asyncio.sleep(max(0.0, min(step, next_full - now)))
+        full = loop.time() >= next_full
+        if full:
+            next_full = loop.time() + settings.checkpoint_interval_s
+        candidates = registry.streams.values() if full else fast
+        grown = [live for live in candidates if live.grown()]
         if not grown:
             continue
         saved = [live.length for live in grown]
         try:
-            await store.checkpoint_many([(live.message_id, "".join(live.parts)) for live in grown])
+            await store.checkpoint_many([(live.message_id, live.text()) for live in grown])
         except ServiceError as exc:
             log.warning("stream.checkpoint_failed", code=exc.code)
             continue

@@ -10,26 +10,22 @@ Streamed, the frames are exactly OpenAI's::
 
 A turn that fails after it started ends with ``data: {"error": {...}}`` (the SDKs raise it as an
 ``APIError``). The constant parts of every frame are built once per turn; a delta costs one
-``orjson.dumps`` of its text. Frames are written by ``pump`` (shared with the SSE transport):
-the frames of deltas already read go out in one write, and a failed or stalled write ends the
-stream: closing the event generator finalizes the turn as cancelled, bills what was generated and
-closes the upstream request.
+``orjson.dumps`` of its text. Frames are written by ``sse.respond`` (shared with the chat SSE
+route): everything new since the client's last write goes out in one frame. A stateless turn
+(no ``X-Chat-Id``) stops when its client goes, as OpenAI clients expect; one whose answer is
+complete still reads its usage, so it is billed exactly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
 from typing import Any
 
 import orjson
-from aiohttp import web
 
 from service.errors import ServiceError, ServiceUnavailable, UpstreamError
 from service.http import openai_error_parts
-from service.settings import Settings
 from service.stream.events import Delta, Done, Error, Event, Final, Started
-from service.stream.producer import Turn
-from service.transports.pump import stream_events
+from service.stream.live import Follower
 
 DONE = b"data: [DONE]\n\n"
 FINISH_REASONS = frozenset({"stop", "length", "content_filter", "tool_calls", "function_call"})
@@ -49,8 +45,8 @@ def usage_of(final: Final) -> dict[str, int]:
     }
 
 
-def completion_id(turn: Turn) -> str:
-    return "chatcmpl-" + turn.message_id
+def completion_id(message_id: str) -> str:
+    return "chatcmpl-" + message_id
 
 
 def error_of(final: Final) -> ServiceError:
@@ -124,35 +120,24 @@ class ChunkEncoder:
         return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
-def stream_turn(
-    request: web.Request, turn: Turn, settings: Settings, *, include_usage: bool, created: int
-) -> Coroutine[Any, Any, web.StreamResponse]:
-    """The streamed response (no frame of its own while it streams: it returns the pump's)."""
-    enc = ChunkEncoder(completion_id(turn), turn.spec.name, created, include_usage=include_usage)
-    return stream_events(request, turn, settings, enc.encode)
-
-
-async def complete_turn(turn: Turn, *, created: int) -> dict[str, Any]:
-    """Run the turn to its end and return one ``chat.completion`` (raise if it failed)."""
+async def complete(follower: Follower, *, created: int) -> dict[str, Any]:
+    """Follow the turn to its end and return one ``chat.completion`` (raise if it failed)."""
     parts: list[str] = []
     final: Final | None = None
-    events = turn.events()
-    try:
-        async for event in events:
-            if isinstance(event, Delta):
-                parts.append(event.text)
-            elif isinstance(event, Done):
-                final = event.final
-            elif isinstance(event, Error):
-                raise error_of(event.final)
-    finally:
-        await events.aclose()
+    async for event in follower:
+        if isinstance(event, Delta):
+            parts.append(event.text)
+        elif isinstance(event, Done):
+            final = event.final
+        elif isinstance(event, Error):
+            raise error_of(event.final)
     assert final is not None
+    live = follower.live
     return {
-        "id": completion_id(turn),
+        "id": completion_id(live.message_id),
         "object": "chat.completion",
         "created": created,
-        "model": turn.spec.name,
+        "model": live.model,
         "system_fingerprint": None,
         "choices": [
             {

@@ -1,50 +1,121 @@
-"""The SSE transport: each event as ``id:`` (sequence), ``event:`` (its name), one JSON ``data:``.
+"""Server-sent events: the response both streaming HTTP routes send, and the SSE encoding.
 
-aiohttp-sse provides the response (headers, ``: ping`` heartbeats while the model thinks, POST
-support). A failed or stalled write ends the stream: closing the event generator finalizes the
-turn as cancelled (``client_disconnect`` / ``slow_client``) and closes the upstream request.
+``respond`` writes a follower's events to a ``text/event-stream`` response (``Cache-Control:
+no-cache, no-transform``, ``X-Accel-Buffering: no``), each as soon as it is due: the follower
+hands over everything new since its offset at once, so a client that was slow for a moment gets
+one write, not a backlog, and the turn never waits for it. A write that does not complete
+within ``STREAM_SEND_TIMEOUT_S`` is the watcher's to end (``slow_client``: it aborts the
+connection); a write that fails ends the following (``client_disconnect``). Either way only the
+follower goes: the registry decides whether the turn goes on (``StreamRegistry.leave``).
+
+Chat events: ``id:`` is the event's offset (characters of the answer before the end of its
+text, so ``Last-Event-ID`` says exactly what the client has), ``event:`` its name, one JSON
+``data:`` line. Keep-alives are ``: ping`` comments, asked for by one ticker per process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
-from typing import Any
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable
 
 import orjson
 from aiohttp import web
 
 from service.settings import Settings
-from service.stream.events import Delta, Event
-from service.stream.producer import Turn
-from service.transports.pump import stream_events
+from service.stream.events import Delta, Event, Ping
+from service.stream.live import Follower
+from service.stream.registry import StreamRegistry
+
+PING = b": ping\n\n"
+HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache, no-transform",
+    "X-Accel-Buffering": "no",  # nginx and others: do not buffer the stream
+}
+_TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)
+
+Encoder = Callable[[Event], bytes]
 
 
-def frame(seq: int, name: str, data: object) -> bytes:
-    return b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, name.encode(), orjson.dumps(data))
+def frame(offset: int, name: str, data: object) -> bytes:
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (offset, name.encode(), orjson.dumps(data))
 
 
-def delta_frame(seq: int, text: str) -> bytes:
-    """``frame(seq, "delta", {"text": text})``, without building the dict."""
-    return b'id: %d\nevent: delta\ndata: {"text":%s}\n\n' % (seq, orjson.dumps(text))
+def encode(event: Event) -> bytes:
+    """A chat event as an SSE frame, ``id:`` its offset."""
+    if isinstance(event, Delta):  # ``frame(offset, "delta", {"text": ...})`` without the dict
+        return b'id: %d\nevent: delta\ndata: {"text":%s}\n\n' % (
+            event.offset,
+            orjson.dumps(event.text),
+        )
+    return frame(event.offset, event.name, event.data())
 
 
-class _Encoder:
-    """Numbers the events of one stream (``id:``) as it encodes them."""
+async def respond(
+    request: web.Request,
+    registry: StreamRegistry,
+    follower: Follower,
+    settings: Settings,
+    encoder: Encoder = encode,
+) -> web.StreamResponse:
+    """Stream ``follower``'s events until the terminal one (or until the client goes)."""
+    resp = web.StreamResponse(headers=HEADERS)
+    reason = "client_disconnect"
+    try:
+        _tcp_user_timeout(request, settings.stream_send_timeout_s)
+        await resp.prepare(request)
+        follower.abort = request.transport
+        loop = asyncio.get_running_loop()
+        async for event in follower:
+            data = PING if isinstance(event, Ping) else encoder(event)
+            follower.writing_since = loop.time()
+            await resp.write(data)
+            follower.writing_since = 0.0
+        reason = "finished"
+    except (ConnectionResetError, RuntimeError):  # RuntimeError: a write after the close
+        pass
+    finally:
+        follower.abort = None
+        registry.leave(follower, reason)
+    if resp.prepared:
+        with contextlib.suppress(ConnectionResetError, RuntimeError):
+            await resp.write_eof()
+    return resp
 
-    __slots__ = ("seq",)
 
-    def __init__(self) -> None:
-        self.seq = 0
+def _tcp_user_timeout(request: web.Request, send_timeout_s: float) -> None:
+    """Let the kernel drop a peer that acknowledges nothing, but only well after the watcher
+    would have (twice ``STREAM_SEND_TIMEOUT_S``): a client that stops reading is then always
+    recorded as ``slow_client``, never as a reset that raced the watcher."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if _TCP_USER_TIMEOUT is None or sock is None or sock.family == socket.AF_UNIX:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, int(send_timeout_s * 2000))
 
-    def encode(self, event: Event) -> bytes:
-        self.seq += 1
-        if isinstance(event, Delta):
-            return delta_frame(self.seq, event.text)
-        return frame(self.seq, event.name, event.data())
 
+class Heartbeats:
+    """One ticker per process: every ``SSE_HEARTBEAT_S`` each idle follower that wants
+    keep-alives gets one (``: ping`` while the model thinks), from its own writer."""
 
-def stream_turn(
-    request: web.Request, turn: Turn, settings: Settings
-) -> Coroutine[Any, Any, web.StreamResponse]:
-    """The streamed response (no frame of its own while it streams: it returns the pump's)."""
-    return stream_events(request, turn, settings, _Encoder().encode)
+    def __init__(self, registry: StreamRegistry, interval_s: float) -> None:
+        self.registry = registry
+        self.interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="sse-heartbeats")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            self.registry.ping()

@@ -1,10 +1,11 @@
-"""The WebSocket transport: many turns multiplexed over one socket (protocol v1, docs/websocket.md).
+"""The WebSocket transport: many turns followed over one socket (protocol v2, docs/websocket.md).
 
-One ``Connection`` per socket. Only the handler task reads; each turn runs in its own task and
-encodes its events into frames; ONE writer task sends them, fed by a bounded queue. A client
-that stops reading fills the queue: the socket is closed (1013) and its turns are cancelled as
-``slow_client``. Whatever closes the socket (the peer, a bad frame, token expiry, shutdown) stops
-its turns with a reason, and the producer finalizes each of them as for SSE.
+One ``Connection`` per socket. Only the handler task reads; each followed turn (a ``send`` or a
+``resume``) is a slot whose task encodes the turn's events into frames; ONE writer task sends
+them, fed by a bounded queue. A client that stops reading fills the queue: the socket is closed
+(1013, ``slow_client``). Whatever closes the socket (the peer, a bad frame, token expiry,
+shutdown) only stops the following: the turns themselves go on to their end (resumable), unless
+``ON_DISCONNECT=cancel``. A ``cancel`` frame stops a turn, on any replica.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,15 +23,20 @@ import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from service.auth import Principal
-from service.errors import ServiceError
+from service.errors import BadRequest, ServiceError
+from service.http import not_found
+from service.metrics import RESUMES as RESUMES_TOTAL
 from service.settings import Settings
-from service.stream.events import Delta, Done, Event, Final, Started
+from service.store import Store
+from service.stream.events import Delta, Done, Event, Final, Ping, Started
+from service.stream.live import LiveStream
+from service.stream.mirror import Resumes
 from service.stream.producer import TurnInput, TurnProducer
-from service.stream.registry import LiveStream
+from service.stream.registry import StreamRegistry
 
 log = structlog.get_logger("service.ws")
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_ID_CHARS = 128
 MAX_RAW_MESSAGE_CHARS = 200_000  # the producer enforces MAX_MESSAGE_CHARS after trimming
 MAX_MODEL_CHARS = 100
@@ -39,7 +46,7 @@ Frame = dict[str, Any]
 
 
 class FrameError(Exception):
-    """A client frame that is not valid protocol v1; answered with an ``invalid_frame`` error."""
+    """A client frame that is not valid protocol v2; answered with an ``invalid_frame`` error."""
 
     def __init__(self, message: str, turn_id: str | None = None, field: str | None = None) -> None:
         super().__init__(message)
@@ -54,6 +61,16 @@ class SendFrame:
     chat_id: str
     message: str
     model: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeFrame:
+    id: str
+    message_id: str
+    after: int
+
+
+MAX_OFFSET = 10**9
 
 
 def parse_frame(raw: str) -> Frame:
@@ -107,6 +124,22 @@ def parse_send(data: Frame) -> SendFrame:
     return SendFrame(turn_id, chat_id, message, model)
 
 
+def parse_resume(data: Frame) -> ResumeFrame:
+    turn_id = _turn_id(data)
+    _check_keys(data, {"type", "id", "message_id", "after"}, turn_id)
+    message_id = data.get("message_id")
+    try:
+        message_id = str(uuid.UUID(message_id)) if isinstance(message_id, str) else None
+    except ValueError:
+        message_id = None
+    if message_id is None:
+        raise FrameError("'message_id' must be a UUID string", turn_id, "message_id")
+    after = data.get("after", 0)
+    if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after <= MAX_OFFSET:
+        raise FrameError("'after' must be a whole number of characters", turn_id, "after")
+    return ResumeFrame(turn_id, message_id, after)
+
+
 def refusal_frame(turn_id: str | None, exc: ServiceError) -> Frame:
     """An ``error`` frame for a turn refused before it streamed (the HTTP error, as a frame)."""
     frame: Frame = {
@@ -123,14 +156,14 @@ def refusal_frame(turn_id: str | None, exc: ServiceError) -> Frame:
     return frame
 
 
-def event_frame(turn_id: str, seq: int, event: Event) -> Frame:
+def event_frame(turn_id: str, event: Event) -> Frame:
     if isinstance(event, Delta):
-        return {"type": "delta", "id": turn_id, "seq": seq, "text": event.text}
+        return {"type": "delta", "id": turn_id, "offset": event.offset, "text": event.text}
     if isinstance(event, Started):
-        return {"type": "started", "id": turn_id, **event.data()}
+        return {"type": "started", "id": turn_id, **event.data(), "offset": event.offset}
     if isinstance(event, Done):
-        return {"type": "done", "id": turn_id, **event.data()}
-    return _final_error(turn_id, event.final)
+        return {"type": "done", "id": turn_id, **event.data(), "offset": event.offset}
+    return {**_final_error(turn_id, event.final), "offset": event.offset}
 
 
 def _final_error(turn_id: str, final: Final) -> Frame:
@@ -142,18 +175,20 @@ def _final_error(turn_id: str, final: Final) -> Frame:
 
 @dataclass(slots=True)
 class Slot:
-    """One client turn on this socket, from its ``send`` until its terminal frame."""
+    """One followed turn on this socket, from its ``send`` or ``resume`` to its terminal frame."""
 
     id: str
     task: asyncio.Task[None] | None = None
     live: LiveStream | None = None
-    reason: str | None = None
+    cancelled: bool = False  # the client sent ``cancel`` (maybe before the turn had started)
+    reason: str | None = None  # why the socket stopped following it
 
     def stop(self, reason: str) -> None:
+        """Stop following (the socket closes); the turn itself is the registry's to decide."""
         if self.reason is None:
             self.reason = reason
-        if self.live is not None:
-            self.live.cancel(reason)
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
 
 
 @dataclass(slots=True)
@@ -165,6 +200,17 @@ class Closing:
     task: asyncio.Task[None] | None = field(default=None)
 
 
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What a socket's turns need of the app."""
+
+    producer: TurnProducer
+    registry: StreamRegistry
+    resumes: Resumes
+    store: Store
+    settings: Settings
+
+
 class Connection:
     def __init__(
         self,
@@ -172,18 +218,18 @@ class Connection:
         ws: web.WebSocketResponse,
         *,
         principal: Principal,
-        producer: TurnProducer,
-        settings: Settings,
+        services: Services,
     ) -> None:
         self.request = request
         self.ws = ws
         self.principal = principal
-        self.producer = producer
-        self.settings = settings
+        self.services = services
+        self.producer = services.producer
+        self.settings = services.settings
         self.id = uuid.uuid4().hex
         self.slots: dict[str, Slot] = {}
         self.tasks: set[asyncio.Task[None]] = set()
-        self.queue: asyncio.Queue[str] = asyncio.Queue(settings.ws_send_queue)
+        self.queue: asyncio.Queue[str] = asyncio.Queue(services.settings.ws_send_queue)
         self.closing: Closing | None = None
         self.broken = False
         self.turns_started = 0
@@ -207,7 +253,7 @@ class Connection:
             closing = self.closing
             assert closing is not None and closing.task is not None
             try:
-                # Shielded: if the handler is cancelled (peer gone) the turns still finalize.
+                # Shielded: if the handler is cancelled (peer gone) the slots still leave cleanly.
                 await asyncio.shield(
                     asyncio.gather(closing.task, *self.tasks, return_exceptions=True)
                 )
@@ -246,7 +292,8 @@ class Connection:
         self.close(CLOSE_TOKEN_EXPIRED, "token expired; reconnect with a new one", "token_expired")
 
     def close(self, code: int, message: str, reason: str, *, flush: bool = True) -> None:
-        """Start closing (once): stop every turn with ``reason``, then close with ``code``."""
+        """Start closing (once): stop following every turn (``reason``), send what is queued
+        (``flush``), then close with ``code``."""
         if self.closing is not None:
             return
         if self._expiry is not None:
@@ -320,13 +367,17 @@ class Connection:
             data = parse_frame(raw)
             kind = data["type"]
             if kind == "send":
-                self._on_send(parse_send(data))
+                req = parse_send(data)
+                self._open_slot(req.id, lambda slot: self._run_send(slot, req))
+            elif kind == "resume":
+                res = parse_resume(data)
+                self._open_slot(res.id, lambda slot: self._run_resume(slot, res))
             elif kind == "cancel":
                 turn_id = _turn_id(data)
                 _check_keys(data, {"type", "id"}, turn_id)
                 slot = self.slots.get(turn_id)
                 if slot is not None:
-                    slot.stop("user_cancel")
+                    self._cancel(slot)
             elif kind == "ping":
                 _check_keys(data, {"type"}, None)
                 self.send({"type": "pong"})
@@ -344,12 +395,12 @@ class Connection:
                 frame["details"] = {"field": exc.field}
             self.send(frame)
 
-    def _on_send(self, req: SendFrame) -> None:
-        if req.id in self.slots:
+    def _open_slot(self, turn_id: str, run: Callable[[Slot], Coroutine[Any, Any, None]]) -> None:
+        if turn_id in self.slots:
             self.send(
                 {
                     "type": "error",
-                    "id": req.id,
+                    "id": turn_id,
                     "code": "duplicate_id",
                     "message": "a turn with this id is already running on this connection",
                 }
@@ -359,61 +410,99 @@ class Connection:
             self.send(
                 {
                     "type": "error",
-                    "id": req.id,
+                    "id": turn_id,
                     "code": "too_many_turns",
                     "message": f"at most {self._max_turns} turns may run at once on a connection",
                     "details": {"max_turns": self._max_turns},
                 }
             )
             return
-        slot = Slot(req.id)
-        self.slots[req.id] = slot
+        slot = Slot(turn_id)
+        self.slots[turn_id] = slot
         self.turns_started += 1
-        task = asyncio.create_task(self._run_turn(slot, req), name=f"ws-turn-{self.id}-{req.id}")
+        task = asyncio.create_task(self._run_slot(slot, run), name=f"ws-turn-{self.id}-{turn_id}")
         slot.task = task
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    # ------------------------------------------------------------------ one turn
-    async def _run_turn(self, slot: Slot, req: SendFrame) -> None:
+    def _cancel(self, slot: Slot) -> None:
+        """The client's ``cancel``: stop the turn itself, here or on the replica running it."""
+        slot.cancelled = True
+        live = slot.live
+        if live is None:
+            return  # still starting: stopped as soon as it has
+        local = self.services.registry.streams.get(live.message_id)
+        if local is not None:
+            local.cancel("user_cancel")
+        elif live.final is None and live.chat_id is not None:
+            task = asyncio.create_task(self._cancel_elsewhere(live.chat_id, live.message_id))
+            self.tasks.add(task)  # awaited with the socket's other tasks
+            task.add_done_callback(self.tasks.discard)
+
+    async def _cancel_elsewhere(self, chat_id: str, message_id: str) -> None:
+        """Flag the turn in MongoDB: the replica running it stops it within WATCH_INTERVAL_S."""
         try:
-            try:
-                turn = await self.producer.start(
-                    TurnInput(
-                        user_id=self.principal.user_id,
-                        transport="ws",
-                        chat_id=req.chat_id,
-                        text=req.message,
-                        model=req.model,
-                    )
-                )
-            except ServiceError as exc:
-                self.send(refusal_frame(req.id, exc))
-                return
-            slot.live = turn.live
-            if slot.reason is not None:  # cancelled (or the socket closed) while starting
-                turn.live.cancel(slot.reason)
-            events = turn.events()
-            try:
-                seq = 0
-                async for event in events:
-                    if isinstance(event, Delta):
-                        seq += 1
-                    self.send(event_frame(req.id, seq, event))
-            finally:
-                await events.aclose()
+            await self.services.store.request_cancel(self.principal.user_id, chat_id, message_id)
+        except ServiceError as exc:
+            self.log.warning("ws.cancel_failed", code=exc.code, message_id=message_id)
+
+    # ------------------------------------------------------------------ one slot
+    async def _run_slot(self, slot: Slot, run: Callable[[Slot], Coroutine[Any, Any, None]]) -> None:
+        try:
+            await run(slot)
+        except ServiceError as exc:  # refused before it streamed (or a resume not found)
+            self.send(refusal_frame(slot.id, exc))
         except Exception:  # one turn's bug must not take the socket down
-            self.log.exception("ws.turn_failed", turn_id=req.id)
+            self.log.exception("ws.turn_failed", turn_id=slot.id)
             self.send(
                 {
                     "type": "error",
-                    "id": req.id,
+                    "id": slot.id,
                     "code": "internal_error",
                     "message": "internal error; see the log",
                 }
             )
         finally:
-            self.slots.pop(req.id, None)
+            self.slots.pop(slot.id, None)
+
+    async def _run_send(self, slot: Slot, req: SendFrame) -> None:
+        turn = await self.producer.start(
+            TurnInput(
+                user_id=self.principal.user_id,
+                transport="ws",
+                chat_id=req.chat_id,
+                text=req.message,
+                model=req.model,
+            )
+        )
+        await self._follow(slot, turn.live, 0)
+
+    async def _run_resume(self, slot: Slot, req: ResumeFrame) -> None:
+        found = await self.services.resumes.find(self.principal.user_id, None, req.message_id)
+        if found is None:
+            raise not_found("message")
+        live, source = found
+        if live.final is not None and req.after > live.length:
+            raise BadRequest(
+                f"offset {req.after} is past the end of the answer ({live.length} characters)",
+                code="invalid_offset",
+                details={"length": live.length},
+            )
+        RESUMES_TOTAL.labels(source).inc()
+        await self._follow(slot, live, req.after)
+
+    async def _follow(self, slot: Slot, live: LiveStream, offset: int) -> None:
+        slot.live = live
+        if slot.cancelled:  # cancelled while it was starting
+            self._cancel(slot)
+        registry = self.services.registry
+        follower = registry.follow(live, offset, "ws")
+        try:
+            async for event in follower:
+                if not isinstance(event, Ping):
+                    self.send(event_frame(slot.id, event))
+        finally:
+            registry.leave(follower, slot.reason or "client_disconnect")
 
 
 async def serve(
@@ -421,17 +510,16 @@ async def serve(
     ws: web.WebSocketResponse,
     *,
     principal: Principal,
-    producer: TurnProducer,
-    settings: Settings,
-    registry: set[Connection],
+    services: Services,
+    connections: set[Connection],
 ) -> None:
-    """Run one prepared socket; registered in ``registry`` so shutdown can close it (1001)."""
-    conn = Connection(request, ws, principal=principal, producer=producer, settings=settings)
-    registry.add(conn)
+    """Run one prepared socket; registered in ``connections`` so shutdown can close it (1001)."""
+    conn = Connection(request, ws, principal=principal, services=services)
+    connections.add(conn)
     try:
         await conn.run()
     finally:
-        registry.discard(conn)
+        connections.discard(conn)
 
 
 async def close_all(registry: set[Connection], timeout_s: float) -> None:

@@ -1,0 +1,224 @@
+"""A turn's answer while it is produced, and the followers that read it from an offset.
+
+``LiveStream`` is what the turn's own task writes (``add`` text, ``end`` with the final) and
+what any number of ``Follower``s read. The text is append-only and addressed by character
+offset (Unicode code points); one notify wakes every waiting follower when it grows or ends. A
+follower that was busy writing sends everything new since its offset in one event when it comes
+back: that is the coalescing, with no queue between the turn and the client, and a slow client
+never slows the turn (nor holds more than the turn's own text).
+
+The same ``LiveStream`` stands for a turn another replica runs (``service.stream.mirror``): the
+text then grows from that replica's checkpoints, and ``end`` comes from the stored record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from service.stream.events import PING, Delta, Event, Final, Ping, Started, terminal
+
+TEXT_BLOCK = 16  # the text's pieces are joined by this many (see ``LiveStream.add``)
+MAX_DELTA_CHARS = 8192  # a follower far behind catches up in events of at most this much text
+TAIL_SCAN = 4096  # further back than this, ``text_since`` joins the pieces first
+
+
+class LiveStream:
+    __slots__ = (
+        "_waiters",
+        "cancel_when_alone",
+        "chat_id",
+        "deadline",
+        "final",
+        "finish_seen",
+        "followed_until",
+        "followers",
+        "length",
+        "loose",
+        "message_id",
+        "model",
+        "parts",
+        "reading",
+        "reason",
+        "saved",
+        "task",
+        "transport",
+        "user_id",
+    )
+
+    def __init__(
+        self,
+        message_id: str,
+        chat_id: str | None,
+        user_id: str,
+        transport: str,
+        model: str,
+        *,
+        cancel_when_alone: bool = False,
+    ) -> None:
+        self.message_id = message_id
+        self.chat_id = chat_id
+        self.user_id = user_id
+        self.transport = transport
+        self.model = model
+        # The last follower leaving stops the turn (stateless API turns, ON_DISCONNECT=cancel).
+        self.cancel_when_alone = cancel_when_alone
+        self.task: asyncio.Task[None] | None = None
+        self.reason: str | None = None
+        self.reading = False
+        self.deadline = 0.0  # loop time by which the next stage (first token / end) must happen
+        self.finish_seen = False  # the upstream sent its finish reason; only usage may follow
+        self.followed_until = 0.0  # loop time until which a follower elsewhere wants it fast
+        self.parts: list[str] = []  # the text so far, in pieces
+        self.length = 0  # characters in ``parts``
+        self.loose = 0  # pieces at the end of ``parts`` not yet joined into a block
+        self.saved = 0  # characters the last checkpoint holds
+        self.final: Final | None = None
+        self.followers = 0
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    # ------------------------------------------------------------------ the turn's side
+    def add(self, text: str) -> None:
+        """Append text and wake the followers. Every ``TEXT_BLOCK`` pieces are joined into one
+        string: a token-sized string costs ~50 bytes of header for ~4 characters, so a long
+        answer held as deltas would cost a live stream ~13x its text."""
+        parts = self.parts
+        parts.append(text)
+        self.length += len(text)
+        self.loose += 1
+        if self.loose == TEXT_BLOCK:
+            parts[-TEXT_BLOCK:] = ["".join(parts[-TEXT_BLOCK:])]
+            self.loose = 0
+        self.notify()
+
+    def end(self, final: Final) -> None:
+        self.final = final
+        self.notify()
+
+    def notify(self) -> None:
+        waiters = self._waiters
+        if waiters:
+            self._waiters = None
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def cancel(self, reason: str) -> None:
+        """Stop the turn: at once while it waits for its upstream (its task is cancelled, which
+        closes the upstream request), else before its next read."""
+        if self.reason is None:
+            self.reason = reason
+        if self.reading and self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    def grown(self) -> bool:
+        return self.length > self.saved
+
+    # ------------------------------------------------------------------ the followers' side
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def text_since(self, offset: int, limit: int = MAX_DELTA_CHARS) -> str:
+        """Up to ``limit`` characters from ``offset`` on."""
+        behind = self.length - offset
+        if behind <= 0:
+            return ""
+        parts = self.parts
+        if behind > TAIL_SCAN and len(parts) > 1:
+            parts[:] = ["".join(parts)]  # far behind: one string from now on (same text)
+            self.loose = 0
+        if len(parts) == 1:
+            return parts[0][offset : offset + limit]
+        taken: list[str] = []
+        need = behind
+        for part in reversed(parts):
+            if len(part) >= need:
+                taken.append(part[len(part) - need :])
+                break
+            taken.append(part)
+            need -= len(part)
+        taken.reverse()
+        text = "".join(taken)
+        return text if len(text) <= limit else text[:limit]
+
+    def started(self, offset: int) -> Started:
+        return Started(self.message_id, self.chat_id, self.model, offset)
+
+    def _wait(self, waiter: asyncio.Future[None]) -> None:
+        if self._waiters is None:
+            self._waiters = [waiter]
+        else:
+            self._waiters.append(waiter)
+
+
+class Follower:
+    """One client reading a ``LiveStream`` from an offset: ``async for event in follower``.
+
+    Yields ``Started`` (at the start offset), then a ``Delta`` with everything new each time it
+    comes back (at most ``MAX_DELTA_CHARS`` at once), then the terminal event; ``Ping`` when a
+    keep-alive was asked for (``nudge``) and nothing else is due. ``writing_since`` is set by the
+    transport around its writes, so the watcher can drop a client that stopped reading."""
+
+    __slots__ = (
+        "_done",
+        "_started",
+        "_wake",
+        "abort",
+        "keepalive",
+        "live",
+        "offset",
+        "ping_due",
+        "reason",
+        "transport",
+        "writing_since",
+    )
+
+    def __init__(
+        self, live: LiveStream, offset: int, transport: str, *, keepalive: bool = False
+    ) -> None:
+        self.live = live
+        self.offset = offset
+        self.transport = transport
+        self.keepalive = keepalive
+        self.ping_due = False
+        self.writing_since = 0.0  # loop time a write began that has not completed; 0: none
+        self.reason: str | None = None  # why it stopped following, when it was not the end
+        self.abort: asyncio.Transport | None = None  # closed by the watcher on a stalled write
+        self._started = False
+        self._done = False
+        self._wake: asyncio.Future[None] | None = None
+
+    def __aiter__(self) -> AsyncIterator[Event | Ping]:
+        return self
+
+    async def __anext__(self) -> Event | Ping:
+        if not self._started:
+            self._started = True
+            return self.live.started(self.offset)
+        live = self.live
+        while True:
+            if live.length > self.offset:
+                text = live.text_since(self.offset)
+                self.offset += len(text)
+                return Delta(text, self.offset)
+            if live.final is not None:
+                if self._done:
+                    raise StopAsyncIteration
+                self._done = True
+                return terminal(live.final, self.offset)
+            if self.ping_due:
+                self.ping_due = False
+                return PING
+            waiter = self._wake = asyncio.get_running_loop().create_future()
+            live._wait(waiter)
+            try:
+                await waiter
+            finally:
+                self._wake = None
+
+    def nudge(self) -> None:
+        """Ask for a keep-alive: the follower yields ``Ping`` unless text or the end is due."""
+        self.ping_due = True
+        waiter = self._wake
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
