@@ -20,6 +20,9 @@ DEFAULT_ENCODING = "o200k_base"
 # OpenAI chat format: every message costs a few tokens of framing, the reply is primed with 3.
 TOKENS_PER_MESSAGE = 3
 REPLY_PRIMING = 3
+# At most this many characters go to the encoder at once: fewer than its limit of 200,000
+# tokens per input whatever the text (a token is at least one character).
+SLICE_CHARS = 100_000
 _SPECIAL = re.compile(r"[^\w]", re.UNICODE)
 
 
@@ -53,7 +56,14 @@ class TokenCounter:
             return 0
         if self._enc is None:
             return estimate_tokens(text)
-        return len(self._enc.encode(text))
+        if len(text) <= SLICE_CHARS:
+            return len(self._enc.encode(text))
+        # The encoder refuses one input of more than 200,000 tokens: count a long text in
+        # slices (the few tokens a cut splits in two count twice: a bill never rounds down).
+        return sum(
+            len(self._enc.encode(text[i : i + SLICE_CHARS]))
+            for i in range(0, len(text), SLICE_CHARS)
+        )
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - the system prompt, and a few others, repeat
     def count_cached(self, text: str) -> int:

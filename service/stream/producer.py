@@ -45,7 +45,7 @@ from service.stream.events import Final
 from service.stream.finals import FinalWrite
 from service.stream.live import LiveStream
 from service.stream.registry import StreamRegistry
-from service.tokens import TokenCounter
+from service.tokens import TokenCounter, estimate_tokens
 
 log = structlog.get_logger("service.stream")
 
@@ -575,7 +575,11 @@ class Turn:
     ) -> Final:
         await self._insert_finished()  # the final write must not overtake the first
         content = "".join(self.parts)
-        prompt, completion, source = self._tokens(content, billable)
+        try:
+            prompt, completion, source = self._tokens(content, billable)
+        except Exception as exc:  # a counting bug must not cost the turn its final record
+            self._log("error", "stream.count_failed", exc_info=exc)
+            prompt, completion, source = self.prompt_tokens, estimate_tokens(content), "estimate"
         write = FinalWrite(
             self.inp.user_id,
             self.period,

@@ -35,6 +35,7 @@ HEADERS = {
     "X-Accel-Buffering": "no",  # nginx and others: do not buffer the stream
 }
 _TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)
+USER_TIMEOUT_MARGIN_S = 10.0
 
 Encoder = Callable[[Event], bytes]
 
@@ -86,15 +87,17 @@ async def respond(
 
 
 def _tcp_user_timeout(request: web.Request, send_timeout_s: float) -> None:
-    """Let the kernel drop a peer that acknowledges nothing, but only well after the watcher
-    would have (twice ``STREAM_SEND_TIMEOUT_S``): a client that stops reading is then always
-    recorded as ``slow_client``, never as a reset that raced the watcher."""
+    """Let the kernel drop a peer that acknowledges nothing (gone without a word, while only
+    keep-alives were written), but well after the watcher would have dropped a client whose
+    write waits (twice ``STREAM_SEND_TIMEOUT_S`` and 10 s more): a client that stops reading is
+    then always recorded as ``slow_client``, never as a reset that raced the watcher."""
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
     if _TCP_USER_TIMEOUT is None or sock is None or sock.family == socket.AF_UNIX:
         return
     with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, int(send_timeout_s * 2000))
+        ms = int((2 * send_timeout_s + USER_TIMEOUT_MARGIN_S) * 1000)
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, ms)
 
 
 class Heartbeats:
