@@ -684,7 +684,10 @@ def _cpu_runs(
             "cpu_ms_per_request": cpu * 1e3 / max(1, requests),
             "main_thread_share": sum(r["cpu_main_thread_s"] for r in rs) / cpu if cpu else None,
             "requests_per_cpu_s": requests / cpu if cpu else None,
-            "chunks_per_s": chunks / wall if wall else None,
+            # upstream chunks relayed: the service coalesces what one client write can carry,
+            # so the deltas a client counts are fewer than the chunks relayed
+            "chunks_per_s": requests * n_chunks / wall if wall else None,
+            "deltas_per_s": chunks / wall if wall else None,
             "requests_per_s": requests / wall if wall else None,
             "cpu_all_ms_per_request": {
                 n: sum(r["cpu_all_s"].get(n, 0) for r in rs) * 1e3 / max(1, requests)
