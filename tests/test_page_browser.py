@@ -2,11 +2,14 @@
 
 Needs Python Playwright (no browser download: Debian's ``chromium`` package is used). Without
 them the tests skip locally and fail in CI (``CI=true``). ``UPDATE_SCREENSHOT=1`` also refreshes
-``docs/screenshot.png``; a mid-stream screenshot always goes to ``test-artifacts/``.
+``docs/screenshot.png``; a mid-stream screenshot always goes to ``test-artifacts/``. Network
+drops are real: the page talks to the app through a relay that resets its connections
+(``tests/tcp_proxy.py``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 from pathlib import Path
@@ -14,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from service.app import create_app
+from tests.fake_openai import Script
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.browser
 
@@ -87,13 +92,14 @@ def serve(aiohttp_client, stream_settings):
     return factory
 
 
-async def open_page(browser, client, *, user="alice", viewport=(1200, 800)):
+async def open_page(browser, client, *, user="alice", viewport=(1200, 800), port=None):
     context = await browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
     page = await context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     page.uncaught = []
     page.on("pageerror", lambda exc: page.uncaught.append(str(exc)))
-    await page.goto(str(client.make_url(f"/?user={user}")))
+    base = f"http://127.0.0.1:{port}" if port else str(client.make_url("")).rstrip("/")
+    await page.goto(f"{base}/?user={user}")
     await page.wait_for_selector("#app[data-state=ready]")
     return page
 
@@ -101,6 +107,11 @@ async def open_page(browser, client, *, user="alice", viewport=(1200, 800)):
 async def send(page, text):
     await page.fill("#input", text)
     await page.press("#input", "Enter")
+
+
+async def use_transport(page, transport):
+    if transport == "ws":
+        await page.check("#use-ws")
 
 
 async def test_answer_streams_in_then_history_survives_reload_and_delete(browser, serve):
@@ -162,9 +173,11 @@ async def test_answer_streams_in_then_history_survives_reload_and_delete(browser
     assert page.uncaught == []
 
 
-async def test_stop_keeps_the_partial_answer_marked_cancelled(browser, serve):
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_stop_keeps_the_partial_answer_marked_cancelled(browser, serve, db, transport):
     client = await serve(demo_token_delay_ms=150)  # ~60 words: about 9 s if not stopped
     page = await open_page(browser, client)
+    await use_transport(page, transport)
     await page.evaluate(SAMPLE_GROWTH)
     await send(page, "Tell me something long")
     await page.wait_for_function("() => window.__samples.length >= 3")
@@ -177,6 +190,9 @@ async def test_stop_keeps_the_partial_answer_marked_cancelled(browser, serve):
     assert partial.startswith("(demo model)")
     assert await page.locator("#send").is_visible()
     assert await page.locator("#error").is_hidden()
+    record = await db["messages"].find_one({"role": "assistant"})
+    assert (record["status"], record["reason"]) == ("cancelled", "user_cancel")
+    assert record["content"] == partial
 
     await page.reload()
     await page.wait_for_selector("#app[data-state=ready]")
@@ -232,3 +248,248 @@ async def test_websocket_switch_streams_the_answer(browser, serve):
     assert await page.locator("#use-ws").is_checked()
     assert await page.locator(".msg.assistant[data-status=complete]").count() == 2
     assert page.uncaught == []
+
+
+# ------------------------------------------------------------------ a turn outlives its connection
+# The answer holds at the fake upstream's gate after its first four chunks (an emoji among them,
+# so an offset counted in UTF-16 units instead of code points shows as lost or repeated text).
+HEAD = ["héllo ", "😀 ", "wörld, ", "𝄞 ça va? "]
+TAIL = ["Ünïcode ", "👍🏽 ", "日本語 ", "and the end."]
+ANSWER = "".join(HEAD + TAIL)
+STREAMING = f"{LAST_ASSISTANT} .msg-body"
+
+
+@pytest.fixture
+def serve_gated(serve, fake_openai):
+    """The app with the fake upstream as its model, its answer held after HEAD until
+    ``fake_openai.gate`` is set; checkpoints every 0.1 s so a reload finds HEAD saved."""
+
+    async def factory(**overrides):
+        fake_openai.default = Script(chunks=HEAD + TAIL, gate_after=len(HEAD), usage=(21, 12))
+        values = {
+            "default_model": "gpt-test",
+            "checkpoint_interval_s": 0.1,
+            "upstream_idle_timeout_s": 30.0,
+        }
+        values.update(overrides)
+        return await serve(**values)
+
+    return factory
+
+
+@pytest.fixture
+async def network(serve_gated):
+    """The gated app behind a TCP relay whose connections can be cut (``TcpProxy``)."""
+    proxies = []
+
+    async def factory(**overrides):
+        client = await serve_gated(**overrides)
+        proxy = TcpProxy("127.0.0.1", client.server.port)
+        await proxy.start()
+        proxies.append(proxy)
+        return client, proxy
+
+    yield factory
+    for proxy in proxies:
+        await proxy.close()
+
+
+class Records:
+    """The stored chat, read straight from the app (not through the page or the relay)."""
+
+    def __init__(self, client, token, chat_id):
+        self.client = client
+        self.headers = {"Authorization": f"Bearer {token}"}
+        self.chat_id = chat_id
+
+    @classmethod
+    async def of(cls, page, client):
+        token = await page.evaluate("sessionStorage.getItem('chat-gateway.token')")
+        chat_id = (await page.evaluate("location.hash")).removeprefix("#/chat/")
+        return cls(client, token, chat_id)
+
+    async def answer(self):
+        resp = await self.client.get(f"/api/chat/{self.chat_id}", headers=self.headers)
+        assert resp.status == 200
+        return [m for m in (await resp.json())["messages"] if m["role"] == "assistant"][-1]
+
+    async def wait(self, check, timeout_s=10.0):
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            record = await self.answer()
+            if check(record):
+                return record
+            assert asyncio.get_running_loop().time() < deadline, record
+            await asyncio.sleep(0.05)
+
+
+async def wait_until(check, timeout_s=10.0):
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def answer_held_at_gate(page, client, fake_openai):
+    """Send, and wait until HEAD is on the page and saved as the record's checkpoint."""
+    await send(page, "Say hello in many scripts")
+    await page.wait_for_function(
+        f"() => document.querySelector({STREAMING!r})?.textContent === {''.join(HEAD)!r}"
+    )
+    records = await Records.of(page, client)
+    await records.wait(lambda r: r["status"] == "streaming" and r["content"] == "".join(HEAD))
+    return records
+
+
+async def completes_exactly(page, records):
+    """The bubble ends complete with exactly the stored answer (no repeat, nothing missing)."""
+    done = page.locator(f"{LAST_ASSISTANT}[data-status=complete]")
+    await done.wait_for()
+    record = await records.wait(lambda r: r["status"] == "complete")
+    assert record["content"] == ANSWER
+    assert await done.locator(".msg-body").text_content() == record["content"]
+    assert await page.locator("#send").is_visible()
+    assert await page.locator("#error").is_hidden()
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_reload_mid_answer_follows_it_to_the_end(
+    browser, serve_gated, fake_openai, transport
+):
+    client = await serve_gated()
+    page = await open_page(browser, client)
+    await use_transport(page, transport)
+    records = await answer_held_at_gate(page, client, fake_openai)
+
+    await page.reload()
+    await page.wait_for_selector("#app[data-state=ready]")
+    following = page.locator(f"{LAST_ASSISTANT}[data-status=streaming]")
+    await following.wait_for()  # the stored text, and the answer followed from its end
+    assert await following.locator(".msg-body").text_content() == "".join(HEAD)
+    assert await page.locator("#stop").is_visible()
+    assert await page.locator("#send").is_hidden()  # one turn at a time, as for a send
+    await page.evaluate(SAMPLE_GROWTH)
+
+    fake_openai.gate.set()
+    await completes_exactly(page, records)
+    assert len(await page.evaluate("window.__samples")) >= 1  # the rest streamed in live
+    await page.wait_for_function("() => Number(document.querySelector('#usage').dataset.used) > 0")
+    assert page.uncaught == []
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_network_drop_of_three_seconds_resumes_by_itself(
+    browser, network, fake_openai, transport
+):
+    client, proxy = await network()
+    page = await open_page(browser, client, port=proxy.port)
+    await use_transport(page, transport)
+    records = await answer_held_at_gate(page, client, fake_openai)
+
+    # Chromium's offline mode alone leaves a streaming response open: the relay cuts it.
+    proxy.cut()
+    await page.context.set_offline(True)
+    await page.locator(f"{LAST_ASSISTANT}[data-status=reconnecting]").wait_for()
+    assert "reconnecting" in await page.locator(f"{LAST_ASSISTANT} .msg-status").text_content()
+    fake_openai.gate.set()  # the answer goes on without the page, to its end
+    await records.wait(lambda r: r["status"] == "complete")
+    await asyncio.sleep(3)  # the scenario itself: the page stays offline for three seconds
+
+    proxy.restore()
+    await page.context.set_offline(False)
+    await completes_exactly(page, records)  # resumed from the page's offset by itself
+    assert page.uncaught == []
+
+
+async def test_stop_after_reload_stops_the_followed_answer(browser, serve_gated, fake_openai, db):
+    client = await serve_gated()
+    page = await open_page(browser, client)
+    records = await answer_held_at_gate(page, client, fake_openai)
+
+    await page.reload()
+    await page.wait_for_selector("#app[data-state=ready]")
+    await page.locator(f"{LAST_ASSISTANT}[data-status=streaming]").wait_for()
+    await page.click("#stop")
+
+    stopped = page.locator(f"{LAST_ASSISTANT}[data-status=cancelled]")
+    await stopped.wait_for()
+    record = await records.wait(lambda r: r["status"] != "streaming")
+    assert record["status"] == "cancelled"
+    stored = await db["messages"].find_one({"_id": record["message_id"]})  # the API has no reason
+    assert stored["reason"] == "user_cancel"
+    assert await stopped.locator(".msg-body").text_content() == record["content"] == "".join(HEAD)
+    assert await page.locator("#send").is_visible()
+    assert await page.locator("#error").is_hidden()
+    assert page.uncaught == []
+
+
+async def test_stop_while_reconnecting_stops_the_answer(browser, network, fake_openai, db):
+    client, proxy = await network()
+    page = await open_page(browser, client, port=proxy.port)
+    records = await answer_held_at_gate(page, client, fake_openai)
+
+    proxy.cut()
+    await page.locator(f"{LAST_ASSISTANT}[data-status=reconnecting]").wait_for()
+    # Two attempts failed (0.5 s and 1.5 s after the drop), so the next is a second or more
+    # away: the network comes back and the user presses Stop before the page tried again.
+    await wait_until(lambda: proxy.refused >= 2)
+    proxy.restore()
+    assert await page.locator(LAST_ASSISTANT).get_attribute("data-status") == "reconnecting"
+    await page.click("#stop")
+
+    stopped = page.locator(f"{LAST_ASSISTANT}[data-status=cancelled]")
+    await stopped.wait_for()
+    record = await records.wait(lambda r: r["status"] != "streaming")
+    assert record["status"] == "cancelled"
+    stored = await db["messages"].find_one({"_id": record["message_id"]})  # the API has no reason
+    assert stored["reason"] == "user_cancel"
+    assert await stopped.locator(".msg-body").text_content() == record["content"]
+    assert await page.locator("#send").is_visible()
+    assert page.uncaught == []
+
+
+async def test_stop_without_network_says_the_answer_may_go_on(browser, network, fake_openai):
+    client, proxy = await network()
+    page = await open_page(browser, client, port=proxy.port)
+    records = await answer_held_at_gate(page, client, fake_openai)
+
+    proxy.cut()
+    await page.locator(f"{LAST_ASSISTANT}[data-status=reconnecting]").wait_for()
+    await page.click("#stop")  # the cancel request cannot get through
+
+    await page.locator(f"{LAST_ASSISTANT}[data-status=interrupted]").wait_for()
+    assert "could not be reached to stop" in await page.locator("#error").text_content()
+    assert await page.locator("#send").is_visible()
+    assert (await records.answer())["status"] == "streaming"  # it did go on
+
+    proxy.restore()
+    fake_openai.gate.set()
+    await records.wait(lambda r: r["status"] == "complete")
+    await page.reload()
+    await page.wait_for_selector("#app[data-state=ready]")
+    assert await page.locator(LAST_ASSISTANT).get_attribute("data-status") == "complete"
+    assert await page.locator(f"{LAST_ASSISTANT} .msg-body").text_content() == ANSWER
+    assert page.uncaught == []
+
+
+async def test_answer_offsets_count_code_points_and_never_repeat_text(browser, serve):
+    """resume.js in the page itself: what a resumed stream repeats is dropped, a gap is seen."""
+    client = await serve()
+    page = await open_page(browser, client)
+    steps = await page.evaluate(
+        """async () => {
+          const { AnswerOffset, codePoints } = await import("/static/js/resume.js");
+          const answer = new AnswerOffset(2);  // the page has "h😀"
+          return [
+            codePoints("h😀"),
+            answer.take("h😀llo", 5),  // sent again from 0: only the new part
+            answer.take("lo", 5),  // all known already
+            answer.take(" wö", 8),
+            answer.take("rld", 12),  // starts at 9, the page has 8: a gap
+            answer.offset,
+            answer.complete(8),
+            answer.complete(9),
+          ];
+        }"""
+    )
+    assert steps == [2, "llo", "", " wö", None, 8, True, False]

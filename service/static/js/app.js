@@ -2,7 +2,8 @@
 
 import { ApiError, api, auth, devToken, listModels, onUnauthorized } from "./api.js";
 import { $, formatTime, h } from "./dom.js";
-import { sseTurn } from "./sse.js";
+import { codePoints } from "./resume.js";
+import { sseResume, sseTurn } from "./sse.js";
 import { WsTransport } from "./ws.js";
 
 const PREFS = { model: "chat-gateway.model", ws: "chat-gateway.ws" };
@@ -10,6 +11,7 @@ const PREFS = { model: "chat-gateway.model", ws: "chat-gateway.ws" };
 const STATUS_LABELS = {
   pending: "waiting…",
   streaming: "streaming…",
+  reconnecting: "reconnecting…",
   cancelled: "stopped — partial answer",
   failed: "failed",
   interrupted: "interrupted — partial answer",
@@ -20,7 +22,7 @@ const STATUS_LABELS = {
 const state = {
   chats: [],
   chatId: null,
-  turn: null, // the running turn: {cancel, stopping}
+  turn: null, // the running turn (sent, or followed after a reload): {cancel, stopping}
   ws: new WsTransport(),
 };
 
@@ -71,7 +73,7 @@ function describe(err) {
   if (code === "chat_not_found") return "This chat no longer exists (was it deleted elsewhere?).";
   if (code === "invalid_message" || code === "validation_error") return err.message;
   if (code === "unauthorized") return "Your token was refused. Please sign in again.";
-  if (code === "network_error" || code === "stream_interrupted") return err.message;
+  if (["network_error", "stream_interrupted", "stop_unconfirmed"].includes(code)) return err.message;
   return `${err.message}${code ? ` (${code})` : ""}`;
 }
 
@@ -245,7 +247,8 @@ function setStatus(msgEl, status) {
   const label = STATUS_LABELS[status];
   badge.textContent = label || "";
   badge.hidden = !label;
-  msgEl.setAttribute("aria-busy", status === "streaming" || status === "pending" ? "true" : "false");
+  const busy = status === "streaming" || status === "pending" || status === "reconnecting";
+  msgEl.setAttribute("aria-busy", busy ? "true" : "false");
 }
 
 function messageEl({ role, content, status, message_id: messageId, error }) {
@@ -309,6 +312,10 @@ async function openChat(chatId) {
     el.messages.replaceChildren(...messages.map(messageEl));
     el.emptyChat.hidden = messages.length > 0;
     el.messages.scrollTop = el.messages.scrollHeight;
+    const last = messages[messages.length - 1];
+    if (last && last.role === "assistant" && last.status === "streaming") {
+      followRunning(chatId, last, el.messages.lastElementChild); // not awaited: the page is ready now
+    }
   } catch (exc) {
     if (exc.code === "chat_not_found") {
       state.chats = state.chats.filter((c) => c.chat_id !== chatId);
@@ -355,31 +362,16 @@ async function send() {
     el.input.value = "";
     userEl = appendMessage({ role: "user", content: text, status: "complete" });
     botEl = appendMessage({ role: "assistant", content: "", status: "pending" });
-    const handlers = {
-      onStarted(data) {
-        started = true;
-        botEl.dataset.messageId = data.message_id;
-        setStatus(botEl, "streaming");
-      },
-      onDelta(chunk) {
-        appendText(botEl, chunk);
-      },
-      onEnd(kind, data) {
-        setStatus(botEl, data.status || (kind === "done" ? "complete" : "failed"));
-        if (kind === "error") {
-          const msg = data.message || data.reason || "the answer failed";
-          botEl.append(h("div", { class: "msg-error" }, msg));
-          showError(`The answer failed: ${msg}${data.code ? ` (${data.code})` : ""}`);
-        }
-      },
-    };
+    const handlers = answerHandlers(botEl, () => {
+      started = true;
+    });
     const params = { chatId, message: text, model: el.model.value || null };
     const turn = el.useWs.checked ? state.ws.turn(params, handlers) : sseTurn(params, handlers);
     state.turn.cancel = turn.cancel;
     if (state.turn.stopping) turn.cancel(); // Stop was pressed while the chat was being created
     await turn.finished;
   } catch (exc) {
-    const stopped = state.turn.stopping || exc.name === "AbortError";
+    const stopped = exc.name === "AbortError" || (state.turn.stopping && exc.code !== "stop_unconfirmed");
     if (botEl && stopped) {
       setStatus(botEl, started ? "cancelled" : "not_sent");
       if (!started) botEl.remove();
@@ -400,6 +392,63 @@ async function send() {
     bumpChat(state.chatId);
     refreshUsage();
     el.input.focus();
+  }
+}
+
+// What a turn's events do to its bubble (a sent turn, or one followed after a reload).
+function answerHandlers(botEl, onStarted = () => {}) {
+  return {
+    onStarted(data) {
+      onStarted();
+      botEl.dataset.messageId = data.message_id;
+      setStatus(botEl, "streaming");
+    },
+    onDelta(chunk) {
+      appendText(botEl, chunk);
+    },
+    onReconnecting() {
+      setStatus(botEl, "reconnecting");
+    },
+    onResumed() {
+      setStatus(botEl, "streaming");
+    },
+    onEnd(kind, data) {
+      setStatus(botEl, data.status || (kind === "done" ? "complete" : "failed"));
+      if (kind === "error") {
+        const msg = data.message || data.reason || "the answer failed";
+        botEl.append(h("div", { class: "msg-error" }, msg));
+        showError(`The answer failed: ${msg}${data.code ? ` (${data.code})` : ""}`);
+      }
+    },
+  };
+}
+
+// Follow an answer that was running when the chat was opened (the page was reloaded, or the
+// answer was sent from another tab): its stored text is on the page; the rest comes from the
+// offset after it (code points, as the server counts). The composer is busy meanwhile, as for
+// a send, and Stop stops it.
+async function followRunning(chatId, msg, botEl) {
+  if (state.turn) return;
+  setBusy(true);
+  state.turn = { cancel: null, stopping: false };
+  try {
+    const params = { chatId, messageId: msg.message_id, after: codePoints(msg.content || "") };
+    const handlers = answerHandlers(botEl);
+    const turn = el.useWs.checked ? state.ws.resume(params, handlers) : sseResume(params, handlers);
+    state.turn.cancel = turn.cancel;
+    await turn.finished;
+  } catch (exc) {
+    if (exc.name === "AbortError" || (state.turn.stopping && exc.code !== "stop_unconfirmed")) {
+      setStatus(botEl, "cancelled");
+    }
+    else {
+      setStatus(botEl, "interrupted");
+      report(exc);
+    }
+  } finally {
+    state.turn = null;
+    setBusy(false);
+    refreshUsage();
   }
 }
 

@@ -1,11 +1,13 @@
-// The SSE transport: POST /api/chat/{id}/message and read its event stream with fetch.
+// The SSE transport: POST /api/chat/{id}/message and read its event stream with fetch; when the
+// connection drops mid-answer, follow the answer again from the last offset the page has
+// (GET /api/chat/{id}/messages/{message_id}/stream?after=N), by itself, with backoff.
 //
 // Frames are "id: N\nevent: <name>\ndata: <json>\n\n"; lines starting with ":" are heartbeats.
+// N is an offset: the characters (code points) of the answer up to the end of the event's text.
 // EventSource cannot POST or send an Authorization header, hence fetch + ReadableStream.
 
 import { ApiError, api, authHeaders, errorFrom } from "./api.js";
-
-const CANCEL_GRACE_MS = 3000; // how long Stop waits for the server's final event before hanging up
+import { AnswerOffset, Retry, delay, reconnectFailed, retriable, stopUnconfirmed } from "./resume.js";
 
 // Parse one frame ("field: value" lines) into {event, id, data}; null for comment-only frames.
 export function parseFrame(block) {
@@ -47,69 +49,161 @@ export async function* readEvents(body) {
       }
     }
   } finally {
-    reader.releaseLock();
+    reader.cancel().catch(() => {}); // a consumer that stops early closes the connection
   }
 }
 
-const delay = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const CANCEL_GRACE_MS = 3000; // how long Stop waits for the server's final event before hanging up
 
-// Start one turn. handlers: onStarted(data), onDelta(text), onEnd("done"|"error", data).
+const streamUrl = (chatId, messageId) =>
+  `/api/chat/${encodeURIComponent(chatId)}/messages/${encodeURIComponent(messageId)}/stream`;
+
+async function open(url, init) {
+  let resp;
+  try {
+    resp = await fetch(url, init);
+  } catch (exc) {
+    if (exc.name === "AbortError") throw exc;
+    throw new ApiError(0, "network_error", "Cannot reach the server. Check your connection.");
+  }
+  if (!resp.ok) throw await errorFrom(resp);
+  return resp;
+}
+
+// Start one turn. handlers: onStarted(data), onDelta(text), onEnd("done"|"error", data), and
+// onReconnecting() / onResumed() around a reconnect.
 // Returns {finished, cancel}: `finished` resolves after onEnd, or rejects with an ApiError raised
-// before the stream started (budget, rate limit, validation...) or with an AbortError after Stop.
+// before the stream started (budget, rate limit, validation...) or when the answer could not be
+// followed again, or with an AbortError after Stop.
 export function sseTurn({ chatId, message, model }, handlers) {
-  const controller = new AbortController();
-  let messageId = null;
-  let ended = false;
+  const body = { message };
+  if (model) body.model = model;
+  return follow({ chatId, messageId: null, after: 0 }, handlers, (signal) =>
+    open(`/api/chat/${encodeURIComponent(chatId)}/message`, {
+      method: "POST",
+      headers: authHeaders({ "Content-Type": "application/json", Accept: "text/event-stream" }),
+      body: JSON.stringify(body),
+      signal,
+    }),
+  );
+}
 
-  const finished = (async () => {
-    const body = { message };
-    if (model) body.model = model;
-    let resp;
-    try {
-      resp = await fetch(`/api/chat/${encodeURIComponent(chatId)}/message`, {
-        method: "POST",
-        headers: authHeaders({ "Content-Type": "application/json", Accept: "text/event-stream" }),
-        body: JSON.stringify(body),
-        signal: controller.signal,
-      });
-    } catch (exc) {
-      if (exc.name === "AbortError") throw exc;
-      throw new ApiError(0, "network_error", "Cannot reach the server. Check your connection.");
-    }
-    if (!resp.ok) throw await errorFrom(resp);
+// Follow an answer that is already running (or has ended meanwhile) from `after`: the page was
+// reloaded mid-answer. Same handlers and result as sseTurn.
+export function sseResume({ chatId, messageId, after }, handlers) {
+  return follow({ chatId, messageId, after }, handlers, null);
+}
+
+function follow({ chatId, messageId: knownId, after }, handlers, post) {
+  const controller = new AbortController();
+  const answer = new AnswerOffset(after);
+  const retry = new Retry();
+  controller.signal.addEventListener("abort", () => retry.wake());
+  let messageId = knownId;
+  let startedOnce = false;
+  let ended = false;
+  let stopping = false;
+  let identified;
+  const known = new Promise((resolve) => {
+    identified = resolve;
+  });
+  if (messageId) identified();
+
+  const resume = (signal) =>
+    open(`${streamUrl(chatId, messageId)}?after=${answer.offset}`, {
+      headers: authHeaders({ Accept: "text/event-stream" }),
+      signal,
+    });
+
+  // Read one response to its end: true once the answer's terminal event was handled, false when
+  // the stream broke first (network error, cut short, or a gap in the text).
+  async function read(resp) {
     try {
       for await (const ev of readEvents(resp.body)) {
+        const offset = ev.id == null ? NaN : Number(ev.id);
         if (ev.event === "started") {
           messageId = ev.data.message_id;
-          handlers.onStarted(ev.data);
+          identified();
+          if (startedOnce) handlers.onResumed?.(ev.data);
+          else handlers.onStarted(ev.data);
+          startedOnce = true;
         } else if (ev.event === "delta") {
-          handlers.onDelta(ev.data.text);
+          const text = answer.take(ev.data.text, offset);
+          if (text === null) return false;
+          if (text) {
+            retry.reset();
+            handlers.onDelta(text);
+          }
         } else if (ev.event === "done" || ev.event === "error") {
+          if (!answer.complete(offset)) return false;
           ended = true;
           handlers.onEnd(ev.event, ev.data);
-          return;
+          return true;
         }
       }
     } catch (exc) {
       if (exc.name === "AbortError") throw exc;
-      throw new ApiError(0, "stream_interrupted", "The connection dropped during the answer.");
     }
-    throw new ApiError(0, "stream_interrupted", "The stream ended before the answer finished.");
-  })();
+    return false;
+  }
 
+  async function reconnect() {
+    handlers.onReconnecting?.();
+    for (;;) {
+      if (!(await retry.wait())) {
+        throw reconnectFailed();
+      }
+      if (controller.signal.aborted) throw new DOMException("stopped", "AbortError");
+      try {
+        return await resume(controller.signal);
+      } catch (exc) {
+        if (!retriable(exc)) throw exc;
+      }
+    }
+  }
+
+  async function run() {
+    let resp = await (post ? post(controller.signal) : resume(controller.signal));
+    for (;;) {
+      if (await read(resp)) return;
+      if (!messageId) {
+        throw new ApiError(0, "stream_interrupted", "The connection dropped before the answer started.");
+      }
+      resp = await reconnect();
+    }
+  }
+
+  let failed = false;
+  let unconfirmed = null;
+  const finished = run().catch((exc) => {
+    failed = true;
+    throw exc.name === "AbortError" && unconfirmed ? unconfirmed : exc;
+  });
+
+  // Stop. If the server cannot be told (no network), `finished` rejects with stop_unconfirmed.
   async function cancel() {
-    if (ended) return;
-    if (messageId) {
+    if (ended || stopping) return;
+    stopping = true;
+    const settled = finished.catch(() => {});
+    // Before "started" there is no id to cancel by: wait for it (the turn runs without us).
+    await Promise.race([known, settled, delay(CANCEL_GRACE_MS)]);
+    let told = !messageId && failed; // refused before it started (budget...): nothing runs
+    if (messageId && !ended) {
       // Ask the server to stop (it saves the partial answer as cancelled and sends "done")...
       try {
         await api("POST", `/api/chat/${chatId}/messages/${messageId}/cancel`);
-      } catch {
-        // 409 not_streaming: it finished meanwhile; anything else: hanging up cancels too
+        told = true;
+      } catch (exc) {
+        told = exc.status === 409; // not_streaming: it ended meanwhile
       }
-      await Promise.race([finished.catch(() => {}), delay(CANCEL_GRACE_MS)]);
+      retry.wake(); // reconnecting: follow again now, the stopped answer ends at once
+      await Promise.race([settled, delay(CANCEL_GRACE_MS)]);
     }
-    // ...and hang up if it has not ended (before "started" there is nothing to cancel by id).
-    if (!ended) controller.abort();
+    // ...and stop listening if it has not ended.
+    if (!ended) {
+      if (!told) unconfirmed = stopUnconfirmed();
+      controller.abort();
+    }
   }
 
   return { finished, cancel };

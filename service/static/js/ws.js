@@ -1,13 +1,17 @@
-// The WebSocket transport, protocol v1.
+// The WebSocket transport, protocol v2 (docs/websocket.md).
 //
 // POST /api/ws/ticket (bearer) -> {"ticket"}; connect to /api/ws?ticket=...; the server says
-// {"type":"ready","v":1,"max_turns":N}. Client: {"type":"send","id","chat_id","message"} and
-// {"type":"cancel","id"} ("send" may also name a "model"). Server: started / delta / done /
-// error, each with the client's "id".
-// A ticket is single-use, so every connection gets a fresh one.
+// {"type":"ready","v":2,"max_turns":N}. Client: {"type":"send","id","chat_id","message"} ("send"
+// may also name a "model"), {"type":"resume","id","message_id","after"} and {"type":"cancel","id"}.
+// Server: started / delta / done / error, each with the client's "id" and an "offset" (a delta's
+// is the answer's length up to the end of its text, in code points).
+// Closing the socket does not stop a turn: when it drops mid-answer the page opens a new one and
+// resumes from the last offset it has. A ticket is single-use, so every connection gets a fresh one.
 
 import { ApiError, api } from "./api.js";
+import { AnswerOffset, Retry, delay, reconnectFailed, retriable, stopUnconfirmed } from "./resume.js";
 
+const PROTOCOL_VERSION = 2;
 const READY_TIMEOUT_MS = 10000;
 const CANCEL_GRACE_MS = 3000;
 
@@ -23,12 +27,47 @@ function wireError(msg) {
   return new ApiError(status, msg.code || "ws_error", msg.message || "WebSocket error", details, retry);
 }
 
+function waitReady(ws) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      ws.close();
+      reject(new ApiError(0, "ws_unavailable", "The WebSocket server did not answer in time."));
+    }, READY_TIMEOUT_MS);
+    const onMessage = (ev) => {
+      let msg;
+      try {
+        msg = JSON.parse(ev.data);
+      } catch {
+        return;
+      }
+      clearTimeout(timer);
+      ws.removeEventListener("message", onMessage);
+      ws.removeEventListener("close", onClose);
+      if (msg.type === "ready" && msg.v === PROTOCOL_VERSION) resolve(msg);
+      else {
+        ws.close();
+        reject(
+          msg.type === "ready"
+            ? new ApiError(400, "ws_protocol", `The server speaks WebSocket protocol v${msg.v}, not v2.`)
+            : wireError(msg),
+        );
+      }
+    };
+    const onClose = (ev) => {
+      clearTimeout(timer);
+      const why = ev.reason ? `: ${ev.reason}` : "";
+      reject(new ApiError(0, "ws_unavailable", `WebSocket connection failed (${ev.code}${why}).`));
+    };
+    ws.addEventListener("message", onMessage);
+    ws.addEventListener("close", onClose);
+  });
+}
+
 class Connection {
   constructor(ws, maxTurns) {
     this.ws = ws;
     this.maxTurns = maxTurns;
-    this.sent = 0;
-    this.turns = new Map(); // client turn id -> {handlers, resolve, reject, ended}
+    this.turns = new Map(); // client turn id -> WsTurn followed on this socket
     this.retired = false;
     ws.addEventListener("message", (ev) => this.onMessage(ev));
     ws.addEventListener("close", (ev) => this.onClose(ev));
@@ -39,40 +78,29 @@ class Connection {
     const url = new URL(`/api/ws?ticket=${encodeURIComponent(ticket)}`, location.href);
     url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
     const ws = new WebSocket(url);
-    const ready = await new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        ws.close();
-        reject(new ApiError(0, "ws_unavailable", "The WebSocket server did not answer in time."));
-      }, READY_TIMEOUT_MS);
-      const onMessage = (ev) => {
-        let msg;
-        try {
-          msg = JSON.parse(ev.data);
-        } catch {
-          return;
-        }
-        clearTimeout(timer);
-        ws.removeEventListener("message", onMessage);
-        ws.removeEventListener("close", onClose);
-        if (msg.type === "ready") resolve(msg);
-        else {
-          ws.close();
-          reject(wireError(msg));
-        }
-      };
-      const onClose = (ev) => {
-        clearTimeout(timer);
-        const why = ev.reason ? `: ${ev.reason}` : "";
-        reject(new ApiError(0, "ws_unavailable", `WebSocket connection failed (${ev.code}${why}).`));
-      };
-      ws.addEventListener("message", onMessage);
-      ws.addEventListener("close", onClose);
-    });
+    const ready = await waitReady(ws);
     return new Connection(ws, Number(ready.max_turns) || Infinity);
   }
 
+  get open() {
+    return !this.retired && this.ws.readyState === WebSocket.OPEN;
+  }
+
   get usable() {
-    return !this.retired && this.ws.readyState === WebSocket.OPEN && this.sent < this.maxTurns;
+    return this.open && this.turns.size < this.maxTurns;
+  }
+
+  // Follow `turn` on this socket with its first frame ("send" or "resume").
+  follow(turn, frame) {
+    this.turns.set(turn.id, turn);
+    this.send(frame);
+  }
+
+  release(turn) {
+    if (this.turns.get(turn.id) === turn) this.turns.delete(turn.id);
+    if (this.retired && this.turns.size === 0 && this.ws.readyState <= WebSocket.OPEN) {
+      this.ws.close(1000, "done");
+    }
   }
 
   send(obj) {
@@ -87,57 +115,180 @@ class Connection {
       return;
     }
     const turn = msg.id != null ? this.turns.get(msg.id) : null;
-    if (!turn) {
-      if (msg.type === "error") this.failAll(wireError(msg)); // connection-level error
-      return;
+    if (turn) turn.onFrame(msg);
+    else if (msg.type === "error" && msg.id == null) {
+      const err = wireError(msg); // connection-level error
+      for (const t of [...this.turns.values()]) t.fail(err);
     }
+  }
+
+  onClose(ev) {
+    this.retired = true;
+    const why = ev.reason ? `: ${ev.reason}` : "";
+    const text = `The WebSocket closed during the answer (${ev.code}${why}).`;
+    const err = new ApiError(0, "stream_interrupted", text);
+    const turns = [...this.turns.values()];
+    this.turns.clear();
+    for (const turn of turns) turn.dropped(err);
+  }
+
+  retire() {
+    this.retired = true;
+    if (this.turns.size === 0 && this.ws.readyState <= WebSocket.OPEN) this.ws.close(1000, "done");
+  }
+}
+
+// One answer followed over WebSocket, across as many sockets as it takes.
+class WsTurn {
+  constructor(transport, handlers, { chatId, messageId = null, after = 0 }) {
+    this.transport = transport;
+    this.handlers = handlers;
+    this.id = newTurnId();
+    this.chatId = chatId;
+    this.messageId = messageId;
+    this.answer = new AnswerOffset(after);
+    this.retry = new Retry();
+    this.conn = null;
+    this.startedOnce = false;
+    this.ended = false;
+    this.stopping = false;
+    this.reconnecting = false;
+    this.finished = new Promise((resolve, reject) => {
+      this.resolve = resolve;
+      this.reject = reject;
+    });
+    this.finished.catch(() => {}); // the caller awaits it; no unhandled rejection meanwhile
+  }
+
+  // Open (or reuse) a socket and follow the answer there; `first` is the "send" frame of a new
+  // turn, null to resume from the offset the page has.
+  async attach(first) {
+    const conn = await this.transport.connection();
+    if (this.ended) return;
+    if (this.stopping && !this.messageId) throw new DOMException("stopped before sending", "AbortError");
+    this.conn = conn;
+    const resume = { type: "resume", id: this.id, message_id: this.messageId, after: this.answer.offset };
+    conn.follow(this, first || resume);
+  }
+
+  start(first) {
+    this.attach(first).catch((err) => this.fail(err));
+    return this.finished;
+  }
+
+  onFrame(msg) {
     switch (msg.type) {
       case "started":
-        turn.started = true;
-        turn.handlers.onStarted(msg);
+        this.messageId = msg.message_id;
+        this.chatId = msg.chat_id || this.chatId;
+        if (this.startedOnce) this.handlers.onResumed?.(msg);
+        else this.handlers.onStarted(msg);
+        this.startedOnce = true;
         break;
-      case "delta":
-        turn.handlers.onDelta(msg.text);
-        break;
-      case "done":
-        this.finish(msg.id, turn, () => turn.handlers.onEnd("done", msg));
-        break;
-      case "error":
-        if (msg.message_id) {
-          // the turn ran and failed: a saved message with a status, like SSE's "error" event
-          this.finish(msg.id, turn, () => turn.handlers.onEnd("error", msg));
-        } else {
-          this.finish(msg.id, turn, () => turn.reject(wireError(msg)), false);
+      case "delta": {
+        const text = this.answer.take(msg.text, msg.offset);
+        if (text === null) this.resync();
+        else if (text) {
+          this.retry.reset();
+          this.handlers.onDelta(text);
         }
+        break;
+      }
+      case "done":
+      case "error":
+        if (msg.type === "error" && !msg.message_id) {
+          // refused (send: budget, rate limit...; resume: not found, bad offset), a server error
+          // (a resume then tries again), or a protocol error (no HTTP status)
+          const err = wireError(msg);
+          const again = this.messageId && typeof msg.status === "number" && retriable(err);
+          if (again) this.dropped(err);
+          else this.fail(err);
+        } else if (!this.answer.complete(msg.offset)) this.resync();
+        else this.end(() => this.handlers.onEnd(msg.type, msg));
         break;
       default:
         break;
     }
   }
 
-  finish(id, turn, action, resolve = true) {
-    turn.ended = true;
-    this.turns.delete(id);
+  // Text is missing: follow again from what the page has. The protocol has no frame to stop
+  // following one turn ("cancel" stops the turn itself), so the socket goes: its turns resume.
+  resync() {
+    const conn = this.conn;
+    if (conn && conn.open) {
+      conn.retired = true;
+      conn.ws.close(1000, "resync");
+    } else this.dropped(new ApiError(0, "stream_interrupted", "A gap in the answer's text."));
+  }
+
+  end(action) {
+    if (this.ended) return;
+    this.ended = true;
+    if (this.conn) this.conn.release(this);
     action();
-    if (resolve) turn.resolve();
-    if (this.retired && this.turns.size === 0) this.ws.close(1000, "done");
+    this.resolve();
   }
 
-  failAll(err) {
-    for (const [id, turn] of this.turns) this.finish(id, turn, () => turn.reject(err), false);
+  fail(err) {
+    if (this.ended) return;
+    this.ended = true;
+    if (this.conn) this.conn.release(this);
+    this.reject(err);
   }
 
-  onClose(ev) {
-    this.retired = true;
-    const why = ev.reason ? `: ${ev.reason}` : "";
-    this.failAll(
-      new ApiError(0, "stream_interrupted", `The WebSocket closed during the answer (${ev.code}${why}).`),
+  // The socket went away (or cannot be used) mid-answer: follow again on a new one.
+  dropped(err) {
+    if (this.ended) return;
+    if (this.conn) this.conn.release(this);
+    this.conn = null;
+    if (!this.messageId) return this.fail(err); // nothing to resume by
+    if (this.reconnecting) return;
+    this.reconnecting = true;
+    this.handlers.onReconnecting?.();
+    this.reconnect().then(
+      () => {
+        this.reconnecting = false;
+      },
+      (exc) => {
+        this.reconnecting = false;
+        this.fail(exc);
+      },
     );
   }
 
-  retire() {
-    this.retired = true;
-    if (this.turns.size === 0 && this.ws.readyState <= WebSocket.OPEN) this.ws.close(1000, "done");
+  async reconnect() {
+    for (;;) {
+      if (!(await this.retry.wait())) {
+        throw reconnectFailed();
+      }
+      if (this.ended) return;
+      try {
+        await this.attach(null);
+        return;
+      } catch (exc) {
+        if (!retriable(exc)) throw exc;
+      }
+    }
+  }
+
+  // Stop. If the server cannot be told (no network), `finished` rejects with stop_unconfirmed.
+  async cancel() {
+    if (this.ended || this.stopping) return;
+    this.stopping = true;
+    let told = true; // not sent yet: attach() sends nothing now
+    const conn = this.conn;
+    if (conn && conn.open && conn.turns.get(this.id) === this) {
+      conn.send({ type: "cancel", id: this.id }); // stops the turn itself, wherever it runs
+    } else if (this.messageId && this.chatId) {
+      try {
+        await api("POST", `/api/chat/${this.chatId}/messages/${this.messageId}/cancel`);
+      } catch (exc) {
+        told = exc.status === 409; // not_streaming: it ended meanwhile
+      }
+      this.retry.wake(); // reconnecting: follow again now, the stopped answer ends at once
+    }
+    await Promise.race([this.finished.catch(() => {}), delay(CANCEL_GRACE_MS)]);
+    if (!this.ended) this.fail(told ? new DOMException("stopped", "AbortError") : stopUnconfirmed());
   }
 }
 
@@ -167,39 +318,15 @@ export class WsTransport {
 
   // Same contract as sseTurn: {finished, cancel}.
   turn({ chatId, message, model }, handlers) {
-    const id = newTurnId();
-    let conn = null;
-    let turn = null;
-    let aborted = false;
-    const finished = (async () => {
-      conn = await this.connection();
-      if (aborted) throw new DOMException("cancelled before sending", "AbortError");
-      await new Promise((resolve, reject) => {
-        turn = { handlers, resolve, reject, started: false, ended: false };
-        conn.turns.set(id, turn);
-        conn.sent += 1;
-        const frame = { type: "send", id, chat_id: chatId, message };
-        if (model) frame.model = model;
-        conn.send(frame);
-      });
-    })();
+    const turn = new WsTurn(this, handlers, { chatId });
+    const frame = { type: "send", id: turn.id, chat_id: chatId, message };
+    if (model) frame.model = model;
+    return { finished: turn.start(frame), cancel: () => turn.cancel() };
+  }
 
-    const cancel = async () => {
-      aborted = true;
-      if (!conn || !turn || turn.ended) return;
-      conn.send({ type: "cancel", id });
-      await Promise.race([
-        finished.catch(() => {}),
-        new Promise((resolve) => setTimeout(resolve, CANCEL_GRACE_MS)),
-      ]);
-      if (!turn.ended) {
-        // No answer to the cancel: hang up (the server cancels the turn on disconnect).
-        conn.finish(id, turn, () => turn.reject(new DOMException("cancelled", "AbortError")), false);
-        conn.retire();
-        conn.ws.close(1000, "cancel");
-        if (this.conn === conn) this.conn = null;
-      }
-    };
-    return { finished, cancel };
+  // Same contract as sseResume: follow a running answer from `after`.
+  resume({ chatId, messageId, after }, handlers) {
+    const turn = new WsTurn(this, handlers, { chatId, messageId, after });
+    return { finished: turn.start(null), cancel: () => turn.cancel() };
   }
 }
