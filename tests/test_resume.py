@@ -177,6 +177,11 @@ async def test_resume_from_memory_and_from_the_record(
     message_id = seen[0]["data"]["message_id"]
     resumes = {s: RESUMES.labels(s)._value.get() for s in ("memory", "replica", "stored")}
 
+    # Past what this replica, which runs the turn, has produced: not an offset it gave.
+    ahead = await client.get(
+        f"/api/chat/{chat_id}/messages/{message_id}/stream?after={len(head) + 1}", headers=h
+    )
+    assert ahead.status == 400 and (await ahead.json())["error"]["code"] == "invalid_offset"
     # The chat's running turn, from an offset given as ?after= (it wins over Last-Event-ID).
     running = await client.get(
         f"/api/chat/{chat_id}/stream?after=6", headers={**h, "Last-Event-ID": "0"}
@@ -205,6 +210,8 @@ async def test_resume_from_memory_and_from_the_record(
     assert RESUMES.labels("stored")._value.get() == resumes["stored"] + 1
     at_end = await resume_sse(client, h, chat_id, message_id, len("".join(CHUNKS)))
     assert [e["event"] for e in at_end] == ["started", "done"]
+    body = await (await client.get(f"/api/chat/{chat_id}", headers=h)).json()
+    assert body["messages"][-1]["reason"] == "finished"
     # Nothing runs now: 204 (the AI SDK's resume convention).
     none = await client.get(f"/api/chat/{chat_id}/stream", headers=h)
     assert none.status == 204

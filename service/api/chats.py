@@ -59,6 +59,7 @@ def message_view(doc: Doc) -> dict[str, Any]:
         "created_at": doc["created_at"],
         "model": doc.get("model"),
         "finish_reason": doc.get("finish_reason"),
+        "reason": doc.get("reason"),
         "error": doc.get("error"),
         "tokens": doc.get("tokens"),
     }

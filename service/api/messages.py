@@ -92,7 +92,9 @@ async def resume_chat(request: web.Request) -> web.StreamResponse:
 async def _resume(
     request: web.Request, live: LiveStream, source: str, after: int
 ) -> web.StreamResponse:
-    if live.final is not None and after > live.length:
+    # Past the end of an ended answer, or of one running here, is an offset this service never
+    # gave; a copy followed from another replica may lag behind the offset a client has.
+    if after > live.length and (live.final is not None or source == "memory"):
         raise BadRequest(
             f"offset {after} is past the end of the answer ({live.length} characters)",
             code="invalid_offset",

@@ -482,7 +482,7 @@ class Connection:
         if found is None:
             raise not_found("message")
         live, source = found
-        if live.final is not None and req.after > live.length:
+        if req.after > live.length and (live.final is not None or source == "memory"):
             raise BadRequest(
                 f"offset {req.after} is past the end of the answer ({live.length} characters)",
                 code="invalid_offset",
