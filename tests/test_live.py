@@ -93,6 +93,46 @@ async def test_a_follower_gets_everything_new_in_one_event_then_the_end():
     assert [e async for e in follower] == []
 
 
+async def test_publish_writes_from_the_turn_for_a_waiting_follower_or_wakes_it():
+    registry = StreamRegistry()
+    live = live_stream()
+    taking, busy = registry.follow(live, 0, "sse"), registry.follow(live, 0, "ws")
+    pushed: list[Delta] = []
+
+    async def take(delta: Delta) -> bool:
+        pushed.append(delta)
+        return True
+
+    async def refuse(delta: Delta) -> bool:
+        return False  # its transport would have to wait: the client's own task writes
+
+    taking.push, busy.push = take, refuse
+    await anext(taking), await anext(busy)
+    waiting = [asyncio.ensure_future(anext(f)) for f in (taking, busy)]
+    await asyncio.sleep(0)
+    live.append("ab")
+    live.append("c")
+    assert not any(w.done() for w in waiting)  # appended, not yet published
+    await live.publish()
+    assert pushed == [Delta("abc", 3)]  # written by the turn; that follower goes on waiting
+    assert not waiting[0].done() and taking.offset == 3
+    assert await asyncio.wait_for(waiting[1], 1) == Delta("abc", 3)
+    waiting[1] = asyncio.ensure_future(anext(busy))
+    await asyncio.sleep(0)
+    await live.publish()  # a read that brought no text (a role or usage frame): nothing due
+    assert not any(w.done() for w in waiting) and len(pushed) == 1
+    live.append("d")
+    await live.publish()  # both still wait for it
+    assert pushed == [Delta("abc", 3), Delta("d", 4)]
+    assert await asyncio.wait_for(waiting[1], 1) == Delta("d", 4)
+    live.append("x" * (MAX_DELTA_CHARS + 1))
+    await live.publish()  # more than a push carries: one written, then its own task catches up
+    assert pushed[-1] == Delta("x" * MAX_DELTA_CHARS, 4 + MAX_DELTA_CHARS)
+    assert await asyncio.wait_for(waiting[0], 1) == Delta("x", 5 + MAX_DELTA_CHARS)
+    live.end(FINAL)
+    assert await anext(taking) == Done(FINAL, 5 + MAX_DELTA_CHARS)
+
+
 async def test_followers_from_different_offsets_see_the_same_text():
     registry = StreamRegistry()
     live = live_stream()

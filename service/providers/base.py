@@ -33,6 +33,7 @@ class Chunk:
     text: str = ""
     usage: Usage | None = None
     finish_reason: str | None = None
+    more: bool = False  # more chunks of the same network read follow at once
 
 
 @dataclass(frozen=True, slots=True)

@@ -321,12 +321,18 @@ async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
     decoder = SSEDecoder()
     reader = _Reader()
     event: SSEEvent | None = None
+    events: list[SSEEvent] = []
+    chunk: Chunk | None = None
     try:
         async for data in resp.content.iter_any():
-            for event in decoder.feed(data):
-                yield reader.chunk(event.data)
+            events = decoder.feed(data)
+            last = len(events) - 1
+            for i, event in enumerate(events):
+                chunk = reader.chunk(event.data)
+                chunk.more = i < last
+                yield chunk
                 reader.raise_if_blocked()
-            data, event = b"", None  # not held while the next read waits
+            data, events, event, chunk = b"", [], None, None  # not held while the next read waits
         for event in decoder.finish():
             yield reader.chunk(event.data)
             reader.raise_if_blocked()

@@ -108,16 +108,20 @@ async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
     decoder = SSEDecoder()
     finished = False
     event: SSEEvent | None = None
+    events: list[SSEEvent] = []
     chunk: Chunk | None = None
     try:
         async for data in resp.content.iter_any():
-            for event in decoder.feed(data):
+            events = decoder.feed(data)
+            last = len(events) - 1
+            for i, event in enumerate(events):
                 if event.data == "[DONE]":
                     return
                 chunk = _parse(event.data)
+                chunk.more = i < last
                 finished = finished or chunk.finish_reason is not None
                 yield chunk
-            data, event, chunk = b"", None, None  # not held while the next read waits
+            data, events, event, chunk = b"", [], None, None  # not held while the next read waits
         for event in decoder.finish():
             if event.data == "[DONE]":
                 return

@@ -14,7 +14,7 @@ text then grows from that replica's checkpoints, and ``end`` comes from the stor
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from service.stream.events import PING, Delta, Event, Final, Ping, Started, terminal
 
@@ -75,13 +75,19 @@ class LiveStream:
         self.saved = 0  # characters the last checkpoint holds
         self.final: Final | None = None
         self.followers = 0
-        self._waiters: list[asyncio.Future[None]] | None = None
+        self._waiters: list[Follower] | None = None  # followers waiting for the next notify
 
     # ------------------------------------------------------------------ the turn's side
     def add(self, text: str) -> None:
-        """Append text and wake the followers. Every ``TEXT_BLOCK`` pieces are joined into one
-        string: a token-sized string costs ~50 bytes of header for ~4 characters, so a long
-        answer held as deltas would cost a live stream ~13x its text."""
+        """Append text and wake the followers."""
+        self.append(text)
+        self.notify()
+
+    def append(self, text: str) -> None:
+        """Append text; the followers hear of it at the next ``publish`` or ``notify``.
+        Every ``TEXT_BLOCK`` pieces are joined into one string: a token-sized string costs ~50
+        bytes of header for ~4 characters, so a long answer held as deltas would cost a live
+        stream ~13x its text."""
         parts = self.parts
         parts.append(text)
         self.length += len(text)
@@ -89,7 +95,18 @@ class LiveStream:
         if self.loose == TEXT_BLOCK:
             parts[-TEXT_BLOCK:] = ["".join(parts[-TEXT_BLOCK:])]
             self.loose = 0
-        self.notify()
+
+    async def publish(self) -> None:
+        """For the turn's own task, once it has appended what one network read brought: a
+        follower that is waiting and can take a write at once gets it written from here
+        (``Follower.push``), so a client that keeps up costs no second task step per read;
+        the others are woken, and write what they missed in one event."""
+        waiters = self._waiters
+        if waiters:
+            self._waiters = None
+            for follower in waiters:
+                if not await follower.push_now():
+                    follower.wake()
 
     def end(self, final: Final) -> None:
         self.final = final
@@ -99,9 +116,8 @@ class LiveStream:
         waiters = self._waiters
         if waiters:
             self._waiters = None
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+            for follower in waiters:
+                follower.wake()
 
     def cancel(self, reason: str) -> None:
         """Stop the turn: at once while it waits for its upstream (its task is cancelled, which
@@ -144,11 +160,11 @@ class LiveStream:
     def started(self, offset: int) -> Started:
         return Started(self.message_id, self.chat_id, self.model, offset)
 
-    def _wait(self, waiter: asyncio.Future[None]) -> None:
+    def _wait(self, follower: Follower) -> None:
         if self._waiters is None:
-            self._waiters = [waiter]
+            self._waiters = [follower]
         else:
-            self._waiters.append(waiter)
+            self._waiters.append(follower)
 
 
 class Follower:
@@ -157,7 +173,10 @@ class Follower:
     Yields ``Started`` (at the start offset), then a ``Delta`` with everything new each time it
     comes back (at most ``MAX_DELTA_CHARS`` at once), then the terminal event; ``Ping`` when a
     keep-alive was asked for (``nudge``) and nothing else is due. ``writing_since`` is set by the
-    transport around its writes, so the watcher can drop a client that stopped reading."""
+    transport around its writes, so the watcher can drop a client that stopped reading.
+
+    A follower with nothing due waits on one future, which the stream's notify resolves with the
+    next event: thousands wait at once, so none keeps a coroutine frame for it."""
 
     __slots__ = (
         "_done",
@@ -168,6 +187,7 @@ class Follower:
         "live",
         "offset",
         "ping_due",
+        "push",
         "reason",
         "transport",
         "writing_since",
@@ -186,39 +206,73 @@ class Follower:
         self.abort: asyncio.Transport | None = None  # closed by the watcher on a stalled write
         self._started = False
         self._done = False
-        self._wake: asyncio.Future[None] | None = None
+        # Set by a transport that can take a delta without waiting: ``push(delta)`` writes it
+        # and says True, or says False (it would have to wait; the client's own task writes).
+        self.push: Callable[[Delta], Awaitable[bool]] | None = None
+        self._wake: asyncio.Future[Event | Ping] | None = None
 
     def __aiter__(self) -> AsyncIterator[Event | Ping]:
         return self
 
-    async def __anext__(self) -> Event | Ping:
-        if not self._started:
-            self._started = True
-            return self.live.started(self.offset)
+    def __anext__(self) -> asyncio.Future[Event | Ping]:
+        waiter: asyncio.Future[Event | Ping] = asyncio.get_running_loop().create_future()
+        if not self._resolve(waiter):
+            self._wake = waiter
+            self.live._wait(self)
+        return waiter
+
+    def wake(self) -> None:
+        """The stream grew or ended (its notify): hand the waiting client its next event."""
+        waiter = self._wake
+        if waiter is None:
+            return
+        if waiter.done() or self._resolve(waiter):
+            self._wake = None
+        else:  # nothing for it yet (a read without text, say): it waits for the next notify
+            self.live._wait(self)
+
+    async def push_now(self) -> bool:
+        """Write what is new from the turn's task, if this follower waits for it and its
+        transport takes it at once; it then goes on waiting. False: wake it instead (also
+        after a write, when more is due than one delta carries)."""
+        waiter, push = self._wake, self.push
+        if push is None or waiter is None or waiter.done() or not self._started:
+            return False
         live = self.live
-        while True:
-            if live.length > self.offset:
-                text = live.text_since(self.offset)
-                self.offset += len(text)
-                return Delta(text, self.offset)
-            if live.final is not None:
-                if self._done:
-                    raise StopAsyncIteration
-                self._done = True
-                return terminal(live.final, self.offset)
-            if self.ping_due:
-                self.ping_due = False
-                return PING
-            waiter = self._wake = asyncio.get_running_loop().create_future()
-            live._wait(waiter)
-            try:
-                await waiter
-            finally:
-                self._wake = None
+        text = live.text_since(self.offset)
+        if not text or not await push(Delta(text, self.offset + len(text))):
+            return False
+        self.offset += len(text)
+        self.ping_due = False  # the write kept the connection alive
+        if live.length > self.offset:  # more than one delta's worth: its own task catches up
+            return False
+        live._wait(self)
+        return True
 
     def nudge(self) -> None:
         """Ask for a keep-alive: the follower yields ``Ping`` unless text or the end is due."""
         self.ping_due = True
-        waiter = self._wake
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self.wake()
+
+    def _resolve(self, waiter: asyncio.Future[Event | Ping]) -> bool:
+        """Give ``waiter`` the next event if one is due; False when there is none yet."""
+        live = self.live
+        if not self._started:
+            self._started = True
+            waiter.set_result(live.started(self.offset))
+        elif live.length > self.offset:
+            text = live.text_since(self.offset)
+            self.offset += len(text)
+            waiter.set_result(Delta(text, self.offset))
+        elif live.final is not None:
+            if self._done:
+                waiter.set_exception(StopAsyncIteration())
+            else:
+                self._done = True
+                waiter.set_result(terminal(live.final, self.offset))
+        elif self.ping_due:
+            self.ping_due = False
+            waiter.set_result(PING)
+        else:
+            return False
+        return True

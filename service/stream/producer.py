@@ -366,16 +366,72 @@ class Turn:
             raise refused
 
     async def _run(self, now: datetime, opened: asyncio.Future[ServiceError | None]) -> None:
-        """The turn's task: persist and open (at the same time), read the upstream to its end,
-        finalize, and hand the final to the followers."""
+        """The turn's task: persist and open (at the same time), read the upstream to its end
+        (or until stopped) into the live stream, finalize, and hand the final to the followers.
+        One frame for all of it while reading: thousands of these run at once."""
         try:
             refused = await self._begin(now)
         except BaseException:  # a cancel that was not ours (the loop is closing): finalized
             opened.set_result(_stop_error("shutdown"))
             raise
         opened.set_result(refused)
-        if refused is None:
-            self.live.end(await self._read())
+        del opened, now  # a live turn keeps little
+        if refused is not None:
+            return
+        live = self.live
+        status, reason, error = "complete", "finished", None
+        stream = self._stream
+        assert stream is not None
+        loop = asyncio.get_running_loop()
+        try:
+            try:
+                while live.reason is None:
+                    live.reading = True
+                    try:
+                        chunk = await anext(stream)
+                    except StopAsyncIteration:
+                        break
+                    except (ServiceError, asyncio.CancelledError):
+                        raise
+                    except Exception as exc:  # a provider's bug must not escape the turn
+                        self._log("error", "stream.upstream_unreadable", exc_info=exc)
+                        raise UpstreamError(
+                            "upstream_bad_response", "the upstream's answer could not be read"
+                        ) from exc
+                    finally:
+                        live.reading = False
+                    self._active(loop)
+                    if chunk.text:
+                        if not self.parts:
+                            await self._records_written()
+                            self._first_token(loop)
+                        live.append(chunk.text)
+                        self.chunks += 1
+                        if live.length > MAX_ANSWER_CHARS:
+                            raise UpstreamError(
+                                "upstream_bad_response",
+                                "the upstream sent a longer answer than the service keeps",
+                            )
+                    if chunk.usage is not None:
+                        self.usage = chunk.usage
+                    if chunk.finish_reason is not None:
+                        self.finish_reason = chunk.finish_reason
+                        live.finish_seen = True
+                    if not chunk.more:  # the last of what one network read brought
+                        await live.publish()
+                    del chunk  # not kept while the next one is awaited
+            finally:
+                await _aclose(stream)
+            if live.reason is not None:
+                status, reason, error = _stopped(live.reason)
+        except ServiceError as exc:  # the upstream failed, or MongoDB did (the records' insert)
+            status, reason, error = "failed", _reason_of(exc), exc
+        except asyncio.CancelledError:
+            if not _absorb_cancel(live):  # not ours: the loop is closing; finalize, then go
+                live.end(await self._finalize_shielded("cancelled", live.reason or "shutdown"))
+                raise
+            status, reason, error = _stopped(live.reason or "shutdown")
+        live.end(await self._finalize_shielded(status, reason, error))
 
     async def _begin(self, now: datetime) -> ServiceError | None:
         """Persist the records and open the upstream at the same time: the insert's round trip
@@ -484,62 +540,6 @@ class Turn:
         finally:
             live.reading = False
 
-    # ------------------------------------------------------------------ read
-    async def _read(self) -> Final:
-        """Read the upstream to its end (or until stopped), the text into the live stream, then
-        finalize. Nothing a follower does reaches this loop."""
-        live = self.live
-        status, reason, error = "complete", "finished", None
-        stream = self._stream
-        assert stream is not None
-        loop = asyncio.get_running_loop()
-        try:
-            try:
-                while live.reason is None:
-                    live.reading = True
-                    try:
-                        chunk = await anext(stream)
-                    except StopAsyncIteration:
-                        break
-                    except (ServiceError, asyncio.CancelledError):
-                        raise
-                    except Exception as exc:  # a provider's bug must not escape the turn
-                        self._log("error", "stream.upstream_unreadable", exc_info=exc)
-                        raise UpstreamError(
-                            "upstream_bad_response", "the upstream's answer could not be read"
-                        ) from exc
-                    finally:
-                        live.reading = False
-                    self._active(loop)
-                    if chunk.text:
-                        if not self.parts:
-                            await self._records_written()
-                            self._first_token(loop)
-                        live.add(chunk.text)
-                        self.chunks += 1
-                        if live.length > MAX_ANSWER_CHARS:
-                            raise UpstreamError(
-                                "upstream_bad_response",
-                                "the upstream sent a longer answer than the service keeps",
-                            )
-                    if chunk.usage is not None:
-                        self.usage = chunk.usage
-                    if chunk.finish_reason is not None:
-                        self.finish_reason = chunk.finish_reason
-                        live.finish_seen = True
-            finally:
-                await _aclose(stream)
-            if live.reason is not None:
-                status, reason, error = _stopped(live.reason)
-        except ServiceError as exc:  # the upstream failed, or MongoDB did (the records' insert)
-            status, reason, error = "failed", _reason_of(exc), exc
-        except asyncio.CancelledError:
-            if not _absorb_cancel(live):  # not ours: the loop is closing; finalize, then go
-                live.end(await self._finalize_shielded("cancelled", live.reason or "shutdown"))
-                raise
-            status, reason, error = _stopped(live.reason or "shutdown")
-        return await self._finalize_shielded(status, reason, error)
-
     def _active(self, loop: asyncio.AbstractEventLoop) -> None:
         """The upstream was heard from. Until the first token the watcher stops the turn
         (``timeout``) at ``UPSTREAM_FIRST_TOKEN_TIMEOUT_S`` (a model may think in silence);
@@ -577,7 +577,7 @@ class Turn:
         content = "".join(self.parts)
         try:
             prompt, completion, source = self._tokens(content, billable)
-        except Exception as exc:  # a counting bug must not cost the turn its final record
+        except Exception as exc:  # noqa: BLE001 - a counting bug must not cost the final record
             self._log("error", "stream.count_failed", exc_info=exc)
             prompt, completion, source = self.prompt_tokens, estimate_tokens(content), "estimate"
         write = FinalWrite(

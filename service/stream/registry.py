@@ -52,7 +52,7 @@ class StreamRegistry:
 
     def run(self, live: LiveStream, turn: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """The turn's own task, tracked until it has finished (final write included)."""
-        task = asyncio.create_task(turn, name=f"turn-{live.message_id}")
+        task = asyncio.create_task(turn)  # no name: a string per turn, for nothing
         live.task = task
         self.track(task)
         return task

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
@@ -36,6 +36,11 @@ HEADERS = {
 }
 _TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)
 USER_TIMEOUT_MARGIN_S = 10.0
+# A push from the turn's task happens only while a write cannot pause the response (asyncio's
+# transports pause their protocol above 64 KiB buffered): at most this much buffered, and
+# frames of at most this size.
+PUSH_BUFFERED = 16 * 1024
+PUSH_BYTES = 16 * 1024
 
 Encoder = Callable[[Event], bytes]
 
@@ -68,6 +73,7 @@ async def respond(
         _tcp_user_timeout(request, settings.stream_send_timeout_s)
         await resp.prepare(request)
         follower.abort = request.transport
+        follower.push = _pusher(request, resp, encoder)
         loop = asyncio.get_running_loop()
         async for event in follower:
             data = PING if isinstance(event, Ping) else encoder(event)
@@ -78,12 +84,38 @@ async def respond(
     except (ConnectionResetError, RuntimeError):  # RuntimeError: a write after the close
         pass
     finally:
-        follower.abort = None
+        follower.abort = follower.push = None
         registry.leave(follower, reason)
     if resp.prepared:
         with contextlib.suppress(ConnectionResetError, RuntimeError):
             await resp.write_eof()
     return resp
+
+
+def _pusher(
+    request: web.Request, resp: web.StreamResponse, encoder: Encoder
+) -> Callable[[Delta], Awaitable[bool]]:
+    """A delta written from the turn's task (``Follower.push``): only when the transport takes
+    it at once (little is buffered for the client, so the write cannot wait for it)."""
+
+    async def push(delta: Delta) -> bool:
+        transport = request.transport
+        if (
+            transport is None
+            or transport.is_closing()
+            or transport.get_write_buffer_size() > PUSH_BUFFERED
+        ):
+            return False
+        data = encoder(delta)
+        if len(data) > PUSH_BYTES:
+            return False
+        try:
+            await resp.write(data)
+        except (ConnectionResetError, RuntimeError):
+            return False  # the client's own task finds out, and leaves
+        return True
+
+    return push
 
 
 def _tcp_user_timeout(request: web.Request, send_timeout_s: float) -> None:

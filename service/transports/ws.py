@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -439,6 +440,10 @@ class Connection:
             self.tasks.add(task)  # awaited with the socket's other tasks
             task.add_done_callback(self.tasks.discard)
 
+    async def _push(self, turn_id: str, delta: Delta) -> bool:
+        """A delta queued from the turn's task (the queue never waits; full, it closes)."""
+        return self.send(event_frame(turn_id, delta))
+
     async def _cancel_elsewhere(self, chat_id: str, message_id: str) -> None:
         """Flag the turn in MongoDB: the replica running it stops it within WATCH_INTERVAL_S."""
         try:
@@ -497,6 +502,7 @@ class Connection:
             self._cancel(slot)
         registry = self.services.registry
         follower = registry.follow(live, offset, "ws")
+        follower.push = functools.partial(self._push, slot.id)
         try:
             async for event in follower:
                 if not isinstance(event, Ping):
