@@ -16,6 +16,7 @@ from service import metrics
 from service.api import chats, health, messages, openai_compat, page, ws
 from service.auth import Authenticator
 from service.keys import (
+    ADMISSIONS,
     AUTH,
     CATALOGUE,
     HEARTBEATS,
@@ -35,6 +36,7 @@ from service.models import load_catalogue
 from service.providers.registry import Counters, build_providers, upstream_timeout
 from service.settings import Settings
 from service.store import Store, make_client
+from service.stream.idempotency import Admissions
 from service.stream.mirror import Resumes
 from service.stream.producer import TurnProducer
 from service.stream.registry import StreamRegistry
@@ -48,7 +50,7 @@ log = structlog.get_logger("service.app")
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     client = make_client(settings)
-    store = Store(client[settings.mongodb_db])
+    store = Store(client[settings.mongodb_db], idempotency_ttl_s=settings.idempotency_ttl_s)
     try:
         await store.ensure_indexes()
     except PyMongoError:
@@ -96,6 +98,7 @@ async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:
     heartbeats = app[HEARTBEATS] = Heartbeats(registry, settings.sse_heartbeat_s)
     heartbeats.start()
     resumes = app[RESUMES] = Resumes(app[STORE], registry, settings)
+    app[ADMISSIONS] = Admissions(app[PRODUCER], resumes, app[STORE])
     yield
     await resumes.close()
     await heartbeats.close()

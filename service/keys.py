@@ -12,6 +12,7 @@ from service.model_lists import ModelLists
 from service.models import Catalogue
 from service.settings import Settings
 from service.store import Store
+from service.stream.idempotency import Admissions
 from service.stream.mirror import Resumes
 from service.stream.producer import TurnProducer
 from service.stream.registry import StreamRegistry
@@ -29,6 +30,7 @@ PRODUCER = web.AppKey("producer", TurnProducer)
 WATCHER = web.AppKey("watcher", asyncio.Task[None])
 HEARTBEATS = web.AppKey("heartbeats", Heartbeats)  # ``: ping`` to every idle SSE follower
 RESUMES = web.AppKey("resumes", Resumes)  # follow an answer from memory, another replica, a record
+ADMISSIONS = web.AppKey("admissions", Admissions)  # start a turn, or follow the one a key claimed
 WS_CONNECTIONS = web.AppKey("ws_connections", set[Connection])  # open sockets, closed on shutdown
 
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -113,6 +113,8 @@ class Settings(BaseSettings):
     watch_interval_s: float = Field(0.5, gt=0)
     stale_stream_s: float = Field(30.0, gt=0)
     reaper_interval_s: float = Field(10.0, gt=0)
+    # How long an Idempotency-Key is kept: a retry within it replays or follows the first turn.
+    idempotency_ttl_s: int = Field(86_400, ge=86_400)
 
     # --- WebSocket transport
     ws_allowed_origins: str = ""  # comma-separated; empty: same-origin only

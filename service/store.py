@@ -58,6 +58,9 @@ R = TypeVar("R")
 Doc = dict[str, Any]
 
 
+IDEMPOTENCY_TTL_S = 86_400  # how long a claimed idempotency key is kept (at least a day)
+
+
 def utcnow() -> datetime:
     """Now in UTC, truncated to milliseconds (MongoDB's precision) so values round-trip exactly."""
     now = datetime.now(UTC)
@@ -135,8 +138,11 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 
 class Store:
-    def __init__(self, db: AsyncIOMotorDatabase[Doc]) -> None:
+    def __init__(
+        self, db: AsyncIOMotorDatabase[Doc], *, idempotency_ttl_s: int = IDEMPOTENCY_TTL_S
+    ) -> None:
         self.db = db
+        self.idempotency_ttl_s = idempotency_ttl_s
         self.chats = db["chats"]
         self.messages = db["messages"]
         self.usage = db["usage"]
@@ -194,6 +200,15 @@ class Store:
         await self.usage.create_index([("open.at", ASCENDING)], name="open_reservations")
         await self.db["ws_tickets"].create_index(
             [("expires_at", ASCENDING)], name="ticket_ttl", expireAfterSeconds=0
+        )
+        keys = self.db["idempotency_keys"]
+        await keys.create_index(
+            [("user_id", ASCENDING), ("key", ASCENDING)], name="user_key", unique=True
+        )
+        await keys.create_index(
+            [("created_at", ASCENDING)],
+            name="key_ttl",
+            expireAfterSeconds=self.idempotency_ttl_s,
         )
 
     @db_call
@@ -553,6 +568,48 @@ class Store:
             {"_id": hashlib.sha256(ticket.encode()).hexdigest(), "expires_at": {"$gt": now}}
         )
         return doc
+
+    # ---- idempotency keys
+    # A key is claimed by inserting it (unique on user and key) before the turn asks anything of
+    # its upstream; a claim older than IDEMPOTENCY_TTL_S counts as gone even before MongoDB's TTL
+    # monitor (which runs about once a minute) has removed it.
+    @db_call
+    async def claim_key(self, claim: Doc) -> Doc | None:
+        """Insert ``claim`` (``user_id``, ``key``, ...); None when it is now ours, else the
+        claim that holds the key."""
+        keys = self.db["idempotency_keys"]
+        expired = claim["created_at"] - timedelta(seconds=self.idempotency_ttl_s)
+        for _ in range(3):
+            try:
+                await keys.insert_one(claim)
+                return None
+            except DuplicateKeyError:
+                held: Doc | None = await keys.find_one(
+                    {"user_id": claim["user_id"], "key": claim["key"]}
+                )
+            if held is None:
+                continue  # released meanwhile: claim it again
+            if held["created_at"] > expired:
+                return held
+            await keys.delete_one({"_id": held["_id"], "created_at": held["created_at"]})
+        raise StoreUnavailable("the idempotency key could not be claimed; try again")
+
+    @db_call
+    async def get_claim(self, claim_id: Any) -> Doc | None:
+        doc: Doc | None = await self.db["idempotency_keys"].find_one({"_id": claim_id})
+        return doc
+
+    @db_call
+    async def admit_claim(self, claim_id: Any) -> None:
+        """The claimed turn has started streaming: a retry now follows it."""
+        await self.db["idempotency_keys"].update_one(
+            {"_id": claim_id}, {"$set": {"state": "admitted"}}
+        )
+
+    @db_call
+    async def release_claim(self, claim_id: Any) -> None:
+        """The claimed turn was refused before streaming: a retry is evaluated afresh."""
+        await self.db["idempotency_keys"].delete_one({"_id": claim_id, "state": "starting"})
 
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -12,10 +12,10 @@ from service.api.chats import StrictModel
 from service.errors import BadRequest, Conflict
 from service.http import json_response, not_found, parse_uuid, read_json
 from service.keys import (
+    ADMISSIONS,
     CATALOGUE,
     MODEL_LISTS,
     PRINCIPAL,
-    PRODUCER,
     REGISTRY,
     RESUMES,
     SETTINGS,
@@ -23,8 +23,10 @@ from service.keys import (
 )
 from service.metrics import RESUMES as RESUMES_TOTAL
 from service.store import utcnow
+from service.stream.idempotency import HEADER as KEY_HEADER
+from service.stream.idempotency import REPLAYED_HEADER, Admission, chat_send_payload, parse_key
 from service.stream.live import LiveStream
-from service.stream.producer import Turn, TurnInput, period_of
+from service.stream.producer import TurnInput, period_of
 from service.transports import sse
 
 MAX_OFFSET = 10**9  # no answer is longer; a bigger offset is not one this service gave
@@ -37,29 +39,36 @@ class SendMessage(StrictModel):
 
 
 async def send_message(request: web.Request) -> web.StreamResponse:
-    turn = await _start(request)
-    return await _follow(request, turn.live, 0)
+    admission = await _start(request)
+    return await _follow(request, admission.live, 0, replayed=admission.replayed)
 
 
-async def _start(request: web.Request) -> Turn:
-    """Start the turn (the request's body is not kept for the length of the stream)."""
+async def _start(request: web.Request) -> Admission:
+    """Start the turn, or follow the one its Idempotency-Key claimed (the request's body is
+    not kept for the length of the stream)."""
     chat_id = parse_uuid(request.match_info["chat_id"], "chat_id")
+    key = parse_key(request.headers.get(KEY_HEADER))
     body = await read_json(request, SendMessage)
-    return await request.app[PRODUCER].start(
-        TurnInput(
-            user_id=request[PRINCIPAL].user_id,
-            transport="sse",
-            chat_id=chat_id,
-            text=body.message,
-            model=body.model,
-        )
+    inp = TurnInput(
+        user_id=request[PRINCIPAL].user_id,
+        transport="sse",
+        chat_id=chat_id,
+        text=body.message,
+        model=body.model,
+        key=key,
+    )
+    return await request.app[ADMISSIONS].admit(
+        inp, chat_send_payload(chat_id, body.message, body.model)
     )
 
 
-async def _follow(request: web.Request, live: LiveStream, offset: int) -> web.StreamResponse:
+async def _follow(
+    request: web.Request, live: LiveStream, offset: int, *, replayed: bool = False
+) -> web.StreamResponse:
     registry = request.app[REGISTRY]
     follower = registry.follow(live, offset, "sse", keepalive=True)
-    return await sse.respond(request, registry, follower, request.app[SETTINGS])
+    headers = {REPLAYED_HEADER: "true"} if replayed else None
+    return await sse.respond(request, registry, follower, request.app[SETTINGS], headers=headers)
 
 
 async def resume_message(request: web.Request) -> web.StreamResponse:

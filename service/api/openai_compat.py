@@ -12,6 +12,7 @@ OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` (see ``servic
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Literal
 
@@ -21,9 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.errors import BadRequest
 from service.http import json_response, parse_uuid, read_body
-from service.keys import CATALOGUE, MODEL_LISTS, PRINCIPAL, PRODUCER, REGISTRY, SETTINGS
+from service.keys import ADMISSIONS, CATALOGUE, MODEL_LISTS, PRINCIPAL, REGISTRY, SETTINGS
 from service.models import ModelSpec
-from service.stream.producer import Turn, TurnInput
+from service.stream.idempotency import HEADER as KEY_HEADER
+from service.stream.idempotency import REPLAYED_HEADER, Admission, fingerprint, parse_key
+from service.stream.producer import TurnInput
 from service.transports import openai_chunks, sse
 
 CHAT_ID_HEADER = "X-Chat-Id"
@@ -186,31 +189,46 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     ``stream_options.include_usage`` is set) and ``data: [DONE]``; otherwise one
     ``chat.completion`` with ``usage``.
     """
-    turn, stream, include_usage = await _start(request)
-    created = int(time.time())
+    admission, stream, include_usage = await _start(request)
+    live = admission.live
     registry = request.app[REGISTRY]
-    follower = registry.follow(turn.live, 0, "openai", keepalive=stream)
+    follower = registry.follow(live, 0, "openai", keepalive=stream)
+    headers = {REPLAYED_HEADER: "true"} if admission.replayed else None
     if stream:
         enc = openai_chunks.ChunkEncoder(
-            openai_chunks.completion_id(turn.message_id),
-            turn.spec.name,
-            created,
+            openai_chunks.completion_id(live.message_id),
+            live.model,
+            admission.created,
             include_usage=include_usage,
         )
-        return await sse.respond(request, registry, follower, request.app[SETTINGS], enc.encode)
+        return await sse.respond(
+            request, registry, follower, request.app[SETTINGS], enc.encode, headers=headers
+        )
     try:
-        return json_response(await openai_chunks.complete(follower, created=created))
+        completion = await openai_chunks.complete(follower, created=admission.created)
     finally:
         registry.leave(follower, "client_disconnect")  # a no-op once the turn has ended
+    return json_response(completion, headers=headers)
 
 
-async def _start(request: web.Request) -> tuple[Turn, bool, bool]:
-    """Start the turn; what the response needs of the body besides (the body itself is not
-    kept for the length of the stream)."""
+async def _start(request: web.Request) -> tuple[Admission, bool, bool]:
+    """Start the turn, or follow the one its Idempotency-Key claimed; what the response needs
+    of the body besides (the body itself is not kept for the length of the stream)."""
+    key = parse_key(request.headers.get(KEY_HEADER))
     body = await _read_body(request)
-    turn = await request.app[PRODUCER].start(_turn_input(request, body))
+    inp = dataclasses.replace(_turn_input(request, body), key=key)
+    payload = None
+    if key is not None:
+        payload = fingerprint(
+            {
+                "route": "v1",
+                "chat_id": inp.chat_id,
+                "body": body.model_dump(mode="json", exclude_unset=True),
+            }
+        )
+    admission = await request.app[ADMISSIONS].admit(inp, payload)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return turn, bool(body.stream), include_usage
+    return admission, bool(body.stream), include_usage
 
 
 def _model_view(spec: ModelSpec) -> dict[str, Any]:

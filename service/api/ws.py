@@ -20,9 +20,9 @@ from service.auth import Principal
 from service.errors import BadRequest, ServiceError, Unauthorized
 from service.http import json_response
 from service.keys import (
+    ADMISSIONS,
     AUTH,
     PRINCIPAL,
-    PRODUCER,
     REGISTRY,
     RESUMES,
     SETTINGS,
@@ -96,7 +96,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     structlog.contextvars.bind_contextvars(user_id=principal.user_id)
     await ws.prepare(request)
     services = transport.Services(
-        producer=request.app[PRODUCER],
+        admissions=request.app[ADMISSIONS],
         registry=request.app[REGISTRY],
         resumes=request.app[RESUMES],
         store=request.app[STORE],

@@ -57,11 +57,12 @@ class Resumes:
                 await self._poll
 
     async def find(
-        self, user_id: str, chat_id: str | None, message_id: str
+        self, user_id: str, chat_id: str | None, message_id: str, *, stateless: bool = False
     ) -> tuple[LiveStream, str] | None:
         """The user's answer ``message_id`` (of chat ``chat_id``, when given) to follow, and
         where it comes from (``memory``, ``replica``, ``stored``); None when it is not theirs,
-        not an answer of an active chat, or not there."""
+        not an answer of an active chat, or not there. ``stateless``: a turn of no chat may
+        be followed too (one started with an Idempotency-Key)."""
         live = self.registry.streams.get(message_id)
         doc: Doc | None = None
         owner: str | None
@@ -73,9 +74,11 @@ class Resumes:
             if doc is None or doc.get("role") != "assistant":
                 return None
             owner, chat = doc.get("user_id"), doc.get("chat_id")
-        if owner != user_id or chat is None or (chat_id is not None and chat != chat_id):
+        if owner != user_id or (chat is None and not stateless):
             return None
-        if await self.store.get_chat(user_id, chat) is None:
+        if chat_id is not None and chat != chat_id:
+            return None
+        if chat is not None and await self.store.get_chat(user_id, chat) is None:
             return None  # deleted
         if live is not None:
             return live, "memory"

@@ -72,6 +72,9 @@ class TurnInput:
     temperature: float | None = None
     top_p: float | None = None
     stop: list[str] | None = None
+    # An Idempotency-Key claimed for this turn (``Admissions.admit``): the claim's id is the
+    # turn's message id; the turn marks it admitted once it streams, or releases it if refused.
+    key: str | None = None
 
 
 class TurnProducer:
@@ -96,13 +99,26 @@ class TurnProducer:
         self.registry = registry
         self.context_cache = context_cache or ContextCache(settings.context_cache_chats)
 
-    async def start(self, inp: TurnInput) -> Turn:
+    async def start(self, inp: TurnInput, *, message_id: str | None = None) -> Turn:
+        """Admit a turn and start it; a refusal is a ``ServiceError``. With a claimed key
+        (``inp.key``, claimed under ``message_id``) a refusal before the turn exists releases
+        the key; from then on the turn settles its claim itself."""
+        try:
+            turn, text, seq, now = await self._admit(inp, message_id or str(uuid.uuid4()))
+        except BaseException:
+            if inp.key is not None and message_id is not None:
+                with contextlib.suppress(ServiceError):
+                    await asyncio.shield(self.store.release_claim(message_id))
+            raise
+        await turn.launch(text, seq, now)
+        return turn
+
+    async def _admit(self, inp: TurnInput, message_id: str) -> tuple[Turn, str, int, datetime]:
         started = time.perf_counter()
         if self.registry.draining:
             REJECTIONS.labels("shutting_down").inc()
             raise ServiceUnavailable("the server is shutting down; retry", code="shutting_down")
         text = self._validate(inp)
-        message_id = str(uuid.uuid4())
         seq = 0
         chat_model = None
         history: list[Doc] = []
@@ -153,8 +169,7 @@ class TurnProducer:
             started=started,
             history=history,
         )
-        await turn.launch(text, seq, now)
-        return turn
+        return turn, text, seq, now
 
     async def _count_prompt(
         self,
@@ -318,7 +333,9 @@ class Turn:
             inp.user_id,
             inp.transport,
             spec.name,
-            cancel_when_alone=inp.chat_id is None or producer.settings.on_disconnect == "cancel",
+            # A stateless turn stops with its client, unless a key makes it resumable.
+            cancel_when_alone=(inp.chat_id is None and inp.key is None)
+            or producer.settings.on_disconnect == "cancel",
         )
         self.parts = self.live.parts  # the watcher checkpoints it
         self.chunks = 0
@@ -376,6 +393,8 @@ class Turn:
             raise
         opened.set_result(refused)
         del opened, now  # a live turn keeps little
+        if self.inp.key is not None:  # not waited for: the answer does not wait for MongoDB
+            self.p.registry.track(asyncio.ensure_future(self._settle_claim(refused is None)))
         if refused is not None:
             return
         live = self.live
@@ -432,6 +451,19 @@ class Turn:
                 raise
             status, reason, error = _stopped(live.reason or "shutdown")
         live.end(await self._finalize_shielded(status, reason, error))
+
+    async def _settle_claim(self, admitted: bool) -> None:
+        """A retry with the same key follows this turn from now on, or (refused before it
+        streamed) claims the key afresh. A failure leaves the claim starting: retries wait for
+        it, then answer 409, until the claim expires."""
+        store = self.p.store
+        try:
+            if admitted:
+                await store.admit_claim(self.message_id)
+            else:
+                await store.release_claim(self.message_id)
+        except Exception as exc:  # noqa: BLE001 - logged; the turn goes on regardless
+            self._log("warning", "stream.claim_not_settled", admitted=admitted, error=repr(exc))
 
     async def _begin(self, now: datetime) -> ServiceError | None:
         """Persist the records and open the upstream at the same time: the insert's round trip

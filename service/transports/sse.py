@@ -65,9 +65,10 @@ async def respond(
     follower: Follower,
     settings: Settings,
     encoder: Encoder = encode,
+    headers: dict[str, str] | None = None,
 ) -> web.StreamResponse:
     """Stream ``follower``'s events until the terminal one (or until the client goes)."""
-    resp = web.StreamResponse(headers=HEADERS)
+    resp = web.StreamResponse(headers={**HEADERS, **headers} if headers else HEADERS)
     reason = "client_disconnect"
     try:
         _tcp_user_timeout(request, settings.stream_send_timeout_s)

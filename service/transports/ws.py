@@ -30,9 +30,11 @@ from service.metrics import RESUMES as RESUMES_TOTAL
 from service.settings import Settings
 from service.store import Store
 from service.stream.events import Delta, Done, Event, Final, Ping, Started
+from service.stream.idempotency import HEADER as KEY_HEADER
+from service.stream.idempotency import Admissions, chat_send_payload, parse_key
 from service.stream.live import LiveStream
 from service.stream.mirror import Resumes
-from service.stream.producer import TurnInput, TurnProducer
+from service.stream.producer import TurnInput
 from service.stream.registry import StreamRegistry
 
 log = structlog.get_logger("service.ws")
@@ -62,6 +64,7 @@ class SendFrame:
     chat_id: str
     message: str
     model: str | None
+    key: str | None = None  # an idempotency key, as the HTTP routes' Idempotency-Key
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +109,7 @@ def _check_keys(data: Frame, allowed: set[str], turn_id: str | None) -> None:
 
 def parse_send(data: Frame) -> SendFrame:
     turn_id = _turn_id(data)
-    _check_keys(data, {"type", "id", "chat_id", "message", "model"}, turn_id)
+    _check_keys(data, {"type", "id", "chat_id", "message", "model", "key"}, turn_id)
     chat_id = data.get("chat_id")
     try:
         chat_id = str(uuid.UUID(chat_id)) if isinstance(chat_id, str) else None
@@ -122,7 +125,13 @@ def parse_send(data: Frame) -> SendFrame:
         raise FrameError(
             f"'model' must be a string of 1 to {MAX_MODEL_CHARS} characters", turn_id, "model"
         )
-    return SendFrame(turn_id, chat_id, message, model)
+    key = data.get("key")
+    if key is not None:
+        try:
+            key = parse_key(key) if isinstance(key, str) else parse_key("")
+        except BadRequest as exc:
+            raise FrameError(exc.message.replace(KEY_HEADER, "'key'"), turn_id, "key") from None
+    return SendFrame(turn_id, chat_id, message, model, key)
 
 
 def parse_resume(data: Frame) -> ResumeFrame:
@@ -205,7 +214,7 @@ class Closing:
 class Services:
     """What a socket's turns need of the app."""
 
-    producer: TurnProducer
+    admissions: Admissions  # starts a send's turn, or follows the one its key claimed
     registry: StreamRegistry
     resumes: Resumes
     store: Store
@@ -225,7 +234,6 @@ class Connection:
         self.ws = ws
         self.principal = principal
         self.services = services
-        self.producer = services.producer
         self.settings = services.settings
         self.id = uuid.uuid4().hex
         self.slots: dict[str, Slot] = {}
@@ -471,16 +479,18 @@ class Connection:
             self.slots.pop(slot.id, None)
 
     async def _run_send(self, slot: Slot, req: SendFrame) -> None:
-        turn = await self.producer.start(
+        admission = await self.services.admissions.admit(
             TurnInput(
                 user_id=self.principal.user_id,
                 transport="ws",
                 chat_id=req.chat_id,
                 text=req.message,
                 model=req.model,
-            )
+                key=req.key,
+            ),
+            chat_send_payload(req.chat_id, req.message, req.model) if req.key else None,
         )
-        await self._follow(slot, turn.live, 0)
+        await self._follow(slot, admission.live, 0, replayed=admission.replayed)
 
     async def _run_resume(self, slot: Slot, req: ResumeFrame) -> None:
         found = await self.services.resumes.find(self.principal.user_id, None, req.message_id)
@@ -496,7 +506,9 @@ class Connection:
         RESUMES_TOTAL.labels(source).inc()
         await self._follow(slot, live, req.after)
 
-    async def _follow(self, slot: Slot, live: LiveStream, offset: int) -> None:
+    async def _follow(
+        self, slot: Slot, live: LiveStream, offset: int, *, replayed: bool = False
+    ) -> None:
         slot.live = live
         if slot.cancelled:  # cancelled while it was starting
             self._cancel(slot)
@@ -505,8 +517,12 @@ class Connection:
         follower.push = functools.partial(self._push, slot.id)
         try:
             async for event in follower:
-                if not isinstance(event, Ping):
-                    self.send(event_frame(slot.id, event))
+                if isinstance(event, Ping):
+                    continue
+                frame = event_frame(slot.id, event)
+                if replayed and isinstance(event, Started):
+                    frame["replayed"] = True  # a send whose key an earlier send claimed
+                self.send(frame)
         finally:
             registry.leave(follower, slot.reason or "client_disconnect")
 

@@ -1,0 +1,132 @@
+"""Send once: a retried send with the same ``Idempotency-Key`` follows the first turn.
+
+The first request with a key claims it for its user (one insert, unique on user and key, before
+anything is asked of the upstream; the claim's id is the turn's message id). The claim starts as
+``starting``; the turn marks it ``admitted`` once it streams, or deletes it when it was refused
+before streaming (budget, rate limit, model, upstream), so a retry is then evaluated afresh. A
+retry with the same key and payload:
+
+- while the claim is ``starting``: waits for it (polling, with a deadline: 409 after it);
+- once ``admitted``: follows the turn from offset 0 on any replica (``Resumes.find``: from
+  memory, from another replica, or the stored answer and its terminal event once it has ended);
+  nothing is asked of the upstream and nothing is billed again.
+
+The same key with another payload is 422 ``idempotency_key_reused``. Claims are kept
+``IDEMPOTENCY_TTL_S`` (a TTL index; an older one counts as gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from service.errors import BadRequest, Conflict, ServiceError
+from service.http import not_found
+from service.metrics import RESUMES
+from service.store import Store, utcnow
+from service.stream.live import LiveStream
+from service.stream.mirror import Resumes
+from service.stream.producer import TurnInput, TurnProducer
+
+HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"
+MAX_KEY_CHARS = 255
+WAIT_S = 30.0  # how long a retry waits for the first request to stream or be refused
+POLL_S = 0.05
+
+
+class KeyReused(ServiceError):
+    status = 422
+    code = "idempotency_key_reused"
+
+
+def parse_key(raw: str | None) -> str | None:
+    """The header's value (or a WebSocket frame's ``key``): 1 to 255 printable ASCII
+    characters; None when absent."""
+    if raw is None:
+        return None
+    if not 1 <= len(raw) <= MAX_KEY_CHARS or not all(" " <= c <= "~" for c in raw):
+        raise BadRequest(
+            f"{HEADER} must be 1 to {MAX_KEY_CHARS} printable ASCII characters",
+            code="invalid_idempotency_key",
+        )
+    return raw
+
+
+def fingerprint(payload: dict[str, Any]) -> str:
+    """What makes two sends the same request: their canonical JSON's SHA-256."""
+    return hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def chat_send_payload(chat_id: str, message: str, model: str | None) -> str:
+    """A chat send's fingerprint, the same over SSE and WebSocket (a page may retry on
+    either)."""
+    return fingerprint({"route": "chat", "chat_id": chat_id, "message": message, "model": model})
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    live: LiveStream
+    replayed: bool  # a retry that follows (or replays) the first request's turn
+    created: int  # when the first request came, in Unix seconds (a completion's ``created``)
+
+
+class Admissions:
+    def __init__(self, producer: TurnProducer, resumes: Resumes, store: Store) -> None:
+        self.producer = producer
+        self.resumes = resumes
+        self.store = store
+
+    async def admit(self, inp: TurnInput, payload: str | None = None) -> Admission:
+        """Start ``inp``'s turn, or, when its key is already claimed with the same
+        ``payload`` (a ``fingerprint``), follow the turn that claimed it."""
+        if inp.key is None:
+            turn = await self.producer.start(inp)
+            return Admission(turn.live, False, int(time.time()))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT_S
+        while True:
+            now = utcnow()
+            claim_id = str(uuid.uuid4())
+            held = await self.store.claim_key(
+                {
+                    "_id": claim_id,
+                    "user_id": inp.user_id,
+                    "key": inp.key,
+                    "fingerprint": payload,
+                    "chat_id": inp.chat_id,
+                    "state": "starting",
+                    "created_at": now,
+                }
+            )
+            if held is None:
+                turn = await self.producer.start(inp, message_id=claim_id)
+                return Admission(turn.live, False, int(now.timestamp()))
+            if held.get("fingerprint") != payload:
+                raise KeyReused(
+                    f"this {HEADER} was used for a different request",
+                    details={"header": HEADER},
+                )
+            if held.get("state") == "admitted":
+                return await self._follow(inp.user_id, held)
+            if loop.time() > deadline:
+                raise Conflict(
+                    f"the first request with this {HEADER} is still starting; retry",
+                    code="idempotency_key_in_progress",
+                    headers={"Retry-After": "1"},
+                )
+            await asyncio.sleep(POLL_S)
+
+    async def _follow(self, user_id: str, held: dict[str, Any]) -> Admission:
+        found = await self.resumes.find(user_id, held.get("chat_id"), held["_id"], stateless=True)
+        if found is None:
+            raise not_found("message")  # its chat was deleted since
+        live, source = found
+        RESUMES.labels(source).inc()
+        return Admission(live, True, int(held["created_at"].timestamp()))
