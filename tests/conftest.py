@@ -32,8 +32,16 @@ def mongo_server() -> Iterator[MongoServer]:
 
 
 @pytest.fixture
-def db_name() -> str:
-    return "t_" + uuid.uuid4().hex[:16]
+def db_name(mongo_server: MongoServer) -> Iterator[str]:
+    """A database of this test's own, dropped afterwards: the session's one SecantusDB keeps
+    every database in memory, and the big answers some tests store would otherwise slow it
+    down for every test after them."""
+    name = "t_" + uuid.uuid4().hex[:16]
+    yield name
+    import pymongo
+
+    with pymongo.MongoClient(mongo_server.uri, serverSelectionTimeoutMS=10_000) as client:
+        client.drop_database(name)
 
 
 @pytest.fixture

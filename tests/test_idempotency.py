@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 import openai
+import orjson
 import pytest
 
 from service.app import create_app
@@ -258,3 +259,53 @@ async def test_websocket_send_with_a_key_follows_the_first(stream_client, fake_o
     err = await recv(ws)
     assert err["code"] == "invalid_frame" and err["details"]["field"] == "key"
     await ws.close()
+
+
+# --------------------------------------------------------------------------- two replicas
+async def test_twenty_sends_with_one_key_over_two_replicas_make_one_generation(
+    services, fake_openai, token_for, db
+):
+    """Two service processes on one database, 10 identical sends to each, with one key, on the
+    SSE route and then (another key) on /v1: one upstream request each time, one answer, billed
+    once, and every client the whole, identical text."""
+    from tests.processes import new_chat, session
+
+    a, b = await services.start("a", "b")
+    fake_openai.default = script(delay_s=0.05)  # the answer runs while the others arrive
+    whole = "".join(CHUNKS)
+    async with session(a, token_for("alice")) as on_a, session(b, token_for("alice")) as on_b:
+        chat = await new_chat(on_a)
+
+        async def sse(http) -> tuple[str | None, str]:
+            resp = await http.post(
+                f"/api/chat/{chat}/message",
+                json={"message": "hi"},
+                headers={"Idempotency-Key": "two-replicas"},
+            )
+            assert resp.status == 200, await resp.text()
+            evs = await collect(resp)
+            assert evs[-1]["event"] == "done"
+            return resp.headers.get("Idempotent-Replayed"), text_of(evs)
+
+        results = await asyncio.gather(*(sse(h) for h in [on_a, on_b] * 10))
+        assert {text for _, text in results} == {whole}
+        assert [r for r, _ in results].count("true") == 19
+        assert len(fake_openai.requests) == 1
+        answers = [d async for d in db.messages.find({"role": "assistant"})]
+        assert len(answers) == 1 and answers[0]["content"] == whole
+        usage = await db.usage.find_one({"user_id": "alice"})
+        assert usage["used"] == sum(USAGE)
+
+        async def v1(http) -> bytes:
+            resp = await http.post(
+                "/v1/chat/completions", json=BODY, headers={"Idempotency-Key": "two-v1"}
+            )
+            assert resp.status == 200, await resp.text()
+            return await resp.read()
+
+        bodies = await asyncio.gather(*(v1(h) for h in [on_a, on_b] * 10))
+        assert len(set(bodies)) == 1
+        assert orjson.loads(bodies[0])["choices"][0]["message"]["content"] == whole
+        assert len(fake_openai.requests) == 2
+        usage = await db.usage.find_one({"user_id": "alice"})
+        assert usage["used"] == 2 * sum(USAGE)
