@@ -2,7 +2,9 @@
 
 ``cut()`` resets every connection it relays and refuses new ones (each is reset as it comes in)
 until ``restore()``: what a browser sees when its network drops, which Chromium's own offline
-emulation does not do to a response that is already streaming.
+emulation does not do to a response that is already streaming. ``mute()`` first makes the drop
+land between a request and its answer: the browser's bytes still reach the service, the
+service's never come back.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+from collections.abc import Callable
 
 
 class TcpProxy:
@@ -19,6 +22,7 @@ class TcpProxy:
         self.server: asyncio.Server | None = None
         self.port = 0
         self.up = True
+        self.muted = False  # the service's bytes are dropped instead of relayed
         self.accepted = 0  # connections relayed so far
         self.refused = 0  # connections reset as they came in, while cut
         self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
@@ -45,8 +49,14 @@ class TcpProxy:
             _reset(upstream)
         self._links.clear()
 
+    def mute(self) -> None:
+        """Keep relaying what the browser sends, drop what the service answers (until
+        ``restore()``)."""
+        self.muted = True
+
     def restore(self) -> None:
         self.up = True
+        self.muted = False
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self.up:
@@ -62,8 +72,8 @@ class TcpProxy:
         link = (writer, up_writer)
         self._links.add(link)
         pumps = [
-            asyncio.create_task(_pump(reader, up_writer)),
-            asyncio.create_task(_pump(up_reader, writer)),
+            asyncio.create_task(_pump(reader, up_writer, lambda: False)),
+            asyncio.create_task(_pump(up_reader, writer, lambda: self.muted)),
         ]
         for task in pumps:
             self._tasks.add(task)
@@ -74,9 +84,13 @@ class TcpProxy:
             w.close()
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pump(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, muted: Callable[[], bool]
+) -> None:
     try:
         while data := await reader.read(65536):
+            if muted():
+                continue
             writer.write(data)
             await writer.drain()
         if writer.can_write_eof():

@@ -114,7 +114,17 @@ async def use_transport(page, transport):
         await page.check("#use-ws")
 
 
-async def test_answer_streams_in_then_history_survives_reload_and_delete(browser, serve):
+async def sends_carried_keys(db, count):
+    """The service saw an Idempotency-Key (a WebSocket ``key``) on each of the page's ``count``
+    sends: one claim per send, each its own key, each the id of the answer it started."""
+    claims = await db["idempotency_keys"].find({}).to_list(None)
+    answers = await db["messages"].find({"role": "assistant"}).to_list(None)
+    assert len({c["key"] for c in claims}) == len(claims) == count
+    assert {c["_id"] for c in claims} == {m["_id"] for m in answers}
+    return claims
+
+
+async def test_answer_streams_in_then_history_survives_reload_and_delete(browser, serve, db):
     client = await serve()
     page = await open_page(browser, client)
     assert await page.locator("#model").input_value() == "demo"
@@ -149,6 +159,7 @@ async def test_answer_streams_in_then_history_survives_reload_and_delete(browser
     await page.wait_for_function("() => Number(document.querySelector('#usage').dataset.used) > 0")
     # The chat got a title from the first message and is in the list.
     await page.locator(".chat-item .chat-name", has_text="How should I plan").wait_for()
+    await sends_carried_keys(db, 1)
 
     await page.reload()
     await page.wait_for_selector("#app[data-state=ready]")
@@ -222,7 +233,7 @@ async def test_exhausted_budget_shows_the_error_at_phone_width(browser, serve):
     assert page.uncaught == []
 
 
-async def test_websocket_switch_streams_the_answer(browser, serve):
+async def test_websocket_switch_streams_the_answer(browser, serve, db):
     client = await serve()
     page = await open_page(browser, client)
     await page.check("#use-ws")
@@ -242,6 +253,7 @@ async def test_websocket_switch_streams_the_answer(browser, serve):
     # A second turn on the same page (the socket is reused or replaced transparently).
     await send(page, "And again")
     await page.locator(".msg.assistant[data-status=complete] >> nth=1").wait_for()
+    await sends_carried_keys(db, 2)
 
     await page.reload()  # the switch is remembered; history came through the same store
     await page.wait_for_selector("#app[data-state=ready]")
@@ -398,6 +410,56 @@ async def test_network_drop_of_three_seconds_resumes_by_itself(
     proxy.restore()
     await page.context.set_offline(False)
     await completes_exactly(page, records)  # resumed from the page's offset by itself
+    assert page.uncaught == []
+
+
+@pytest.mark.parametrize(
+    ("transport", "lost"),
+    [("sse", "answer"), ("ws", "answer"), ("sse", "request"), ("ws", "request")],
+)
+async def test_send_lost_on_the_network_is_retried_with_its_key_into_one_answer(
+    browser, network, fake_openai, db, transport, lost
+):
+    """The network drops before "started" came back, after the send reached the service (its
+    answer is lost) or before (the request is): the page sends again with the same
+    Idempotency-Key, and follows the turn the first attempt started or starts it. One upstream
+    request, one stored answer, one answer on the page."""
+    client, proxy = await network()
+    fake_openai.scripts = [Script(chunks=["Hi ", "there."])]  # the chat's first turn, ungated
+    page = await open_page(browser, client, port=proxy.port)
+    await use_transport(page, transport)
+    await send(page, "Hello")
+    await page.locator(f"{LAST_ASSISTANT}[data-status=complete]").wait_for()
+    # Nothing else in flight: the chat exists (and, for ws, its socket is open).
+    await page.wait_for_function("() => Number(document.querySelector('#usage').dataset.used) > 0")
+
+    if lost == "answer":
+        proxy.mute()
+        await send(page, "Say hello in many scripts")
+        await asyncio.wait_for(fake_openai.reached_gate.wait(), TIMEOUT_MS / 1000)
+        assert await page.locator(LAST_ASSISTANT).get_attribute("data-status") == "pending"
+        proxy.cut()
+    else:
+        proxy.cut()
+        await send(page, "Say hello in many scripts")
+    await page.locator(f"{LAST_ASSISTANT}[data-status=reconnecting]").wait_for()
+    await wait_until(lambda: proxy.refused >= 1)  # the page tried again while it was down
+    assert len(fake_openai.requests) == (2 if lost == "answer" else 1)
+    proxy.restore()
+    fake_openai.gate.set()
+    records = await Records.of(page, client)
+    await completes_exactly(page, records)
+
+    assert len(fake_openai.requests) == 2  # one per message sent, none for the retry
+    stored = await db["messages"].find({"chat_id": records.chat_id}).to_list(None)
+    assert sorted(m["role"] for m in stored) == ["assistant", "assistant", "user", "user"]
+    claims = await sends_carried_keys(db, 2)  # the retry's key was the first attempt's
+    assert {c["state"] for c in claims} == {"admitted"}
+    bubbles = page.locator("#messages .msg")
+    assert await bubbles.count() == 4
+    assert await page.locator(".msg.user[data-status=complete]").count() == 2
+    shown = await page.locator(LAST_ASSISTANT).get_attribute("data-message-id")
+    assert shown == (await records.answer())["message_id"]
     assert page.uncaught == []
 
 

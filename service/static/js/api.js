@@ -60,6 +60,14 @@ export async function errorFrom(resp) {
   return err;
 }
 
+// A random id: an Idempotency-Key for a send, a WebSocket turn's id. crypto.randomUUID exists only
+// in secure contexts (https, localhost); getRandomValues everywhere.
+export function randomId() {
+  if (crypto.randomUUID) return crypto.randomUUID();
+  const hex = Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0"));
+  return hex.join("");
+}
+
 export function authHeaders(extra = {}) {
   const headers = { ...extra };
   if (auth.token) headers.Authorization = `Bearer ${auth.token}`;

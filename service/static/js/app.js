@@ -1,6 +1,6 @@
 // The chat page: chat list, history, streaming answers over SSE or WebSocket, usage, errors.
 
-import { ApiError, api, auth, devToken, listModels, onUnauthorized } from "./api.js";
+import { ApiError, api, auth, devToken, listModels, onUnauthorized, randomId } from "./api.js";
 import { $, formatTime, h } from "./dom.js";
 import { codePoints } from "./resume.js";
 import { sseResume, sseTurn } from "./sse.js";
@@ -365,7 +365,8 @@ async function send() {
     const handlers = answerHandlers(botEl, () => {
       started = true;
     });
-    const params = { chatId, message: text, model: el.model.value || null };
+    // One key per message: a retry of this send (after a network failure) joins its turn.
+    const params = { chatId, message: text, model: el.model.value || null, key: randomId() };
     const turn = el.useWs.checked ? state.ws.turn(params, handlers) : sseTurn(params, handlers);
     state.turn.cancel = turn.cancel;
     if (state.turn.stopping) turn.cancel(); // Stop was pressed while the chat was being created

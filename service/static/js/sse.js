@@ -1,6 +1,8 @@
 // The SSE transport: POST /api/chat/{id}/message and read its event stream with fetch; when the
 // connection drops mid-answer, follow the answer again from the last offset the page has
-// (GET /api/chat/{id}/messages/{message_id}/stream?after=N), by itself, with backoff.
+// (GET /api/chat/{id}/messages/{message_id}/stream?after=N), by itself, with backoff. A send that
+// fails on the network before "started" is sent again the same way, with the same
+// Idempotency-Key: the server joins it to the turn the first attempt may have started.
 //
 // Frames are "id: N\nevent: <name>\ndata: <json>\n\n"; lines starting with ":" are heartbeats.
 // N is an offset: the characters (code points) of the answer up to the end of the event's text.
@@ -70,18 +72,22 @@ async function open(url, init) {
   return resp;
 }
 
-// Start one turn. handlers: onStarted(data), onDelta(text), onEnd("done"|"error", data), and
-// onReconnecting() / onResumed() around a reconnect.
+// Start one turn; `key` is its Idempotency-Key. handlers: onStarted(data), onDelta(text),
+// onEnd("done"|"error", data), and onReconnecting() / onResumed() around a reconnect.
 // Returns {finished, cancel}: `finished` resolves after onEnd, or rejects with an ApiError raised
-// before the stream started (budget, rate limit, validation...) or when the answer could not be
-// followed again, or with an AbortError after Stop.
-export function sseTurn({ chatId, message, model }, handlers) {
+// before the stream started (budget, rate limit, validation..., or no network after the
+// retries) or when the answer could not be followed again, or with an AbortError after Stop.
+export function sseTurn({ chatId, message, model, key }, handlers) {
   const body = { message };
   if (model) body.model = model;
   return follow({ chatId, messageId: null, after: 0 }, handlers, (signal) =>
     open(`/api/chat/${encodeURIComponent(chatId)}/message`, {
       method: "POST",
-      headers: authHeaders({ "Content-Type": "application/json", Accept: "text/event-stream" }),
+      headers: authHeaders({
+        "Content-Type": "application/json",
+        Accept: "text/event-stream",
+        "Idempotency-Key": key,
+      }),
       body: JSON.stringify(body),
       signal,
     }),
@@ -147,29 +153,37 @@ function follow({ chatId, messageId: knownId, after }, handlers, post) {
     return false;
   }
 
-  async function reconnect() {
-    handlers.onReconnecting?.();
-    for (;;) {
-      if (!(await retry.wait())) {
-        throw reconnectFailed();
+  // Once the answer has an id, follow it from the page's offset; before, send again (with the
+  // same key, so the server joins the turn the first attempt may have started).
+  const attempt = (signal) => (messageId ? resume(signal) : post(signal));
+
+  // Before "started", only a network failure is worth another try: a refusal stays a refusal.
+  const again = (exc) => (messageId ? retriable(exc) : exc.status === 0);
+
+  // Open the stream; after a failure (`err`: the last stream broke, or an attempt failed) try
+  // again on the reconnect schedule.
+  async function connect(err) {
+    for (let waiting = false; ; ) {
+      if (err) {
+        if (!again(err)) throw err;
+        if (!waiting) handlers.onReconnecting?.();
+        waiting = true;
+        if (!(await retry.wait())) throw messageId ? reconnectFailed() : err;
+        if (controller.signal.aborted) throw new DOMException("stopped", "AbortError");
       }
-      if (controller.signal.aborted) throw new DOMException("stopped", "AbortError");
       try {
-        return await resume(controller.signal);
+        return await attempt(controller.signal);
       } catch (exc) {
-        if (!retriable(exc)) throw exc;
+        err = exc;
       }
     }
   }
 
   async function run() {
-    let resp = await (post ? post(controller.signal) : resume(controller.signal));
-    for (;;) {
-      if (await read(resp)) return;
-      if (!messageId) {
-        throw new ApiError(0, "stream_interrupted", "The connection dropped before the answer started.");
-      }
-      resp = await reconnect();
+    let resp = await connect(null);
+    while (!(await read(resp))) {
+      const why = "The connection dropped before the answer started.";
+      resp = await connect(new ApiError(0, "stream_interrupted", why));
     }
   }
 

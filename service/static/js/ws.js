@@ -1,23 +1,22 @@
 // The WebSocket transport, protocol v2 (docs/websocket.md).
 //
 // POST /api/ws/ticket (bearer) -> {"ticket"}; connect to /api/ws?ticket=...; the server says
-// {"type":"ready","v":2,"max_turns":N}. Client: {"type":"send","id","chat_id","message"} ("send"
-// may also name a "model"), {"type":"resume","id","message_id","after"} and {"type":"cancel","id"}.
+// {"type":"ready","v":2,"max_turns":N}. Client: {"type":"send","id","chat_id","message","key"}
+// ("send" may also name a "model"; "key" is its idempotency key),
+// {"type":"resume","id","message_id","after"} and {"type":"cancel","id"}.
 // Server: started / delta / done / error, each with the client's "id" and an "offset" (a delta's
 // is the answer's length up to the end of its text, in code points).
 // Closing the socket does not stop a turn: when it drops mid-answer the page opens a new one and
-// resumes from the last offset it has. A ticket is single-use, so every connection gets a fresh one.
+// resumes from the last offset it has; when it drops before "started", the page sends again with
+// the same key (the server joins the turn the first "send" may have started). A ticket is
+// single-use, so every connection gets a fresh one.
 
-import { ApiError, api } from "./api.js";
+import { ApiError, api, randomId } from "./api.js";
 import { AnswerOffset, Retry, delay, reconnectFailed, retriable, stopUnconfirmed } from "./resume.js";
 
 const PROTOCOL_VERSION = 2;
 const READY_TIMEOUT_MS = 10000;
 const CANCEL_GRACE_MS = 3000;
-
-let turnCounter = 0;
-const newTurnId = () =>
-  globalThis.crypto && crypto.randomUUID ? crypto.randomUUID() : `t${Date.now()}-${++turnCounter}`;
 
 function wireError(msg) {
   const details = msg.details ?? null;
@@ -140,10 +139,12 @@ class Connection {
 
 // One answer followed over WebSocket, across as many sockets as it takes.
 class WsTurn {
-  constructor(transport, handlers, { chatId, messageId = null, after = 0 }) {
+  // `sendFrame` starts a new turn; without it the turn `messageId` is followed from `after`.
+  constructor(transport, handlers, { chatId, messageId = null, after = 0, sendFrame = null }) {
     this.transport = transport;
     this.handlers = handlers;
-    this.id = newTurnId();
+    this.id = sendFrame ? sendFrame.id : randomId();
+    this.sendFrame = sendFrame;
     this.chatId = chatId;
     this.messageId = messageId;
     this.answer = new AnswerOffset(after);
@@ -160,20 +161,25 @@ class WsTurn {
     this.finished.catch(() => {}); // the caller awaits it; no unhandled rejection meanwhile
   }
 
-  // Open (or reuse) a socket and follow the answer there; `first` is the "send" frame of a new
-  // turn, null to resume from the offset the page has.
-  async attach(first) {
+  // Open (or reuse) a socket and follow the answer there: from the offset the page has once the
+  // answer has an id; before, with the "send" frame (again: its key joins the first attempt).
+  async attach() {
     const conn = await this.transport.connection();
     if (this.ended) return;
     if (this.stopping && !this.messageId) throw new DOMException("stopped before sending", "AbortError");
     this.conn = conn;
     const resume = { type: "resume", id: this.id, message_id: this.messageId, after: this.answer.offset };
-    conn.follow(this, first || resume);
+    conn.follow(this, this.messageId ? resume : this.sendFrame);
   }
 
-  start(first) {
-    this.attach(first).catch((err) => this.fail(err));
+  start() {
+    this.attach().catch((err) => this.dropped(err));
     return this.finished;
+  }
+
+  // Before "started", only a network failure is worth another try: a refusal stays a refusal.
+  again(err) {
+    return this.messageId ? retriable(err) : err.status === 0;
   }
 
   onFrame(msg) {
@@ -236,16 +242,16 @@ class WsTurn {
     this.reject(err);
   }
 
-  // The socket went away (or cannot be used) mid-answer: follow again on a new one.
+  // The socket went away (or could not be opened): follow again on a new one.
   dropped(err) {
     if (this.ended) return;
     if (this.conn) this.conn.release(this);
     this.conn = null;
-    if (!this.messageId) return this.fail(err); // nothing to resume by
+    if (!this.again(err)) return this.fail(err);
     if (this.reconnecting) return;
     this.reconnecting = true;
     this.handlers.onReconnecting?.();
-    this.reconnect().then(
+    this.reconnect(err).then(
       () => {
         this.reconnecting = false;
       },
@@ -256,17 +262,18 @@ class WsTurn {
     );
   }
 
-  async reconnect() {
+  async reconnect(err) {
     for (;;) {
       if (!(await this.retry.wait())) {
-        throw reconnectFailed();
+        throw this.messageId ? reconnectFailed() : err;
       }
       if (this.ended) return;
       try {
-        await this.attach(null);
+        await this.attach();
         return;
       } catch (exc) {
-        if (!retriable(exc)) throw exc;
+        if (!this.again(exc)) throw exc;
+        err = exc;
       }
     }
   }
@@ -317,16 +324,16 @@ export class WsTransport {
   }
 
   // Same contract as sseTurn: {finished, cancel}.
-  turn({ chatId, message, model }, handlers) {
-    const turn = new WsTurn(this, handlers, { chatId });
-    const frame = { type: "send", id: turn.id, chat_id: chatId, message };
-    if (model) frame.model = model;
-    return { finished: turn.start(frame), cancel: () => turn.cancel() };
+  turn({ chatId, message, model, key }, handlers) {
+    const sendFrame = { type: "send", id: randomId(), chat_id: chatId, message, key };
+    if (model) sendFrame.model = model;
+    const turn = new WsTurn(this, handlers, { chatId, sendFrame });
+    return { finished: turn.start(), cancel: () => turn.cancel() };
   }
 
   // Same contract as sseResume: follow a running answer from `after`.
   resume({ chatId, messageId, after }, handlers) {
     const turn = new WsTurn(this, handlers, { chatId, messageId, after });
-    return { finished: turn.start(null), cancel: () => turn.cancel() };
+    return { finished: turn.start(), cancel: () => turn.cancel() };
   }
 }
