@@ -79,7 +79,7 @@ async def test_concurrent_sends_with_one_key_share_one_turn(stream_client, fake_
 
 
 async def test_a_retry_after_the_end_replays_without_a_second_call(
-    stream_client, fake_openai, auth
+    stream_client, fake_openai, auth, logs
 ):
     client, h = stream_client, auth()
     chat_id = await new_chat(client, h)
@@ -94,6 +94,10 @@ async def test_a_retry_after_the_end_replays_without_a_second_call(
     assert again_events[-1]["data"]["tokens"] == first_events[-1]["data"]["tokens"]
     assert len(fake_openai.requests) == 1 and await used(client) == billed
     assert len(await assistants(client)) == 1
+    replayed = [e for e in logs if e["event"] == "stream.replayed"]
+    assert [(e["source"], e["message_id"]) for e in replayed] == [
+        ("stored", first_events[0]["data"]["message_id"])
+    ]
 
 
 async def test_another_payload_malformed_keys_and_another_users_key(

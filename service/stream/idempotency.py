@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import structlog
 
 from service.errors import BadRequest, Conflict, ServiceError
 from service.http import not_found
@@ -33,6 +34,8 @@ from service.store import Store, utcnow
 from service.stream.live import LiveStream
 from service.stream.mirror import Resumes
 from service.stream.producer import TurnInput, TurnProducer
+
+log = structlog.get_logger("service.stream")
 
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -129,4 +132,11 @@ class Admissions:
             raise not_found("message")  # its chat was deleted since
         live, source = found
         RESUMES.labels(source).inc()
+        log.info(
+            "stream.replayed",  # a send whose key an earlier send claimed: no new turn
+            message_id=live.message_id,
+            chat_id=live.chat_id,
+            user_id=user_id,
+            source=source,
+        )
         return Admission(live, True, int(held["created_at"].timestamp()))
