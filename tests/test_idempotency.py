@@ -155,6 +155,32 @@ async def test_an_expired_key_starts_a_new_turn(stream_client, fake_openai, auth
     assert len(fake_openai.requests) == 2 and len(await assistants(client)) == 2
 
 
+async def test_a_claim_abandoned_while_starting_frees_its_key(stream_client, fake_openai, auth):
+    """A claim whose request died before its turn could settle it (the process was killed)
+    stays ``starting``; a minute on, a send with that key starts afresh instead of a 409."""
+    client, h = stream_client, auth()
+    chat_id = await new_chat(client, h)
+    fake_openai.default = script()
+    await (
+        client.app[STORE]
+        .db["idempotency_keys"]
+        .insert_one(
+            {
+                "_id": "dead-claim",
+                "user_id": "alice",
+                "key": KEY["Idempotency-Key"],
+                "fingerprint": "whatever it was",
+                "chat_id": chat_id,
+                "state": "starting",
+                "created_at": utcnow() - timedelta(minutes=2),
+            }
+        )
+    )
+    resp, evs = await send(client, chat_id, {**h, **KEY})
+    assert resp.status == 200 and "Idempotent-Replayed" not in resp.headers
+    assert text_of(evs) == "".join(CHUNKS) and len(fake_openai.requests) == 1
+
+
 # --------------------------------------------------------------------------- /v1
 BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
 

@@ -6,7 +6,8 @@ anything is asked of the upstream; the claim's id is the turn's message id). The
 before streaming (budget, rate limit, model, upstream), so a retry is then evaluated afresh. A
 retry with the same key and payload:
 
-- while the claim is ``starting``: waits for it (polling, with a deadline: 409 after it);
+- while the claim is ``starting``: waits for it (polling, with a deadline: 409 after it); a
+  claim still starting a minute after it was made is taken as abandoned, and claimed anew;
 - once ``admitted``: follows the turn from offset 0 on any replica (``Resumes.find``: from
   memory, from another replica, or the stored answer and its terminal event once it has ended);
   nothing is asked of the upstream and nothing is billed again.
@@ -22,6 +23,7 @@ import hashlib
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import orjson
@@ -41,6 +43,9 @@ HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 MAX_KEY_CHARS = 255
 WAIT_S = 30.0  # how long a retry waits for the first request to stream or be refused
+# A claim still starting this long after it was made belongs to a request that died before its
+# turn could settle the claim (its process was killed, MongoDB failed it): the key is free again.
+ABANDONED = timedelta(seconds=2 * WAIT_S)
 POLL_S = 0.05
 
 
@@ -111,6 +116,9 @@ class Admissions:
             if held is None:
                 turn = await self.producer.start(inp, message_id=claim_id)
                 return Admission(turn.live, False, int(now.timestamp()))
+            if held.get("state") != "admitted" and held["created_at"] < now - ABANDONED:
+                await self.store.release_claim(held["_id"])  # its request died while starting
+                continue
             if held.get("fingerprint") != payload:
                 raise KeyReused(
                     f"this {HEADER} was used for a different request",
