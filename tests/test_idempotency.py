@@ -285,9 +285,10 @@ async def test_websocket_send_with_a_key_follows_the_first(stream_client, fake_o
     resp, evs = await send(client, chat_id, {**h, "Idempotency-Key": "ws-once"})
     assert resp.headers["Idempotent-Replayed"] == "true" and text_of(evs) == texts[0]
     assert len(fake_openai.requests) == 1
-    await ws.send_json(frame("c", chat_id, "hi", key="k" * 256))
-    err = await recv(ws)
-    assert err["code"] == "invalid_frame" and err["details"]["field"] == "key"
+    for bad in ("k" * 256, 5, ""):
+        await ws.send_json(frame("c", chat_id, "hi", key=bad))
+        err = await recv(ws)
+        assert err["code"] == "invalid_frame" and err["details"]["field"] == "key", bad
     await ws.close()
 
 

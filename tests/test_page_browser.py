@@ -463,6 +463,17 @@ async def test_send_lost_on_the_network_is_retried_with_its_key_into_one_answer(
     assert page.uncaught == []
 
 
+async def stopped_by_the_user(page, records, db):
+    """The answer shows as cancelled, and its record says the user stopped it."""
+    stopped = page.locator(f"{LAST_ASSISTANT}[data-status=cancelled]")
+    await stopped.wait_for()
+    record = await records.wait(lambda r: r["status"] != "streaming")
+    assert record["status"] == "cancelled"
+    stored = await db["messages"].find_one({"_id": record["message_id"]})  # the API has no reason
+    assert stored["reason"] == "user_cancel"
+    return stopped, record
+
+
 async def test_stop_after_reload_stops_the_followed_answer(browser, serve_gated, fake_openai, db):
     client = await serve_gated()
     page = await open_page(browser, client)
@@ -473,12 +484,7 @@ async def test_stop_after_reload_stops_the_followed_answer(browser, serve_gated,
     await page.locator(f"{LAST_ASSISTANT}[data-status=streaming]").wait_for()
     await page.click("#stop")
 
-    stopped = page.locator(f"{LAST_ASSISTANT}[data-status=cancelled]")
-    await stopped.wait_for()
-    record = await records.wait(lambda r: r["status"] != "streaming")
-    assert record["status"] == "cancelled"
-    stored = await db["messages"].find_one({"_id": record["message_id"]})  # the API has no reason
-    assert stored["reason"] == "user_cancel"
+    stopped, record = await stopped_by_the_user(page, records, db)
     assert await stopped.locator(".msg-body").text_content() == record["content"] == "".join(HEAD)
     assert await page.locator("#send").is_visible()
     assert await page.locator("#error").is_hidden()
@@ -499,12 +505,7 @@ async def test_stop_while_reconnecting_stops_the_answer(browser, network, fake_o
     assert await page.locator(LAST_ASSISTANT).get_attribute("data-status") == "reconnecting"
     await page.click("#stop")
 
-    stopped = page.locator(f"{LAST_ASSISTANT}[data-status=cancelled]")
-    await stopped.wait_for()
-    record = await records.wait(lambda r: r["status"] != "streaming")
-    assert record["status"] == "cancelled"
-    stored = await db["messages"].find_one({"_id": record["message_id"]})  # the API has no reason
-    assert stored["reason"] == "user_cancel"
+    stopped, record = await stopped_by_the_user(page, records, db)
     assert await stopped.locator(".msg-body").text_content() == record["content"]
     assert await page.locator("#send").is_visible()
     assert page.uncaught == []

@@ -42,6 +42,7 @@ log = structlog.get_logger("service.stream")
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 MAX_KEY_CHARS = 255
+KEY_RULE = f"1 to {MAX_KEY_CHARS} printable ASCII characters"
 WAIT_S = 30.0  # how long a retry waits for the first request to stream or be refused
 # A claim still starting this long after it was made belongs to a request that died before its
 # turn could settle the claim (its process was killed, MongoDB failed it): the key is free again.
@@ -59,12 +60,17 @@ def parse_key(raw: str | None) -> str | None:
     characters; None when absent."""
     if raw is None:
         return None
-    if not 1 <= len(raw) <= MAX_KEY_CHARS or not all(" " <= c <= "~" for c in raw):
-        raise BadRequest(
-            f"{HEADER} must be 1 to {MAX_KEY_CHARS} printable ASCII characters",
-            code="invalid_idempotency_key",
-        )
+    if not valid_key(raw):
+        raise BadRequest(f"{HEADER} must be {KEY_RULE}", code="invalid_idempotency_key")
     return raw
+
+
+def valid_key(raw: object) -> bool:
+    return (
+        isinstance(raw, str)
+        and 1 <= len(raw) <= MAX_KEY_CHARS
+        and all(" " <= c <= "~" for c in raw)
+    )
 
 
 def fingerprint(payload: dict[str, Any]) -> str:

@@ -30,8 +30,7 @@ from service.metrics import RESUMES as RESUMES_TOTAL
 from service.settings import Settings
 from service.store import Store
 from service.stream.events import Delta, Done, Event, Final, Ping, Started
-from service.stream.idempotency import HEADER as KEY_HEADER
-from service.stream.idempotency import Admissions, chat_send_payload, parse_key
+from service.stream.idempotency import KEY_RULE, Admissions, chat_send_payload, valid_key
 from service.stream.live import LiveStream
 from service.stream.mirror import Resumes
 from service.stream.producer import TurnInput
@@ -126,11 +125,8 @@ def parse_send(data: Frame) -> SendFrame:
             f"'model' must be a string of 1 to {MAX_MODEL_CHARS} characters", turn_id, "model"
         )
     key = data.get("key")
-    if key is not None:
-        try:
-            key = parse_key(key) if isinstance(key, str) else parse_key("")
-        except BadRequest as exc:
-            raise FrameError(exc.message.replace(KEY_HEADER, "'key'"), turn_id, "key") from None
+    if key is not None and not valid_key(key):
+        raise FrameError(f"'key' must be {KEY_RULE}", turn_id, "key")
     return SendFrame(turn_id, chat_id, message, model, key)
 
 
