@@ -15,11 +15,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import bpe_openai
+import orjson
 
 DEFAULT_ENCODING = "o200k_base"
 # OpenAI chat format: every message costs a few tokens of framing, the reply is primed with 3.
 TOKENS_PER_MESSAGE = 3
 REPLY_PRIMING = 3
+# A picture the upstream does not count for us: what OpenAI bills a 1024x1024 image at high
+# detail (a low-detail one costs 85; the budget errs on the high side, settled exactly after).
+IMAGE_TOKENS = 765
 # At most this many characters go to the encoder at once: fewer than its limit of 200,000
 # tokens per input whatever the text (a token is at least one character).
 SLICE_CHARS = 100_000
@@ -70,11 +74,37 @@ class TokenCounter:
         return self.count(text)
 
     def count_messages(
-        self, messages: Sequence[dict[str, str]], *, cached_first: bool = True
+        self, messages: Sequence[dict[str, Any]], *, cached_first: bool = True
     ) -> int:
         total = REPLY_PRIMING
         for i, msg in enumerate(messages):
-            content = msg["content"]
-            n = self.count_cached(content) if cached_first and i == 0 else self.count(content)
-            total += TOKENS_PER_MESSAGE + n
+            content = msg.get("content")
+            if cached_first and i == 0 and isinstance(content, str) and len(msg) <= 2:
+                total += TOKENS_PER_MESSAGE + self.count_cached(content)  # the system prompt
+            else:
+                total += self.count_message(msg)
         return total
+
+    def count_message(self, msg: dict[str, Any]) -> int:
+        """One message with its framing: its text, ``IMAGE_TOKENS`` a picture, and the JSON of
+        whatever else it carries (tool calls, a tool call's id, a name)."""
+        content = msg.get("content")
+        if isinstance(content, str) and len(msg) <= 2:  # role + text: the common case
+            return TOKENS_PER_MESSAGE + self.count(content)
+        n = TOKENS_PER_MESSAGE
+        if isinstance(content, str):
+            n += self.count(content)
+        elif isinstance(content, list):
+            for part in content:
+                if not isinstance(part, dict):
+                    continue
+                if part.get("type") == "text" and isinstance(part.get("text"), str):
+                    n += self.count(part["text"])
+                elif part.get("type") == "image_url":
+                    n += IMAGE_TOKENS
+                else:
+                    n += self.count(orjson.dumps(part).decode())
+        rest = {k: v for k, v in msg.items() if k not in ("role", "content") and v is not None}
+        if rest:
+            n += self.count(orjson.dumps(rest).decode())
+        return n

@@ -250,7 +250,7 @@ async def test_sdk_non_streaming_completion(stream_client, oai, fake_openai, log
         stop="END",
         max_completion_tokens=50,
         user="end-user-7",
-        extra_body={"frobnicate": True, "metadata": {"k": "v"}},  # unknown fields: tolerated
+        extra_body={"frobnicate": True, "metadata": {"k": "v"}},  # the upstream's to judge
     )
     assert completion.object == "chat.completion" and completion.model == "gpt-test"
     assert completion.id.startswith("chatcmpl-")
@@ -260,14 +260,16 @@ async def test_sdk_non_streaming_completion(stream_client, oai, fake_openai, log
     assert completion.usage.prompt_tokens == 12 and completion.usage.completion_tokens == 3
     assert completion.usage.total_tokens == 15
     sent = fake_openai.requests[0]
-    assert sent["messages"] == [
-        {"role": "system", "content": "Answer plainly."},
+    assert sent["messages"] == [  # as the client sent them, never rewritten
+        {"role": "developer", "content": "Answer plainly."},
         {"role": "user", "content": "q1"},
         {"role": "assistant", "content": "a1"},
-        {"role": "user", "content": "q2"},
+        {"role": "user", "content": [{"type": "text", "text": "q2"}]},
     ]
     assert sent["temperature"] == 0.5 and sent["top_p"] == 0.9 and sent["stop"] == ["END"]
-    assert sent["max_tokens"] == 50
+    assert sent["max_completion_tokens"] == 50 and "max_tokens" not in sent
+    assert sent["user"] == "end-user-7" and sent["metadata"] == {"k": "v"}
+    assert sent["frobnicate"] is True
     assert (await usage_doc(stream_client))["used"] == 15
     assert ended(logs, transport="openai", outcome="completed")
 
@@ -384,8 +386,20 @@ async def test_unknown_model_is_not_found(oai, fake_openai):
         ({"temperature": 3}, "temperature", "invalid_value"),
         ({"messages": []}, "messages", "invalid_value"),
         ({"messages": [*HI, {"role": "assistant", "content": "x"}]}, "messages[1].role", None),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", None),
-        ({"n": 2}, "n", "invalid_value"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0]", None),
+        ({"n": 9}, "n", "invalid_value"),
+        ({"tools": {"type": "function"}}, "tools", "invalid_type"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "a b"}}]},
+            "tools[0].function.name",
+            None,
+        ),
+        ({"response_format": {"type": "json_schema"}}, "response_format", None),
+        ({"response_format": {"type": "yaml"}}, "response_format.type", "invalid_value"),
+        ({"top_logprobs": 3}, "top_logprobs", None),
+        ({"logit_bias": {"50256": 101}}, "logit_bias", None),
+        ({"tool_choice": "sometimes"}, "tool_choice", None),
+        ({"seed": "1"}, "seed", "invalid_type"),
     ],
 )
 async def test_invalid_request_is_bad_request(oai, fake_openai, extra, param, code):

@@ -18,7 +18,15 @@ from typing import Any, Literal
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from service.errors import BadRequest
 from service.http import json_response, parse_uuid, read_body
@@ -30,23 +38,103 @@ from service.stream.producer import TurnInput
 from service.transports import openai_chunks, sse
 
 CHAT_ID_HEADER = "X-Chat-Id"
+MAX_CHOICES = 8  # n: each choice is a whole answer, reserved from the budget up front
+MAX_TOOLS = 128  # OpenAI's own limit on tools (and on one message's tool calls)
+MAX_ARGUMENTS = 1_000_000  # characters of one tool call's arguments in a message
+MAX_IMAGE_URL = 20_000_000  # characters of an image URL (a data: URL carries the image)
 MODELS_CREATED = int(time.time())  # the catalogue has no dates: when this process loaded it
 
 
 class _Body(BaseModel):
-    # Unknown optional fields are ignored as OpenAI does; wrong types are rejected (strict).
-    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+    # Validation only (types, ranges, sizes, strict): what goes upstream is the client's JSON as
+    # sent, never a re-serialised model. Fields this service does not know are kept too, for
+    # the provider to send on (OpenAI answers for itself) or refuse (``unsupported_parameter``).
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
+
+class ImageURL(_Body):
+    url: str = Field(min_length=1, max_length=MAX_IMAGE_URL)
+    detail: Literal["auto", "low", "high"] | None = None
 
 
 class ContentPart(_Body):
-    type: str
+    type: str = Field(min_length=1, max_length=64)
     text: str | None = None
+    image_url: ImageURL | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> ContentPart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text part needs 'text'")
+        if self.type == "image_url" and self.image_url is None:
+            raise ValueError("an image_url part needs 'image_url'")
+        return self
+
+
+class FunctionCall(_Body):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(max_length=MAX_ARGUMENTS)
+
+
+class ToolCall(_Body):
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"]
+    function: FunctionCall
 
 
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
-    name: str | None = None
+    name: str | None = Field(None, max_length=256)
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = Field(None, min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _complete(self) -> ChatMessage:
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs 'tool_call_id'")
+        if self.role != "assistant" and self.tool_calls is not None:
+            raise ValueError("only an assistant message carries 'tool_calls'")
+        return self
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: str = Field(min_length=1, max_length=64)
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchema(_Body):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchema | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs 'json_schema'")
+        return self
 
 
 class StreamOptions(_Body):
@@ -63,8 +151,41 @@ class ChatCompletionRequest(_Body):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
     stop: str | list[str] | None = None
-    n: int | None = Field(None, ge=1, le=1)
-    user: str | None = None
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    user: str | None = Field(None, max_length=256)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    seed: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, int] | None = Field(None, max_length=1024)
+    reasoning_effort: str | None = Field(None, min_length=1, max_length=32)
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    service_tier: str | None = Field(None, min_length=1, max_length=32)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: dict[str, int] | None) -> dict[str, int] | None:
+        if value and any(not -100 <= v <= 100 for v in value.values()):
+            raise ValueError("values must be between -100 and 100")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("'top_logprobs' needs 'logprobs': true")
+        return value
+
+
+# What the gateway itself reads of a request; every other field is the provider's (``options``).
+GATEWAY_FIELDS = frozenset(
+    {"model", "messages", "stream", "stream_options", "max_tokens", "temperature", "top_p", "stop"}
+)
 
 
 # --------------------------------------------------------------------------- request edge
@@ -100,7 +221,8 @@ def _validation_error(exc: ValidationError) -> BadRequest:
     return _invalid(f"Invalid value for '{param}': {err['msg']}.", param)
 
 
-async def _read_body(request: web.Request) -> ChatCompletionRequest:
+async def _read_body(request: web.Request) -> tuple[ChatCompletionRequest, dict[str, Any]]:
+    """The request validated, and its JSON as sent (what goes upstream)."""
     raw = await read_body(request)
     try:
         data = orjson.loads(raw)
@@ -111,12 +233,13 @@ async def _read_body(request: web.Request) -> ChatCompletionRequest:
     if not isinstance(data, dict):
         raise _invalid("The request body must be a JSON object.", None, "invalid_json")
     try:
-        return ChatCompletionRequest.model_validate(data)
+        return ChatCompletionRequest.model_validate(data), data
     except ValidationError as exc:
         raise _validation_error(exc) from exc
 
 
 def _text(message: ChatMessage, index: int) -> str:
+    """A stored chat's new message: its text (a stored chat keeps text)."""
     content = message.content
     if content is None:
         return ""
@@ -125,34 +248,29 @@ def _text(message: ChatMessage, index: int) -> str:
     texts = []
     for j, part in enumerate(content):
         if part.type != "text" or part.text is None:
-            raise _invalid(
-                f"Content parts of type '{part.type}' are not supported; send text.",
-                f"messages[{index}].content[{j}].type",
+            raise BadRequest(
+                f"A stored chat (X-Chat-Id) takes text; content parts of type '{part.type}' "
+                "are for stateless requests.",
+                code="unsupported_parameter",
+                details={"param": f"messages[{index}].content[{j}]"},
             )
         texts.append(part.text)
     return "".join(texts)
 
 
-def _messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
-    out = []
-    for i, m in enumerate(body.messages):
-        if m.role in ("tool", "function"):
-            raise _invalid(
-                f"Messages with role '{m.role}' are not supported by this service.",
-                f"messages[{i}].role",
-            )
-        role = "system" if m.role == "developer" else m.role
-        out.append({"role": role, "content": _text(m, i)})
-    if out[-1]["role"] != "user":
+def _check_last(body: ChatCompletionRequest) -> None:
+    last = len(body.messages) - 1
+    if body.messages[last].role not in ("user", "tool"):
         raise _invalid(
-            "The last message must be the user's (role 'user').",
-            f"messages[{len(out) - 1}].role",
+            "The last message must be the user's or a tool's result (role 'user' or 'tool').",
+            f"messages[{last}].role",
         )
-    return out
 
 
-def _turn_input(request: web.Request, body: ChatCompletionRequest) -> TurnInput:
-    messages = _messages(body)
+def _turn_input(
+    request: web.Request, body: ChatCompletionRequest, data: dict[str, Any]
+) -> TurnInput:
+    _check_last(body)
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     if stop is not None and len(stop) > 4:
         raise _invalid("'stop' takes at most 4 sequences.", "stop")
@@ -164,12 +282,19 @@ def _turn_input(request: web.Request, body: ChatCompletionRequest) -> TurnInput:
         "temperature": body.temperature,
         "top_p": body.top_p,
         "stop": stop,
+        "options": {k: v for k, v in data.items() if k not in GATEWAY_FIELDS} or None,
     }
     header = request.headers.get(CHAT_ID_HEADER)
     if header is None:
-        return TurnInput(messages=messages, **common)
+        return TurnInput(messages=data["messages"], **common)
     chat_id = parse_uuid(header, CHAT_ID_HEADER)
-    return TurnInput(chat_id=chat_id, text=messages[-1]["content"], **common)
+    last = body.messages[-1]
+    if last.role != "user":
+        raise _invalid(
+            "With X-Chat-Id the last message must be the user's (role 'user').",
+            f"messages[{len(body.messages) - 1}].role",
+        )
+    return TurnInput(chat_id=chat_id, text=_text(last, len(body.messages) - 1), **common)
 
 
 # --------------------------------------------------------------------------- handlers
@@ -197,7 +322,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if stream:
         enc = openai_chunks.ChunkEncoder(
             openai_chunks.completion_id(live.message_id),
-            live.model,
+            live,
             admission.created,
             include_usage=include_usage,
         )
@@ -215,17 +340,11 @@ async def _start(request: web.Request) -> tuple[Admission, bool, bool]:
     """Start the turn, or follow the one its Idempotency-Key claimed; what the response needs
     of the body besides (the body itself is not kept for the length of the stream)."""
     key = parse_key(request.headers.get(KEY_HEADER))
-    body = await _read_body(request)
-    inp = dataclasses.replace(_turn_input(request, body), key=key)
+    body, data = await _read_body(request)
+    inp = dataclasses.replace(_turn_input(request, body, data), key=key)
     payload = None
     if key is not None:
-        payload = fingerprint(
-            {
-                "route": "v1",
-                "chat_id": inp.chat_id,
-                "body": body.model_dump(mode="json", exclude_unset=True),
-            }
-        )
+        payload = fingerprint({"route": "v1", "chat_id": inp.chat_id, "body": data})
     admission = await request.app[ADMISSIONS].admit(inp, payload)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return admission, bool(body.stream), include_usage

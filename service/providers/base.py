@@ -22,8 +22,17 @@ log = structlog.get_logger("service.providers")
 
 @dataclass(frozen=True, slots=True)
 class Usage:
+    """What the upstream billed. ``prompt_tokens`` includes the cached ones and
+    ``completion_tokens`` the reasoning ones (OpenAI's rule; Gemini's thoughts are added to its
+    candidates). ``details``: the upstream's own usage fields beyond the three counts, in
+    OpenAI's shape (``prompt_tokens_details``, ``completion_tokens_details``), passed to
+    clients as sent."""
+
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    details: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -34,17 +43,34 @@ class Chunk:
     usage: Usage | None = None
     finish_reason: str | None = None
     more: bool = False  # more chunks of the same network read follow at once
+    # A step that carries more than choice 0's plain text (tool call deltas, reasoning, a
+    # refusal, logprobs, another choice of ``n``): OpenAI's chunk without its ids, i.e.
+    # ``{"choices": [{"index", "delta", "logprobs", "finish_reason"}, ...]}``. ``text`` is
+    # still choice 0's content in it, and ``finish_reason`` choice 0's.
+    frame: dict[str, Any] | None = None
+    # The stream's ``system_fingerprint`` / ``service_tier`` when they first appear or change.
+    meta: dict[str, Any] | None = None
+
+
+Message = dict[str, Any]  # OpenAI's chat message: role, content (text or parts), tool calls
 
 
 @dataclass(frozen=True, slots=True)
 class CompletionRequest:
+    """A turn's request in OpenAI's terms. ``messages`` are OpenAI chat messages: ``content``
+    a string or a list of parts (``text``, ``image_url``), an assistant's ``tool_calls``, a
+    ``tool`` message's ``tool_call_id``. ``options``: the client's other OpenAI request fields
+    (``tools``, ``tool_choice``, ``response_format``, ``seed``, ``logprobs``, ``n``, ...)
+    exactly as sent; each provider sends them on, translates them, or names them in
+    ``unsupported``."""
+
     model: str  # the upstream's model id
-    messages: list[dict[str, str]]
+    messages: list[Message]
     max_tokens: int
     temperature: float | None = None
     top_p: float | None = None
     stop: list[str] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 class Provider(Protocol):
@@ -67,6 +93,46 @@ class Provider(Protocol):
         """Exact prompt tokens from the upstream (e.g. Gemini's countTokens), or None when the
         provider has no such call and a local tokenizer or estimate is used instead."""
         ...
+
+    def unsupported(self, request: CompletionRequest) -> str | None:
+        """The first parameter of ``request`` this provider cannot honour, named as OpenAI
+        names it (``logit_bias``, ``messages[2].content[0]``), or None. Checked before the
+        turn is admitted: the client gets 400 ``unsupported_parameter``, never a silent drop."""
+        ...
+
+
+# Options every provider honours: the completion limit is carried as ``max_tokens``.
+CARRIED = frozenset({"max_completion_tokens"})
+# Values that ask for nothing (a provider without the feature honours them as they are).
+NEUTRAL: dict[str, Any] = {"n": 1, "logprobs": False, "parallel_tool_calls": True}
+
+
+def first_unsupported(
+    request: CompletionRequest,
+    options: frozenset[str],
+    *,
+    parts: frozenset[str] = frozenset({"text"}),
+    roles: frozenset[str] = frozenset({"system", "developer", "user", "assistant"}),
+    message_fields: frozenset[str] = frozenset(),
+) -> str | None:
+    """The first thing in ``request`` outside what a provider honours: an option not in
+    ``options``, a content part type not in ``parts``, a message role not in ``roles``, a
+    message field (``tool_calls``, ``tool_call_id``, ``name``) not in ``message_fields``."""
+    for key, value in request.options.items():
+        if key not in options and key not in CARRIED and NEUTRAL.get(key) != value:
+            return key
+    for i, message in enumerate(request.messages):
+        if message.get("role") not in roles:
+            return f"messages[{i}].role"
+        for key, value in message.items():
+            if key not in ("role", "content") and value is not None and key not in message_fields:
+                return f"messages[{i}].{key}"
+        content = message.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") not in parts:
+                    return f"messages[{i}].content[{j}]"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

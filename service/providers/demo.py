@@ -12,7 +12,7 @@ import hashlib
 import re
 from collections.abc import AsyncIterator
 
-from service.providers.base import Chunk, CompletionRequest, Usage
+from service.providers.base import Chunk, CompletionRequest, Message, Usage, first_unsupported
 from service.tokens import TokenCounter
 
 ANSWERS = (
@@ -29,6 +29,7 @@ ANSWERS = (
     "that could work, then look at where it falls short.\n\n> A good plan today beats a "
     "perfect plan tomorrow.\n\nWant me to walk through an example?",
 )
+DEMO_OPTIONS = frozenset({"seed", "user", "metadata"})
 _WORDS = re.compile(r"\S+\s*|\s+")
 
 
@@ -39,8 +40,9 @@ class DemoProvider:
         self._counter = counter
         self._delay = delay_s
 
-    def answer_for(self, messages: list[dict[str, str]]) -> str:
-        question = messages[-1]["content"] if messages else ""
+    def answer_for(self, messages: list[Message]) -> str:
+        content = messages[-1].get("content") if messages else ""
+        question = content if isinstance(content, str) else ""
         pick = hashlib.sha256(question.encode()).digest()[0] % len(ANSWERS)
         topic = " ".join(question.split()[:8])
         return f"(demo model) You asked: “{topic}”.\n\n{ANSWERS[pick]}"
@@ -53,6 +55,11 @@ class DemoProvider:
 
     async def count_prompt(self, request: CompletionRequest) -> int | None:
         return None
+
+    def unsupported(self, request: CompletionRequest) -> str | None:
+        """Text in, text out: no tools, images or structured output. ``seed`` is honoured
+        (its answers are deterministic anyway), ``user`` and ``metadata`` only label."""
+        return first_unsupported(request, DEMO_OPTIONS)
 
     async def _stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
         """Word by word until ``max_tokens``. A length stop bills ``max_tokens`` exactly, as a

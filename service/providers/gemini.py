@@ -49,11 +49,13 @@ from service.errors import UpstreamError
 from service.providers.base import (
     Chunk,
     CompletionRequest,
+    Message,
     RetryPolicy,
     Usage,
     call_json,
     error_for_exception,
     error_for_status,
+    first_unsupported,
     log_upstream_body,
     with_retries,
 )
@@ -112,15 +114,23 @@ def finish_reason(reason: str) -> str:
     return "content_filter" if reason in FILTERED else "other"
 
 
-def to_contents(messages: list[dict[str, str]]) -> tuple[list[str], list[Content]]:
+def _plain(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(
+            p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
+    return content if isinstance(content, str) else ""
+
+
+def to_contents(messages: list[Message]) -> tuple[list[str], list[Content]]:
     """Our messages as Gemini's (system texts, alternating contents opening with the user)."""
     system: list[str] = []
     contents: list[Content] = []
     for message in messages:
-        text = message["content"]
+        text = _plain(message.get("content"))
         if not text:
             continue
-        if message["role"] == "system":
+        if message["role"] in ("system", "developer"):
             system.append(text)
             continue
         role = "model" if message["role"] == "assistant" else "user"
@@ -207,6 +217,9 @@ class GeminiProvider:
                     params = {"pageSize": "1000", "pageToken": str(token)}
         except TimeoutError as exc:
             raise error_for_exception(exc) from exc
+
+    def unsupported(self, request: CompletionRequest) -> str | None:
+        return first_unsupported(request, frozenset({"user", "metadata"}))
 
     async def count_prompt(self, request: CompletionRequest) -> int:
         system, contents = to_contents(request.messages)

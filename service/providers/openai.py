@@ -1,8 +1,15 @@
 """Any OpenAI-compatible ``/v1/chat/completions`` upstream (OpenAI, vLLM, Ollama, gateways).
 
-The key stays server-side. Streams with ``stream_options.include_usage`` so exact counts come
-back; handles ``[DONE]``, keep-alive comments, multi-line data, a stream that ends without
-``[DONE]`` (an error: the answer may be cut), malformed or oversized frames, and error frames.
+The key stays server-side. The client's request fields are sent as given (``options``: tools,
+response_format, seed, logprobs, n, ...): this provider honours everything OpenAI does, and an
+upstream that does not answers with its own 400. Streams with ``stream_options.include_usage``
+so exact counts come back; handles ``[DONE]``, keep-alive comments, multi-line data, a stream
+that ends without ``[DONE]`` (an error: the answer may be cut), malformed or oversized frames,
+and error frames.
+
+A frame that is choice 0's plain text is read into ``Chunk.text`` alone (the hot path builds
+nothing else); any other frame (tool call deltas, reasoning, a refusal, logprobs, other
+choices) is kept whole in ``Chunk.frame``, minus the ids the gateway replaces.
 """
 
 from __future__ import annotations
@@ -62,14 +69,20 @@ class OpenAIProvider:
             "messages": req.messages,
             "stream": True,
             "stream_options": {"include_usage": True},
-            "max_tokens": req.max_tokens,
         }
         for key in ("temperature", "top_p", "stop"):
             value = getattr(req, key)
             if value is not None:
                 body[key] = value
-        body.update(req.extra)
+        body.update(req.options)
+        # The granted limit, under the name the client used (reasoning models take only
+        # ``max_completion_tokens``; older compatible servers only ``max_tokens``).
+        limit = "max_completion_tokens" if "max_completion_tokens" in req.options else "max_tokens"
+        body[limit] = req.max_tokens
         return orjson.dumps(body)
+
+    def unsupported(self, request: CompletionRequest) -> str | None:
+        return None  # everything is sent as given
 
     async def open(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
         body = self._body(request)
@@ -110,6 +123,7 @@ async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
     event: SSEEvent | None = None
     events: list[SSEEvent] = []
     chunk: Chunk | None = None
+    meta: _Meta = {}
     try:
         async for data in resp.content.iter_any():
             events = decoder.feed(data)
@@ -117,7 +131,7 @@ async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
             for i, event in enumerate(events):
                 if event.data == "[DONE]":
                     return
-                chunk = _parse(event.data)
+                chunk = _parse(event.data, meta)
                 chunk.more = i < last
                 finished = finished or chunk.finish_reason is not None
                 yield chunk
@@ -125,7 +139,7 @@ async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
         for event in decoder.finish():
             if event.data == "[DONE]":
                 return
-            yield _parse(event.data)
+            yield _parse(event.data, meta)
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise error_for_exception(exc) from exc
     finally:
@@ -134,39 +148,85 @@ async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
         raise UpstreamError("upstream_bad_response", "upstream stream ended without [DONE]")
 
 
-def _parse(data: str) -> Chunk:
+_Meta = dict[str, Any]
+PLAIN_DELTA = frozenset({"content", "role"})  # what a plain text frame's delta may carry
+META = ("system_fingerprint", "service_tier")  # per stream, not per frame: ``Chunk.meta``
+
+
+def _parse(data: str, meta: _Meta) -> Chunk:
     """One ``chat.completion.chunk``. A frame of the wrong shape where text or a finish reason
     would be is ``upstream_bad_response`` (the turn ends cleanly, its text so far kept); a usage
     object of the wrong shape is ignored (the answer is billed by the local tokenizer then)."""
     frame = load_frame(data, "openai")
-    text, finish = "", None
+    text, finish, rich = "", None, False
     choices = frame.get("choices")
     if choices:
-        choice = choices[0] if isinstance(choices, list) else None
-        if not isinstance(choice, dict):
+        if not isinstance(choices, list):
             raise _malformed("choices")
-        delta = choice.get("delta")
-        if delta:
-            if not isinstance(delta, dict):
-                raise _malformed("delta")
-            content = delta.get("content")
-            if content is not None and not isinstance(content, str):
-                raise _malformed("delta.content")
-            text = content or ""
-        finish = choice.get("finish_reason")
-        if finish is not None and not isinstance(finish, str):
-            raise _malformed("finish_reason")
+        rich = len(choices) > 1
+        for choice in choices:
+            if not isinstance(choice, dict):
+                raise _malformed("choices")
+            index = choice.get("index", 0)
+            if index != 0:
+                rich = True
+                continue
+            delta = choice.get("delta")
+            if delta:
+                if not isinstance(delta, dict):
+                    raise _malformed("delta")
+                content = delta.get("content")
+                if content is not None and not isinstance(content, str):
+                    raise _malformed("delta.content")
+                text = content or ""
+                rich = rich or any(v is not None and k not in PLAIN_DELTA for k, v in delta.items())
+            rich = rich or choice.get("logprobs") is not None
+            finish = choice.get("finish_reason")
+            if finish is not None and not isinstance(finish, str):
+                raise _malformed("finish_reason")
     usage = frame.get("usage")
-    return Chunk(text, _usage(usage) if usage else None, finish)
+    chunk = Chunk(text, _usage(usage) if usage else None, finish)
+    if rich and isinstance(
+        choices, list
+    ):  # choice 0's finish goes out in the gateway's own closing frame, once
+        chunk.frame = {
+            "choices": [
+                {**c, "finish_reason": None} if finish and c.get("index", 0) == 0 else c
+                for c in choices
+            ]
+        }
+    for key in META:
+        value = frame.get(key)
+        if value is not None and meta.get(key) != value:
+            meta[key] = value
+            chunk.meta = dict(meta)
+    return chunk
 
 
 def _usage(usage: object) -> Usage | None:
     if isinstance(usage, dict):
         prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
         if _count(prompt) and _count(completion):
-            return Usage(prompt, completion)
+            details = {
+                k: v
+                for k, v in usage.items()
+                if k not in ("prompt_tokens", "completion_tokens", "total_tokens") and v is not None
+            }
+            return Usage(
+                prompt,
+                completion,
+                cached_tokens=_detail(usage, "prompt_tokens_details", "cached_tokens"),
+                reasoning_tokens=_detail(usage, "completion_tokens_details", "reasoning_tokens"),
+                details=details or None,
+            )
     log.warning("upstream.malformed_usage", provider="openai")
     return None
+
+
+def _detail(usage: dict[str, Any], group: str, key: str) -> int:
+    details = usage.get(group)
+    value = details.get(key, 0) if isinstance(details, dict) else 0
+    return value if _count(value) else 0
 
 
 def _count(value: object) -> bool:

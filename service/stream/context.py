@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from service.store import Doc
-from service.tokens import TOKENS_PER_MESSAGE, TokenCounter
+from service.tokens import TokenCounter
 
 PARTIAL_STATUSES = frozenset({"cancelled", "failed", "interrupted"})
 PARTIAL_MARK = "\n\n[this answer was cut off before it finished]"
@@ -31,7 +31,7 @@ def fit_to_window(
     budget_tokens: int,
 ) -> list[dict[str, str]]:
     """Drop the oldest history messages until the prompt fits ``budget_tokens``."""
-    costs = [TOKENS_PER_MESSAGE + counter.count(m["content"]) for m in history]
+    costs = [counter.count_message(m) for m in history]
     fixed = counter.count_messages([*system, *tail])
     total = fixed + sum(costs)
     start = 0

@@ -1,12 +1,16 @@
 """The closed set of events a follower of a turn receives. Every transport encodes these.
 
-    Started  -> Delta* -> (Done | Error)
+    Started  -> (Delta | Extra)* -> (Done | Error)
 
 Every event carries an **offset**: the number of characters (Unicode code points) of the answer
 before the end of that event's text. ``Started`` carries the offset the follower starts from (0
 on a send, the client's offset on a resume), a ``Delta`` the offset its text ends at, the
 terminal event the length of the whole answer. A client that reconnects with the last offset it
 saw gets exactly the text after it.
+
+``Extra`` is a step of the answer that is more than choice 0's text (tool call deltas, reasoning,
+a refusal, logprobs, another choice of ``n``), in OpenAI's chunk shape without the ids; the /v1
+route relays it as a frame, the chat routes show its reasoning (``event: reasoning``) and text.
 
 ``Done`` ends a turn that completed or that the user cancelled; ``Error`` ends one that failed,
 was stopped by the server (shutdown, timeout) or whose process died (``interrupted``). Both
@@ -44,6 +48,30 @@ class Delta:
 
 
 @dataclass(frozen=True, slots=True)
+class Extra:
+    frame: dict[str, Any]  # {"choices": [...]} as the upstream sent it, without the ids
+    text: str  # choice 0's content in it (counted in the offsets like a delta's)
+    offset: int
+    name = "extra"
+
+    def reasoning(self) -> str:
+        """Choice 0's reasoning text in this step (``reasoning_content`` or ``reasoning``)."""
+        return "".join(
+            part
+            for choice in self.frame["choices"]
+            if choice.get("index", 0) == 0 and isinstance(choice.get("delta"), dict)
+            for part in _reasoning_texts(choice["delta"])
+        )
+
+    def data(self) -> dict[str, Any]:
+        return {"text": self.text}
+
+
+def _reasoning_texts(delta: dict[str, Any]) -> list[str]:
+    return [v for k in ("reasoning_content", "reasoning") if isinstance(v := delta.get(k), str)]
+
+
+@dataclass(frozen=True, slots=True)
 class Final:
     """What finalization settled; the body of ``Done`` and ``Error``."""
 
@@ -58,6 +86,9 @@ class Final:
     budget_remaining: int
     error_code: str | None = None
     error_message: str | None = None
+    cached_tokens: int = 0  # of the prompt's, when the upstream said
+    reasoning_tokens: int = 0  # of the completion's, when the upstream said
+    usage_details: dict[str, Any] | None = None  # the upstream's usage fields beyond the counts
 
     @property
     def tokens_used(self) -> int:
@@ -83,6 +114,10 @@ class Final:
             },
             "budget": {"limit": self.budget_limit, "remaining": self.budget_remaining},
         }
+        if self.cached_tokens:
+            body["tokens"]["cached"] = self.cached_tokens
+        if self.reasoning_tokens:
+            body["tokens"]["reasoning"] = self.reasoning_tokens
         if self.error_code:
             body["code"] = self.error_code
             body["message"] = self.error_message
@@ -116,7 +151,7 @@ class Ping:
 
 PING = Ping()
 
-Event = Started | Delta | Done | Error
+Event = Started | Delta | Extra | Done | Error
 
 
 def terminal(final: Final, offset: int) -> Done | Error:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
-from service.stream.events import PING, Delta, Event, Final, Ping, Started, terminal
+from service.stream.events import PING, Delta, Event, Extra, Final, Ping, Started, terminal
 
 TEXT_BLOCK = 16  # the text's pieces are joined by this many (see ``LiveStream.add``)
 MAX_DELTA_CHARS = 8192  # a follower far behind catches up in events of at most this much text
@@ -35,7 +36,9 @@ class LiveStream:
         "followers",
         "length",
         "loose",
+        "marks",
         "message_id",
+        "meta",
         "model",
         "parts",
         "reading",
@@ -73,6 +76,10 @@ class LiveStream:
         self.length = 0  # characters in ``parts``
         self.loose = 0  # pieces at the end of ``parts`` not yet joined into a block
         self.saved = 0  # characters the last checkpoint holds
+        # The steps that are more than choice 0's text (``mark``): (start, end, frame), the
+        # text they carry being [start, end). None until the first: a plain turn keeps none.
+        self.marks: list[tuple[int, int, dict[str, Any]]] | None = None
+        self.meta: dict[str, Any] | None = None  # system_fingerprint, service_tier as last sent
         self.final: Final | None = None
         self.followers = 0
         self._waiters: list[Follower] | None = None  # followers waiting for the next notify
@@ -95,6 +102,25 @@ class LiveStream:
         if self.loose == TEXT_BLOCK:
             parts[-TEXT_BLOCK:] = ["".join(parts[-TEXT_BLOCK:])]
             self.loose = 0
+
+    def mark(self, frame: dict[str, Any], text: str) -> None:
+        """Append a step that is more than text (``Chunk.frame``), with choice 0's text in it;
+        followers hear of it like of text."""
+        start = self.length
+        if text:
+            self.append(text)
+        if self.marks is None:
+            self.marks = []
+        self.marks.append((start, self.length, frame))
+
+    def marks_since(self, offset: int) -> int:
+        """The index of the first mark a follower from ``offset`` has not seen: every mark from
+        the start, else those whose text ends after it (one at exactly ``offset`` is taken as
+        seen)."""
+        marks = self.marks
+        if not marks or offset == 0:
+            return 0
+        return next((i for i, m in enumerate(marks) if m[1] > offset), len(marks))
 
     async def publish(self) -> None:
         """For the turn's own task, once it has appended what one network read brought: a
@@ -185,6 +211,7 @@ class Follower:
         "abort",
         "keepalive",
         "live",
+        "mark",
         "offset",
         "ping_due",
         "push",
@@ -198,6 +225,7 @@ class Follower:
     ) -> None:
         self.live = live
         self.offset = offset
+        self.mark = live.marks_since(offset)  # the next of ``live.marks`` to hand out
         self.transport = transport
         self.keepalive = keepalive
         self.ping_due = False
@@ -239,6 +267,8 @@ class Follower:
         if push is None or waiter is None or waiter.done() or not self._started:
             return False
         live = self.live
+        if live.marks is not None and self.mark < len(live.marks):
+            return False  # a mark is due: its own task hands it out
         text = live.text_since(self.offset)
         if not text or not await push(Delta(text, self.offset + len(text))):
             return False
@@ -260,6 +290,8 @@ class Follower:
         if not self._started:
             self._started = True
             waiter.set_result(live.started(self.offset))
+        elif live.marks is not None and (step := self._step(live.marks)) is not None:
+            waiter.set_result(step)
         elif live.length > self.offset:
             text = live.text_since(self.offset)
             self.offset += len(text)
@@ -276,3 +308,23 @@ class Follower:
         else:
             return False
         return True
+
+    def _step(self, marks: list[tuple[int, int, dict[str, Any]]]) -> Delta | Extra | None:
+        """The next event of a stream with marks: the text up to the next mark, then the mark;
+        None when no mark is due (plain text, if any, is then handed out as usual)."""
+        if self.mark >= len(marks):
+            return None
+        live = self.live
+        start, end, frame = marks[self.mark]
+        if self.offset < start:
+            text = live.text_since(self.offset, min(MAX_DELTA_CHARS, start - self.offset))
+            self.offset += len(text)
+            return Delta(text, self.offset)
+        self.mark += 1
+        if self.offset > start:  # resumed inside it: the rest of its text, as text
+            text = live.text_since(self.offset, end - self.offset)
+            self.offset = end
+            return Delta(text, end)
+        text = live.text_since(start, end - start) if end > start else ""
+        self.offset = end
+        return Extra(frame, text, end)

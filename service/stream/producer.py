@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
 import structlog
 
 from service.errors import (
@@ -37,9 +38,10 @@ from service.http import not_found
 from service.metrics import DURATION, REJECTIONS, TOKENS, TTFT, TURNS, UPSTREAM_ERRORS
 from service.model_lists import ModelLists
 from service.models import Catalogue, ModelSpec
-from service.providers.base import Chunk, CompletionRequest, Provider, Usage
+from service.providers.base import Chunk, CompletionRequest, Message, Provider, Usage
 from service.settings import Settings
 from service.store import Doc, Reservation, ReserveRequest, Store, utcnow
+from service.stream.assembly import Assembly
 from service.stream.context import ContextCache, fit_to_window, history_messages
 from service.stream.events import Final
 from service.stream.finals import FinalWrite
@@ -53,6 +55,7 @@ MIN_COMPLETION_TOKENS = 16
 # The longest answer a turn keeps: an upstream that ignores max_tokens must not grow a turn's
 # memory, or its record, without end (MongoDB's documents stop at 16 MiB; this is at most 8).
 MAX_ANSWER_CHARS = 2_000_000
+MAX_MARKS = 200_000  # steps that are more than text (reasoning, tool call deltas): ditto
 OUTCOME = {"complete": "completed", "cancelled": "cancelled", "failed": "failed"}
 
 
@@ -66,12 +69,14 @@ class TurnInput:
     transport: str
     chat_id: str | None = None  # a stored chat's turn ...
     text: str | None = None
-    messages: list[dict[str, str]] | None = None  # ... or a stateless turn (OpenAI route)
+    messages: list[Message] | None = None  # ... or a stateless turn (OpenAI route)
     model: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     stop: list[str] | None = None
+    # The client's other OpenAI request fields, sent on as given (``CompletionRequest.options``).
+    options: dict[str, Any] | None = None
     # An Idempotency-Key claimed for this turn (``Admissions.admit``): the claim's id is the
     # turn's message id; the turn marks it admitted once it streams, or releases it if refused.
     key: str | None = None
@@ -135,7 +140,12 @@ class TurnProducer:
         counter = self.counter_for(spec)
         max_out = min(spec.max_output_tokens, inp.max_tokens or spec.max_output_tokens)
         messages = self._prompt(inp, text, history, spec, counter, max_out)
-        prompt_tokens = await self._count_prompt(spec, provider, counter, messages, max_out)
+        request = CompletionRequest(
+            model=spec.upstream, messages=messages, max_tokens=max_out, options=inp.options or {}
+        )
+        _honoured(provider, spec, request)
+        prompt_tokens = await self._count_prompt(spec, provider, counter, request)
+        choices = _choices(inp.options)  # n answers: each may run to max_out
         now = utcnow()
         period = period_of(now)
         try:
@@ -144,8 +154,8 @@ class TurnProducer:
                     user_id=inp.user_id,
                     period=period,
                     message_id=message_id,
-                    want=prompt_tokens + max_out,
-                    need=prompt_tokens + min(MIN_COMPLETION_TOKENS, max_out),
+                    want=prompt_tokens + choices * max_out,
+                    need=prompt_tokens + choices * min(MIN_COMPLETION_TOKENS, max_out),
                     default_limit=self.settings.default_token_limit,
                     rate_limit_ms=self.settings.message_rate_limit_ms,
                     now=now,
@@ -163,7 +173,7 @@ class TurnProducer:
             message_id=message_id,
             messages=messages,
             prompt_tokens=prompt_tokens,
-            max_tokens=max(1, reservation.grant - prompt_tokens),
+            max_tokens=max(1, (reservation.grant - prompt_tokens) // choices),
             reservation=reservation,
             period=period,
             started=started,
@@ -172,17 +182,12 @@ class TurnProducer:
         return turn, text, seq, now
 
     async def _count_prompt(
-        self,
-        spec: ModelSpec,
-        provider: Provider,
-        counter: TokenCounter,
-        messages: list[dict[str, str]],
-        max_out: int,
+        self, spec: ModelSpec, provider: Provider, counter: TokenCounter, request: CompletionRequest
     ) -> int:
         """The local tokenizer when the model has one; else the upstream's count (Gemini's
-        countTokens), falling back to the estimate when that call fails."""
+        countTokens), falling back to the estimate when that call fails. Tool definitions and
+        a response schema count as their JSON."""
         if spec.encoding is None:
-            request = CompletionRequest(model=spec.upstream, messages=messages, max_tokens=max_out)
             try:
                 exact = await provider.count_prompt(request)
             except UpstreamError as exc:
@@ -190,7 +195,10 @@ class TurnProducer:
                 exact = None
             if exact is not None:
                 return exact
-        return counter.count_messages(messages)
+        options = request.options
+        schema = [options[k] for k in ("tools", "response_format") if options.get(k)]
+        extra = counter.count(orjson.dumps(schema).decode()) if schema else 0
+        return counter.count_messages(request.messages) + extra
 
     def _validate(self, inp: TurnInput) -> str:
         if inp.messages is not None:
@@ -240,17 +248,17 @@ class TurnProducer:
         spec: ModelSpec,
         counter: TokenCounter,
         max_out: int,
-    ) -> list[dict[str, str]]:
+    ) -> list[Message]:
+        """A stored chat's prompt: the system prompt, as much recent history as fits, the new
+        message. A stateless turn's messages are the client's, sent as given (never trimmed):
+        too long for the model is a 400, as it would be upstream."""
         budget = spec.context_window - max_out
         if inp.messages is not None:
-            system = [m for m in inp.messages[:1] if m["role"] == "system"]
-            history = inp.messages[len(system) : -1]
-            tail = inp.messages[-1:]
+            messages = inp.messages
         else:
-            system = [{"role": "system", "content": self.settings.system_prompt}]
-            history = history_messages(docs)
-            tail = [{"role": "user", "content": text}]
-        messages = fit_to_window(system, history, tail, counter, budget)
+            system: list[Message] = [{"role": "system", "content": self.settings.system_prompt}]
+            tail: list[Message] = [{"role": "user", "content": text}]
+            messages = fit_to_window(system, history_messages(docs), tail, counter, budget)
         if counter.count_messages(messages) > budget:
             raise BadRequest(
                 "the message does not fit the model's context window", code="context_too_long"
@@ -301,7 +309,7 @@ class Turn:
         provider: Provider,
         counter: TokenCounter,
         message_id: str,
-        messages: list[dict[str, str]],
+        messages: list[Message],
         prompt_tokens: int,
         max_tokens: int,
         reservation: Reservation,
@@ -420,17 +428,22 @@ class Turn:
                     finally:
                         live.reading = False
                     self._active(loop)
-                    if chunk.text:
-                        if not self.parts:
+                    if chunk.text or chunk.frame is not None:
+                        if not self.chunks:
                             await self._records_written()
                             self._first_token(loop)
-                        live.append(chunk.text)
+                        if chunk.frame is None:
+                            live.append(chunk.text)
+                        else:
+                            live.mark(chunk.frame, chunk.text)
                         self.chunks += 1
-                        if live.length > MAX_ANSWER_CHARS:
+                        if live.length > MAX_ANSWER_CHARS or _too_many(live.marks):
                             raise UpstreamError(
                                 "upstream_bad_response",
                                 "the upstream sent a longer answer than the service keeps",
                             )
+                    if chunk.meta is not None:
+                        live.meta = chunk.meta
                     if chunk.usage is not None:
                         self.usage = chunk.usage
                     if chunk.finish_reason is not None:
@@ -557,14 +570,15 @@ class Turn:
             temperature=self.inp.temperature,
             top_p=self.inp.top_p,
             stop=self.inp.stop,
+            options=self.inp.options or {},
         )
         live.reading = True
         try:
             self._stream = await self.provider.open(request)
             # The upstream has the prompt: a live turn does not keep it (nor the request's).
             self.messages = []
-            if self.inp.messages is not None:
-                self.inp = dataclasses.replace(self.inp, messages=None)
+            if self.inp.messages is not None or self.inp.options:
+                self.inp = dataclasses.replace(self.inp, messages=None, options=None)
         except asyncio.CancelledError:
             if not _absorb_cancel(live):
                 raise
@@ -612,6 +626,9 @@ class Turn:
         except Exception as exc:  # noqa: BLE001 - a counting bug must not cost the final record
             self._log("error", "stream.count_failed", exc_info=exc)
             prompt, completion, source = self.prompt_tokens, estimate_tokens(content), "estimate"
+        usage = self.usage if source == "upstream" else None
+        cached = usage.cached_tokens if usage is not None else 0
+        reasoning = usage.reasoning_tokens if usage is not None else 0
         write = FinalWrite(
             self.inp.user_id,
             self.period,
@@ -619,17 +636,13 @@ class Turn:
             grant=self.reservation.grant,
             billed=prompt + completion,
             fields={
+                **self._extras(),
                 "content": content,
                 "status": status,
                 "finish_reason": self.finish_reason if status == "complete" else status,
                 "reason": reason,
                 "error": {"code": error.code, "message": error.message} if error else None,
-                "tokens": {
-                    "prompt": prompt,
-                    "completion": completion,
-                    "total": prompt + completion,
-                    "source": source,
-                },
+                "tokens": _tokens_doc(prompt, completion, source, cached, reasoning),
                 "completed_at": utcnow(),
             },
         )
@@ -659,6 +672,9 @@ class Turn:
             budget_remaining=remaining,
             error_code=error.code if error else None,
             error_message=error.message if error else None,
+            cached_tokens=cached,
+            reasoning_tokens=reasoning,
+            usage_details=usage.details if usage is not None else None,
         )
         duration = time.perf_counter() - self.started
         self._count(OUTCOME[status], reason, error, prompt, completion, source, duration)
@@ -674,6 +690,17 @@ class Turn:
             duration_ms=round(duration * 1000, 2),
         )
         return self.final
+
+    def _extras(self) -> dict[str, Any]:
+        """What the record keeps of the answer besides its text: choice 0's reasoning, tool
+        calls and refusal, put together from the live stream's marks."""
+        marks = self.live.marks
+        if not marks:
+            return {}
+        assembly = Assembly()
+        for _, _, frame in marks:
+            assembly.frame(frame)
+        return assembly.extras()
 
     def _remember_context(self, content: str, status: str, finished: bool) -> None:
         """The chat's messages as this turn leaves them, for the chat's next turn here."""
@@ -719,6 +746,17 @@ class Turn:
 
 
 # ---------------------------------------------------------------------- helpers
+def _honoured(provider: Provider, spec: ModelSpec, request: CompletionRequest) -> None:
+    """Refuse, before anything is reserved, what the model's provider cannot honour."""
+    param = provider.unsupported(request)
+    if param is not None:
+        raise BadRequest(
+            f"'{param}' is not supported with model '{spec.name}' (provider {spec.provider})",
+            code="unsupported_parameter",
+            details={"param": param, "model": spec.name, "provider": spec.provider},
+        )
+
+
 def _complete(history: list[Doc] | None, seq: int, limit: int) -> bool:
     """Whether ``history`` is exactly the chat's last messages before ``seq``: every seq below it
     present (up to ``limit`` of them, or from the chat's first). A concurrent turn that took its
@@ -730,6 +768,27 @@ def _complete(history: list[Doc] | None, seq: int, limit: int) -> bool:
     if len(history) < limit and first != 0:
         return False
     return all(d["seq"] == first + i for i, d in enumerate(history))
+
+
+def _tokens_doc(prompt: int, completion: int, source: str, cached: int, reasoning: int) -> Doc:
+    """A record's tokens; the cached (of the prompt) and reasoning (of the completion) ones
+    only when the upstream reported some."""
+    doc: Doc = {"prompt": prompt, "completion": completion, "total": prompt + completion}
+    if cached:
+        doc["cached"] = cached
+    if reasoning:
+        doc["reasoning"] = reasoning
+    doc["source"] = source
+    return doc
+
+
+def _choices(options: dict[str, Any] | None) -> int:
+    n = (options or {}).get("n")
+    return n if isinstance(n, int) and n > 1 else 1
+
+
+def _too_many(marks: list[Any] | None) -> bool:
+    return marks is not None and len(marks) > MAX_MARKS
 
 
 def _absorb_cancel(live: LiveStream) -> bool:

@@ -8,6 +8,12 @@ Streamed, the frames are exactly OpenAI's::
     data: {… "choices":[],"usage":{"prompt_tokens":…}}       (with stream_options.include_usage)
     data: [DONE]
 
+A step that is more than choice 0's text (tool call deltas, reasoning, a refusal, logprobs,
+another choice of ``n``: an ``Extra``) goes out as its own frame with the upstream's
+``choices`` as sent; choice 0's finish reason is always the gateway's closing frame. The
+upstream's ``system_fingerprint`` and ``service_tier`` are carried on every frame from the one
+they first appear in, and its usage details (cached and reasoning tokens) in the usage.
+
 A turn that fails after it started ends with ``data: {"error": {...}}`` (the SDKs raise it as an
 ``APIError``). The constant parts of every frame are built once per turn; a delta costs one
 ``orjson.dumps`` of its text. Frames are written by ``sse.respond`` (shared with the chat SSE
@@ -24,8 +30,9 @@ import orjson
 
 from service.errors import ServiceError, ServiceUnavailable, UpstreamError
 from service.http import openai_error_parts
-from service.stream.events import Delta, Done, Error, Event, Final, Started
-from service.stream.live import Follower
+from service.stream.assembly import Assembly
+from service.stream.events import Delta, Done, Error, Event, Extra, Final, Started
+from service.stream.live import Follower, LiveStream
 
 DONE = b"data: [DONE]\n\n"
 FINISH_REASONS = frozenset({"stop", "length", "content_filter", "tool_calls", "function_call"})
@@ -37,12 +44,15 @@ def finish_reason_of(final: Final) -> str:
     return reason if reason in FINISH_REASONS else "stop"
 
 
-def usage_of(final: Final) -> dict[str, int]:
-    return {
+def usage_of(final: Final) -> dict[str, Any]:
+    usage: dict[str, Any] = {
         "prompt_tokens": final.prompt_tokens,
         "completion_tokens": final.completion_tokens,
         "total_tokens": final.tokens_used,
     }
+    if final.usage_details:
+        usage.update(final.usage_details)
+    return usage
 
 
 def completion_id(message_id: str) -> str:
@@ -65,25 +75,29 @@ _DELTA_TAILS = {usage: _DELTA_CLOSE + end for usage, end in _ENDS.items()}
 
 
 class ChunkEncoder:
-    """Frames for one completion: one bytes prefix per turn (id, created, model), the rest
-    shared, so a live stream holds a single short buffer for its frames."""
+    """Frames for one completion: one bytes prefix per turn (id, created, model, and the
+    upstream's fingerprint once known), the rest shared, so a live stream holds a single short
+    buffer for its frames."""
 
-    __slots__ = ("_delta_head", "_delta_tail", "_end", "_include_usage")
+    __slots__ = ("_delta_head", "_delta_tail", "_end", "_ids", "_include_usage", "_live", "_meta")
 
-    def __init__(self, cid: str, model: str, created: int, *, include_usage: bool) -> None:
-        common = orjson.dumps(
-            {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "system_fingerprint": None,
-            }
-        )
-        self._delta_head = b"data: " + common[:-1] + b',"choices":' + _DELTA_OPEN
+    def __init__(self, cid: str, live: LiveStream, created: int, *, include_usage: bool) -> None:
+        self._ids = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": live.model,
+        }
+        self._live = live
+        self._meta: dict[str, Any] | None = None
+        self._delta_head = self._head_for(None)
         self._include_usage = include_usage
         self._delta_tail = _DELTA_TAILS[include_usage]  # shared constants
         self._end = _ENDS[include_usage]
+
+    def _head_for(self, meta: dict[str, Any] | None) -> bytes:
+        common = orjson.dumps({**self._ids, "system_fingerprint": None, **(meta or {})})
+        return b"data: " + common[:-1] + b',"choices":' + _DELTA_OPEN
 
     @property
     def _head(self) -> bytes:
@@ -96,8 +110,13 @@ class ChunkEncoder:
     def encode(self, event: Event) -> bytes:
         """An event's frame(s): a delta; the role chunk; finish (+ usage) + ``[DONE]``; an
         error."""
+        if self._live.meta is not self._meta:  # the upstream's fingerprint arrived (changed)
+            self._meta = self._live.meta
+            self._delta_head = self._head_for(self._meta)
         if isinstance(event, Delta):
             return self._delta_head + orjson.dumps(event.text) + self._delta_tail
+        if isinstance(event, Extra):
+            return self._head + orjson.dumps(event.frame["choices"]) + self._end
         if isinstance(event, Started):
             return self.role()
         if isinstance(event, Done):
@@ -121,12 +140,15 @@ class ChunkEncoder:
 
 
 async def complete(follower: Follower, *, created: int) -> dict[str, Any]:
-    """Follow the turn to its end and return one ``chat.completion`` (raise if it failed)."""
-    parts: list[str] = []
+    """Follow the turn to its end and return one ``chat.completion`` (raise if it failed):
+    every choice put together as the SDKs put a stream together."""
+    assembly = Assembly()
     final: Final | None = None
     async for event in follower:
         if isinstance(event, Delta):
-            parts.append(event.text)
+            assembly.text(event.text)
+        elif isinstance(event, Extra):
+            assembly.frame(event.frame)
         elif isinstance(event, Done):
             final = event.final
         elif isinstance(event, Error):
@@ -139,13 +161,7 @@ async def complete(follower: Follower, *, created: int) -> dict[str, Any]:
         "created": created,
         "model": live.model,
         "system_fingerprint": None,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "".join(parts), "refusal": None},
-                "logprobs": None,
-                "finish_reason": finish_reason_of(final),
-            }
-        ],
+        **(live.meta or {}),
+        "choices": assembly.choices(finish_reason_of(final)),
         "usage": usage_of(final),
     }

@@ -24,7 +24,7 @@ import orjson
 from aiohttp import web
 
 from service.settings import Settings
-from service.stream.events import Delta, Event, Ping
+from service.stream.events import Delta, Event, Extra, Ping
 from service.stream.live import Follower
 from service.stream.registry import StreamRegistry
 
@@ -50,13 +50,20 @@ def frame(offset: int, name: str, data: object) -> bytes:
 
 
 def encode(event: Event) -> bytes:
-    """A chat event as an SSE frame, ``id:`` its offset."""
+    """A chat event as an SSE frame, ``id:`` its offset. A step with reasoning is an
+    ``event: reasoning`` frame (``{"text": ...}``, the offset before it) and its text a delta."""
     if isinstance(event, Delta):  # ``frame(offset, "delta", {"text": ...})`` without the dict
-        return b'id: %d\nevent: delta\ndata: {"text":%s}\n\n' % (
-            event.offset,
-            orjson.dumps(event.text),
-        )
+        return _delta(event.offset, event.text)
+    if isinstance(event, Extra):
+        reasoning = event.reasoning()
+        out = frame(event.offset - len(event.text), "reasoning", {"text": reasoning})
+        out = out if reasoning else b""
+        return out + _delta(event.offset, event.text) if event.text else out
     return frame(event.offset, event.name, event.data())
+
+
+def _delta(offset: int, text: str) -> bytes:
+    return b'id: %d\nevent: delta\ndata: {"text":%s}\n\n' % (offset, orjson.dumps(text))
 
 
 async def respond(
@@ -78,6 +85,8 @@ async def respond(
         loop = asyncio.get_running_loop()
         async for event in follower:
             data = PING if isinstance(event, Ping) else encoder(event)
+            if not data:  # a step with nothing for this client (a tool call on a chat route)
+                continue
             follower.writing_since = loop.time()
             await resp.write(data)
             follower.writing_since = 0.0

@@ -29,7 +29,7 @@ from service.http import not_found
 from service.metrics import RESUMES as RESUMES_TOTAL
 from service.settings import Settings
 from service.store import Store
-from service.stream.events import Delta, Done, Event, Final, Ping, Started
+from service.stream.events import Delta, Done, Event, Extra, Final, Ping, Started
 from service.stream.idempotency import KEY_RULE, Admissions, chat_send_payload, valid_key
 from service.stream.live import LiveStream
 from service.stream.mirror import Resumes
@@ -165,6 +165,11 @@ def refusal_frame(turn_id: str | None, exc: ServiceError) -> Frame:
 def event_frame(turn_id: str, event: Event) -> Frame:
     if isinstance(event, Delta):
         return {"type": "delta", "id": turn_id, "offset": event.offset, "text": event.text}
+    if isinstance(event, Extra):  # the text, and the model's reasoning when there is some
+        frame: Frame = {"type": "delta", "id": turn_id, "offset": event.offset, "text": event.text}
+        if reasoning := event.reasoning():
+            frame["reasoning"] = reasoning
+        return frame
     if isinstance(event, Started):
         return {"type": "started", "id": turn_id, **event.data(), "offset": event.offset}
     if isinstance(event, Done):
