@@ -332,7 +332,15 @@ class Store:
         docs: list[Doc] = (
             await self.messages.find(
                 {"chat_id": chat_id, "user_id": user_id},
-                projection={"_id": 0, "role": 1, "content": 1, "status": 1, "seq": 1},
+                projection={
+                    "_id": 0,
+                    "role": 1,
+                    "content": 1,
+                    "status": 1,
+                    "seq": 1,
+                    "tool_calls": 1,
+                    "results": 1,
+                },
             )
             .sort("seq", DESCENDING)
             .limit(limit)

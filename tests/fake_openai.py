@@ -33,6 +33,10 @@ class Script:
     send_done: bool = True
     send_finish: bool = True
     crlf: bool = False
+    # A recorded stream, replayed frame by frame as given (then [DONE] unless one is an error
+    # frame), and the non-streamed answer of the same upstream (``stream: false``).
+    frames: list[dict[str, Any]] | None = None
+    completion: dict[str, Any] | None = None
 
 
 class FakeOpenAI:
@@ -116,6 +120,8 @@ class FakeOpenAI:
                 status=script.status,
                 headers=headers,
             )
+        if script.frames is not None:
+            return await self._replay(request, script)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         try:
@@ -152,4 +158,18 @@ class FakeOpenAI:
             self.disconnected_at = time.monotonic()
             self.disconnected.set()
             raise
+        return resp
+
+    async def _replay(self, request: web.Request, script: Script) -> web.StreamResponse:
+        if not self.requests[-1].get("stream"):
+            return web.json_response(script.completion)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        assert script.frames is not None
+        for body in script.frames:
+            await resp.write(self._frame(script, body))
+        if not any("error" in body for body in script.frames):
+            await resp.write(b"data: [DONE]\n\n")
+        self.finished.set()
+        await resp.write_eof()
         return resp

@@ -556,3 +556,31 @@ async def test_answer_offsets_count_code_points_and_never_repeat_text(browser, s
         }"""
     )
     assert steps == [2, "llo", "", " wö", None, 8, True, False]
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_reasoning_is_folded_away_above_the_answer(browser, serve, fake_openai, transport):
+    """A reasoning model's thinking (recorded frames) shows as a closed "Thinking" fold above
+    the answer, live and after a reload; the answer's text is only the answer."""
+    from tests.openai_recordings import recording
+
+    frames, _ = recording("reasoning")
+    fake_openai.default = Script(frames=frames)
+    client = await serve(default_model="gpt-test")
+    page = await open_page(browser, client)
+    await use_transport(page, transport)
+    await send(page, "What is 6 times 7?")
+    done = page.locator(f"{LAST_ASSISTANT}[data-status=complete]")
+    await done.wait_for()
+    for _ in range(2):
+        fold = done.locator("details.msg-reasoning")
+        assert await fold.get_attribute("open") is None  # folded away
+        assert await fold.locator("div").text_content() == (
+            "The user wants a number; 6 times 7 is 42."
+        )
+        assert await done.locator(".msg-body").text_content() == "It is 42."
+        await page.reload()
+        await page.wait_for_selector("#app[data-state=ready]")
+        done = page.locator(f"{LAST_ASSISTANT}[data-status=complete]")
+        await done.wait_for()
+    assert page.uncaught == []

@@ -615,3 +615,29 @@ async def _until(predicate, limit_s=5.0):
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+async def test_reasoning_is_its_own_event_and_kept_on_the_record(stream_client, fake_openai, auth):
+    """A model's reasoning deltas (recorded frames) reach the chat route as ``event: reasoning``
+    (before the answer's text, ids the offset before it), and the record keeps it apart."""
+    from tests.openai_recordings import recording
+
+    frames, _ = recording("reasoning")
+    fake_openai.default = Script(frames=frames)
+    client, h = stream_client, auth()
+    chat_id = await new_chat(client, h)
+    seen = await collect(await send(client, chat_id, h, "What is 6 times 7?"))
+    named = [e for e in seen if "event" in e]
+    names = [e["event"] for e in named]
+    assert names[0] == "started" and names[-1] == "done"
+    reasoning = [e for e in named if e["event"] == "reasoning"]
+    assert "".join(e["data"]["text"] for e in reasoning) == (
+        "The user wants a number; 6 times 7 is 42."
+    )
+    assert all(int(e["id"]) == 0 for e in reasoning)  # no answer text before it
+    assert names.index("delta") > names.index("reasoning")
+    assert text_of(named) == "It is 42."
+    _, answer = await records(client, chat_id)
+    assert answer["content"] == "It is 42."
+    assert answer["reasoning"] == "The user wants a number; 6 times 7 is 42."
+    assert answer["tokens"]["reasoning"] == 28

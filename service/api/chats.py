@@ -62,7 +62,12 @@ def message_view(doc: Doc) -> dict[str, Any]:
         "reason": doc.get("reason"),
         "error": doc.get("error"),
         "tokens": doc.get("tokens"),
+        **{k: doc[k] for k in MESSAGE_EXTRAS if doc.get(k)},
     }
+
+
+# What an answer may carry besides its text (the /v1 route's), and a tool turn's results.
+MESSAGE_EXTRAS = ("reasoning", "tool_calls", "refusal", "results")
 
 
 async def list_chats(request: web.Request) -> web.Response:

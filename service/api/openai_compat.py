@@ -288,13 +288,23 @@ def _turn_input(
     if header is None:
         return TurnInput(messages=data["messages"], **common)
     chat_id = parse_uuid(header, CHAT_ID_HEADER)
-    last = body.messages[-1]
-    if last.role != "user":
-        raise _invalid(
-            "With X-Chat-Id the last message must be the user's (role 'user').",
-            f"messages[{len(body.messages) - 1}].role",
-        )
-    return TurnInput(chat_id=chat_id, text=_text(last, len(body.messages) - 1), **common)
+    last = len(body.messages) - 1
+    if body.messages[last].role == "tool":
+        return TurnInput(chat_id=chat_id, results=_results(body), **common)
+    return TurnInput(chat_id=chat_id, text=_text(body.messages[last], last), **common)
+
+
+def _results(body: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """A stored chat's tool loop: the tool results after the last assistant message are the
+    turn's new message (the chat's history has the answer that called them)."""
+    results = []
+    for i in range(len(body.messages) - 1, -1, -1):
+        message = body.messages[i]
+        if message.role != "tool":
+            break
+        results.append({"tool_call_id": message.tool_call_id, "content": _text(message, i)})
+    results.reverse()
+    return results
 
 
 # --------------------------------------------------------------------------- handlers

@@ -3,8 +3,8 @@
 What a non-streamed ``chat.completion`` answers (every choice of ``n``), and what a turn's
 record keeps of choice 0 besides its text (reasoning, tool calls, a refusal). The merge rule is
 the SDKs' (``openai.lib.streaming.chat._completions.accumulate_delta``): strings are
-concatenated, ``index`` and ``type`` replaced, dicts merged, lists of indexed dicts merged by
-their ``index``; ``logprobs`` lists are extended.
+concatenated, ``index``, ``type`` (and ``role``: always the assistant) replaced, dicts merged,
+lists of indexed dicts merged by their ``index``; ``logprobs`` lists are extended.
 """
 
 from __future__ import annotations
@@ -24,7 +24,13 @@ class Assembly:
         choice = self._choices.get(index)
         if choice is None:
             choice = self._choices[index] = {
-                "message": {"role": "assistant", "content": None, "refusal": None},
+                # OpenAI's non-streamed message has these even when the stream never said them
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "refusal": None,
+                    "annotations": [],
+                },
                 "logprobs": None,
                 "finish_reason": None,
             }
@@ -63,14 +69,15 @@ class Assembly:
         for index in sorted(self._choices):
             choice = self._choices[index]
             message = choice["message"]
-            if message["content"] is None and not message.get("tool_calls"):
-                message["content"] = ""
+            _unindex(message)
+            if message["content"] is None and not (message["refusal"] or message.get("tool_calls")):
+                message["content"] = ""  # an empty answer
             out.append({"index": index, **choice})
         return out
 
     def extras(self) -> dict[str, Any]:
         """What a record keeps of choice 0 besides its text: reasoning, tool calls, refusal."""
-        message: dict[str, Any] = self._choice(0)["message"]
+        message: dict[str, Any] = _unindex(self._choice(0)["message"])
         out: dict[str, Any] = {}
         reasoning = "".join(v for k in REASONING_KEYS if isinstance(v := message.get(k), str))
         if reasoning:
@@ -86,7 +93,7 @@ def merge(acc: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
     """The SDKs' ``accumulate_delta``."""
     for key, value in delta.items():
         current = acc.get(key)
-        if current is None or key in ("index", "type"):
+        if current is None or key in ("index", "type", "role"):
             acc[key] = _copy(value)
         elif isinstance(current, str) and isinstance(value, str):
             acc[key] = current + value
@@ -107,6 +114,14 @@ def merge(acc: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
         else:
             acc[key] = _copy(value)
     return acc
+
+
+def _unindex(message: dict[str, Any]) -> dict[str, Any]:
+    """A whole message's tool calls have no ``index`` (only their deltas do)."""
+    for call in message.get("tool_calls") or ():
+        if isinstance(call, dict):
+            call.pop("index", None)
+    return message
 
 
 def _copy(value: Any) -> Any:

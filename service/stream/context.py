@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from service.providers.base import Message
 from service.store import Doc
 from service.tokens import TokenCounter
 
@@ -11,32 +12,47 @@ PARTIAL_STATUSES = frozenset({"cancelled", "failed", "interrupted"})
 PARTIAL_MARK = "\n\n[this answer was cut off before it finished]"
 
 
-def history_messages(docs: list[Doc]) -> list[dict[str, str]]:
-    out = []
+def history_messages(docs: list[Doc]) -> list[Message]:
+    """Records as chat messages: an answer's tool calls with it, a record of tool results as
+    one ``tool`` message per result; a cut answer marked as such."""
+    out: list[Message] = []
     for doc in docs:
+        if doc["role"] == "tool":
+            out.extend(
+                {"role": "tool", "tool_call_id": r["tool_call_id"], "content": r["content"]}
+                for r in doc.get("results") or ()
+            )
+            continue
         content = doc.get("content") or ""
-        if not content:
+        calls = doc.get("tool_calls") if doc["role"] == "assistant" else None
+        if not content and not calls:
             continue
         if doc["role"] == "assistant" and doc.get("status") in PARTIAL_STATUSES:
             content += PARTIAL_MARK
-        out.append({"role": doc["role"], "content": content})
+        message: Message = {"role": doc["role"], "content": content or None}
+        if calls:
+            message["tool_calls"] = calls
+        out.append(message)
     return out
 
 
 def fit_to_window(
-    system: list[dict[str, str]],
-    history: list[dict[str, str]],
-    tail: list[dict[str, str]],
+    system: list[Message],
+    history: list[Message],
+    tail: list[Message],
     counter: TokenCounter,
     budget_tokens: int,
-) -> list[dict[str, str]]:
-    """Drop the oldest history messages until the prompt fits ``budget_tokens``."""
+) -> list[Message]:
+    """Drop the oldest history messages until the prompt fits ``budget_tokens``; a tool result
+    never opens the history (the answer that called the tool is gone: upstreams refuse it)."""
     costs = [counter.count_message(m) for m in history]
     fixed = counter.count_messages([*system, *tail])
     total = fixed + sum(costs)
     start = 0
     while total > budget_tokens and start < len(history):
         total -= costs[start]
+        start += 1
+    while start < len(history) and history[start]["role"] == "tool":
         start += 1
     return [*system, *history[start:], *tail]
 

@@ -55,6 +55,7 @@ MIN_COMPLETION_TOKENS = 16
 # The longest answer a turn keeps: an upstream that ignores max_tokens must not grow a turn's
 # memory, or its record, without end (MongoDB's documents stop at 16 MiB; this is at most 8).
 MAX_ANSWER_CHARS = 2_000_000
+MAX_RESULTS_CHARS = 1_000_000  # the tool results of one stored chat turn, in all
 MAX_MARKS = 200_000  # steps that are more than text (reasoning, tool call deltas): ditto
 OUTCOME = {"complete": "completed", "cancelled": "cancelled", "failed": "failed"}
 
@@ -69,6 +70,9 @@ class TurnInput:
     transport: str
     chat_id: str | None = None  # a stored chat's turn ...
     text: str | None = None
+    # ... whose new message is tool results instead: [{"tool_call_id", "content"}] (the /v1
+    # route's tool loop on a stored chat), kept as one record of role "tool"
+    results: list[dict[str, Any]] | None = None
     messages: list[Message] | None = None  # ... or a stateless turn (OpenAI route)
     model: str | None = None
     max_tokens: int | None = None
@@ -203,6 +207,15 @@ class TurnProducer:
     def _validate(self, inp: TurnInput) -> str:
         if inp.messages is not None:
             return ""
+        if inp.results is not None:
+            size = sum(len(r["content"]) for r in inp.results)
+            if not inp.results or size > MAX_RESULTS_CHARS:
+                raise BadRequest(
+                    f"tool results must be 1 to {MAX_RESULTS_CHARS} characters in all",
+                    code="invalid_message",
+                    details={"length": size, "max": MAX_RESULTS_CHARS},
+                )
+            return ""
         text = (inp.text or "").strip()
         limit = self.settings.max_message_chars
         if not 1 <= len(text) <= limit:
@@ -257,7 +270,7 @@ class TurnProducer:
             messages = inp.messages
         else:
             system: list[Message] = [{"role": "system", "content": self.settings.system_prompt}]
-            tail: list[Message] = [{"role": "user", "content": text}]
+            tail = history_messages([input_record(inp, text)])
             messages = fit_to_window(system, history_messages(docs), tail, counter, budget)
         if counter.count_messages(messages) > budget:
             raise BadRequest(
@@ -548,14 +561,7 @@ class Turn:
         if self.inp.chat_id is None:
             assistant["seq"] = None
             return [assistant]
-        user = {
-            **common,
-            "_id": str(uuid.uuid4()),
-            "seq": seq,
-            "role": "user",
-            "content": text,
-            "status": "complete",
-        }
+        user = {**common, "_id": str(uuid.uuid4()), "seq": seq, **input_record(self.inp, text)}
         return [user, assistant]
 
     async def _open(self) -> None:
@@ -712,8 +718,14 @@ class Turn:
             cache.drop(chat_id)  # not (only) this turn's records, or a view that is not exact
             return
         assert self.history is not None
-        user = {"seq": self.seq, "role": "user", "content": self.text, "status": "complete"}
-        answer = {"seq": self.seq + 1, "role": "assistant", "content": content, "status": status}
+        user = {"seq": self.seq, **input_record(self.inp, self.text)}
+        answer = {
+            "seq": self.seq + 1,
+            "role": "assistant",
+            "content": content,
+            "status": status,
+            **self._extras(),
+        }
         cache.put(chat_id, self.seq + 2, [*self.history, user, answer][-limit:])
 
     def _count(
@@ -746,6 +758,13 @@ class Turn:
 
 
 # ---------------------------------------------------------------------- helpers
+def input_record(inp: TurnInput, text: str) -> Doc:
+    """The record of a stored chat turn's new message: the user's text, or tool results."""
+    if inp.results is not None:
+        return {"role": "tool", "content": "", "results": inp.results, "status": "complete"}
+    return {"role": "user", "content": text, "status": "complete"}
+
+
 def _honoured(provider: Provider, spec: ModelSpec, request: CompletionRequest) -> None:
     """Refuse, before anything is reserved, what the model's provider cannot honour."""
     param = provider.unsupported(request)

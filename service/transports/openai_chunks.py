@@ -79,7 +79,16 @@ class ChunkEncoder:
     upstream's fingerprint once known), the rest shared, so a live stream holds a single short
     buffer for its frames."""
 
-    __slots__ = ("_delta_head", "_delta_tail", "_end", "_ids", "_include_usage", "_live", "_meta")
+    __slots__ = (
+        "_delta_head",
+        "_delta_tail",
+        "_end",
+        "_ids",
+        "_include_usage",
+        "_live",
+        "_meta",
+        "_opened",
+    )
 
     def __init__(self, cid: str, live: LiveStream, created: int, *, include_usage: bool) -> None:
         self._ids = {
@@ -90,6 +99,7 @@ class ChunkEncoder:
         }
         self._live = live
         self._meta: dict[str, Any] | None = None
+        self._opened = False  # the assistant's role went out (ours, or the upstream's)
         self._delta_head = self._head_for(None)
         self._include_usage = include_usage
         self._delta_tail = _DELTA_TAILS[include_usage]  # shared constants
@@ -114,17 +124,27 @@ class ChunkEncoder:
             self._meta = self._live.meta
             self._delta_head = self._head_for(self._meta)
         if isinstance(event, Delta):
-            return self._delta_head + orjson.dumps(event.text) + self._delta_tail
+            frame = self._delta_head + orjson.dumps(event.text) + self._delta_tail
+            return frame if self._opened else self._first(frame)
         if isinstance(event, Extra):
-            return self._head + orjson.dumps(event.frame["choices"]) + self._end
+            frame = self._head + orjson.dumps(event.frame["choices"]) + self._end
+            if self._opened or _opens(event.frame):
+                self._opened = True
+                return frame  # the upstream's own first frame says the role
+            return self._first(frame)
         if isinstance(event, Started):
-            return self.role()
+            return b""  # the role goes out with the first step, when its shape is known
         if isinstance(event, Done):
             frame = self.finish(finish_reason_of(event.final))
             if self._include_usage:
                 frame += self.usage(event.final)
-            return frame + DONE
+            return (frame if self._opened else self._first(frame)) + DONE
         return self.error(event.final)
+
+    def _first(self, frame: bytes) -> bytes:
+        """The assistant's role frame, then ``frame``: what a plain stream opens with."""
+        self._opened = True
+        return self.role() + frame
 
     def finish(self, reason: str) -> bytes:
         choice = b'[{"index":0,"delta":{},"logprobs":null,"finish_reason":' + orjson.dumps(reason)
@@ -137,6 +157,14 @@ class ChunkEncoder:
     def error(final: Final) -> bytes:
         _, body, _ = openai_error_parts(error_of(final))
         return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def _opens(frame: dict[str, Any]) -> bool:
+    """Whether an upstream step opens choice 0 itself (its delta has the role)."""
+    return any(
+        c.get("index", 0) == 0 and isinstance(c.get("delta"), dict) and "role" in c["delta"]
+        for c in frame["choices"]
+    )
 
 
 async def complete(follower: Follower, *, created: int) -> dict[str, Any]:

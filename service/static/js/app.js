@@ -251,7 +251,7 @@ function setStatus(msgEl, status) {
   msgEl.setAttribute("aria-busy", busy ? "true" : "false");
 }
 
-function messageEl({ role, content, status, message_id: messageId, error }) {
+function messageEl({ role, content, status, message_id: messageId, error, reasoning }) {
   const body = h("div", { class: "msg-body" });
   body.append(document.createTextNode(content || "")); // one text node; deltas append to it
   const li = h(
@@ -261,6 +261,7 @@ function messageEl({ role, content, status, message_id: messageId, error }) {
     body,
   );
   setStatus(li, status || "complete");
+  if (reasoning) appendReasoning(li, reasoning);
   if (error && (error.message || error.code)) {
     li.append(h("div", { class: "msg-error" }, error.message || error.code));
   }
@@ -279,6 +280,17 @@ function appendMessage(msg) {
   el.emptyChat.hidden = true;
   if (stick) el.messages.scrollTop = el.messages.scrollHeight;
   return li;
+}
+
+// A reasoning model's thinking: folded away above the answer, open on a click.
+function appendReasoning(msgEl, text) {
+  let box = msgEl.querySelector(".msg-reasoning");
+  if (!box) {
+    box = h("details", { class: "msg-reasoning" }, h("summary", {}, "Thinking"), h("div", {}));
+    box.lastChild.append(document.createTextNode(""));
+    msgEl.querySelector(".msg-body").before(box);
+  }
+  box.lastChild.firstChild.appendData(text);
 }
 
 function appendText(msgEl, text) {
@@ -406,6 +418,9 @@ function answerHandlers(botEl, onStarted = () => {}) {
     },
     onDelta(chunk) {
       appendText(botEl, chunk);
+    },
+    onReasoning(text) {
+      appendReasoning(botEl, text);
     },
     onReconnecting() {
       setStatus(botEl, "reconnecting");

@@ -140,6 +140,8 @@ function follow({ chatId, messageId: knownId, after }, handlers, post) {
             retry.reset();
             handlers.onDelta(text);
           }
+        } else if (ev.event === "reasoning") {
+          if (ev.data.text) handlers.onReasoning?.(ev.data.text);
         } else if (ev.event === "done" || ev.event === "error") {
           if (!answer.complete(offset)) return false;
           ended = true;

@@ -192,6 +192,7 @@ class WsTurn {
         this.startedOnce = true;
         break;
       case "delta": {
+        if (msg.reasoning) this.handlers.onReasoning?.(msg.reasoning);
         const text = this.answer.take(msg.text, msg.offset);
         if (text === null) this.resync();
         else if (text) {
