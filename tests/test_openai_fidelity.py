@@ -23,7 +23,7 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from service.keys import STORE
 from tests.fake_openai import Script
-from tests.openai_recordings import FP, MID_ERROR, RECORDINGS, recording
+from tests.openai_recordings import FP, MID_ERROR, RECORDINGS, TOOLS_USAGE, recording
 
 HI = [{"role": "user", "content": "Hi there"}]
 GATEWAY_OWNED = ("id", "created", "model")
@@ -216,6 +216,7 @@ async def test_the_record_keeps_tool_calls_reasoning_and_the_detailed_usage(
                 "completion": 51,
                 "total": 133,
                 "cached": 64,
+                "details": {k: v for k, v in TOOLS_USAGE.items() if k.endswith("_details")},
                 "source": "upstream",
             }
         if name == "reasoning":
@@ -359,3 +360,20 @@ async def test_values_that_ask_for_nothing_are_accepted_by_any_provider(oai):
         model="demo", messages=HI, n=1, logprobs=False, seed=3, user="u-1", metadata={"k": "v"}
     )
     assert completion.choices[0].message.content
+
+
+@pytest.mark.parametrize("name", ["tool_calls", "reasoning", "refusal"])
+async def test_a_replayed_send_answers_the_same_completion_from_the_record(name, oai, fake_openai):
+    """An Idempotency-Key retry after the turn ended is answered from the stored record (no
+    upstream call): the same completion, tool calls, reasoning, refusal and usage included."""
+    replay(fake_openai, name)
+    key = {"Idempotency-Key": f"fidelity-{name}"}
+    first = await oai.chat.completions.with_raw_response.create(
+        model="gpt-test", messages=HI, extra_headers=key, **ASKED[name]
+    )
+    again = await oai.chat.completions.with_raw_response.create(
+        model="gpt-test", messages=HI, extra_headers=key, **ASKED[name]
+    )
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert len(fake_openai.requests) == 1
+    assert again.parse().model_dump() == first.parse().model_dump()

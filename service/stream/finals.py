@@ -99,4 +99,7 @@ def final_of(doc: Doc, usage: Doc | None, default_limit: int) -> Final:
         budget_remaining=max(0, limit - spent),
         error_code=error.get("code"),
         error_message=error.get("message"),
+        cached_tokens=int(tokens.get("cached", 0)),
+        reasoning_tokens=int(tokens.get("reasoning", 0)),
+        usage_details=tokens.get("details"),
     )

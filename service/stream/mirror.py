@@ -168,10 +168,25 @@ def _of_record(doc: Doc) -> LiveStream:
     live = LiveStream(
         doc["_id"], doc.get("chat_id"), doc["user_id"], doc.get("transport") or "sse", doc["model"]
     )
+    live.meta = doc.get("meta")  # the upstream's system_fingerprint / service_tier
+    if doc.get("reasoning"):
+        live.mark(_step({"role": "assistant", "reasoning_content": doc["reasoning"]}), "")
     content = doc.get("content") or ""
     if content:
         live.add(content)
+    calls, refusal = doc.get("tool_calls"), doc.get("refusal")
+    if calls or refusal:  # what the record keeps of the answer's other steps, as one step
+        delta: Doc = {"role": "assistant"} if not live.marks and not content else {}
+        if calls:
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
+        if refusal:
+            delta["refusal"] = refusal
+        live.mark(_step(delta), "")
     return live
+
+
+def _step(delta: Doc) -> Doc:
+    return {"choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}
 
 
 def _lease() -> timedelta:

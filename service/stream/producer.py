@@ -643,12 +643,13 @@ class Turn:
             billed=prompt + completion,
             fields={
                 **self._extras(),
+                **({"meta": self.live.meta} if self.live.meta else {}),
                 "content": content,
                 "status": status,
                 "finish_reason": self.finish_reason if status == "complete" else status,
                 "reason": reason,
                 "error": {"code": error.code, "message": error.message} if error else None,
-                "tokens": _tokens_doc(prompt, completion, source, cached, reasoning),
+                "tokens": _tokens_doc(prompt, completion, source, usage),
                 "completed_at": utcnow(),
             },
         )
@@ -789,14 +790,17 @@ def _complete(history: list[Doc] | None, seq: int, limit: int) -> bool:
     return all(d["seq"] == first + i for i, d in enumerate(history))
 
 
-def _tokens_doc(prompt: int, completion: int, source: str, cached: int, reasoning: int) -> Doc:
-    """A record's tokens; the cached (of the prompt) and reasoning (of the completion) ones
-    only when the upstream reported some."""
+def _tokens_doc(prompt: int, completion: int, source: str, usage: Usage | None) -> Doc:
+    """A record's tokens; the cached (of the prompt) and reasoning (of the completion) ones,
+    and the upstream's usage details as it sent them, only when it reported some."""
     doc: Doc = {"prompt": prompt, "completion": completion, "total": prompt + completion}
-    if cached:
-        doc["cached"] = cached
-    if reasoning:
-        doc["reasoning"] = reasoning
+    if usage is not None:
+        if usage.cached_tokens:
+            doc["cached"] = usage.cached_tokens
+        if usage.reasoning_tokens:
+            doc["reasoning"] = usage.reasoning_tokens
+        if usage.details:
+            doc["details"] = usage.details
     doc["source"] = source
     return doc
 
