@@ -317,6 +317,8 @@ class Bench:
             "LOG_LEVEL": "warning",
             "LOG_FORMAT": "json",
             "MESSAGE_RATE_LIMIT_MS": "0",
+            "V1_REQUESTS_PER_MINUTE": "0",
+            "MAX_CONCURRENT_TURNS_PER_USER": "0",
             "DEFAULT_TOKEN_LIMIT": str(10**12),
             "MAX_CHATS_PER_USER": str(10**6),
             "MODELS": json.dumps(models),

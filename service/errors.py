@@ -8,7 +8,7 @@
     ├── Conflict                      409     chat_limit_reached | ...
     ├── PayloadTooLarge               413     payload_too_large
     ├── UnsupportedEncoding           415     unsupported_content_encoding
-    ├── RateLimited                   429     rate_limited (with Retry-After)
+    ├── RateLimited                   429     rate_limited (with Retry-After, retry-after-ms)
     ├── StoreUnavailable              503     database_unavailable
     ├── ServiceUnavailable            503     shutting_down | ...
     └── UpstreamError                 502/503/504  upstream_* (see ``UPSTREAM_STATUS``)
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 from typing import Any
+
+from service.limits import Allowance
 
 JsonDict = dict[str, Any]
 
@@ -74,6 +76,10 @@ class BudgetExceeded(ServiceError):
     status = 403
     code = "budget_exceeded"
 
+    def __init__(self, message: str, *, details: Any = None, allowance: Allowance | None = None):
+        super().__init__(message, details=details)
+        self.allowance = allowance  # the usage that refused (for a client's rate-limit headers)
+
 
 class NotFound(ServiceError):
     status = 404
@@ -99,14 +105,25 @@ class RateLimited(ServiceError):
     status = 429
     code = "rate_limited"
 
-    def __init__(self, message: str, *, retry_after_s: float, details: Any = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float,
+        details: Any = None,
+        allowance: Allowance | None = None,
+    ) -> None:
         seconds = max(1, math.ceil(retry_after_s))
+        wait_ms = math.ceil(round(retry_after_s * 1000, 3))  # never early; no float noise
         super().__init__(
             message,
-            details={"retry_after_ms": int(retry_after_s * 1000), **(details or {})},
-            headers={"Retry-After": str(seconds)},
+            details={"retry_after_ms": wait_ms, **(details or {})},
+            # Retry-After in whole seconds (HTTP); retry-after-ms, which OpenAI's SDKs read
+            # first, to the millisecond.
+            headers={"Retry-After": str(seconds), "retry-after-ms": str(wait_ms)},
         )
         self.retry_after_s = retry_after_s
+        self.allowance = allowance  # the usage that refused (for a client's rate-limit headers)
 
 
 class StoreUnavailable(ServiceError):

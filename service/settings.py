@@ -72,7 +72,9 @@ class Settings(BaseSettings):
     # --- chat rules
     default_token_limit: int = Field(100_000, ge=0)
     max_chats_per_user: int = Field(100, ge=1)
-    message_rate_limit_ms: int = Field(1000, ge=0)
+    message_rate_limit_ms: int = Field(1000, ge=0)  # the chat page's rule (SSE sends)
+    v1_requests_per_minute: int = Field(600, ge=0, le=60_000)  # programs: /v1 and WebSocket
+    max_concurrent_turns_per_user: int = Field(20, ge=0)  # programs: turns open at once
     max_message_chars: int = Field(5000, ge=1)
     context_messages: int = Field(10, ge=0)
     context_cache_chats: int = Field(1000, ge=0)

@@ -5,9 +5,12 @@ hold across replicas are single conditional MongoDB operations, never read-then-
 
 - chat cap:   ``chat_counts`` {_id: user, active: n}, ``$inc`` only while ``active < cap``
               (an upsert that does not match raises DuplicateKeyError: the cap is full);
-- rate limit: ``rate_limits`` {_id: user, next_at}, moved forward only when ``next_at <= now``;
-- budget:     ``usage`` {user_id, period, used, reserved, limit?}, unique (user_id, period),
-              reserved with one ``$expr`` conditional update, reconciled with one ``$inc``.
+- budget and rate limits: ``usage`` {user_id, period, used, reserved, limit?, open: [{mid,
+              grant, at}], next_at?, requests_due?}, unique (user_id, period); a turn is
+              admitted by one ``$expr`` conditional update that checks the budget and the
+              limits of its transport (the page: ``next_at``, one message per interval;
+              programs: ``requests_due``, requests per minute, and the size of ``open``, turns
+              at once) and reserves; reconciled with one ``$inc``.
 
 Motor is in maintenance; keeping it behind this module makes a switch to PyMongo's async API a
 change of one file.
@@ -49,6 +52,7 @@ from service.errors import (
     ServiceError,
     StoreUnavailable,
 )
+from service.limits import CONCURRENCY_RETRY_S, Allowance, request_interval, request_window
 from service.metrics import MONGODB_SECONDS
 from service.settings import Settings
 
@@ -351,7 +355,8 @@ class Store:
 
     @db_call
     async def reserve(self, req: ReserveRequest) -> Reservation:
-        """Rate limit + budget in one conditional update; raise RateLimited / BudgetExceeded."""
+        """Rate limits + budget in one conditional update; raise RateLimited / BudgetExceeded
+        (each with the usage that refused)."""
         for attempt in range(RESERVE_ATTEMPTS):
             if attempt > 1:  # contended: concurrent turns of one user settled in between
                 await asyncio.sleep(0.002 * attempt * random.random())
@@ -639,26 +644,33 @@ class ReserveRequest:
     want: int  # prompt + the largest completion the model may produce
     need: int  # the least that makes a turn worthwhile (prompt + a few tokens)
     default_limit: int
-    rate_limit_ms: int
+    rate_limit_ms: int  # the page's rule: at least this long between two messages (0: off)
     now: datetime
+    requests_per_minute: int = 0  # programs' rule (0: off), see ``service.limits``
+    max_concurrent: int = 0  # programs' rule: turns of the user open at once (0: off)
 
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
     grant: int
-    limit: int
-    used: int
-    reserved: int
+    allowance: Allowance  # the usage right after this reservation
 
     @classmethod
     def from_doc(cls, doc: Doc, req: ReserveRequest) -> Reservation:
         entry = next(e for e in doc["open"] if e["mid"] == req.message_id)
-        return cls(
-            grant=int(entry["grant"]),
-            limit=int(doc.get("limit", req.default_limit)),
-            used=int(doc.get("used", 0)),
-            reserved=int(doc.get("reserved", 0)),
-        )
+        allowance = allowance_of(doc, req.default_limit, req.now)
+        return cls(grant=int(entry["grant"]), allowance=allowance)
+
+
+def allowance_of(doc: Doc, default_limit: int, at: datetime) -> Allowance:
+    """What a usage document (``{}``: none yet) allows at ``at``."""
+    return Allowance(
+        at=at,
+        limit=int(doc.get("limit", default_limit)),
+        used=int(doc.get("used", 0)),
+        reserved=int(doc.get("reserved", 0)),
+        requests_due=doc.get("requests_due"),
+    )
 
 
 def _available(default_limit: int) -> Doc:
@@ -667,23 +679,42 @@ def _available(default_limit: int) -> Doc:
     return {"$subtract": [limit, spent]}
 
 
+def _requests_due_by(req: ReserveRequest) -> datetime:
+    """The latest ``requests_due`` that still leaves room for one request now."""
+    rpm = req.requests_per_minute
+    return req.now + request_window(rpm) - request_interval(rpm)
+
+
 def _reserve_filter(req: ReserveRequest) -> Doc:
     # The replica's clock (NTP-synced), not $$NOW: SecantusDB evaluates $$NOW in update
     # pipelines but not in a query's $expr, and the filter must behave the same everywhere.
+    # Every rule here has its twin in ``_refusal``, which tells a client which one refused.
     conditions: list[Doc] = [{"$gte": [_available(req.default_limit), req.need]}]
     if req.rate_limit_ms:
         conditions.append({"$lte": [{"$ifNull": ["$next_at", EPOCH]}, req.now]})
+    if req.max_concurrent:
+        open_turns = {"$size": {"$ifNull": ["$open", []]}}
+        conditions.append({"$lt": [open_turns, req.max_concurrent]})
+    if req.requests_per_minute:
+        due = {"$ifNull": ["$requests_due", EPOCH]}
+        conditions.append({"$lte": [due, _requests_due_by(req)]})
     return {"user_id": req.user_id, "period": req.period, "$expr": {"$and": conditions}}
 
 
 def _reserve_update(req: ReserveRequest) -> list[Doc]:
-    next_at = req.now + timedelta(milliseconds=req.rate_limit_ms)
+    moved: Doc = {}  # only the rules this turn is held to move
+    if req.rate_limit_ms:
+        moved["next_at"] = req.now + timedelta(milliseconds=req.rate_limit_ms)
+    if req.requests_per_minute:
+        due = {"$max": [{"$ifNull": ["$requests_due", EPOCH]}, req.now]}
+        interval_ms = request_interval(req.requests_per_minute) // timedelta(milliseconds=1)
+        moved["requests_due"] = {"$add": [due, interval_ms]}
     return [
         {"$set": {"_grant": {"$min": [req.want, _available(req.default_limit)]}}},
         {
             "$set": {
                 "reserved": {"$add": [{"$ifNull": ["$reserved", 0]}, "$_grant"]},
-                "next_at": next_at,
+                **moved,
                 "open": {
                     "$concatArrays": [
                         {"$ifNull": ["$open", []]},
@@ -696,16 +727,64 @@ def _reserve_update(req: ReserveRequest) -> list[Doc]:
     ]
 
 
+# A rate limit that refuses: how long to wait, what to say, the error's details.
+Wait = tuple[float, str, Doc]
+
+
 def _refusal(doc: Doc, req: ReserveRequest) -> ServiceError | None:
-    next_at = doc.get("next_at")
-    if req.rate_limit_ms and next_at is not None and next_at > req.now:
-        wait = (next_at - req.now).total_seconds()
-        return RateLimited("too many messages; wait before sending another", retry_after_s=wait)
-    limit = int(doc.get("limit", req.default_limit))
-    remaining = max(0, limit - int(doc.get("used", 0)) - int(doc.get("reserved", 0)))
-    if remaining >= req.need:
+    """Which rule refuses ``req`` by ``doc`` (None: none does now). Of the rate limits that
+    refuse, the one with the longest wait is named, so its Retry-After is enough for all; the
+    budget is named only when no rate limit refuses."""
+    allowance = allowance_of(doc, req.default_limit, req.now)
+    checks = (_message_wait(doc, req), _concurrency_wait(doc, req), _requests_wait(doc, req))
+    waits = [w for w in checks if w is not None]
+    if waits:
+        wait_s, message, details = max(waits, key=lambda w: w[0])
+        return RateLimited(message, retry_after_s=wait_s, details=details, allowance=allowance)
+    if allowance.remaining_tokens >= req.need:
         return None
     return BudgetExceeded(
         "monthly token budget exhausted",
-        details={"limit": limit, "remaining": remaining, "needed": req.need, "period": req.period},
+        details={
+            "limit": allowance.limit,
+            "remaining": allowance.remaining_tokens,
+            "needed": req.need,
+            "period": req.period,
+        },
+        allowance=allowance,
+    )
+
+
+def _message_wait(doc: Doc, req: ReserveRequest) -> Wait | None:
+    next_at = doc.get("next_at")
+    if not req.rate_limit_ms or next_at is None or next_at <= req.now:
+        return None
+    return (
+        (next_at - req.now).total_seconds(),
+        "too many messages; wait before sending another",
+        {"rule": "message_rate", "min_interval_ms": req.rate_limit_ms},
+    )
+
+
+def _concurrency_wait(doc: Doc, req: ReserveRequest) -> Wait | None:
+    running = len(doc.get("open") or [])
+    if not req.max_concurrent or running < req.max_concurrent:
+        return None
+    return (
+        CONCURRENCY_RETRY_S,
+        f"too many turns at once ({running} running, at most {req.max_concurrent});"
+        " retry when one has ended",
+        {"rule": "concurrent_turns", "max_concurrent_turns": req.max_concurrent},
+    )
+
+
+def _requests_wait(doc: Doc, req: ReserveRequest) -> Wait | None:
+    due = doc.get("requests_due")
+    if not req.requests_per_minute or due is None or due <= _requests_due_by(req):
+        return None
+    return (
+        (due - _requests_due_by(req)).total_seconds(),
+        f"too many requests (at most {req.requests_per_minute} a minute);"
+        " wait before sending another",
+        {"rule": "requests_per_minute", "requests_per_minute": req.requests_per_minute},
     )

@@ -37,7 +37,7 @@ def service_env(
     *, mongodb_uri: str, mongodb_db: str, upstream_url: str, port: int, **overrides: Any
 ) -> dict[str, str]:
     """The process environment: ours, without any of the service's own settings inherited from
-    the caller's shell, plus test defaults (fast intervals, no rate limit); ``overrides`` use
+    the caller's shell, plus test defaults (fast intervals, no page rate limit); ``overrides`` use
     setting names in any case (``drain_timeout_s=2`` or ``DRAIN_TIMEOUT_S="2"``)."""
     env = {k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields}
     values: dict[str, Any] = {

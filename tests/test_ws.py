@@ -421,7 +421,7 @@ async def test_refusals_duplicates_and_turn_cap_are_error_frames(
     aiohttp_client, stream_settings, fake_openai, auth
 ):
     client = await aiohttp_client(
-        create_app(stream_settings(ws_max_turns_per_connection=1, message_rate_limit_ms=60_000))
+        create_app(stream_settings(ws_max_turns_per_connection=1, v1_requests_per_minute=1))
     )
     h = auth()
     chat_id, other = await new_chat(client, h), await new_chat(client, h)
@@ -448,10 +448,11 @@ async def test_refusals_duplicates_and_turn_cap_are_error_frames(
     frames += await until_terminal(ws, {"t1"})
     assert frames[-1]["type"] == "done" and frames[-1]["status"] == "complete"
 
-    await ws.send_json(send("t3", other))  # the rate limit applies as for SSE
+    await ws.send_json(send("t3", other))  # a program's rule: requests per minute
     err = await recv(ws)
     assert (err["id"], err["code"], err["status"]) == ("t3", "rate_limited", 429)
-    assert err["retry_after_ms"] > 0
+    assert err["details"]["rule"] == "requests_per_minute"
+    assert err["retry_after_ms"] > 55_000
     await ws.close()
 
 

@@ -5,9 +5,11 @@ token of this service)::
 
     client = AsyncOpenAI(base_url="http://127.0.0.1:8080/v1", api_key=token)
 
-It is a thin transport over the same turn producer as the SSE route: budgets, rate limits, usage
-accounting and lifecycle logs (``transport="openai"``) apply exactly as there. Errors take
-OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` (see ``service.middleware``).
+It is a thin transport over the same turn producer as the SSE route: budgets, usage accounting
+and lifecycle logs (``transport="openai"``) apply exactly as there; its rate limits are the
+programs' (requests per minute, turns at once), announced in OpenAI's ``x-ratelimit-*`` headers.
+Errors take OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` (see
+``service.middleware``).
 """
 
 from __future__ import annotations
@@ -28,13 +30,15 @@ from pydantic import (
     model_validator,
 )
 
-from service.errors import BadRequest
+from service.errors import BadRequest, BudgetExceeded, RateLimited
 from service.http import json_response, parse_uuid, read_body
-from service.keys import ADMISSIONS, CATALOGUE, MODEL_LISTS, PRINCIPAL, REGISTRY, SETTINGS
+from service.keys import ADMISSIONS, CATALOGUE, MODEL_LISTS, PRINCIPAL, REGISTRY, SETTINGS, STORE
+from service.limits import Allowance, rate_limit_headers
 from service.models import ModelSpec
+from service.store import allowance_of, utcnow
 from service.stream.idempotency import HEADER as KEY_HEADER
 from service.stream.idempotency import REPLAYED_HEADER, Admission, fingerprint, parse_key
-from service.stream.producer import TurnInput
+from service.stream.producer import TurnInput, period_of
 from service.transports import openai_chunks, sse
 
 CHAT_ID_HEADER = "X-Chat-Id"
@@ -323,12 +327,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     ``stream: true`` answers with ``chat.completion.chunk`` frames (plus a usage chunk when
     ``stream_options.include_usage`` is set) and ``data: [DONE]``; otherwise one
     ``chat.completion`` with ``usage``.
+
+    Every answer, and a refusal by a rate limit or the budget, carries OpenAI's
+    ``x-ratelimit-*`` headers (``_limit_headers``).
     """
-    admission, stream, include_usage = await _start(request)
+    try:
+        admission, stream, include_usage = await _start(request)
+    except (RateLimited, BudgetExceeded) as exc:
+        if exc.allowance is not None:
+            exc.headers.update(_limit_headers(request, exc.allowance))
+        raise
+    headers = _limit_headers(request, await _allowance(request, admission))
+    if admission.replayed:
+        headers[REPLAYED_HEADER] = "true"
     live = admission.live
     registry = request.app[REGISTRY]
     follower = registry.follow(live, 0, "openai", keepalive=stream)
-    headers = {REPLAYED_HEADER: "true"} if admission.replayed else None
     if stream:
         enc = openai_chunks.ChunkEncoder(
             openai_chunks.completion_id(live.message_id),
@@ -358,6 +372,21 @@ async def _start(request: web.Request) -> tuple[Admission, bool, bool]:
     admission = await request.app[ADMISSIONS].admit(inp, payload)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return admission, bool(body.stream), include_usage
+
+
+def _limit_headers(request: web.Request, allowance: Allowance) -> dict[str, str]:
+    return rate_limit_headers(allowance, rpm=request.app[SETTINGS].v1_requests_per_minute)
+
+
+async def _allowance(request: web.Request, admission: Admission) -> Allowance:
+    """The usage right after this request's reservation; a replayed or attached send reserved
+    nothing (and is not counted), so it gets the usage as it is now (one read)."""
+    if admission.reservation is not None:
+        return admission.reservation.allowance
+    now = utcnow()
+    user_id = request[PRINCIPAL].user_id
+    doc = await request.app[STORE].get_usage(user_id, period_of(now))
+    return allowance_of(doc or {}, request.app[SETTINGS].default_token_limit, now)
 
 
 def _model_view(spec: ModelSpec) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import structlog
 from service.errors import BadRequest, Conflict, ServiceError
 from service.http import not_found
 from service.metrics import RESUMES
-from service.store import Store, utcnow
+from service.store import Reservation, Store, utcnow
 from service.stream.live import LiveStream
 from service.stream.mirror import Resumes
 from service.stream.producer import TurnInput, TurnProducer
@@ -89,6 +89,7 @@ class Admission:
     live: LiveStream
     replayed: bool  # a retry that follows (or replays) the first request's turn
     created: int  # when the first request came, in Unix seconds (a completion's ``created``)
+    reservation: Reservation | None = None  # this request's, when it started the turn
 
 
 class Admissions:
@@ -102,7 +103,7 @@ class Admissions:
         ``payload`` (a ``fingerprint``), follow the turn that claimed it."""
         if inp.key is None:
             turn = await self.producer.start(inp)
-            return Admission(turn.live, False, int(time.time()))
+            return Admission(turn.live, False, int(time.time()), turn.reservation)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + WAIT_S
         while True:
@@ -121,7 +122,7 @@ class Admissions:
             )
             if held is None:
                 turn = await self.producer.start(inp, message_id=claim_id)
-                return Admission(turn.live, False, int(now.timestamp()))
+                return Admission(turn.live, False, int(now.timestamp()), turn.reservation)
             if held.get("state") != "admitted" and held["created_at"] < now - ABANDONED:
                 await self.store.release_claim(held["_id"])  # its request died while starting
                 continue

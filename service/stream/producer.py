@@ -161,8 +161,18 @@ class TurnProducer:
                     want=prompt_tokens + choices * max_out,
                     need=prompt_tokens + choices * min(MIN_COMPLETION_TOKENS, max_out),
                     default_limit=self.settings.default_token_limit,
-                    rate_limit_ms=self.settings.message_rate_limit_ms,
+                    # The page (SSE) is held to one message per interval; programs (/v1 and
+                    # WebSocket clients) to requests per minute and turns at once.
+                    rate_limit_ms=(
+                        self.settings.message_rate_limit_ms if inp.transport == "sse" else 0
+                    ),
                     now=now,
+                    requests_per_minute=(
+                        0 if inp.transport == "sse" else self.settings.v1_requests_per_minute
+                    ),
+                    max_concurrent=(
+                        0 if inp.transport == "sse" else self.settings.max_concurrent_turns_per_user
+                    ),
                 )
             )
         except (RateLimited, BudgetExceeded) as exc:
