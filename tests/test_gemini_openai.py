@@ -377,6 +377,11 @@ def _image(detail: str) -> dict[str, Any]:
             {"messages": [{"role": "user", "content": "x", "reasoning_content": "y"}]},
             "messages[0].reasoning_content",
         ),
+        (
+            "gemini-test",
+            {"messages": [{"role": "user", "content": "x", "tool_call_id": "call_1"}]},
+            "messages[0].tool_call_id",
+        ),
     ],
 )
 async def test_what_gemini_cannot_honour_is_unsupported_parameter(

@@ -169,13 +169,14 @@ class _Messages:
 
     def add(self, i: int, message: Message) -> None:
         role = message["role"]
+        for key, owner in (("reasoning_content", "assistant"), ("tool_call_id", "tool")):
+            if message.get(key) is not None and role != owner:
+                raise Unsupported(f"messages[{i}].{key}")
         if role in ("system", "developer"):
             text = "".join(_texts(message.get("content"), i))
             if text:
                 self.system.append(text)
             return
-        if message.get("reasoning_content") is not None and role != "assistant":
-            raise Unsupported(f"messages[{i}].reasoning_content")
         if role == "assistant":
             self._append("model", self._model_parts(i, message))
         elif role == "tool":
