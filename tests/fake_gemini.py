@@ -4,8 +4,13 @@
 ``GenerateContentResponse`` (running ``usageMetadata`` on every frame, the bill on the last, no
 ``[DONE]``); each call takes the next ``Script`` from the queue (or the default): chunks, an
 HTTP error with Google's error body, a blocked prompt, a filter finish, a gate to hold the
-stream, a reset. ``countTokens`` counts words; ``GET /v1beta/models`` pages through ``models``.
-Every request is recorded (method, path, query, lower-cased headers, JSON body).
+stream, a reset; or whole parts per frame (``functionCall`` parts with their
+``thoughtSignature``, ``"thought": true`` parts), ``logprobsResult`` on chosen frames, and
+``thoughtsTokenCount`` / ``cachedContentTokenCount`` in the bill. With ``require_signatures``
+it refuses, as Gemini 3 does, a model turn whose first function call comes back without its
+thought signature. ``countTokens`` counts words (of a plain ``contents`` body or of a whole
+``generateContentRequest``: its tools and schema too); ``GET /v1beta/models`` pages through
+``models``. Every request is recorded (method, path, query, lower-cased headers, JSON body).
 """
 
 from __future__ import annotations
@@ -51,9 +56,34 @@ DEFAULT_MODELS = [
 ]
 
 
+IMAGE_TOKENS = 258  # what Gemini counts an image at (up to 384 px a side)
+
+
 def count_words(contents: list[dict[str, Any]]) -> int:
-    """The fake tokenizer: one token per whitespace-separated word of every text part."""
-    return sum(len(p.get("text", "").split()) for c in contents for p in c.get("parts", []))
+    """The fake tokenizer: one token per whitespace-separated word of every text part, of the
+    JSON of every function call and response, and 258 per image."""
+    return sum(_part_tokens(p) for c in contents for p in c.get("parts", []))
+
+
+def _part_tokens(part: dict[str, Any]) -> int:
+    if "inlineData" in part:
+        return IMAGE_TOKENS
+    for key in ("functionCall", "functionResponse"):
+        if key in part:
+            return len(json.dumps(part[key]).split())
+    return len(part.get("text", "").split())
+
+
+def count_request(body: dict[str, Any]) -> int:
+    """countTokens: ``{"contents"}``, or ``{"generateContentRequest"}`` with its tools and
+    response schema counted as the words of their JSON."""
+    request = body.get("generateContentRequest")
+    if request is None:
+        return count_words(body["contents"])
+    extra = [request.get("tools"), request.get("generationConfig", {}).get("responseJsonSchema")]
+    return count_words(request["contents"]) + sum(
+        len(json.dumps(x).split()) for x in extra if x is not None
+    )
 
 
 @dataclass
@@ -72,6 +102,9 @@ class Script:
     reset_after: int | None = None  # abort the connection after this many chunks
     send_finish: bool = True
     raw_after: dict[int, list[bytes]] = field(default_factory=dict)  # data lines before chunk i
+    parts: list[list[dict[str, Any]]] | None = None  # each frame's parts, instead of ``chunks``
+    logprobs: dict[int, dict[str, Any]] = field(default_factory=dict)  # logprobsResult of frame i
+    cached: int | None = None  # cachedContentTokenCount
 
 
 @dataclass
@@ -92,6 +125,7 @@ class FakeGemini:
         self.models_page_size = 2  # the server may return fewer than pageSize asks for
         self.models_status = 200
         self.count_status = 200
+        self.require_signatures = False  # Gemini 3: function calls come back signed
         self.gate = asyncio.Event()
         self.reached_gate = asyncio.Event()
         self.disconnected = asyncio.Event()
@@ -182,9 +216,11 @@ class FakeGemini:
         if method == "countTokens":
             if self.count_status != 200:
                 return self.error(self.count_status)
-            return web.json_response({"totalTokens": count_words(rec.body["contents"])})
+            return web.json_response({"totalTokens": count_request(rec.body)})
         if method != "streamGenerateContent" or request.query.get("alt") != "sse":
             return self.error(404)
+        if self.require_signatures and not signed(rec.body["contents"]):
+            return self.error(400)
         script = self.scripts.pop(0) if self.scripts else self.default
         if script.status != 200:
             return self.error(script.status, script.error_reason, script.retry_delay)
@@ -209,6 +245,8 @@ class FakeGemini:
             if script.thoughts is not None:
                 meta["thoughtsTokenCount"] = script.thoughts
                 total += script.thoughts
+            if script.cached is not None:
+                meta["cachedContentTokenCount"] = script.cached
         elif produced:
             meta["candidatesTokenCount"] = produced
             total += produced
@@ -269,8 +307,9 @@ class FakeGemini:
         if script.thought_parts:
             parts = [{"text": t, "thought": True} for t in script.thought_parts]
             await resp.write(self.frame(self.response(parts, None, self.usage(script, 0))))
-        last = len(script.chunks) - 1
-        for i, text in enumerate(script.chunks):
+        frames = script.parts or [[{"text": text}] for text in script.chunks]
+        last = len(frames) - 1
+        for i, parts in enumerate(frames):
             if script.gate_after == i:
                 self.reached_gate.set()
                 await self.gate.wait()
@@ -286,6 +325,18 @@ class FakeGemini:
             final = i == last and script.send_finish and script.finish_after is None
             finish = script.finish_reason if final else None
             usage = self.usage(script, None if final else i + 1)
-            await resp.write(self.frame(self.response([{"text": text}], finish, usage)))
+            body = self.response(parts, finish, usage)
+            if i in script.logprobs:
+                body["candidates"][0]["logprobsResult"] = script.logprobs[i]
+            await resp.write(self.frame(body))
         self.finished.set()
         await resp.write_eof()
+
+
+def signed(contents: list[dict[str, Any]]) -> bool:
+    """Whether every model turn's first function call carries a thought signature."""
+    for content in contents:
+        calls = [p for p in content["parts"] if "functionCall" in p]
+        if content["role"] == "model" and calls and not calls[0].get("thoughtSignature"):
+            return False
+    return True

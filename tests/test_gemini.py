@@ -141,8 +141,9 @@ def model(*texts: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- full turn
 async def test_full_turn_streams_text_and_bills_usage_metadata(client, fake_gemini, auth, logs):
-    """Deltas arrive while Gemini is still sending; thought parts are not text; the record's
-    tokens are usageMetadata's (thinking counted as completion); the key only in the header."""
+    """Deltas arrive while Gemini is still sending; thought parts are reasoning, not text; the
+    record's tokens are usageMetadata's (thinking counted as completion); the key only in the
+    header."""
     fake_gemini.default = Script(
         chunks=["The ", "answer ", "is ", "42."],
         thought_parts=["Let me think about this."],
@@ -163,16 +164,20 @@ async def test_full_turn_streams_text_and_bills_usage_metadata(client, fake_gemi
             assert not fake_gemini.finished.is_set()  # still held at the gate
             fake_gemini.gate.set()
     names = [e["event"] for e in seen]
-    assert names[0] == "started" and names[-1] == "done" and set(names[1:-1]) == {"delta"}
+    assert names[0] == "started" and names[-1] == "done"
+    assert names[1:-1] == ["reasoning"] + ["delta"] * (len(names) - 3)
+    assert seen[1]["data"] == {"text": "Let me think about this."}
     assert text_of(seen) == "The answer is 42."
     done = seen[-1]["data"]
     assert done["status"] == "complete" and done["finish_reason"] == "stop"
-    assert done["tokens"] == {"prompt": 30, "completion": 7, "total": 37, "source": "upstream"}
+    tokens = {"prompt": 30, "completion": 7, "total": 37, "source": "upstream", "reasoning": 2}
+    assert done["tokens"] == tokens
 
     user_msg, assistant = await records(client, chat_id)
     assert user_msg["content"] == "What is the answer?"
     assert assistant["status"] == "complete" and assistant["content"] == "The answer is 42."
-    assert assistant["tokens"] == {"prompt": 30, "completion": 7, "total": 37, "source": "upstream"}
+    assert assistant["reasoning"] == "Let me think about this."
+    assert assistant["tokens"] == tokens
     # No local tokenizer: the reservation was sized with countTokens (contents + system text).
     assert assistant["prompt_tokens"] == count_words([user("What is the answer?")]) + system_words(
         client

@@ -5,18 +5,26 @@ usage (thinking tokens included), per-request safety settings, the reason a prom
 and ``countTokens`` for models we have no local tokenizer for.
 
 Request (``models/{model}:streamGenerateContent?alt=sse``, key in ``x-goog-api-key``, never in
-the URL): every ``system`` message goes to ``systemInstruction`` (Gemini has no system role);
-``assistant`` becomes ``model``; consecutive messages of one role are merged into one content
-with several parts, because Gemini wants the roles to alternate; a conversation opening with
-the model (history trimmed to the window) loses those leading model turns, because Gemini wants
-the user to speak first; empty messages are dropped (Gemini refuses empty text parts).
-``GEMINI_SAFETY_SETTINGS`` is checked when the provider is built and sent with every turn.
+the URL): the OpenAI request translated by ``gemini_translate`` (messages, tools, tool choice,
+response format, images, sampling, thinking); what cannot be translated was refused before the
+turn was admitted (``unsupported``). ``GEMINI_SAFETY_SETTINGS`` is checked when the provider is
+built and sent with every turn. The client's ``user`` and ``metadata`` are labels: logged with
+the turn (``upstream.labels``), not sent, since Gemini has no such fields.
 
 Response: SSE frames (CRLF in practice) of ``GenerateContentResponse``; no ``[DONE]``, the
 stream ends when the connection closes, so a stream that closes before any ``finishReason`` was
-cut (``upstream_bad_response``). Text is the candidate's non-thought parts. Usage is read from
-the frame carrying the finish reason (or a later one): Gemini repeats running counts on earlier
-frames, and only the final one is the bill; ``thoughtsTokenCount`` counts as completion.
+cut (``upstream_bad_response``). A frame of plain text parts is ``Chunk.text`` alone (the hot
+path builds nothing else). Any other frame is also an OpenAI chunk (``Chunk.frame``): a
+``functionCall`` part is a ``tool_calls`` delta (whole: Gemini sends a call's arguments at
+once) with an id made here, and its ``thoughtSignature`` as
+``extra_content.google.thought_signature`` (the client sends it back with the call; see
+``gemini_translate``); a thought part (``"thought": true``, asked for with
+``includeThoughts``) is ``reasoning_content``; ``logprobsResult`` is the choice's ``logprobs``.
+An answer that called a function finishes with ``tool_calls`` (Gemini says ``STOP``). Usage is
+read from the frame carrying the finish reason (or a later one): Gemini repeats running counts
+on earlier frames, and only the final one is the bill; ``thoughtsTokenCount`` counts as
+completion (and as its reasoning tokens), ``cachedContentTokenCount`` as the prompt's cached
+tokens.
 
 Finish reasons: ``STOP`` -> ``stop``; ``MAX_TOKENS`` -> ``length``; the filters (``SAFETY``,
 ``RECITATION``, ``BLOCKLIST``, ``PROHIBITED_CONTENT``, ``SPII``, ``LANGUAGE``, ``IMAGE_*``) ->
@@ -30,32 +38,35 @@ HTTP errors before the first token go through the shared retry policy; Google's 
 the message and, on 429, the ``RetryInfo`` delay (Gemini sends no ``Retry-After``); a 400 whose
 reason is ``API_KEY_INVALID`` is an ``upstream_auth`` error, not a bad request.
 
-``count_prompt`` asks ``countTokens`` for the contents, plus the system instruction counted once
-per (model, system text) and cached: the system prompt is the same for every turn.
+``count_prompt`` asks ``countTokens`` for the translated contents (as a whole
+``generateContentRequest`` when tools or a response schema come with them, so those count
+too), plus the system instruction counted once per (model, system text) and cached: the system
+prompt is the same for every turn.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
+import structlog
 
 from service.errors import UpstreamError
+from service.providers import gemini_translate
 from service.providers.base import (
     Chunk,
     CompletionRequest,
-    Message,
     RetryPolicy,
     Usage,
     call_json,
     error_for_exception,
     error_for_status,
-    first_unsupported,
     log_upstream_body,
     with_retries,
 )
@@ -80,7 +91,7 @@ FILTERED = frozenset(
 )
 GENERATING = frozenset({"generateContent", "streamGenerateContent"})
 
-Content = dict[str, Any]
+log = structlog.get_logger("service.providers")
 
 
 def parse_safety_settings(raw: str | None) -> list[dict[str, str]]:
@@ -114,33 +125,6 @@ def finish_reason(reason: str) -> str:
     return "content_filter" if reason in FILTERED else "other"
 
 
-def _plain(content: Any) -> str:
-    if isinstance(content, list):
-        return "".join(
-            p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text"
-        )
-    return content if isinstance(content, str) else ""
-
-
-def to_contents(messages: list[Message]) -> tuple[list[str], list[Content]]:
-    """Our messages as Gemini's (system texts, alternating contents opening with the user)."""
-    system: list[str] = []
-    contents: list[Content] = []
-    for message in messages:
-        text = _plain(message.get("content"))
-        if not text:
-            continue
-        if message["role"] in ("system", "developer"):
-            system.append(text)
-            continue
-        role = "model" if message["role"] == "assistant" else "user"
-        if contents and contents[-1]["role"] == role:
-            contents[-1]["parts"].append({"text": text})
-        elif contents or role == "user":
-            contents.append({"role": role, "parts": [{"text": text}]})
-    return system, contents
-
-
 def _resource(model: str) -> str:
     """``gemini-2.0-flash`` -> ``models/gemini-2.0-flash``; ``tunedModels/x`` stays as it is."""
     return model if "/" in model else f"models/{model}"
@@ -170,25 +154,11 @@ class GeminiProvider:
         self._timeout = timeout
         self._system_counts: dict[tuple[str, tuple[str, ...]], int] = {}
 
-    def _body(self, req: CompletionRequest) -> bytes:
-        system, contents = to_contents(req.messages)
-        config: dict[str, Any] = {"maxOutputTokens": req.max_tokens}
-        for key, value in (
-            ("temperature", req.temperature),
-            ("topP", req.top_p),
-            ("stopSequences", req.stop),
-        ):
-            if value is not None:
-                config[key] = value
-        body: dict[str, Any] = {"contents": contents, "generationConfig": config}
-        if system:
-            body["systemInstruction"] = {"parts": [{"text": t} for t in system]}
-        if self._safety:
-            body["safetySettings"] = self._safety
-        return orjson.dumps(body)
-
     async def open(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
-        body = self._body(request)
+        translation = gemini_translate.translate(request)
+        if translation.labels:
+            log.info("upstream.labels", provider=self.name, labels=translation.labels)
+        body = orjson.dumps(translation.request(self._safety))
         url = f"{self._base}/{_resource(request.model)}:streamGenerateContent"
         headers = {**self._headers, "Accept": "text/event-stream"}
 
@@ -219,13 +189,20 @@ class GeminiProvider:
             raise error_for_exception(exc) from exc
 
     def unsupported(self, request: CompletionRequest) -> str | None:
-        return first_unsupported(request, frozenset({"user", "metadata"}))
+        return gemini_translate.unsupported(request)
 
     async def count_prompt(self, request: CompletionRequest) -> int:
-        system, contents = to_contents(request.messages)
-        total = await self._count(request.model, contents) if contents else 0
-        if system:
-            total += await self._system_tokens(request.model, system)
+        translation = gemini_translate.translate(request)
+        total = 0
+        if translation.contents:
+            body: dict[str, Any] = {"contents": translation.contents}
+            if not translation.plain:  # tools and a response schema count too
+                whole = translation.request([])
+                whole.pop("systemInstruction", None)  # counted on its own, below
+                body = {"generateContentRequest": {"model": _resource(request.model), **whole}}
+            total = await self._count(request.model, body)
+        if translation.system:
+            total += await self._system_tokens(request.model, translation.system)
         return total
 
     async def _system_tokens(self, model: str, system: list[str]) -> int:
@@ -233,15 +210,15 @@ class GeminiProvider:
         count = self._system_counts.get(key)
         if count is None:
             as_user = {"role": "user", "parts": [{"text": t} for t in system]}
-            count = await self._count(model, [as_user])
+            count = await self._count(model, {"contents": [as_user]})
             if len(self._system_counts) >= SYSTEM_CACHE_SIZE:
                 del self._system_counts[next(iter(self._system_counts))]
             self._system_counts[key] = count
         return count
 
-    async def _count(self, model: str, contents: list[Content]) -> int:
+    async def _count(self, model: str, body: dict[str, Any]) -> int:
         url = f"{self._base}/{_resource(model)}:countTokens"
-        answer = await self._call("POST", url, body=orjson.dumps({"contents": contents}))
+        answer = await self._call("POST", url, body=orjson.dumps(body))
         total = answer.get("totalTokens")
         if not isinstance(total, int) or isinstance(total, bool) or total < 0:
             raise UpstreamError("upstream_bad_response", "malformed countTokens answer")
@@ -358,12 +335,14 @@ async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
 
 
 class _Reader:
-    """One stream's frames: finished yet, the last usage report, a blocked prompt."""
+    """One stream's frames: finished yet, the last usage report, a blocked prompt, the function
+    calls so far."""
 
     def __init__(self) -> None:
         self.finished = False
         self.usage: Usage | None = None
         self.blocked: UpstreamError | None = None
+        self.calls = 0
 
     def chunk(self, data: str) -> Chunk:
         frame = load_frame(data, "gemini")
@@ -375,17 +354,76 @@ class _Reader:
             return self._without_candidate(frame)
         candidate = candidates[0] if isinstance(candidates, list) else None
         if not isinstance(candidate, dict):
-            raise UpstreamError("upstream_bad_response", "malformed upstream frame")
-        chunk = Chunk(text=_text(candidate))
+            raise _malformed()
+        chunk = self._content(candidate)
         reason = candidate.get("finishReason")
         if reason:
             if not isinstance(reason, str):
-                raise UpstreamError("upstream_bad_response", "malformed upstream frame")
+                raise _malformed()
             self.finished = True
-            chunk.finish_reason = finish_reason(reason)
+            called = reason == "STOP" and self.calls
+            chunk.finish_reason = "tool_calls" if called else finish_reason(reason)
         if self.finished:
             chunk.usage = self.usage
         return chunk
+
+    def _content(self, candidate: dict[str, Any]) -> Chunk:
+        content = candidate.get("content")
+        parts = content.get("parts") if isinstance(content, dict) else None
+        if not isinstance(parts, list):
+            parts = []
+        logprobs = candidate.get("logprobsResult")
+        if logprobs is None:
+            text = _plain_text(parts)
+            if text is not None:
+                return Chunk(text)
+        return self._rich(parts, logprobs)
+
+    def _rich(self, parts: list[Any], logprobs: Any) -> Chunk:
+        """A frame that is more than text: thoughts, function calls, log probabilities."""
+        texts: list[str] = []
+        thoughts: list[str] = []
+        calls: list[dict[str, Any]] = []
+        for part in parts:
+            if not isinstance(part, dict):
+                continue
+            text = part.get("text")
+            if isinstance(text, str):
+                (thoughts if part.get("thought") else texts).append(text)
+            call = part.get("functionCall")
+            if call is not None:
+                calls.append(self._tool_call(call, part.get("thoughtSignature")))
+        text, reasoning = "".join(texts), "".join(thoughts)
+        lp = _logprobs(logprobs) if logprobs is not None else None
+        if not (reasoning or calls or lp):
+            return Chunk(text)
+        delta: dict[str, Any] = {}
+        if text:
+            delta["content"] = text
+        if reasoning:
+            delta["reasoning_content"] = reasoning
+        if calls:
+            delta["tool_calls"] = calls
+        choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": None}
+        return Chunk(text, frame={"choices": [choice]})
+
+    def _tool_call(self, call: Any, signature: Any) -> dict[str, Any]:
+        """A ``functionCall`` as an OpenAI tool call delta, whole, with an id of its own."""
+        if not isinstance(call, dict):
+            raise _malformed()
+        name, args = call.get("name"), call.get("args") or {}
+        if not isinstance(name, str) or not name or not isinstance(args, dict):
+            raise _malformed()
+        out: dict[str, Any] = {
+            "index": self.calls,
+            "id": "call_" + uuid.uuid4().hex,
+            "type": "function",
+            "function": {"name": name, "arguments": orjson.dumps(args).decode()},
+        }
+        if isinstance(signature, str) and signature:
+            out["extra_content"] = {"google": {"thought_signature": signature}}
+        self.calls += 1
+        return out
 
     def _without_candidate(self, frame: dict[str, Any]) -> Chunk:
         feedback = frame.get("promptFeedback")
@@ -403,25 +441,72 @@ class _Reader:
             raise self.blocked
 
 
-def _text(candidate: dict[str, Any]) -> str:
-    content = candidate.get("content")
-    parts = content.get("parts") if isinstance(content, dict) else None
-    if not isinstance(parts, list):
-        return ""
-    return "".join(
-        p["text"]
-        for p in parts
-        if isinstance(p, dict) and isinstance(p.get("text"), str) and not p.get("thought")
-    )
+def _malformed() -> UpstreamError:
+    return UpstreamError("upstream_bad_response", "malformed upstream frame")
+
+
+def _plain_text(parts: list[Any]) -> str | None:
+    """The text of parts that are text and nothing else (the usual frame), or None."""
+    texts = []
+    for part in parts:
+        if type(part) is not dict or len(part) != 1:
+            return None
+        text = part.get("text")
+        if type(text) is not str:
+            return None
+        texts.append(text)
+    return "".join(texts)
+
+
+def _logprobs(result: Any) -> dict[str, Any] | None:
+    """``logprobsResult`` (chosen and top candidates per decoding step) as OpenAI's choice
+    ``logprobs``, or None when it holds no step."""
+    if not isinstance(result, dict):
+        raise _malformed()
+    chosen = result.get("chosenCandidates") or []
+    tops = result.get("topCandidates") or []
+    if not isinstance(chosen, list) or not isinstance(tops, list):
+        raise _malformed()
+    content = []
+    for step, candidate in enumerate(chosen):
+        top = tops[step] if step < len(tops) else None
+        alternatives = top.get("candidates") if isinstance(top, dict) else None
+        entry = _token(candidate)
+        entry["top_logprobs"] = [_token(c) for c in alternatives or ()]
+        content.append(entry)
+    return {"content": content, "refusal": None} if content else None
+
+
+def _token(candidate: Any) -> dict[str, Any]:
+    token = candidate.get("token") if isinstance(candidate, dict) else None
+    logprob = candidate.get("logProbability", 0.0) if isinstance(candidate, dict) else None
+    if not isinstance(token, str) or not isinstance(logprob, int | float):
+        raise _malformed()
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+
+_USAGE_KEYS = (
+    "promptTokenCount",
+    "candidatesTokenCount",
+    "thoughtsTokenCount",
+    "cachedContentTokenCount",
+    # Tokens of built-in tools' prompts, billed as input (none is enabled today).
+    "toolUsePromptTokenCount",
+)
 
 
 def _usage(meta: dict[str, Any]) -> Usage:
-    def count(key: str) -> int:
-        value = meta.get(key) or 0
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    """A frame's ``usageMetadata`` (every frame has one: keep this cheap)."""
+    counts = [meta.get(key) or 0 for key in _USAGE_KEYS]
+    for key, value in zip(_USAGE_KEYS, counts, strict=True):
+        if type(value) is not int or value < 0:
             raise UpstreamError("upstream_bad_response", f"malformed usageMetadata.{key}")
-        return value
-
-    return Usage(
-        count("promptTokenCount"), count("candidatesTokenCount") + count("thoughtsTokenCount")
-    )
+    prompt, candidates, thoughts, cached, tool_use = counts
+    if not (thoughts or cached):
+        return Usage(prompt + tool_use, candidates)
+    details: dict[str, Any] = {}
+    if cached:
+        details["prompt_tokens_details"] = {"cached_tokens": cached}
+    if thoughts:
+        details["completion_tokens_details"] = {"reasoning_tokens": thoughts}
+    return Usage(prompt + tool_use, candidates + thoughts, cached, thoughts, details)
