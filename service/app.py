@@ -37,6 +37,7 @@ from service.providers.registry import Counters, build_providers, upstream_timeo
 from service.settings import Settings
 from service.store import Store, make_client
 from service.stream.idempotency import Admissions
+from service.stream.leases import Leases
 from service.stream.mirror import Resumes
 from service.stream.producer import TurnProducer
 from service.stream.registry import StreamRegistry
@@ -80,6 +81,7 @@ async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(load_encoding, encoding)  # ~0.5 s once; keep it off the loop
     registry = StreamRegistry()
     app[REGISTRY] = registry
+    registry.leases = Leases(app[STORE], registry.replica_id, idle_s=settings.lease_idle_s)
     providers = build_providers(settings, app[UPSTREAM], catalogue)
     model_lists = ModelLists(providers, catalogue.all(), ttl_s=settings.model_list_ttl_s)
     model_lists.start()
@@ -92,6 +94,7 @@ async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:
         providers=providers,
         counter_for=Counters(),
         registry=registry,
+        leases=registry.leases,
     )
     watcher = asyncio.create_task(watch(app[STORE], registry, settings), name="stream-watcher")
     app[WATCHER] = watcher
@@ -112,6 +115,7 @@ async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:
         await registry.pending.retry(app[STORE])
         if registry.pending:
             log.error("service.final_writes_lost", pending=len(registry.pending))
+    await registry.leases.release_idle(0.0, everything=True)  # the reaper's otherwise
 
 
 FINALIZE_TIMEOUT_S = 10.0  # how long stopped streams get to save and bill their partial text

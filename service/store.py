@@ -379,6 +379,132 @@ class Store:
         raise StoreUnavailable("could not reserve the token budget under contention")
 
     @db_call
+    async def take_lease(self, req: LeaseRequest) -> Doc | None:
+        """Grow this replica's lease on the user's month by what fits of ``req``'s wants, in
+        the one conditional update that checks every rule for one more turn (the rules and
+        their refusals are ``reserve``'s). The usage document after it, its lease entry's
+        ``took`` saying what this call added; None when the document does not exist yet."""
+        turn = req.turn
+        for attempt in range(RESERVE_ATTEMPTS):
+            if attempt > 1:
+                await asyncio.sleep(0.002 * attempt * random.random())
+            doc: Doc | None = await self.usage.find_one_and_update(
+                _reserve_filter(turn),
+                _lease_update(req),
+                projection={"settled": 0},
+                return_document=ReturnDocument.AFTER,
+            )
+            if doc is not None:
+                return doc
+            existing = await self.usage.find_one(
+                {"user_id": turn.user_id, "period": turn.period}, projection={"settled": 0}
+            )
+            if existing is None:
+                with contextlib.suppress(DuplicateKeyError):
+                    await self.usage.insert_one(
+                        {"user_id": turn.user_id, "period": turn.period, "used": 0, "reserved": 0}
+                    )
+                continue
+            refusal = _refusal(existing, turn)
+            if refusal is not None:
+                raise refusal
+        raise StoreUnavailable("could not reserve the token budget under contention")
+
+    @db_call
+    async def settle_leased(
+        self, user_id: str, period: str, lease_id: str, message_id: str, *, billed: int
+    ) -> Doc | None:
+        """Bill a turn admitted from a lease, once (its id joins ``settled``): ``used`` grows by
+        ``billed``, and the lease (while it is held) shrinks by as much. The usage after it."""
+        held = {"$gt": [{"$size": _entries(lease_id, "$eq")}, 0]}
+        doc: Doc | None = await self.usage.find_one_and_update(
+            {"user_id": user_id, "period": period, "settled": {"$ne": message_id}},
+            [
+                {
+                    "$set": {
+                        "used": {"$add": [{"$ifNull": ["$used", 0]}, billed]},
+                        "reserved": {
+                            "$cond": [held, {"$subtract": ["$reserved", billed]}, "$reserved"]
+                        },
+                        "open": {
+                            "$map": {
+                                "input": {"$ifNull": ["$open", []]},
+                                "in": {
+                                    "$cond": [
+                                        {"$eq": ["$$this.mid", lease_id]},
+                                        {
+                                            "$mergeObjects": [
+                                                "$$this",
+                                                {"grant": {"$subtract": ["$$this.grant", billed]}},
+                                            ]
+                                        },
+                                        "$$this",
+                                    ]
+                                },
+                            }
+                        },
+                        "settled": {
+                            "$slice": [
+                                {"$concatArrays": [{"$ifNull": ["$settled", []]}, [message_id]]},
+                                -SETTLED_KEPT,
+                            ]
+                        },
+                    }
+                }
+            ],
+            projection={"settled": 0},
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is None:  # settled before (or no document: nothing to bill against)
+            doc = await self.usage.find_one(
+                {"user_id": user_id, "period": period}, projection={"settled": 0}
+            )
+        return doc
+
+    @db_call
+    async def release_lease(
+        self, user_id: str, period: str, lease_id: str, requests: int = 0, interval_ms: int = 0
+    ) -> Doc | None:
+        """Give a lease back: what it still holds leaves ``reserved``, its turns are free, and
+        the ``requests`` it took and did not use go back to the bucket (``interval_ms`` each)."""
+        entry = {"$arrayElemAt": [_entries(lease_id, "$eq"), 0]}
+        unused: Doc = {}
+        if requests and interval_ms:
+            due = {"$ifNull": ["$requests_due", EPOCH]}
+            unused["requests_due"] = {"$subtract": [due, requests * interval_ms]}
+        doc: Doc | None = await self.usage.find_one_and_update(
+            {"user_id": user_id, "period": period, "open.mid": lease_id},
+            [
+                {"$set": {"_lease": entry}},
+                {
+                    "$set": {
+                        "reserved": {"$subtract": ["$reserved", "$_lease.grant"]},
+                        "open": _entries(lease_id, "$ne"),
+                        **unused,
+                    }
+                },
+                {"$unset": "_lease"},
+            ],
+            projection={"settled": 0},
+            return_document=ReturnDocument.AFTER,
+        )
+        return doc
+
+    @db_call
+    async def dead_leases(self, live: list[str], *, limit: int = 100) -> list[Doc]:
+        """Usage documents holding a lease of a replica not in ``live``."""
+        docs: list[Doc] = (
+            await self.usage.find(
+                {"open": {"$elemMatch": {"replica": {"$exists": True, "$nin": live}}}},
+                projection={"user_id": 1, "period": 1, "open": 1},
+                comment=REPLICA_WORK,
+            )
+            .limit(limit)
+            .to_list(limit)
+        )
+        return docs
+
+    @db_call
     async def insert_messages(self, docs: list[Doc]) -> None:
         await self.messages.insert_many(docs, ordered=True)
 
@@ -536,10 +662,15 @@ class Store:
 
     @db_call
     async def old_reservations(self, *, older_than: datetime, limit: int = 100) -> list[Doc]:
-        """Reservations whose turn never settled (e.g. the process died before persisting)."""
+        """Reservations whose turn never settled (e.g. the process died before persisting);
+        leases are the dead replicas' to release (``dead_leases``), whatever their age."""
         docs: list[Doc] = (
             await self.usage.find(
-                {"open.at": {"$lt": older_than}},
+                {
+                    "open": {
+                        "$elemMatch": {"at": {"$lt": older_than}, "replica": {"$exists": False}}
+                    }
+                },
                 projection={"user_id": 1, "period": 1, "open": 1},
                 comment=REPLICA_WORK,
             )
@@ -626,6 +757,11 @@ class Store:
 
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# The turns the user's ``open`` entries hold (a lease's entry holds ``turns`` of them).
+OPEN_TURNS: Doc = {
+    "$sum": {"$map": {"input": {"$ifNull": ["$open", []]}, "in": {"$ifNull": ["$$this.turns", 1]}}}
+}
+SETTLED_KEPT = 500  # ids of the last turns settled from leases, so none is billed twice
 # A replica whose heartbeat is missing counts as dead, so its document may go once it is far
 # older than any STALE_STREAM_S.
 REPLICA_TTL_S = 86_400
@@ -651,9 +787,23 @@ class ReserveRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class LeaseRequest:
+    """What a replica asks of a user's month for its lease: room for one more turn (``turn``'s
+    rules: its ``need``, a turn slot, a request), and as much more as fits of the wants."""
+
+    turn: ReserveRequest
+    lease_id: str
+    replica: str
+    want_tokens: int
+    want_turns: int
+    want_requests: int
+
+
+@dataclass(frozen=True, slots=True)
 class Reservation:
     grant: int
     allowance: Allowance  # the usage right after this reservation
+    lease_id: str | None = None  # admitted from this replica's lease (``service.stream.leases``)
 
     @classmethod
     def from_doc(cls, doc: Doc, req: ReserveRequest) -> Reservation:
@@ -693,8 +843,7 @@ def _reserve_filter(req: ReserveRequest) -> Doc:
     if req.rate_limit_ms:
         conditions.append({"$lte": [{"$ifNull": ["$next_at", EPOCH]}, req.now]})
     if req.max_concurrent:
-        open_turns = {"$size": {"$ifNull": ["$open", []]}}
-        conditions.append({"$lt": [open_turns, req.max_concurrent]})
+        conditions.append({"$lt": [OPEN_TURNS, req.max_concurrent]})
     if req.requests_per_minute:
         due = {"$ifNull": ["$requests_due", EPOCH]}
         conditions.append({"$lte": [due, _requests_due_by(req)]})
@@ -724,6 +873,62 @@ def _reserve_update(req: ReserveRequest) -> list[Doc]:
             }
         },
         {"$unset": "_grant"},
+    ]
+
+
+def _entries(lease_id: str, op: str) -> Doc:
+    """The ``open`` entries whose id is (``$eq``) or is not (``$ne``) ``lease_id``."""
+    return {
+        "$filter": {"input": {"$ifNull": ["$open", []]}, "cond": {op: ["$$this.mid", lease_id]}}
+    }
+
+
+def _lease_update(req: LeaseRequest) -> list[Doc]:
+    """Grow the lease entry by what fits: tokens up to ``want_tokens`` of what is available
+    (at most half of it beyond one turn's ``want``, so other replicas keep room),
+    turns up to ``want_turns`` of the free ones, requests up to ``want_requests`` of the
+    bucket's (the filter already holds room for one of each)."""
+    turn = req.turn
+    available = _available(turn.default_limit)
+    half = {"$max": [turn.want, {"$floor": {"$divide": [available, 2]}}]}  # room for others
+    free: Doc = {"_tokens": {"$min": [req.want_tokens, half, available]}}
+    if turn.max_concurrent:
+        free["_turns"] = {
+            "$min": [req.want_turns, {"$subtract": [turn.max_concurrent, OPEN_TURNS]}]
+        }
+    else:
+        free["_turns"] = req.want_turns
+    moved: Doc = {}
+    if turn.requests_per_minute:
+        interval_ms = request_interval(turn.requests_per_minute) // timedelta(milliseconds=1)
+        due = {"$max": [{"$ifNull": ["$requests_due", EPOCH]}, turn.now]}
+        window = request_window(turn.requests_per_minute) // timedelta(milliseconds=1)
+        room = {"$subtract": [{"$add": [turn.now, window]}, due]}
+        free["_requests"] = {
+            "$min": [req.want_requests, {"$floor": {"$divide": [room, interval_ms]}}]
+        }
+        moved["requests_due"] = {"$add": [due, {"$multiply": ["$_requests", interval_ms]}]}
+    else:
+        free["_requests"] = req.want_requests
+    old = {"$arrayElemAt": [_entries(req.lease_id, "$eq"), 0]}
+    entry = {
+        "mid": req.lease_id,
+        "replica": req.replica,
+        "grant": {"$add": [{"$ifNull": ["$_old.grant", 0]}, "$_tokens"]},
+        "turns": {"$add": [{"$ifNull": ["$_old.turns", 0]}, "$_turns"]},
+        "at": turn.now,
+        "took": {"tokens": "$_tokens", "turns": "$_turns", "requests": "$_requests"},
+    }
+    return [
+        {"$set": {**free, "_old": old}},
+        {
+            "$set": {
+                "reserved": {"$add": [{"$ifNull": ["$reserved", 0]}, "$_tokens"]},
+                **moved,
+                "open": {"$concatArrays": [_entries(req.lease_id, "$ne"), [entry]]},
+            }
+        },
+        {"$unset": ["_tokens", "_turns", "_requests", "_old"]},
     ]
 
 
@@ -766,8 +971,13 @@ def _message_wait(doc: Doc, req: ReserveRequest) -> Wait | None:
     )
 
 
+def open_turns(doc: Doc) -> int:
+    """Turns the user's open entries hold: one a turn's, ``turns`` a replica's lease."""
+    return sum(int(e.get("turns", 1)) for e in doc.get("open") or ())
+
+
 def _concurrency_wait(doc: Doc, req: ReserveRequest) -> Wait | None:
-    running = len(doc.get("open") or [])
+    running = open_turns(doc)
     if not req.max_concurrent or running < req.max_concurrent:
         return None
     return (

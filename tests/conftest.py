@@ -142,6 +142,7 @@ def stream_settings(make_settings, fake_openai):
             "upstream_retry_max_s": 0.05,
             "upstream_idle_timeout_s": 5.0,
             "watch_interval_s": 0.1,
+            "lease_idle_s": 0.1,  # leases go back at once: tests see the month as settled
             "demo_token_delay_ms": 1,
         }
         values.update(overrides)

@@ -25,6 +25,7 @@ from service.store import utcnow
 from service.stream.producer import period_of
 from service.tokens import TokenCounter, estimate_tokens
 from tests.fake_gemini import FakeGemini, Script, count_words
+from tests.faults import settled
 from tests.sse_client import collect, events, text_of
 
 KEY = "AIza-upstream-secret-key"
@@ -177,7 +178,8 @@ async def test_full_turn_streams_text_and_bills_usage_metadata(client, fake_gemi
     assert user_msg["content"] == "What is the answer?"
     assert assistant["status"] == "complete" and assistant["content"] == "The answer is 42."
     assert assistant["reasoning"] == "Let me think about this."
-    assert assistant["tokens"] == tokens
+    details = {"completion_tokens_details": {"reasoning_tokens": 2}}  # as a /v1 client gets it
+    assert assistant["tokens"] == {**tokens, "details": details}
     # No local tokenizer: the reservation was sized with countTokens (contents + system text).
     assert assistant["prompt_tokens"] == count_words([user("What is the answer?")]) + system_words(
         client
@@ -481,6 +483,7 @@ async def test_openai_route_streams_a_gemini_model(
             "stopSequences": ["END"],
         },
     }
+    await settled(client.app[STORE].db)  # the replica's lease on the month given back
     usage = await usage_doc(client)
     assert usage["used"] == 19 and usage["reserved"] == 0
 

@@ -17,6 +17,7 @@ from service.keys import STORE
 from service.store import utcnow
 from service.stream.producer import period_of
 from tests.fake_gemini import FakeGemini, Script, count_request, count_words, model
+from tests.faults import settled
 
 STREAM = "streamGenerateContent"
 SIGNATURE = "c2lnbmF0dXJlLW9mLXRoZS1jYWxs"
@@ -499,7 +500,12 @@ async def test_thinking_streams_as_reasoning_content(client, sdk, fake_gemini):
         "source": "upstream",
         "cached": 8,
         "reasoning": 30,
+        "details": {  # the usage details as the client got them
+            "prompt_tokens_details": {"cached_tokens": 8},
+            "completion_tokens_details": {"reasoning_tokens": 30},
+        },
     }
+    await settled(client.app[STORE].db)  # the replica's lease on the month given back
     usage = await client.app[STORE].usage.find_one(
         {"user_id": "alice", "period": period_of(utcnow())}
     )

@@ -25,6 +25,7 @@ from openai import AsyncOpenAI
 from service.app import create_app
 from service.keys import STORE
 from service.limits import duration, period_end
+from service.store import open_turns as held_turns
 from service.store import utcnow
 from service.stream.producer import period_of
 from service.tokens import TokenCounter
@@ -70,8 +71,18 @@ async def until(probe, within_s: float = 5.0) -> None:
 
 
 async def open_turns(client, count: int) -> None:
+    """The user's month holds ``count`` turns (a turn's own entry, or a replica's lease's)."""
+
     async def probe() -> bool:
-        return len((await usage_doc(client)).get("open") or []) == count
+        return held_turns(await usage_doc(client)) == count
+
+    await until(probe)
+
+
+async def streaming_turns(client, count: int) -> None:
+    async def probe() -> bool:
+        store = client.app[STORE]
+        return await store.messages.count_documents({"status": "streaming"}) == count
 
     await until(probe)
 
@@ -90,10 +101,11 @@ def limit_headers(headers) -> dict[str, str]:
     return {k.lower(): v for k, v in headers.items() if k.lower().startswith("x-ratelimit-")}
 
 
-def assert_tokens(headers, doc: dict[str, Any], limit: int = 100_000) -> None:
-    """The tokens headers say the month's budget, as the usage document has it."""
+def assert_tokens(headers, doc: dict[str, Any], running: int = 0, limit: int = 100_000) -> None:
+    """The tokens headers say the month's budget: the limit less what is used and what the
+    ``running`` turns were granted (what a replica's lease holds beyond them is the user's)."""
     assert headers["x-ratelimit-limit-tokens"] == str(limit)
-    remaining = limit - doc.get("used", 0) - doc.get("reserved", 0)
+    remaining = limit - doc.get("used", 0) - running
     assert headers["x-ratelimit-remaining-tokens"] == str(remaining)
     now = datetime.now(UTC)
     reset = parse_duration(headers["x-ratelimit-reset-tokens"])
@@ -162,7 +174,11 @@ async def test_twenty_concurrent_sdk_streams_succeed_and_the_21st_waits_for_a_fr
         reset = parse_duration(h["x-ratelimit-reset-requests"])
         assert timedelta(0) < reset <= timedelta(seconds=2)  # 100 ms per request taken
     tokens_left = sorted(int(h["x-ratelimit-remaining-tokens"]) for h in heads)
-    assert tokens_left[0] == 100_000 - doc["reserved"] and len(set(tokens_left)) == 20
+    # Remaining: the month less the running turns' grants (what the replica's lease holds
+    # beyond them is still the user's to spend).
+    grants = [m["reservation"] async for m in stream_client.app[STORE].messages.find()]
+    assert len(grants) == 20 and doc["reserved"] >= sum(grants)
+    assert tokens_left[0] == 100_000 - sum(grants) and len(set(tokens_left)) == 20
 
     with pytest.raises(openai.RateLimitError) as info:
         await sdk.chat.completions.create(model="gpt-test", messages=HI, stream=True)
@@ -173,7 +189,7 @@ async def test_twenty_concurrent_sdk_streams_succeed_and_the_21st_waits_for_a_fr
     assert refused["Retry-After"] == "1" and refused["retry-after-ms"] == "1000"
     assert refused["x-ratelimit-limit-requests"] == "600"
     assert 570 <= int(refused["x-ratelimit-remaining-requests"]) <= 599
-    assert_tokens(refused, await usage_doc(stream_client))
+    assert_tokens(refused, await usage_doc(stream_client), sum(grants))
 
     # The SDK's own retry: it waits the Retry-After and tries again. The hook (which the SDK
     # awaits before it retries) ends one of the twenty when the first answer is the 429.
@@ -183,7 +199,7 @@ async def test_twenty_concurrent_sdk_streams_succeed_and_the_21st_waits_for_a_fr
         statuses.append(response.status_code)
         if response.status_code == 429:
             await streams[0].close()  # a stateless turn stops when its client goes
-            await open_turns(stream_client, 19)
+            await streaming_turns(stream_client, 19)
 
     http = openai.DefaultAsyncHttpx2Client(event_hooks={"response": [on_response]})
     retrying = sdk_for(stream_client, max_retries=2, http_client=http)
@@ -405,7 +421,7 @@ async def test_turns_at_once_hold_across_replicas(services, fake_openai, token_f
             refused = [r for r in responses if r.status != 200]
             assert len(admitted) == 3 and {r.status for r in refused} == {429}
             usage = await db.usage.find_one({"user_id": "alice"})
-            assert len(usage["open"]) == 3
+            assert held_turns(usage) == 3
             for r in refused:
                 err = (await r.json())["error"]
                 assert err["code"] == "rate_limit_exceeded" and "at most 3" in err["message"]

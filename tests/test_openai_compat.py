@@ -18,6 +18,7 @@ from service.store import utcnow
 from service.stream.producer import period_of
 from service.tokens import TokenCounter
 from tests.fake_openai import Script
+from tests.faults import settled
 
 HI = [{"role": "user", "content": "Hi there"}]
 
@@ -143,6 +144,7 @@ async def test_sdk_streaming_with_include_usage(stream_client, oai, fake_openai,
     assert chunks[-1].usage.prompt_tokens == 21 and chunks[-1].usage.completion_tokens == 4
     assert chunks[-1].usage.total_tokens == 25
     assert fake_openai.requests[0]["messages"][0] == {"role": "system", "content": "Be brief."}
+    await settled(stream_client.app[STORE].db)  # the replica's lease on the month given back
     usage = await usage_doc(stream_client)
     assert usage["used"] == 25 and usage["reserved"] == 0
     for name in ("stream.started", "stream.first_token", "stream.ended"):
@@ -184,6 +186,7 @@ async def test_closing_the_stream_early_cancels_upstream_and_bills_the_partial(
     assert assistant["transport"] == "openai" and assistant["chat_id"] is None
     assert assistant["tokens"]["completion"] == TokenCounter().count("a b ")
     assert assistant["tokens"]["prompt"] > 0
+    await settled(store.db)  # the replica's lease on the month given back
     usage = await usage_doc(stream_client)
     assert usage["used"] == assistant["tokens"]["total"] and usage["reserved"] == 0
 

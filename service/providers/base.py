@@ -125,7 +125,7 @@ def first_unsupported(
         if message.get("role") not in roles:
             return f"messages[{i}].role"
         for key, value in message.items():
-            if key not in ("role", "content") and value is not None and key not in message_fields:
+            if key not in ("role", "content") and not _empty(value) and key not in message_fields:
                 return f"messages[{i}].{key}"
         content = message.get("content")
         if isinstance(content, list):
@@ -133,6 +133,12 @@ def first_unsupported(
                 if not isinstance(part, dict) or part.get("type") not in parts:
                     return f"messages[{i}].content[{j}]"
     return None
+
+
+def _empty(value: Any) -> bool:
+    """A message field that says nothing (an SDK's message object passed back carries
+    ``annotations: []``, ``audio: null``, ``refusal: null``)."""
+    return value is None or value == [] or value == {}
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ class FinalWrite:
     grant: int  # the reservation to release
     billed: int  # the tokens to bill instead
     fields: Doc  # the final record's fields
+    lease_id: str | None = None  # admitted from this lease: billed from it, once
     settled: bool = False
     usage: Doc | None = field(default=None)
 
@@ -39,9 +40,14 @@ class FinalWrite:
         """Settle (once) and write the final record; True when this write ended the record (a
         record no longer ``streaming`` is left alone). Raises ``ServiceError`` (MongoDB away)."""
         if not self.settled:
-            self.usage = await store.settle_usage(
-                self.user_id, self.period, self.message_id, grant=self.grant, billed=self.billed
-            )
+            if self.lease_id is None:
+                self.usage = await store.settle_usage(
+                    self.user_id, self.period, self.message_id, grant=self.grant, billed=self.billed
+                )
+            else:
+                self.usage = await store.settle_leased(
+                    self.user_id, self.period, self.lease_id, self.message_id, billed=self.billed
+                )
             self.settled = True
         return await store.finish_message(self.message_id, self.fields)
 

@@ -45,6 +45,7 @@ from service.stream.assembly import Assembly
 from service.stream.context import ContextCache, fit_to_window, history_messages
 from service.stream.events import Final
 from service.stream.finals import FinalWrite
+from service.stream.leases import Leases
 from service.stream.live import LiveStream
 from service.stream.registry import StreamRegistry
 from service.tokens import TokenCounter, estimate_tokens
@@ -98,6 +99,7 @@ class TurnProducer:
         counter_for: Callable[[ModelSpec], TokenCounter],
         registry: StreamRegistry,
         context_cache: ContextCache | None = None,
+        leases: Leases | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -107,6 +109,7 @@ class TurnProducer:
         self.counter_for = counter_for
         self.registry = registry
         self.context_cache = context_cache or ContextCache(settings.context_cache_chats)
+        self.leases = leases
 
     async def start(self, inp: TurnInput, *, message_id: str | None = None) -> Turn:
         """Admit a turn and start it; a refusal is a ``ServiceError``. With a claimed key
@@ -153,7 +156,8 @@ class TurnProducer:
         now = utcnow()
         period = period_of(now)
         try:
-            reservation = await self.store.reserve(
+            reservation = await self._reserve(
+                inp.transport,
                 ReserveRequest(
                     user_id=inp.user_id,
                     period=period,
@@ -173,7 +177,7 @@ class TurnProducer:
                     max_concurrent=(
                         0 if inp.transport == "sse" else self.settings.max_concurrent_turns_per_user
                     ),
-                )
+                ),
             )
         except (RateLimited, BudgetExceeded) as exc:
             REJECTIONS.labels(exc.code).inc()
@@ -194,6 +198,14 @@ class TurnProducer:
             history=history,
         )
         return turn, text, seq, now
+
+    async def _reserve(self, transport: str, req: ReserveRequest) -> Reservation:
+        """Programs' turns (``/v1``, WebSocket) from this replica's lease on the user's month,
+        in memory while it has room; the page's one at a time (its message gap is a rule
+        between two sends, not a quantity a lease could hold)."""
+        if transport == "sse" or self.leases is None:
+            return await self.store.reserve(req)
+        return await self.leases.admit(req)
 
     async def _count_prompt(
         self, spec: ModelSpec, provider: Provider, counter: TokenCounter, request: CompletionRequest
@@ -562,6 +574,7 @@ class Turn:
             "transport": self.inp.transport,
             "period": self.period,
             "reservation": self.reservation.grant,
+            **({"lease": self.reservation.lease_id} if self.reservation.lease_id else {}),
             "prompt_tokens": self.prompt_tokens,
             "encoding": self.spec.encoding,
             "alive_at": now,
@@ -651,6 +664,7 @@ class Turn:
             self.message_id,
             grant=self.reservation.grant,
             billed=prompt + completion,
+            lease_id=self.reservation.lease_id,
             fields={
                 **self._extras(),
                 **({"meta": self.live.meta} if self.live.meta else {}),
@@ -664,6 +678,9 @@ class Turn:
             },
         )
         limit = remaining = 0
+        leases = self.p.leases
+        if write.lease_id is not None and leases is not None:  # its grant is free again
+            leases.ended(self.inp.user_id, self.period, grant=write.grant, billed=write.billed)
         try:
             finished = await write.apply(self.p.store)
             self._remember_context(content, status, finished)
@@ -676,7 +693,11 @@ class Turn:
             self.p.registry.remove(self.message_id)
         if write.usage is not None:
             limit = int(write.usage.get("limit", self.p.settings.default_token_limit))
-            remaining = max(0, limit - int(write.usage["used"]) - int(write.usage["reserved"]))
+            spent = int(write.usage["used"]) + int(write.usage["reserved"])
+            if write.lease_id is not None and leases is not None:  # the lease's room is yours
+                spent -= leases.free(self.inp.user_id, self.period)
+                leases.observe(self.inp.user_id, self.period, write.usage)
+            remaining = max(0, limit - spent)
         self.final = Final(
             message_id=self.message_id,
             status=status,

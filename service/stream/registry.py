@@ -19,6 +19,7 @@ import structlog
 
 from service.metrics import ACTIVE_STREAMS, DETACHED, FOLLOWERS
 from service.stream.finals import PendingFinals
+from service.stream.leases import Leases
 from service.stream.live import Follower, LiveStream
 
 log = structlog.get_logger("service.stream")
@@ -27,6 +28,7 @@ log = structlog.get_logger("service.stream")
 class StreamRegistry:
     def __init__(self) -> None:
         self.replica_id = uuid.uuid4().hex  # this process, in heartbeats and on its turns
+        self.leases: Leases | None = None  # this replica's leases on users' months
         self.streams: dict[str, LiveStream] = {}
         self.followers: set[Follower] = set()
         self.followed: set[LiveStream] = set()  # this replica's turns followed from another

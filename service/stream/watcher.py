@@ -34,13 +34,18 @@ async def settle_interrupted(store: Store, doc: Doc) -> bool:
     counter = TokenCounter(doc.get("encoding"))
     completion = counter.count(content)
     prompt = int(doc.get("prompt_tokens", 0))
-    await store.settle_usage(
-        doc["user_id"],
-        doc["period"],
-        doc["_id"],
-        grant=int(doc["reservation"]),
-        billed=prompt + completion,
-    )
+    if doc.get("lease"):  # billed from its replica's lease, which the reaper releases
+        await store.settle_leased(
+            doc["user_id"], doc["period"], doc["lease"], doc["_id"], billed=prompt + completion
+        )
+    else:
+        await store.settle_usage(
+            doc["user_id"],
+            doc["period"],
+            doc["_id"],
+            grant=int(doc["reservation"]),
+            billed=prompt + completion,
+        )
     done = await store.finish_message(
         doc["_id"],
         {
@@ -82,9 +87,17 @@ async def reap(store: Store, settings: Settings) -> int:
         older_than=now - timedelta(seconds=settings.stale_stream_s)
     ):
         settled += await settle_interrupted(store, doc)
+    live = await store.live_replicas(since=now - timedelta(seconds=settings.stale_stream_s))
+    for usage in await store.dead_leases(live):
+        for entry in usage.get("open", []):
+            if entry.get("replica") and entry["replica"] not in live:
+                await store.release_lease(usage["user_id"], usage["period"], entry["mid"])
+                log.info("stream.lease_released", user_id=usage["user_id"], lease=entry["mid"])
     horizon = settings.upstream_total_timeout_s + settings.stale_stream_s
     for usage in await store.old_reservations(older_than=now - timedelta(seconds=horizon)):
         for entry in usage.get("open", []):
+            if entry.get("replica"):
+                continue  # a lease: released above when its replica is dead
             message = await store.get_message(entry["mid"])
             if message is not None and message.get("status") == "streaming":
                 settled += await settle_interrupted(store, message)
@@ -123,6 +136,8 @@ async def _control(store: Store, registry: StreamRegistry, settings: Settings) -
                 await registry.pending.retry(store)
             if registry.streams:
                 _flags(registry, await store.flagged_turns(), now)
+            if registry.leases is not None:
+                await registry.leases.release_idle(now)
             if now >= next_reap and registry.may_reap(now, settings.stale_stream_s):
                 next_reap = now + settings.reaper_interval_s
                 await reap(store, settings)

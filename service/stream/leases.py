@@ -1,0 +1,207 @@
+"""Budget leases: a program's turns admitted from memory, the user's month never overspent.
+
+A replica takes a **lease** on a user's month (one entry ``lease:<replica>`` in the usage
+document's ``open``, in the same conditional update that admits any turn: ``Store.take_lease``):
+tokens reserved for it, turn slots counted by the concurrency rule, requests taken from the
+per-minute bucket. Its program turns (``/v1``, WebSocket) are then admitted in memory while the
+lease has room (no MongoDB round trip before the upstream), and billed from it when they end
+(``Store.settle_leased``: ``used`` grows, the lease shrinks, once per turn). A lease that runs
+short is grown in one update (doubling with the turns it serves, at most half of what is left
+beyond the turn that asks, so other replicas keep room); one whose turns have all ended for
+``LEASE_IDLE_S`` is given back (``Store.release_lease``). A dead replica's leases are released
+by the reaper, and its turns billed from their checkpoints.
+
+What holds across replicas is what held before: every lease is taken within the user's limit,
+so turns never spend more than the limit plus one turn's grant; a turn slot or a request is
+counted when the lease takes it, so the concurrency and per-minute rules hold too (a slot
+leased and not in use is not another replica's until the lease is given back, at most
+``LEASE_IDLE_S`` after its last turn). ``reserved`` in the usage counts what leases hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import structlog
+
+from service.errors import BudgetExceeded, RateLimited, ServiceError
+from service.limits import Allowance, request_interval
+from service.store import Doc, LeaseRequest, Reservation, ReserveRequest, Store, allowance_of
+
+log = structlog.get_logger("service.stream")
+
+MAX_BATCH = 16  # the most turns' worth one growth of a lease asks for
+
+
+@dataclass(slots=True)
+class Lease:
+    user_id: str
+    period: str
+    lease_id: str
+    tokens: int = 0  # reserved for this replica (the entry's grant, as far as this replica knows)
+    held: int = 0  # of which granted to its running turns
+    turns: int = 0  # turn slots the lease holds
+    running: int = 0  # turns admitted from it and not ended
+    requests: int = 0  # requests taken from the bucket and not used yet
+    interval_ms: int = 0  # the bucket's interval when they were taken (0: no per-minute rule)
+    doc: Doc = field(default_factory=dict)  # the usage as of the last take (for the headers)
+    idle_since: float = 0.0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def admit(self, req: ReserveRequest, loop_now: float, *, full: bool = True) -> int:
+        """A grant from memory for one turn, or 0 when the lease has no room for it: its whole
+        ``want`` (``full``), or at least its ``need`` (what is left, as a reservation would)."""
+        free = self.tokens - self.held
+        if free < (req.want if full else req.need):
+            return 0
+        if req.max_concurrent and self.running >= self.turns:
+            return 0
+        if req.requests_per_minute and self.requests < 1:
+            return 0
+        grant = min(req.want, free)
+        self.held += grant
+        self.running += 1
+        if req.requests_per_minute:
+            self.requests -= 1
+        self.idle_since = loop_now
+        return grant
+
+
+class Leases:
+    """This replica's leases, by (user, period)."""
+
+    def __init__(self, store: Store, replica_id: str, *, idle_s: float) -> None:
+        self.store = store
+        self.idle_s = idle_s
+        self.replica_id = replica_id
+        self.lease_id = f"lease:{replica_id}"
+        self._leases: dict[tuple[str, str], Lease] = {}
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    async def admit(self, req: ReserveRequest) -> Reservation:
+        """Admit one turn: from the lease when it has room, else after growing it (one
+        conditional update, which refuses with the same errors as a reservation)."""
+        key = (req.user_id, req.period)
+        lease = self._leases.get(key)
+        if lease is None:
+            lease = self._leases[key] = Lease(req.user_id, req.period, self.lease_id)
+        loop = asyncio.get_running_loop()
+        grant = lease.admit(req, loop.time())
+        if grant:
+            return self._reservation(lease, req, grant)
+        async with lease.lock:  # one growth at a time; the others wait for it, then fit
+            grant = lease.admit(req, loop.time())
+            if not grant:
+                try:
+                    await self._grow(lease, req)
+                except BudgetExceeded as exc:  # the month has no more: what the lease has left
+                    grant = lease.admit(req, loop.time(), full=False)
+                    if not grant:
+                        _refused(exc, lease, req)
+                        raise
+                except RateLimited as exc:
+                    _refused(exc, lease, req)
+                    raise
+                grant = grant or lease.admit(req, loop.time(), full=False)
+            assert grant, "a lease that just grew has room for the turn that grew it"
+            return self._reservation(lease, req, grant)
+
+    async def _grow(self, lease: Lease, req: ReserveRequest) -> None:
+        # Turn slots: doubling with the turns running (a slot held and not used is another
+        # replica's to miss). Tokens: one turn's more than that, so the next turn of a client
+        # that sends one at a time fits too. Requests are cheap to hold (unused ones are still
+        # the user's, see ``_allowance``): a second's worth at a time.
+        batch = min(MAX_BATCH, max(1, 2 * lease.running))
+        requests = max(batch, req.requests_per_minute // 60)
+        tokens = (batch + 1) * req.want  # at most half of what the month has left (the update)
+        doc = (
+            await self.store.take_lease(
+                LeaseRequest(
+                    turn=req,
+                    lease_id=self.lease_id,
+                    replica=self.replica_id,
+                    want_tokens=tokens,
+                    want_turns=batch,
+                    want_requests=requests,
+                )
+            )
+            or {}
+        )
+        entry = next(e for e in doc["open"] if e["mid"] == self.lease_id)
+        took = entry["took"]
+        lease.tokens += int(took["tokens"])
+        lease.turns += int(took["turns"])
+        lease.requests += int(took["requests"])
+        rpm = req.requests_per_minute
+        lease.interval_ms = request_interval(rpm) // timedelta(milliseconds=1) if rpm else 0
+        lease.doc = doc
+
+    def _reservation(self, lease: Lease, req: ReserveRequest, grant: int) -> Reservation:
+        return Reservation(
+            grant=grant, allowance=self._allowance(lease, req), lease_id=lease.lease_id
+        )
+
+    @staticmethod
+    def _allowance(lease: Lease, req: ReserveRequest) -> Allowance:
+        return _theirs(lease, allowance_of(lease.doc, req.default_limit, req.now), req)
+
+    def observe(self, user_id: str, period: str, doc: Doc | None) -> None:
+        """The usage as a turn's final write left it: the freshest for the next headers."""
+        lease = self._leases.get((user_id, period))
+        if lease is not None and doc:
+            lease.doc = doc
+
+    def ended(self, user_id: str, period: str, *, grant: int, billed: int) -> None:
+        """A turn admitted from the lease ended: its grant is free again, less what it spent
+        (which its final write moves from the lease to ``used``)."""
+        lease = self._leases.get((user_id, period))
+        if lease is None:
+            return
+        lease.held -= grant
+        lease.tokens -= billed
+        lease.running -= 1
+        lease.idle_since = asyncio.get_running_loop().time()
+
+    def free(self, user_id: str, period: str) -> int:
+        """Tokens this replica's lease holds for the user's next turns (no turn's grant)."""
+        lease = self._leases.get((user_id, period))
+        return max(0, lease.tokens - lease.held) if lease is not None else 0
+
+    async def release_idle(self, loop_now: float, *, everything: bool = False) -> int:
+        """Give back the leases with no running turn for ``idle_s`` (``everything``: every
+        lease with no running turn, at shutdown); how many were given back."""
+        released = 0
+        for key, lease in list(self._leases.items()):
+            idle = not lease.running and not lease.lock.locked()
+            if not idle or not (everything or loop_now - lease.idle_since >= self.idle_s):
+                continue
+            del self._leases[key]  # a turn arriving now takes a new lease
+            try:
+                await self.store.release_lease(
+                    lease.user_id, lease.period, lease.lease_id, lease.requests, lease.interval_ms
+                )
+            except ServiceError as exc:  # the reaper releases it once this replica is gone
+                log.warning("stream.lease_release_failed", user_id=lease.user_id, code=exc.code)
+                continue
+            released += 1
+        return released
+
+
+def _theirs(lease: Lease, seen: Allowance, req: ReserveRequest) -> Allowance:
+    """The usage as the user sees it: what the lease holds beyond its running turns' grants,
+    and the requests it took and did not use yet, are still theirs to spend."""
+    free = max(0, lease.tokens - lease.held)
+    due = seen.requests_due
+    if due is not None and req.requests_per_minute:
+        due -= lease.requests * request_interval(req.requests_per_minute)
+    return dataclasses.replace(seen, reserved=max(0, seen.reserved - free), requests_due=due)
+
+
+def _refused(exc: RateLimited | BudgetExceeded, lease: Lease, req: ReserveRequest) -> None:
+    if exc.allowance is not None:
+        exc.allowance = _theirs(lease, exc.allowance, req)

@@ -1,0 +1,157 @@
+"""Budget leases: programs' turns admitted from a replica's lease on the user's month, every
+cross-replica rule kept (two real service processes on one SecantusDB where it matters)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+from service.app import create_app
+from service.keys import STORE
+from service.store import open_turns
+from service.tokens import TokenCounter
+from tests.conftest import TEST_MODELS
+from tests.fake_openai import Script
+from tests.faults import settled
+from tests.processes import eventually, new_chat, session, wait_until
+
+HI = [{"role": "user", "content": "Hi"}]
+BODY = {"model": "gpt-test", "messages": HI}
+SPEC = next(m for m in TEST_MODELS if m["name"] == "gpt-test")
+PROMPT = TokenCounter().count_messages(HI)
+WANT = PROMPT + SPEC["max_output_tokens"]  # one turn's full grant
+
+
+async def usage(db) -> dict[str, Any]:
+    return await db.usage.find_one({"user_id": "alice"}) or {}
+
+
+def lease_of(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return [e for e in doc.get("open") or () if e.get("replica")]
+
+
+async def test_a_burst_of_program_turns_is_admitted_from_one_lease(
+    aiohttp_client, stream_settings, fake_openai, auth
+):
+    """The first turn takes the lease; the next ones of the burst are admitted from memory
+    (the lease entry is not touched again); once idle, the lease goes back and the month is
+    exactly the turns' usage."""
+    client = await aiohttp_client(create_app(stream_settings(lease_idle_s=30.0)))
+    db = client.app[STORE].db
+    fake_openai.default = Script(chunks=["a ", "b"], usage=(10, 2))
+    resp = await client.post("/v1/chat/completions", json=BODY, headers=auth())
+    assert resp.status == 200
+    (first,) = lease_of(await usage(db))
+    assert first["took"]["tokens"] == 2 * WANT and first["turns"] == 1  # this turn's, the next's
+    for _ in range(3):  # one at a time: the lease has room for each
+        resp = await client.post("/v1/chat/completions", json=BODY, headers=auth())
+        assert resp.status == 200
+    doc = await usage(db)
+    (lease,) = lease_of(doc)
+    assert lease["at"] == first["at"] and lease["took"] == first["took"]  # no second take
+    assert doc["used"] == 4 * 12 and doc["reserved"] == lease["grant"]  # billed as it went
+    # Headers and the final event say what the user may still spend: the lease's room is theirs.
+    body = await resp.json()
+    assert body["usage"]["total_tokens"] == 12
+    assert resp.headers["x-ratelimit-remaining-tokens"] == str(100_000 - 3 * 12 - WANT)
+
+
+async def test_an_idle_lease_goes_back(aiohttp_client, stream_settings, fake_openai, auth):
+    client = await aiohttp_client(create_app(stream_settings(lease_idle_s=0.2)))
+    fake_openai.default = Script(chunks=["a ", "b"], usage=(10, 2))
+    for _ in range(2):
+        assert (await client.post("/v1/chat/completions", json=BODY, headers=auth())).status == 200
+    await settled(client.app[STORE].db)  # reserved 0, nothing open: the lease was given back
+    doc = await usage(client.app[STORE].db)
+    assert doc["used"] == 24 and doc["open"] == []
+
+
+async def test_thirty_turns_over_two_replicas_never_overspend(services, fake_openai, token_for, db):
+    """30 turns of one user at once, half on each replica, on a budget for five: while all are
+    held by the upstream, the month's reservations never pass the limit; at the end the usage is
+    exactly the turns' and at most the limit plus one grant."""
+    limit = 5 * WANT + PROMPT + 100
+    a, b = await services.start("a", "b", default_token_limit=limit, lease_idle_s=0.2)
+    fake_openai.default = Script(chunks=["x ", "y"], gate_after=1, usage=None)
+    async with session(a, token_for("alice")) as on_a, session(b, token_for("alice")) as on_b:
+        streamed = {**BODY, "stream": True}  # answered once the upstream opened
+        responses = await asyncio.gather(
+            *(http.post("/v1/chat/completions", json=streamed) for http in [on_a, on_b] * 15)
+        )
+        try:
+            admitted = [r for r in responses if r.status == 200]
+            refused = [r for r in responses if r.status != 200]
+            assert 1 <= len(admitted) <= 6 and len(admitted) + len(refused) == 30
+            for r in refused:
+                err = (await r.json())["error"]
+                assert r.status == 429 and err["code"] == "insufficient_quota"
+            held = await usage(db)
+            assert held["used"] == 0 and held["reserved"] <= limit
+            grants = [m["reservation"] async for m in db.messages.find({"status": "streaming"})]
+            assert len(grants) == len(admitted) and sum(grants) <= limit
+        finally:
+            fake_openai.gate.set()
+            for r in responses:
+                await r.read()
+                r.release()
+    await settled(db, deadline_s=10)
+    done = await usage(db)
+    totals = [m["tokens"]["total"] async for m in db.messages.find({"role": "assistant"})]
+    assert done["used"] == sum(totals) <= limit + max(grants)
+
+
+async def test_a_killed_replicas_lease_is_released_and_spendable_elsewhere(
+    services, fake_openai, token_for, db
+):
+    """A holds a lease (its idle time is long); A is SIGKILLed; the reaper on B gives the lease
+    back, and the room it held is B's to grant."""
+    limit = WANT + PROMPT + 10  # one full turn, then not enough while A's lease holds the rest
+    (a,) = await services.start("a", default_token_limit=limit, lease_idle_s=300)
+    (b,) = await services.start("b", default_token_limit=limit)
+    fake_openai.default = Script(chunks=["x ", "y"], usage=(PROMPT, 2))
+    async with session(a, token_for("alice")) as on_a, session(b, token_for("alice")) as on_b:
+        async with on_a.post("/v1/chat/completions", json=BODY) as resp:
+            assert resp.status == 200
+        held = await usage(db)
+        (lease,) = lease_of(held)
+        assert held["used"] == PROMPT + 2 and held["reserved"] == lease["grant"] > 0
+        async with on_b.post("/v1/chat/completions", json=BODY) as resp:  # A's lease holds it
+            assert (
+                resp.status == 429 and (await resp.json())["error"]["code"] == "insufficient_quota"
+            )
+
+        a.send(signal.SIGKILL)
+        assert await a.wait_exit(5) == -signal.SIGKILL
+
+        async def released() -> bool:
+            doc = await usage(db)
+            return doc["reserved"] == 0 and doc["open"] == []
+
+        await eventually(released, 10, "the dead replica's lease released")
+        async with on_b.post("/v1/chat/completions", json=BODY) as resp:
+            assert resp.status == 200
+    await wait_until(lambda: b.events("stream.lease_released"), 5, "B's log line")
+    await settled(db, deadline_s=10)
+    totals = [m["tokens"]["total"] async for m in db.messages.find({"role": "assistant"})]
+    assert (await usage(db))["used"] == sum(totals)
+
+
+async def test_a_chat_deleted_on_one_replica_refuses_its_next_turn_on_the_other(
+    services, fake_openai, token_for
+):
+    a, b = await services.start("a", "b")
+    async with session(a, token_for("alice")) as on_a, session(b, token_for("alice")) as on_b:
+        chat = await new_chat(on_a)
+        headers = {"X-Chat-Id": chat}
+        async with on_b.post("/v1/chat/completions", json=BODY, headers=headers) as resp:
+            assert resp.status == 200  # B knows the chat now (and holds a lease)
+        async with on_a.delete(f"/api/chat/{chat}") as resp:
+            assert resp.status == 200
+        async with on_b.post("/v1/chat/completions", json=BODY, headers=headers) as resp:
+            assert resp.status == 404 and (await resp.json())["error"]["code"] == "chat_not_found"
+
+
+def test_open_turns_counts_a_leases_turns():
+    doc = {"open": [{"mid": "m", "grant": 5}, {"mid": "lease:r", "replica": "r", "turns": 3}]}
+    assert open_turns(doc) == 4
