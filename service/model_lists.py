@@ -1,7 +1,8 @@
 """Model lists as live data: a configured model is offered only while its upstream lists it.
 
 Each provider's list, as its upstream returns it for the gateway's own key (OpenAI-compatible
-``GET /models``, Gemini ``models.list``), is cached for ``MODEL_LIST_TTL_S``.
+``GET /models``, Gemini ``models.list``, Anthropic ``GET /v1/models``), is cached for
+``MODEL_LIST_TTL_S``.
 A configured model its upstream stopped listing is hidden from ``/api/models`` and ``/v1/models``
 and refused with ``404 model_not_found`` until it is listed again. Providers without a list (the
 demo model) are always live.

@@ -8,14 +8,22 @@ entry stops it with a message naming the entry.
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from service.errors import NotFound
 from service.settings import Settings, SettingsError
 
-ProviderName = Literal["demo", "openai", "gemini"]
+ProviderName = Literal["demo", "openai", "gemini", "anthropic"]
 
 
 class ModelSpec(BaseModel):
@@ -28,6 +36,25 @@ class ModelSpec(BaseModel):
     max_output_tokens: int = Field(4096, ge=1)
     encoding: str | None = "o200k_base"  # None: no local tokenizer, use the estimate
     enabled: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_local_tokenizer(cls, data: Any) -> Any:
+        """An Anthropic model's prompts are counted by Anthropic's count_tokens (OpenAI's
+        tokenizer would miscount Claude's tokens): its ``encoding`` defaults to null."""
+        if isinstance(data, dict) and data.get("provider") == "anthropic":
+            data = {"encoding": None, **data}
+        return data
+
+    @field_validator("encoding")
+    @classmethod
+    def _counted_upstream(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("provider") == "anthropic":
+            raise ValueError(
+                "an Anthropic model is counted by Anthropic's count_tokens: "
+                "leave 'encoding' out or set it to null"
+            )
+        return value
 
     @property
     def upstream(self) -> str:

@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     gemini_base_url: str = "https://generativelanguage.googleapis.com/v1beta"
     gemini_api_key: SecretStr | None = None
     gemini_safety_settings: str | None = None  # JSON list of {category, threshold}
+    anthropic_base_url: str = "https://api.anthropic.com"  # with or without /v1
+    anthropic_api_key: SecretStr | None = None
     model_list_ttl_s: float = Field(300.0, ge=1)  # how long an upstream's model list is trusted
     demo_token_delay_ms: int = Field(30, ge=0, le=10_000)
     upstream_connect_timeout_s: float = Field(10.0, gt=0)

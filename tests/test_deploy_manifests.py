@@ -67,7 +67,13 @@ MONITORING_NAMESPACE = "monitoring"
 APP = "chat-gateway"
 CONTAINER = "chat-gateway"
 SECRET_NAME = "chat-gateway-secrets"
-SECRET_ENV = ("MONGODB_URI", "JWT_SECRET", "OPENAI_API_KEY", "GEMINI_API_KEY")
+SECRET_ENV = (
+    "MONGODB_URI",
+    "JWT_SECRET",
+    "OPENAI_API_KEY",
+    "GEMINI_API_KEY",
+    "ANTHROPIC_API_KEY",
+)
 REQUIRED_SECRET_ENV = ("MONGODB_URI",)
 # Names that look secret but are not.
 NOT_SECRET = frozenset({"DEV_TOKEN_ENDPOINT", "DEFAULT_TOKEN_LIMIT", "JWT_PUBLIC_KEY"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import aiohttp
 
 from service.models import Catalogue, ModelSpec
+from service.providers.anthropic import AnthropicProvider
 from service.providers.base import Provider, RetryPolicy
 from service.providers.demo import DemoProvider
 from service.providers.gemini import GeminiProvider
@@ -54,6 +55,15 @@ def build_providers(
             base_url=settings.gemini_base_url,
             api_key=key,
             safety_settings=settings.gemini_safety_settings,
+            retry=retry_policy(settings),
+            timeout=upstream_timeout(settings),
+        )
+    if any(m.provider == "anthropic" for m in catalogue.all()):
+        key = settings.anthropic_api_key.get_secret_value() if settings.anthropic_api_key else None
+        providers["anthropic"] = AnthropicProvider(
+            session,
+            base_url=settings.anthropic_base_url,
+            api_key=key,
             retry=retry_policy(settings),
             timeout=upstream_timeout(settings),
         )

@@ -1,0 +1,307 @@
+"""An Anthropic Messages stream (``event:`` + ``data:`` SSE) as the turn's ``Chunk``s.
+
+Events: ``message_start`` (the input usage), ``content_block_start`` / ``_delta`` / ``_stop``
+per content block, ``message_delta`` (the stop reason and the cumulative usage),
+``message_stop`` (the end: nothing after it is read), ``ping`` (ignored), ``error`` (the
+turn fails: ``overloaded_error`` is ``upstream_unavailable``, ``rate_limit_error``
+``upstream_rate_limited``, ...; the vendor's words go to the log only, redacted). Event types
+and blocks this reader does not know are skipped, as Anthropic asks of clients.
+
+A ``text_delta`` is choice 0's text (``Chunk.text``, nothing else built). Other steps are
+frames in OpenAI's chunk shape: a ``thinking_delta`` is ``reasoning_content``; a ``tool_use``
+block is a tool call (``index`` counting the answer's tool calls from 0, Anthropic's id and the
+name with empty arguments at its start, then each ``input_json_delta``'s ``partial_json``;
+a block that streamed no input closes with ``{}``, so the arguments always parse).
+``signature_delta`` and ``redacted_thinking`` carry nothing a chat-completions client can
+use and are not relayed.
+
+Stop reasons: ``end_turn``/``stop_sequence`` -> ``stop``; ``max_tokens`` and
+``model_context_window_exceeded`` -> ``length``; ``tool_use`` -> ``tool_calls``; ``refusal``
+-> ``content_filter`` (the text so far is kept); ``pause_turn`` stays ``pause_turn`` (a server
+tool's long turn, to be continued by sending the answer back; the OpenAI route reports it as
+``stop``); a reason added later -> ``other``.
+
+Usage is exact: ``message_start``'s counts, overlaid by each ``message_delta``'s (cumulative)
+ones. ``prompt_tokens`` = ``input_tokens`` + ``cache_creation_input_tokens`` +
+``cache_read_input_tokens`` (OpenAI counts cached tokens in the prompt), cached =
+``cache_read_input_tokens``, ``completion_tokens`` = ``output_tokens`` (thinking included, as
+Anthropic bills it), reasoning = ``output_tokens_details.thinking_tokens`` when reported. The
+details are OpenAI's (``prompt_tokens_details.cached_tokens``,
+``completion_tokens_details.reasoning_tokens``) plus Anthropic's own counts under
+``anthropic``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, TypeGuard
+
+import aiohttp
+import orjson
+import structlog
+
+from service.errors import UpstreamError
+from service.providers.base import Chunk, Usage, error_for_exception, log_upstream_body
+from service.providers.sse import SSEDecoder, SSEEvent
+
+log = structlog.get_logger("service.providers")
+
+FINISH = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+    "pause_turn": "pause_turn",
+}
+ERRORS = {
+    "overloaded_error": "upstream_unavailable",
+    "api_error": "upstream_unavailable",
+    "rate_limit_error": "upstream_rate_limited",
+    "timeout_error": "upstream_timeout",
+    "authentication_error": "upstream_auth",
+    "permission_error": "upstream_auth",
+    "invalid_request_error": "upstream_bad_request",
+    "request_too_large": "upstream_bad_request",
+    "not_found_error": "upstream_bad_request",
+}
+PROMPT_COUNTS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+ORIGINALS = (
+    *PROMPT_COUNTS,
+    "output_tokens",
+    "output_tokens_details",
+    "cache_creation",
+    "server_tool_use",
+    "service_tier",
+)
+
+
+async def chunks(resp: aiohttp.ClientResponse, secrets: tuple[str, ...]) -> AsyncIterator[Chunk]:
+    """The chunks of one stream; those one network read brought, together (``Chunk.more`` on
+    all but the last of them). Closing the iterator closes the connection."""
+    decoder = SSEDecoder()
+    reader = Reader(secrets)
+    event: SSEEvent | None = None
+    chunk: Chunk | None = None
+    held: Chunk | None = None  # the read's latest chunk: ``more`` is known at the next one
+    try:
+        async for data in resp.content.iter_any():
+            failure: UpstreamError | None = None
+            for event in decoder.feed(data):
+                try:
+                    chunk = reader.chunk(event)
+                except UpstreamError as exc:  # after what came before it in this read
+                    failure = exc
+                    break
+                if chunk is not None:
+                    if held is not None:
+                        held.more = True
+                        yield held
+                    held = chunk
+                if reader.ended:
+                    break
+            if held is not None:
+                yield held
+            if failure is not None:
+                raise failure
+            data, event, chunk, held = b"", None, None, None  # not held while the next read waits
+            if reader.ended:
+                return
+        for event in decoder.finish():
+            chunk = reader.chunk(event)
+            if chunk is not None:
+                yield chunk
+            if reader.ended:
+                return
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise error_for_exception(exc) from exc
+    finally:
+        resp.close()
+    if not reader.finished:  # a close after the stop reason is complete; otherwise a cut
+        raise UpstreamError("upstream_bad_response", "the Anthropic stream ended before its end")
+
+
+class Reader:
+    """One stream's events: its usage so far, its tool blocks, whether it has finished."""
+
+    __slots__ = ("_secrets", "_tools", "ended", "finished", "usage")
+
+    def __init__(self, secrets: tuple[str, ...] = ()) -> None:
+        self._secrets = secrets
+        self._tools: dict[int, _Tool] = {}  # by content block index
+        self.usage: dict[str, Any] = {}
+        self.finished = False  # the stop reason came (message_delta)
+        self.ended = False  # message_stop came
+
+    def chunk(self, event: SSEEvent) -> Chunk | None:
+        if event.event == "ping":
+            return None
+        frame = self._load(event.data)
+        kind = frame.get("type")
+        if kind == "content_block_delta":
+            return self._delta(frame)
+        if kind == "content_block_start":
+            return self._start(frame)
+        if kind == "content_block_stop":
+            return self._stop(frame)
+        if kind == "message_delta":
+            return self._message_delta(frame)
+        if kind == "message_start":
+            message = frame.get("message")
+            usage = message.get("usage") if isinstance(message, dict) else None
+            if isinstance(usage, dict):
+                self.usage = dict(usage)
+        elif kind == "message_stop":
+            self.ended = True
+        elif kind == "error":
+            raise self._error(frame, event.data)
+        return None
+
+    def _load(self, data: str) -> dict[str, Any]:
+        try:
+            frame = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise _malformed("not JSON") from exc
+        if not isinstance(frame, dict):
+            raise _malformed("not an object")
+        return frame
+
+    # ------------------------------------------------------------------ blocks
+    def _delta(self, frame: dict[str, Any]) -> Chunk | None:
+        delta = frame.get("delta")
+        if not isinstance(delta, dict):
+            raise _malformed("delta")
+        kind = delta.get("type")
+        if kind == "text_delta":
+            return Chunk(_string(delta, "text"))
+        if kind == "thinking_delta":
+            thinking = _string(delta, "thinking")
+            return Chunk(frame=_step({"reasoning_content": thinking})) if thinking else None
+        if kind == "input_json_delta":
+            tool = self._tools.get(_index(frame))
+            partial = _string(delta, "partial_json")
+            if tool is None or not partial:
+                return None
+            tool.streamed = True
+            return Chunk(frame=_call({"index": tool.index, "function": {"arguments": partial}}))
+        return None  # signature_delta, citations_delta, kinds added later
+
+    def _start(self, frame: dict[str, Any]) -> Chunk | None:
+        block = frame.get("content_block")
+        if not isinstance(block, dict):
+            raise _malformed("content_block")
+        kind = block.get("type")
+        if kind == "text":
+            text = block.get("text") or ""
+            return Chunk(text) if isinstance(text, str) and text else None
+        if kind == "thinking":
+            thinking = block.get("thinking")
+            if isinstance(thinking, str) and thinking:
+                return Chunk(frame=_step({"reasoning_content": thinking}))
+            return None
+        if kind != "tool_use":
+            return None  # redacted thinking, server tools' blocks, kinds added later
+        call_id, name = block.get("id"), block.get("name")
+        if not isinstance(call_id, str) or not isinstance(name, str):
+            raise _malformed("tool_use")
+        tool = self._tools[_index(frame)] = _Tool(len(self._tools), block.get("input"))
+        function = {"name": name, "arguments": ""}
+        return Chunk(
+            frame=_call(
+                {"index": tool.index, "id": call_id, "type": "function", "function": function}
+            )
+        )
+
+    def _stop(self, frame: dict[str, Any]) -> Chunk | None:
+        tool = self._tools.get(_index(frame))
+        if tool is None or tool.streamed:
+            return None
+        tool.streamed = True
+        arguments = orjson.dumps(tool.input if isinstance(tool.input, dict) else {}).decode()
+        return Chunk(frame=_call({"index": tool.index, "function": {"arguments": arguments}}))
+
+    # ------------------------------------------------------------------ message
+    def _message_delta(self, frame: dict[str, Any]) -> Chunk:
+        usage = frame.get("usage")
+        if isinstance(usage, dict):
+            self.usage.update((k, v) for k, v in usage.items() if v is not None)
+        delta = frame.get("delta")
+        reason = delta.get("stop_reason") if isinstance(delta, dict) else None
+        if reason is not None and not isinstance(reason, str):
+            raise _malformed("stop_reason")
+        chunk = Chunk(usage=usage_of(self.usage))
+        if reason is not None:
+            self.finished = True
+            chunk.finish_reason = FINISH.get(reason, "other")
+        return chunk
+
+    def _error(self, frame: dict[str, Any], data: str) -> UpstreamError:
+        log_upstream_body("anthropic", None, data, self._secrets)
+        error = frame.get("error")
+        kind = error.get("type") if isinstance(error, dict) else None
+        kind = kind if isinstance(kind, str) else "unknown"
+        code = ERRORS.get(kind, "upstream_bad_response")
+        return UpstreamError(code, f"the upstream reported an error mid-stream ({kind[:64]})")
+
+
+class _Tool:
+    __slots__ = ("index", "input", "streamed")
+
+    def __init__(self, index: int, input_: Any) -> None:
+        self.index = index  # among the answer's tool calls
+        self.input = input_  # what content_block_start said (``{}`` for a streamed input)
+        self.streamed = False  # some input went out
+
+
+def usage_of(usage: dict[str, Any]) -> Usage | None:
+    """Anthropic's usage in OpenAI's terms (see the module's doc); None when a count is missing
+    or malformed (the answer is then counted locally)."""
+    counts = [0 if usage.get(k) is None else usage[k] for k in PROMPT_COUNTS]
+    output = usage.get("output_tokens")
+    if "input_tokens" in usage and _count(output) and all(map(_count, counts)):
+        return _usage(counts, output, usage)
+    log.warning("upstream.malformed_usage", provider="anthropic")
+    return None
+
+
+def _usage(counts: list[int], output: int, usage: dict[str, Any]) -> Usage:
+    details = usage.get("output_tokens_details")
+    thinking = details.get("thinking_tokens", 0) if isinstance(details, dict) else 0
+    thinking = thinking if _count(thinking) else 0
+    cached = counts[2]
+    openai: dict[str, Any] = {"prompt_tokens_details": {"cached_tokens": cached}}
+    if isinstance(details, dict):
+        openai["completion_tokens_details"] = {"reasoning_tokens": thinking}
+    openai["anthropic"] = {k: usage[k] for k in ORIGINALS if usage.get(k) is not None}
+    return Usage(sum(counts), output, cached, thinking, openai)
+
+
+def _step(delta: dict[str, Any]) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}
+
+
+def _call(call: dict[str, Any]) -> dict[str, Any]:
+    return _step({"tool_calls": [call]})
+
+
+def _index(frame: dict[str, Any]) -> int:
+    index = frame.get("index")
+    if not isinstance(index, int):
+        raise _malformed("index")
+    return index
+
+
+def _string(delta: dict[str, Any], key: str) -> str:
+    value = delta.get(key)
+    if not isinstance(value, str):
+        raise _malformed(key)
+    return value
+
+
+def _count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _malformed(where: str) -> UpstreamError:
+    return UpstreamError("upstream_bad_response", f"malformed upstream event ({where})")
