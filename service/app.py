@@ -13,7 +13,7 @@ from aiohttp import web
 from pymongo.errors import PyMongoError
 
 from service import metrics
-from service.api import chats, health, messages, openai_compat, page, ws
+from service.api import anthropic_compat, chats, health, messages, openai_compat, page, ws
 from service.auth import Authenticator
 from service.keys import (
     ADMISSIONS,
@@ -193,6 +193,7 @@ def create_app(settings: Settings) -> web.Application:
     chats.setup(app)
     messages.setup(app)
     openai_compat.setup(app)
+    anthropic_compat.setup(app)
     ws.setup(app)
     page.setup(app)
     metrics.setup(app)

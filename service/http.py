@@ -203,3 +203,48 @@ def openai_error_parts(exc: ServiceError) -> tuple[int, dict[str, Any], dict[str
 def openai_error_response(exc: ServiceError) -> web.Response:
     status, body, headers = openai_error_parts(exc)
     return json_response(body, status=status, headers=headers)
+
+
+# --------------------------------------------------------------------------- Anthropic error shape
+# Anthropic's error types by status; a status it has no type for takes the client's or the
+# server's general one.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error_parts(
+    exc: ServiceError, request_id: str | None = None
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """``exc`` as Anthropic renders errors: status, ``{"type": "error", "error": {type,
+    message}, "request_id"}`` and headers. The month's budget is a 429 ``rate_limit_error``
+    (as Anthropic's own spend limits are) with ``x-should-retry: false``, so the SDKs do not
+    retry what only a new period or a higher limit can fix."""
+    headers = dict(exc.headers)
+    status = exc.status
+    if exc.code == "budget_exceeded":
+        status = 429
+        headers["x-should-retry"] = "false"
+    kind = _ANTHROPIC_TYPES.get(status) or (
+        "api_error" if status >= 500 else "invalid_request_error"
+    )
+    body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": exc.message}}
+    if request_id is not None:
+        body["request_id"] = request_id
+        headers["request-id"] = request_id
+    return status, body, headers
+
+
+def anthropic_error_response(exc: ServiceError, request_id: str | None = None) -> web.Response:
+    status, body, headers = anthropic_error_parts(exc, request_id)
+    return json_response(body, status=status, headers=headers)

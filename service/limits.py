@@ -10,7 +10,8 @@ span the requests admitted are at most RPM plus one per interval in it (so at mo
 2 x RPM in one 60-second span that starts with a full bucket), and the refusal's wait is exact:
 until the next interval frees a request.
 
-The same figures answer OpenAI's ``x-ratelimit-*`` headers; the tokens are the month's budget.
+The same figures answer OpenAI's ``x-ratelimit-*`` headers and Anthropic's
+``anthropic-ratelimit-*`` ones; the tokens are the month's budget.
 """
 
 from __future__ import annotations
@@ -97,4 +98,28 @@ def rate_limit_headers(allowance: Allowance, *, rpm: int) -> dict[str, str]:
     headers["x-ratelimit-limit-tokens"] = str(allowance.limit)
     headers["x-ratelimit-remaining-tokens"] = str(allowance.remaining_tokens)
     headers["x-ratelimit-reset-tokens"] = duration(period_end(allowance.at) - allowance.at)
+    return headers
+
+
+def rfc3339(at: datetime) -> str:
+    """``at`` as Anthropic writes a reset time: RFC 3339, UTC, whole seconds rounded up (a
+    client that waits until then is never early)."""
+    up = at.replace(microsecond=0) + timedelta(seconds=1 if at.microsecond else 0)
+    return up.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def anthropic_rate_limit_headers(allowance: Allowance, *, rpm: int) -> dict[str, str]:
+    """Anthropic's ``anthropic-ratelimit-*`` headers from the same figures: requests (left out
+    when ``rpm`` is 0, off; reset: when the bucket is full again) and the month's tokens (reset:
+    the period's end). The budget counts input and output together, so there are no separate
+    ``-input-tokens-`` / ``-output-tokens-`` figures to give."""
+    headers: dict[str, str] = {}
+    prefix = "anthropic-ratelimit-"
+    if rpm:
+        headers[prefix + "requests-limit"] = str(rpm)
+        headers[prefix + "requests-remaining"] = str(allowance.remaining_requests(rpm))
+        headers[prefix + "requests-reset"] = rfc3339(allowance.at + allowance.requests_reset())
+    headers[prefix + "tokens-limit"] = str(allowance.limit)
+    headers[prefix + "tokens-remaining"] = str(allowance.remaining_tokens)
+    headers[prefix + "tokens-reset"] = rfc3339(period_end(allowance.at))
     return headers

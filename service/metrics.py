@@ -31,7 +31,7 @@ REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)  # RSS, CPU seconds, open fds: per live stream cost at a glance
 PlatformCollector(registry=REGISTRY)
 
-TRANSPORTS = ("sse", "ws", "openai")
+TRANSPORTS = ("sse", "ws", "openai", "anthropic")
 
 ACTIVE_STREAMS = Gauge(
     "gateway_active_streams",

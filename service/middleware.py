@@ -2,7 +2,9 @@
 
 ``request_context`` binds the request id to every log line, authenticates (``/api`` and ``/v1``),
 turns every exception into the one JSON error shape (a 500 keeps its traceback in the log only)
-and writes the access line.
+and writes the access line. ``/v1`` takes OpenAI's error shape, except the Anthropic-compatible
+routes (``/v1/messages``, ``/v1/messages/...``): they take Anthropic's, and also accept the token
+in ``x-api-key`` (what Claude Code and Anthropic's SDKs send for an API key).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from service.errors import PayloadTooLarge, ServiceError
-from service.http import error_response, openai_error_response
+from service.auth import Principal
+from service.errors import PayloadTooLarge, ServiceError, Unauthorized
+from service.http import anthropic_error_response, error_response, openai_error_response
 from service.keys import AUTH, PRINCIPAL, REQUEST_ID
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -29,6 +32,13 @@ PUBLIC_PREFIXES = ("/api/dev/",)
 SELF_AUTHENTICATING = frozenset({"/api/ws"})  # browsers cannot set headers on a WebSocket
 GUARDED_PREFIXES = ("/api/", "/v1/")
 SERVER_NAME = "chat-gateway"
+ANTHROPIC_ROUTE = "/v1/messages"
+API_KEY_HEADER = "x-api-key"
+
+
+def is_anthropic(path: str) -> bool:
+    """Whether ``path`` is one of the Anthropic-compatible routes (their errors, their key)."""
+    return path == ANTHROPIC_ROUTE or path.startswith(ANTHROPIC_ROUTE + "/")
 
 
 def _request_id(request: web.Request) -> str:
@@ -45,10 +55,18 @@ def _from_http_exception(exc: web.HTTPException) -> ServiceError:
     return err
 
 
+def _renderer(request: web.Request) -> Callable[[ServiceError], web.Response]:
+    """``/v1`` is the OpenAI-compatible API, and ``/v1/messages`` the Anthropic-compatible one:
+    their errors take their vendor's shape; ``/api`` keeps ours."""
+    if is_anthropic(request.path):
+        rid = request.get(REQUEST_ID)
+        return lambda exc: anthropic_error_response(exc, rid)
+    return openai_error_response if request.path.startswith("/v1/") else error_response
+
+
 def _to_response(request: web.Request, exc: BaseException) -> web.StreamResponse:
-    # ``/v1`` is the OpenAI-compatible API: its errors take OpenAI's shape, ``/api`` keeps ours.
     openai = request.path.startswith("/v1/")
-    render = openai_error_response if openai else error_response
+    render = _renderer(request)
     if isinstance(exc, ServiceError):
         return render(exc)
     if isinstance(exc, web.HTTPException):
@@ -118,7 +136,24 @@ async def authenticate(request: web.Request) -> Mapping[str, Any]:
         and not path.startswith(PUBLIC_PREFIXES)
         and path not in SELF_AUTHENTICATING
     ):
-        principal = await request.app[AUTH].verify_header(request.headers.get("Authorization"))
+        principal = await _verify(request)
         request[PRINCIPAL] = principal
         return structlog.contextvars.bind_contextvars(user_id=principal.user_id)
     return {}
+
+
+async def _verify(request: web.Request) -> Principal:
+    """The caller's token: ``Authorization: Bearer``, or on the Anthropic-compatible routes
+    ``x-api-key`` (which wins when both are sent, as it does at Anthropic)."""
+    auth = request.app[AUTH]
+    if is_anthropic(request.path):
+        key = request.headers.get(API_KEY_HEADER)
+        if key is not None:
+            if not key.strip():
+                raise Unauthorized("missing token: x-api-key is empty")
+            if not key.isascii():
+                raise Unauthorized("invalid token: not ASCII")
+            return await auth.verify(key.strip())
+        if "Authorization" not in request.headers:
+            raise Unauthorized("missing API key: send x-api-key or Authorization: Bearer")
+    return await auth.verify_header(request.headers.get("Authorization"))

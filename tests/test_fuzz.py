@@ -2,9 +2,10 @@
 path parameters, with and without a valid token, and random WebSocket frames.
 
 Whatever comes in: never a 5xx, every error is the documented JSON shape for its prefix
-(OpenAI's on /v1, ours elsewhere) with a request id, a stream that starts ends with its
-terminal event and never with ``internal_error``, and nothing is logged at error level. The
-routes are read from the router, so a new route is fuzzed without touching this file.
+(Anthropic's on /v1/messages, OpenAI's on the rest of /v1, ours elsewhere) with a request id, a
+stream that starts ends with its terminal event and never with ``internal_error``, and nothing
+is logged at error level. The routes are read from the router, so a new route is fuzzed without
+touching this file (a body template for it reaches its deep paths).
 
 Each request starts valid (the user's own ids, a well-formed body) and has some of its parts
 made hostile, so that the deep paths (streams, persisted turns, cancels) are reached as well as
@@ -73,7 +74,18 @@ BODY_TEMPLATES: dict[str, dict[str, Any]] = {
         "max_tokens": 8,
         "stream": True,
     },
+    "/v1/messages": {
+        "model": "demo",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 8,
+        "stream": True,
+    },
+    "/v1/messages/count_tokens": {"model": "demo", "messages": [{"role": "user", "content": "Hi"}]},
 }
+
+
+def anthropic_route(path: bytes) -> bool:
+    return path == b"/v1/messages" or path.startswith((b"/v1/messages/", b"/v1/messages?"))
 
 
 def header_bytes(rng: random.Random, size: int) -> bytes:
@@ -207,6 +219,9 @@ class Fuzzer:
             b"Accept": lambda: rng.choice([b"text/html", b"*/*", b"\xff"]),
             b"Origin": lambda: rng.choice([b"null", b"https://evil.example", b"\xff\xfe"]),
             b"Accept-Encoding": lambda: rng.choice([b"gzip", b"br", b"\xff"]),
+            b"x-api-key": lambda: rng.choice(
+                [self.tokens[self.user].encode(), b"", header_bytes(rng, rng.randint(1, 300))]
+            ),
         }
         return [(name, make()) for name, make in optional.items() if rng.random() < 0.4]
 
@@ -284,6 +299,12 @@ def check_error_shape(path: bytes, resp: raw_http.RawResponse) -> None:
     assert resp.headers.get("content-type", "").startswith("application/json"), where
     assert resp.headers.get("x-request-id"), where
     body = resp.json()
+    if anthropic_route(path):
+        assert isinstance(body, dict) and set(body) == {"type", "error", "request_id"}, where
+        assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, where
+        assert body["error"]["type"] != "api_error", where
+        assert isinstance(body["error"]["message"], str) and body["error"]["message"], where
+        return
     assert isinstance(body, dict) and set(body) == {"error"}, where
     err = body["error"]
     if path.startswith(b"/v1/"):
@@ -298,6 +319,10 @@ def check_error_shape(path: bytes, resp: raw_http.RawResponse) -> None:
 def check_stream(path: bytes, resp: raw_http.RawResponse) -> None:
     text = resp.body.decode()
     assert "internal_error" not in text, (path, text[-300:])
+    if anthropic_route(path):
+        events = [line[7:] for line in text.splitlines() if line.startswith("event: ")]
+        assert events and events[-1] in ("message_stop", "error"), (path, text[-300:])
+        return
     if path.startswith(b"/v1/"):
         assert text.rstrip().endswith("data: [DONE]"), (path, text[-300:])
         return

@@ -45,6 +45,12 @@ def assert_openai_error(body: dict, code: str) -> None:
     assert body["error"]["code"] == code and body["error"]["message"], body
 
 
+def assert_anthropic_error(body: dict, kind: str) -> None:
+    assert set(body) == {"type", "error", "request_id"}, body
+    assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, body
+    assert body["error"]["type"] == kind and body["error"]["message"], body
+
+
 # --------------------------------------------------------------------------- bearer token bytes
 @pytest.mark.parametrize(
     "token",
@@ -61,7 +67,14 @@ async def test_non_ascii_bearer_token_is_401_on_every_guarded_route(client, toke
         assert resp.status == 401, (method, path, resp)
         assert resp.headers["content-type"].startswith("application/json")
         assert resp.headers["www-authenticate"].startswith("Bearer ")
-        if path.startswith("/v1/"):
+        if path.startswith("/v1/messages"):
+            assert_anthropic_error(resp.json(), "authentication_error")
+            # and as Anthropic's clients send a key
+            request = raw_http.build(method, path, [(b"x-api-key", token)])
+            resp = await raw_http.send(client.server.host, client.server.port, request)
+            assert resp.status == 401, (method, path, resp)
+            assert_anthropic_error(resp.json(), "authentication_error")
+        elif path.startswith("/v1/"):
             assert_openai_error(resp.json(), "invalid_api_key")
         else:
             assert_api_error(resp.status, resp.json(), "unauthorized")

@@ -207,6 +207,27 @@ class TurnProducer:
             return await self.store.reserve(req)
         return await self.leases.admit(req)
 
+    async def count_tokens(self, inp: TurnInput) -> int:
+        """The prompt tokens of a stateless turn of ``inp`` (its ``messages`` and ``options``),
+        counted as ``start`` counts them (``_count_prompt``): what a client may ask before it
+        sends. The model is resolved and what its provider cannot honour refused as for a turn;
+        nothing is reserved, stored or sent to the model."""
+        spec = self.catalogue.resolve(inp.model)
+        await self.model_lists.require(spec)
+        provider = self.providers.get(spec.provider)
+        if provider is None:
+            raise ServiceUnavailable(
+                f"provider '{spec.provider}' is not configured", code="model_unavailable"
+            )
+        request = CompletionRequest(
+            model=spec.upstream,
+            messages=inp.messages or [],
+            max_tokens=spec.max_output_tokens,
+            options=inp.options or {},
+        )
+        _honoured(provider, spec, request)
+        return await self._count_prompt(spec, provider, self.counter_for(spec), request)
+
     async def _count_prompt(
         self, spec: ModelSpec, provider: Provider, counter: TokenCounter, request: CompletionRequest
     ) -> int:

@@ -1,0 +1,644 @@
+"""The Anthropic-compatible route (``/v1/messages``) through the official ``anthropic`` SDK: text,
+a tool-use loop and thinking, streamed and not, token counts, errors in Anthropic's shape, and
+the same accounting, limits and records as every other route.
+
+The upstreams are the demo model and the fake OpenAI upstream replaying recorded frames
+(``tests/openai_recordings.py``): the route translates to and from the one internal
+representation, so what the SDK gets from an OpenAI-compatible model's tool calls and reasoning
+is checked here frame by frame.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anthropic
+import pytest
+from anthropic import AsyncAnthropic
+
+from service.app import create_app
+from service.keys import STORE
+from tests.fake_openai import Script
+from tests.openai_recordings import MID_ERROR, recording
+
+# Every model the SDK is driven against.
+# TODO(anthropic provider): add the Anthropic test model (provider "anthropic" against its fake
+# upstream) once service/providers/anthropic.py is merged; every test taking ``model`` runs on it.
+MODELS = ["demo", "gpt-test"]
+HI = [{"role": "user", "content": "Hi there"}]
+ASK = {"role": "user", "content": "What's the weather and the time in Paris?"}
+TOOLS = [
+    {
+        "name": name,
+        "description": f"{name} of a place",
+        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+    }
+    for name in ("get_weather", "get_time")
+]
+OPENAI_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": t["name"],
+            "parameters": t["input_schema"],
+            "description": t["description"],
+        },
+    }
+    for t in TOOLS
+]
+THINKING = {"type": "enabled", "budget_tokens": 2000}
+
+
+def sdk_for(client, token: str, **kw: Any) -> AsyncAnthropic:
+    """The SDK as Claude Code configures it: the service's root as base URL (the SDK adds
+    ``/v1/messages``), the service's token as the key."""
+    return AsyncAnthropic(base_url=str(client.make_url("")), api_key=token, max_retries=0, **kw)
+
+
+@pytest.fixture
+async def claude(stream_client, token_for):
+    sdk = sdk_for(stream_client, token_for("alice"))
+    yield sdk
+    await sdk.close()
+
+
+async def raw_events(client, headers: dict[str, str], body: dict[str, Any]) -> list[Any]:
+    """The stream as sent: (event name, data) pairs."""
+    resp = await client.post("/v1/messages", json={**body, "stream": True}, headers=headers)
+    assert resp.status == 200, await resp.text()
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    out = []
+    for block in (await resp.read()).decode().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
+        if "event" in lines:
+            out.append((lines["event"], json.loads(lines["data"])))
+    return out
+
+
+def replay(fake_openai, name: str, then: list[Script] | None = None) -> None:
+    frames, completion = recording(name)
+    fake_openai.scripts = [Script(frames=frames, completion=completion), *(then or [])]
+
+
+# --------------------------------------------------------------------------- text
+@pytest.mark.parametrize("model", MODELS)
+async def test_create_and_stream_give_the_same_message(claude, model, fake_openai):
+    ask = {"model": model, "max_tokens": 200, "messages": HI}
+    created = await claude.messages.create(**ask)
+    async with claude.messages.stream(**ask) as stream:
+        texts = [text async for text in stream.text_stream]
+        streamed = await stream.get_final_message()
+    for message in (created, streamed):
+        assert message.type == "message" and message.role == "assistant"
+        assert message.model == model and message.id.startswith("msg_")
+        assert [b.type for b in message.content] == ["text"]
+        assert message.stop_reason == "end_turn" and message.stop_sequence is None
+        assert message.usage.input_tokens > 0 and message.usage.output_tokens > 0
+    assert "".join(texts) == streamed.content[0].text == created.content[0].text
+    assert streamed.usage == created.usage
+    if model == "demo":
+        assert created.content[0].text.startswith("(demo model)")
+    else:
+        assert created.content[0].text == "Hello, world!"
+        assert (created.usage.input_tokens, created.usage.output_tokens) == (21, 4)
+
+
+async def test_the_stream_is_anthropics_event_sequence(stream_client, auth):
+    events = await raw_events(
+        stream_client, auth(), {"model": "demo", "max_tokens": 300, "messages": HI}
+    )
+    names = [name for name, _ in events]
+    assert names[:4] == ["message_start", "ping", "content_block_start", "content_block_delta"]
+    assert names[-4:] == [
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    assert set(names[3:-3]) == {"content_block_delta"}
+    assert all(data["type"] == name for name, data in events)
+    start = events[0][1]["message"]
+    assert start["content"] == [] and start["stop_reason"] is None and start["model"] == "demo"
+    assert events[2][1] == {
+        "type": "content_block_start",
+        "index": 0,
+        "content_block": {"type": "text", "text": ""},
+    }
+    delta = events[-2][1]
+    assert delta["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
+    assert delta["usage"]["output_tokens"] > 0 and delta["usage"]["input_tokens"] > 0
+
+
+async def test_max_tokens_stops_with_max_tokens(claude):
+    message = await claude.messages.create(model="demo", max_tokens=3, messages=HI)
+    assert message.stop_reason == "max_tokens"
+    assert message.usage.output_tokens == 3
+
+
+async def test_system_stop_sequences_temperature_and_user_reach_the_upstream(claude, fake_openai):
+    await claude.messages.create(
+        model="gpt-test",
+        max_tokens=100,
+        system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+        messages=HI,
+        stop_sequences=["\n\nHuman:"],
+        metadata={"user_id": "u-42"},
+        extra_body={"temperature": 0.2, "top_p": 0.9},  # this SDK no longer offers them
+    )
+    sent = fake_openai.requests[-1]
+    assert sent["messages"] == [{"role": "system", "content": "Be brief."}, *HI]
+    assert sent["stop"] == ["\n\nHuman:"]
+    assert (sent["temperature"], sent["top_p"], sent["user"]) == (0.2, 0.9, "u-42")
+    assert sent["max_tokens"] == 100
+    for anthropic_only in ("thinking", "top_k", "metadata", "system", "stop_sequences"):
+        assert anthropic_only not in sent
+
+
+# --------------------------------------------------------------------------- tools
+async def test_a_tool_use_loop_streamed_then_not(claude, fake_openai):
+    """tool_use -> tool_result -> answer, as an SDK program runs it, on a stateless request:
+    each recorded tool call (split across chunks, two in parallel) is one tool_use block."""
+    replay(fake_openai, "tool_calls", [Script(chunks=["Sunny, 21 °C; it is 14:05."])])
+    async with claude.messages.stream(
+        model="gpt-test", max_tokens=200, messages=[ASK], tools=TOOLS
+    ) as stream:
+        kinds = [event.type async for event in stream]
+        called = await stream.get_final_message()
+    assert "input_json" in kinds
+    assert called.stop_reason == "tool_use"
+    assert [(b.type, b.id, b.name, b.input) for b in called.content] == [
+        ("tool_use", "call_W1", "get_weather", {"city": "Paris"}),
+        ("tool_use", "call_T2", "get_time", {"tz": "CET"}),
+    ]
+    # Anthropic's usage: the cached prompt tokens apart from the rest
+    assert called.usage.input_tokens == 82 - 64
+    assert called.usage.cache_read_input_tokens == 64
+    assert called.usage.output_tokens == 51
+    results = [
+        {"type": "tool_result", "tool_use_id": "call_W1", "content": '{"sky": "sunny", "c": 21}'},
+        {
+            "type": "tool_result",
+            "tool_use_id": "call_T2",
+            "content": [{"type": "text", "text": "14:05"}],
+        },
+    ]
+    answer = await claude.messages.create(
+        model="gpt-test",
+        max_tokens=200,
+        tools=TOOLS,
+        messages=[
+            ASK,
+            {"role": "assistant", "content": called.content},
+            {"role": "user", "content": results},
+        ],
+    )
+    assert answer.content[0].text == "Sunny, 21 °C; it is 14:05."
+    assert answer.stop_reason == "end_turn"
+    sent = fake_openai.requests[-1]
+    assert sent["tools"] == OPENAI_TOOLS
+    assert sent["messages"] == [
+        ASK,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_W1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+                },
+                {
+                    "id": "call_T2",
+                    "type": "function",
+                    "function": {"name": "get_time", "arguments": '{"tz":"CET"}'},
+                },
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_W1", "content": '{"sky": "sunny", "c": 21}'},
+        {"role": "tool", "tool_call_id": "call_T2", "content": "14:05"},
+    ]
+
+
+async def test_a_non_streamed_tool_call_is_what_the_stream_adds_up_to(
+    claude, fake_openai, stream_client, auth
+):
+    replay(fake_openai, "tool_calls")
+    created = await claude.messages.create(
+        model="gpt-test", max_tokens=200, messages=[ASK], tools=TOOLS
+    )
+    replay(fake_openai, "tool_calls")
+    events = await raw_events(
+        stream_client,
+        auth(),
+        {"model": "gpt-test", "max_tokens": 200, "messages": [ASK], "tools": TOOLS},
+    )
+    starts = [d["content_block"] for n, d in events if n == "content_block_start"]
+    assert starts == [
+        {"type": "tool_use", "id": "call_W1", "name": "get_weather", "input": {}},
+        {"type": "tool_use", "id": "call_T2", "name": "get_time", "input": {}},
+    ]
+    pieces = [d["delta"]["partial_json"] for n, d in events if n == "content_block_delta"]
+    assert pieces == ['{"ci', 'ty": "Par', 'is"}', '{"tz": ', '"CET"}']
+    assert [n for n, _ in events].count("content_block_stop") == 2
+    assert created.model_dump()["content"] == [
+        {
+            "type": "tool_use",
+            "id": "call_W1",
+            "name": "get_weather",
+            "input": {"city": "Paris"},
+            "caller": None,
+            "toolset_name": None,
+        },
+        {
+            "type": "tool_use",
+            "id": "call_T2",
+            "name": "get_time",
+            "input": {"tz": "CET"},
+            "caller": None,
+            "toolset_name": None,
+        },
+    ]
+
+
+@pytest.mark.parametrize(
+    ("choice", "sent"),
+    [
+        ({"type": "auto"}, {"tool_choice": "auto"}),
+        ({"type": "any"}, {"tool_choice": "required"}),
+        ({"type": "none"}, {"tool_choice": "none"}),
+        (
+            {"type": "tool", "name": "get_time", "disable_parallel_tool_use": True},
+            {
+                "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+                "parallel_tool_calls": False,
+            },
+        ),
+    ],
+)
+async def test_tool_choice_takes_openais_form(claude, fake_openai, choice, sent):
+    await claude.messages.create(
+        model="gpt-test", max_tokens=50, messages=[ASK], tools=TOOLS, tool_choice=choice
+    )
+    request = fake_openai.requests[-1]
+    assert {k: request.get(k) for k in sent} == sent
+
+
+# --------------------------------------------------------------------------- thinking
+async def test_reasoning_is_a_thinking_block_streamed_and_not(claude, fake_openai):
+    replay(fake_openai, "reasoning")
+    created = await claude.messages.create(
+        model="gpt-test", max_tokens=4000, messages=HI, thinking=THINKING
+    )
+    replay(fake_openai, "reasoning")
+    async with claude.messages.stream(
+        model="gpt-test", max_tokens=4000, messages=HI, thinking=THINKING
+    ) as stream:
+        thoughts = [e.thinking async for e in stream if e.type == "thinking"]
+        streamed = await stream.get_final_message()
+    assert "".join(thoughts) == "The user wants a number; 6 times 7 is 42."
+    for message in (created, streamed):
+        assert [b.type for b in message.content] == ["thinking", "text"]
+        assert message.content[0].thinking == "The user wants a number; 6 times 7 is 42."
+        assert message.content[0].signature == ""
+        assert message.content[1].text == "It is 42."
+        assert (message.usage.input_tokens, message.usage.output_tokens) == (20, 40)
+        assert message.usage.output_tokens_details.thinking_tokens == 28
+    # thinking enabled is OpenAI's reasoning_effort; the thinking goes back as reasoning_content
+    assert fake_openai.requests[-1]["reasoning_effort"] == "medium"
+    assert "thinking" not in fake_openai.requests[-1]
+    await claude.messages.create(
+        model="gpt-test",
+        max_tokens=4000,
+        thinking=THINKING,
+        messages=[
+            *HI,
+            {"role": "assistant", "content": created.content},
+            {"role": "user", "content": "Sure?"},
+        ],
+    )
+    assert fake_openai.requests[-1]["messages"][1] == {
+        "role": "assistant",
+        "content": "It is 42.",
+        "reasoning_content": "The user wants a number; 6 times 7 is 42.",
+    }
+
+
+@pytest.mark.parametrize(("budget", "effort"), [(1024, "low"), (2048, "medium"), (2049, "high")])
+async def test_the_thinking_budget_maps_to_a_reasoning_effort(claude, fake_openai, budget, effort):
+    await claude.messages.create(
+        model="gpt-test",
+        max_tokens=8000,
+        messages=HI,
+        thinking={"type": "enabled", "budget_tokens": budget},
+    )
+    assert fake_openai.requests[-1]["reasoning_effort"] == effort
+
+
+async def test_thinking_disabled_asks_for_nothing(claude, fake_openai):
+    for model in MODELS:
+        message = await claude.messages.create(
+            model=model, max_tokens=50, messages=HI, thinking={"type": "disabled"}
+        )
+        assert message.content[0].type == "text"
+    assert "reasoning_effort" not in fake_openai.requests[-1]
+
+
+async def test_a_refusal_is_text_with_stop_reason_refusal(claude, fake_openai):
+    replay(fake_openai, "refusal")
+    message = await claude.messages.create(model="gpt-test", max_tokens=50, messages=HI)
+    assert message.stop_reason == "refusal"
+    assert message.content[0].text == "I'm sorry, I can't help with that."
+
+
+# --------------------------------------------------------------------------- count_tokens
+@pytest.mark.parametrize("model", MODELS)
+async def test_count_tokens_is_the_prompt_a_turn_is_admitted_with(claude, model, logs):
+    ask: dict[str, Any] = {"model": model, "messages": HI, "system": "Be brief."}
+    if model != "demo":
+        ask["tools"] = TOOLS
+    counted = await claude.messages.count_tokens(**ask)
+    await claude.messages.create(max_tokens=50, **ask)
+    started = next(e for e in logs if e["event"] == "stream.started")
+    assert started["transport"] == "anthropic"
+    assert counted.input_tokens == started["prompt_tokens"] > 0
+
+
+async def test_count_tokens_refuses_what_the_model_cannot_take(claude):
+    with pytest.raises(anthropic.BadRequestError) as info:
+        await claude.messages.count_tokens(model="demo", messages=HI, tools=TOOLS)
+    assert "'tools'" in info.value.message
+
+
+# --------------------------------------------------------------------------- errors
+async def test_a_rate_limit_is_a_rate_limit_error_with_retry_after(
+    aiohttp_client, stream_settings, token_for
+):
+    client = await aiohttp_client(create_app(stream_settings(v1_requests_per_minute=1)))
+    sdk = sdk_for(client, token_for("alice"))
+    first = await sdk.messages.with_raw_response.create(model="demo", max_tokens=20, messages=HI)
+    assert first.headers["anthropic-ratelimit-requests-limit"] == "1"
+    assert first.headers["anthropic-ratelimit-requests-remaining"] == "0"
+    assert first.headers["anthropic-ratelimit-requests-reset"].endswith("Z")
+    assert int(first.headers["anthropic-ratelimit-tokens-remaining"]) > 0
+    with pytest.raises(anthropic.RateLimitError) as info:
+        await sdk.messages.create(model="demo", max_tokens=20, messages=HI)
+    err = info.value
+    assert 1 <= int(err.response.headers["retry-after"]) <= 60
+    assert err.body["type"] == "error" and err.body["error"]["type"] == "rate_limit_error"
+    assert err.response.headers["anthropic-ratelimit-requests-remaining"] == "0"
+    await sdk.close()
+
+
+async def test_the_budget_is_a_rate_limit_error_the_sdk_does_not_retry(
+    aiohttp_client, stream_settings, token_for
+):
+    client = await aiohttp_client(create_app(stream_settings(default_token_limit=10)))
+    sdk = sdk_for(client, token_for("alice"))
+    with pytest.raises(anthropic.RateLimitError) as info:
+        await sdk.messages.create(model="demo", max_tokens=20, messages=HI)
+    assert info.value.response.headers["x-should-retry"] == "false"
+    assert info.value.response.headers["anthropic-ratelimit-tokens-limit"] == "10"
+    await sdk.close()
+
+
+async def test_a_bad_key_is_an_authentication_error(stream_client, token_for):
+    sdk = sdk_for(stream_client, "not-a-token")
+    with pytest.raises(anthropic.AuthenticationError) as info:
+        await sdk.messages.create(model="demo", max_tokens=20, messages=HI)
+    assert info.value.body["error"]["type"] == "authentication_error"
+    await sdk.close()
+
+
+async def test_x_api_key_carries_the_token(stream_client, token_for):
+    """What Claude Code sends for ANTHROPIC_API_KEY, with its ``?beta=true``."""
+    body = {"model": "demo", "max_tokens": 20, "messages": HI}
+    headers = {"x-api-key": token_for("alice"), "anthropic-version": "2023-06-01"}
+    resp = await stream_client.post("/v1/messages?beta=true", json=body, headers=headers)
+    assert resp.status == 200
+    assert (await resp.json())["content"][0]["type"] == "text"
+    resp = await stream_client.post("/v1/messages/count_tokens", json=body, headers=headers)
+    assert resp.status == 200 and (await resp.json())["input_tokens"] > 0
+    for bad in ({}, {"x-api-key": "nope"}, {"x-api-key": ""}):
+        resp = await stream_client.post("/v1/messages", json=body, headers=bad)
+        assert resp.status == 401
+        answer = await resp.json()
+        assert answer["type"] == "error"
+        assert answer["error"]["type"] == "authentication_error"
+        assert answer["request_id"] == resp.headers["X-Request-ID"] == resp.headers["request-id"]
+    # x-api-key is the Anthropic routes' own: elsewhere the bearer token is the one way in
+    resp = await stream_client.get("/v1/models", headers={"x-api-key": token_for("alice")})
+    assert resp.status == 401
+
+
+@pytest.mark.parametrize(
+    ("model", "asked", "param"),
+    [
+        ("demo", {"tools": TOOLS}, "tools"),
+        ("demo", {"thinking": THINKING, "max_tokens": 4000}, "thinking"),
+        ("demo", {"top_k": 5}, "top_k"),
+        ("gpt-test", {"top_k": 5}, "top_k"),
+        ("gpt-test", {"frobnicate": 1}, "frobnicate"),
+        ("gpt-test", {"stop_sequences": ["a", "b", "c", "d", "e"]}, "stop_sequences"),
+        (
+            "demo",
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "What is this?"},
+                            {
+                                "type": "image",
+                                "source": {
+                                    "type": "base64",
+                                    "media_type": "image/png",
+                                    "data": "iVBORw0KGgo=",
+                                },
+                            },
+                        ],
+                    }
+                ]
+            },
+            "messages.0.content.1",
+        ),
+        (
+            "gpt-test",
+            {
+                "messages": [
+                    *HI,
+                    {
+                        "role": "assistant",
+                        "content": [{"type": "redacted_thinking", "data": "EmwK"}],
+                    },
+                    {"role": "user", "content": "Go on"},
+                ]
+            },
+            "messages.1.content.0",
+        ),
+        (
+            "gpt-test",
+            {"messages": [*HI, {"role": "assistant", "content": "The answer is"}]},
+            "messages.1",
+        ),
+    ],
+)
+async def test_what_a_model_cannot_take_is_a_400_naming_it(
+    claude, stream_client, model, asked, param
+):
+    """Nothing dropped silently: the parameter is named as the client named it, before anything
+    is reserved."""
+    body = {"messages": HI, "max_tokens": 100, **asked}
+    messages, max_tokens = body.pop("messages"), body.pop("max_tokens")
+    with pytest.raises(anthropic.BadRequestError) as info:
+        await claude.messages.create(
+            model=model, max_tokens=max_tokens, messages=messages, extra_body=body
+        )
+    err = info.value
+    assert err.body["error"]["type"] == "invalid_request_error"
+    assert (
+        f"'{param}'" in err.body["error"]["message"]
+        and f"'{model}'" in err.body["error"]["message"]
+    )
+    usage = await stream_client.app[STORE].usage.find_one({"user_id": "alice"})
+    assert usage is None or usage["reserved"] == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"model": "demo", "messages": HI}, "max_tokens: Field required"),
+        ({"model": "demo", "max_tokens": 0, "messages": HI}, "max_tokens"),
+        ({"model": "demo", "max_tokens": 10, "messages": HI, "temperature": 1.5}, "temperature"),
+        (
+            {
+                "model": "demo",
+                "max_tokens": 10,
+                "messages": [{"role": "user", "content": [{"type": "text"}]}],
+            },
+            "messages.0.content.0.text.text: Field required",
+        ),
+        (
+            {"model": "demo", "max_tokens": 10, "messages": [{"role": "system", "content": "x"}]},
+            "messages.0.role",
+        ),
+        (
+            {
+                "model": "demo",
+                "max_tokens": 1000,
+                "messages": HI,
+                "thinking": {"type": "enabled", "budget_tokens": 1000},
+            },
+            "thinking.budget_tokens",
+        ),
+        (
+            {
+                "model": "demo",
+                "max_tokens": 10,
+                "messages": HI,
+                "tools": [{"type": "web_search_20250305", "name": "web_search"}],
+            },
+            "server tool",
+        ),
+    ],
+)
+async def test_an_invalid_request_is_a_400_in_anthropics_shape(stream_client, auth, body, named):
+    resp = await stream_client.post("/v1/messages", json=body, headers=auth())
+    assert resp.status == 400
+    answer = await resp.json()
+    assert set(answer) == {"type", "error", "request_id"}
+    assert answer["error"]["type"] == "invalid_request_error"
+    assert named in answer["error"]["message"]
+
+
+async def test_unknown_model_and_route_are_not_found_errors(claude, stream_client, auth):
+    with pytest.raises(anthropic.NotFoundError) as info:
+        await claude.messages.create(model="claude-nope", max_tokens=10, messages=HI)
+    assert info.value.body["error"]["type"] == "not_found_error"
+    resp = await stream_client.post("/v1/messages/batches", json={}, headers=auth())
+    assert resp.status == 404 and (await resp.json())["error"]["type"] == "not_found_error"
+
+
+async def test_a_failure_after_the_start_is_an_error_event(claude, fake_openai, stream_client):
+    fake_openai.default = Script(frames=MID_ERROR)
+    texts: list[str] = []
+
+    async def read() -> None:
+        async with claude.messages.stream(model="gpt-test", max_tokens=50, messages=HI) as stream:
+            async for text in stream.text_stream:
+                texts.append(text)
+
+    with pytest.raises(anthropic.APIStatusError) as info:
+        await read()
+    assert "".join(texts) == "Partial "
+    assert info.value.body["type"] == "error"
+    assert info.value.body["error"]["type"] == "api_error"
+    record = await stream_client.app[STORE].messages.find_one({"content": "Partial "})
+    assert record["status"] == "failed" and record["transport"] == "anthropic"
+
+
+# --------------------------------------------------------------------------- records, keys
+async def test_the_record_keeps_the_transport_usage_and_tool_calls(
+    claude, fake_openai, stream_client
+):
+    replay(fake_openai, "tool_calls")
+    message = await claude.messages.create(
+        model="gpt-test", max_tokens=200, messages=[ASK], tools=TOOLS
+    )
+    store = stream_client.app[STORE]
+    record = await store.messages.find_one({"transport": "anthropic"})
+    assert message.id == "msg_" + record["_id"].replace("-", "")
+    assert record["status"] == "complete" and record["finish_reason"] == "tool_calls"
+    assert record["tokens"]["prompt"] == 82 and record["tokens"]["completion"] == 51
+    assert record["tokens"]["cached"] == 64 and record["tokens"]["source"] == "upstream"
+    assert [c["function"]["arguments"] for c in record["tool_calls"]] == [
+        '{"city": "Paris"}',
+        '{"tz": "CET"}',
+    ]
+    usage = await store.usage.find_one({"user_id": "alice"})
+    assert usage["used"] == 133 and usage["reserved"] == 0
+
+
+async def test_an_idempotency_key_sends_once(claude, fake_openai):
+    replay(fake_openai, "tool_calls")
+    key = {"Idempotency-Key": "anthropic-once"}
+    ask = {"model": "gpt-test", "max_tokens": 200, "messages": [ASK], "tools": TOOLS}
+    first = await claude.messages.with_raw_response.create(**ask, extra_headers=key)
+    again = await claude.messages.with_raw_response.create(**ask, extra_headers=key)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert len(fake_openai.requests) == 1
+    assert (await again.parse()).model_dump() == (await first.parse()).model_dump()
+    with pytest.raises(anthropic.UnprocessableEntityError):
+        await claude.messages.create(**{**ask, "max_tokens": 100}, extra_headers=key)
+
+
+async def test_a_stored_chat_header_is_refused(claude):
+    with pytest.raises(anthropic.BadRequestError) as info:
+        await claude.messages.create(
+            model="demo", max_tokens=10, messages=HI, extra_headers={"X-Chat-Id": "x"}
+        )
+    assert "X-Chat-Id" in info.value.message
+
+
+async def test_too_large_and_overloaded_take_anthropics_error_types(
+    aiohttp_client, stream_settings, token_for, fake_openai
+):
+    client = await aiohttp_client(create_app(stream_settings(max_body_bytes=4096)))
+    sdk = sdk_for(client, token_for("alice"))
+    fake_openai.default = Script(status=503)
+    with pytest.raises(anthropic.APIStatusError) as overloaded:
+        await sdk.messages.create(model="gpt-test", max_tokens=10, messages=HI)
+    assert overloaded.value.status_code == 503
+    assert overloaded.value.body["error"]["type"] == "overloaded_error"
+    resp = await client.post(
+        "/v1/messages",
+        json={
+            "model": "demo",
+            "max_tokens": 10,
+            "messages": [{"role": "user", "content": "x" * 5000}],
+        },
+        headers={"x-api-key": token_for("alice")},
+    )
+    assert resp.status == 413
+    assert (await resp.json())["error"]["type"] == "request_too_large"
+    await sdk.close()
