@@ -416,42 +416,9 @@ class Store:
     ) -> Doc | None:
         """Bill a turn admitted from a lease, once (its id joins ``settled``): ``used`` grows by
         ``billed``, and the lease (while it is held) shrinks by as much. The usage after it."""
-        held = {"$gt": [{"$size": _entries(lease_id, "$eq")}, 0]}
         doc: Doc | None = await self.usage.find_one_and_update(
             {"user_id": user_id, "period": period, "settled": {"$ne": message_id}},
-            [
-                {
-                    "$set": {
-                        "used": {"$add": [{"$ifNull": ["$used", 0]}, billed]},
-                        "reserved": {
-                            "$cond": [held, {"$subtract": ["$reserved", billed]}, "$reserved"]
-                        },
-                        "open": {
-                            "$map": {
-                                "input": {"$ifNull": ["$open", []]},
-                                "in": {
-                                    "$cond": [
-                                        {"$eq": ["$$this.mid", lease_id]},
-                                        {
-                                            "$mergeObjects": [
-                                                "$$this",
-                                                {"grant": {"$subtract": ["$$this.grant", billed]}},
-                                            ]
-                                        },
-                                        "$$this",
-                                    ]
-                                },
-                            }
-                        },
-                        "settled": {
-                            "$slice": [
-                                {"$concatArrays": [{"$ifNull": ["$settled", []]}, [message_id]]},
-                                -SETTLED_KEPT,
-                            ]
-                        },
-                    }
-                }
-            ],
+            _leased_settlement(lease_id, billed, [message_id]),
             projection={"settled": 0},
             return_document=ReturnDocument.AFTER,
         )
@@ -460,6 +427,62 @@ class Store:
                 {"user_id": user_id, "period": period}, projection={"settled": 0}
             )
         return doc
+
+    @db_call
+    async def finish_many(self, finals: list[FinalOp]) -> tuple[dict[tuple[str, str], Doc], bool]:
+        """Settle and write the final records of many turns in three commands (the replica's
+        group commit of final writes): one unordered bulk write on ``usage`` (a lease's turns
+        billed together, once: none of their ids settled yet; a reserved turn's settlement
+        pulls its ``open`` entry, as ``settle_usage``), one on ``messages`` (a record no longer
+        ``streaming`` is left alone), and one read of the usage documents they leave. A group
+        the bulk write did not bill (one of its turns settled before: a retry) is settled turn
+        by turn, which is idempotent. Returns the usage by (user, period), and whether every
+        record was ended by this write."""
+        groups: dict[tuple[str, str, str], list[FinalOp]] = {}
+        ops: list[UpdateOne] = []
+        for op in finals:
+            if op.lease_id is not None:
+                groups.setdefault((op.user_id, op.period, op.lease_id), []).append(op)
+            else:
+                ops.append(
+                    UpdateOne(
+                        {"user_id": op.user_id, "period": op.period, "open.mid": op.message_id},
+                        {
+                            "$inc": {"used": op.billed, "reserved": -op.grant},
+                            "$pull": {"open": {"mid": op.message_id}},
+                        },
+                    )
+                )
+        for (user_id, period, lease_id), group in groups.items():
+            mids = [op.message_id for op in group]
+            billed = sum(op.billed for op in group)
+            ops.append(
+                UpdateOne(
+                    {"user_id": user_id, "period": period, "settled": {"$nin": mids}},
+                    _leased_settlement(lease_id, billed, mids),
+                )
+            )
+        if ops:
+            result = await self.usage.bulk_write(ops, ordered=False)
+            if result.matched_count < len(ops):  # some settled before: each on its own
+                for op in finals:
+                    if op.lease_id is not None:
+                        await self.settle_leased(
+                            op.user_id, op.period, op.lease_id, op.message_id, billed=op.billed
+                        )
+        written = await self.messages.bulk_write(
+            [
+                UpdateOne({"_id": op.message_id, "status": "streaming"}, {"$set": op.fields})
+                for op in finals
+            ],
+            ordered=False,
+        )
+        keys = {(op.user_id, op.period) for op in finals}
+        docs: list[Doc] = await self.usage.find(
+            {"$or": [{"user_id": u, "period": p} for u, p in keys]}, projection={"settled": 0}
+        ).to_list(None)
+        by_key = {(d["user_id"], d["period"]): d for d in docs}
+        return by_key, written.modified_count == len(finals)
 
     @db_call
     async def release_lease(
@@ -787,6 +810,20 @@ class ReserveRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class FinalOp:
+    """One turn's final write: its settlement (``lease_id``: billed from that lease; else its
+    own reservation ``grant`` released) and its final record's ``fields``."""
+
+    user_id: str
+    period: str
+    message_id: str
+    grant: int
+    billed: int
+    lease_id: str | None
+    fields: Doc
+
+
+@dataclass(frozen=True, slots=True)
 class LeaseRequest:
     """What a replica asks of a user's month for its lease: room for one more turn (``turn``'s
     rules: its ``need``, a turn slot, a request), and as much more as fits of the wants."""
@@ -873,6 +910,39 @@ def _reserve_update(req: ReserveRequest) -> list[Doc]:
             }
         },
         {"$unset": "_grant"},
+    ]
+
+
+def _leased_settlement(lease_id: str, billed: int, mids: list[str]) -> list[Doc]:
+    """Bill ``billed`` tokens of a lease's turns ``mids``: ``used`` grows, the lease (while it is
+    held) shrinks by as much, the ids join the month's last ``SETTLED_KEPT`` settled ones."""
+    held = {"$gt": [{"$size": _entries(lease_id, "$eq")}, 0]}
+    shrunk = {"grant": {"$subtract": ["$$this.grant", billed]}}
+    return [
+        {
+            "$set": {
+                "used": {"$add": [{"$ifNull": ["$used", 0]}, billed]},
+                "reserved": {"$cond": [held, {"$subtract": ["$reserved", billed]}, "$reserved"]},
+                "open": {
+                    "$map": {
+                        "input": {"$ifNull": ["$open", []]},
+                        "in": {
+                            "$cond": [
+                                {"$eq": ["$$this.mid", lease_id]},
+                                {"$mergeObjects": ["$$this", shrunk]},
+                                "$$this",
+                            ]
+                        },
+                    }
+                },
+                "settled": {
+                    "$slice": [
+                        {"$concatArrays": [{"$ifNull": ["$settled", []]}, mids]},
+                        -SETTLED_KEPT,
+                    ]
+                },
+            }
+        }
     ]
 
 

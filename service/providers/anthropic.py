@@ -80,15 +80,16 @@ class AnthropicProvider:
         self._placeholder_counts: dict[str, int] = {}
 
     def unsupported(self, request: CompletionRequest) -> str | None:
-        return translate.unsupported(request)
+        """What Anthropic cannot honour; sampling it cannot take (a temperature above 1, or
+        sampling changed while the model thinks) raises the 400 itself, before admission."""
+        param = translate.unsupported(request)
+        if param is None:
+            _check_sampling(request, translate.build_body(request))
+        return param
 
     async def open(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
         body = translate.build_body(request)
-        thinking = body.get("thinking")
-        thinks = thinking is not None and thinking["type"] != "disabled"
-        conflict = translate.sampling_conflict(request, thinks)
-        if conflict is not None:
-            raise conflict
+        _check_sampling(request, body)
         data = orjson.dumps(body)
         headers = {**self._headers, "Accept": "text/event-stream"}
 
@@ -193,3 +194,11 @@ def _aliases(ids: set[str]) -> set[str]:
         if dated is not None:
             out |= {dated.group(1), dated.group(1) + "-latest"}
     return out
+
+
+def _check_sampling(request: CompletionRequest, body: dict[str, Any]) -> None:
+    thinking = body.get("thinking")
+    thinks = thinking is not None and thinking["type"] != "disabled"
+    conflict = translate.sampling_conflict(request, thinks)
+    if conflict is not None:
+        raise conflict

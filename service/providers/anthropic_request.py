@@ -145,8 +145,8 @@ def _unsupported_part(request: CompletionRequest) -> str | None:
 
 def sampling_conflict(request: CompletionRequest, thinking: bool) -> BadRequest | None:
     """Sampling Anthropic cannot take: a temperature above its range, or sampling changed
-    while the model thinks. Checked when the turn opens (the sampling fields reach the
-    provider only then)."""
+    while the model thinks. Checked before the turn is admitted (``unsupported``) and when it
+    opens."""
     temperature, top_p = request.temperature, request.top_p
     if temperature is not None and temperature > 1:
         return _refused(request, "temperature", "Anthropic takes 0 to 1")

@@ -44,7 +44,7 @@ from service.store import Doc, Reservation, ReserveRequest, Store, utcnow
 from service.stream.assembly import Assembly
 from service.stream.context import ContextCache, fit_to_window, history_messages
 from service.stream.events import Final
-from service.stream.finals import FinalWrite
+from service.stream.finals import FinalCommits, FinalWrite
 from service.stream.leases import Leases
 from service.stream.live import LiveStream
 from service.stream.registry import StreamRegistry
@@ -110,6 +110,7 @@ class TurnProducer:
         self.registry = registry
         self.context_cache = context_cache or ContextCache(settings.context_cache_chats)
         self.leases = leases
+        self.commits = FinalCommits(store, registry.track)  # final writes, grouped
 
     async def start(self, inp: TurnInput, *, message_id: str | None = None) -> Turn:
         """Admit a turn and start it; a refusal is a ``ServiceError``. With a claimed key
@@ -148,7 +149,13 @@ class TurnProducer:
         max_out = min(spec.max_output_tokens, inp.max_tokens or spec.max_output_tokens)
         messages = self._prompt(inp, text, history, spec, counter, max_out)
         request = CompletionRequest(
-            model=spec.upstream, messages=messages, max_tokens=max_out, options=inp.options or {}
+            model=spec.upstream,
+            messages=messages,
+            max_tokens=max_out,
+            temperature=inp.temperature,
+            top_p=inp.top_p,
+            stop=inp.stop,
+            options=inp.options or {},
         )
         _honoured(provider, spec, request)
         prompt_tokens = await self._count_prompt(spec, provider, counter, request)
@@ -703,7 +710,7 @@ class Turn:
         if write.lease_id is not None and leases is not None:  # its grant is free again
             leases.ended(self.inp.user_id, self.period, grant=write.grant, billed=write.billed)
         try:
-            finished = await write.apply(self.p.store)
+            finished = await self.p.commits.apply(write)
             self._remember_context(content, status, finished)
         except ServiceError as exc:
             # MongoDB is away: the replica retries this write once it answers again.
