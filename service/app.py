@@ -13,7 +13,7 @@ from aiohttp import web
 from pymongo.errors import PyMongoError
 
 from service import metrics
-from service.api import chats, health, messages, openai_compat, page, ws
+from service.api import chats, feedback, health, messages, openai_compat, page, search, ws
 from service.auth import Authenticator
 from service.keys import (
     ADMISSIONS,
@@ -187,6 +187,8 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(_drain)
     health.setup(app)
     chats.setup(app)
+    feedback.setup(app)
+    search.setup(app)
     messages.setup(app)
     openai_compat.setup(app)
     ws.setup(app)
