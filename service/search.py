@@ -9,8 +9,10 @@ a user sees does not depend on which MongoDB serves them:
   per word), plus 5 when it holds the whole query as typed; a chat's title counts double (it
   names the whole chat). Ties go to the newest.
 - snippet: about ``SNIPPET_CHARS`` characters around the first match, cut at spaces, with "…"
-  where text was left out and whitespace collapsed; ``highlights`` are ``[start, end)`` offsets
-  of every match in the snippet, in characters (code points), as every offset in this API.
+  where text was left out, whitespace collapsed and Markdown's marks left out (``**``, `` ` ``,
+  heading and list markers, table bars, code fences: answers are Markdown, a snippet is text);
+  ``highlights`` are ``[start, end)`` offsets of every match in the snippet, in characters
+  (code points), as every offset in this API.
 """
 
 from __future__ import annotations
@@ -30,6 +32,21 @@ MAX_COUNTED = 5  # occurrences of one word that add to the score
 TITLE_WEIGHT = 2
 
 _WORD = re.compile(r"\w+")
+# Markdown's marks, not its text: emphasis, code spans, headings, quotes, list markers (left
+# out), code fences and table bars (a space), links (their text). A lone * or _ inside a word
+# (a*b, snake_case) stays.
+_MARKS = re.compile(
+    r"\*\*|__|`(?!``)|(?<!\w)[*_](?=\w)|(?<=\w)[*_](?!\w)"
+    r"|^[ \t]*(?:#{1,6}[ \t]+|>[ \t]?|[-*+][ \t]+|\d+[.)][ \t]+)",
+    re.M,
+)
+_BREAKS = re.compile(r"```[^\n]*|^[ \t]*\|?[ \t]*:?-{3,}.*$|\|", re.M)
+_LINK = re.compile(r"!?\[([^\]\n]*)\]\([^)\s]*\)")
+
+
+def plain(text: str) -> str:
+    """``text`` without its Markdown marks (for a snippet)."""
+    return _MARKS.sub("", _BREAKS.sub(" ", _LINK.sub(r"\1", text)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +89,9 @@ class Snippet:
     highlights: list[tuple[int, int]]
 
 
-def snippet(query: Query, text: str) -> Snippet:
-    """The part of ``text`` around its first match, with every match in it marked."""
+def snippet(query: Query, markdown: str) -> Snippet:
+    """The part of ``markdown`` around its first match, as text, with every match marked."""
+    text = plain(markdown)
     first = query.pattern.search(text)
     start = 0 if first is None else max(0, first.start() - CONTEXT_BEFORE)
     if start:

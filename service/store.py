@@ -231,7 +231,8 @@ class Store:
             )
         except OperationFailure as exc:
             self.text_search = False
-            log.info("store.search_scans", reason=str(exc.details or exc)[:200])
+            reason = (exc.details or {}).get("errmsg") or str(exc)
+            log.info("store.search_scans", reason=str(reason)[:200])
         else:
             self.text_search = True
 

@@ -114,7 +114,8 @@ async def test_search_finds_only_the_users_own_text_ranked_with_highlights(
     assert [r["role"] for r in results] == ["assistant", "user"]
     best = results[0]
     assert best["kind"] == "message" and best["chat_title"] == "Code review"
-    assert best["snippet"] == "Start small: one **small** module first, then start the next."
+    # The snippet is text: Markdown's marks are left out.
+    assert best["snippet"] == "Start small: one small module first, then start the next."
     marked = [best["snippet"][s:e] for s, e in best["highlights"]]
     assert marked == ["Start", "small", "small", "start"]
     assert best["score"] > results[1]["score"]
@@ -196,6 +197,13 @@ def test_snippet_is_cut_at_spaces_around_the_first_match_with_offsets_in_code_po
     assert cut.text[start:end] == "needle"
     # No match (a text index ignores diacritics; the words may not be found): the start.
     assert snippet(Query.parse("zzz"), "short text").text == "short text"
+    # An answer's Markdown is shown as its text; marks inside words stay.
+    markdown = (
+        "## Plan\n\n- **Pick** one `goal`, see [docs](https://x).\n\n```py\nsnake_case = a*b\n```"
+    )
+    cut = snippet(Query.parse("goal"), markdown)
+    assert cut.text == "Plan Pick one goal, see docs. snake_case = a*b"
+    assert [cut.text[s:e] for s, e in cut.highlights] == ["goal"]
 
 
 # ------------------------------------------------------------------------------- feedback
