@@ -137,3 +137,21 @@ async def test_dev_token_rejects_odd_user_names(aiohttp_client, make_settings):
     assert (await resp.json())["error"]["code"] == "invalid_user"
     default = await client.get("/api/dev/token")
     assert (await default.json())["user"] == "dev"
+
+
+def test_every_error_code_the_service_sends_has_a_sentence_on_the_page():
+    """The page never shows a code alone: each code the service can send (our own, the
+    upstream's, and those /v1 names differently) is a key of errors.js's sentences."""
+    from service.errors import UPSTREAM_STATUS
+    from service.http import _OPENAI_CODES
+
+    codes = set(UPSTREAM_STATUS) | {code for _, _, code in _OPENAI_CODES.values()}
+    for path in (STATIC_DIR.parent).rglob("*.py"):
+        text = path.read_text()
+        codes |= set(re.findall(r'\bcode\s*=\s*"([a-z_]+)"', text))
+        codes |= set(re.findall(r'"code":\s*"([a-z_]+)"', text))
+        codes |= {f"{what}_not_found" for what in re.findall(r'not_found\("([a-z ]+)"\)', text)}
+    sentences = (STATIC_DIR / "js" / "errors.js").read_text()
+    known = set(re.findall(r"^  ([a-z_]+): ", sentences, re.M))
+    assert len(codes) > 40, sorted(codes)
+    assert not codes - known, f"no sentence for: {sorted(codes - known)}"
