@@ -241,7 +241,7 @@ async def test_a_long_answer_renders_on_frames_without_jank(browser, serve, fake
 
 # ------------------------------------------------------------------ rename, search, feedback
 async def test_rename_search_and_feedback_end_to_end(browser, serve, db, token_for):
-    client = await serve()
+    client = await serve(demo_token_delay_ms=1)
     # Bob's chat holds the same words: Alice never sees it.
     bob = {"Authorization": f"Bearer {token_for('bob')}"}
     resp = await client.post("/api/chat", json={"title": "Bob plans a garden"}, headers=bob)
