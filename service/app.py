@@ -13,7 +13,17 @@ from aiohttp import web
 from pymongo.errors import PyMongoError
 
 from service import metrics
-from service.api import anthropic_compat, chats, health, messages, openai_compat, page, ws
+from service.api import (
+    anthropic_compat,
+    chats,
+    feedback,
+    health,
+    messages,
+    openai_compat,
+    page,
+    search,
+    ws,
+)
 from service.auth import Authenticator
 from service.keys import (
     ADMISSIONS,
@@ -191,6 +201,8 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(_drain)
     health.setup(app)
     chats.setup(app)
+    feedback.setup(app)
+    search.setup(app)
     messages.setup(app)
     openai_compat.setup(app)
     anthropic_compat.setup(app)

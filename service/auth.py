@@ -81,7 +81,7 @@ class Authenticator:
         try:
             kid = jwt.get_unverified_header(token).get("kid")
         except jwt.PyJWTError as exc:
-            raise Unauthorized(f"invalid token: {type(exc).__name__}") from exc
+            raise Unauthorized(f"invalid token: {rejection(exc)}") from exc
         if kid is not None and not isinstance(kid, str):
             raise Unauthorized("invalid token: bad key id")
         key = await self._jwks.key_for(kid)
@@ -144,11 +144,36 @@ class Authenticator:
         except jwt.ExpiredSignatureError as exc:
             raise Unauthorized("invalid token: expired") from exc
         except jwt.PyJWTError as exc:
-            raise Unauthorized(f"invalid token: {type(exc).__name__}") from exc
+            raise Unauthorized(f"invalid token: {rejection(exc)}") from exc
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub or len(sub) > 256:
             raise Unauthorized("invalid token: bad subject")
         return Principal(user_id=sub, expires_at=float(claims["exp"]))
+
+
+# Why PyJWT refused a token, in words a person reads (the page shows them): never the name of an
+# exception class. The most specific class is listed first (they derive from one another).
+_REJECTIONS: tuple[tuple[type[jwt.PyJWTError], str], ...] = (
+    (jwt.ExpiredSignatureError, "expired"),
+    (jwt.ImmatureSignatureError, "not valid yet"),
+    (jwt.InvalidSignatureError, "the signature does not match"),
+    (jwt.InvalidAlgorithmError, "signed with an algorithm this service does not accept"),
+    (jwt.InvalidAudienceError, "meant for another audience"),
+    (jwt.InvalidIssuerError, "issued by another issuer"),
+    (jwt.InvalidIssuedAtError, "its issue time is in the future"),
+    (jwt.InvalidKeyError, "the key cannot verify it"),
+    (jwt.DecodeError, "not a well-formed JWT"),
+)
+
+
+def rejection(exc: jwt.PyJWTError) -> str:
+    """Why ``exc`` refused a token, in words."""
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return f"the '{exc.claim}' claim is missing"
+    for kind, words in _REJECTIONS:
+        if isinstance(exc, kind):
+            return words
+    return "it could not be verified"
 
 
 def _public_key(algorithm: str, value: str) -> Any:

@@ -24,6 +24,7 @@ import contextlib
 import functools
 import hashlib
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -34,7 +35,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import orjson
 import structlog
 from motor.motor_asyncio import AsyncIOMotorClient, AsyncIOMotorDatabase
-from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, DESCENDING, TEXT, ReturnDocument, UpdateOne
 from pymongo.errors import (
     BulkWriteError,
     ConnectionFailure,
@@ -154,6 +155,7 @@ class Store:
         self.rate_limits = db["rate_limits"]
         self.replicas = db["replicas"]
         self.indexes_ready = False
+        self.text_search = False  # a text index serves search (known once the indexes exist)
         self._index_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ lifecycle
@@ -214,6 +216,25 @@ class Store:
             name="key_ttl",
             expireAfterSeconds=self.idempotency_ttl_s,
         )
+        await self._create_search_index()
+
+    async def _create_search_index(self) -> None:
+        """A text index over each user's messages (MongoDB), or none where the server has no
+        text indexes (SecantusDB): search then scans the user's messages (``find_messages``).
+        No language: no stemming and no stop words, so a word is found as it was written, in
+        any language, and the page highlights what matched."""
+        try:
+            await self.messages.create_index(
+                [("user_id", ASCENDING), ("content", TEXT)],
+                name="user_text",
+                default_language="none",
+            )
+        except OperationFailure as exc:
+            self.text_search = False
+            reason = (exc.details or {}).get("errmsg") or str(exc)
+            log.info("store.search_scans", reason=str(reason)[:200])
+        else:
+            self.text_search = True
 
     @db_call
     async def ping(self, timeout_s: float) -> None:
@@ -314,6 +335,80 @@ class Store:
             return None
         await self.chat_counts.update_one({"_id": user_id}, {"$inc": {"active": -1}})
         return now
+
+    @db_call
+    async def rename_chat(self, user_id: str, chat_id: str, title: str) -> Doc | None:
+        """Set the title of the user's active chat; None when there is none. Not activity: the
+        chat keeps its place in the list (``updated_at`` is left alone)."""
+        doc: Doc | None = await self.chats.find_one_and_update(
+            {"_id": chat_id, "user_id": user_id, "is_active": True},
+            {"$set": {"title": title}},
+            return_document=ReturnDocument.AFTER,
+        )
+        return doc
+
+    # ------------------------------------------------------------------ search, feedback
+    @db_call
+    async def active_chats(self, user_id: str) -> list[Doc]:
+        """Every active chat of the user, its title and time only (at most MAX_CHATS_PER_USER)."""
+        docs: list[Doc] = await self.chats.find(
+            {"user_id": user_id, "is_active": True},
+            projection={"title": 1, "updated_at": 1, "created_at": 1},
+        ).to_list(None)
+        return docs
+
+    @db_call
+    async def find_messages(
+        self, user_id: str, chat_ids: list[str], terms: list[str], *, limit: int
+    ) -> list[Doc]:
+        """Messages of the user, in these chats, that hold any of ``terms``: by the text index,
+        best first, where there is one; else the newest ``limit`` that contain a term anywhere
+        (case-insensitive). Always filtered on the user: never another user's text."""
+        query: Doc = {
+            "user_id": user_id,
+            "chat_id": {"$in": chat_ids},
+            "role": {"$in": ["user", "assistant"]},
+        }
+        projection: Doc = {"chat_id": 1, "role": 1, "content": 1, "created_at": 1}
+        if self.text_search:
+            query["$text"] = {"$search": " ".join(terms)}
+            projection["score"] = {"$meta": "textScore"}
+            order: Any = [("score", {"$meta": "textScore"})]
+        else:
+            query["$or"] = [
+                {"content": {"$regex": re.escape(term), "$options": "i"}} for term in terms
+            ]
+            order = [("created_at", DESCENDING), ("_id", DESCENDING)]
+        docs: list[Doc] = (
+            await self.messages.find(query, projection=projection)
+            .sort(order)
+            .limit(limit)
+            .to_list(limit)
+        )
+        return docs
+
+    @db_call
+    async def set_feedback(
+        self, user_id: str, chat_id: str, message_id: str, feedback: Doc | None
+    ) -> Doc | None:
+        """Store (or, with None, remove) the user's rating of an answer that has ended; None
+        when the chat or the answer is not theirs; Conflict while it is still being written."""
+        if await self.get_chat(user_id, chat_id) is None:
+            return None
+        query = {"_id": message_id, "chat_id": chat_id, "user_id": user_id, "role": "assistant"}
+        change = {"$set": {"feedback": feedback}} if feedback else {"$unset": {"feedback": ""}}
+        doc: Doc | None = await self.messages.find_one_and_update(
+            {**query, "status": {"$ne": "streaming"}},
+            change,
+            projection={"feedback": 1, "status": 1},
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is None and await self.messages.find_one(query, projection={"_id": 1}):
+            raise Conflict(
+                "the answer is still being written; rate it once it has ended",
+                code="answer_streaming",
+            )
+        return doc
 
     # ------------------------------------------------------------------ turns
     @db_call

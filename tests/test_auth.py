@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from datetime import datetime
 
@@ -251,3 +252,33 @@ async def test_cache_is_a_bounded_lru(settings, decodes, monkeypatch):
     await auth.verify(tokens[1])  # evicted, so verified again
     assert decodes == [*tokens, tokens[1]]
     assert len(auth._verified) == 3
+
+
+@pytest.mark.parametrize(
+    ("token", "words"),
+    [
+        ("not.a.jwt", "not a well-formed JWT"),
+        ("garbage", "not a well-formed JWT"),
+        (jwt.encode({"sub": "a", "exp": time.time() + 60}, "x" * 64, "HS256"), "signature"),
+        (jwt.encode({"sub": "a", "exp": time.time() + 60}, TEST_SECRET, "HS512"), "algorithm"),
+        (jwt.encode({"sub": "a"}, TEST_SECRET, "HS256"), "'exp' claim is missing"),
+        (
+            jwt.encode(
+                {"sub": "a", "exp": time.time() + 60, "nbf": time.time() + 3600}, TEST_SECRET
+            ),
+            "not valid yet",
+        ),
+    ],
+    ids=["dots", "garbage", "signature", "algorithm", "no-exp", "nbf"],
+)
+async def test_a_refused_token_is_explained_in_words_not_an_exception_name(client, token, words):
+    """The page shows this message when a pasted token is refused: it must read as a sentence,
+    on /api and on /v1 (whose models list the page asks first)."""
+    headers = {"Authorization": f"Bearer {token}"}
+    body = await assert_401(client, headers)
+    message = body["error"]["message"]
+    assert words in message
+    assert not re.search(r"[a-z][A-Z]|Error", message), message
+    v1 = await client.get("/v1/models", headers=headers)
+    assert v1.status == 401
+    assert words in (await v1.json())["error"]["message"]

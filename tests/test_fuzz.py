@@ -57,8 +57,10 @@ QUERY_VALUES = [
     b"-" + b"9" * 23, b"9223372036854775807", b"9223372036854775808", b"\xff\xfe", b"%",
     b"\x00", b"true", b"null", b"a" * 300, b"\xe2\x80\xae", b"&", b"=",
 ]  # fmt: skip
-QUERY_KEYS = [b"limit", b"cursor", b"after", b"ticket", b"user", b"stream", b"x", b""]
+QUERY_KEYS = [b"limit", b"cursor", b"after", b"ticket", b"user", b"stream", b"q", b"x", b""]
 VALID_QUERIES = [b"", b"?limit=5", b"?after=0", b"?limit=1&after=-1", b"?user=fuzz"]
+# Routes whose queries are their own (search needs its q).
+ROUTE_QUERIES = {"/api/search": [b"?q=hi", b"?q=fuzz+hi&limit=5", b"?q=%F0%9D%84%9E"]}
 CONTENT_TYPES = [
     b"application/json", b"text/plain", b"application/json; charset=latin-1",
     b"multipart/form-data; boundary=zz", b"application/x-www-form-urlencoded", b"\xff\xfe",
@@ -67,7 +69,9 @@ CONTENT_TYPES = [
 CONTENT_ENCODINGS = [b"gzip", b"deflate", b"br", b"zstd", b"gzip, gzip", b"identity", b"\xff"]
 BODY_TEMPLATES: dict[str, dict[str, Any]] = {
     "/api/chat": {"title": "fuzz", "model": "demo"},
+    "/api/chat/{chat_id}": {"title": "Renamed"},  # PATCH
     "/api/chat/{chat_id}/message": {"message": "Hi", "model": "demo"},
+    "/api/chat/{chat_id}/messages/{message_id}/feedback": {"rating": "down", "comment": "Hi"},
     "/v1/chat/completions": {
         "model": "demo",
         "messages": [{"role": "user", "content": "Hi"}],
@@ -131,10 +135,11 @@ class Fuzzer:
         if "{message_id}" in canonical:
             self.chat_pool = slice(0, 1)
         path = self.path(canonical)
-        query = self.query() if self.hostile() else self.rng.choice(VALID_QUERIES)
+        valid = ROUTE_QUERIES.get(canonical, VALID_QUERIES)
+        query = self.query() if self.hostile() else self.rng.choice(valid)
         headers = self.auth() + (self.headers() if self.hostile() else [])
         body = b""
-        if method == "POST":
+        if method in ("POST", "PUT", "PATCH"):
             body, coding = self.body(canonical)
             if coding is not None:
                 headers.append((b"Content-Encoding", coding))
@@ -429,7 +434,7 @@ async def test_every_route_survives_hostile_http_inputs(fuzz_client, token_for, 
             resp = await raw_http.send(host, port, request)
             check(path, resp)
             statuses[(method, canonical)].add(resp.status)
-            if method == "DELETE" and resp.status == 200:
+            if (method, canonical, resp.status) == ("DELETE", "/api/chat/{chat_id}", 200):
                 await replace_chat(client, fuzzer, resp.json()["chat_id"])
         # and a method no route takes, on a path that one does
         method = fuzzer.rng.choice(["PUT", "PATCH", "OPTIONS", "TRACE", "DELETE", "POST"])

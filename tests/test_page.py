@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import pytest
@@ -33,6 +34,8 @@ async def test_index_is_served_with_security_headers(client):
         ("/static/js/ws.js", "text/javascript; charset=utf-8"),
         ("/static/style.css", "text/css; charset=utf-8"),
         ("/static/favicon.svg", "image/svg+xml"),
+        ("/static/vendor/marked.esm.js", "text/javascript; charset=utf-8"),
+        ("/static/vendor/purify.es.mjs", "text/javascript; charset=utf-8"),
     ],
 )
 async def test_static_files_have_their_content_types(client, path, content_type):
@@ -53,11 +56,37 @@ async def test_static_files_revalidate_with_304(client):
 
 
 async def test_every_module_import_resolves_to_a_served_file(client):
-    """The page has no bundler: each relative import must exist next to its importer."""
+    """The page has no bundler: each relative import must exist where it points."""
     for path in sorted((STATIC_DIR / "js").glob("*.js")):
-        for name in re.findall(r'from "\./([\w.-]+\.js)"', path.read_text()):
-            resp = await client.get(f"/static/js/{name}")
+        for name in re.findall(r'from "(\.{1,2}/[\w./-]+\.m?js)"', path.read_text()):
+            served = (
+                "/static/" + (STATIC_DIR / "js" / name).resolve().relative_to(STATIC_DIR).as_posix()
+            )
+            resp = await client.get(served)
             assert resp.status == 200, f"{path.name} imports {name}"
+            assert resp.headers["Content-Type"] == "text/javascript; charset=utf-8"
+
+
+def test_vendored_libraries_are_the_versions_their_readme_names():
+    """service/static/vendor/README.md names each file's package, version and SHA-256: the
+    files are those, unchanged (the header names the version; the hash is the package's)."""
+    vendor = STATIC_DIR / "vendor"
+    readme = (vendor / "README.md").read_text()
+    versions = dict(
+        re.findall(r"^\| `([\w.-]+)` \(`[\w./-]+`\) \| [^|]+ \| ([\d.]+) \|", readme, re.M)
+    )
+    hashes = dict(re.findall(r"^\| `([\w.-]+)` \| `([0-9a-f]{64})` \|$", readme, re.M))
+    assert versions == {"marked.esm.js": "18.2.1", "purify.es.mjs": "3.5.0"}
+    assert set(hashes) == set(versions)
+    scripts = {p.name for p in vendor.iterdir() if p.suffix in (".js", ".mjs")}
+    assert scripts == set(versions), "every vendored script is in the README, and only those"
+    headers = {"marked.esm.js": "marked v{}", "purify.es.mjs": "DOMPurify {}"}
+    for name, version in versions.items():
+        data = (vendor / name).read_bytes()
+        assert headers[name].format(version) in data[:400].decode()
+        assert hashlib.sha256(data).hexdigest() == hashes[name], name
+    for licence in ("LICENSE.marked", "LICENSE.dompurify", "LICENSE-MPL.dompurify"):
+        assert (vendor / licence).stat().st_size > 500
 
 
 @pytest.mark.parametrize(
@@ -108,3 +137,21 @@ async def test_dev_token_rejects_odd_user_names(aiohttp_client, make_settings):
     assert (await resp.json())["error"]["code"] == "invalid_user"
     default = await client.get("/api/dev/token")
     assert (await default.json())["user"] == "dev"
+
+
+def test_every_error_code_the_service_sends_has_a_sentence_on_the_page():
+    """The page never shows a code alone: each code the service can send (our own, the
+    upstream's, and those /v1 names differently) is a key of errors.js's sentences."""
+    from service.errors import UPSTREAM_STATUS
+    from service.http import _OPENAI_CODES
+
+    codes = set(UPSTREAM_STATUS) | {code for _, _, code in _OPENAI_CODES.values()}
+    for path in (STATIC_DIR.parent).rglob("*.py"):
+        text = path.read_text()
+        codes |= set(re.findall(r'\bcode\s*=\s*"([a-z_]+)"', text))
+        codes |= set(re.findall(r'"code":\s*"([a-z_]+)"', text))
+        codes |= {f"{what}_not_found" for what in re.findall(r'not_found\("([a-z ]+)"\)', text)}
+    sentences = (STATIC_DIR / "js" / "errors.js").read_text()
+    known = set(re.findall(r"^  ([a-z_]+): ", sentences, re.M))
+    assert len(codes) > 40, sorted(codes)
+    assert not codes - known, f"no sentence for: {sorted(codes - known)}"

@@ -142,7 +142,7 @@ async def test_answer_streams_in_then_history_survives_reload_and_delete(browser
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "page-midstream.png"))
     if os.environ.get("UPDATE_SCREENSHOT") == "1":  # the README's picture: further into the answer
-        await page.wait_for_function("() => window.__samples.length >= 30")
+        await page.wait_for_function("() => window.__samples.length >= 58")
         await page.screenshot(path=str(ROOT / "docs" / "screenshot.png"))
     assert await page.locator("#stop").is_visible()
 

@@ -1,4 +1,4 @@
-"""Chat API: list, create, read (with paginated messages), soft delete."""
+"""Chat API: list, create, read (with paginated messages), rename, soft delete."""
 
 from __future__ import annotations
 
@@ -25,6 +25,11 @@ class StrictModel(BaseModel):
 class CreateChat(StrictModel):
     title: str | None = Field(None, min_length=1, max_length=200)
     model: str | None = Field(None, min_length=1, max_length=100)
+
+
+class RenameChat(StrictModel):
+    model_config = ConfigDict(str_strip_whitespace=True)
+    title: str = Field(min_length=1, max_length=200)
 
 
 class ListChatsQuery(StrictModel):
@@ -66,8 +71,9 @@ def message_view(doc: Doc) -> dict[str, Any]:
     }
 
 
-# What an answer may carry besides its text (the /v1 route's), and a tool turn's results.
-MESSAGE_EXTRAS = ("reasoning", "tool_calls", "refusal", "results")
+# What an answer may carry besides its text (the /v1 route's), a tool turn's results, and the
+# user's rating of an answer (``service/api/feedback.py``).
+MESSAGE_EXTRAS = ("reasoning", "tool_calls", "refusal", "results", "feedback")
 
 
 async def list_chats(request: web.Request) -> web.Response:
@@ -126,6 +132,15 @@ async def _settle_dead_streams(request: web.Request, messages: list[Doc]) -> boo
     return bool(dead)
 
 
+async def rename_chat(request: web.Request) -> web.Response:
+    chat_id = parse_uuid(request.match_info["chat_id"], "chat_id")
+    body = await read_json(request, RenameChat)
+    chat = await request.app[STORE].rename_chat(request[PRINCIPAL].user_id, chat_id, body.title)
+    if chat is None:
+        raise not_found("chat")
+    return json_response(chat_view(chat))
+
+
 async def delete_chat(request: web.Request) -> web.Response:
     chat_id = parse_uuid(request.match_info["chat_id"], "chat_id")
     deleted_at = await request.app[STORE].delete_chat(request[PRINCIPAL].user_id, chat_id)
@@ -138,4 +153,5 @@ def setup(app: web.Application) -> None:
     app.router.add_get("/api/chat", list_chats)
     app.router.add_post("/api/chat", create_chat)
     app.router.add_get("/api/chat/{chat_id}", get_chat)
+    app.router.add_patch("/api/chat/{chat_id}", rename_chat)
     app.router.add_delete("/api/chat/{chat_id}", delete_chat)

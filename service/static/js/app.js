@@ -1,29 +1,23 @@
 // The chat page: chat list, history, streaming answers over SSE or WebSocket, usage, errors.
 
 import { ApiError, api, auth, devToken, listModels, onUnauthorized, randomId } from "./api.js";
-import { $, formatTime, h } from "./dom.js";
+import { $, formatTime, h, titleFrom } from "./dom.js";
+import { describe, describeEnd } from "./errors.js";
+import { copyText } from "./markdown.js";
+import { appendReasoning, appendText, messageEl, onRendered, rawText, setStatus, settle } from "./messages.js";
 import { codePoints } from "./resume.js";
+import { Search } from "./search.js";
 import { sseResume, sseTurn } from "./sse.js";
 import { WsTransport } from "./ws.js";
 
 const PREFS = { model: "chat-gateway.model", ws: "chat-gateway.ws" };
-
-const STATUS_LABELS = {
-  pending: "waiting…",
-  streaming: "streaming…",
-  reconnecting: "reconnecting…",
-  cancelled: "stopped — partial answer",
-  failed: "failed",
-  interrupted: "interrupted — partial answer",
-  partial: "partial answer",
-  not_sent: "not sent",
-};
 
 const state = {
   chats: [],
   chatId: null,
   turn: null, // the running turn (sent, or followed after a reload): {cancel, stopping}
   ws: new WsTransport(),
+  stick: true, // the messages were scrolled to the bottom: keep them there as an answer grows
 };
 
 const el = {
@@ -38,6 +32,14 @@ const el = {
   tokenInput: $("#token-input"),
   chat: $("#chat"),
   chatTitle: $("#chat-title"),
+  rename: $("#rename"),
+  renameForm: $("#rename-form"),
+  renameInput: $("#rename-input"),
+  renameCancel: $("#rename-cancel"),
+  search: $("#search"),
+  searchResults: $("#search-results"),
+  searchStatus: $("#search-status"),
+  announce: $("#announce"),
   messages: $("#messages"),
   emptyChat: $("#empty-chat"),
   composer: $("#composer"),
@@ -49,34 +51,19 @@ const el = {
   usageMeter: $("#usage-meter"),
   usageText: $("#usage-text"),
   whoami: $("#whoami"),
+  controls: $(".controls"),
   signOut: $("#sign-out"),
   error: $("#error"),
   errorText: $("#error-text"),
   errorClose: $("#error-close"),
 };
 
-// ------------------------------------------------------------------------------------ errors
-function describe(err) {
-  const d = err.details || {};
-  const code = err.code || "";
-  if (code === "budget_exceeded") {
-    const left = d.limit != null ? ` (${d.remaining ?? 0} of ${d.limit} tokens left)` : "";
-    return `Your monthly token budget is used up${left}. It renews at the start of next month.`;
-  }
-  if (code === "rate_limited") {
-    const wait = err.retryAfter != null ? Math.max(1, Math.ceil(err.retryAfter)) : null;
-    return `You are sending messages too quickly.${wait ? ` Try again in ${wait} s.` : ""}`;
-  }
-  if (code.startsWith("upstream_")) {
-    return `The model provider failed (${code}): ${err.message}. Please try again in a moment.`;
-  }
-  if (code === "chat_not_found") return "This chat no longer exists (was it deleted elsewhere?).";
-  if (code === "invalid_message" || code === "validation_error") return err.message;
-  if (code === "unauthorized") return "Your token was refused. Please sign in again.";
-  if (["network_error", "stream_interrupted", "stop_unconfirmed"].includes(code)) return err.message;
-  return `${err.message}${code ? ` (${code})` : ""}`;
-}
+const search = new Search(
+  { input: el.search, results: el.searchResults, list: el.chatList, status: el.searchStatus },
+  { onOpen: (chatId, messageId) => openChat(chatId, messageId), onError: (exc) => report(exc) },
+);
 
+// ------------------------------------------------------------------------------------ errors
 function showError(text) {
   el.errorText.textContent = text;
   el.error.hidden = false;
@@ -91,18 +78,35 @@ function report(exc) {
   if (exc instanceof ApiError) showError(describe(exc));
   else {
     console.error(exc);
-    showError(`Something went wrong: ${exc.message || exc}`);
+    showError("Something went wrong on this page. Reload it and try again.");
   }
 }
 
+// Said to screen readers (the streaming answer itself is busy until it ends).
+function announce(text) {
+  el.announce.textContent = text;
+}
+
 // ------------------------------------------------------------------------------------ auth
+// Signed out, the page is only the sign-in: no chat list, model picker, usage or New chat.
 function setSignedIn(signedIn) {
   el.login.hidden = signedIn;
   el.chat.hidden = !signedIn;
+  el.sidebar.hidden = !signedIn;
+  el.controls.hidden = !signedIn;
+  el.toggleSidebar.hidden = !signedIn;
   el.signOut.hidden = !signedIn;
   el.whoami.textContent = signedIn && auth.user ? auth.user : "";
   el.app.dataset.state = signedIn ? "loading" : "login";
-  if (!signedIn) el.tokenInput.focus();
+  if (!signedIn) {
+    state.chats = [];
+    state.chatId = null;
+    el.chatList.replaceChildren();
+    el.messages.replaceChildren();
+    el.model.replaceChildren();
+    search.clear();
+    el.tokenInput.focus();
+  }
 }
 
 async function ensureToken() {
@@ -153,7 +157,7 @@ function chatLabel(chat) {
 }
 
 function renderChats() {
-  el.chatListEmpty.hidden = state.chats.length > 0;
+  el.chatListEmpty.hidden = state.chats.length > 0 || search.active;
   el.chatList.replaceChildren(
     ...state.chats.map((chat) => {
       const li = h("li", { class: "chat-item", dataset: { chatId: chat.chat_id } });
@@ -232,7 +236,8 @@ function newChat() {
   if (state.turn) return;
   state.chatId = null;
   history.replaceState(null, "", location.pathname + location.search);
-  el.chatTitle.textContent = "New chat";
+  cancelRename();
+  showTitle(null);
   el.messages.replaceChildren();
   el.emptyChat.hidden = false;
   renderChats();
@@ -241,33 +246,6 @@ function newChat() {
 }
 
 // ------------------------------------------------------------------------------------ messages
-function setStatus(msgEl, status) {
-  msgEl.dataset.status = status;
-  const badge = msgEl.querySelector(".msg-status");
-  const label = STATUS_LABELS[status];
-  badge.textContent = label || "";
-  badge.hidden = !label;
-  const busy = status === "streaming" || status === "pending" || status === "reconnecting";
-  msgEl.setAttribute("aria-busy", busy ? "true" : "false");
-}
-
-function messageEl({ role, content, status, message_id: messageId, error, reasoning }) {
-  const body = h("div", { class: "msg-body" });
-  body.append(document.createTextNode(content || "")); // one text node; deltas append to it
-  const li = h(
-    "li",
-    { class: `msg ${role}`, dataset: { role, messageId } },
-    h("div", { class: "msg-head" }, h("span", { class: "msg-role" }, role === "user" ? "You" : "Assistant"), h("span", { class: "msg-status" })),
-    body,
-  );
-  setStatus(li, status || "complete");
-  if (reasoning) appendReasoning(li, reasoning);
-  if (error && (error.message || error.code)) {
-    li.append(h("div", { class: "msg-error" }, error.message || error.code));
-  }
-  return li;
-}
-
 function nearBottom() {
   const m = el.messages;
   return m.scrollHeight - m.scrollTop - m.clientHeight < 80;
@@ -282,32 +260,17 @@ function appendMessage(msg) {
   return li;
 }
 
-// A reasoning model's thinking: folded away above the answer, open on a click.
-function appendReasoning(msgEl, text) {
-  let box = msgEl.querySelector(".msg-reasoning");
-  if (!box) {
-    box = h("details", { class: "msg-reasoning" }, h("summary", {}, "Thinking"), h("div", {}));
-    box.lastChild.append(document.createTextNode(""));
-    msgEl.querySelector(".msg-body").before(box);
-  }
-  box.lastChild.firstChild.appendData(text);
-}
-
-function appendText(msgEl, text) {
-  const stick = nearBottom();
-  msgEl.querySelector(".msg-body").firstChild.appendData(text);
-  if (stick) el.messages.scrollTop = el.messages.scrollHeight;
-}
-
-async function openChat(chatId) {
+// Open a chat (at `messageId`, a search result, when given).
+async function openChat(chatId, messageId = null) {
   if (state.turn) return;
   hideError();
+  cancelRename();
   state.chatId = chatId;
   history.replaceState(null, "", `#/chat/${chatId}`);
   renderChats();
   closeSidebar();
   const chat = state.chats.find((c) => c.chat_id === chatId);
-  el.chatTitle.textContent = chat ? chatLabel(chat) : "";
+  showTitle(chat);
   el.messages.replaceChildren();
   el.messages.setAttribute("aria-busy", "true");
   try {
@@ -316,7 +279,7 @@ async function openChat(chatId) {
     for (let page = 0; page < 20; page++) {
       const body = await api("GET", `/api/chat/${chatId}?limit=500&after=${after}`);
       if (state.chatId !== chatId) return; // another chat was opened meanwhile
-      el.chatTitle.textContent = chatLabel(body);
+      showTitle(body);
       messages.push(...body.messages);
       if (body.next_after == null) break;
       after = body.next_after;
@@ -324,6 +287,7 @@ async function openChat(chatId) {
     el.messages.replaceChildren(...messages.map(messageEl));
     el.emptyChat.hidden = messages.length > 0;
     el.messages.scrollTop = el.messages.scrollHeight;
+    if (messageId) showMessage(messageId);
     const last = messages[messages.length - 1];
     if (last && last.role === "assistant" && last.status === "streaming") {
       followRunning(chatId, last, el.messages.lastElementChild); // not awaited: the page is ready now
@@ -350,12 +314,12 @@ function setBusy(busy) {
 
 async function ensureChat(text) {
   if (state.chatId) return state.chatId;
-  const title = text.trim().replace(/\s+/g, " ").slice(0, 60);
+  const title = titleFrom(text);
   const chat = await api("POST", "/api/chat", { title, model: el.model.value || undefined });
   state.chats.unshift(chat);
   state.chatId = chat.chat_id;
   history.replaceState(null, "", `#/chat/${chat.chat_id}`);
-  el.chatTitle.textContent = chatLabel(chat);
+  showTitle(chat);
   renderChats();
   return chat.chat_id;
 }
@@ -387,9 +351,11 @@ async function send() {
     const stopped = exc.name === "AbortError" || (state.turn.stopping && exc.code !== "stop_unconfirmed");
     if (botEl && stopped) {
       setStatus(botEl, started ? "cancelled" : "not_sent");
-      if (!started) botEl.remove();
+      if (started) settle(botEl);
+      else botEl.remove();
     } else if (botEl && started) {
       setStatus(botEl, "interrupted");
+      settle(botEl);
       report(exc);
     } else {
       // refused before the stream started (budget, rate limit, validation...): nothing was saved
@@ -430,10 +396,14 @@ function answerHandlers(botEl, onStarted = () => {}) {
     },
     onEnd(kind, data) {
       setStatus(botEl, data.status || (kind === "done" ? "complete" : "failed"));
+      settle(botEl);
       if (kind === "error") {
-        const msg = data.message || data.reason || "the answer failed";
-        botEl.append(h("div", { class: "msg-error" }, msg));
-        showError(`The answer failed: ${msg}${data.code ? ` (${data.code})` : ""}`);
+        const why = describeEnd(data);
+        botEl.append(h("div", { class: "msg-error" }, why));
+        showError(`The answer failed. ${why}`);
+        announce("The answer failed.");
+      } else {
+        announce(data.status === "cancelled" ? "The answer was stopped." : "The answer is complete.");
       }
     },
   };
@@ -456,11 +426,11 @@ async function followRunning(chatId, msg, botEl) {
   } catch (exc) {
     if (exc.name === "AbortError" || (state.turn.stopping && exc.code !== "stop_unconfirmed")) {
       setStatus(botEl, "cancelled");
-    }
-    else {
+    } else {
       setStatus(botEl, "interrupted");
       report(exc);
     }
+    settle(botEl);
   } finally {
     state.turn = null;
     setBusy(false);
@@ -485,6 +455,170 @@ async function stop() {
   if (turn.cancel) await turn.cancel();
 }
 
+// ------------------------------------------------------------------------------------ title, rename
+function showTitle(chat) {
+  el.chatTitle.textContent = chat ? chatLabel(chat) : "New chat";
+  el.rename.hidden = !chat;
+}
+
+function startRename() {
+  const chat = state.chats.find((c) => c.chat_id === state.chatId);
+  if (!chat) return;
+  el.renameInput.value = chat.title || "";
+  el.renameForm.hidden = false;
+  el.chatTitle.hidden = true;
+  el.rename.hidden = true;
+  el.renameInput.focus();
+  el.renameInput.select();
+}
+
+function cancelRename() {
+  const was = !el.renameForm.hidden;
+  el.renameForm.hidden = true;
+  el.chatTitle.hidden = false;
+  el.rename.hidden = !state.chatId;
+  if (was) el.rename.focus();
+}
+
+async function saveRename() {
+  const chatId = state.chatId;
+  const title = el.renameInput.value.trim();
+  if (!chatId || !title) return;
+  try {
+    const chat = await api("PATCH", `/api/chat/${chatId}`, { title });
+    const known = state.chats.find((c) => c.chat_id === chatId);
+    if (known) known.title = chat.title;
+    if (state.chatId === chatId) showTitle(chat);
+    renderChats();
+    cancelRename();
+    announce(`Chat renamed to ${chat.title}.`);
+  } catch (exc) {
+    report(exc);
+  }
+}
+
+// ------------------------------------------------------------------------------------ answer actions
+// Copy, copy as Markdown, a code block's copy, and the rating: one listener for every bubble.
+async function onMessagesClick(ev) {
+  const button = ev.target.closest("button");
+  if (!button || !el.messages.contains(button)) return;
+  const msgEl = button.closest(".msg");
+  if (button.classList.contains("code-copy")) {
+    const code = button.closest(".code-block").querySelector("pre code");
+    return copied(button, code ? code.textContent : "");
+  }
+  const action = button.dataset.action;
+  if (action === "copy") return copied(button, renderedText(msgEl));
+  if (action === "copy-md") return copied(button, rawText(msgEl));
+  if (action === "rate") return rate(msgEl, button.dataset.rating);
+  if (action === "comment-cancel") return closeComment(msgEl);
+}
+
+// The answer as a reader sees it (innerText keeps its lines), without the code blocks' heads.
+function renderedText(msgEl) {
+  const md = msgEl.querySelector(".msg-md");
+  md.classList.add("copying");
+  const text = md.innerText.trim();
+  md.classList.remove("copying");
+  return text;
+}
+
+async function copied(button, text) {
+  const label = button.textContent;
+  try {
+    await copyText(text);
+    button.textContent = "Copied";
+    announce("Copied to the clipboard.");
+  } catch {
+    button.textContent = "Copy failed";
+    announce("Could not copy: the browser refused.");
+  }
+  setTimeout(() => {
+    button.textContent = label;
+  }, 1500);
+}
+
+function feedbackUrl(msgEl) {
+  return `/api/chat/${state.chatId}/messages/${msgEl.dataset.messageId}/feedback`;
+}
+
+function showRating(msgEl, rating) {
+  for (const b of msgEl.querySelectorAll(".msg-rate")) {
+    b.setAttribute("aria-pressed", b.dataset.rating === rating ? "true" : "false");
+  }
+}
+
+// A thumb: rate (or, pressed again, take the rating back), then offer a comment.
+async function rate(msgEl, rating) {
+  const pressed = msgEl.querySelector(`.msg-rate[data-rating="${rating}"]`).getAttribute("aria-pressed") === "true";
+  const note = msgEl.querySelector(".msg-note");
+  try {
+    if (pressed) {
+      await api("DELETE", feedbackUrl(msgEl));
+      showRating(msgEl, null);
+      closeComment(msgEl);
+      note.textContent = "Rating removed.";
+      return;
+    }
+    await api("PUT", feedbackUrl(msgEl), { rating });
+    showRating(msgEl, rating);
+    note.textContent = "Thanks!";
+    openComment(msgEl, rating);
+  } catch (exc) {
+    report(exc);
+  }
+}
+
+function openComment(msgEl, rating) {
+  closeComment(msgEl);
+  const input = h("textarea", { rows: "2", maxlength: "2000", class: "comment-input", "aria-label": "Comment (optional)", placeholder: rating === "down" ? "What was wrong? (optional)" : "What was good? (optional)" });
+  const form = h(
+    "form",
+    { class: "msg-comment", "aria-label": "Comment on this answer" },
+    input,
+    h("div", { class: "comment-actions" }, h("button", { class: "primary", type: "submit" }, "Send comment"), h("button", { type: "button", dataset: { action: "comment-cancel" } }, "No comment")),
+  );
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const comment = input.value.trim();
+    if (!comment) return closeComment(msgEl);
+    try {
+      await api("PUT", feedbackUrl(msgEl), { rating, comment });
+      closeComment(msgEl);
+      msgEl.querySelector(".msg-note").textContent = "Thanks for the comment!";
+    } catch (exc) {
+      report(exc);
+    }
+  });
+  form.addEventListener("keydown", (ev) => {
+    if (ev.key === "Escape") {
+      ev.preventDefault();
+      closeComment(msgEl);
+    }
+  });
+  msgEl.querySelector(".msg-actions").after(form);
+  input.focus();
+}
+
+function closeComment(msgEl) {
+  const form = msgEl.querySelector(".msg-comment");
+  if (!form) return;
+  const hadFocus = form.contains(document.activeElement);
+  form.remove();
+  if (hadFocus) msgEl.querySelector(".msg-rate[aria-pressed=true], .msg-rate")?.focus();
+}
+
+// A search result's message: in view and marked for a moment.
+function showMessage(messageId) {
+  const target = el.messages.querySelector(`.msg[data-message-id="${CSS.escape(messageId)}"]`);
+  if (!target) return;
+  target.scrollIntoView({ block: "center" });
+  target.classList.add("found");
+  target.setAttribute("tabindex", "-1");
+  target.focus({ preventScroll: true });
+  setTimeout(() => target.classList.remove("found"), 2000);
+}
+
 // ------------------------------------------------------------------------------------ layout
 function closeSidebar() {
   el.app.classList.remove("sidebar-open");
@@ -506,6 +640,23 @@ function bind() {
     }
   });
   el.stop.addEventListener("click", stop);
+  el.messages.addEventListener("click", onMessagesClick);
+  el.messages.addEventListener("scroll", () => (state.stick = nearBottom()), { passive: true });
+  onRendered(() => {
+    if (state.stick) el.messages.scrollTop = el.messages.scrollHeight;
+  });
+  el.rename.addEventListener("click", startRename);
+  el.renameCancel.addEventListener("click", cancelRename);
+  el.renameForm.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    saveRename();
+  });
+  el.renameInput.addEventListener("keydown", (ev) => {
+    if (ev.key === "Escape") {
+      ev.preventDefault();
+      cancelRename();
+    }
+  });
   el.newChat.addEventListener("click", newChat);
   el.errorClose.addEventListener("click", hideError);
   el.model.addEventListener("change", () => localStorage.setItem(PREFS.model, el.model.value));

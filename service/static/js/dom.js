@@ -1,4 +1,4 @@
-// Tiny DOM helpers. Text always goes in as text (textContent / text nodes), never as HTML.
+// Tiny DOM and text helpers. Text always goes in as text (textContent / text nodes), never as HTML.
 
 export const $ = (sel, root = document) => root.querySelector(sel);
 
@@ -26,4 +26,16 @@ export function formatTime(iso) {
   return today
     ? date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })
     : date.toLocaleDateString([], { month: "short", day: "numeric" });
+}
+
+// A chat's title from its first message: at most `max` characters, cut at a word boundary
+// with an ellipsis (mid-word only when the first word alone is longer).
+export function titleFrom(text, max = 60) {
+  const flat = text.trim().replace(/\s+/g, " ");
+  const chars = [...flat]; // code points: an emoji is not cut in half
+  if (chars.length <= max) return flat;
+  const head = chars.slice(0, max - 1).join(""); // room for the ellipsis
+  const space = chars[max - 1] === " " ? head.length : head.lastIndexOf(" ");
+  const cut = space > 0 ? head.slice(0, space) : head;
+  return `${cut.replace(/[\s.,;:!?–—-]+$/, "")}…`;
 }

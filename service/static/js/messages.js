@@ -1,0 +1,137 @@
+// One message on the page: its head (who, when, status), its text, and for an answer the
+// rendered Markdown, the "Thinking" fold, the copy buttons and the rating.
+//
+// An answer's raw text is `.msg-body` (hidden: one text node the transports append to; copied
+// by "Copy Markdown"); what is shown is `.msg-md`, derived from it (markdown.js). A question is
+// shown as the text it is.
+
+import { describeEnd } from "./errors.js";
+import { formatTime, h } from "./dom.js";
+import { MarkdownView } from "./markdown.js";
+
+const STATUS_LABELS = {
+  pending: "waiting…",
+  streaming: "streaming…",
+  reconnecting: "reconnecting…",
+  cancelled: "stopped — partial answer",
+  failed: "failed",
+  interrupted: "interrupted — partial answer",
+  partial: "partial answer",
+  not_sent: "not sent",
+};
+const RUNNING = new Set(["pending", "streaming", "reconnecting"]);
+
+const views = new WeakMap(); // answer element -> its MarkdownView
+const renderedListeners = [];
+
+// Called after an answer's view changed (the page keeps the newest text in sight).
+export function onRendered(fn) {
+  renderedListeners.push(fn);
+}
+const rendered = () => renderedListeners.forEach((fn) => fn());
+
+export function setStatus(msgEl, status) {
+  msgEl.dataset.status = status;
+  const badge = msgEl.querySelector(".msg-status");
+  const label = STATUS_LABELS[status];
+  badge.textContent = label || "";
+  badge.hidden = !label;
+  const running = RUNNING.has(status);
+  msgEl.setAttribute("aria-busy", running ? "true" : "false");
+  const actions = msgEl.querySelector(".msg-actions");
+  if (actions) actions.hidden = running || !rawText(msgEl);
+}
+
+export function rawText(msgEl) {
+  return msgEl.querySelector(".msg-body").textContent;
+}
+
+function timeEl(iso) {
+  const at = iso ? new Date(iso) : new Date();
+  return h("time", { class: "msg-time", datetime: at.toISOString(), title: at.toLocaleString() }, formatTime(at.toISOString()));
+}
+
+function actionsEl(feedback) {
+  const rate = (rating, label, sign) =>
+    h(
+      "button",
+      {
+        class: `icon-btn msg-rate rate-${rating}`,
+        type: "button",
+        dataset: { action: "rate", rating },
+        "aria-label": label,
+        "aria-pressed": feedback?.rating === rating ? "true" : "false",
+        title: label,
+      },
+      sign,
+    );
+  return h(
+    "div",
+    { class: "msg-actions", role: "group", "aria-label": "Answer actions" },
+    h("button", { class: "icon-btn", type: "button", dataset: { action: "copy" }, title: "Copy the answer as text" }, "Copy"),
+    h("button", { class: "icon-btn", type: "button", dataset: { action: "copy-md" }, title: "Copy the answer as Markdown" }, "Copy Markdown"),
+    rate("up", "Good answer", "Good"),
+    rate("down", "Bad answer", "Bad"),
+    h("span", { class: "msg-note", role: "status" }),
+  );
+}
+
+export function messageEl({ role, content, status, message_id: messageId, error, reasoning, created_at: createdAt, feedback }) {
+  const answer = role === "assistant";
+  const body = h("div", { class: "msg-body", hidden: answer });
+  body.append(document.createTextNode(content || "")); // one text node; deltas append to it
+  const li = h(
+    "li",
+    { class: `msg ${role}`, dataset: { role, messageId } },
+    h(
+      "div",
+      { class: "msg-head" },
+      h("span", { class: "msg-role" }, role === "user" ? "You" : "Assistant"),
+      timeEl(createdAt),
+      h("span", { class: "msg-status" }),
+    ),
+    body,
+  );
+  if (answer) {
+    const md = h("div", { class: "msg-md", "aria-live": "polite" });
+    body.after(md);
+    const view = new MarkdownView(md, rendered);
+    views.set(li, view);
+    if (content) view.flush(content);
+    li.append(actionsEl(feedback));
+  }
+  setStatus(li, status || "complete");
+  if (reasoning) appendReasoning(li, reasoning);
+  if (error && (error.message || error.code)) {
+    li.append(h("div", { class: "msg-error" }, describeEnd(error)));
+  }
+  return li;
+}
+
+// A reasoning model's thinking: folded away above the answer, open on a click.
+export function appendReasoning(msgEl, text) {
+  let box = msgEl.querySelector(".msg-reasoning");
+  if (!box) {
+    box = h("details", { class: "msg-reasoning" }, h("summary", {}, "Thinking"), h("div", {}));
+    box.lastChild.append(document.createTextNode(""));
+    msgEl.querySelector(".msg-body").before(box);
+  }
+  box.lastChild.firstChild.appendData(text);
+}
+
+// More of the answer: the raw text grows at once, the rendered view on the next frame.
+export function appendText(msgEl, text) {
+  const node = msgEl.querySelector(".msg-body").firstChild;
+  node.appendData(text);
+  views.get(msgEl)?.update(node.data);
+}
+
+// The answer has ended (or stopped): render it whole, exactly.
+export function settle(msgEl) {
+  views.get(msgEl)?.flush(rawText(msgEl));
+  setStatus(msgEl, msgEl.dataset.status);
+}
+
+export function viewOf(msgEl) {
+  return views.get(msgEl);
+}
