@@ -65,7 +65,7 @@ async def test_a_turn_is_counted_by_outcome_tokens_ttft_duration_and_store_laten
     assert grew("gateway_time_to_first_token_seconds_count", model="gpt-test") == 1
     assert grew("gateway_stream_duration_seconds_count", transport="sse", outcome="completed") == 1
     store_ops = "gateway_mongodb_operation_seconds_count"
-    for operation in ("begin_chat_turn", "reserve", "insert_messages", "settle_usage"):
+    for operation in ("begin_chat_turn", "reserve", "insert_messages", "finish_many"):
         assert grew(store_ops, operation=operation, result="ok") == 1, operation
     assert value(after, "process_resident_memory_bytes") > 0
 

@@ -45,6 +45,8 @@ const SENTENCES = {
   invalid_idempotency_key: "The page sent a malformed request. Reload the page.",
   // requests the page should never make: still words
   validation_error: "The request was not valid",
+  invalid_request: "The request was not valid",
+  invalid_value: "The request was not valid",
   bad_request: "The request was not valid",
   conflict: "That could not be done now: something changed meanwhile. Reload the page.",
   invalid_json: "The page sent a malformed request. Reload the page.",
@@ -79,6 +81,8 @@ const WITH_DETAIL = new Set([
   "invalid_message",
   "unsupported_parameter",
   "validation_error",
+  "invalid_request",
+  "invalid_value",
   "bad_request",
   "upstream_bad_request",
 ]);
