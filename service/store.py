@@ -507,13 +507,22 @@ class Store:
 
     @db_call
     async def settle_leased(
-        self, user_id: str, period: str, lease_id: str, message_id: str, *, billed: int
+        self,
+        user_id: str,
+        period: str,
+        lease_id: str,
+        message_id: str,
+        *,
+        billed: int,
+        grant: int,
     ) -> Doc | None:
         """Bill a turn admitted from a lease, once (its id joins ``settled``): ``used`` grows by
-        ``billed``, and the lease (while it is held) shrinks by as much. The usage after it."""
+        ``billed``, and the lease (while it is held) shrinks by as much of it as the turn was
+        granted (what an upstream bills past the grant was never the lease's, as it is never a
+        reservation's). The usage after it."""
         doc: Doc | None = await self.usage.find_one_and_update(
             {"user_id": user_id, "period": period, "settled": {"$ne": message_id}},
-            _leased_settlement(lease_id, billed, [message_id]),
+            _leased_settlement(lease_id, billed, min(billed, grant), [message_id]),
             projection={"settled": 0},
             return_document=ReturnDocument.AFTER,
         )
@@ -551,10 +560,11 @@ class Store:
         for (user_id, period, lease_id), group in groups.items():
             mids = [op.message_id for op in group]
             billed = sum(op.billed for op in group)
+            moved = sum(min(op.billed, op.grant) for op in group)
             ops.append(
                 UpdateOne(
                     {"user_id": user_id, "period": period, "settled": {"$nin": mids}},
-                    _leased_settlement(lease_id, billed, mids),
+                    _leased_settlement(lease_id, billed, moved, mids),
                 )
             )
         if ops:
@@ -563,7 +573,12 @@ class Store:
                 for op in finals:
                     if op.lease_id is not None:
                         await self.settle_leased(
-                            op.user_id, op.period, op.lease_id, op.message_id, billed=op.billed
+                            op.user_id,
+                            op.period,
+                            op.lease_id,
+                            op.message_id,
+                            billed=op.billed,
+                            grant=op.grant,
                         )
         written = await self.messages.bulk_write(
             [
@@ -1008,16 +1023,17 @@ def _reserve_update(req: ReserveRequest) -> list[Doc]:
     ]
 
 
-def _leased_settlement(lease_id: str, billed: int, mids: list[str]) -> list[Doc]:
+def _leased_settlement(lease_id: str, billed: int, moved: int, mids: list[str]) -> list[Doc]:
     """Bill ``billed`` tokens of a lease's turns ``mids``: ``used`` grows, the lease (while it is
-    held) shrinks by as much, the ids join the month's last ``SETTLED_KEPT`` settled ones."""
+    held) shrinks by ``moved`` (what of it the turns were granted), the ids join the month's
+    last ``SETTLED_KEPT`` settled ones."""
     held = {"$gt": [{"$size": _entries(lease_id, "$eq")}, 0]}
-    shrunk = {"grant": {"$subtract": ["$$this.grant", billed]}}
+    shrunk = {"grant": {"$subtract": ["$$this.grant", moved]}}
     return [
         {
             "$set": {
                 "used": {"$add": [{"$ifNull": ["$used", 0]}, billed]},
-                "reserved": {"$cond": [held, {"$subtract": ["$reserved", billed]}, "$reserved"]},
+                "reserved": {"$cond": [held, {"$subtract": ["$reserved", moved]}, "$reserved"]},
                 "open": {
                     "$map": {
                         "input": {"$ifNull": ["$open", []]},

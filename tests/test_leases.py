@@ -155,3 +155,20 @@ async def test_a_chat_deleted_on_one_replica_refuses_its_next_turn_on_the_other(
 def test_open_turns_counts_a_leases_turns():
     doc = {"open": [{"mid": "m", "grant": 5}, {"mid": "lease:r", "replica": "r", "turns": 3}]}
     assert open_turns(doc) == 4
+
+
+async def test_a_turn_billed_past_its_grant_leaves_the_lease_whole(
+    aiohttp_client, stream_settings, fake_openai, auth
+):
+    """An upstream that bills more than the turn was granted (its own count, or one that
+    ignores max_tokens): the overage goes to ``used`` as it would for a reservation, the lease
+    keeps the rest, and the next turn is admitted from it as usual."""
+    client = await aiohttp_client(create_app(stream_settings(lease_idle_s=30.0)))
+    fake_openai.default = Script(chunks=["a ", "b"], usage=(PROMPT, 5 * WANT))
+    for _ in range(3):
+        resp = await client.post("/v1/chat/completions", json=BODY, headers=auth())
+        assert resp.status == 200, await resp.text()
+    doc = await usage(client.app[STORE].db)
+    (lease,) = lease_of(doc)
+    assert doc["used"] == 3 * (PROMPT + 5 * WANT)
+    assert doc["reserved"] == lease["grant"] >= 0

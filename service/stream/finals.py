@@ -64,7 +64,12 @@ class FinalWrite:
                 )
             else:
                 self.usage = await store.settle_leased(
-                    self.user_id, self.period, self.lease_id, self.message_id, billed=self.billed
+                    self.user_id,
+                    self.period,
+                    self.lease_id,
+                    self.message_id,
+                    billed=self.billed,
+                    grant=self.grant,
                 )
             self.settled = True
         return await store.finish_message(self.message_id, self.fields)

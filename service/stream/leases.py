@@ -27,7 +27,7 @@ from datetime import timedelta
 
 import structlog
 
-from service.errors import BudgetExceeded, RateLimited, ServiceError
+from service.errors import BudgetExceeded, RateLimited, ServiceError, StoreUnavailable
 from service.limits import Allowance, request_interval
 from service.store import Doc, LeaseRequest, Reservation, ReserveRequest, Store, allowance_of
 
@@ -108,7 +108,8 @@ class Leases:
                     _refused(exc, lease, req)
                     raise
                 grant = grant or lease.admit(req, loop.time(), full=False)
-            assert grant, "a lease that just grew has room for the turn that grew it"
+            if not grant:  # cannot happen: the growth held room for this turn
+                raise StoreUnavailable("could not admit the turn from its lease")
             return self._reservation(lease, req, grant)
 
     async def _grow(self, lease: Lease, req: ReserveRequest) -> None:
@@ -163,7 +164,7 @@ class Leases:
         if lease is None:
             return
         lease.held -= grant
-        lease.tokens -= billed
+        lease.tokens -= min(billed, grant)  # past its grant was never the lease's
         lease.running -= 1
         lease.idle_since = asyncio.get_running_loop().time()
 

@@ -36,7 +36,12 @@ async def settle_interrupted(store: Store, doc: Doc) -> bool:
     prompt = int(doc.get("prompt_tokens", 0))
     if doc.get("lease"):  # billed from its replica's lease, which the reaper releases
         await store.settle_leased(
-            doc["user_id"], doc["period"], doc["lease"], doc["_id"], billed=prompt + completion
+            doc["user_id"],
+            doc["period"],
+            doc["lease"],
+            doc["_id"],
+            billed=prompt + completion,
+            grant=int(doc["reservation"]),
         )
     else:
         await store.settle_usage(
