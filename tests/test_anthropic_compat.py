@@ -20,6 +20,7 @@ from anthropic import AsyncAnthropic
 from service.app import create_app
 from service.keys import STORE
 from tests.fake_openai import Script
+from tests.faults import settled
 from tests.openai_recordings import MID_ERROR, recording
 
 # Every model the SDK is driven against.
@@ -595,6 +596,7 @@ async def test_the_record_keeps_the_transport_usage_and_tool_calls(
         '{"city": "Paris"}',
         '{"tz": "CET"}',
     ]
+    await settled(store.db)  # the replica's lease on the month given back
     usage = await store.usage.find_one({"user_id": "alice"})
     assert usage["used"] == 133 and usage["reserved"] == 0
 
