@@ -215,6 +215,19 @@ def test_a_native_providers_signatures_and_redacted_thinking_become_blocks():
     ]
 
 
+def test_a_signature_ends_its_thinking_block():
+    """Two signed thinking blocks in a row stay two blocks, each with its own signature."""
+    blocks, acc = Blocks(), Accumulator()
+    for thought, signature in (("First.", "sig-1"), ("Second.", "sig-2")):
+        whole = {"type": "thinking", "thinking": thought, "signature": signature}
+        for event in (step({"reasoning_content": thought}), step({"thinking_blocks": [whole]})):
+            acc.apply(blocks.frame(event.frame, event.text))
+    assert acc.blocks() == [
+        {"type": "thinking", "thinking": "First.", "signature": "sig-1"},
+        {"type": "thinking", "thinking": "Second.", "signature": "sig-2"},
+    ]
+
+
 def test_the_encoder_writes_each_step_once_and_in_order():
     enc = EventEncoder("msg_1", "m")
     out = b"".join(
@@ -250,6 +263,29 @@ def test_usage_takes_anthropics_counting():
         "cache_read_input_tokens": 60,
         "output_tokens": 30,
         "output_tokens_details": {"thinking_tokens": 12},
+    }
+
+
+def test_usage_of_an_anthropic_model_is_anthropics_own():
+    """The Anthropic provider keeps Anthropic's counts under ``anthropic`` in the details; the
+    prompt it reports is their sum."""
+    details = {
+        "prompt_tokens_details": {"cached_tokens": 1792},
+        "anthropic": {
+            "input_tokens": 14,
+            "cache_creation_input_tokens": 256,
+            "cache_read_input_tokens": 1792,
+            "output_tokens": 9,
+        },
+    }
+    got = usage_of(
+        final(prompt_tokens=2062, completion_tokens=9, cached_tokens=1792, usage_details=details)
+    )
+    assert got == {
+        "input_tokens": 14,
+        "cache_creation_input_tokens": 256,
+        "cache_read_input_tokens": 1792,
+        "output_tokens": 9,
     }
 
 
