@@ -7,8 +7,9 @@ events, ``{"type": "ping"}`` with spaces, ``message_start`` carrying the input u
 counts and their per-TTL breakdown, ``service_tier``) with ``output_tokens`` of a few,
 ``message_delta`` carrying the stop reason and the cumulative usage (input counts repeated),
 a tool's input as ``partial_json`` pieces that split keys and values anywhere (the first one
-empty), a thinking block closed by one ``signature_delta``, and an error as ``event: error``
-after an HTTP 200. Texts and ids are our own.
+empty), a thinking block closed by one ``signature_delta``, a ``redacted_thinking`` block whole
+in its ``content_block_start``, and an error as ``event: error`` after an HTTP 200. Texts, ids,
+signatures and redacted data are our own.
 """
 
 from __future__ import annotations
@@ -140,6 +141,59 @@ THINKING = [
 ]
 THINKING_TEXT = "The user asks for 6 times 7. That is 42; a short answer will do."
 THINKING_ANSWER = "Six times seven is 42."
+
+# Thinking, then a tool call: the signed block must come back on the loop's next step.
+LOOP_SIGNATURE = (
+    "ErcBCkYIBRgCKkDq0WmC5bX3xT9uN2pVhK7sL4yR8dF1gJ6aZ0cM3eQ5tB9wU2iO7nH4vS1kP8rA6zX3yG0fE5jD"
+    "2lC9mT7oW4bEgxsQ2v8K1pR5nY3dF7aGgyH9kL2mN4pQ6rS8tUiMJx7Vb3Nc5Rf1Tg9Yh2Kj4Lm6Pq8Sv0Wx=="
+)
+THINKING_TOOL_USE = [
+    start("msg_01LoopA5tK8vN2qW7mR4xP", MODEL, usage(540, 4)),
+    block_start(0, {"type": "thinking", "thinking": "", "signature": ""}),
+    delta(0, "thinking_delta", "thinking", "The user wants the weather in Paris;"),
+    delta(0, "thinking_delta", "thinking", " get_weather will tell.", 9),
+    delta(0, "signature_delta", "signature", LOOP_SIGNATURE, 8),
+    block_stop(0),
+    block_start(
+        1,
+        {"type": "tool_use", "id": "toolu_01LoopW7cX2", "name": "get_weather", "input": {}},
+        11,
+    ),
+    PING,
+    delta(1, "input_json_delta", "partial_json", ""),
+    delta(1, "input_json_delta", "partial_json", '{"city": ', 13),
+    delta(1, "input_json_delta", "partial_json", '"Paris"}'),
+    block_stop(1, 4),
+    message_delta("tool_use", usage(540, 96), output_tokens_details={"thinking_tokens": 52}),
+    STOP,
+]
+LOOP_THINKING = "The user wants the weather in Paris; get_weather will tell."
+LOOP_CALL = {
+    "id": "toolu_01LoopW7cX2",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+}
+
+# Thinking, a block the safety systems redacted, then the answer.
+REDACTED_DATA = (
+    "EmwKAhgBEgy3va3pzix/LafPsn4aDFIT2Xlxh0L5L8rLVyIwxtE3rAFBa8cr3qpPkNRj2YfWXGmKDxH4mPnZ5sQ7vB1"
+)
+REDACTED = [
+    start("msg_01RedactG3mW8pL5vQ2nK", MODEL, usage(38, 3)),
+    block_start(0, {"type": "thinking", "thinking": "", "signature": ""}),
+    delta(0, "thinking_delta", "thinking", "Let me think this through."),
+    delta(0, "signature_delta", "signature", SIGNATURE, 8),
+    block_stop(0),
+    block_start(1, {"type": "redacted_thinking", "data": REDACTED_DATA}),
+    block_stop(1),
+    block_start(2, {"type": "text", "text": ""}, 14),
+    text(2, "Done thinking."),
+    block_stop(2, 7),
+    message_delta("end_turn", usage(38, 61), output_tokens_details={"thinking_tokens": 44}),
+    STOP,
+]
+REDACTED_THINKING = "Let me think this through."
+REDACTED_ANSWER = "Done thinking."
 
 # Some text, then two tool calls whose inputs arrive in pieces.
 TOOL_USE = [

@@ -13,7 +13,7 @@ import pytest
 
 from service.errors import BadRequest, UpstreamError
 from service.providers.anthropic import AnthropicProvider
-from service.providers.anthropic_request import build_body, unsupported
+from service.providers.anthropic_request import NativeFields, build_body, unsupported
 from service.providers.base import Chunk, CompletionRequest, RetryPolicy, Usage
 from service.stream.assembly import Assembly
 from tests import anthropic_recordings as rec
@@ -153,31 +153,70 @@ async def test_the_chunks_one_network_read_brought_are_marked_more(provider, fak
     assert [c.more for c in chunks] == [True, True, True, False]
 
 
-async def test_thinking_is_reasoning_and_its_signature_is_not_relayed(provider, fake_anthropic):
+async def test_thinking_is_reasoning_and_the_signed_block_comes_whole(provider, fake_anthropic):
+    """Each thinking delta is reasoning_content; the signature_delta gives the whole block as
+    Anthropic wants it back (its text again, its signature), as ``thinking_blocks``."""
     chunks = await replay(provider, fake_anthropic, rec.THINKING)
     reasoning = [c for c in chunks if c.frame is not None]
+    step = {"index": 0, "logprobs": None, "finish_reason": None}
     assert [c.frame for c in reasoning] == [
+        *(
+            {"choices": [{**step, "delta": {"reasoning_content": t}}]}
+            for t in ("The user asks for 6 times 7.", " That is 42; a short", " answer will do.")
+        ),
         {
             "choices": [
                 {
-                    "index": 0,
-                    "delta": {"reasoning_content": t},
-                    "logprobs": None,
-                    "finish_reason": None,
+                    **step,
+                    "delta": {
+                        "thinking_blocks": [
+                            {
+                                "index": 0,
+                                "type": "thinking",
+                                "thinking": rec.THINKING_TEXT,
+                                "signature": rec.SIGNATURE,
+                            }
+                        ]
+                    },
                 }
             ]
-        }
-        for t in ("The user asks for 6 times 7.", " That is 42; a short", " answer will do.")
+        },
     ]
     assert all(c.text == "" for c in reasoning)
-    assert assembled(chunks) == {"reasoning": rec.THINKING_TEXT}
+    assert assembled(chunks) == {"reasoning": rec.THINKING_TEXT}  # what a record keeps
     assert text_of(chunks) == rec.THINKING_ANSWER
-    assert rec.SIGNATURE not in repr(chunks)
     usage = chunks[-1].usage
     assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (46, 88)
     assert usage.reasoning_tokens == 71
     assert usage.details is not None
     assert usage.details["completion_tokens_details"] == {"reasoning_tokens": 71}
+
+
+async def test_a_redacted_thinking_block_comes_whole_after_the_signed_one(provider, fake_anthropic):
+    chunks = await replay(provider, fake_anthropic, rec.REDACTED)
+    blocks = [
+        entry
+        for c in chunks
+        if c.frame is not None
+        for entry in c.frame["choices"][0]["delta"].get("thinking_blocks", ())
+    ]
+    assert blocks == [
+        {
+            "index": 0,
+            "type": "thinking",
+            "thinking": rec.REDACTED_THINKING,
+            "signature": rec.SIGNATURE,
+        },
+        {"index": 1, "type": "redacted_thinking", "data": rec.REDACTED_DATA},
+    ]
+    assert text_of(chunks) == rec.REDACTED_ANSWER
+
+
+async def test_an_unsigned_thinking_block_gives_no_block(provider, fake_anthropic):
+    recording = [r for r in rec.THINKING if b"signature_delta" not in r]
+    chunks = await replay(provider, fake_anthropic, recording)
+    assert "thinking_blocks" not in repr(chunks)
+    assert assembled(chunks) == {"reasoning": rec.THINKING_TEXT}
 
 
 async def test_tool_use_split_across_input_json_deltas_is_openai_tool_calls(
@@ -330,7 +369,9 @@ async def test_unknown_events_and_blocks_are_skipped(provider, fake_anthropic):
         *rec.TEXT[:4],
         rec.event("brand_new_event", '{"type":"brand_new_event","x":1}'),
         rec.delta(0, "citations_delta", "citation", "{}"),
-        rec.block_start(1, {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix"}),
+        rec.block_start(
+            1, {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}}
+        ),
         rec.block_stop(1),
         *rec.TEXT[4:],
     ]
@@ -593,21 +634,127 @@ def test_reasoning_effort_is_a_thinking_budget_below_max_tokens(effort, max_toke
     assert body.get("thinking") == thinking and body["max_tokens"] == max_tokens
 
 
-def test_a_tool_loops_next_step_runs_without_thinking():
-    """Anthropic wants the signed thinking block back before the tool calls it led to; an
-    OpenAI-shaped client does not have it, so that step does not think (and may force a tool)."""
-    loop = [
-        *HI,
-        {"role": "assistant", "content": None, "tool_calls": rec.TOOL_CALLS[:1]},
-        {"role": "tool", "tool_call_id": "toolu_01Weather4Kp8Xz", "content": "Sunny"},
+LOOP = [
+    *HI,
+    {"role": "assistant", "content": None, "tool_calls": rec.TOOL_CALLS[:1]},
+    {"role": "tool", "tool_call_id": "toolu_01Weather4Kp8Xz", "content": "Sunny"},
+]
+SIGNED = {"type": "thinking", "thinking": "Call get_weather.", "signature": rec.SIGNATURE}
+REDACTED = {"type": "redacted_thinking", "data": rec.REDACTED_DATA}
+
+
+def test_a_tool_loops_next_step_thinks_with_the_signed_blocks_sent_back():
+    """Anthropic wants the assistant message that called the tools to open with its signed
+    thinking blocks: sent back (``thinking_blocks``), they lead it as written and the step
+    keeps thinking; an ``index`` an OpenAI SDK's accumulation left on them is not sent."""
+    called = {**LOOP[1], "thinking_blocks": [{"index": 0, **SIGNED}, {"index": 1, **REDACTED}]}
+    req = request([LOOP[0], called, LOOP[2]], max_tokens=4096, reasoning_effort="low")
+    assert unsupported(req) is None
+    body = build_body(req)
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 2048}
+    assert body["messages"][1]["content"] == [
+        SIGNED,
+        REDACTED,
+        {
+            "type": "tool_use",
+            "id": "toolu_01Weather4Kp8Xz",
+            "name": "get_weather",
+            "input": {"city": "Paris"},
+        },
     ]
+
+
+def test_a_tool_loops_next_step_without_the_blocks_runs_without_thinking():
+    """An OpenAI-shaped client that kept only the text and the calls has no signed block to
+    send back: that step does not think (and may force a tool)."""
     req = request(
-        loop, max_tokens=4096, reasoning_effort="low", tool_choice="required", tools=TOOLS
+        LOOP, max_tokens=4096, reasoning_effort="low", tool_choice="required", tools=TOOLS
     )
     assert unsupported(req) is None
     assert "thinking" not in build_body(req)
-    after = [*loop, {"role": "assistant", "content": "Sunny."}, {"role": "user", "content": "And?"}]
+    after = [*LOOP, {"role": "assistant", "content": "Sunny."}, {"role": "user", "content": "And?"}]
     assert build_body(request(after, max_tokens=4096, reasoning_effort="low"))["thinking"]
+
+
+def test_anthropics_own_fields_are_sent_as_written():
+    """cache_control on a part, a tool call, a tool and a message; a tool result's is_error;
+    a prefill; the front door's fields it does not know (``NativeFields``), never over what
+    the translation writes itself."""
+    cache = {"type": "ephemeral"}
+    long_cache = {"type": "ephemeral", "ttl": "1h"}
+    call = {**rec.TOOL_CALLS[0], "cache_control": cache}
+    messages = [
+        {"role": "system", "content": "Be brief.", "cache_control": long_cache},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Weather?", "cache_control": cache},
+                {**IMAGE, "cache_control": cache},
+            ],
+        },
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {
+            "role": "tool",
+            "tool_call_id": call["id"],
+            "content": "no such city",
+            "is_error": True,
+            "cache_control": cache,
+        },
+        {"role": "assistant", "content": "The weather service"},
+    ]
+    native = NativeFields(
+        {"context_management": {"edits": []}, "max_tokens": 1, "model": "x", "stream": False}
+    )
+    req = request(
+        messages,
+        tools=[{**TOOLS[0], "cache_control": cache}],
+        top_k=40,
+        anthropic_fields=native,
+    )
+    assert unsupported(req) is None
+    body = build_body(req)
+    assert body["system"] == [{"type": "text", "text": "Be brief.", "cache_control": long_cache}]
+    assert body["messages"] == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Weather?", "cache_control": cache},
+                {
+                    "type": "image",
+                    "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="},
+                    "cache_control": cache,
+                },
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": [
+                {
+                    "type": "tool_use",
+                    "id": call["id"],
+                    "name": "get_weather",
+                    "input": {"city": "Paris"},
+                    "cache_control": cache,
+                }
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": call["id"],
+                    "content": "no such city",
+                    "is_error": True,
+                    "cache_control": cache,
+                }
+            ],
+        },
+        {"role": "assistant", "content": "The weather service"},  # the prefill, last
+    ]
+    assert body["tools"][0]["cache_control"] == cache
+    assert body["top_k"] == 40 and body["context_management"] == {"edits": []}
+    assert (body["model"], body["max_tokens"], body["stream"]) == (MODEL, 256, True)
 
 
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
@@ -631,6 +778,29 @@ IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw
         (None, {"reasoning_effort": "low", "tool_choice": "required"}, "tool_choice"),
         (None, {"store": True}, "store"),
         (None, {"frobnicate": 1}, "frobnicate"),
+        # only the /v1/messages front door passes fields on unchecked (a NativeFields)
+        (None, {"anthropic_fields": {"frobnicate": 1}}, "anthropic_fields"),
+        (
+            [{"role": "user", "content": "x", "thinking_blocks": [SIGNED]}],
+            {},
+            "messages[0].thinking_blocks",
+        ),
+        (
+            [*HI, {"role": "assistant", "content": "y", "thinking_blocks": [{"type": "thinking"}]}],
+            {},
+            "messages[1].thinking_blocks",
+        ),
+        ([{"role": "user", "content": "x", "is_error": True}], {}, "messages[0].is_error"),
+        (
+            [{"role": "user", "content": "x", "cache_control": "ephemeral"}],
+            {},
+            "messages[0].cache_control",
+        ),
+        (
+            [{"role": "user", "content": "x", "tool_calls": rec.TOOL_CALLS}],
+            {},
+            "messages[0].tool_calls",
+        ),
         ([{"role": "user", "content": "x", "name": "alice"}], {}, "messages[0].name"),
         ([{"role": "user", "content": [{"type": "input_audio"}]}], {}, "messages[0].content[0]"),
         ([{"role": "system", "content": [IMAGE]}, *HI], {}, "messages[0].content[0]"),
@@ -726,6 +896,19 @@ async def test_count_prompt_counts_messages_and_tools_and_caches_the_system_prom
     )
     assert len(fake_anthropic.calls("count_tokens")) == 4  # the system prompt's count cached
     assert second == 3 + system_words
+
+
+async def test_count_prompt_counts_with_the_thinking_the_turn_sends(provider, fake_anthropic):
+    """A tool loop's next step with its signed block thinks: counted as Anthropic will read it."""
+    called = {**LOOP[1], "thinking_blocks": [SIGNED]}
+    await provider.count_prompt(
+        request([LOOP[0], called, LOOP[2]], max_tokens=4096, reasoning_effort="low")
+    )
+    (call,) = fake_anthropic.calls("count_tokens")
+    assert call.body["thinking"] == {"type": "enabled", "budget_tokens": 2048}
+    assert call.body["messages"][1]["content"][0] == SIGNED
+    await provider.count_prompt(request(LOOP, max_tokens=4096, reasoning_effort="low"))
+    assert "thinking" not in fake_anthropic.calls("count_tokens")[-1].body
 
 
 async def test_count_prompt_failure_is_an_upstream_error(provider, fake_anthropic):

@@ -2,10 +2,13 @@
 a tool-use loop and thinking, streamed and not, token counts, errors in Anthropic's shape, and
 the same accounting, limits and records as every other route.
 
-The upstreams are the demo model and the fake OpenAI upstream replaying recorded frames
-(``tests/openai_recordings.py``): the route translates to and from the one internal
+The upstreams are the demo model, the fake OpenAI upstream replaying recorded frames
+(``tests/openai_recordings.py``) and the fake Anthropic API replaying recorded event streams
+(``tests/anthropic_recordings.py``): the route translates to and from the one internal
 representation, so what the SDK gets from an OpenAI-compatible model's tool calls and reasoning
-is checked here frame by frame.
+is checked here frame by frame; an Anthropic model also gets what only it can take (signed
+thinking blocks across a tool loop, cache_control, is_error, a prefill, top_k, fields this
+service does not know) as the client wrote it, and reports its usage exactly.
 """
 
 from __future__ import annotations
@@ -19,14 +22,24 @@ from anthropic import AsyncAnthropic
 
 from service.app import create_app
 from service.keys import STORE
+from tests import anthropic_recordings as rec
+from tests.conftest import TEST_MODELS
+from tests.fake_anthropic import FakeAnthropic
+from tests.fake_anthropic import Script as Recorded
 from tests.fake_openai import Script
 from tests.faults import settled
 from tests.openai_recordings import MID_ERROR, recording
 
-# Every model the SDK is driven against.
-# TODO(anthropic provider): add the Anthropic test model (provider "anthropic" against its fake
-# upstream) once service/providers/anthropic.py is merged; every test taking ``model`` runs on it.
-MODELS = ["demo", "gpt-test"]
+ANTHROPIC_KEY = "sk-ant-api03-upstream-secret-key-0123456789abcdef"
+CLAUDE = {
+    "name": "claude",
+    "provider": "anthropic",
+    "upstream_id": "claude-sonnet-4-5",
+    "context_window": 200000,
+    "max_output_tokens": 8192,
+}
+# Every model the SDK is driven against: the demo model, an OpenAI-compatible one, an Anthropic one.
+MODELS = ["demo", "gpt-test", "claude"]
 HI = [{"role": "user", "content": "Hi there"}]
 ASK = {"role": "user", "content": "What's the weather and the time in Paris?"}
 TOOLS = [
@@ -58,6 +71,29 @@ def sdk_for(client, token: str, **kw: Any) -> AsyncAnthropic:
 
 
 @pytest.fixture
+async def fake_anthropic():
+    fake = FakeAnthropic()
+    await fake.start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+def stream_settings(stream_settings, fake_anthropic):
+    """The shared stream settings, with the Anthropic model on the fake Anthropic API."""
+
+    def factory(**overrides: Any):
+        values: dict[str, Any] = {
+            "models": json.dumps([*TEST_MODELS, CLAUDE]),
+            "anthropic_base_url": fake_anthropic.url,
+            "anthropic_api_key": ANTHROPIC_KEY,
+        }
+        return stream_settings(**{**values, **overrides})
+
+    return factory
+
+
+@pytest.fixture
 async def claude(stream_client, token_for):
     sdk = sdk_for(stream_client, token_for("alice"))
     yield sdk
@@ -82,6 +118,10 @@ def replay(fake_openai, name: str, then: list[Script] | None = None) -> None:
     fake_openai.scripts = [Script(frames=frames, completion=completion), *(then or [])]
 
 
+def play(fake_anthropic, *recordings: list[bytes]) -> None:
+    fake_anthropic.scripts = [Recorded(recording=r) for r in recordings]
+
+
 # --------------------------------------------------------------------------- text
 @pytest.mark.parametrize("model", MODELS)
 async def test_create_and_stream_give_the_same_message(claude, model, fake_openai):
@@ -100,6 +140,9 @@ async def test_create_and_stream_give_the_same_message(claude, model, fake_opena
     assert streamed.usage == created.usage
     if model == "demo":
         assert created.content[0].text.startswith("(demo model)")
+    elif model == "claude":
+        assert created.content[0].text == rec.TEXT_ANSWER
+        assert (created.usage.input_tokens, created.usage.output_tokens) == (21, 12)
     else:
         assert created.content[0].text == "Hello, world!"
         assert (created.usage.input_tokens, created.usage.output_tokens) == (21, 4)
@@ -336,13 +379,14 @@ async def test_the_thinking_budget_maps_to_a_reasoning_effort(claude, fake_opena
     assert fake_openai.requests[-1]["reasoning_effort"] == effort
 
 
-async def test_thinking_disabled_asks_for_nothing(claude, fake_openai):
+async def test_thinking_disabled_asks_for_nothing(claude, fake_openai, fake_anthropic):
     for model in MODELS:
         message = await claude.messages.create(
             model=model, max_tokens=50, messages=HI, thinking={"type": "disabled"}
         )
         assert message.content[0].type == "text"
     assert "reasoning_effort" not in fake_openai.requests[-1]
+    assert fake_anthropic.calls("messages")[-1].body["thinking"] == {"type": "disabled"}
 
 
 async def test_a_refusal_is_text_with_stop_reason_refusal(claude, fake_openai):
@@ -352,9 +396,235 @@ async def test_a_refusal_is_text_with_stop_reason_refusal(claude, fake_openai):
     assert message.content[0].text == "I'm sorry, I can't help with that."
 
 
+# --------------------------------------------------------------------------- an Anthropic model
+WEATHER = {"role": "user", "content": "What's the weather in Paris?"}
+
+
+async def test_a_tool_loop_keeps_thinking_with_the_signed_block_sent_back(
+    claude, fake_anthropic, stream_client
+):
+    """Step one streams Anthropic's signed thinking block (its signature_delta relayed) and a
+    tool_use; the SDK program sends the assistant's content back with the tool result, and the
+    next step still thinks: Anthropic gets the block as it wrote it, signature included."""
+    play(fake_anthropic, rec.THINKING_TOOL_USE, rec.THINKING_TOOL_USE, rec.TOOL_FOLLOW_UP)
+    ask = {"model": "claude", "max_tokens": 4000, "thinking": THINKING, "tools": TOOLS}
+    async with claude.messages.stream(**ask, messages=[WEATHER]) as stream:
+        kinds = [event.type async for event in stream]
+        called = await stream.get_final_message()
+    created = await claude.messages.create(**ask, messages=[WEATHER])
+    assert "signature" in kinds and "thinking" in kinds
+    assert created.model_dump() == {**called.model_dump(), "id": created.id}
+    thinking, call = called.content
+    assert (thinking.type, thinking.thinking) == ("thinking", rec.LOOP_THINKING)
+    assert thinking.signature == rec.LOOP_SIGNATURE
+    assert (call.type, call.id, call.name, call.input) == (
+        "tool_use",
+        "toolu_01LoopW7cX2",
+        "get_weather",
+        {"city": "Paris"},
+    )
+    assert called.stop_reason == "tool_use"
+    assert called.usage.output_tokens_details.thinking_tokens == 52
+    first = fake_anthropic.calls("messages")[0].body
+    assert first["thinking"] == THINKING and "reasoning_effort" not in first
+
+    result = {"type": "tool_result", "tool_use_id": call.id, "content": "Sunny, 21 °C"}
+    answer = await claude.messages.create(
+        **ask,
+        messages=[
+            WEATHER,
+            {"role": "assistant", "content": called.content},
+            {"role": "user", "content": [result]},
+        ],
+    )
+    assert answer.content[0].text == rec.TOOL_FOLLOW_UP_ANSWER
+    second = fake_anthropic.calls("messages")[-1].body
+    assert second["thinking"] == THINKING  # the loop's next step still thinks
+    assert second["messages"] == [
+        WEATHER,
+        {
+            "role": "assistant",
+            "content": [
+                {
+                    "type": "thinking",
+                    "thinking": rec.LOOP_THINKING,
+                    "signature": rec.LOOP_SIGNATURE,
+                },
+                {
+                    "type": "tool_use",
+                    "id": "toolu_01LoopW7cX2",
+                    "name": "get_weather",
+                    "input": {"city": "Paris"},
+                },
+            ],
+        },
+        {"role": "user", "content": [result]},
+    ]
+    # the record keeps the reasoning's text, not the signature
+    record = await stream_client.app[STORE].messages.find_one({"content": "", "model": "claude"})
+    assert record["reasoning"] == rec.LOOP_THINKING and record["finish_reason"] == "tool_calls"
+    assert rec.LOOP_SIGNATURE not in repr(record)
+
+
+async def test_a_tool_loop_step_without_the_thinking_block_does_not_think(claude, fake_anthropic):
+    """A client that sends back only the tool call has no signed block for Anthropic: that
+    step runs without thinking rather than failing."""
+    play(fake_anthropic, rec.TOOL_FOLLOW_UP)
+    call = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "Sunny"}
+    await claude.messages.create(
+        model="claude",
+        max_tokens=4000,
+        thinking=THINKING,
+        tools=TOOLS,
+        messages=[
+            WEATHER,
+            {"role": "assistant", "content": [call]},
+            {"role": "user", "content": [result]},
+        ],
+    )
+    assert "thinking" not in fake_anthropic.calls("messages")[-1].body
+
+
+async def test_redacted_thinking_is_relayed_and_sent_back_as_written(
+    claude, fake_anthropic, stream_client, auth
+):
+    play(fake_anthropic, rec.REDACTED, rec.REDACTED, rec.TEXT)
+    ask = {"model": "claude", "max_tokens": 4000, "thinking": THINKING, "messages": HI}
+    created = await claude.messages.create(**ask)
+    events = await raw_events(stream_client, auth(), ask)
+    starts = [d["content_block"] for n, d in events if n == "content_block_start"]
+    assert starts == [
+        {"type": "thinking", "thinking": "", "signature": ""},
+        {"type": "redacted_thinking", "data": rec.REDACTED_DATA},
+        {"type": "text", "text": ""},
+    ]
+    signatures = [
+        (d["index"], d["delta"]["signature"])
+        for n, d in events
+        if n == "content_block_delta" and d["delta"]["type"] == "signature_delta"
+    ]
+    assert signatures == [(0, rec.SIGNATURE)]
+    assert [b.type for b in created.content] == ["thinking", "redacted_thinking", "text"]
+    assert created.content[1].data == rec.REDACTED_DATA
+    assert created.content[0].signature == rec.SIGNATURE
+    await claude.messages.create(
+        **{
+            **ask,
+            "messages": [
+                *HI,
+                {"role": "assistant", "content": created.content},
+                {"role": "user", "content": "Go on"},
+            ],
+        }
+    )
+    sent = fake_anthropic.calls("messages")[-1].body["messages"][1]["content"]
+    assert sent == [
+        {"type": "thinking", "thinking": rec.REDACTED_THINKING, "signature": rec.SIGNATURE},
+        {"type": "redacted_thinking", "data": rec.REDACTED_DATA},
+        {"type": "text", "text": rec.REDACTED_ANSWER},
+    ]
+
+
+async def test_cache_usage_is_reported_as_anthropic_reports_it(
+    claude, fake_anthropic, stream_client
+):
+    play(fake_anthropic, rec.CACHED, rec.CACHED)
+    ask = {"model": "claude", "max_tokens": 100, "messages": HI}
+    created = await claude.messages.create(**ask)
+    # The recording bills far more prompt (2062) than the fake counts for these messages (2);
+    # a lease whose turn billed beyond its grant is left short (service/stream/leases.py), so
+    # the next turn waits for it to go back.
+    await settled(stream_client.app[STORE].db)
+    async with claude.messages.stream(**ask) as stream:
+        streamed = await stream.get_final_message()
+    for message in (created, streamed):
+        usage = message.usage
+        assert usage.input_tokens == 14
+        assert usage.cache_creation_input_tokens == 256
+        assert usage.cache_read_input_tokens == 1792
+        assert usage.output_tokens == 9
+    assert created.content[0].text == rec.CACHED_ANSWER
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_message_start_carries_the_prompt_the_turn_was_admitted_with(
+    stream_client, auth, logs, model
+):
+    events = await raw_events(
+        stream_client, auth(), {"model": model, "max_tokens": 50, "messages": HI}
+    )
+    start = events[0][1]["message"]["usage"]
+    started = next(e for e in logs if e["event"] == "stream.started")
+    assert start["input_tokens"] == started["prompt_tokens"] > 0
+    assert start["output_tokens"] == 0
+
+
+async def test_anthropics_own_fields_reach_an_anthropic_model_as_written(claude, fake_anthropic):
+    """cache_control on the system, a text block, a tool, a tool_use and a tool_result; a tool
+    result's is_error and image; top_k; more than 4 stop sequences; a field this service does
+    not know; a last assistant message (a prefill, continued)."""
+    cache = {"type": "ephemeral"}
+    image = {
+        "type": "image",
+        "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="},
+    }
+    call = {
+        "type": "tool_use",
+        "id": "toolu_1",
+        "name": "get_weather",
+        "input": {"city": "Atlantis"},
+        "cache_control": cache,
+    }
+    result = {
+        "type": "tool_result",
+        "tool_use_id": "toolu_1",
+        "content": [{"type": "text", "text": "no such city"}, image],
+        "is_error": True,
+        "cache_control": cache,
+    }
+    prefill = {"role": "assistant", "content": "Atlantis"}
+    system = [{"type": "text", "text": "Be brief.", "cache_control": {**cache, "ttl": "1h"}}]
+    stops = ["\n\nHuman:", "END", "STOP", "###", "---"]
+    message = await claude.messages.create(
+        model="claude",
+        max_tokens=300,
+        system=system,
+        tools=[{**TOOLS[0], "cache_control": cache}],
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Weather?", "cache_control": cache}],
+            },
+            {"role": "assistant", "content": [call]},
+            {"role": "user", "content": [result]},
+            prefill,
+        ],
+        stop_sequences=stops,
+        metadata={"user_id": "u-42"},
+        extra_body={"top_k": 40, "context_management": {"edits": []}},
+    )
+    assert message.content[0].text == rec.TEXT_ANSWER
+    body = fake_anthropic.calls("messages")[-1].body
+    assert body["system"] == system
+    assert body["tools"] == [{**TOOLS[0], "cache_control": cache}]
+    assert body["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "Weather?", "cache_control": cache}]},
+        {"role": "assistant", "content": [call]},
+        {"role": "user", "content": [result]},
+        prefill,
+    ]
+    assert body["stop_sequences"] == stops and body["top_k"] == 40
+    assert body["metadata"] == {"user_id": "u-42"}
+    assert body["context_management"] == {"edits": []}
+    assert (body["model"], body["max_tokens"], body["stream"]) == ("claude-sonnet-4-5", 300, True)
+
+
 # --------------------------------------------------------------------------- count_tokens
 @pytest.mark.parametrize("model", MODELS)
-async def test_count_tokens_is_the_prompt_a_turn_is_admitted_with(claude, model, logs):
+async def test_count_tokens_is_the_prompt_a_turn_is_admitted_with(
+    claude, model, logs, fake_anthropic
+):
     ask: dict[str, Any] = {"model": model, "messages": HI, "system": "Be brief."}
     if model != "demo":
         ask["tools"] = TOOLS
@@ -363,6 +633,12 @@ async def test_count_tokens_is_the_prompt_a_turn_is_admitted_with(claude, model,
     started = next(e for e in logs if e["event"] == "stream.started")
     assert started["transport"] == "anthropic"
     assert counted.input_tokens == started["prompt_tokens"] > 0
+    if model == "claude":  # Anthropic's own count: the messages with the tools, the system once
+        counts = fake_anthropic.calls("count_tokens")
+        assert counts[0].body["messages"] == HI
+        assert [t["name"] for t in counts[0].body["tools"]] == ["get_weather", "get_time"]
+        assert any(c.body.get("system") == [{"type": "text", "text": "Be brief."}] for c in counts)
+        assert counts[0].headers["x-api-key"] == ANTHROPIC_KEY
 
 
 async def test_count_tokens_refuses_what_the_model_cannot_take(claude):
@@ -372,18 +648,19 @@ async def test_count_tokens_refuses_what_the_model_cannot_take(claude):
 
 
 # --------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("model", MODELS)
 async def test_a_rate_limit_is_a_rate_limit_error_with_retry_after(
-    aiohttp_client, stream_settings, token_for
+    aiohttp_client, stream_settings, token_for, model
 ):
     client = await aiohttp_client(create_app(stream_settings(v1_requests_per_minute=1)))
     sdk = sdk_for(client, token_for("alice"))
-    first = await sdk.messages.with_raw_response.create(model="demo", max_tokens=20, messages=HI)
+    first = await sdk.messages.with_raw_response.create(model=model, max_tokens=20, messages=HI)
     assert first.headers["anthropic-ratelimit-requests-limit"] == "1"
     assert first.headers["anthropic-ratelimit-requests-remaining"] == "0"
     assert first.headers["anthropic-ratelimit-requests-reset"].endswith("Z")
     assert int(first.headers["anthropic-ratelimit-tokens-remaining"]) > 0
     with pytest.raises(anthropic.RateLimitError) as info:
-        await sdk.messages.create(model="demo", max_tokens=20, messages=HI)
+        await sdk.messages.create(model=model, max_tokens=20, messages=HI)
     err = info.value
     assert 1 <= int(err.response.headers["retry-after"]) <= 60
     assert err.body["type"] == "error" and err.body["error"]["type"] == "rate_limit_error"
@@ -403,11 +680,13 @@ async def test_the_budget_is_a_rate_limit_error_the_sdk_does_not_retry(
     await sdk.close()
 
 
-async def test_a_bad_key_is_an_authentication_error(stream_client, token_for):
+@pytest.mark.parametrize("model", MODELS)
+async def test_a_bad_key_is_an_authentication_error(stream_client, model, fake_anthropic):
     sdk = sdk_for(stream_client, "not-a-token")
     with pytest.raises(anthropic.AuthenticationError) as info:
-        await sdk.messages.create(model="demo", max_tokens=20, messages=HI)
+        await sdk.messages.create(model=model, max_tokens=20, messages=HI)
     assert info.value.body["error"]["type"] == "authentication_error"
+    assert not fake_anthropic.calls("messages")  # refused before any upstream call
     await sdk.close()
 
 
@@ -482,10 +761,23 @@ async def test_x_api_key_carries_the_token(stream_client, token_for):
             {"messages": [*HI, {"role": "assistant", "content": "The answer is"}]},
             "messages.1",
         ),
+        # Anthropic's own rules while the model thinks, named before anything is sent
+        ("claude", {"thinking": THINKING, "max_tokens": 4000, "top_k": 5}, "top_k"),
+        (
+            "claude",
+            {
+                "thinking": THINKING,
+                "max_tokens": 4000,
+                "tools": TOOLS,
+                "tool_choice": {"type": "any"},
+            },
+            "tool_choice",
+        ),
+        ("claude", {"thinking": THINKING, "max_tokens": 4000, "temperature": 0.5}, "temperature"),
     ],
 )
 async def test_what_a_model_cannot_take_is_a_400_naming_it(
-    claude, stream_client, model, asked, param
+    claude, stream_client, model, asked, param, fake_anthropic
 ):
     """Nothing dropped silently: the parameter is named as the client named it, before anything
     is reserved."""
@@ -501,8 +793,11 @@ async def test_what_a_model_cannot_take_is_a_400_naming_it(
         f"'{param}'" in err.body["error"]["message"]
         and f"'{model}'" in err.body["error"]["message"]
     )
+    # nothing billed (one refused when the turn opens gives its reservation back)
+    await settled(stream_client.app[STORE].db)
     usage = await stream_client.app[STORE].usage.find_one({"user_id": "alice"})
-    assert usage is None or usage["reserved"] == 0
+    assert usage is None or usage["used"] == 0
+    assert not fake_anthropic.calls("messages")
 
 
 @pytest.mark.parametrize(

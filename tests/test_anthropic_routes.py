@@ -22,6 +22,7 @@ from service.stream.producer import period_of
 from service.tokens import TokenCounter
 from tests import anthropic_recordings as rec
 from tests.fake_anthropic import FakeAnthropic, Script, words
+from tests.faults import settled
 from tests.sse_client import collect, text_of
 
 KEY = "sk-ant-api03-upstream-secret-key-0123456789abcdef"
@@ -75,6 +76,7 @@ def anthropic_settings(make_settings, fake_anthropic):
             "upstream_retry_max_s": 0.05,
             "upstream_idle_timeout_s": 5.0,
             "watch_interval_s": 0.1,
+            "lease_idle_s": 0.1,  # leases go back at once: tests see the month as settled
         }
         values.update(overrides)
         return make_settings(**values)
@@ -180,6 +182,7 @@ async def test_thinking_is_its_own_event_on_the_chat_route_and_kept_on_the_recor
     assert assistant["content"] == rec.THINKING_ANSWER
     assert assistant["reasoning"] == rec.THINKING_TEXT
     assert assistant["tokens"]["reasoning"] == 71 and assistant["tokens"]["completion"] == 88
+    assert rec.SIGNATURE not in repr(assistant)  # the record keeps the text, not the signature
 
 
 async def test_cache_usage_is_recorded_with_the_cached_tokens(client, fake_anthropic, auth):
@@ -317,9 +320,18 @@ async def test_the_openai_sdk_gets_a_whole_completion_from_an_anthropic_model(oa
     assert completion.model == "claude"
 
 
+SIGNED_BLOCK = {
+    "index": 0,
+    "type": "thinking",
+    "thinking": rec.THINKING_TEXT,
+    "signature": rec.SIGNATURE,
+}
+
+
 async def test_thinking_reaches_the_sdk_as_reasoning_content(oai, fake_anthropic):
     """``reasoning_effort`` asks Anthropic to think (a budget below max_tokens); its thinking
-    deltas come back as ``reasoning_content``, streamed and not."""
+    deltas come back as ``reasoning_content``, streamed and not, and the signed block whole
+    as ``thinking_blocks`` (an extra key the SDK keeps as it came)."""
     replay(fake_anthropic, rec.THINKING, rec.THINKING)
     stream = await oai.chat.completions.create(
         model="claude", messages=HI, reasoning_effort="low", stream=True
@@ -332,20 +344,77 @@ async def test_thinking_reaches_the_sdk_as_reasoning_content(oai, fake_anthropic
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
         rec.THINKING_ANSWER
     )
+    blocks = [
+        block
+        for c in chunks
+        if c.choices
+        for block in (c.choices[0].delta.model_extra or {}).get("thinking_blocks", ())
+    ]
+    assert blocks == [SIGNED_BLOCK]
     completion = await oai.chat.completions.create(
         model="claude", messages=HI, reasoning_effort="low"
     )
     message = completion.choices[0].message
     assert message.content == rec.THINKING_ANSWER
     assert message.model_extra["reasoning_content"] == rec.THINKING_TEXT
+    assert message.model_extra["thinking_blocks"] == [SIGNED_BLOCK]
     assert completion.usage.completion_tokens_details.reasoning_tokens == 71
     bodies = [c.body for c in fake_anthropic.calls("messages")]
     assert all(b["thinking"] == {"type": "enabled", "budget_tokens": 2048} for b in bodies)
 
 
+async def test_the_openai_sdks_stream_helper_puts_the_thinking_blocks_together(oai, fake_anthropic):
+    """``chat.completions.stream`` merges list deltas by ``index``: a signed block and a
+    redacted one are two entries of the final message's ``thinking_blocks``."""
+    replay(fake_anthropic, rec.REDACTED)
+    async with oai.chat.completions.stream(
+        model="claude", messages=HI, reasoning_effort="low"
+    ) as stream:
+        completion = await stream.get_final_completion()
+    message = completion.choices[0].message
+    assert message.content == rec.REDACTED_ANSWER
+    assert message.model_extra["reasoning_content"] == rec.REDACTED_THINKING
+    assert message.model_extra["thinking_blocks"] == [
+        {
+            "index": 0,
+            "type": "thinking",
+            "thinking": rec.REDACTED_THINKING,
+            "signature": rec.SIGNATURE,
+        },
+        {"index": 1, "type": "redacted_thinking", "data": rec.REDACTED_DATA},
+    ]
+
+
+async def test_a_tool_loop_keeps_thinking_when_the_answer_is_handed_back(oai, fake_anthropic):
+    """The answer handed back as it came carries its ``thinking_blocks``: the tool loop's
+    next step sends the signed block back first in the assistant message, and still thinks."""
+    replay(fake_anthropic, rec.THINKING_TOOL_USE, rec.TOOL_FOLLOW_UP)
+    ask = {"role": "user", "content": "What's the weather in Paris?"}
+    first = await oai.chat.completions.create(
+        model="claude", messages=[ask], tools=TOOLS, reasoning_effort="low"
+    )
+    answer = first.choices[0].message
+    assert [c.model_dump() for c in answer.tool_calls] == [rec.LOOP_CALL]
+    result = {"role": "tool", "tool_call_id": rec.LOOP_CALL["id"], "content": "Sunny, 21 °C"}
+    second = await oai.chat.completions.create(
+        model="claude", messages=[ask, answer, result], tools=TOOLS, reasoning_effort="low"
+    )
+    assert second.choices[0].message.content == rec.TOOL_FOLLOW_UP_ANSWER
+    body = fake_anthropic.calls("messages")[-1].body
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 2048}
+    assert body["messages"][1]["content"][0] == {
+        "type": "thinking",
+        "thinking": rec.LOOP_THINKING,
+        "signature": rec.LOOP_SIGNATURE,
+    }
+    assert [b["type"] for b in body["messages"][1]["content"]] == ["thinking", "tool_use"]
+
+
 async def test_an_answer_handed_back_as_it_came_is_the_next_turns_context(oai, fake_anthropic):
     """``messages.append(completion.choices[0].message)``: the SDK sends the answer back with
-    its reasoning_content, refusal and annotations; the text goes to Anthropic, the rest not."""
+    its reasoning_content, thinking_blocks, refusal and annotations; the text and the signed
+    thinking block go to Anthropic (which drops a finished turn's thinking itself), the rest
+    not."""
     replay(fake_anthropic, rec.THINKING, rec.TEXT)
     first = await oai.chat.completions.create(model="claude", messages=HI, reasoning_effort="low")
     answer = first.choices[0].message
@@ -354,9 +423,10 @@ async def test_an_answer_handed_back_as_it_came_is_the_next_turns_context(oai, f
     second = await oai.chat.completions.create(model="claude", messages=[*HI, answer, follow_up])
     assert second.choices[0].message.content == rec.TEXT_ANSWER
     body = fake_anthropic.calls("messages")[-1].body
+    signed = {k: v for k, v in SIGNED_BLOCK.items() if k != "index"}
     assert body["messages"] == [
         *HI,
-        {"role": "assistant", "content": rec.THINKING_ANSWER},
+        {"role": "assistant", "content": [signed, {"type": "text", "text": rec.THINKING_ANSWER}]},
         follow_up,
     ]
 
@@ -494,8 +564,9 @@ async def test_what_anthropic_cannot_honour_is_a_400_naming_it(
     assert err.code == "unsupported_parameter" and err.param == param
     assert "'claude" in err.message and "anthropic" in err.message
     assert not fake_anthropic.calls("messages")
+    await settled(client.app[STORE].db)  # one refused when the turn opens: the lease goes back
     usage = await usage_doc(client)
-    assert usage is None or usage["reserved"] == 0
+    assert usage is None or usage["used"] == 0
 
 
 async def test_tool_call_arguments_that_do_not_parse_are_an_invalid_value(oai, fake_anthropic):

@@ -13,6 +13,7 @@ import pytest
 from service.api.anthropic_request import MessagesRequest, Translation, effort, parse
 from service.errors import BadRequest
 from service.limits import Allowance, anthropic_rate_limit_headers, rfc3339
+from service.providers.anthropic_request import NativeFields
 from service.stream.events import Delta, Done, Extra, Final, Started
 from service.transports.anthropic_events import Accumulator, Blocks, EventEncoder, usage_of
 
@@ -127,7 +128,12 @@ def test_a_native_provider_gets_anthropics_own_details():
     assert "reasoning_content" not in assistant
     assert tool["is_error"] is True
     assert t.options["thinking"] == REQUEST["thinking"]
-    assert t.options["top_k"] == 40 and t.options["speed"] == "fast"
+    assert t.options["top_k"] == 40
+    # the fields this route does not know, as written, in the one container the provider
+    # sends on unchecked (a JSON value never is a NativeFields)
+    assert t.options["anthropic_fields"] == {"speed": "fast"}
+    assert isinstance(t.options["anthropic_fields"], NativeFields)
+    assert "speed" not in t.options
     assert t.options["tools"][0]["cache_control"] == {"type": "ephemeral"}
     assert "reasoning_effort" not in t.options
 
@@ -209,6 +215,19 @@ def test_a_native_providers_signatures_and_redacted_thinking_become_blocks():
     ]
 
 
+def test_a_signature_ends_its_thinking_block():
+    """Two signed thinking blocks in a row stay two blocks, each with its own signature."""
+    blocks, acc = Blocks(), Accumulator()
+    for thought, signature in (("First.", "sig-1"), ("Second.", "sig-2")):
+        whole = {"type": "thinking", "thinking": thought, "signature": signature}
+        for event in (step({"reasoning_content": thought}), step({"thinking_blocks": [whole]})):
+            acc.apply(blocks.frame(event.frame, event.text))
+    assert acc.blocks() == [
+        {"type": "thinking", "thinking": "First.", "signature": "sig-1"},
+        {"type": "thinking", "thinking": "Second.", "signature": "sig-2"},
+    ]
+
+
 def test_the_encoder_writes_each_step_once_and_in_order():
     enc = EventEncoder("msg_1", "m")
     out = b"".join(
@@ -244,6 +263,29 @@ def test_usage_takes_anthropics_counting():
         "cache_read_input_tokens": 60,
         "output_tokens": 30,
         "output_tokens_details": {"thinking_tokens": 12},
+    }
+
+
+def test_usage_of_an_anthropic_model_is_anthropics_own():
+    """The Anthropic provider keeps Anthropic's counts under ``anthropic`` in the details; the
+    prompt it reports is their sum."""
+    details = {
+        "prompt_tokens_details": {"cached_tokens": 1792},
+        "anthropic": {
+            "input_tokens": 14,
+            "cache_creation_input_tokens": 256,
+            "cache_read_input_tokens": 1792,
+            "output_tokens": 9,
+        },
+    }
+    got = usage_of(
+        final(prompt_tokens=2062, completion_tokens=9, cached_tokens=1792, usage_details=details)
+    )
+    assert got == {
+        "input_tokens": 14,
+        "cache_creation_input_tokens": 256,
+        "cache_read_input_tokens": 1792,
+        "output_tokens": 9,
     }
 
 

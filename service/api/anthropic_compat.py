@@ -71,18 +71,20 @@ def _translate(request: web.Request, body: CountTokensRequest, data: dict[str, A
 
 
 def _named(exc: BadRequest, translation: Translation) -> BadRequest:
-    """A provider's refusal of a parameter, named as the client named it."""
+    """A provider's refusal of a parameter, named as the client named it (the field, and the
+    model: a refusal when the turn opens names the upstream's id), with its reason if any."""
     details = exc.details
     if exc.code != "unsupported_parameter" or not isinstance(details, dict):
         return exc
     param = translation.anthropic_param(str(details.get("param")))
-    model = details.get("model", translation.body.model)
+    model = translation.body.model
     provider = details.get("provider")
     by = f" (provider {provider})" if provider else ""
+    why = f": {details['why']}" if details.get("why") else ""
     return BadRequest(
-        f"'{param}' is not supported with model '{model}'{by}",
+        f"'{param}' is not supported with model '{model}'{by}{why}",
         code="unsupported_parameter",
-        details={**details, "param": param},
+        details={**details, "param": param, "model": model},
     )
 
 
@@ -105,7 +107,7 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     follower = registry.follow(live, 0, TRANSPORT, keepalive=stream)
     mid = anthropic_events.message_id(live.message_id)
     if stream:
-        enc = anthropic_events.EventEncoder(mid, live.model)
+        enc = anthropic_events.EventEncoder(mid, live.model, live.prompt_tokens)
         return await sse.respond(
             request, registry, follower, request.app[SETTINGS], enc.encode, headers=headers
         )

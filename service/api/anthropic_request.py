@@ -20,10 +20,12 @@ What goes where (``translate``):
 
 For a model whose provider speaks Anthropic natively (``NATIVE_PROVIDERS``), what OpenAI's shape
 has no place for is kept under Anthropic's names, for that provider to send as it was written:
-options ``thinking`` (as sent, instead of ``reasoning_effort``), ``top_k`` and any field this
-module does not know; ``cache_control`` on the part, tool or message it was on; an assistant
-message's ``thinking_blocks`` (its thinking and redacted-thinking blocks as sent, signatures
-included); a tool message's ``is_error``; a last assistant message (a prefill).
+options ``thinking`` (as sent, instead of ``reasoning_effort``) and ``top_k``; the fields this
+module does not know, under the option ``anthropic_fields`` as a ``NativeFields`` (a type a
+JSON value never is: only this route passes fields on unchecked); ``cache_control`` on the
+part, tool or message it was on; an assistant message's ``thinking_blocks`` (its thinking and
+redacted-thinking blocks as sent, signatures included); a tool message's ``is_error``; a last
+assistant message (a prefill).
 
 Every other provider sends the OpenAI-shaped request as it is (the OpenAI provider sends every
 option on), so for them this module refuses, with 400 ``unsupported_parameter`` naming the field,
@@ -43,6 +45,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from service.errors import BadRequest
+from service.providers.anthropic_request import NATIVE_FIELDS, NativeFields
 from service.providers.base import Message
 
 NATIVE_PROVIDERS = frozenset({"anthropic"})
@@ -420,16 +423,18 @@ class Translation:
             self._tool_choice(body.tool_choice)
         if body.thinking is not None:
             self._thinking(body.thinking, data["thinking"])
-        unknown = [k for k in data if k not in KNOWN_FIELDS]
         if isinstance(body, MessagesRequest):
             if body.metadata is not None and body.metadata.user_id is not None:
                 options["user"] = body.metadata.user_id
             if body.top_k is not None:
-                unknown.insert(0, "top_k")
-        for key in unknown:
-            if not self.native:
-                raise unsupported(key, body.model)
-            options[key] = data[key]
+                if not self.native:
+                    raise unsupported("top_k", body.model)
+                options["top_k"] = body.top_k
+        unknown = NativeFields((k, v) for k, v in data.items() if k not in KNOWN_FIELDS)
+        if unknown and not self.native:
+            raise unsupported(next(iter(unknown)), body.model)
+        if unknown:
+            options[NATIVE_FIELDS] = unknown
 
     def _tool(self, tool: Tool) -> dict[str, Any]:
         function: dict[str, Any] = {"name": tool.name, "parameters": tool.input_schema}

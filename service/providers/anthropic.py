@@ -11,12 +11,12 @@ and 529 ``overloaded_error`` (and other 5xx) are retried, honouring ``retry-afte
 are ``upstream_auth``, other 4xx ``upstream_bad_request``. Anthropic's error body goes to the
 log only, redacted.
 
-``count_prompt`` asks ``POST /v1/messages/count_tokens`` for the messages and tools, plus the
-system prompt counted once per (model, system text) and cached: the system prompt is the same
-for every chat turn. ``list_models`` walks ``GET /v1/models`` (``has_more`` / ``after_id``);
-an id with a date (``claude-sonnet-4-5-20250929``) also lists the aliases that name it
-(``claude-sonnet-4-5``, ``claude-sonnet-4-5-latest``), which the Messages API takes but the
-list does not show.
+``count_prompt`` asks ``POST /v1/messages/count_tokens`` for the messages, tools and thinking
+(as the turn would send them), plus the system prompt counted once per (model, system text) and
+cached: the system prompt is the same for every chat turn. ``list_models`` walks
+``GET /v1/models`` (``has_more`` / ``after_id``); an id with a date
+(``claude-sonnet-4-5-20250929``) also lists the aliases that name it (``claude-sonnet-4-5``,
+``claude-sonnet-4-5-latest``), which the Messages API takes but the list does not show.
 """
 
 from __future__ import annotations
@@ -128,8 +128,12 @@ class AnthropicProvider:
         system, messages = translate.to_messages(request.messages)
         total = 0
         if messages:
-            body = {"model": request.model, "messages": messages}
-            total = await self._count({**body, **translate.tool_fields(request.options)})
+            body: dict[str, Any] = {"model": request.model, "messages": messages}
+            body.update(translate.tool_fields(request.options))
+            thinking = translate.thinking_for(request)
+            if thinking is not None:
+                body["thinking"] = thinking
+            total = await self._count(body)
         if system:
             total += await self._system_tokens(request.model, system)
         return total

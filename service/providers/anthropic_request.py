@@ -7,19 +7,30 @@ equivalent and is not sent); an assistant's ``tool_calls`` become ``tool_use`` b
 ``arguments`` parsed: a string that is not a JSON object is 400 ``invalid_value`` naming it);
 consecutive ``tool`` messages become one user message of ``tool_result`` blocks; an answer
 handed back as an assistant message keeps its text and tool calls (its ``reasoning_content``
-and ``annotations`` are not sent: Anthropic drops a finished turn's thinking itself). Consecutive
-messages of one role are merged (Anthropic wants the roles to alternate), empty text is
-dropped (Anthropic refuses empty text blocks), and a conversation opening with the assistant
-loses those leading turns (and their tool results): Anthropic wants the user to speak first.
+and ``annotations`` are not sent: the thinking Anthropic can take back is the signed block).
+Consecutive messages of one role are merged (Anthropic wants the roles to alternate), empty text
+is dropped (Anthropic refuses empty text blocks), and a conversation opening with the assistant
+loses those leading turns (and their tool results): Anthropic wants the user to speak first. A
+last assistant message is sent as it is: Anthropic continues it (a prefill).
+
+Anthropic's own fields, as the ``/v1/messages`` front door keeps them (and as an OpenAI-shaped
+client may send them, LiteLLM's names), are sent as they were written: an assistant message's
+``thinking_blocks`` (thinking blocks with their signatures, ``redacted_thinking`` blocks; first
+in that message, as Anthropic wants them; an ``index`` an OpenAI SDK's accumulation left on
+them is not sent); a ``tool`` message's ``is_error`` on its ``tool_result``; ``cache_control`` on
+a content part, a tool call, a tool (beside its ``function``), or a message (on the last block
+that message becomes: a tool message's ``tool_result``); options ``thinking``, ``top_k``,
+``stop_sequences``, ``metadata.user_id``; and the fields the front door does not know, as
+``NATIVE_FIELDS`` (a ``NativeFields``: only the front door makes one, so an OpenAI-shaped
+request's unknown field is still refused by name), never over what this module writes itself
+(``model``, ``messages``, ``system``, ``max_tokens``, ``stream``).
 
 Options: ``tools`` -> ``tools`` (``parameters`` as ``input_schema``, ``strict`` kept),
 ``tool_choice`` none/auto/required/a function -> ``none``/``auto``/``any``/``tool``,
 ``parallel_tool_calls: false`` -> ``disable_parallel_tool_use``, ``reasoning_effort`` ->
 ``thinking`` with ``EFFORT_BUDGETS`` (``none``: no thinking), ``response_format`` json_schema ->
 ``output_config.format`` (Anthropic's structured outputs), ``user`` -> ``metadata.user_id``,
-``service_tier`` auto/default -> auto/standard_only, ``stop`` -> ``stop_sequences``. The
-Anthropic-native fields the ``/v1/messages`` front door passes under their own names
-(``thinking``, ``top_k``, ``stop_sequences``, ``metadata.user_id``) are sent as they are.
+``service_tier`` auto/default -> auto/standard_only, ``stop`` -> ``stop_sequences``.
 ``metadata``'s other keys label OpenAI's stored completions, which Anthropic has none of: they
 are not sent. Everything else (``n`` > 1, ``logprobs``, ``logit_bias``, ``seed``, penalties,
 ``json_object``, other service tiers, fields this service does not know) is refused by name.
@@ -27,11 +38,12 @@ are not sent. Everything else (``n`` > 1, ``logprobs``, ``logit_bias``, ``seed``
 Thinking needs room: its budget must stay below ``max_tokens``. A budget the answer's limit
 (the model's ``max_output_tokens``, the client's ``max_tokens``, the budget grant) does not
 leave room above becomes half that limit (at least ``MIN_THINKING``); a limit of
-``MIN_THINKING`` or less runs the turn without thinking. A request whose last assistant message
-called tools (a tool loop's next step) runs without thinking too: Anthropic then requires that
-message to open with the signed thinking block it came with, which OpenAI-shaped clients do not
-send back. Thinking excludes forced tool use, ``top_k`` and a ``temperature`` other than 1 (and
-``top_p`` below 0.95): those are refused by name.
+``MIN_THINKING`` or less runs the turn without thinking. On a tool loop's next step (the last
+assistant message called tools) Anthropic requires that message to open with the signed
+thinking block it came with: with its ``thinking_blocks`` the step thinks; without them (an
+OpenAI-shaped client that kept only the text and the calls) it runs without thinking. Thinking
+excludes forced tool use, ``top_k`` and a ``temperature`` other than 1 (and ``top_p`` below
+0.95): those are refused by name.
 """
 
 from __future__ import annotations
@@ -48,6 +60,8 @@ from service.providers.base import CompletionRequest, Message, first_unsupported
 # reasoning_effort -> thinking budget_tokens (Anthropic's minimum budget is 1,024)
 EFFORT_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 16384, "xhigh": 32768}
 MIN_THINKING = 1024
+# The front door's fields this service does not know, sent on as written (``NativeFields``).
+NATIVE_FIELDS = "anthropic_fields"
 OPTIONS = frozenset(
     {
         "tools",
@@ -62,8 +76,19 @@ OPTIONS = frozenset(
         "thinking",
         "top_k",
         "stop_sequences",
+        NATIVE_FIELDS,
     }
 )
+# What this module writes itself: never taken from ``NATIVE_FIELDS``.
+OWN_FIELDS = frozenset({"model", "messages", "system", "max_tokens", "stream"})
+# What a message may carry besides its role and content, and on which roles.
+MESSAGE_FIELDS = {
+    "tool_calls": frozenset({"assistant"}),
+    "tool_call_id": frozenset({"tool"}),
+    "thinking_blocks": frozenset({"assistant"}),
+    "is_error": frozenset({"tool"}),
+    "cache_control": frozenset({"system", "developer", "user", "assistant", "tool"}),
+}
 # Values that ask for nothing, beyond those every provider takes (``base.NEUTRAL``).
 NEUTRAL: dict[str, Any] = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}}
 # What an answer handed back as the next request's assistant message carries besides content.
@@ -74,6 +99,12 @@ _DATA_URL = re.compile(r"^data:(image/[a-z]+);base64,(.*)$", re.S)
 _MISSING = object()
 
 Block = dict[str, Any]
+
+
+class NativeFields(dict[str, Any]):
+    """Fields of Anthropic's request the ``/v1/messages`` front door does not know, as the
+    client wrote them, for the options' ``NATIVE_FIELDS``. A type of its own: a value parsed
+    from JSON never is one, so only the front door can pass fields on unchecked."""
 
 
 # ---------------------------------------------------------------------- refusals
@@ -87,11 +118,11 @@ def unsupported(request: CompletionRequest) -> str | None:
         OPTIONS,
         parts=frozenset({"text", "image_url"}),
         roles=frozenset({"system", "developer", "user", "assistant", "tool"}),
-        message_fields=frozenset({"tool_calls", "tool_call_id"}),
+        message_fields=frozenset(MESSAGE_FIELDS),
     )
     if param is not None:
         return param
-    for check in (_unsupported_option, _unsupported_part):
+    for check in (_unsupported_option, _unsupported_field, _unsupported_part):
         param = check(request)
         if param is not None:
             return param
@@ -116,6 +147,9 @@ def _unsupported_option(request: CompletionRequest) -> str | None:
         return "response_format"
     if options.get("service_tier") not in (None, *SERVICE_TIERS):
         return "service_tier"
+    native = options.get(NATIVE_FIELDS)
+    if native is not None and not isinstance(native, NativeFields):
+        return NATIVE_FIELDS
     try:
         thinking = requested_thinking(options)
     except ValueError as exc:
@@ -126,6 +160,41 @@ def _unsupported_option(request: CompletionRequest) -> str | None:
         if options.get("tool_choice") not in (None, "auto", "none"):
             return "tool_choice"
     return None
+
+
+def _unsupported_field(request: CompletionRequest) -> str | None:
+    """Anthropic's message fields on the roles they belong to, in the shape Anthropic takes."""
+    for i, message in enumerate(request.messages):
+        role = message.get("role")
+        for key, roles in MESSAGE_FIELDS.items():
+            value = message.get(key)
+            if value is None or value == [] or (role in roles and _well_formed(key, value)):
+                continue
+            return f"messages[{i}].{key}"
+    return None
+
+
+def _well_formed(key: str, value: Any) -> bool:
+    if key == "is_error":
+        return isinstance(value, bool)
+    if key == "cache_control":
+        return isinstance(value, dict)
+    if key == "thinking_blocks":
+        return isinstance(value, list) and all(map(_thinking_block, value))
+    return True
+
+
+def _thinking_block(block: Any) -> bool:
+    if not isinstance(block, dict):
+        return False
+    if block.get("type") == "redacted_thinking":
+        return isinstance(block.get("data"), str)
+    signature = block.get("signature")
+    return (
+        block.get("type") == "thinking"
+        and isinstance(block.get("thinking"), str)
+        and (signature is None or isinstance(signature, str))
+    )
 
 
 def _unsupported_part(request: CompletionRequest) -> str | None:
@@ -161,7 +230,7 @@ def _refused(request: CompletionRequest, param: str, why: str) -> BadRequest:
     return BadRequest(
         f"'{param}' is not supported with model '{request.model}' (provider anthropic): {why}",
         code="unsupported_parameter",
-        details={"param": param, "model": request.model, "provider": "anthropic"},
+        details={"param": param, "model": request.model, "provider": "anthropic", "why": why},
     )
 
 
@@ -192,10 +261,11 @@ def requested_thinking(options: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def thinks(request: CompletionRequest) -> bool:
-    """False when the last assistant message called tools (a tool loop's next step)."""
+    """False when the last assistant message called tools (a tool loop's next step) without
+    the thinking blocks it came with."""
     for message in reversed(request.messages):
         if message.get("role") == "assistant":
-            return not message.get("tool_calls")
+            return not message.get("tool_calls") or bool(message.get("thinking_blocks"))
     return True
 
 
@@ -254,6 +324,9 @@ def build_body(request: CompletionRequest) -> dict[str, Any]:
     fmt = _schema_format(options.get("response_format"))
     if fmt is not None:
         body["output_config"] = {"format": fmt}
+    native = options.get(NATIVE_FIELDS)
+    if isinstance(native, NativeFields):
+        body.update((k, v) for k, v in native.items() if k not in OWN_FIELDS)
     return body
 
 
@@ -262,7 +335,7 @@ def tool_fields(options: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     tools = options.get("tools")
     if tools:
-        out["tools"] = [_tool(t["function"]) for t in tools]
+        out["tools"] = [_cached(_tool(t["function"]), t) for t in tools]
     choice = _tool_choice(options.get("tool_choice"))
     # One call at most: a flag of the tool choice (auto by default), where a tool may be called.
     serial = options.get("parallel_tool_calls") is False and tools
@@ -318,16 +391,21 @@ def to_messages(messages: list[Message]) -> tuple[list[Block], list[dict[str, An
     for i, message in enumerate(messages):
         role = message.get("role")
         if role in ("system", "developer"):
-            system.extend(_text_blocks(message.get("content")))
+            system.extend(_marked(_text_blocks(message.get("content")), message))
             continue
         if role == "assistant":
-            blocks = [*_text_blocks(message.get("content")), *_tool_uses(message, i)]
+            blocks = [
+                *_thinking_blocks(message),
+                *_text_blocks(message.get("content")),
+                *_tool_uses(message, i),
+            ]
         elif role == "tool":
             blocks = [_tool_result(message)]
         else:
             blocks = _user_blocks(message.get("content"))
         if not blocks:
             continue
+        blocks = _marked(blocks, message)
         kind = "assistant" if role == "assistant" else "user"
         if out and out[-1]["role"] == kind:
             out[-1]["content"].extend(blocks)
@@ -354,9 +432,32 @@ def _from_the_user(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _compact(message: dict[str, Any]) -> dict[str, Any]:
     """One text block is sent as a plain string (the common case, and the shorter body)."""
     content = message["content"]
-    if len(content) == 1 and content[0]["type"] == "text":
+    if len(content) == 1 and content[0].keys() == {"type", "text"}:
         return {"role": message["role"], "content": content[0]["text"]}
     return message
+
+
+def _cached(block: Block, item: dict[str, Any]) -> Block:
+    """``block`` with the ``cache_control`` of the part, call or tool it was made of."""
+    if item.get("cache_control") is not None:
+        block["cache_control"] = item["cache_control"]
+    return block
+
+
+def _marked(blocks: list[Block], message: Message) -> list[Block]:
+    """A message's ``cache_control`` on the last block it became (a cache breakpoint covers
+    everything before it)."""
+    if blocks and message.get("cache_control") is not None:
+        blocks[-1] = {**blocks[-1], "cache_control": message["cache_control"]}
+    return blocks
+
+
+def _thinking_blocks(message: Message) -> list[Block]:
+    """The assistant's thinking blocks as Anthropic gave them (without an SDK's ``index``)."""
+    return [
+        {k: v for k, v in block.items() if k != "index"}
+        for block in message.get("thinking_blocks") or ()
+    ]
 
 
 def _text_blocks(content: Any) -> list[Block]:
@@ -365,7 +466,7 @@ def _text_blocks(content: Any) -> list[Block]:
     if not isinstance(content, list):
         return []
     return [
-        {"type": "text", "text": p["text"]}
+        _cached({"type": "text", "text": p["text"]}, p)
         for p in content
         if isinstance(p, dict) and p.get("type") == "text" and p.get("text")
     ]
@@ -381,7 +482,7 @@ def _user_blocks(content: Any) -> list[Block]:
         if part.get("type") == "image_url":
             image = _image(part)
             if image is not None:
-                blocks.append(image)
+                blocks.append(_cached(image, part))
         else:
             blocks.extend(_text_blocks([part]))
     return blocks
@@ -406,14 +507,13 @@ def _tool_uses(message: Message, index: int) -> list[Block]:
     blocks = []
     for j, call in enumerate(message.get("tool_calls") or ()):
         function = call["function"]
-        blocks.append(
-            {
-                "type": "tool_use",
-                "id": call["id"],
-                "name": function["name"],
-                "input": _arguments(function.get("arguments"), index, j),
-            }
-        )
+        block = {
+            "type": "tool_use",
+            "id": call["id"],
+            "name": function["name"],
+            "input": _arguments(function.get("arguments"), index, j),
+        }
+        blocks.append(_cached(block, call))
     return blocks
 
 
@@ -442,4 +542,6 @@ def _tool_result(message: Message) -> Block:
         blocks = _user_blocks(content)
         if blocks:
             block["content"] = blocks
+    if message.get("is_error") is not None:
+        block["is_error"] = message["is_error"]
     return block

@@ -12,8 +12,16 @@ frames in OpenAI's chunk shape: a ``thinking_delta`` is ``reasoning_content``; a
 block is a tool call (``index`` counting the answer's tool calls from 0, Anthropic's id and the
 name with empty arguments at its start, then each ``input_json_delta``'s ``partial_json``;
 a block that streamed no input closes with ``{}``, so the arguments always parse).
-``signature_delta`` and ``redacted_thinking`` carry nothing a chat-completions client can
-use and are not relayed.
+
+A signed thinking block and a ``redacted_thinking`` block are also a delta's
+``thinking_blocks`` (LiteLLM's name), one entry per block, whole: ``{"index", "type":
+"thinking", "thinking", "signature"}`` when its ``signature_delta`` comes (its text again,
+so that the entry is the block as Anthropic wants it back), ``{"index", "type":
+"redacted_thinking", "data"}`` when it starts. ``index`` counts the answer's thinking blocks
+from 0, as tool calls are counted: the OpenAI SDKs merge a list delta's entries by it. The
+``/v1/messages`` route relays them as Anthropic's own blocks; an OpenAI-shaped client may send
+them back on the assistant message (``anthropic_request``), which keeps thinking on a tool
+loop's next step.
 
 Stop reasons: ``end_turn``/``stop_sequence`` -> ``stop``; ``max_tokens`` and
 ``model_context_window_exceeded`` -> ``length``; ``tool_use`` -> ``tool_calls``; ``refusal``
@@ -125,11 +133,13 @@ async def chunks(resp: aiohttp.ClientResponse, secrets: tuple[str, ...]) -> Asyn
 class Reader:
     """One stream's events: its usage so far, its tool blocks, whether it has finished."""
 
-    __slots__ = ("_secrets", "_tools", "ended", "finished", "usage")
+    __slots__ = ("_secrets", "_thinking", "_thoughts", "_tools", "ended", "finished", "usage")
 
     def __init__(self, secrets: tuple[str, ...] = ()) -> None:
         self._secrets = secrets
         self._tools: dict[int, _Tool] = {}  # by content block index
+        self._thinking: dict[int, list[str]] = {}  # an open thinking block's text, by index
+        self._thoughts = 0  # thinking blocks relayed whole (``thinking_blocks``) so far
         self.usage: dict[str, Any] = {}
         self.finished = False  # the stop reason came (message_delta)
         self.ended = False  # message_stop came
@@ -177,7 +187,17 @@ class Reader:
             return Chunk(_string(delta, "text"))
         if kind == "thinking_delta":
             thinking = _string(delta, "thinking")
-            return Chunk(frame=_step({"reasoning_content": thinking})) if thinking else None
+            if not thinking:
+                return None
+            self._thinking.setdefault(_index(frame), []).append(thinking)
+            return Chunk(frame=_step({"reasoning_content": thinking}))
+        if kind == "signature_delta":
+            signature = _string(delta, "signature")
+            text = "".join(self._thinking.pop(_index(frame), ()))
+            if not signature:
+                return None
+            block = {"type": "thinking", "thinking": text, "signature": signature}
+            return self._whole(block)
         if kind == "input_json_delta":
             tool = self._tools.get(_index(frame))
             partial = _string(delta, "partial_json")
@@ -185,7 +205,7 @@ class Reader:
                 return None
             tool.streamed = True
             return Chunk(frame=_call({"index": tool.index, "function": {"arguments": partial}}))
-        return None  # signature_delta, citations_delta, kinds added later
+        return None  # citations_delta, kinds added later
 
     def _start(self, frame: dict[str, Any]) -> Chunk | None:
         block = frame.get("content_block")
@@ -198,10 +218,16 @@ class Reader:
         if kind == "thinking":
             thinking = block.get("thinking")
             if isinstance(thinking, str) and thinking:
+                self._thinking[_index(frame)] = [thinking]
                 return Chunk(frame=_step({"reasoning_content": thinking}))
             return None
+        if kind == "redacted_thinking":
+            data = block.get("data")
+            if not isinstance(data, str):
+                raise _malformed("redacted_thinking")
+            return self._whole({"type": "redacted_thinking", "data": data})
         if kind != "tool_use":
-            return None  # redacted thinking, server tools' blocks, kinds added later
+            return None  # server tools' blocks, kinds added later
         call_id, name = block.get("id"), block.get("name")
         if not isinstance(call_id, str) or not isinstance(name, str):
             raise _malformed("tool_use")
@@ -213,7 +239,14 @@ class Reader:
             )
         )
 
+    def _whole(self, block: dict[str, Any]) -> Chunk:
+        """A thinking block as Anthropic wants it back, as the answer's next thinking block."""
+        entry = {"index": self._thoughts, **block}
+        self._thoughts += 1
+        return Chunk(frame=_step({"thinking_blocks": [entry]}))
+
     def _stop(self, frame: dict[str, Any]) -> Chunk | None:
+        self._thinking.pop(_index(frame), None)  # an unsigned block's text is not kept
         tool = self._tools.get(_index(frame))
         if tool is None or tool.streamed:
             return None

@@ -41,6 +41,7 @@ class LiveStream:
         "meta",
         "model",
         "parts",
+        "prompt_tokens",
         "reading",
         "reason",
         "saved",
@@ -58,12 +59,16 @@ class LiveStream:
         model: str,
         *,
         cancel_when_alone: bool = False,
+        prompt_tokens: int = 0,
     ) -> None:
         self.message_id = message_id
         self.chat_id = chat_id
         self.user_id = user_id
         self.transport = transport
         self.model = model
+        # The prompt as the turn was admitted with it (0: not known here, as on a mirror), for
+        # a transport that announces it before the upstream's usage (Anthropic's message_start).
+        self.prompt_tokens = prompt_tokens
         # The last follower leaving stops the turn (stateless API turns, ON_DISCONNECT=cancel).
         self.cancel_when_alone = cancel_when_alone
         self.task: asyncio.Task[None] | None = None

@@ -407,6 +407,7 @@ class Turn:
             # A stateless turn stops with its client, unless a key makes it resumable.
             cancel_when_alone=(inp.chat_id is None and inp.key is None)
             or producer.settings.on_disconnect == "cancel",
+            prompt_tokens=prompt_tokens,
         )
         self.parts = self.live.parts  # the watcher checkpoints it
         self.chunks = 0

@@ -17,18 +17,22 @@ content blocks: ``reasoning_content`` / ``reasoning`` text is a ``thinking`` blo
 ``refusal``) a ``text`` block, each tool call (its first delta has its id and name, the others
 pieces of its arguments) a ``tool_use`` block. A provider that speaks Anthropic natively adds,
 in a delta's ``thinking_blocks`` (LiteLLM's name for them), what OpenAI's shape has no place for:
-a thinking block's ``signature`` (a ``signature_delta``) and ``redacted_thinking`` blocks (their
-``data``); their thinking text comes in ``reasoning_content`` as for any provider.
+a thinking block's ``signature`` (a ``signature_delta``, which ends that block: the next
+reasoning is another block) and ``redacted_thinking`` blocks (their ``data``); their thinking
+text comes in ``reasoning_content`` as for any provider (an entry's own ``thinking`` is not read
+again).
 
 The stop reason is OpenAI's finish reason in Anthropic's words (``stop`` → ``end_turn``,
 ``length`` → ``max_tokens``, ``tool_calls`` → ``tool_use``, ``content_filter`` → ``refusal``; an
 answer with a refusal is a ``refusal``; Anthropic's own reasons pass as they are); a turn its
 user stopped ends as ``end_turn``. Usage as Anthropic counts it: ``input_tokens`` the prompt less
 the cached tokens (``cache_read_input_tokens``) and the ones written to the cache
-(``cache_creation_input_tokens``, when the provider reports them in the usage details), and
-``output_tokens`` (reasoning included; ``output_tokens_details.thinking_tokens`` when known).
-``message_start`` carries zeros: the counts are known at the end, in ``message_delta`` (whose
-figures the SDKs take for the message's).
+(``cache_creation_input_tokens``, when the provider reports them in the usage details: the
+Anthropic provider's under ``anthropic``), and ``output_tokens`` (reasoning included;
+``output_tokens_details.thinking_tokens`` when known); for an Anthropic model, exactly
+Anthropic's figures. ``message_start`` carries the prompt as the turn was admitted with it
+(``input_tokens``; the cache's share is not known yet) and no output; the counts billed come
+at the end, in ``message_delta`` (whose figures the SDKs take for the message's).
 
 A turn that fails after it started ends with ``event: error`` and Anthropic's error body. The
 keep-alives while the model thinks are ``sse.respond``'s ``: ping`` comments (ignored by every SSE
@@ -88,9 +92,7 @@ def stop_reason_of(final: Final, *, refused: bool) -> str:
 
 
 def usage_of(final: Final) -> dict[str, Any]:
-    details = final.usage_details or {}
-    creation = details.get("cache_creation_input_tokens")
-    creation = creation if isinstance(creation, int) and creation > 0 else 0
+    creation = _cache_creation(final.usage_details or {})
     usage: dict[str, Any] = {
         "input_tokens": max(0, final.prompt_tokens - final.cached_tokens - creation),
         "cache_creation_input_tokens": creation,
@@ -102,7 +104,18 @@ def usage_of(final: Final) -> dict[str, Any]:
     return usage
 
 
-def message_shell(mid: str, model: str) -> dict[str, Any]:
+def _cache_creation(details: dict[str, Any]) -> int:
+    """The prompt tokens written to the cache: Anthropic's own count (the Anthropic provider
+    keeps it under ``anthropic``), or one an upstream put beside OpenAI's details."""
+    native = details.get("anthropic")
+    for source in (native if isinstance(native, dict) else {}, details):
+        count = source.get("cache_creation_input_tokens")
+        if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+            return count
+    return 0
+
+
+def message_shell(mid: str, model: str, input_tokens: int = 0) -> dict[str, Any]:
     """The message as ``message_start`` announces it (and ``complete`` fills in)."""
     return {
         "id": mid,
@@ -113,7 +126,7 @@ def message_shell(mid: str, model: str) -> dict[str, Any]:
         "stop_reason": None,
         "stop_sequence": None,
         "usage": {
-            "input_tokens": 0,
+            "input_tokens": input_tokens,
             "cache_creation_input_tokens": 0,
             "cache_read_input_tokens": 0,
             "output_tokens": 0,
@@ -211,7 +224,7 @@ class Blocks:
             return []
         out = self._open_thinking()
         out.append(self._delta(self.index, {"type": "signature_delta", "signature": signature}))
-        return out
+        return out + self.close()  # a signature is a thinking block's last word
 
     def _tool(self, call: dict[str, Any]) -> list[Step]:
         out: list[Step] = []
@@ -267,11 +280,12 @@ class EventEncoder:
     ``b""`` for none). A text delta into the open text block, the common step, costs one
     ``orjson.dumps`` of its text."""
 
-    __slots__ = ("_blocks", "_id", "_model", "_text_head")
+    __slots__ = ("_blocks", "_id", "_model", "_prompt", "_text_head")
 
-    def __init__(self, mid: str, model: str) -> None:
+    def __init__(self, mid: str, model: str, prompt_tokens: int = 0) -> None:
         self._id = mid
         self._model = model
+        self._prompt = prompt_tokens  # as the turn was admitted with it, for message_start
         self._blocks = Blocks()
         self._text_head = b""
 
@@ -284,7 +298,8 @@ class EventEncoder:
         if isinstance(event, Extra):
             return self._steps(blocks.frame(event.frame, event.text))
         if isinstance(event, Started):
-            start = {"type": "message_start", "message": message_shell(self._id, self._model)}
+            shell = message_shell(self._id, self._model, self._prompt)
+            start = {"type": "message_start", "message": shell}
             return sse(("message_start", start)) + PING
         if isinstance(event, Done):
             return self._steps(blocks.finish(event.final)) + MESSAGE_STOP
