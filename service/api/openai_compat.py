@@ -340,21 +340,21 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     headers = _limit_headers(request, await _allowance(request, admission))
     if admission.replayed:
         headers[REPLAYED_HEADER] = "true"
-    live = admission.live
+    live, created = admission.live, admission.created
+    del admission  # not kept for the length of the stream (thousands are live at once)
     registry = request.app[REGISTRY]
     follower = registry.follow(live, 0, "openai", keepalive=stream)
     if stream:
         enc = openai_chunks.ChunkEncoder(
-            openai_chunks.completion_id(live.message_id),
             live,
-            admission.created,
+            created,
             include_usage=include_usage,
         )
         return await sse.respond(
             request, registry, follower, request.app[SETTINGS], enc.encode, headers=headers
         )
     try:
-        completion = await openai_chunks.complete(follower, created=admission.created)
+        completion = await openai_chunks.complete(follower, created=created)
     finally:
         registry.leave(follower, "client_disconnect")  # a no-op once the turn has ended
     return json_response(completion, headers=headers)

@@ -103,7 +103,7 @@ class Admissions:
         ``payload`` (a ``fingerprint``), follow the turn that claimed it."""
         if inp.key is None:
             turn = await self.producer.start(inp)
-            return Admission(turn.live, False, int(time.time()), turn.reservation)
+            return Admission(turn.live, False, int(time.time()), turn.admitted())
         loop = asyncio.get_running_loop()
         deadline = loop.time() + WAIT_S
         while True:
@@ -122,7 +122,7 @@ class Admissions:
             )
             if held is None:
                 turn = await self.producer.start(inp, message_id=claim_id)
-                return Admission(turn.live, False, int(now.timestamp()), turn.reservation)
+                return Admission(turn.live, False, int(now.timestamp()), turn.admitted())
             if held.get("state") != "admitted" and held["created_at"] < now - ABANDONED:
                 await self.store.release_claim(held["_id"])  # its request died while starting
                 continue

@@ -337,6 +337,7 @@ class Turn:
     upstream has it, the records' insert kept as its outcome once it is done."""
 
     __slots__ = (
+        "_admitted",
         "_insert",
         "_stage_deadline",
         "_stream",
@@ -344,8 +345,10 @@ class Turn:
         "counter",
         "final",
         "finish_reason",
+        "grant",
         "history",
         "inp",
+        "lease_id",
         "live",
         "max_tokens",
         "message_id",
@@ -355,7 +358,6 @@ class Turn:
         "period",
         "prompt_tokens",
         "provider",
-        "reservation",
         "seq",
         "spec",
         "started",
@@ -389,7 +391,11 @@ class Turn:
         self.messages = messages
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
-        self.reservation = reservation
+        self.grant = reservation.grant
+        self.lease_id = reservation.lease_id
+        # What admitted it, for the request's rate-limit headers: handed over once (``admitted``)
+        # so a live turn does not keep it.
+        self._admitted: Reservation | None = reservation
         self.period = period
         self.started = started
         # The chat's messages before this turn, for the context cache; not kept when one is a
@@ -417,6 +423,11 @@ class Turn:
         self._stream: AsyncIterator[Chunk] | None = None
         self._insert: asyncio.Future[None] | BaseException | None = None
         self._stage_deadline = 0.0  # loop time: the first token's deadline, then the answer's
+
+    def admitted(self) -> Reservation | None:
+        """The reservation that admitted the turn, once (its usage is for the headers only)."""
+        reservation, self._admitted = self._admitted, None
+        return reservation
 
     def _log(self, level: str, event: str, **fields: Any) -> None:
         inp = self.inp
@@ -602,8 +613,8 @@ class Turn:
             "model": self.spec.name,
             "transport": self.inp.transport,
             "period": self.period,
-            "reservation": self.reservation.grant,
-            **({"lease": self.reservation.lease_id} if self.reservation.lease_id else {}),
+            "reservation": self.grant,
+            **({"lease": self.lease_id} if self.lease_id else {}),
             "prompt_tokens": self.prompt_tokens,
             "encoding": self.spec.encoding,
             "alive_at": now,
@@ -691,9 +702,9 @@ class Turn:
             self.inp.user_id,
             self.period,
             self.message_id,
-            grant=self.reservation.grant,
+            grant=self.grant,
             billed=prompt + completion,
-            lease_id=self.reservation.lease_id,
+            lease_id=self.lease_id,
             fields={
                 **self._extras(),
                 **({"meta": self.live.meta} if self.live.meta else {}),

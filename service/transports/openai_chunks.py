@@ -80,23 +80,18 @@ class ChunkEncoder:
     buffer for its frames."""
 
     __slots__ = (
+        "_created",
         "_delta_head",
         "_delta_tail",
         "_end",
-        "_ids",
         "_include_usage",
         "_live",
         "_meta",
         "_opened",
     )
 
-    def __init__(self, cid: str, live: LiveStream, created: int, *, include_usage: bool) -> None:
-        self._ids = {
-            "id": cid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": live.model,
-        }
+    def __init__(self, live: LiveStream, created: int, *, include_usage: bool) -> None:
+        self._created = created
         self._live = live
         self._meta: dict[str, Any] | None = None
         self._opened = False  # the assistant's role went out (ours, or the upstream's)
@@ -106,7 +101,14 @@ class ChunkEncoder:
         self._end = _ENDS[include_usage]
 
     def _head_for(self, meta: dict[str, Any] | None) -> bytes:
-        common = orjson.dumps({**self._ids, "system_fingerprint": None, **(meta or {})})
+        live = self._live
+        ids = {
+            "id": completion_id(live.message_id),
+            "object": "chat.completion.chunk",
+            "created": self._created,
+            "model": live.model,
+        }
+        common = orjson.dumps({**ids, "system_fingerprint": None, **(meta or {})})
         return b"data: " + common[:-1] + b',"choices":' + _DELTA_OPEN
 
     @property

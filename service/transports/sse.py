@@ -76,6 +76,7 @@ async def respond(
 ) -> web.StreamResponse:
     """Stream ``follower``'s events until the terminal one (or until the client goes)."""
     resp = web.StreamResponse(headers={**HEADERS, **headers} if headers else HEADERS)
+    headers = None  # the response has them: not kept twice for the length of the stream
     reason = "client_disconnect"
     try:
         _tcp_user_timeout(request, settings.stream_send_timeout_s)
