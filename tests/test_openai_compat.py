@@ -488,3 +488,17 @@ async def test_demo_model_length_stop_bills_what_was_asked_for(oai, max_tokens):
     assert completion.usage.completion_tokens == max_tokens
     text = completion.choices[0].message.content
     assert 0 < TokenCounter().count(text) <= max_tokens
+
+
+async def test_a_stream_is_answered_before_its_first_token(oai, fake_openai):
+    """The headers go as soon as the turn is admitted (the role frame waits for the first step,
+    to take its shape): an SDK's create() returns while the model is still silent."""
+    fake_openai.default = Script(chunks=["late"], gate_after=0)
+    stream = await asyncio.wait_for(
+        oai.chat.completions.create(model="gpt-test", messages=HI, stream=True), 10
+    )
+    assert stream.response.status_code == 200
+    assert fake_openai.reached_gate.is_set() and not fake_openai.finished.is_set()
+    fake_openai.gate.set()
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == "late"

@@ -86,8 +86,9 @@ async def respond(
         loop = asyncio.get_running_loop()
         async for event in follower:
             data = PING if isinstance(event, Ping) else encoder(event)
-            if not data:  # a step with nothing for this client (a tool call on a chat route)
-                continue
+            # An event with nothing for this client (the /v1 route's start, whose role frame goes
+            # with the first step; a tool call on a chat route) writes nothing, except the
+            # headers when they have not gone yet: a client knows at once that it was admitted.
             follower.writing_since = loop.time()
             await resp.write(data)
             follower.writing_since = 0.0
