@@ -427,14 +427,18 @@ class Store:
         return doc
 
     @db_call
-    async def recent_messages(self, chat_id: str, user_id: str, *, limit: int) -> list[Doc]:
-        """The chat's last ``limit`` messages, oldest first. Filtered on the user, so it may run
+    async def recent_messages(
+        self, chat_id: str, user_id: str, *, limit: int, before_seq: int | None = None
+    ) -> list[Doc]:
+        """The chat's last ``limit`` messages (before ``before_seq`` when given), oldest first,
+        as its history shows them (not superseded). Filtered on the user, so it may run
         alongside the chat's authorization (``begin_chat_turn``) and save a round trip."""
         if limit <= 0:
             return []
+        seq = {} if before_seq is None else {"seq": {"$lt": before_seq}}
         docs: list[Doc] = (
             await self.messages.find(
-                {"chat_id": chat_id, "user_id": user_id, **CHOSEN},
+                {"chat_id": chat_id, "user_id": user_id, **seq, **CHOSEN},
                 projection={
                     "_id": 0,
                     "role": 1,
@@ -473,6 +477,20 @@ class Store:
         )
         docs.reverse()
         return docs
+
+    @db_call
+    async def streaming_after(self, chat_id: str, seq: int, *, before_seq: int) -> bool:
+        """Whether a chosen record after ``seq`` (and before ``before_seq``) is streaming."""
+        doc = await self.messages.find_one(
+            {
+                "chat_id": chat_id,
+                "seq": {"$gt": seq, "$lt": before_seq},
+                "status": "streaming",
+                **CHOSEN,
+            },
+            projection={"_id": 1},
+        )
+        return doc is not None
 
     @db_call
     async def supersede(self, chat_id: str, message_id: str, *, by: str) -> bool:

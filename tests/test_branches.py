@@ -146,38 +146,71 @@ async def test_edit_supersedes_the_question_and_its_answer(stream_client, fake_o
     assert usage["used"] == billed(docs) == 6 + 10 + 11 + 15 + 16 + 21
 
 
-async def test_only_the_latest_exchange_and_only_your_own(stream_client, fake_openai, auth):
+async def test_an_earlier_answer_or_question_leaves_what_followed_behind(
+    aiohttp_client, stream_settings, fake_openai, auth
+):
+    """Regenerating or editing further back supersedes everything the history showed after
+    it; the context is the chosen records before the question (read, not cut from the recent
+    window: here the window is two messages)."""
+    client = await aiohttp_client(create_app(stream_settings(context_messages=2)))
+    h = auth("rewind")
+    chat_id = await new_chat(client, h)
+    fake_openai.scripts = [Script(chunks=[f"a{i}"]) for i in (1, 2, 3)]
+    fake_openai.scripts += [Script(chunks=["a2 bis"]), Script(chunks=["a1 new"]), Script()]
+    for q in ("q1", "q2", "q3"):
+        await turn(await send(client, chat_id, h, q))
+    ids = [m["message_id"] for m in await history(client, chat_id, h)]
+    q1, a1, q2, a2, q3, a3 = ids
+
+    await turn(await regenerate(client, chat_id, a2, h))
+    assert prompt(fake_openai) == [("user", "q1"), ("assistant", "a1"), ("user", "q2")]
+    shown = await history(client, chat_id, h)
+    assert [m["content"] for m in shown] == ["q1", "a1", "q2", "a2 bis"]
+    docs = {d["_id"]: d for d in await records(client, chat_id)}
+    assert docs[q3]["superseded_by"] == docs[a3]["superseded_by"] == shown[-1]["message_id"]
+
+    await turn(await edit(client, chat_id, q1, h, "q1, again"))
+    assert prompt(fake_openai) == [("user", "q1, again")]
+    assert [m["content"] for m in await history(client, chat_id, h)] == ["q1, again", "a1 new"]
+    await turn(await send(client, chat_id, h, "next"))
+    assert prompt(fake_openai) == [("user", "q1, again"), ("assistant", "a1 new"), ("user", "next")]
+    body = await (await versions(client, chat_id, a2, h)).json()
+    assert [v["content"] for v in body["versions"]] == ["a2", "a2 bis"] and body["chosen"] is None
+
+
+async def test_refusals_and_only_your_own(stream_client, fake_openai, auth):
     client, h = stream_client, auth("owner")
     chat_id = await new_chat(client, h)
     a1, _ = await turn(await send(client, chat_id, h, "q1"))
-    a2, _ = await turn(await send(client, chat_id, h, "q2"))
-    q1, _, q2, _ = (m["message_id"] for m in await history(client, chat_id, h))
+    q1 = (await history(client, chat_id, h))[0]["message_id"]
 
     async def refused(resp, status, code):
         assert resp.status == status, await resp.text()
         assert (await resp.json())["error"]["code"] == code
 
-    await refused(await regenerate(client, chat_id, a1, h), 409, "not_latest")
-    await refused(await regenerate(client, chat_id, q2, h), 409, "not_latest")
-    await refused(await edit(client, chat_id, q1, h, "x"), 409, "not_latest")
-    await refused(await edit(client, chat_id, a2, h, "x"), 409, "not_latest")
-    await refused(await edit(client, chat_id, q2, h, "   "), 400, "invalid_message")
+    await refused(await regenerate(client, chat_id, q1, h), 409, "wrong_role")
+    await refused(await edit(client, chat_id, a1, h, "x"), 409, "wrong_role")
+    await refused(await edit(client, chat_id, q1, h, "   "), 400, "invalid_message")
+    await refused(await edit(client, chat_id, q1, h, "x", extra=1), 400, "validation_error")
     missing = "00000000-0000-4000-8000-000000000000"
     await refused(await regenerate(client, chat_id, missing, h), 404, "message_not_found")
+    await refused(await versions(client, chat_id, missing, h), 404, "message_not_found")
     await refused(await regenerate(client, chat_id, "nope", h), 400, "invalid_id")
     mallory = auth("mallory")
-    await refused(await regenerate(client, chat_id, a2, mallory), 404, "chat_not_found")
-    await refused(await edit(client, chat_id, q2, mallory, "mine"), 404, "chat_not_found")
-    await refused(await versions(client, chat_id, a2, mallory), 404, "message_not_found")
+    await refused(await regenerate(client, chat_id, a1, mallory), 404, "chat_not_found")
+    await refused(await edit(client, chat_id, q1, mallory, "mine"), 404, "chat_not_found")
+    await refused(await versions(client, chat_id, a1, mallory), 404, "message_not_found")
     other = await new_chat(client, mallory)
-    await refused(await regenerate(client, other, a2, mallory), 404, "message_not_found")
-    await refused(await versions(client, other, a2, mallory), 404, "message_not_found")
+    await refused(await regenerate(client, other, a1, mallory), 404, "message_not_found")
+    await refused(await edit(client, other, q1, mallory, "mine"), 404, "message_not_found")
+    await refused(await versions(client, other, a1, mallory), 404, "message_not_found")
+    assert [m["message_id"] for m in await history(client, chat_id, h)] == [q1, a1]
+    assert len(fake_openai.requests) == 1
 
-    # Nothing of that changed the chat, and the latest answer can still be regenerated.
-    assert [m["message_id"] for m in await history(client, chat_id, h)] == [q1, a1, q2, a2]
-    assert len(fake_openai.requests) == 2
-    new, _ = await turn(await regenerate(client, chat_id, a2, h))
-    assert [m["message_id"] for m in await history(client, chat_id, h)] == [q1, a1, q2, new]
+    a2, _ = await turn(await regenerate(client, chat_id, a1, h))
+    await refused(await regenerate(client, chat_id, a1, h), 409, "superseded")
+    # The refusals took seqs and wrote nothing; the chat goes on.
+    assert [m["message_id"] for m in await history(client, chat_id, h)] == [q1, a2]
 
 
 async def test_a_refused_regenerate_leaves_the_answer_chosen(
@@ -204,7 +237,10 @@ async def test_two_regenerates_at_once_one_wins(stream_client, fake_openai, auth
     reading = asyncio.create_task(collect(first))
     await fake_openai.reached_gate.wait()
     second = await regenerate(client, chat_id, a1, h)
-    assert second.status == 409 and (await second.json())["error"]["code"] == "not_latest"
+    assert second.status == 409 and (await second.json())["error"]["code"] == "superseded"
+    q1 = (await history(client, chat_id, h))[0]["message_id"]
+    third = await edit(client, chat_id, q1, h, "while it runs")
+    assert third.status == 409 and (await third.json())["error"]["code"] == "answer_streaming"
     fake_openai.gate.set()
     evs = await reading
     assert text_of(evs) == "slow one"

@@ -1,19 +1,21 @@
 """Regenerate an answer, edit a question: a turn that gives the chat's latest exchange a new
 version, keeping the one it replaces.
 
-Such a turn is a send like any other (the same producer: budget, rate limit, billing, resume,
+Any answer or question the chat's history shows may be given a new version; what the history
+shows after it is superseded with it (that branch is left, not deleted). Such a turn is a send
+like any other (the same producer: budget, rate limit, billing, resume,
 cancel) with new seqs at the end of the chat. Its records point back: a regenerated answer has
 ``replaces`` (the answer it replaces), an edited question ``edits`` (the question it edits); both
 have ``version_of`` (the first version's id) and ``version`` (1 for the first, which has neither
 field). The records it replaces are never deleted: they get ``superseded_by`` (the id of the new
 turn's answer), and the chat's history (``GET /api/chat/{id}``, the context of the next turn)
-shows only the records that are not superseded, in seq order. Since a regenerate or an edit
-applies to the chat's latest exchange only, the new records take the place of the old ones in
+shows only the records that are not superseded, in seq order. Since everything after the
+replaced record is superseded too, the new records (at the end) take the old ones' place in
 that order, and the next turn's context follows the chosen branch.
 
-What a turn may replace is checked after the producer allocated its seqs (``begin_chat_turn``,
-one update that orders every turn of a chat) and taken by one conditional update of the record
-(chosen and ended), so two regenerates of one answer cannot both win: the second is 409.
+What a turn replaces is checked after the producer allocated its seqs (``begin_chat_turn``),
+and taken by one conditional update of the record (still chosen, ended), so two turns replacing
+one record cannot both win: the second is 409 ``superseded``.
 """
 
 from __future__ import annotations
@@ -49,31 +51,36 @@ def root_of(doc: Doc) -> str:
 async def take(
     store: Store, branch: Branch, *, user_id: str, chat_id: str, message_id: str, seq: int
 ) -> Branch:
-    """Check that ``branch.target`` is the chat's latest answer (regenerate) or question (edit)
-    and mark what the turn replaces superseded by ``message_id``; 404 when the chat has no such
-    message, 409 when it is not the latest, or still streaming."""
+    """Check that ``branch.target`` is an answer (regenerate) or a question (edit) the chat's
+    history shows, and mark it and every record the history shows after it superseded by
+    ``message_id``; 404 when the chat has no such message, 409 when it is superseded, of the
+    other role, or it or a later answer is still streaming."""
     target = await store.chat_message(user_id, chat_id, branch.target)
     if target is None:
         raise not_found("message")
-    question, answer = await _latest_exchange(store, chat_id, seq)
-    latest = answer if branch.kind == "regenerate" else question
-    if latest is None or latest["_id"] != target["_id"]:
-        what = "answer" if branch.kind == "regenerate" else "question"
+    regenerate = branch.kind == "regenerate"
+    if "superseded_by" in target:
         raise Conflict(
-            f"only the chat's latest {what} can be "
-            + ("regenerated" if branch.kind == "regenerate" else "edited"),
-            code="not_latest",
+            "this message was replaced by a later version; use the chat's current one",
+            code="superseded",
         )
-    assert question is not None and answer is not None
-    if answer.get("status") == "streaming":
+    if target["role"] != ("assistant" if regenerate else "user"):
+        what = "an answer" if regenerate else "a question"
+        raise Conflict(f"this message is not {what}", code="wrong_role")
+    question = target
+    if regenerate:
+        before = await store.chosen_tail(chat_id, before_seq=int(target["seq"]), limit=1)
+        if not before or before[0]["role"] != "user":
+            raise Conflict("this answer does not follow a question", code="wrong_role")
+        question = before[0]
+    if await store.streaming_after(chat_id, int(question["seq"]), before_seq=seq):
         raise Conflict(
-            "the latest answer is still being written; stop it or wait for it to end",
+            "an answer of this exchange or after it is still being written; stop it or wait",
             code="answer_streaming",
         )
     if not await store.supersede(chat_id, target["_id"], by=message_id):
-        raise Conflict("this message was replaced meanwhile", code="not_latest")
-    if branch.kind == "edit":  # the answer (and anything else after the question) goes too
-        await store.supersede_after(chat_id, int(question["seq"]), before_seq=seq, by=message_id)
+        raise Conflict("this message was replaced meanwhile", code="superseded")
+    await store.supersede_after(chat_id, int(target["seq"]), before_seq=seq, by=message_id)
     return dataclasses.replace(
         branch,
         question=str(question.get("content") or ""),
@@ -81,15 +88,6 @@ async def take(
         root=root_of(target),
         version=int(target.get("version", 1)) + 1,
     )
-
-
-async def _latest_exchange(store: Store, chat_id: str, seq: int) -> tuple[Doc | None, Doc | None]:
-    """The chat's latest question and its answer, as the history shows them (before ``seq``,
-    the new turn's); Nones when the chat does not end with a question and its answer."""
-    tail = await store.chosen_tail(chat_id, before_seq=seq)
-    if len(tail) < 2 or tail[0]["role"] != "user" or tail[1]["role"] != "assistant":
-        return None, None
-    return tail[0], tail[1]
 
 
 async def release(store: Store, chat_id: str, message_id: str) -> None:

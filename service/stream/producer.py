@@ -147,7 +147,7 @@ class TurnProducer:
             chat, history = await self._chat_and_history(inp.user_id, inp.chat_id)
             seq, chat_model = int(chat["next_seq"]) - 2, chat.get("model")
             if inp.branch is not None:
-                inp, text, history = await self._branch(inp, text, history, message_id, seq)
+                inp, text, history = await self._branch(inp, text, message_id, seq)
         spec = self.catalogue.resolve(inp.model or chat_model)
         await self.model_lists.require(spec)
         provider = self.providers.get(spec.provider)
@@ -217,10 +217,11 @@ class TurnProducer:
         return turn, text, seq, now
 
     async def _branch(
-        self, inp: TurnInput, text: str, history: list[Doc], message_id: str, seq: int
+        self, inp: TurnInput, text: str, message_id: str, seq: int
     ) -> tuple[TurnInput, str, list[Doc]]:
         """Take what a regenerate or an edit replaces; its context is the chosen records
-        before the question, and a regenerate asks the question again."""
+        before the question (read: the question may be far back), and a regenerate asks the
+        question again."""
         assert inp.branch is not None and inp.chat_id is not None
         branch = await branches.take(
             self.store,
@@ -231,7 +232,10 @@ class TurnProducer:
             seq=seq,
         )
         text = branch.question if branch.kind == "regenerate" else text
-        history = [d for d in history if d["seq"] < branch.question_seq]
+        limit = self.settings.context_messages
+        history = await self.store.recent_messages(
+            inp.chat_id, inp.user_id, limit=limit, before_seq=branch.question_seq
+        )
         return dataclasses.replace(inp, branch=branch), text, history
 
     async def _reserve(self, transport: str, req: ReserveRequest) -> Reservation:
