@@ -159,8 +159,7 @@ async def test_an_earlier_answer_or_question_leaves_what_followed_behind(
     fake_openai.scripts += [Script(chunks=["a2 bis"]), Script(chunks=["a1 new"]), Script()]
     for q in ("q1", "q2", "q3"):
         await turn(await send(client, chat_id, h, q))
-    ids = [m["message_id"] for m in await history(client, chat_id, h)]
-    q1, a1, q2, a2, q3, a3 = ids
+    q1, _, _, a2, q3, a3 = [m["message_id"] for m in await history(client, chat_id, h)]
 
     await turn(await regenerate(client, chat_id, a2, h))
     assert prompt(fake_openai) == [("user", "q1"), ("assistant", "a1"), ("user", "q2")]
