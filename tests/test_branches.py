@@ -239,7 +239,7 @@ async def test_two_regenerates_at_once_one_wins(stream_client, fake_openai, auth
     assert second.status == 409 and (await second.json())["error"]["code"] == "superseded"
     q1 = (await history(client, chat_id, h))[0]["message_id"]
     third = await edit(client, chat_id, q1, h, "while it runs")
-    assert third.status == 409 and (await third.json())["error"]["code"] == "answer_streaming"
+    assert third.status == 409 and (await third.json())["error"]["code"] == "answer_running"
     fake_openai.gate.set()
     evs = await reading
     assert text_of(evs) == "slow one"

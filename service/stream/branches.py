@@ -76,7 +76,7 @@ async def take(
     if await store.streaming_after(chat_id, int(question["seq"]), before_seq=seq):
         raise Conflict(
             "an answer of this exchange or after it is still being written; stop it or wait",
-            code="answer_streaming",
+            code="answer_running",
         )
     if not await store.supersede(chat_id, target["_id"], by=message_id):
         raise Conflict("this message was replaced meanwhile", code="superseded")
