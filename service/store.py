@@ -367,11 +367,13 @@ class Store:
     ) -> list[Doc]:
         """Messages of the user, in these chats, that hold any of ``terms``: by the text index,
         best first, where there is one; else the newest ``limit`` that contain a term anywhere
-        (case-insensitive). Always filtered on the user: never another user's text."""
+        (case-insensitive). Always filtered on the user: never another user's text; only what
+        the chats' histories show (not superseded versions)."""
         query: Doc = {
             "user_id": user_id,
             "chat_id": {"$in": chat_ids},
             "role": {"$in": ["user", "assistant"]},
+            **CHOSEN,
         }
         projection: Doc = {"chat_id": 1, "role": 1, "content": 1, "created_at": 1}
         if self.text_search:

@@ -282,3 +282,16 @@ async def test_a_regenerated_answer_resumes_and_cancels_like_a_sent_one(
         assert evs[-1]["event"] == "done" and evs[-1]["data"]["status"] == "cancelled"
     docs = await records(client, chat_id)
     assert docs[-1]["status"] == "cancelled" and docs[-1]["replaces"] == a1
+
+
+async def test_search_finds_the_chosen_versions_only(stream_client, fake_openai, auth):
+    """A search result opens its chat at the message: one the history no longer shows would
+    lead nowhere."""
+    client, h = stream_client, auth("finder")
+    chat_id = await new_chat(client, h)
+    fake_openai.scripts = [Script(chunks=["walrus tusks"]), Script(chunks=["walrus whiskers"])]
+    a1, _ = await turn(await send(client, chat_id, h, "tell me"))
+    a2, _ = await turn(await regenerate(client, chat_id, a1, h))
+    resp = await client.get("/api/search", params={"q": "walrus"}, headers=h)
+    hits = [r.get("message_id") for r in (await resp.json())["results"]]
+    assert hits == [a2]
