@@ -514,6 +514,13 @@ class Store:
         )
 
     @db_call
+    async def supersede_seqs(self, chat_id: str, seqs: list[int], *, by: str) -> None:
+        """Mark the chat's records at ``seqs`` superseded by ``by``."""
+        await self.messages.update_many(
+            {"chat_id": chat_id, "seq": {"$in": seqs}}, {"$set": {"superseded_by": by}}
+        )
+
+    @db_call
     async def unsupersede(self, chat_id: str, by: str) -> None:
         """Undo what turn ``by`` superseded (it was refused before its records existed)."""
         await self.messages.update_many(

@@ -295,3 +295,36 @@ async def test_search_finds_the_chosen_versions_only(stream_client, fake_openai,
     resp = await client.get("/api/search", params={"q": "walrus"}, headers=h)
     hits = [r.get("message_id") for r in (await resp.json())["results"]]
     assert hits == [a2]
+
+
+async def test_an_attempt_the_upstream_refuses_leaves_the_history_as_it_was(
+    stream_client, fake_openai, auth
+):
+    """The page puts the old answer back when a regenerate is refused before it streamed; so
+    does the history. The refused attempt is kept as a version that lost (billed nothing)."""
+    client, h = stream_client, auth("refused")
+    chat_id = await new_chat(client, h)
+    fake_openai.scripts = [
+        Script(chunks=["kept answer"], usage=(7, 2)),
+        Script(status=400, error_body={"error": {"message": "no", "type": "invalid_request"}}),
+        Script(status=400, error_body={"error": {"message": "no", "type": "invalid_request"}}),
+        Script(chunks=["next"], usage=(12, 1)),
+    ]
+    a1, _ = await turn(await send(client, chat_id, h, "q1"))
+    resp = await regenerate(client, chat_id, a1, h)
+    assert resp.status == 502 and (await resp.json())["error"]["code"] == "upstream_bad_request"
+    q1 = (await history(client, chat_id, h))[0]["message_id"]
+    resp = await edit(client, chat_id, q1, h, "q1 changed")
+    assert resp.status == 502
+    shown = await history(client, chat_id, h)
+    assert [(m["message_id"], m["content"]) for m in shown] == [(q1, "q1"), (a1, "kept answer")]
+
+    body = await (await versions(client, chat_id, a1, h)).json()
+    assert body["chosen"] == a1 and len(body["versions"]) == 2
+    lost = body["versions"][1]
+    assert lost["status"] == "failed" and lost["superseded_by"] == a1
+    await turn(await send(client, chat_id, h, "q2"))
+    assert prompt(fake_openai) == [("user", "q1"), ("assistant", "kept answer"), ("user", "q2")]
+    docs = await records(client, chat_id)
+    usage = await usage_doc(client, "refused")
+    assert usage["used"] == billed(docs) == 9 + 13 and usage["reserved"] == 0

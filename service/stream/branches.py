@@ -1,17 +1,19 @@
-"""Regenerate an answer, edit a question: a turn that gives the chat's latest exchange a new
-version, keeping the one it replaces.
+"""Regenerate an answer, edit a question: a turn that gives a message of the chat's history a
+new version, keeping the one it replaces.
 
-Any answer or question the chat's history shows may be given a new version; what the history
-shows after it is superseded with it (that branch is left, not deleted). Such a turn is a send
-like any other (the same producer: budget, rate limit, billing, resume,
-cancel) with new seqs at the end of the chat. Its records point back: a regenerated answer has
-``replaces`` (the answer it replaces), an edited question ``edits`` (the question it edits); both
-have ``version_of`` (the first version's id) and ``version`` (1 for the first, which has neither
-field). The records it replaces are never deleted: they get ``superseded_by`` (the id of the new
-turn's answer), and the chat's history (``GET /api/chat/{id}``, the context of the next turn)
-shows only the records that are not superseded, in seq order. Since everything after the
-replaced record is superseded too, the new records (at the end) take the old ones' place in
-that order, and the next turn's context follows the chosen branch.
+Any answer or question the history shows may be given a new version; what the history shows
+after it is superseded with it (that branch is left, not deleted). Such a turn is a send like
+any other (the same producer: budget, rate limit, billing, resume, cancel) with new seqs at the
+end of the chat. Its records point back: a regenerated answer has ``replaces`` (the answer it
+replaces), an edited question ``edits`` (the question it edits); both have ``version_of`` (the
+first version's id) and ``version`` (1 for the first, which has neither field). The records it
+replaces are never deleted: they get ``superseded_by`` (the id of the new turn's answer). The
+chat's history (``GET /api/chat/{id}``, the context of the next turn, search) shows only the
+records that are not superseded, in seq order; since everything after the replaced record is
+superseded too, the new records (at the end) take the old ones' place in that order, and the
+next turn's context follows the chosen branch. An attempt the upstream refused before it
+answered replaced nothing: its records get the id of the message it meant to replace, which the
+history shows again.
 
 What a turn replaces is checked after the producer allocated its seqs (``begin_chat_turn``),
 and taken by one conditional update of the record (still chosen, ended), so two turns replacing
@@ -92,6 +94,13 @@ async def take(
 
 async def release(store: Store, chat_id: str, message_id: str) -> None:
     """The turn was refused before its records existed: what it superseded is chosen again."""
+    await store.unsupersede(chat_id, message_id)
+
+
+async def abandon(store: Store, branch: Branch, chat_id: str, message_id: str, seq: int) -> None:
+    """The upstream refused the turn before it answered (its records are written, failed): the
+    history shows again what it showed, and the attempt is kept as a version that lost to it."""
+    await store.supersede_seqs(chat_id, [seq, seq + 1], by=branch.target)
     await store.unsupersede(chat_id, message_id)
 
 

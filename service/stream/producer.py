@@ -130,7 +130,15 @@ class TurnProducer:
                 with contextlib.suppress(ServiceError):
                     await asyncio.shield(branches.release(self.store, inp.chat_id, mid))
             raise
-        await turn.launch(text, seq, now)
+        try:
+            await turn.launch(text, seq, now)
+        except ServiceError:
+            if inp.branch is not None and inp.chat_id is not None:  # refused: it replaced nothing
+                with contextlib.suppress(ServiceError):
+                    await asyncio.shield(
+                        branches.abandon(self.store, inp.branch, inp.chat_id, mid, seq)
+                    )
+            raise
         return turn
 
     async def _admit(self, inp: TurnInput, message_id: str) -> tuple[Turn, str, int, datetime]:
