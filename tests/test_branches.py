@@ -328,3 +328,20 @@ async def test_an_attempt_the_upstream_refuses_leaves_the_history_as_it_was(
     docs = await records(client, chat_id)
     usage = await usage_doc(client, "refused")
     assert usage["used"] == billed(docs) == 9 + 13 and usage["reserved"] == 0
+
+
+async def test_another_replicas_cached_context_never_shows_a_superseded_answer(
+    aiohttp_client, stream_settings, fake_openai, auth
+):
+    """Replica A ran the chat's turn (its context cache holds it); B regenerates the answer;
+    A's next turn must see B's version, not its cached one."""
+    settings = stream_settings()
+    a = await aiohttp_client(create_app(settings))
+    b = await aiohttp_client(create_app(settings))
+    h = auth("roaming")
+    chat_id = await new_chat(a, h)
+    fake_openai.scripts = [Script(chunks=["from A"]), Script(chunks=["from B"]), Script()]
+    a1, _ = await turn(await send(a, chat_id, h, "q1"))
+    await turn(await regenerate(b, chat_id, a1, h))
+    await turn(await send(a, chat_id, h, "q2"))
+    assert prompt(fake_openai) == [("user", "q1"), ("assistant", "from B"), ("user", "q2")]
