@@ -15,6 +15,7 @@ from pymongo.errors import PyMongoError
 from service import metrics
 from service.api import (
     anthropic_compat,
+    branches,
     chats,
     feedback,
     health,
@@ -204,6 +205,7 @@ def create_app(settings: Settings) -> web.Application:
     feedback.setup(app)
     search.setup(app)
     messages.setup(app)
+    branches.setup(app)
     openai_compat.setup(app)
     anthropic_compat.setup(app)
     ws.setup(app)

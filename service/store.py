@@ -63,6 +63,10 @@ R = TypeVar("R")
 Doc = dict[str, Any]
 
 
+# The records a chat's history shows: a regenerated answer, an edited question and what
+# followed it are kept, marked ``superseded_by`` (``service/stream/branches.py``).
+CHOSEN: Doc = {"superseded_by": {"$exists": False}}
+
 IDEMPOTENCY_TTL_S = 86_400  # how long a claimed idempotency key is kept (at least a day)
 
 
@@ -313,7 +317,7 @@ class Store:
 
     @db_call
     async def list_messages(self, chat_id: str, *, after_seq: int, limit: int) -> list[Doc]:
-        cursor = self.messages.find({"chat_id": chat_id, "seq": {"$gt": after_seq}}).sort(
+        cursor = self.messages.find({"chat_id": chat_id, "seq": {"$gt": after_seq}, **CHOSEN}).sort(
             "seq", ASCENDING
         )
         docs: list[Doc] = await cursor.limit(limit).to_list(limit)
@@ -363,11 +367,13 @@ class Store:
     ) -> list[Doc]:
         """Messages of the user, in these chats, that hold any of ``terms``: by the text index,
         best first, where there is one; else the newest ``limit`` that contain a term anywhere
-        (case-insensitive). Always filtered on the user: never another user's text."""
+        (case-insensitive). Always filtered on the user: never another user's text; only what
+        the chats' histories show (not superseded versions)."""
         query: Doc = {
             "user_id": user_id,
             "chat_id": {"$in": chat_ids},
             "role": {"$in": ["user", "assistant"]},
+            **CHOSEN,
         }
         projection: Doc = {"chat_id": 1, "role": 1, "content": 1, "created_at": 1}
         if self.text_search:
@@ -423,14 +429,18 @@ class Store:
         return doc
 
     @db_call
-    async def recent_messages(self, chat_id: str, user_id: str, *, limit: int) -> list[Doc]:
-        """The chat's last ``limit`` messages, oldest first. Filtered on the user, so it may run
+    async def recent_messages(
+        self, chat_id: str, user_id: str, *, limit: int, before_seq: int | None = None
+    ) -> list[Doc]:
+        """The chat's last ``limit`` messages (before ``before_seq`` when given), oldest first,
+        as its history shows them (not superseded). Filtered on the user, so it may run
         alongside the chat's authorization (``begin_chat_turn``) and save a round trip."""
         if limit <= 0:
             return []
+        seq = {} if before_seq is None else {"seq": {"$lt": before_seq}}
         docs: list[Doc] = (
             await self.messages.find(
-                {"chat_id": chat_id, "user_id": user_id},
+                {"chat_id": chat_id, "user_id": user_id, **seq, **CHOSEN},
                 projection={
                     "_id": 0,
                     "role": 1,
@@ -446,6 +456,91 @@ class Store:
             .to_list(limit)
         )
         docs.reverse()
+        return docs
+
+    # ---- versions and branches (``service/stream/branches.py``)
+    @db_call
+    async def chat_message(self, user_id: str, chat_id: str, message_id: str) -> Doc | None:
+        """A message of the user's chat, superseded or not."""
+        doc: Doc | None = await self.messages.find_one(
+            {"_id": message_id, "chat_id": chat_id, "user_id": user_id}
+        )
+        return doc
+
+    @db_call
+    async def chosen_tail(self, chat_id: str, *, before_seq: int, limit: int = 2) -> list[Doc]:
+        """The chat's last ``limit`` chosen (not superseded) records below ``before_seq``,
+        oldest first."""
+        docs: list[Doc] = (
+            await self.messages.find({"chat_id": chat_id, "seq": {"$lt": before_seq}, **CHOSEN})
+            .sort("seq", DESCENDING)
+            .limit(limit)
+            .to_list(limit)
+        )
+        docs.reverse()
+        return docs
+
+    @db_call
+    async def streaming_after(self, chat_id: str, seq: int, *, before_seq: int) -> bool:
+        """Whether a chosen record after ``seq`` (and before ``before_seq``) is streaming."""
+        doc = await self.messages.find_one(
+            {
+                "chat_id": chat_id,
+                "seq": {"$gt": seq, "$lt": before_seq},
+                "status": "streaming",
+                **CHOSEN,
+            },
+            projection={"_id": 1},
+        )
+        return doc is not None
+
+    @db_call
+    async def supersede(self, chat_id: str, message_id: str, *, by: str) -> bool:
+        """Mark one chosen, ended record superseded by turn ``by``; False when it is not (any
+        more): another regenerate or edit took it first, or it is still streaming."""
+        doc = await self.messages.find_one_and_update(
+            {"_id": message_id, "chat_id": chat_id, "status": {"$ne": "streaming"}, **CHOSEN},
+            {"$set": {"superseded_by": by}},
+            projection={"_id": 1},
+        )
+        return doc is not None
+
+    @db_call
+    async def supersede_after(self, chat_id: str, seq: int, *, before_seq: int, by: str) -> None:
+        """Mark the chosen records between ``seq`` and ``before_seq`` superseded by turn ``by``."""
+        await self.messages.update_many(
+            {"chat_id": chat_id, "seq": {"$gt": seq, "$lt": before_seq}, **CHOSEN},
+            {"$set": {"superseded_by": by}},
+        )
+
+    @db_call
+    async def supersede_seqs(self, chat_id: str, seqs: list[int], *, by: str) -> None:
+        """Mark the chat's records at ``seqs`` superseded by ``by``."""
+        await self.messages.update_many(
+            {"chat_id": chat_id, "seq": {"$in": seqs}}, {"$set": {"superseded_by": by}}
+        )
+
+    @db_call
+    async def unsupersede(self, chat_id: str, by: str) -> None:
+        """Undo what turn ``by`` superseded (it was refused before its records existed)."""
+        await self.messages.update_many(
+            {"chat_id": chat_id, "superseded_by": by}, {"$unset": {"superseded_by": ""}}
+        )
+
+    @db_call
+    async def versions(self, chat_id: str, user_id: str, root: str) -> list[Doc]:
+        """Every version of a message (the first is ``root``), in the order they were made."""
+        docs: list[Doc] = (
+            await self.messages.find(
+                {
+                    "chat_id": chat_id,
+                    "user_id": user_id,
+                    "$or": [{"_id": root}, {"version_of": root}],
+                }
+            )
+            .sort("seq", ASCENDING)
+            .to_list(None)
+        )
         return docs
 
     @db_call

@@ -72,6 +72,7 @@ BODY_TEMPLATES: dict[str, dict[str, Any]] = {
     "/api/chat/{chat_id}": {"title": "Renamed"},  # PATCH
     "/api/chat/{chat_id}/message": {"message": "Hi", "model": "demo"},
     "/api/chat/{chat_id}/messages/{message_id}/feedback": {"rating": "down", "comment": "Hi"},
+    "/api/chat/{chat_id}/messages/{message_id}/edit": {"message": "Hi", "model": "demo"},
     "/v1/chat/completions": {
         "model": "demo",
         "messages": [{"role": "user", "content": "Hi"}],
@@ -410,10 +411,13 @@ async def replace_chat(client, fuzzer: Fuzzer, deleted: str) -> None:
 
 
 # What a route answers once past authentication and validation, where that is not a 2xx: a
-# cancel of a finished answer is 409, and /api/ws over plain HTTP stops at its upgrade check
-# (its frames are the WebSocket test's).
+# cancel of a finished answer is 409, so is an edit of an answer (or of a question replaced
+# since), and /api/ws over plain HTTP stops at its upgrade check (its frames are the WebSocket
+# test's).
 DEEP = {
     ("POST", "/api/chat/{chat_id}/messages/{message_id}/cancel"): {202, 409},
+    ("POST", "/api/chat/{chat_id}/messages/{message_id}/edit"): {200, 409},
+    ("POST", "/api/chat/{chat_id}/messages/{message_id}/regenerate"): {200, 409},
     ("GET", "/api/ws"): {400},
 }
 

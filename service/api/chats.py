@@ -71,9 +71,21 @@ def message_view(doc: Doc) -> dict[str, Any]:
     }
 
 
-# What an answer may carry besides its text (the /v1 route's), a tool turn's results, and the
-# user's rating of an answer (``service/api/feedback.py``).
-MESSAGE_EXTRAS = ("reasoning", "tool_calls", "refusal", "results", "feedback")
+# What an answer may carry besides its text (the /v1 route's), a tool turn's results, the
+# user's rating of an answer (``service/api/feedback.py``), and its place among its versions
+# (``service/stream/branches.py``).
+MESSAGE_EXTRAS = (
+    "reasoning",
+    "tool_calls",
+    "refusal",
+    "results",
+    "feedback",
+    "replaces",
+    "edits",
+    "version_of",
+    "version",
+    "superseded_by",
+)
 
 
 async def list_chats(request: web.Request) -> web.Response:

@@ -41,6 +41,7 @@ from service.models import Catalogue, ModelSpec
 from service.providers.base import Chunk, CompletionRequest, Message, Provider, Usage
 from service.settings import Settings
 from service.store import Doc, Reservation, ReserveRequest, Store, utcnow
+from service.stream import branches
 from service.stream.assembly import Assembly
 from service.stream.context import ContextCache, fit_to_window, history_messages
 from service.stream.events import Final
@@ -85,6 +86,8 @@ class TurnInput:
     # An Idempotency-Key claimed for this turn (``Admissions.admit``): the claim's id is the
     # turn's message id; the turn marks it admitted once it streams, or releases it if refused.
     key: str | None = None
+    # A regenerate or an edit of the chat's latest exchange (``service/stream/branches.py``).
+    branch: branches.Branch | None = None
 
 
 class TurnProducer:
@@ -116,14 +119,26 @@ class TurnProducer:
         """Admit a turn and start it; a refusal is a ``ServiceError``. With a claimed key
         (``inp.key``, claimed under ``message_id``) a refusal before the turn exists releases
         the key; from then on the turn settles its claim itself."""
+        mid = message_id or str(uuid.uuid4())
         try:
-            turn, text, seq, now = await self._admit(inp, message_id or str(uuid.uuid4()))
+            turn, text, seq, now = await self._admit(inp, mid)
         except BaseException:
             if inp.key is not None and message_id is not None:
                 with contextlib.suppress(ServiceError):
                     await asyncio.shield(self.store.release_claim(message_id))
+            if inp.branch is not None and inp.chat_id is not None:  # what it superseded
+                with contextlib.suppress(ServiceError):
+                    await asyncio.shield(branches.release(self.store, inp.chat_id, mid))
             raise
-        await turn.launch(text, seq, now)
+        try:
+            await turn.launch(text, seq, now)
+        except ServiceError:
+            if inp.branch is not None and inp.chat_id is not None:  # refused: it replaced nothing
+                with contextlib.suppress(ServiceError):
+                    await asyncio.shield(
+                        branches.abandon(self.store, inp.branch, inp.chat_id, mid, seq)
+                    )
+            raise
         return turn
 
     async def _admit(self, inp: TurnInput, message_id: str) -> tuple[Turn, str, int, datetime]:
@@ -131,13 +146,16 @@ class TurnProducer:
         if self.registry.draining:
             REJECTIONS.labels("shutting_down").inc()
             raise ServiceUnavailable("the server is shutting down; retry", code="shutting_down")
-        text = self._validate(inp)
+        regenerate = inp.branch is not None and inp.branch.kind == "regenerate"
+        text = "" if regenerate else self._validate(inp)
         seq = 0
         chat_model = None
         history: list[Doc] = []
         if inp.chat_id is not None:
             chat, history = await self._chat_and_history(inp.user_id, inp.chat_id)
             seq, chat_model = int(chat["next_seq"]) - 2, chat.get("model")
+            if inp.branch is not None:
+                inp, text, history = await self._branch(inp, text, message_id, seq)
         spec = self.catalogue.resolve(inp.model or chat_model)
         await self.model_lists.require(spec)
         provider = self.providers.get(spec.provider)
@@ -205,6 +223,28 @@ class TurnProducer:
             history=history,
         )
         return turn, text, seq, now
+
+    async def _branch(
+        self, inp: TurnInput, text: str, message_id: str, seq: int
+    ) -> tuple[TurnInput, str, list[Doc]]:
+        """Take what a regenerate or an edit replaces; its context is the chosen records
+        before the question (read: the question may be far back), and a regenerate asks the
+        question again."""
+        assert inp.branch is not None and inp.chat_id is not None
+        branch = await branches.take(
+            self.store,
+            inp.branch,
+            user_id=inp.user_id,
+            chat_id=inp.chat_id,
+            message_id=message_id,
+            seq=seq,
+        )
+        text = branch.question if branch.kind == "regenerate" else text
+        limit = self.settings.context_messages
+        history = await self.store.recent_messages(
+            inp.chat_id, inp.user_id, limit=limit, before_seq=branch.question_seq
+        )
+        return dataclasses.replace(inp, branch=branch), text, history
 
     async def _reserve(self, transport: str, req: ReserveRequest) -> Reservation:
         """Programs' turns (``/v1``, WebSocket) from this replica's lease on the user's month,
@@ -625,6 +665,8 @@ class Turn:
             assistant["seq"] = None
             return [assistant]
         user = {**common, "_id": str(uuid.uuid4()), "seq": seq, **input_record(self.inp, text)}
+        if self.inp.branch is not None:
+            return branches.shape(self.inp.branch, user, assistant)
         return [user, assistant]
 
     async def _open(self) -> None:
@@ -786,7 +828,9 @@ class Turn:
         if chat_id is None or not limit:
             return
         cache = self.p.context_cache
-        if not finished or not _complete(self.history, self.seq, limit):
+        # A regenerate's or an edit's view has gaps (the records it superseded): read next time.
+        branched = self.inp.branch is not None
+        if not finished or branched or not _complete(self.history, self.seq, limit):
             cache.drop(chat_id)  # not (only) this turn's records, or a view that is not exact
             return
         assert self.history is not None

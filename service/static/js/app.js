@@ -4,10 +4,10 @@ import { ApiError, api, auth, devToken, listModels, onUnauthorized, randomId } f
 import { $, formatTime, h, titleFrom } from "./dom.js";
 import { describe, describeEnd } from "./errors.js";
 import { copyText } from "./markdown.js";
-import { appendReasoning, appendText, messageEl, onRendered, rawText, setStatus, settle } from "./messages.js";
+import { appendReasoning, appendText, messageEl, onRendered, rawText, setStatus, setVersion, settle } from "./messages.js";
 import { codePoints } from "./resume.js";
 import { Search } from "./search.js";
-import { sseResume, sseTurn } from "./sse.js";
+import { sseBranch, sseResume, sseTurn } from "./sse.js";
 import { WsTransport } from "./ws.js";
 
 const PREFS = { model: "chat-gateway.model", ws: "chat-gateway.ws" };
@@ -274,16 +274,9 @@ async function openChat(chatId, messageId = null) {
   el.messages.replaceChildren();
   el.messages.setAttribute("aria-busy", "true");
   try {
-    const messages = [];
-    let after = -1;
-    for (let page = 0; page < 20; page++) {
-      const body = await api("GET", `/api/chat/${chatId}?limit=500&after=${after}`);
-      if (state.chatId !== chatId) return; // another chat was opened meanwhile
-      showTitle(body);
-      messages.push(...body.messages);
-      if (body.next_after == null) break;
-      after = body.next_after;
-    }
+    const { chat, messages } = await fetchMessages(chatId);
+    if (state.chatId !== chatId) return; // another chat was opened meanwhile
+    showTitle(chat);
     el.messages.replaceChildren(...messages.map(messageEl));
     el.emptyChat.hidden = messages.length > 0;
     el.messages.scrollTop = el.messages.scrollHeight;
@@ -301,6 +294,20 @@ async function openChat(chatId, messageId = null) {
   } finally {
     el.messages.setAttribute("aria-busy", "false");
   }
+}
+
+// The chat and its history (the chosen versions), every page of it.
+async function fetchMessages(chatId) {
+  const messages = [];
+  let after = -1;
+  let chat = null;
+  for (let page = 0; page < 20; page++) {
+    chat = await api("GET", `/api/chat/${chatId}?limit=500&after=${after}`);
+    messages.push(...chat.messages);
+    if (chat.next_after == null) break;
+    after = chat.next_after;
+  }
+  return { chat, messages };
 }
 
 // ------------------------------------------------------------------------------------ sending
@@ -512,6 +519,139 @@ async function onMessagesClick(ev) {
   if (action === "copy-md") return copied(button, rawText(msgEl));
   if (action === "rate") return rate(msgEl, button.dataset.rating);
   if (action === "comment-cancel") return closeComment(msgEl);
+  if (action === "regenerate") return branch("regenerate", msgEl);
+  if (action === "edit") return startEdit(msgEl);
+  if (action === "edit-cancel") return cancelEdit(msgEl);
+  if (action === "versions") return toggleVersions(msgEl);
+}
+
+// ------------------------------------------------------------------------------------ versions
+// Regenerate an answer, or ask a question again with new text: the message and everything after
+// it leave the page (the server keeps them as earlier versions) and the new turn streams in at
+// the end, as a send does. Refused before it started: the page is put back as it was. Always
+// over SSE (the routes are the send's kind).
+async function branch(kind, msgEl, text = null) {
+  const messageId = msgEl.dataset.messageId;
+  if (state.turn || !messageId) return;
+  hideError();
+  setBusy(true);
+  state.turn = { cancel: null, stopping: false };
+  const chatId = state.chatId;
+  const gone = [];
+  for (let n = msgEl; n; n = n.nextElementSibling) gone.push(n);
+  gone.forEach((n) => n.remove());
+  const userEl = kind === "edit" ? appendMessage({ role: "user", content: text, status: "complete" }) : null;
+  const botEl = appendMessage({ role: "assistant", content: "", status: "pending" });
+  let started = false;
+  try {
+    const params = { chatId, messageId, kind, message: text, model: el.model.value || null, key: randomId() };
+    const turn = sseBranch(params, answerHandlers(botEl, () => (started = true)));
+    state.turn.cancel = turn.cancel;
+    if (state.turn.stopping) turn.cancel();
+    await turn.finished;
+  } catch (exc) {
+    const stopped = exc.name === "AbortError" || (state.turn.stopping && exc.code !== "stop_unconfirmed");
+    if (started) {
+      setStatus(botEl, stopped ? "cancelled" : "interrupted");
+      settle(botEl);
+    } else {
+      userEl?.remove();
+      botEl.remove();
+      el.messages.append(...gone);
+    }
+    if (!stopped) report(exc);
+  } finally {
+    state.turn = null;
+    setBusy(false);
+    bumpChat(chatId);
+    refreshUsage();
+  }
+  if (started) await syncIds(chatId).catch(report);
+}
+
+// The ids and versions of the messages on the page, from the history (a sent question's id is
+// known only from there): matched by position, when the page shows the history as it is.
+async function syncIds(chatId) {
+  const { messages } = await fetchMessages(chatId);
+  const shown = [...el.messages.querySelectorAll(":scope > .msg")];
+  if (state.chatId !== chatId || shown.length !== messages.length) return;
+  if (shown.some((li, i) => li.dataset.role !== messages[i].role)) return;
+  shown.forEach((li, i) => {
+    li.dataset.messageId = messages[i].message_id;
+    setVersion(li, messages[i].version);
+  });
+}
+
+// Edit a question in place: its text in a box; Save asks it again (branch), Cancel puts it back.
+async function startEdit(msgEl) {
+  if (state.turn || msgEl.querySelector(".msg-edit")) return;
+  if (!msgEl.dataset.messageId) await syncIds(state.chatId).catch(report);
+  if (!msgEl.dataset.messageId) return;
+  const body = msgEl.querySelector(".msg-body");
+  const input = h("textarea", { rows: "3", class: "edit-input", "aria-label": "The question's new text" });
+  input.value = body.textContent;
+  const form = h(
+    "form",
+    { class: "msg-edit", "aria-label": "Edit the question" },
+    input,
+    h("div", { class: "comment-actions" }, h("button", { class: "primary", type: "submit" }, "Save"), h("button", { type: "button", dataset: { action: "edit-cancel" } }, "Cancel")),
+  );
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    if (input.value.trim()) branch("edit", msgEl, input.value);
+  });
+  form.addEventListener("keydown", (ev) => {
+    if (ev.key === "Escape") {
+      ev.preventDefault();
+      cancelEdit(msgEl);
+    } else if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) {
+      ev.preventDefault();
+      form.requestSubmit();
+    }
+  });
+  body.hidden = true;
+  msgEl.querySelector(".msg-actions").hidden = true;
+  body.after(form);
+  input.focus();
+}
+
+function cancelEdit(msgEl) {
+  msgEl.querySelector(".msg-edit")?.remove();
+  msgEl.querySelector(".msg-body").hidden = false;
+  const actions = msgEl.querySelector(".msg-actions");
+  actions.hidden = false;
+  actions.querySelector("[data-action=edit]").focus();
+}
+
+// "2 of 2": list (or hide) the message's earlier versions.
+async function toggleVersions(msgEl) {
+  const button = msgEl.querySelector(".msg-version");
+  const shown = msgEl.querySelector(".msg-versions");
+  if (shown) {
+    shown.remove();
+    button.setAttribute("aria-expanded", "false");
+    return;
+  }
+  try {
+    const body = await api("GET", `/api/chat/${state.chatId}/messages/${msgEl.dataset.messageId}/versions`);
+    const earlier = body.versions.filter((v) => v.message_id !== msgEl.dataset.messageId);
+    const list = h(
+      "ol",
+      { class: "msg-versions", "aria-label": "Earlier versions" },
+      earlier.map((v) =>
+        h(
+          "li",
+          { class: "msg-version-item", dataset: { messageId: v.message_id } },
+          h("span", { class: "msg-version-label" }, `Version ${v.version || 1} of ${body.versions.length}`),
+          h("div", { class: "msg-version-text" }, v.content || "(empty)"),
+        ),
+      ),
+    );
+    msgEl.querySelector(".msg-actions").before(list);
+    button.setAttribute("aria-expanded", "true");
+  } catch (exc) {
+    report(exc);
+  }
 }
 
 // The answer as a reader sees it (innerText keeps its lines), without the code blocks' heads.

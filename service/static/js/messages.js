@@ -1,5 +1,6 @@
-// One message on the page: its head (who, when, status), its text, and for an answer the
-// rendered Markdown, the "Thinking" fold, the copy buttons and the rating.
+// One message on the page: its head (who, when, status, which version), its text, and for an
+// answer the rendered Markdown, the "Thinking" fold, the copy buttons, Regenerate and the
+// rating; for a question, Edit.
 //
 // An answer's raw text is `.msg-body` (hidden: one text node the transports append to; copied
 // by "Copy Markdown"); what is shown is `.msg-md`, derived from it (markdown.js). A question is
@@ -39,7 +40,11 @@ export function setStatus(msgEl, status) {
   const running = RUNNING.has(status);
   msgEl.setAttribute("aria-busy", running ? "true" : "false");
   const actions = msgEl.querySelector(".msg-actions");
-  if (actions) actions.hidden = running || !rawText(msgEl);
+  if (!actions) return;
+  // An answer that failed before any text can still be regenerated; there is nothing to copy.
+  actions.hidden = running;
+  const empty = !rawText(msgEl);
+  for (const button of actions.querySelectorAll("button:not(.msg-branch)")) button.hidden = empty;
 }
 
 export function rawText(msgEl) {
@@ -70,19 +75,45 @@ function actionsEl(feedback) {
     { class: "msg-actions", role: "group", "aria-label": "Answer actions" },
     h("button", { class: "icon-btn", type: "button", dataset: { action: "copy" }, title: "Copy the answer as text" }, "Copy"),
     h("button", { class: "icon-btn", type: "button", dataset: { action: "copy-md" }, title: "Copy the answer as Markdown" }, "Copy Markdown"),
+    h("button", { class: "icon-btn msg-branch", type: "button", dataset: { action: "regenerate" }, title: "Write a new answer to this question (this one is kept as an earlier version)" }, "Regenerate"),
     rate("up", "Good answer", "Good"),
     rate("down", "Bad answer", "Bad"),
     h("span", { class: "msg-note", role: "status" }),
   );
 }
 
-export function messageEl({ role, content, status, message_id: messageId, error, reasoning, created_at: createdAt, feedback }) {
+function questionActionsEl() {
+  return h(
+    "div",
+    { class: "msg-actions", role: "group", "aria-label": "Question actions" },
+    h("button", { class: "icon-btn msg-branch", type: "button", dataset: { action: "edit" }, title: "Change this question and ask it again (what followed is kept as an earlier version)" }, "Edit"),
+  );
+}
+
+// "2 of 2": this message has earlier versions (a regenerated answer, an edited question); the
+// history always shows the newest. A click lists the earlier ones.
+export function setVersion(msgEl, version) {
+  let button = msgEl.querySelector(".msg-version");
+  if (!version || version < 2) {
+    button?.remove();
+    return;
+  }
+  if (!button) {
+    button = h("button", { class: "link-btn msg-version", type: "button", dataset: { action: "versions" }, "aria-expanded": "false" });
+    msgEl.querySelector(".msg-status").before(button);
+  }
+  button.textContent = `${version} of ${version}`;
+  button.title = "Show the earlier versions";
+  button.setAttribute("aria-label", `Version ${version} of ${version}: show the earlier versions`);
+}
+
+export function messageEl({ role, content, status, message_id: messageId, error, reasoning, created_at: createdAt, feedback, version }) {
   const answer = role === "assistant";
   const body = h("div", { class: "msg-body", hidden: answer });
   body.append(document.createTextNode(content || "")); // one text node; deltas append to it
   const li = h(
     "li",
-    { class: `msg ${role}`, dataset: { role, messageId } },
+    { class: `msg ${role}`, dataset: messageId ? { role, messageId } : { role } },
     h(
       "div",
       { class: "msg-head" },
@@ -99,7 +130,10 @@ export function messageEl({ role, content, status, message_id: messageId, error,
     views.set(li, view);
     if (content) view.flush(content);
     li.append(actionsEl(feedback));
+  } else if (role === "user") {
+    li.append(questionActionsEl());
   }
+  setVersion(li, version);
   setStatus(li, status || "complete");
   if (reasoning) appendReasoning(li, reasoning);
   if (error && (error.message || error.code)) {

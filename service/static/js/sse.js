@@ -94,6 +94,26 @@ export function sseTurn({ chatId, message, model, key }, handlers) {
   );
 }
 
+// Regenerate an answer or edit a question (`kind`; `message`: an edit's new text): a turn like
+// a send, on POST /api/chat/{id}/messages/{messageId}/{kind}. Same handlers and result.
+export function sseBranch({ chatId, messageId, kind, message, model, key }, handlers) {
+  const body = kind === "edit" ? { message } : {};
+  if (model) body.model = model;
+  const url = `/api/chat/${encodeURIComponent(chatId)}/messages/${encodeURIComponent(messageId)}/${kind}`;
+  return follow({ chatId, messageId: null, after: 0 }, handlers, (signal) =>
+    open(url, {
+      method: "POST",
+      headers: authHeaders({
+        "Content-Type": "application/json",
+        Accept: "text/event-stream",
+        "Idempotency-Key": key,
+      }),
+      body: JSON.stringify(body),
+      signal,
+    }),
+  );
+}
+
 // Follow an answer that is already running (or has ended meanwhile) from `after`: the page was
 // reloaded mid-answer. Same handlers and result as sseTurn.
 export function sseResume({ chatId, messageId, after }, handlers) {
