@@ -547,55 +547,39 @@ class Store:
     async def reserve(self, req: ReserveRequest) -> Reservation:
         """Rate limits + budget in one conditional update; raise RateLimited / BudgetExceeded
         (each with the usage that refused)."""
+        doc = await self._admit(req, _reserve_update(req))
+        return Reservation.from_doc(doc, req)
+
+    @db_call
+    async def take_lease(self, req: LeaseRequest) -> Doc:
+        """Grow this replica's lease on the user's month by what fits of ``req``'s wants, in
+        the one conditional update that checks every rule for one more turn (the rules and
+        their refusals are ``reserve``'s). The usage document after it, its lease entry's
+        ``took`` saying what this call added."""
+        return await self._admit(req.turn, _lease_update(req))
+
+    async def _admit(self, req: ReserveRequest, update: list[Doc]) -> Doc:
+        """``update`` the user's month where every rule of ``req`` holds; else raise the rule
+        that refuses (one read tells which). A month with no document yet gets one first; a
+        refusal that no longer holds when read (a turn settled in between) is tried again."""
+        month = {"user_id": req.user_id, "period": req.period}
         for attempt in range(RESERVE_ATTEMPTS):
             if attempt > 1:  # contended: concurrent turns of one user settled in between
                 await asyncio.sleep(0.002 * attempt * random.random())
             doc: Doc | None = await self.usage.find_one_and_update(
-                _reserve_filter(req), _reserve_update(req), return_document=ReturnDocument.AFTER
-            )
-            if doc is not None:
-                return Reservation.from_doc(doc, req)
-            existing = await self.usage.find_one({"user_id": req.user_id, "period": req.period})
-            if existing is None:  # first turn of the period: create the document, then reserve
-                with contextlib.suppress(DuplicateKeyError):
-                    await self.usage.insert_one(
-                        {"user_id": req.user_id, "period": req.period, "used": 0, "reserved": 0}
-                    )
-                continue
-            refusal = _refusal(existing, req)
-            if refusal is not None:
-                raise refusal
-            # It fits now: another turn settled in between. Try again.
-        raise StoreUnavailable("could not reserve the token budget under contention")
-
-    @db_call
-    async def take_lease(self, req: LeaseRequest) -> Doc | None:
-        """Grow this replica's lease on the user's month by what fits of ``req``'s wants, in
-        the one conditional update that checks every rule for one more turn (the rules and
-        their refusals are ``reserve``'s). The usage document after it, its lease entry's
-        ``took`` saying what this call added; None when the document does not exist yet."""
-        turn = req.turn
-        for attempt in range(RESERVE_ATTEMPTS):
-            if attempt > 1:
-                await asyncio.sleep(0.002 * attempt * random.random())
-            doc: Doc | None = await self.usage.find_one_and_update(
-                _reserve_filter(turn),
-                _lease_update(req),
+                _reserve_filter(req),
+                update,
                 projection={"settled": 0},
                 return_document=ReturnDocument.AFTER,
             )
             if doc is not None:
                 return doc
-            existing = await self.usage.find_one(
-                {"user_id": turn.user_id, "period": turn.period}, projection={"settled": 0}
-            )
-            if existing is None:
+            existing = await self.usage.find_one(month, projection={"settled": 0})
+            if existing is None:  # first turn of the period: create the document, then reserve
                 with contextlib.suppress(DuplicateKeyError):
-                    await self.usage.insert_one(
-                        {"user_id": turn.user_id, "period": turn.period, "used": 0, "reserved": 0}
-                    )
+                    await self.usage.insert_one({**month, "used": 0, "reserved": 0})
                 continue
-            refusal = _refusal(existing, turn)
+            refusal = _refusal(existing, req)
             if refusal is not None:
                 raise refusal
         raise StoreUnavailable("could not reserve the token budget under contention")

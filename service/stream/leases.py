@@ -120,18 +120,15 @@ class Leases:
         batch = min(MAX_BATCH, max(1, 2 * lease.running))
         requests = max(batch, req.requests_per_minute // 60)
         tokens = (batch + 1) * req.want  # at most half of what the month has left (the update)
-        doc = (
-            await self.store.take_lease(
-                LeaseRequest(
-                    turn=req,
-                    lease_id=self.lease_id,
-                    replica=self.replica_id,
-                    want_tokens=tokens,
-                    want_turns=batch,
-                    want_requests=requests,
-                )
+        doc = await self.store.take_lease(
+            LeaseRequest(
+                turn=req,
+                lease_id=self.lease_id,
+                replica=self.replica_id,
+                want_tokens=tokens,
+                want_turns=batch,
+                want_requests=requests,
             )
-            or {}
         )
         entry = next(e for e in doc["open"] if e["mid"] == self.lease_id)
         took = entry["took"]
