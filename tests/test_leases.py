@@ -172,3 +172,47 @@ async def test_a_turn_billed_past_its_grant_leaves_the_lease_whole(
     (lease,) = lease_of(doc)
     assert doc["used"] == 3 * (PROMPT + 5 * WANT)
     assert doc["reserved"] == lease["grant"] >= 0
+
+
+async def test_a_turn_arriving_while_its_lease_is_given_back_takes_a_new_one(
+    aiohttp_client, stream_settings
+):
+    """The release and a new turn race: the turn waits for the release and grows a new lease,
+    so the month's reserved always covers what this replica believes it holds."""
+    from service.store import ReserveRequest, utcnow
+    from service.stream.leases import Leases
+    from service.stream.producer import period_of
+
+    client = await aiohttp_client(create_app(stream_settings()))
+    store = client.app[STORE]
+    leases = Leases(store, "racer", idle_s=0.0)
+    now = utcnow()
+
+    def turn(mid: str) -> ReserveRequest:
+        return ReserveRequest(
+            user_id="alice",
+            period=period_of(now),
+            message_id=mid,
+            want=WANT,
+            need=PROMPT + 16,
+            default_limit=100_000,
+            rate_limit_ms=0,
+            now=now,
+            requests_per_minute=600,
+            max_concurrent=20,
+        )
+
+    first = await leases.admit(turn("m1"))
+    leases.ended("alice", period_of(now), grant=first.grant, billed=10)
+    await store.settle_leased(
+        "alice", period_of(now), leases.lease_id, "m1", billed=10, grant=first.grant
+    )
+    loop = asyncio.get_running_loop()
+    released, second = await asyncio.gather(
+        leases.release_idle(loop.time() + 1), leases.admit(turn("m2"))
+    )
+    assert released == 1 and second.grant == WANT
+    doc = await usage(store.db)
+    (entry,) = lease_of(doc)  # the new lease, wholly counted
+    assert doc["reserved"] == entry["grant"] >= second.grant
+    assert doc["used"] == 10

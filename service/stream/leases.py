@@ -49,13 +49,14 @@ class Lease:
     interval_ms: int = 0  # the bucket's interval when they were taken (0: no per-minute rule)
     doc: Doc = field(default_factory=dict)  # the usage as of the last take (for the headers)
     idle_since: float = 0.0
+    closing: bool = False  # being given back: nothing more is granted from it
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def admit(self, req: ReserveRequest, loop_now: float, *, full: bool = True) -> int:
         """A grant from memory for one turn, or 0 when the lease has no room for it: its whole
         ``want`` (``full``), or at least its ``need`` (what is left, as a reservation would)."""
         free = self.tokens - self.held
-        if free < (req.want if full else req.need):
+        if self.closing or free < (req.want if full else req.need):
             return 0
         if req.max_concurrent and self.running >= self.turns:
             return 0
@@ -95,6 +96,8 @@ class Leases:
         if grant:
             return self._reservation(lease, req, grant)
         async with lease.lock:  # one growth at a time; the others wait for it, then fit
+            if lease.closing:  # given back while this turn waited: take a new one
+                return await self.admit(req)
             grant = lease.admit(req, loop.time())
             if not grant:
                 try:
@@ -178,14 +181,23 @@ class Leases:
             idle = not lease.running and not lease.lock.locked()
             if not idle or not (everything or loop_now - lease.idle_since >= self.idle_s):
                 continue
-            del self._leases[key]  # a turn arriving now takes a new lease
-            try:
-                await self.store.release_lease(
-                    lease.user_id, lease.period, lease.lease_id, lease.requests, lease.interval_ms
-                )
-            except ServiceError as exc:  # the reaper releases it once this replica is gone
-                log.warning("stream.lease_release_failed", user_id=lease.user_id, code=exc.code)
-                continue
+            # A turn arriving meanwhile waits for the release (the lock), then takes a new
+            # lease: none may be granted from, or grow, an entry that is being pulled.
+            lease.closing = True
+            async with lease.lock:
+                try:
+                    await self.store.release_lease(
+                        lease.user_id,
+                        lease.period,
+                        lease.lease_id,
+                        lease.requests,
+                        lease.interval_ms,
+                    )
+                except ServiceError as exc:  # kept, and given back at a later round
+                    lease.closing = False
+                    log.warning("stream.lease_release_failed", user_id=lease.user_id, code=exc.code)
+                    continue
+                del self._leases[key]
             released += 1
         return released
 
