@@ -230,11 +230,12 @@ async def test_a_long_answer_renders_on_frames_without_jank(browser, serve, fake
     # At most one render a frame, fewer than the pieces; a frame's render costs what the new
     # text costs, not what the whole answer costs (a fraction of it, whatever the machine's load:
     # both are timed here, the render with the layout its scroll forces); the end is parsed
-    # whole but not rendered whole again.
+    # whole but not rendered whole again (under twice one whole render: a parse and a render
+    # of the whole, timed apart on a loaded machine, may each come close to one).
     assert stats["renders"] <= stats["frames"], stats
     assert stats["renders"] < len(pieces) * 0.8, stats
     assert stats["median"] < stats["whole"] / 4, stats
-    assert stats["flush"] < stats["whole"], stats
+    assert stats["flush"] < 2 * stats["whole"], stats
     assert max(long_tasks, default=0) < 1000, (long_tasks, stats)
     assert page.uncaught == []
 
