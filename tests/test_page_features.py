@@ -217,6 +217,7 @@ async def test_a_long_answer_renders_on_frames_without_jank(browser, serve, fake
             wholes.push(performance.now() - t);
           }}
           const frames = [...view.frameMs].sort((a, b) => a - b);
+          const parsed = [...view.parsed].sort((a, b) => a - b);
           return {{
             renders: frames.length,
             median: frames[Math.floor(frames.length / 2)],
@@ -224,18 +225,20 @@ async def test_a_long_answer_renders_on_frames_without_jank(browser, serve, fake
             flush: view.flushMs,
             whole: Math.min(...wholes),
             frames: window.__frames,
+            parsedMedian: parsed[Math.floor(parsed.length / 2)],
+            length: bubble.querySelector(".msg-body").textContent.length,
+            wholeRenders: view.wholeRenders,
           }};
         }}"""
     )
-    # At most one render a frame, fewer than the pieces; a frame's render costs what the new
-    # text costs, not what the whole answer costs (a fraction of it, whatever the machine's load:
-    # both are timed here, the render with the layout its scroll forces); the end is parsed
-    # whole but not rendered whole again (under twice one whole render: a parse and a render
-    # of the whole, timed apart on a loaded machine, may each come close to one).
+    # At most one render a frame, fewer than the pieces; a frame's render parses the new text
+    # and the last few blocks again, not the whole answer (counted in characters, not timed:
+    # the times are in `stats` for a reader); the end is parsed whole but not rendered whole
+    # again.
     assert stats["renders"] <= stats["frames"], stats
     assert stats["renders"] < len(pieces) * 0.8, stats
-    assert stats["median"] < stats["whole"] / 4, stats
-    assert stats["flush"] < 2 * stats["whole"], stats
+    assert stats["parsedMedian"] < stats["length"] / 10, stats
+    assert stats["wholeRenders"] == 0, stats
     assert max(long_tasks, default=0) < 1000, (long_tasks, stats)
     assert page.uncaught == []
 

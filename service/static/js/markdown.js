@@ -102,6 +102,8 @@ export class MarkdownView {
     this.notBefore = 0;
     this.frameMs = []; // how long each render on a frame took (tests and measurements)
     this.flushMs = 0;
+    this.parsed = []; // characters each tail render parsed again (tests: the work is the tail's)
+    this.wholeRenders = 0; // flushes that had to render everything again
   }
 
   // Show `text` on a coming animation frame.
@@ -141,6 +143,7 @@ export class MarkdownView {
     if (this.blocks.length && !Object.keys(tokens.links).length && (this.renderTail(text), same())) {
       this.onRender();
     } else {
+      this.wholeRenders++;
       this.blocks = [{ raws: tokens.map((t) => t.raw), start: 0, raw: text, nodes: [] }];
       this.links = Object.create(null);
       this.blocks[0].nodes = renderTokens(tokens, tokens.links);
@@ -156,6 +159,7 @@ export class MarkdownView {
     let keep = Math.max(0, this.blocks.length - REPARSED_BLOCKS);
     while (keep > 0 && !text.startsWith(this.blocks[keep - 1].raw, this.blocks[keep - 1].start)) keep--;
     const from = keep ? this.blocks[keep - 1].start + this.blocks[keep - 1].raw.length : 0;
+    this.parsed.push(text.length - from);
     for (const block of this.blocks.splice(keep)) block.nodes.forEach((n) => n.remove());
     const tokens = marked.lexer(text.slice(from));
     Object.assign(this.links, tokens.links);
