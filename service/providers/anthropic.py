@@ -40,6 +40,7 @@ from service.providers.base import (
     call_json,
     error_for_exception,
     raise_for_status,
+    token_count,
     with_retries,
 )
 
@@ -164,10 +165,7 @@ class AnthropicProvider:
 
     async def _count(self, body: dict[str, Any]) -> int:
         answer = await self._call("POST", self._count_url, body=orjson.dumps(body))
-        total = answer.get("input_tokens")
-        if not isinstance(total, int) or isinstance(total, bool) or total < 0:
-            raise UpstreamError("upstream_bad_response", "malformed count_tokens answer")
-        return total
+        return token_count(answer, "input_tokens", "count_tokens")
 
     async def _call(
         self,

@@ -282,6 +282,14 @@ async def raise_for_status(
     raise error_for_status(resp.status, resp.headers.get("Retry-After"))
 
 
+def token_count(answer: dict[str, Any], key: str, call: str) -> int:
+    """A token count from an upstream's counting call (``call`` names it in the error)."""
+    total = answer.get(key)
+    if not isinstance(total, int) or isinstance(total, bool) or total < 0:
+        raise UpstreamError("upstream_bad_response", f"malformed {call} answer")
+    return total
+
+
 async def call_json(
     session: aiohttp.ClientSession,
     method: str,

@@ -68,6 +68,7 @@ from service.providers.base import (
     error_for_exception,
     error_for_status,
     log_upstream_body,
+    token_count,
     with_retries,
 )
 from service.providers.sse import SSEDecoder, SSEEvent, load_frame
@@ -219,10 +220,7 @@ class GeminiProvider:
     async def _count(self, model: str, body: dict[str, Any]) -> int:
         url = f"{self._base}/{_resource(model)}:countTokens"
         answer = await self._call("POST", url, body=orjson.dumps(body))
-        total = answer.get("totalTokens")
-        if not isinstance(total, int) or isinstance(total, bool) or total < 0:
-            raise UpstreamError("upstream_bad_response", "malformed countTokens answer")
-        return total
+        return token_count(answer, "totalTokens", "countTokens")
 
     async def _call(
         self,

@@ -179,7 +179,10 @@ def _parse(data: str, meta: _Meta) -> Chunk:
                 if content is not None and not isinstance(content, str):
                     raise _malformed("delta.content")
                 text = content or ""
-                rich = rich or any(v is not None and k not in PLAIN_DELTA for k, v in delta.items())
+                if len(delta) > 1 or content is None:  # a text delta alone needs no scan
+                    rich = rich or any(
+                        v is not None and k not in PLAIN_DELTA for k, v in delta.items()
+                    )
             rich = rich or choice.get("logprobs") is not None
             finish = choice.get("finish_reason")
             if finish is not None and not isinstance(finish, str):
