@@ -31,9 +31,21 @@ VERIFIED_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True, slots=True)
+class KeyScope:
+    """What an API key (``service/apikeys.py``) allows beyond being its user: the models it may
+    use (None: any), and its own monthly limit inside the user's (None: the user's alone)."""
+
+    key_id: str
+    models: frozenset[str] | None = None
+    limit: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Principal:
     user_id: str
     expires_at: float
+    key: KeyScope | None = None  # authenticated by an API key, not a token
+    admin: bool = False  # may use /api/admin (the admin claim, or an admin key)
 
 
 def _read_pem(value: str) -> str:

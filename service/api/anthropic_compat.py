@@ -134,6 +134,7 @@ async def _start(request: web.Request) -> tuple[Admission, bool]:
     translation.check_prefill()
     inp = TurnInput(
         user_id=request[PRINCIPAL].user_id,
+        api_key=request[PRINCIPAL].key,
         transport=TRANSPORT,
         messages=translation.messages,
         model=body.model,
@@ -161,6 +162,7 @@ async def count_tokens(request: web.Request) -> web.Response:
     translation = _translate(request, body, data)
     inp = TurnInput(
         user_id=request[PRINCIPAL].user_id,
+        api_key=request[PRINCIPAL].key,
         transport=TRANSPORT,
         messages=translation.messages,
         model=body.model,

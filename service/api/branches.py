@@ -55,6 +55,7 @@ async def _branch(
     key = parse_key(request.headers.get(KEY_HEADER))
     inp = TurnInput(
         user_id=request[PRINCIPAL].user_id,
+        api_key=request[PRINCIPAL].key,
         transport="sse",
         chat_id=chat_id,
         text=text,

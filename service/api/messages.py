@@ -51,6 +51,7 @@ async def _start(request: web.Request) -> Admission:
     body = await read_json(request, SendMessage)
     inp = TurnInput(
         user_id=request[PRINCIPAL].user_id,
+        api_key=request[PRINCIPAL].key,
         transport="sse",
         chat_id=chat_id,
         text=body.message,

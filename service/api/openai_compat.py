@@ -280,6 +280,7 @@ def _turn_input(
         raise _invalid("'stop' takes at most 4 sequences.", "stop")
     common: dict[str, Any] = {
         "user_id": request[PRINCIPAL].user_id,
+        "api_key": request[PRINCIPAL].key,
         "transport": "openai",
         "model": body.model,
         "max_tokens": body.max_completion_tokens or body.max_tokens,

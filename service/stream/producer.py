@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 import structlog
 
+from service.auth import KeyScope
 from service.errors import (
     BadRequest,
     BudgetExceeded,
@@ -88,6 +89,8 @@ class TurnInput:
     key: str | None = None
     # A regenerate or an edit of the chat's latest exchange (``service/stream/branches.py``).
     branch: branches.Branch | None = None
+    # Sent with an API key: the models it allows, its own limit; its id goes on the records.
+    api_key: KeyScope | None = None
 
 
 class TurnProducer:

@@ -483,6 +483,7 @@ class Connection:
         admission = await self.services.admissions.admit(
             TurnInput(
                 user_id=self.principal.user_id,
+                api_key=self.principal.key,
                 transport="ws",
                 chat_id=req.chat_id,
                 text=req.message,
