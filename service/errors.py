@@ -3,6 +3,7 @@
     ServiceError                      status  code
     ├── BadRequest                    400     bad_request | invalid_json | validation_error | ...
     ├── Unauthorized                  401     unauthorized (with WWW-Authenticate)
+    ├── Forbidden                     403     forbidden | model_not_allowed | ...
     ├── BudgetExceeded                403     budget_exceeded
     ├── NotFound                      404     not_found | chat_not_found | model_not_found | ...
     ├── Conflict                      409     chat_limit_reached | ...
@@ -70,6 +71,13 @@ class Unauthorized(ServiceError):
             details=details,
             headers={"WWW-Authenticate": f'Bearer realm="chat-gateway", error="{error}"'},
         )
+
+
+class Forbidden(ServiceError):
+    """Authenticated, but not allowed this: an admin route, a model outside a key's list."""
+
+    status = 403
+    code = "forbidden"
 
 
 class BudgetExceeded(ServiceError):

@@ -29,6 +29,7 @@ from service.errors import (
     BadRequest,
     BudgetExceeded,
     Conflict,
+    Forbidden,
     RateLimited,
     ServiceError,
     ServiceUnavailable,
@@ -61,6 +62,17 @@ MAX_ANSWER_CHARS = 2_000_000
 MAX_RESULTS_CHARS = 1_000_000  # the tool results of one stored chat turn, in all
 MAX_MARKS = 200_000  # steps that are more than text (reasoning, tool call deltas): ditto
 OUTCOME = {"complete": "completed", "cancelled": "cancelled", "failed": "failed"}
+
+
+def _allowed(key: KeyScope | None, spec: ModelSpec) -> None:
+    """An API key with a model list may use only those models."""
+    if key is not None and key.models is not None and spec.name not in key.models:
+        REJECTIONS.labels("model_not_allowed").inc()
+        raise Forbidden(
+            f"this API key may not use the model '{spec.name}'",
+            code="model_not_allowed",
+            details={"model": spec.name, "allowed": sorted(key.models)},
+        )
 
 
 def period_of(at: datetime) -> str:
@@ -160,6 +172,7 @@ class TurnProducer:
             if inp.branch is not None:
                 inp, text, history = await self._branch(inp, text, message_id, seq)
         spec = self.catalogue.resolve(inp.model or chat_model)
+        _allowed(inp.api_key, spec)
         await self.model_lists.require(spec)
         provider = self.providers.get(spec.provider)
         if provider is None:
