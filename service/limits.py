@@ -86,15 +86,17 @@ def duration(span: timedelta) -> str:
     return f"{secs}s"
 
 
-def rate_limit_headers(allowance: Allowance, *, rpm: int) -> dict[str, str]:
+def rate_limit_headers(allowance: Allowance, *, rpm: int, tokens: bool = True) -> dict[str, str]:
     """OpenAI's ``x-ratelimit-*`` headers: requests (left out when ``rpm`` is 0, off) and the
     month's tokens (remaining: the limit less what is used and reserved; reset: the period's
-    end)."""
+    end; left out when the budget counts money, ``tokens`` False)."""
     headers: dict[str, str] = {}
     if rpm:
         headers["x-ratelimit-limit-requests"] = str(rpm)
         headers["x-ratelimit-remaining-requests"] = str(allowance.remaining_requests(rpm))
         headers["x-ratelimit-reset-requests"] = duration(allowance.requests_reset())
+    if not tokens:
+        return headers
     headers["x-ratelimit-limit-tokens"] = str(allowance.limit)
     headers["x-ratelimit-remaining-tokens"] = str(allowance.remaining_tokens)
     headers["x-ratelimit-reset-tokens"] = duration(period_end(allowance.at) - allowance.at)
@@ -108,7 +110,9 @@ def rfc3339(at: datetime) -> str:
     return up.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def anthropic_rate_limit_headers(allowance: Allowance, *, rpm: int) -> dict[str, str]:
+def anthropic_rate_limit_headers(
+    allowance: Allowance, *, rpm: int, tokens: bool = True
+) -> dict[str, str]:
     """Anthropic's ``anthropic-ratelimit-*`` headers from the same figures: requests (left out
     when ``rpm`` is 0, off; reset: when the bucket is full again) and the month's tokens (reset:
     the period's end). The budget counts input and output together, so there are no separate
@@ -119,6 +123,8 @@ def anthropic_rate_limit_headers(allowance: Allowance, *, rpm: int) -> dict[str,
         headers[prefix + "requests-limit"] = str(rpm)
         headers[prefix + "requests-remaining"] = str(allowance.remaining_requests(rpm))
         headers[prefix + "requests-reset"] = rfc3339(allowance.at + allowance.requests_reset())
+    if not tokens:  # the budget counts money, not tokens
+        return headers
     headers[prefix + "tokens-limit"] = str(allowance.limit)
     headers[prefix + "tokens-remaining"] = str(allowance.remaining_tokens)
     headers[prefix + "tokens-reset"] = rfc3339(period_end(allowance.at))

@@ -65,6 +65,12 @@ TOKENS = Counter(
     ["model", "kind", "source"],
     registry=REGISTRY,
 )
+COST = Counter(
+    "gateway_cost",
+    "What turns cost, by model, in units of CURRENCY (never per user: /api/admin/usage has that).",
+    ["model"],
+    registry=REGISTRY,
+)
 UPSTREAM_ERRORS = Counter(
     "gateway_upstream_errors",
     "Upstream failures by provider and code. stage: retried (an attempt before the stream that "

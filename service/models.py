@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from service.costs import Price
 from service.errors import NotFound
 from service.settings import Settings, SettingsError
 
@@ -36,6 +37,7 @@ class ModelSpec(BaseModel):
     max_output_tokens: int = Field(4096, ge=1)
     encoding: str | None = "o200k_base"  # None: no local tokenizer, use the estimate
     enabled: bool = True
+    price: Price | None = None  # in CURRENCY per million tokens; without it a turn costs nothing
 
     @model_validator(mode="before")
     @classmethod
@@ -108,6 +110,15 @@ def load_catalogue(settings: Settings) -> Catalogue:
         raise SettingsError(
             f"invalid setting DEFAULT_MODEL: '{settings.default_model}' is not an enabled model"
         )
+    if settings.budget_unit == "currency":
+        unpriced = [
+            m.name for m in models if m.enabled and m.price is None and m.provider != "demo"
+        ]
+        if unpriced:
+            raise SettingsError(
+                f"invalid setting {source}: BUDGET_UNIT=currency needs a price for every model; "
+                f"none for {', '.join(repr(n) for n in unpriced)}"
+            )
     return Catalogue(models, settings.default_model)
 
 

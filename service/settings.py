@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.costs import Budget, parse_cost
+
 HS_ALGORITHMS = ("HS256", "HS384", "HS512")
 # RFC 7518 section 3.2: an HMAC key at least as long as the hash's output, in bytes.
 HS_MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
@@ -71,6 +73,10 @@ class Settings(BaseSettings):
 
     # --- chat rules
     default_token_limit: int = Field(100_000, ge=0)
+    # What a month's budget counts: tokens, or money (each model's price, ``service/costs.py``).
+    budget_unit: Literal["tokens", "currency"] = "tokens"
+    currency: str = Field("USD", pattern=r"^[A-Z]{3}$")
+    default_budget: str = "10.00"  # the month's budget in CURRENCY when BUDGET_UNIT=currency
     max_chats_per_user: int = Field(100, ge=1)
     message_rate_limit_ms: int = Field(1000, ge=0)  # the chat page's rule (SSE sends)
     v1_requests_per_minute: int = Field(600, ge=0, le=60_000)  # programs: /v1 and WebSocket
@@ -166,6 +172,21 @@ class Settings(BaseSettings):
         if self.jwt_jwks and not self.jwt_jwks.startswith(("http://", "https://")):
             _check_readable("JWT_JWKS", Path(self.jwt_jwks))
         return self
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> Settings:
+        try:
+            parse_cost(self.default_budget)
+        except ValueError as exc:
+            raise _Invalid("DEFAULT_BUDGET", str(exc)) from None
+        return self
+
+    @property
+    def budget(self) -> Budget:
+        """The month's budget: its unit and the default limit in it."""
+        if self.budget_unit == "currency":
+            return Budget("currency", parse_cost(self.default_budget), self.currency)
+        return Budget("tokens", self.default_token_limit, self.currency)
 
     @property
     def is_local(self) -> bool:

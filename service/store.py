@@ -70,6 +70,11 @@ CHOSEN: Doc = {"superseded_by": {"$exists": False}}
 IDEMPOTENCY_TTL_S = 86_400  # how long a claimed idempotency key is kept (at least a day)
 
 
+def key_account(key_id: str) -> str:
+    """The usage documents of an API key with its own limit: ``key:<id>``, one per month."""
+    return f"key:{key_id}"
+
+
 def utcnow() -> datetime:
     """Now in UTC, truncated to milliseconds (MongoDB's precision) so values round-trip exactly."""
     now = datetime.now(UTC)
@@ -158,6 +163,7 @@ class Store:
         self.chat_counts = db["chat_counts"]
         self.rate_limits = db["rate_limits"]
         self.replicas = db["replicas"]
+        self.daily = db["usage_daily"]  # the rollup analytics read: day x user x model x key
         self.indexes_ready = False
         self.text_search = False  # a text index serves search (known once the indexes exist)
         self._index_lock = asyncio.Lock()
@@ -208,6 +214,16 @@ class Store:
             [("user_id", ASCENDING), ("period", ASCENDING)], name="user_period", unique=True
         )
         await self.usage.create_index([("open.at", ASCENDING)], name="open_reservations")
+        await self.daily.create_index(
+            [
+                ("day", ASCENDING),
+                ("user_id", ASCENDING),
+                ("model", ASCENDING),
+                ("key_id", ASCENDING),
+            ],
+            name="day_user_model_key",
+            unique=True,
+        )
         await self.db["ws_tickets"].create_index(
             [("expires_at", ASCENDING)], name="ticket_ttl", expireAfterSeconds=0
         )
@@ -594,6 +610,7 @@ class Store:
         *,
         billed: int,
         grant: int,
+        cost: int = 0,
     ) -> Doc | None:
         """Bill a turn admitted from a lease, once (its id joins ``settled``): ``used`` grows by
         ``billed``, and the lease (while it is held) shrinks by as much of it as the turn was
@@ -601,7 +618,7 @@ class Store:
         reservation's). The usage after it."""
         doc: Doc | None = await self.usage.find_one_and_update(
             {"user_id": user_id, "period": period, "settled": {"$ne": message_id}},
-            _leased_settlement(lease_id, billed, min(billed, grant), [message_id]),
+            _leased_settlement(lease_id, billed, min(billed, grant), [message_id], cost),
             projection={"settled": 0},
             return_document=ReturnDocument.AFTER,
         )
@@ -627,23 +644,18 @@ class Store:
             if op.lease_id is not None:
                 groups.setdefault((op.user_id, op.period, op.lease_id), []).append(op)
             else:
-                ops.append(
-                    UpdateOne(
-                        {"user_id": op.user_id, "period": op.period, "open.mid": op.message_id},
-                        {
-                            "$inc": {"used": op.billed, "reserved": -op.grant},
-                            "$pull": {"open": {"mid": op.message_id}},
-                        },
-                    )
-                )
+                ops.append(_reserved_settlement(op.user_id, op, op.grant))
+            if op.key_account is not None:
+                ops.append(_reserved_settlement(op.key_account, op, op.key_grant))
         for (user_id, period, lease_id), group in groups.items():
             mids = [op.message_id for op in group]
             billed = sum(op.billed for op in group)
             moved = sum(min(op.billed, op.grant) for op in group)
+            cost = sum(op.cost for op in group)
             ops.append(
                 UpdateOne(
                     {"user_id": user_id, "period": period, "settled": {"$nin": mids}},
-                    _leased_settlement(lease_id, billed, moved, mids),
+                    _leased_settlement(lease_id, billed, moved, mids, cost),
                 )
             )
         if ops:
@@ -658,6 +670,7 @@ class Store:
                             op.message_id,
                             billed=op.billed,
                             grant=op.grant,
+                            cost=op.cost,
                         )
         written = await self.messages.bulk_write(
             [
@@ -666,12 +679,49 @@ class Store:
             ],
             ordered=False,
         )
+        ended = finals
+        if written.modified_count < len(finals):  # some were ended before: by this write?
+            ended = await self._ended_by(finals)
+        await self.roll_up([op.rollup for op in ended if op.rollup is not None])
         keys = {(op.user_id, op.period) for op in finals}
         docs: list[Doc] = await self.usage.find(
             {"$or": [{"user_id": u, "period": p} for u, p in keys]}, projection={"settled": 0}
         ).to_list(None)
         by_key = {(d["user_id"], d["period"]): d for d in docs}
         return by_key, written.modified_count == len(finals)
+
+    async def _ended_by(self, finals: list[FinalOp]) -> list[FinalOp]:
+        """Which of ``finals`` ended their record (the record has their end time and status: a
+        retried write whose first attempt wrote the record, not the reaper's end)."""
+        docs = await self.messages.find(
+            {"_id": {"$in": [op.message_id for op in finals]}},
+            projection={"status": 1, "completed_at": 1},
+        ).to_list(None)
+        now = {d["_id"]: (d.get("status"), d.get("completed_at")) for d in docs}
+        return [
+            op
+            for op in finals
+            if now.get(op.message_id) == (op.fields.get("status"), op.fields.get("completed_at"))
+        ]
+
+    @db_call
+    async def roll_up(self, lines: list[Rollup]) -> None:
+        """Add turns to the daily rollup: one unordered bulk of upserts (two replicas creating
+        the same day's line at once: the loser's upsert is a duplicate key, applied again as
+        an update of the winner's line)."""
+        if not lines:
+            return
+        try:
+            await self.daily.bulk_write([line.op() for line in lines], ordered=False)
+        except BulkWriteError as exc:
+            again = [
+                lines[e["index"]].op()
+                for e in exc.details.get("writeErrors", [])
+                if e.get("code") == DUPLICATE_KEY
+            ]
+            if len(again) < len(exc.details.get("writeErrors", [])):
+                raise
+            await self.daily.bulk_write(again, ordered=False)
 
     @db_call
     async def release_lease(
@@ -749,12 +799,15 @@ class Store:
 
     @db_call
     async def settle_usage(
-        self, user_id: str, period: str, message_id: str, *, grant: int, billed: int
+        self, user_id: str, period: str, message_id: str, *, grant: int, billed: int, cost: int = 0
     ) -> Doc | None:
         """Turn a reservation into actual usage, once: a second call for a turn is a no-op."""
         doc: Doc | None = await self.usage.find_one_and_update(
             {"user_id": user_id, "period": period, "open.mid": message_id},
-            {"$inc": {"used": billed, "reserved": -grant}, "$pull": {"open": {"mid": message_id}}},
+            {
+                "$inc": {"used": billed, "reserved": -grant, "cost": cost},
+                "$pull": {"open": {"mid": message_id}},
+            },
             return_document=ReturnDocument.AFTER,
         )
         if doc is None:
@@ -982,6 +1035,7 @@ REPLICA_TTL_S = 86_400
 # stream), as opposed to a turn's: MongoDB's profiler, logs and currentOp show it.
 REPLICA_WORK = "gateway:replica"
 RESERVE_ATTEMPTS = 10
+DUPLICATE_KEY = 11000
 
 
 @dataclass(frozen=True, slots=True)
@@ -1010,6 +1064,44 @@ class FinalOp:
     billed: int
     lease_id: str | None
     fields: Doc
+    cost: int = 0  # nano-units of CURRENCY, added to the month's ``cost``
+    rollup: Rollup | None = None  # its line in the daily rollup
+    key_account: str | None = None  # an API key's own month it was also reserved on ...
+    key_grant: int = 0  # ... for this much
+
+
+@dataclass(frozen=True, slots=True)
+class Rollup:
+    """A turn's line in the daily rollup (``usage_daily``, what the analytics read): counted
+    once, when its record is ended (by its turn, or by the reaper)."""
+
+    day: str  # the UTC day it ended, YYYY-MM-DD
+    user_id: str
+    model: str
+    key_id: str | None
+    outcome: str  # completed | cancelled | failed | interrupted
+    prompt: int
+    completion: int
+    cached: int
+    reasoning: int
+    cost: int  # nano-units of CURRENCY
+
+    def op(self) -> UpdateOne:
+        return UpdateOne(
+            {"day": self.day, "user_id": self.user_id, "model": self.model, "key_id": self.key_id},
+            {
+                "$inc": {
+                    "turns": 1,
+                    f"outcomes.{self.outcome}": 1,
+                    "prompt": self.prompt,
+                    "completion": self.completion,
+                    "cached": self.cached,
+                    "reasoning": self.reasoning,
+                    "cost": self.cost,
+                }
+            },
+            upsert=True,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -1102,16 +1194,31 @@ def _reserve_update(req: ReserveRequest) -> list[Doc]:
     ]
 
 
-def _leased_settlement(lease_id: str, billed: int, moved: int, mids: list[str]) -> list[Doc]:
-    """Bill ``billed`` tokens of a lease's turns ``mids``: ``used`` grows, the lease (while it is
-    held) shrinks by ``moved`` (what of it the turns were granted), the ids join the month's
-    last ``SETTLED_KEPT`` settled ones."""
+def _reserved_settlement(account: str, op: FinalOp, grant: int) -> UpdateOne:
+    """Bill a reserved turn on ``account``'s month (a user's, or an API key's own), once: its
+    ``open`` entry is pulled, so a second settlement matches nothing."""
+    return UpdateOne(
+        {"user_id": account, "period": op.period, "open.mid": op.message_id},
+        {
+            "$inc": {"used": op.billed, "reserved": -grant, "cost": op.cost},
+            "$pull": {"open": {"mid": op.message_id}},
+        },
+    )
+
+
+def _leased_settlement(
+    lease_id: str, billed: int, moved: int, mids: list[str], cost: int = 0
+) -> list[Doc]:
+    """Bill ``billed`` (budget units) of a lease's turns ``mids``: ``used`` grows (and ``cost``
+    by their ``cost``), the lease (while it is held) shrinks by ``moved`` (what of it the turns
+    were granted), the ids join the month's last ``SETTLED_KEPT`` settled ones."""
     held = {"$gt": [{"$size": _entries(lease_id, "$eq")}, 0]}
     shrunk = {"grant": {"$subtract": ["$$this.grant", moved]}}
     return [
         {
             "$set": {
                 "used": {"$add": [{"$ifNull": ["$used", 0]}, billed]},
+                "cost": {"$add": [{"$ifNull": ["$cost", 0]}, cost]},
                 "reserved": {"$cond": [held, {"$subtract": ["$reserved", moved]}, "$reserved"]},
                 "open": {
                     "$map": {

@@ -176,7 +176,12 @@ async def count_tokens(request: web.Request) -> web.Response:
 
 
 def _limit_headers(request: web.Request, allowance: Allowance) -> dict[str, str]:
-    return anthropic_rate_limit_headers(allowance, rpm=request.app[SETTINGS].v1_requests_per_minute)
+    settings = request.app[SETTINGS]
+    return anthropic_rate_limit_headers(
+        allowance,
+        rpm=settings.v1_requests_per_minute,
+        tokens=settings.budget_unit == "tokens",
+    )
 
 
 async def _allowance(request: web.Request, admission: Admission) -> Allowance:
@@ -186,7 +191,7 @@ async def _allowance(request: web.Request, admission: Admission) -> Allowance:
         return admission.reservation.allowance
     now = utcnow()
     doc = await request.app[STORE].get_usage(request[PRINCIPAL].user_id, period_of(now))
-    return allowance_of(doc or {}, request.app[SETTINGS].default_token_limit, now)
+    return allowance_of(doc or {}, request.app[SETTINGS].budget.default_limit, now)
 
 
 def setup(app: web.Application) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.costs import format_cost
 from service.http import json_response, not_found, parse_uuid, read_json, validate
 from service.keys import PRINCIPAL, REGISTRY, SETTINGS, STORE
 from service.store import Doc, utcnow
@@ -54,6 +55,13 @@ def chat_view(doc: Doc) -> dict[str, Any]:
     }
 
 
+def _cost(doc: Doc) -> dict[str, Any]:
+    """An answer's cost (a priced model's) and the currency, beside its tokens."""
+    if doc.get("cost") is None:
+        return {}
+    return {"cost": format_cost(int(doc["cost"])), "currency": doc.get("currency")}
+
+
 def message_view(doc: Doc) -> dict[str, Any]:
     return {
         "message_id": doc["_id"],
@@ -67,6 +75,7 @@ def message_view(doc: Doc) -> dict[str, Any]:
         "reason": doc.get("reason"),
         "error": doc.get("error"),
         "tokens": doc.get("tokens"),
+        **_cost(doc),
         **{k: doc[k] for k in MESSAGE_EXTRAS if doc.get(k)},
     }
 
@@ -140,7 +149,7 @@ async def _settle_dead_streams(request: web.Request, messages: list[Doc]) -> boo
     cutoff = utcnow() - timedelta(seconds=stale_s)
     dead = await store.dead_among(messages, older_than=cutoff)
     for doc in dead:
-        await settle_interrupted(store, doc)
+        await settle_interrupted(store, doc, request.app[SETTINGS].budget)
     return bool(dead)
 
 

@@ -9,6 +9,7 @@ from aiohttp import web
 from pydantic import Field
 
 from service.api.chats import StrictModel
+from service.costs import format_cost
 from service.errors import BadRequest, Conflict
 from service.http import json_response, not_found, parse_uuid, read_json
 from service.keys import (
@@ -151,7 +152,8 @@ async def get_usage(request: web.Request) -> web.Response:
     now = utcnow()
     period = period_of(now)
     doc = await request.app[STORE].get_usage(request[PRINCIPAL].user_id, period) or {}
-    limit = int(doc.get("limit", request.app[SETTINGS].default_token_limit))
+    budget = request.app[SETTINGS].budget
+    limit = int(doc.get("limit", budget.default_limit))
     used, reserved = int(doc.get("used", 0)), int(doc.get("reserved", 0))
     start, end = _period_bounds(now)
     return json_response(
@@ -159,11 +161,14 @@ async def get_usage(request: web.Request) -> web.Response:
             "period": period,
             "period_start": start,
             "period_end": end,
-            "used": used,
-            "reserved": reserved,
-            "limit": limit,
-            "remaining": max(0, limit - used - reserved),
+            "unit": budget.label,  # what used/reserved/limit/remaining count
+            "used": budget.show(used),
+            "reserved": budget.show(reserved),
+            "limit": budget.show(limit),
+            "remaining": budget.show(max(0, limit - used - reserved)),
             "percent": round(100 * used / limit, 2) if limit else 100.0,
+            "cost": format_cost(int(doc.get("cost", 0))),  # the month's spend, in any unit
+            "currency": budget.currency,
         }
     )
 

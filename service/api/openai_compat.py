@@ -376,7 +376,12 @@ async def _start(request: web.Request) -> tuple[Admission, bool, bool]:
 
 
 def _limit_headers(request: web.Request, allowance: Allowance) -> dict[str, str]:
-    return rate_limit_headers(allowance, rpm=request.app[SETTINGS].v1_requests_per_minute)
+    settings = request.app[SETTINGS]
+    return rate_limit_headers(
+        allowance,
+        rpm=settings.v1_requests_per_minute,
+        tokens=settings.budget_unit == "tokens",
+    )
 
 
 async def _allowance(request: web.Request, admission: Admission) -> Allowance:
@@ -387,7 +392,7 @@ async def _allowance(request: web.Request, admission: Admission) -> Allowance:
     now = utcnow()
     user_id = request[PRINCIPAL].user_id
     doc = await request.app[STORE].get_usage(user_id, period_of(now))
-    return allowance_of(doc or {}, request.app[SETTINGS].default_token_limit, now)
+    return allowance_of(doc or {}, request.app[SETTINGS].budget.default_limit, now)
 
 
 def _model_view(spec: ModelSpec) -> dict[str, Any]:

@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from service.costs import format_cost
+
 
 @dataclass(frozen=True, slots=True)
 class Started:
@@ -89,6 +91,9 @@ class Final:
     cached_tokens: int = 0  # of the prompt's, when the upstream said
     reasoning_tokens: int = 0  # of the completion's, when the upstream said
     usage_details: dict[str, Any] | None = None  # the upstream's usage fields beyond the counts
+    cost: int | None = None  # nano-units of ``currency`` (None: the model has no price)
+    currency: str = "USD"
+    budget_unit: str = "tokens"  # what the budget counts: tokens, or the currency's code
 
     @property
     def tokens_used(self) -> int:
@@ -98,6 +103,9 @@ class Final:
     def ok(self) -> bool:
         """Ends with ``done`` (completed, or stopped by its user) rather than ``error``."""
         return self.status == "complete" or self.reason == "user_cancel"
+
+    def _amount(self, amount: int) -> int | str:
+        return amount if self.budget_unit == "tokens" else format_cost(amount)
 
     def data(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -112,8 +120,15 @@ class Final:
                 "total": self.tokens_used,
                 "source": self.token_source,
             },
-            "budget": {"limit": self.budget_limit, "remaining": self.budget_remaining},
+            "budget": {
+                "limit": self._amount(self.budget_limit),
+                "remaining": self._amount(self.budget_remaining),
+                "unit": self.budget_unit,
+            },
         }
+        if self.cost is not None:
+            body["cost"] = format_cost(self.cost)
+            body["currency"] = self.currency
         if self.cached_tokens:
             body["tokens"]["cached"] = self.cached_tokens
         if self.reasoning_tokens:

@@ -18,8 +18,9 @@ from typing import Any
 
 import structlog
 
+from service.costs import Budget
 from service.errors import ServiceError
-from service.store import Doc, FinalOp, Store
+from service.store import Doc, FinalOp, Rollup, Store
 from service.stream.events import Final
 
 log = structlog.get_logger("service.stream")
@@ -38,6 +39,10 @@ class FinalWrite:
     billed: int  # the tokens to bill instead
     fields: Doc  # the final record's fields
     lease_id: str | None = None  # admitted from this lease: billed from it, once
+    cost: int = 0  # nano-units of CURRENCY
+    rollup: Rollup | None = None  # its line in the daily rollup
+    key_account: str | None = None  # also reserved on this API key's own month ...
+    key_grant: int = 0  # ... for this much
     settled: bool = False
     usage: Doc | None = field(default=None)
 
@@ -50,6 +55,10 @@ class FinalWrite:
             self.billed,
             self.lease_id,
             self.fields,
+            cost=self.cost,
+            rollup=self.rollup,
+            key_account=self.key_account,
+            key_grant=self.key_grant,
         )
 
     async def apply(self, store: Store) -> bool:
@@ -58,9 +67,23 @@ class FinalWrite:
         ended the record (a record no longer ``streaming`` is left alone). Raises
         ``ServiceError`` (MongoDB away)."""
         if not self.settled:
+            if self.key_account is not None:
+                await store.settle_usage(
+                    self.key_account,
+                    self.period,
+                    self.message_id,
+                    grant=self.key_grant,
+                    billed=self.billed,
+                    cost=self.cost,
+                )
             if self.lease_id is None:
                 self.usage = await store.settle_usage(
-                    self.user_id, self.period, self.message_id, grant=self.grant, billed=self.billed
+                    self.user_id,
+                    self.period,
+                    self.message_id,
+                    grant=self.grant,
+                    billed=self.billed,
+                    cost=self.cost,
                 )
             else:
                 self.usage = await store.settle_leased(
@@ -70,9 +93,13 @@ class FinalWrite:
                     self.message_id,
                     billed=self.billed,
                     grant=self.grant,
+                    cost=self.cost,
                 )
             self.settled = True
-        return await store.finish_message(self.message_id, self.fields)
+        ended = await store.finish_message(self.message_id, self.fields)
+        if ended and self.rollup is not None:
+            await store.roll_up([self.rollup])
+        return ended
 
 
 class FinalCommits:
@@ -157,12 +184,12 @@ class PendingFinals:
         return applied
 
 
-def final_of(doc: Doc, usage: Doc | None, default_limit: int) -> Final:
+def final_of(doc: Doc, usage: Doc | None, budget: Budget) -> Final:
     """The final a stored (ended) record stands for, as the turn that wrote it told its
     client, with the budget as it is now."""
     tokens = doc.get("tokens") or {}
     error = doc.get("error") or {}
-    limit = int((usage or {}).get("limit", default_limit))
+    limit = int((usage or {}).get("limit", budget.default_limit))
     spent = int((usage or {}).get("used", 0)) + int((usage or {}).get("reserved", 0))
     return Final(
         message_id=doc["_id"],
@@ -179,4 +206,7 @@ def final_of(doc: Doc, usage: Doc | None, default_limit: int) -> Final:
         cached_tokens=int(tokens.get("cached", 0)),
         reasoning_tokens=int(tokens.get("reasoning", 0)),
         usage_details=tokens.get("details"),
+        cost=doc.get("cost"),
+        currency=doc.get("currency", budget.currency),
+        budget_unit=budget.label,
     )

@@ -100,7 +100,7 @@ class Resumes:
     async def _stored(self, doc: Doc) -> LiveStream:
         usage = await self.store.get_usage(doc["user_id"], doc["period"])
         live = _of_record(doc)
-        live.end(final_of(doc, usage, self.settings.default_token_limit))
+        live.end(final_of(doc, usage, self.settings.budget))
         return live
 
     async def _mirror(self, doc: Doc) -> LiveStream:
@@ -146,7 +146,7 @@ class Resumes:
             return docs
         dead = await self.store.dead_among(docs, older_than=cutoff)
         for doc in dead:
-            await settle_interrupted(self.store, doc)
+            await settle_interrupted(self.store, doc, self.settings.budget)
         if not dead:
             return docs
         return await self.store.read_turns([d["_id"] for d in docs])
@@ -160,7 +160,7 @@ class Resumes:
             live.add(content[live.length :])
         if doc["status"] != "streaming":
             usage = await self.store.get_usage(doc["user_id"], doc["period"])
-            live.end(final_of(doc, usage, self.settings.default_token_limit))
+            live.end(final_of(doc, usage, self.settings.budget))
             del self.mirrors[doc["_id"]]
 
 

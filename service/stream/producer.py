@@ -25,6 +25,7 @@ import orjson
 import structlog
 
 from service.auth import KeyScope
+from service.costs import NANOS, cost_nanos
 from service.errors import (
     BadRequest,
     BudgetExceeded,
@@ -37,12 +38,20 @@ from service.errors import (
     UpstreamError,
 )
 from service.http import not_found
-from service.metrics import DURATION, REJECTIONS, TOKENS, TTFT, TURNS, UPSTREAM_ERRORS
+from service.metrics import COST, DURATION, REJECTIONS, TOKENS, TTFT, TURNS, UPSTREAM_ERRORS
 from service.model_lists import ModelLists
 from service.models import Catalogue, ModelSpec
 from service.providers.base import Chunk, CompletionRequest, Message, Provider, Usage
 from service.settings import Settings
-from service.store import Doc, Reservation, ReserveRequest, Store, utcnow
+from service.store import (
+    Doc,
+    Reservation,
+    ReserveRequest,
+    Rollup,
+    Store,
+    key_account,
+    utcnow,
+)
 from service.stream import branches
 from service.stream.assembly import Assembly
 from service.stream.context import ContextCache, fit_to_window, history_messages
@@ -129,6 +138,7 @@ class TurnProducer:
         self.context_cache = context_cache or ContextCache(settings.context_cache_chats)
         self.leases = leases
         self.commits = FinalCommits(store, registry.track)  # final writes, grouped
+        self.budget = settings.budget  # the month's budget: tokens or currency
 
     async def start(self, inp: TurnInput, *, message_id: str | None = None) -> Turn:
         """Admit a turn and start it; a refusal is a ``ServiceError``. With a claimed key
@@ -196,6 +206,13 @@ class TurnProducer:
         choices = _choices(inp.options)  # n answers: each may run to max_out
         now = utcnow()
         period = period_of(now)
+        budget, price = self.budget, spec.price
+        want = budget.ask(price, prompt_tokens, choices * max_out)
+        need = budget.ask(price, prompt_tokens, choices * min(MIN_COMPLETION_TOKENS, max_out))
+        key_grant = None
+        if inp.api_key is not None and inp.api_key.limit is not None:
+            key_grant = await self._reserve_key(inp.api_key, period, message_id, want, need, now)
+            want = min(want, key_grant)  # the key's own limit binds first
         try:
             reservation = await self._reserve(
                 inp.transport,
@@ -203,9 +220,9 @@ class TurnProducer:
                     user_id=inp.user_id,
                     period=period,
                     message_id=message_id,
-                    want=prompt_tokens + choices * max_out,
-                    need=prompt_tokens + choices * min(MIN_COMPLETION_TOKENS, max_out),
-                    default_limit=self.settings.default_token_limit,
+                    want=want,
+                    need=need,
+                    default_limit=budget.default_limit,
                     # The page (SSE) is held to one message per interval; programs (/v1 and
                     # WebSocket clients) to requests per minute and turns at once.
                     rate_limit_ms=(
@@ -220,9 +237,23 @@ class TurnProducer:
                     ),
                 ),
             )
-        except (RateLimited, BudgetExceeded) as exc:
-            REJECTIONS.labels(exc.code).inc()
+        except BaseException as exc:
+            if isinstance(exc, RateLimited | BudgetExceeded):
+                REJECTIONS.labels(exc.code).inc()
+            if key_grant is not None:  # the key's reservation is free again
+                assert inp.api_key is not None
+                with contextlib.suppress(ServiceError):
+                    await asyncio.shield(
+                        self.store.settle_usage(
+                            key_account(inp.api_key.key_id),
+                            period,
+                            message_id,
+                            grant=key_grant,
+                            billed=0,
+                        )
+                    )
             raise
+        within = budget.completion_within(price, reservation.grant, prompt_tokens) // choices
         turn = Turn(
             producer=self,
             inp=inp,
@@ -232,8 +263,9 @@ class TurnProducer:
             message_id=message_id,
             messages=messages,
             prompt_tokens=prompt_tokens,
-            max_tokens=max(1, (reservation.grant - prompt_tokens) // choices),
+            max_tokens=max(1, min(max_out, within)),
             reservation=reservation,
+            key_grant=key_grant,
             period=period,
             started=started,
             history=history,
@@ -261,6 +293,34 @@ class TurnProducer:
             inp.chat_id, inp.user_id, limit=limit, before_seq=branch.question_seq
         )
         return dataclasses.replace(inp, branch=branch), text, history
+
+    async def _reserve_key(
+        self, key: KeyScope, period: str, message_id: str, want: int, need: int, now: datetime
+    ) -> int:
+        """Reserve a turn on an API key's own month (its ``limit``, inside the user's), by the
+        budget rule alone (the rate limits are the user's); the grant."""
+        assert key.limit is not None
+        try:
+            reservation = await self.store.reserve(
+                ReserveRequest(
+                    user_id=key_account(key.key_id),
+                    period=period,
+                    message_id=message_id,
+                    want=want,
+                    need=need,
+                    default_limit=key.limit,
+                    rate_limit_ms=0,
+                    now=now,
+                )
+            )
+        except BudgetExceeded as exc:
+            REJECTIONS.labels(exc.code).inc()
+            raise BudgetExceeded(
+                "this API key's monthly budget is exhausted",
+                details={**(exc.details or {}), "key_id": key.key_id},
+                allowance=exc.allowance,
+            ) from None
+        return reservation.grant
 
     async def _reserve(self, transport: str, req: ReserveRequest) -> Reservation:
         """Programs' turns (``/v1``, WebSocket) from this replica's lease on the user's month,
@@ -404,6 +464,7 @@ class Turn:
         "grant",
         "history",
         "inp",
+        "key_grant",
         "lease_id",
         "live",
         "max_tokens",
@@ -437,6 +498,7 @@ class Turn:
         period: str,
         started: float,
         history: list[Doc],
+        key_grant: int | None = None,
     ) -> None:
         self.p = producer
         self.inp = inp
@@ -449,6 +511,7 @@ class Turn:
         self.max_tokens = max_tokens
         self.grant = reservation.grant
         self.lease_id = reservation.lease_id
+        self.key_grant = key_grant  # reserved on the API key's own month (``key_account``)
         # What admitted it, for the request's rate-limit headers: handed over once (``admitted``)
         # so a live turn does not keep it.
         self._admitted: Reservation | None = reservation
@@ -671,6 +734,7 @@ class Turn:
             "period": self.period,
             "reservation": self.grant,
             **({"lease": self.lease_id} if self.lease_id else {}),
+            **self._billing(),
             "prompt_tokens": self.prompt_tokens,
             "encoding": self.spec.encoding,
             "alive_at": now,
@@ -756,13 +820,37 @@ class Turn:
         usage = self.usage if source == "upstream" else None
         cached = usage.cached_tokens if usage is not None else 0
         reasoning = usage.reasoning_tokens if usage is not None else 0
+        price, key = self.spec.price, self.inp.api_key
+        cost = (
+            cost_nanos(
+                price, prompt=prompt, completion=completion, cached=cached, reasoning=reasoning
+            )
+            if price is not None
+            else None
+        )
+        ended_at = utcnow()
         write = FinalWrite(
             self.inp.user_id,
             self.period,
             self.message_id,
             grant=self.grant,
-            billed=prompt + completion,
+            billed=self.p.budget.billed(prompt, completion, cost or 0),
             lease_id=self.lease_id,
+            cost=cost or 0,
+            rollup=Rollup(
+                day=ended_at.date().isoformat(),
+                user_id=self.inp.user_id,
+                model=self.spec.name,
+                key_id=key.key_id if key is not None else None,
+                outcome=OUTCOME[status],
+                prompt=prompt,
+                completion=completion,
+                cached=cached,
+                reasoning=reasoning,
+                cost=cost or 0,
+            ),
+            key_account=key_account(key.key_id) if self.key_grant is not None and key else None,
+            key_grant=self.key_grant or 0,
             fields={
                 **self._extras(),
                 **({"meta": self.live.meta} if self.live.meta else {}),
@@ -772,7 +860,8 @@ class Turn:
                 "reason": reason,
                 "error": {"code": error.code, "message": error.message} if error else None,
                 "tokens": _tokens_doc(prompt, completion, source, usage),
-                "completed_at": utcnow(),
+                **({"cost": cost} if cost is not None else {}),
+                "completed_at": ended_at,
             },
         )
         limit = remaining = 0
@@ -790,7 +879,7 @@ class Turn:
         finally:
             self.p.registry.remove(self.message_id)
         if write.usage is not None:
-            limit = int(write.usage.get("limit", self.p.settings.default_token_limit))
+            limit = int(write.usage.get("limit", self.p.budget.default_limit))
             spent = int(write.usage["used"]) + int(write.usage["reserved"])
             if write.lease_id is not None and leases is not None:  # the lease's room is yours
                 spent -= leases.free(self.inp.user_id, self.period)
@@ -811,9 +900,14 @@ class Turn:
             cached_tokens=cached,
             reasoning_tokens=reasoning,
             usage_details=usage.details if usage is not None else None,
+            cost=cost,
+            currency=self.p.budget.currency,
+            budget_unit=self.p.budget.label,
         )
         duration = time.perf_counter() - self.started
         self._count(OUTCOME[status], reason, error, prompt, completion, source, duration)
+        if cost:
+            COST.labels(self.spec.name).inc(cost / NANOS)
         self._log(
             "info",
             "stream.ended",
@@ -826,6 +920,19 @@ class Turn:
             duration_ms=round(duration * 1000, 2),
         )
         return self.final
+
+    def _billing(self) -> Doc:
+        """What the record keeps for billing: the API key that sent it (and what it reserved on
+        the key's own month), and the price in force (the reaper prices a dead turn by it)."""
+        doc: Doc = {}
+        if self.inp.api_key is not None:
+            doc["key_id"] = self.inp.api_key.key_id
+            if self.key_grant is not None:
+                doc["key_grant"] = self.key_grant
+        if self.spec.price is not None:
+            doc["price"] = self.spec.price.record()
+            doc["currency"] = self.p.budget.currency
+        return doc
 
     def _extras(self) -> dict[str, Any]:
         """What the record keeps of the answer besides its text: choice 0's reasoning, tool

@@ -17,10 +17,11 @@ from datetime import timedelta
 
 import structlog
 
+from service.costs import NANOS, Budget, Price, cost_nanos
 from service.errors import ServiceError
-from service.metrics import TURNS
+from service.metrics import COST, TURNS
 from service.settings import Settings
-from service.store import Doc, Store, utcnow
+from service.store import Doc, Rollup, Store, key_account, utcnow
 from service.stream.registry import StreamRegistry
 from service.tokens import TokenCounter
 
@@ -28,20 +29,34 @@ log = structlog.get_logger("service.stream")
 ALIVE_EVERY_S = 5.0
 
 
-async def settle_interrupted(store: Store, doc: Doc) -> bool:
-    """Settle one turn whose process died. Idempotent; False when someone else settled it."""
+async def settle_interrupted(store: Store, doc: Doc, budget: Budget) -> bool:
+    """Settle one turn whose process died (billed at the price its record kept). Idempotent;
+    False when someone else settled it."""
     content = doc.get("content") or ""
     counter = TokenCounter(doc.get("encoding"))
     completion = counter.count(content)
     prompt = int(doc.get("prompt_tokens", 0))
+    price = Price.from_record(doc.get("price"))
+    cost = cost_nanos(price, prompt=prompt, completion=completion) if price else None
+    billed = budget.billed(prompt, completion, cost or 0)
+    if doc.get("key_grant") is not None:  # also reserved on its API key's own month
+        await store.settle_usage(
+            key_account(doc["key_id"]),
+            doc["period"],
+            doc["_id"],
+            grant=int(doc["key_grant"]),
+            billed=billed,
+            cost=cost or 0,
+        )
     if doc.get("lease"):  # billed from its replica's lease, which the reaper releases
         await store.settle_leased(
             doc["user_id"],
             doc["period"],
             doc["lease"],
             doc["_id"],
-            billed=prompt + completion,
+            billed=billed,
             grant=int(doc["reservation"]),
+            cost=cost or 0,
         )
     else:
         await store.settle_usage(
@@ -49,8 +64,10 @@ async def settle_interrupted(store: Store, doc: Doc) -> bool:
             doc["period"],
             doc["_id"],
             grant=int(doc["reservation"]),
-            billed=prompt + completion,
+            billed=billed,
+            cost=cost or 0,
         )
+    ended_at = utcnow()
     done = await store.finish_message(
         doc["_id"],
         {
@@ -64,10 +81,29 @@ async def settle_interrupted(store: Store, doc: Doc) -> bool:
                 "total": prompt + completion,
                 "source": counter.source,
             },
-            "completed_at": utcnow(),
+            **({"cost": cost} if cost is not None else {}),
+            "completed_at": ended_at,
         },
     )
     if done:
+        if cost:
+            COST.labels(doc.get("model") or "").inc(cost / NANOS)
+        await store.roll_up(
+            [
+                Rollup(
+                    day=ended_at.date().isoformat(),
+                    user_id=doc["user_id"],
+                    model=doc.get("model") or "",
+                    key_id=doc.get("key_id"),
+                    outcome="interrupted",
+                    prompt=prompt,
+                    completion=completion,
+                    cached=0,
+                    reasoning=0,
+                    cost=cost or 0,
+                )
+            ]
+        )
         TURNS.labels(doc.get("transport") or "sse", "interrupted", "interrupted").inc()
         log.info(
             "stream.ended",
@@ -91,7 +127,7 @@ async def reap(store: Store, settings: Settings) -> int:
     for doc in await store.stale_streams(
         older_than=now - timedelta(seconds=settings.stale_stream_s)
     ):
-        settled += await settle_interrupted(store, doc)
+        settled += await settle_interrupted(store, doc, settings.budget)
     live = await store.live_replicas(since=now - timedelta(seconds=settings.stale_stream_s))
     for usage in await store.dead_leases(live):
         for entry in usage.get("open", []):
@@ -105,7 +141,7 @@ async def reap(store: Store, settings: Settings) -> int:
                 continue  # a lease: released above when its replica is dead
             message = await store.get_message(entry["mid"])
             if message is not None and message.get("status") == "streaming":
-                settled += await settle_interrupted(store, message)
+                settled += await settle_interrupted(store, message, settings.budget)
             else:  # never persisted, or already final: nothing was produced for it
                 await store.settle_usage(
                     usage["user_id"],

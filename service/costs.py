@@ -1,0 +1,133 @@
+"""Money: a model's price, what a turn cost, and the month's budget in tokens or in currency.
+
+Amounts of money are integers of **nano-units** of ``CURRENCY`` (1e-9) wherever they are stored
+or summed (records, usage documents, the daily rollup), so sums are exact integer arithmetic in
+MongoDB and in Python; they are computed with ``Decimal`` (never a float) from prices given per
+million tokens, rounded half-up once per turn, and shown to clients as decimal strings
+(``format_cost``). A price with more than three decimals per million tokens is below a
+nano-unit per token: each turn's cost is still exact to the nano-unit.
+
+``Budget`` puts the month's budget in one unit (``BUDGET_UNIT``): tokens (a turn spends its
+prompt and completion tokens) or currency (a turn spends its cost, in nano-units). The store's
+admission and settlement rules are the same integers either way; only what a turn asks, what it
+is granted in completion tokens, and what it is billed depend on the unit.
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_FLOOR, ROUND_HALF_UP, Decimal, InvalidOperation
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+NANOS = 1_000_000_000  # nano-units in one unit of the currency
+PER_TOKEN = Decimal(NANOS) / Decimal(1_000_000)  # a price per million tokens -> nanos per token
+
+
+class Price(BaseModel):
+    """A model's price, in ``CURRENCY`` per million tokens. Cached input defaults to the input
+    price and reasoning to the output price (OpenAI bills reasoning as output)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: Decimal = Field(ge=0, allow_inf_nan=False)
+    output: Decimal = Field(ge=0, allow_inf_nan=False)
+    cached_input: Decimal | None = Field(None, ge=0, allow_inf_nan=False)
+    reasoning: Decimal | None = Field(None, ge=0, allow_inf_nan=False)
+
+    def record(self) -> dict[str, str]:
+        """The price as a record keeps it (decimal strings: the price in force when it ran)."""
+        return {k: str(v) for k, v in self.model_dump(exclude_none=True).items()}
+
+    @classmethod
+    def from_record(cls, doc: dict[str, Any] | None) -> Price | None:
+        return cls.model_validate(doc) if doc else None
+
+    @property
+    def most_per_output_token(self) -> Decimal:
+        """The dearest a completion token can be (output or reasoning), in nanos."""
+        return max(self.output, self.reasoning or self.output) * PER_TOKEN
+
+
+def cost_nanos(
+    price: Price, *, prompt: int, completion: int, cached: int = 0, reasoning: int = 0
+) -> int:
+    """What a turn cost: its uncached and cached prompt tokens, its answer and reasoning tokens
+    (``cached`` is part of ``prompt`` and ``reasoning`` of ``completion``, as OpenAI counts)."""
+    cached = min(max(cached, 0), prompt)
+    reasoning = min(max(reasoning, 0), completion)
+    total = (
+        (prompt - cached) * price.input
+        + cached * (price.cached_input if price.cached_input is not None else price.input)
+        + (completion - reasoning) * price.output
+        + reasoning * (price.reasoning if price.reasoning is not None else price.output)
+    ) * PER_TOKEN
+    return int(total.to_integral_value(rounding=ROUND_HALF_UP))
+
+
+def format_cost(nanos: int) -> str:
+    """Nano-units as a decimal string of the currency, without trailing zeros past the cent:
+    ``1234500`` -> ``"0.0012345"``, ``0`` -> ``"0.00"``, ``-5`` -> ``"-0.000000005"``."""
+    text = f"{Decimal(nanos).scaleb(-9):f}"
+    whole, _, frac = text.partition(".")
+    frac = frac.rstrip("0")
+    return f"{whole}.{frac.ljust(2, '0')}"
+
+
+def parse_cost(text: str) -> int:
+    """A decimal string of the currency as nano-units; ValueError when it is not one, has more
+    than nine decimals, or is negative."""
+    try:
+        value = Decimal(text.strip())
+    except InvalidOperation:
+        raise ValueError(f"not a decimal amount: {text!r}") from None
+    if not value.is_finite() or value < 0:
+        raise ValueError(f"not a non-negative amount: {text!r}")
+    nanos = value.scaleb(9)
+    if nanos != nanos.to_integral_value():
+        raise ValueError(f"more than nine decimals: {text!r}")
+    return int(nanos)
+
+
+class Budget:
+    """The month's budget in one unit: ``tokens``, or ``currency`` (nano-units)."""
+
+    def __init__(self, unit: str, default_limit: int, currency: str) -> None:
+        self.unit = unit
+        self.default_limit = default_limit  # in the unit
+        self.currency = currency
+
+    @property
+    def in_currency(self) -> bool:
+        return self.unit == "currency"
+
+    def ask(self, price: Price | None, prompt: int, completion: int) -> int:
+        """What a turn of ``prompt`` tokens and at most ``completion`` answer tokens may spend."""
+        if not self.in_currency:
+            return prompt + completion
+        if price is None:
+            return 0
+        most = price.input * PER_TOKEN * prompt + price.most_per_output_token * completion
+        return int(most.to_integral_value(rounding=ROUND_HALF_UP))
+
+    def completion_within(self, price: Price | None, granted: int, prompt: int) -> int:
+        """The most answer tokens ``granted`` (in the unit) pays for after the prompt."""
+        if not self.in_currency:
+            return granted - prompt
+        if price is None or not price.most_per_output_token:
+            return 1 << 30
+        left = Decimal(granted) - price.input * PER_TOKEN * prompt
+        return int((left / price.most_per_output_token).to_integral_value(rounding=ROUND_FLOOR))
+
+    def billed(self, prompt: int, completion: int, cost: int) -> int:
+        """What a turn spent of the budget."""
+        return cost if self.in_currency else prompt + completion
+
+    def show(self, amount: int) -> int | str:
+        """An amount of the budget as clients see it: tokens, or a decimal string."""
+        return format_cost(amount) if self.in_currency else amount
+
+    @property
+    def label(self) -> str:
+        """The unit's name in an API answer: ``tokens`` or the currency's code."""
+        return self.currency if self.in_currency else "tokens"
