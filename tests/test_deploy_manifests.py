@@ -936,3 +936,28 @@ def test_the_build_stage_copies_every_file_pyproject_names() -> None:
     for name in sorted(needed):
         assert name in copied, f"the build stage does not COPY {name}, which pyproject.toml names"
         assert not _dockerignored(name), f"{name} is excluded from the build context"
+
+
+def test_the_sticky_users_component_hashes_the_ingress_on_the_credential(
+    kubectl: str, yaml_module: ModuleType, tmp_path: Path
+):
+    """The optional consistent-hashing component, enabled as deploy/README.md says, renders the
+    ingress-nginx variant with its upstream hashed on the caller's token or API key; the
+    variant without it has no hashing."""
+    root = tmp_path / "k8s"
+    shutil.copytree(K8S, root)
+    kustomization = root / "ingress-nginx" / "kustomization.yaml"
+    with kustomization.open("a") as out:
+        out.write("\ncomponents:\n  - ../components/sticky-users\n")
+    key = "nginx.ingress.kubernetes.io/upstream-hash-by"
+
+    def ingress(path: Path) -> Doc:
+        docs = kustomize(kubectl, yaml_module, path)
+        return next(
+            d for d in docs if d["kind"] == "Ingress" and d["metadata"]["name"] == "chat-gateway"
+        )
+
+    annotations = ingress(root / "ingress-nginx")["metadata"]["annotations"]
+    assert annotations[key] == "$http_authorization$http_x_api_key"
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"  # the rest kept
+    assert key not in ingress(K8S / "ingress-nginx")["metadata"]["annotations"]

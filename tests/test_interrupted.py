@@ -201,3 +201,47 @@ async def test_the_replica_s_own_commands_are_labelled_and_a_turn_s_are_not(mong
     assert all(c == REPLICA_WORK for cs in replica.values() for c in cs)
     assert set(turn_commands) >= {"findAndModify:usage", "insert:messages"}
     assert all(c is None for cs in turn_commands.values() for c in cs)
+
+
+async def test_a_dead_priced_turn_is_billed_at_its_recorded_price_on_the_key_too(
+    client, settings: Settings
+):
+    """The reaper prices a dead turn by the price its record kept (not today's catalogue),
+    settles the API key's own month it was reserved on, and adds it to the daily rollup once."""
+    from service.costs import Price, cost_nanos
+    from service.store import key_account
+
+    store = client.app[STORE]
+    mid, _ = await dead_turn(store, "ghost", None, "half of an answer", age_s=120)
+    period = period_of(utcnow())
+    key = await store.reserve(
+        ReserveRequest(
+            key_account("k1"),
+            period,
+            mid,
+            want=300,
+            need=50,
+            default_limit=1000,
+            rate_limit_ms=0,
+            now=utcnow(),
+        )
+    )
+    price = {"input": "3", "output": "15"}
+    await store.messages.update_one(
+        {"_id": mid},
+        {"$set": {"price": price, "currency": "USD", "key_id": "k1", "key_grant": key.grant}},
+    )
+    assert await reap(store, settings) == 1
+    completion = TokenCounter().count("half of an answer")
+    cost = cost_nanos(Price.model_validate(price), prompt=40, completion=completion)
+    msg = await store.messages.find_one({"_id": mid})
+    assert msg["cost"] == cost
+    user = await store.usage.find_one({"user_id": "ghost"})
+    mine = await store.usage.find_one({"user_id": key_account("k1")})
+    assert user["cost"] == mine["cost"] == cost
+    assert mine["used"] == 40 + completion and mine["reserved"] == 0 and not mine["open"]
+    rows = await store.daily.find({}).to_list(None)
+    assert len(rows) == 1 and rows[0]["key_id"] == "k1" and rows[0]["cost"] == cost
+    assert rows[0]["outcomes"] == {"interrupted": 1} and rows[0]["turns"] == 1
+    assert await reap(store, settings) == 0  # nothing billed or rolled up twice
+    assert (await store.daily.find_one({}))["turns"] == 1
