@@ -41,6 +41,8 @@ const SENTENCES = {
   rate_limit_exceeded: "You are sending messages too quickly.",
   too_many_turns: "Too many answers are being written at once. Wait for one to end.",
   budget_exceeded: "Your monthly token budget is used up.",
+  forbidden: "You are not allowed to do that.",
+  model_not_allowed: "This API key may not use that model.",
   insufficient_quota: "Your monthly token budget is used up.",
   // sending again
   idempotency_key_in_progress: "The message is still being sent. Wait a moment.",
