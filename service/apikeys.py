@@ -70,7 +70,7 @@ def parse_expiry(value: str, now: datetime) -> datetime:
         at = datetime.fromisoformat(value)
     except ValueError:
         at = None
-    if at is None or at.tzinfo is None or "T" not in value.upper():
+    if at is None or at.tzinfo is None:
         raise BadRequest(
             "expires_at must be an RFC 3339 date-time with an offset, e.g. 2030-01-31T00:00:00Z",
             code="validation_error",

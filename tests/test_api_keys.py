@@ -125,6 +125,7 @@ async def test_an_unknown_key_is_refused_without_echoing_it(client):
         ({"name": "k", "colour": "red"}, "colour"),
         ({"name": "k", "expires_at": "2999-01-01T00:00:00"}, "expires_at"),  # no offset
         ({"name": "k", "expires_at": "2999-01-01"}, "expires_at"),
+        ({"name": "k", "expires_at": "2999-01-01T00:00:00+25:00"}, "expires_at"),
         ({"name": "k", "expires_at": "tomorrow"}, "expires_at"),
         ({"name": "k", "expires_at": "2001-01-01T00:00:00Z"}, "expires_at"),  # past
         ({"name": "k", "expires_at": 4102444800}, "expires_at"),
@@ -286,12 +287,14 @@ async def ws_turn(ws, chat_id: str, model: str | None = None) -> dict[str, Any]:
             return msg
 
 
-async def test_a_key_opens_a_websocket_by_header(stream_client, auth):
+async def test_a_key_opens_a_websocket_by_header(stream_client, auth, logs):
     key = await make_key(stream_client, auth(), models=["gpt-test"])
     h = bearer(key["key"])
     chat_id = await new_chat(stream_client, h)
     async with stream_client.ws_connect("/api/ws", headers=h) as ws:
         assert (await ws_turn(ws, chat_id))["status"] == "complete"
+    started = next(e for e in logs if e["event"] == "stream.started")
+    assert started["transport"] == "ws" and started["key_id"] == key["id"]
     async with stream_client.ws_connect("/api/ws", headers=h) as ws:
         refused = await ws_turn(ws, chat_id, model="demo")
         assert refused["type"] == "error" and refused["code"] == "model_not_allowed"

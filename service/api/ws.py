@@ -100,7 +100,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     )
     principal = await _authenticate(request, ws)
     request[PRINCIPAL] = principal
-    structlog.contextvars.bind_contextvars(user_id=principal.user_id)
+    key = {"key_id": principal.key.key_id} if principal.key is not None else {}
+    structlog.contextvars.bind_contextvars(user_id=principal.user_id, **key)
     await ws.prepare(request)
     services = transport.Services(
         admissions=request.app[ADMISSIONS],
