@@ -19,15 +19,18 @@ from service.api import (
     chats,
     feedback,
     health,
+    keys,
     messages,
     openai_compat,
     page,
     search,
     ws,
 )
+from service.apikeys import ApiKeys
 from service.auth import Authenticator
 from service.keys import (
     ADMISSIONS,
+    API_KEYS,
     AUTH,
     CATALOGUE,
     HEARTBEATS,
@@ -71,6 +74,14 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     app[STORE] = store
     yield
     client.close()
+
+
+async def _api_keys_ctx(app: web.Application) -> AsyncIterator[None]:
+    """API keys need the store; the Authenticator (built first) resolves them through it."""
+    api_keys = app[API_KEYS] = ApiKeys(app[STORE], cache_s=app[SETTINGS].api_key_cache_s)
+    app[AUTH].api_keys = api_keys
+    yield
+    await api_keys.close()
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -197,13 +208,14 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[CATALOGUE] = load_catalogue(settings)
-    app.cleanup_ctx.extend([_auth_ctx, _store_ctx, _upstream_ctx, _streams_ctx])
+    app.cleanup_ctx.extend([_auth_ctx, _store_ctx, _api_keys_ctx, _upstream_ctx, _streams_ctx])
     app.on_response_prepare.extend([add_request_id_header, set_server_header])
     app.on_shutdown.append(_drain)
     health.setup(app)
     chats.setup(app)
     feedback.setup(app)
     search.setup(app)
+    keys.setup(app)
     messages.setup(app)
     branches.setup(app)
     openai_compat.setup(app)

@@ -6,7 +6,12 @@ configured; ``JWT_LEEWAY_S`` allows for clock skew. Successful verifications are
 bounded LRU keyed by the exact token string and reused until ``exp`` (plus the leeway), which is
 safe because the accepted algorithm and the other checks are fixed for the process's life and the
 cache is emptied whenever the keys change (a JWKS refresh, ``service/jwks.py``), so the same token
-string always verifies the same way until it expires.
+string always verifies the same way until it expires (the admin claim included: it is part of
+the token).
+
+A credential that starts with ``cgw-`` is an API key, not a JWT: ``verify`` hands it to the key
+resolver (``service/apikeys.py``), which has its own short cache so that a revocation is seen
+within ``API_KEY_CACHE_S``; keys never enter the token LRU.
 
 A key that cannot be used stops start-up with one line naming its variable (``SettingsError``):
 a public key that does not parse or is shorter than PyJWT's minimum, a JWKS that cannot be loaded.
@@ -18,7 +23,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 
@@ -28,6 +33,7 @@ from service.settings import HS_ALGORITHMS, Settings, SettingsError
 
 # Most verified tokens remembered per Authenticator (LRU); failures are never remembered.
 VERIFIED_CACHE_SIZE = 4096
+API_KEY_PREFIX = "cgw-"  # what tells an API key's secret from a JWT
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +54,19 @@ class Principal:
     admin: bool = False  # may use /api/admin (the admin claim, or an admin key)
 
 
+class KeyResolver(Protocol):
+    """Turns an API key's secret into its principal (``service.apikeys.ApiKeys``)."""
+
+    async def resolve(self, secret: str) -> Principal: ...
+
+
+def has_role(claim: Any, role: str) -> bool:
+    """Whether a token's role claim (a string, or a list of strings) names ``role``."""
+    if isinstance(claim, str):
+        return claim == role
+    return isinstance(claim, list) and role in claim
+
+
 def _read_pem(value: str) -> str:
     return value if "-----BEGIN" in value else Path(value).read_text()
 
@@ -58,7 +77,11 @@ class Authenticator:
         self._issuer = settings.jwt_issuer
         self._audience = settings.jwt_audience
         self._leeway = settings.jwt_leeway_s
+        self._admin_claim = settings.admin_claim
+        self._admin_role = settings.admin_role
         self._jwks = jwks
+        # Set once the store exists (the app's cleanup contexts build the Authenticator first).
+        self.api_keys: KeyResolver | None = None
         self._jwks_version = jwks.version if jwks is not None else 0
         self._key: Any = None
         self._verified: OrderedDict[str, Principal] = OrderedDict()
@@ -118,6 +141,10 @@ class Authenticator:
         return await self.verify(token.strip())
 
     async def verify(self, token: str) -> Principal:
+        if token.startswith(API_KEY_PREFIX):
+            if self.api_keys is None:
+                raise Unauthorized("invalid API key: API keys are not served here")
+            return await self.api_keys.resolve(token)
         if self._jwks is not None:
             self._jwks.refresh_if_stale()  # also while every token is served from the cache
         self._forget_on_key_change()
@@ -160,7 +187,11 @@ class Authenticator:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub or len(sub) > 256:
             raise Unauthorized("invalid token: bad subject")
-        return Principal(user_id=sub, expires_at=float(claims["exp"]))
+        return Principal(
+            user_id=sub,
+            expires_at=float(claims["exp"]),
+            admin=has_role(claims.get(self._admin_claim), self._admin_role),
+        )
 
 
 # Why PyJWT refused a token, in words a person reads (the page shows them): never the name of an

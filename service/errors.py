@@ -65,7 +65,8 @@ class Unauthorized(ServiceError):
     code = "unauthorized"
 
     def __init__(self, message: str, *, details: Any = None) -> None:
-        error = "invalid_token" if "token" in message else "invalid_request"
+        bad = "token" in message or message.startswith("invalid API key")
+        error = "invalid_token" if bad else "invalid_request"
         super().__init__(
             message,
             details=details,

@@ -7,6 +7,7 @@ import asyncio
 import aiohttp
 from aiohttp import web
 
+from service.apikeys import ApiKeys
 from service.auth import Authenticator, Principal
 from service.model_lists import ModelLists
 from service.models import Catalogue
@@ -22,6 +23,7 @@ from service.transports.ws import Connection
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 AUTH = web.AppKey("auth", Authenticator)
+API_KEYS = web.AppKey("api_keys", ApiKeys)  # programs' keys (also resolved by AUTH)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 CATALOGUE = web.AppKey("catalogue", Catalogue)
 MODEL_LISTS = web.AppKey("model_lists", ModelLists)  # which configured models are live now

@@ -9,7 +9,8 @@ line is one JSON document: a traceback is rendered as text into its ``exception`
 Nothing a client sends may put a credential in the log: aiohttp's parse errors echo the raw
 request line or header, a JWT included. ``scrub`` replaces what looks like a credential in every
 string field (JWTs, ``Bearer`` values, ``Authorization``/``Cookie``/API-key header values,
-``ticket=``/``token=``/``key=`` query values, OpenAI and Google API keys) and bounds each
+``ticket=``/``token=``/``key=`` query values, OpenAI and Google API keys, and this service's own
+``cgw-`` keys) and bounds each
 field's length, on our own lines as well: they are few per request, and a field runs the
 expression only when a few substring tests say it might match (about 3 µs a line).
 """
@@ -33,8 +34,8 @@ MAX_EXCEPTION_CHARS = 8000  # a traceback's text
 _CREDENTIAL = re.compile(
     # a JWS or JWE: base64url JSON header ("eyJ" is '{"'), then 2 to 4 more segments
     r"eyJ[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){2,4}"
-    # OpenAI-style and Google API keys
-    r"|\bsk-[A-Za-z0-9_-]{16,}|\bAIza[A-Za-z0-9_-]{30,}"
+    # OpenAI-style and Google API keys, and this service's own (``cgw-``)
+    r"|\bsk-[A-Za-z0-9_-]{16,}|\bAIza[A-Za-z0-9_-]{30,}|\bcgw-[A-Za-z0-9_-]{8,}"
     # Authorization/Cookie headers: the whole value, whatever its scheme
     r"|(?P<h>(?i:\b(?:proxy-)?authorization|\bcookie|\bset-cookie)[\"']?\s*[:=]\s*[\"']?)"
     r"[^\"'\r\n]+"
@@ -65,6 +66,7 @@ def _may_hold_credential(text: str) -> bool:
         or "auth" in low
         or "cookie" in low
         or "sk-" in low
+        or "cgw-" in low
         or "aiza" in low
     )
 

@@ -138,6 +138,10 @@ async def authenticate(request: web.Request) -> Mapping[str, Any]:
     ):
         principal = await _verify(request)
         request[PRINCIPAL] = principal
+        if principal.key is not None:  # which key acted, on every line of the request
+            return structlog.contextvars.bind_contextvars(
+                user_id=principal.user_id, key_id=principal.key.key_id
+            )
         return structlog.contextvars.bind_contextvars(user_id=principal.user_id)
     return {}
 

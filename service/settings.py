@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     # A JWKS older than the TTL is fetched again; an unknown kid fetches it at most once a gap.
     jwt_jwks_ttl_s: float = Field(300.0, gt=0)
     jwt_jwks_min_refresh_s: float = Field(30.0, ge=0)
+    # A token whose ADMIN_CLAIM is ADMIN_ROLE (or a list holding it) may use /api/admin.
+    admin_claim: str = Field("role", min_length=1)
+    admin_role: str = Field("admin", min_length=1)
+    # How long a replica trusts an API key lookup: a revoked key stops within this everywhere.
+    api_key_cache_s: float = Field(5.0, ge=0, le=300)
 
     # --- logs
     log_format: Literal["auto", "json", "console"] = "auto"

@@ -237,6 +237,7 @@ class Store:
             expireAfterSeconds=self.idempotency_ttl_s,
         )
         await self._create_search_index()
+        await self._create_api_key_indexes()
 
     async def _create_search_index(self) -> None:
         """A text index over each user's messages (MongoDB), or none where the server has no
@@ -957,9 +958,18 @@ class Store:
     # ---- WebSocket tickets
     # A ticket is stored under its SHA-256 only; consuming it is one find_one_and_delete filtered
     # on "not expired", so it works once, on any replica. The TTL index only tidies up.
+    # A ticket asked for with an API key names the key (its scope is read again when the ticket
+    # is used, so a key revoked meanwhile opens nothing); ``admin`` is the asker's admin flag.
     @db_call
     async def create_ws_ticket(
-        self, ticket: str, *, user_id: str, token_expires_at: float, expires_at: datetime
+        self,
+        ticket: str,
+        *,
+        user_id: str,
+        token_expires_at: float,
+        expires_at: datetime,
+        key_id: str | None = None,
+        admin: bool = False,
     ) -> None:
         await self.db["ws_tickets"].insert_one(
             {
@@ -968,6 +978,8 @@ class Store:
                 "token_expires_at": token_expires_at,
                 "expires_at": expires_at,
                 "created_at": utcnow(),
+                "key_id": key_id,
+                "admin": admin,
             }
         )
 
@@ -1019,6 +1031,83 @@ class Store:
     async def release_claim(self, claim_id: Any) -> None:
         """The claimed turn was refused before streaming: a retry is evaluated afresh."""
         await self.db["idempotency_keys"].delete_one({"_id": claim_id, "state": "starting"})
+
+    # ------------------------------------------------------------------ API keys
+    # ``api_keys`` {_id: "key_…", user_id, name, hash (SHA-256 of the secret, unique), prefix,
+    # created_at, last_used_at, expires_at, models, limit, admin, revoked_at}. The cap on a
+    # user's keys is ``api_key_counts`` {_id: user, active: n}, as for chats: one conditional
+    # ``$inc`` (an upsert that does not match raises DuplicateKeyError: the cap is full).
+    async def _create_api_key_indexes(self) -> None:
+        keys = self.db["api_keys"]
+        await keys.create_index([("hash", ASCENDING)], name="key_hash", unique=True)
+        await keys.create_index(
+            [("user_id", ASCENDING), ("created_at", DESCENDING)], name="user_keys"
+        )
+
+    @db_call
+    async def create_api_key(self, doc: Doc, *, cap: int) -> None:
+        """Insert a key doc (``revoked_at: None``) unless its user has ``cap`` keys not revoked;
+        409 ``key_limit_reached`` then. Shielded: a client gone half-way leaves no count."""
+        await asyncio.shield(self._create_api_key(doc, cap))
+
+    async def _create_api_key(self, doc: Doc, cap: int) -> None:
+        counts = self.db["api_key_counts"]
+        try:
+            await counts.find_one_and_update(
+                {"_id": doc["user_id"], "active": {"$lt": cap}},
+                {"$inc": {"active": 1}},
+                upsert=True,
+            )
+        except DuplicateKeyError as exc:
+            raise Conflict(
+                f"API key limit reached ({cap} keys); revoke one first",
+                code="key_limit_reached",
+                details={"limit": cap},
+            ) from exc
+        try:
+            await self.db["api_keys"].insert_one(doc)
+        except BaseException:
+            await counts.update_one({"_id": doc["user_id"]}, {"$inc": {"active": -1}})
+            raise
+
+    @db_call
+    async def list_api_keys(self, user_id: str) -> list[Doc]:
+        """The user's keys not revoked, newest first (at most the cap of them)."""
+        docs: list[Doc] = (
+            await self.db["api_keys"]
+            .find({"user_id": user_id, "revoked_at": None}, {"hash": 0})
+            .sort([("created_at", DESCENDING), ("_id", DESCENDING)])
+            .to_list(None)
+        )
+        return docs
+
+    @db_call
+    async def revoke_api_key(self, user_id: str, key_id: str) -> Doc | None:
+        """Mark the user's key revoked; None when it has no such key (or it is revoked)."""
+        return await asyncio.shield(self._revoke_api_key(user_id, key_id))
+
+    async def _revoke_api_key(self, user_id: str, key_id: str) -> Doc | None:
+        doc: Doc | None = await self.db["api_keys"].find_one_and_update(
+            {"_id": key_id, "user_id": user_id, "revoked_at": None},
+            {"$set": {"revoked_at": utcnow()}},
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is not None:
+            await self.db["api_key_counts"].update_one({"_id": user_id}, {"$inc": {"active": -1}})
+        return doc
+
+    @db_call
+    async def find_api_key(
+        self, *, hash_hex: str | None = None, key_id: str | None = None
+    ) -> Doc | None:
+        """A key by its secret's hash or by its id, revoked or not."""
+        query: Doc = {"hash": hash_hex} if hash_hex is not None else {"_id": key_id}
+        doc: Doc | None = await self.db["api_keys"].find_one(query)
+        return doc
+
+    @db_call
+    async def touch_api_key(self, key_id: str, at: datetime) -> None:
+        await self.db["api_keys"].update_one({"_id": key_id}, {"$max": {"last_used_at": at}})
 
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -86,6 +86,7 @@ BODY_TEMPLATES: dict[str, dict[str, Any]] = {
         "stream": True,
     },
     "/v1/messages/count_tokens": {"model": "demo", "messages": [{"role": "user", "content": "Hi"}]},
+    "/api/keys": {"name": "fuzz", "models": ["demo"], "limit": 1000},
 }
 
 
@@ -113,10 +114,11 @@ def hostile_json(rng: random.Random, depth: int = 0) -> Any:
 
 @dataclass
 class Ids:
-    """What exists, per user: their chats and messages."""
+    """What exists, per user: their chats, messages and API keys."""
 
     chats: dict[str, list[str]] = field(default_factory=dict)
     messages: dict[str, list[str]] = field(default_factory=dict)
+    keys: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -152,7 +154,7 @@ class Fuzzer:
     # ------------------------------------------------------------------ path
     def path(self, canonical: str) -> bytes:
         out = canonical
-        for name in ("chat_id", "message_id", "model", "path"):
+        for name in ("chat_id", "message_id", "key_id", "model", "path"):
             if "{" + name in out:
                 start = out.index("{" + name)
                 end = out.index("}", start) + 1
@@ -164,6 +166,7 @@ class Fuzzer:
         valid = {
             "chat_id": self.ids.chats[self.user][self.chat_pool],
             "message_id": self.ids.messages[self.user],
+            "key_id": self.ids.keys[self.user],
             "model": ["demo", "gpt-test"],
             "path": ["style.css", "js/app.js", "index.html"],
         }[name]
@@ -397,7 +400,13 @@ async def existing_ids(client, tokens: dict[str, str]) -> Ids:
         found = await client.app[STORE].messages.find({"chat_id": {"$in": chats}}).to_list(None)
         ids.chats[user] = chats
         ids.messages[user] = [m["_id"] for m in found]
+        ids.keys[user] = [await new_key(client, h) for _ in range(3)]
     return ids
+
+
+async def new_key(client, headers: dict[str, str]) -> str:
+    resp = await client.post("/api/keys", json={"name": "fuzz"}, headers=headers)
+    return str((await resp.json())["id"])
 
 
 async def replace_chat(client, fuzzer: Fuzzer, deleted: str) -> None:
@@ -408,6 +417,15 @@ async def replace_chat(client, fuzzer: Fuzzer, deleted: str) -> None:
             h = {"Authorization": f"Bearer {fuzzer.tokens[user]}"}
             resp = await client.post("/api/chat", json={"model": "demo"}, headers=h)
             chats[chats.index(deleted)] = (await resp.json())["chat_id"]
+
+
+async def replace_key(client, fuzzer: Fuzzer, path: bytes) -> None:
+    """A revoked key is 404 from then on: give its user a new one."""
+    revoked = path.decode().rsplit("/", 1)[1]
+    for user, keys in fuzzer.ids.keys.items():
+        if revoked in keys:
+            h = {"Authorization": f"Bearer {fuzzer.tokens[user]}"}
+            keys[keys.index(revoked)] = await new_key(client, h)
 
 
 # What a route answers once past authentication and validation, where that is not a 2xx: a
@@ -440,6 +458,8 @@ async def test_every_route_survives_hostile_http_inputs(fuzz_client, token_for, 
             statuses[(method, canonical)].add(resp.status)
             if (method, canonical, resp.status) == ("DELETE", "/api/chat/{chat_id}", 200):
                 await replace_chat(client, fuzzer, resp.json()["chat_id"])
+            if (method, canonical, resp.status) == ("DELETE", "/api/keys/{key_id}", 204):
+                await replace_key(client, fuzzer, path)
         # and a method no route takes, on a path that one does
         method = fuzzer.rng.choice(["PUT", "PATCH", "OPTIONS", "TRACE", "DELETE", "POST"])
         path, request = fuzzer.request(method, fuzzer.rng.choice(table)[1])

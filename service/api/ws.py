@@ -21,6 +21,7 @@ from service.errors import BadRequest, ServiceError, Unauthorized
 from service.http import json_response
 from service.keys import (
     ADMISSIONS,
+    API_KEYS,
     AUTH,
     PRINCIPAL,
     REGISTRY,
@@ -77,7 +78,13 @@ async def _redeem(request: web.Request, ticket: str) -> Principal:
     doc = await request.app[STORE].consume_ws_ticket(ticket, now=utcnow())
     if doc is None:
         raise Unauthorized("invalid ticket: unknown, already used or expired")
-    principal = Principal(user_id=str(doc["user_id"]), expires_at=float(doc["token_expires_at"]))
+    if doc.get("key_id") is not None:  # asked for with an API key: that key, as it is now
+        return await request.app[API_KEYS].resolve_id(str(doc["key_id"]))
+    principal = Principal(
+        user_id=str(doc["user_id"]),
+        expires_at=float(doc["token_expires_at"]),
+        admin=bool(doc.get("admin")),
+    )
     if principal.expires_at <= time.time():
         raise Unauthorized("invalid ticket: its token has expired")
     return principal
@@ -93,7 +100,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     )
     principal = await _authenticate(request, ws)
     request[PRINCIPAL] = principal
-    structlog.contextvars.bind_contextvars(user_id=principal.user_id)
+    key = {"key_id": principal.key.key_id} if principal.key is not None else {}
+    structlog.contextvars.bind_contextvars(user_id=principal.user_id, **key)
     await ws.prepare(request)
     services = transport.Services(
         admissions=request.app[ADMISSIONS],
@@ -120,6 +128,8 @@ async def create_ticket(request: web.Request) -> web.Response:
         user_id=principal.user_id,
         token_expires_at=principal.expires_at,
         expires_at=utcnow() + timedelta(seconds=ttl),
+        key_id=principal.key.key_id if principal.key is not None else None,
+        admin=principal.admin,
     )
     return json_response(
         {"ticket": ticket, "expires_in": ttl}, headers={"Cache-Control": "no-store"}
