@@ -43,6 +43,9 @@ const SENTENCES = {
   budget_exceeded: "Your monthly token budget is used up.",
   forbidden: "You are not allowed to do that.",
   model_not_allowed: "This API key may not use that model.",
+  unknown_model: "One of those models is not in the catalogue.",
+  key_limit_reached: "You have as many API keys as allowed. Revoke one to create another.",
+  key_not_found: "That API key no longer exists (was it revoked elsewhere?).",
   insufficient_quota: "Your monthly token budget is used up.",
   // sending again
   idempotency_key_in_progress: "The message is still being sent. Wait a moment.",
