@@ -1,0 +1,56 @@
+"""An API key's own monthly limit, inside its user's: every turn made with the key is reserved on
+the key's month too, so concurrent turns never overspend the key by more than one reservation,
+and the key's month, the user's month, the records and the rollup agree."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+from service.app import create_app
+from service.keys import STORE
+from service.store import key_account
+from tests.fake_openai import Script
+from tests.faults import settled
+
+BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
+
+
+async def test_a_key_s_own_limit_holds_under_30_concurrent_turns(
+    aiohttp_client, stream_settings, fake_openai, auth
+):
+    settings = stream_settings(max_concurrent_turns_per_user=0, v1_requests_per_minute=0)
+    client = await aiohttp_client(create_app(settings))
+    db = client.app[STORE].db
+    limit = 1200  # a few turns' worth; the user's own limit (100,000) is far away
+    resp = await client.post("/api/keys", json={"name": "ci", "limit": limit}, headers=auth())
+    assert resp.status == 201
+    key = await resp.json()
+    headers = {"Authorization": f"Bearer {key['key']}"}
+    fake_openai.default = Script(chunks=["a", "b"], usage=(21, 4))
+    responses = await asyncio.gather(
+        *(client.post("/v1/chat/completions", json=BODY, headers=headers) for _ in range(30))
+    )
+    bodies = [await r.json() if r.status != 200 else await r.read() for r in responses]
+    statuses = Counter(r.status for r in responses)
+    assert statuses[200] >= 1 and statuses[429] >= 1, statuses  # the key's limit refused some
+    refused = [b for r, b in zip(responses, bodies, strict=True) if r.status == 429]
+    assert all("API key" in b["error"]["message"] for b in refused)  # named as the key's
+    # a token of the same user is not held to the key's limit
+    resp = await client.post("/v1/chat/completions", json=BODY, headers=auth())
+    assert resp.status == 200
+    await resp.read()
+    await settled(db)
+    await settled(db, users=(key_account(key["id"]),))
+    records = await db.messages.find({"role": "assistant"}).to_list(None)
+    mine = [r for r in records if r.get("key_id") == key["id"]]
+    assert len(mine) == statuses[200] and len(records) == statuses[200] + 1
+    own = await db.usage.find_one({"user_id": key_account(key["id"])})
+    user = await db.usage.find_one({"user_id": "alice"})
+    billed = sum(r["tokens"]["total"] for r in mine)
+    assert own["used"] == billed and own["reserved"] == 0 and not own.get("open")
+    assert user["used"] == billed + 25  # and the token's turn
+    grant = max(r["reservation"] for r in mine)  # one turn's reservation on the key
+    assert own["used"] <= limit + grant
+    rows = await db.usage_daily.find({"key_id": key["id"]}).to_list(None)
+    assert sum(r["turns"] for r in rows) == len(mine)
