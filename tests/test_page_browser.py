@@ -92,8 +92,10 @@ def serve(aiohttp_client, stream_settings):
     return factory
 
 
-async def open_page(browser, client, *, user="alice", viewport=(1200, 800), port=None):
-    context = await browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
+async def open_page(browser, client, *, user="alice", viewport=(1200, 800), port=None, locale=None):
+    context = await browser.new_context(
+        viewport={"width": viewport[0], "height": viewport[1]}, locale=locale
+    )
     page = await context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     page.uncaught = []

@@ -2,9 +2,11 @@
 
 import { ApiError, api, auth, devToken, listModels, onUnauthorized, randomId } from "./api.js";
 import { $, formatTime, h, titleFrom } from "./dom.js";
-import { describe, describeEnd } from "./errors.js";
+import { describe, describeEnd, setBudgetUnit } from "./errors.js";
 import { copyText } from "./markdown.js";
-import { appendReasoning, appendText, messageEl, onRendered, rawText, setStatus, setVersion, settle } from "./messages.js";
+import { KeysDialog } from "./keys.js";
+import { appendReasoning, appendText, messageEl, onRendered, rawText, setMeta, setStatus, setVersion, settle } from "./messages.js";
+import { formatMoney, isMoneyUnit } from "./money.js";
 import { codePoints } from "./resume.js";
 import { Search } from "./search.js";
 import { sseBranch, sseResume, sseTurn } from "./sse.js";
@@ -17,6 +19,7 @@ const state = {
   chatId: null,
   turn: null, // the running turn (sent, or followed after a reload): {cancel, stopping}
   ws: new WsTransport(),
+  budgetUnit: "tokens", // what the month's budget counts: tokens, or a currency's code
   stick: true, // the messages were scrolled to the bottom: keep them there as an answer grows
 };
 
@@ -50,6 +53,8 @@ const el = {
   useWs: $("#use-ws"),
   usageMeter: $("#usage-meter"),
   usageText: $("#usage-text"),
+  usage: $("#usage"),
+  keysOpen: $("#keys-open"),
   whoami: $("#whoami"),
   controls: $(".controls"),
   signOut: $("#sign-out"),
@@ -57,6 +62,8 @@ const el = {
   errorText: $("#error-text"),
   errorClose: $("#error-close"),
 };
+
+const keys = new KeysDialog({ budgetUnit: () => state.budgetUnit });
 
 const search = new Search(
   { input: el.search, results: el.searchResults, list: el.chatList, status: el.searchStatus },
@@ -125,22 +132,41 @@ async function ensureToken() {
 }
 
 onUnauthorized(() => {
+  keys.close();
   auth.token = null;
   state.ws.close();
   setSignedIn(false);
 });
 
 // ------------------------------------------------------------------------------------ usage, models
+// The month's budget (tokens, or money when BUDGET_UNIT=currency) and what it has cost so far.
 async function refreshUsage() {
   try {
     const u = await api("GET", "/api/usage");
-    el.usageMeter.value = Math.min(100, u.percent);
-    el.usageText.textContent = `${u.used.toLocaleString()} / ${u.limit.toLocaleString()} tokens`;
-    el.usageText.parentElement.title = `${u.percent}% of this month's budget used, ${u.remaining.toLocaleString()} tokens left`;
-    el.usageText.parentElement.dataset.used = String(u.used);
+    state.budgetUnit = u.unit;
+    setBudgetUnit(u.unit);
+    showUsage(u);
   } catch (exc) {
     if (exc.status !== 401) el.usageText.textContent = "usage unavailable";
   }
+}
+
+function showUsage(u) {
+  const money = isMoneyUnit(u.unit);
+  const amount = (value) => (money ? formatMoney(value, u.unit) : `${Number(value).toLocaleString()} tokens`);
+  const spend = formatMoney(u.cost, u.currency);
+  // In tokens, the spend is shown once something priced ran (an unpriced month has none to show).
+  const spent = spend && (money || Number(u.cost) > 0);
+  el.usageMeter.value = Math.min(100, u.percent);
+  el.usageText.textContent = money
+    ? `${amount(u.used)} / ${amount(u.limit)}`
+    : `${Number(u.used).toLocaleString()} / ${amount(u.limit)}${spent ? ` · ${spend}` : ""}`;
+  const title = `${u.percent}% of this month's budget used, ${amount(u.remaining)} left`;
+  el.usage.title = spent ? `${title}. Spent this month: ${spend}.` : `${title}.`;
+  el.usage.dataset.unit = u.unit;
+  el.usage.dataset.used = String(u.used);
+  el.usage.dataset.cost = String(u.cost);
+  el.usage.dataset.currency = String(u.currency);
 }
 
 async function loadModels() {
@@ -404,6 +430,7 @@ function answerHandlers(botEl, onStarted = () => {}) {
     onEnd(kind, data) {
       setStatus(botEl, data.status || (kind === "done" ? "complete" : "failed"));
       settle(botEl);
+      setMeta(botEl, data);
       if (kind === "error") {
         const why = describeEnd(data);
         botEl.append(h("div", { class: "msg-error" }, why));
@@ -809,6 +836,7 @@ function bind() {
     const open = el.app.classList.toggle("sidebar-open");
     el.toggleSidebar.setAttribute("aria-expanded", String(open));
   });
+  el.keysOpen.addEventListener("click", () => keys.open(el.keysOpen));
   el.signOut.addEventListener("click", () => {
     auth.token = null;
     state.ws.close();

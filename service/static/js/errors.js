@@ -47,6 +47,11 @@ const SENTENCES = {
   key_limit_reached: "You have as many API keys as allowed. Revoke one to create another.",
   key_not_found: "That API key no longer exists (was it revoked elsewhere?).",
   insufficient_quota: "Your monthly token budget is used up.",
+  // permissions and API keys
+  forbidden: "That is not allowed",
+  model_not_allowed: "This API key may not use that model. Pick another one.",
+  unknown_model: "That model is not in the service's list",
+  key_not_found: "That API key no longer exists (was it revoked elsewhere?).",
   // sending again
   idempotency_key_in_progress: "The message is still being sent. Wait a moment.",
   idempotency_key_reused: "This message was already sent with other content. Send it again.",
@@ -85,6 +90,8 @@ const SENTENCES = {
 // Codes whose server message adds the detail the sentence lacks (which field, which limit).
 const WITH_DETAIL = new Set([
   "unauthorized",
+  "forbidden",
+  "unknown_model",
   "invalid_api_key",
   "invalid_message",
   "unsupported_parameter",
@@ -111,6 +118,13 @@ const STATUS_SENTENCES = {
 // A server message as a clause: "invalid token: expired" -> "invalid token: expired".
 const clause = (message) => String(message || "").trim().replace(/[.\s]+$/, "");
 
+// What the month's budget counts ("tokens" or a currency's code), from GET /api/usage: a refusal
+// by the budget says so in its words.
+let budgetUnit = "tokens";
+export function setBudgetUnit(unit) {
+  budgetUnit = unit || "tokens";
+}
+
 function limitDetail(code, err) {
   const d = err.details || {};
   if (code === "budget_exceeded" || code === "insufficient_quota") {
@@ -127,6 +141,10 @@ function limitDetail(code, err) {
 // The sentence for an ApiError-like {code, message, status, details, retryAfter}.
 export function describe(err) {
   const code = err.code || "";
+  if (budgetUnit !== "tokens" && (code === "budget_exceeded" || code === "insufficient_quota")) {
+    // a money budget: its refusal's amounts are not in words a person reads (nano-units)
+    return "Your monthly budget is used up. It renews at the start of next month.";
+  }
   const sentence = SENTENCES[code];
   if (sentence) {
     const limit = limitDetail(code, err);

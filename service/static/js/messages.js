@@ -9,6 +9,7 @@
 import { describeEnd } from "./errors.js";
 import { formatTime, h } from "./dom.js";
 import { MarkdownView } from "./markdown.js";
+import { formatMoney } from "./money.js";
 
 const STATUS_LABELS = {
   pending: "waiting…",
@@ -107,7 +108,31 @@ export function setVersion(msgEl, version) {
   button.setAttribute("aria-label", `Version ${version} of ${version}: show the earlier versions`);
 }
 
-export function messageEl({ role, content, status, message_id: messageId, error, reasoning, created_at: createdAt, feedback, version }) {
+// An ended answer's tokens and, for a priced model's, its cost: "412 tokens · $0.000123". From
+// the history's message or the final event (both carry `tokens`, and `cost` + `currency` only
+// when the model has a price: an unpriced answer shows no cost).
+export function setMeta(msgEl, { tokens, cost, currency } = {}) {
+  const meta = msgEl.querySelector(".msg-meta");
+  if (!meta) return;
+  const total = tokens && Number.isFinite(tokens.total) ? tokens.total : null;
+  const money = formatMoney(cost, currency);
+  const parts = [];
+  if (total !== null) parts.push(`${total.toLocaleString()} ${total === 1 ? "token" : "tokens"}`);
+  if (money) parts.push(money);
+  meta.textContent = parts.join(" · ");
+  meta.hidden = !parts.length;
+  if (money) {
+    meta.dataset.cost = cost;
+    meta.dataset.currency = currency;
+    meta.title = `This answer cost ${money} (${cost} ${currency})`;
+  } else {
+    delete meta.dataset.cost;
+    delete meta.dataset.currency;
+    meta.removeAttribute("title");
+  }
+}
+
+export function messageEl({ role, content, status, message_id: messageId, error, reasoning, created_at: createdAt, feedback, version, tokens, cost, currency }) {
   const answer = role === "assistant";
   const body = h("div", { class: "msg-body", hidden: answer });
   body.append(document.createTextNode(content || "")); // one text node; deltas append to it
@@ -120,6 +145,7 @@ export function messageEl({ role, content, status, message_id: messageId, error,
       h("span", { class: "msg-role" }, role === "user" ? "You" : "Assistant"),
       timeEl(createdAt),
       h("span", { class: "msg-status" }),
+      answer ? h("span", { class: "msg-meta", hidden: true }) : null,
     ),
     body,
   );
@@ -135,6 +161,7 @@ export function messageEl({ role, content, status, message_id: messageId, error,
   }
   setVersion(li, version);
   setStatus(li, status || "complete");
+  if (answer) setMeta(li, { tokens, cost, currency });
   if (reasoning) appendReasoning(li, reasoning);
   if (error && (error.message || error.code)) {
     li.append(h("div", { class: "msg-error" }, describeEnd(error)));
