@@ -30,6 +30,10 @@ function today() {
   return `${d.getFullYear()}-${String(d.getMonth() + 1).padStart(2, "0")}-${String(d.getDate()).padStart(2, "0")}`;
 }
 
+// A key's start as its secret begins ("cgw-" and the first characters), to tell keys apart.
+const SECRET_START = "cgw-";
+const shownPrefix = (prefix) => (String(prefix).startsWith(SECRET_START) ? prefix : `${SECRET_START}${prefix}`);
+
 export class KeysDialog {
   // budgetUnit(): "tokens" or the currency's code (what a key's limit counts).
   constructor({ budgetUnit }) {
@@ -177,7 +181,7 @@ export class KeysDialog {
       "tr",
       { class: "key-row", dataset: { keyId: key.id } },
       h("th", { scope: "row", class: "key-name" }, key.name, key.admin ? h("span", { class: "key-badge" }, "admin") : null),
-      h("td", { class: "key-prefix" }, h("code", {}, `${key.prefix}…`)),
+      h("td", { class: "key-prefix" }, h("code", {}, `${shownPrefix(key.prefix)}…`)),
       h("td", {}, when(key.created_at, "")),
       h("td", { class: "key-used" }, when(key.last_used_at, "never")),
       h("td", { class: "key-expires" }, when(key.expires_at, "never")),
