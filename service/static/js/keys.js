@@ -154,7 +154,8 @@ export class KeysDialog {
       this.el.loading.textContent = "";
     } catch (exc) {
       this.el.loading.textContent = "";
-      this.report(exc);
+      if (exc.status === 404 && exc.code === "not_found") this.showError("This server does not offer API keys.");
+      else this.report(exc);
     }
   }
 
