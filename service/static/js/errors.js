@@ -48,8 +48,6 @@ const SENTENCES = {
   key_not_found: "That API key no longer exists (was it revoked elsewhere?).",
   insufficient_quota: "Your monthly token budget is used up.",
   // permissions and API keys
-  forbidden: "That is not allowed",
-  model_not_allowed: "This API key may not use that model. Pick another one.",
   unknown_model: "That model is not in the service's list",
   key_not_found: "That API key no longer exists (was it revoked elsewhere?).",
   // sending again
@@ -151,7 +149,7 @@ export function describe(err) {
     if (limit !== null) return sentence.replace(/\.$/, "") + limit;
     if (WITH_DETAIL.has(code) && err.message) {
       const tail = code === "unauthorized" || code === "invalid_api_key" ? " Paste a new token." : "";
-      return `${sentence} (${clause(err.message)}).${tail}`;
+      return `${sentence.replace(/\.$/, "")} (${clause(err.message)}).${tail}`;
     }
     return sentence;
   }
