@@ -16,11 +16,7 @@ from tests.test_page_browser import open_page
 browser = page_browser.browser
 serve = page_browser.serve
 
-pytestmark = [
-    pytest.mark.browser,
-    # Passed against h/keys merged in (57b1016..0d6720c); remove once /api/keys is on main.
-    pytest.mark.skip(reason="needs /api/keys"),
-]
+pytestmark = pytest.mark.browser
 
 REVOKE_DEADLINE_S = 10.0
 

@@ -47,9 +47,6 @@ const SENTENCES = {
   key_limit_reached: "You have as many API keys as allowed. Revoke one to create another.",
   key_not_found: "That API key no longer exists (was it revoked elsewhere?).",
   insufficient_quota: "Your monthly token budget is used up.",
-  // permissions and API keys
-  unknown_model: "That model is not in the service's list",
-  key_not_found: "That API key no longer exists (was it revoked elsewhere?).",
   // sending again
   idempotency_key_in_progress: "The message is still being sent. Wait a moment.",
   idempotency_key_reused: "This message was already sent with other content. Send it again.",
