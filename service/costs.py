@@ -127,6 +127,15 @@ class Budget:
         """An amount of the budget as clients see it: tokens, or a decimal string."""
         return format_cost(amount) if self.in_currency else amount
 
+    def refusal(self, details: dict[str, Any] | None) -> dict[str, Any]:
+        """A budget refusal's details (``limit``, ``remaining``, ``needed``) in the unit, named."""
+        out = dict(details or {})
+        for name in ("limit", "remaining", "needed"):
+            if isinstance(out.get(name), int):
+                out[name] = self.show(out[name])
+        out["unit"] = self.label
+        return out
+
     @property
     def label(self) -> str:
         """The unit's name in an API answer: ``tokens`` or the currency's code."""

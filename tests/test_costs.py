@@ -189,6 +189,19 @@ async def test_a_currency_budget_is_spent_in_money_and_never_overspent(
     # the token headers are left out (the budget is money); the request ones stay
     r = await client.post("/v1/chat/completions", json=BODY, headers=auth())
     assert "x-ratelimit-limit-tokens" not in r.headers
+    # the chat route's refusal names the amounts in money
+    chat = await (await client.post("/api/chat", headers=auth())).json()
+    resp = await client.post(
+        f"/api/chat/{chat['chat_id']}/message",
+        json={"message": "Hello", "model": "gpt-test"},
+        headers=auth(),
+    )
+    assert resp.status == 403
+    error = (await resp.json())["error"]
+    assert error["code"] == "budget_exceeded" and error["message"] == "monthly budget exhausted"
+    details = error["details"]
+    assert details["unit"] == "EUR" and details["limit"] == "0.0005"
+    assert parse_cost(details["remaining"]) < parse_cost(details["needed"])
 
 
 async def rollup_rows(db: Any) -> dict[tuple[Any, ...], dict[str, Any]]:

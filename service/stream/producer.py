@@ -252,6 +252,12 @@ class TurnProducer:
                             billed=0,
                         )
                     )
+            if isinstance(exc, BudgetExceeded):  # its amounts in the budget's unit
+                raise BudgetExceeded(
+                    exc.message if budget.unit == "tokens" else "monthly budget exhausted",
+                    details=budget.refusal(exc.details),
+                    allowance=exc.allowance,
+                ) from None
             raise
         within = budget.completion_within(price, reservation.grant, prompt_tokens) // choices
         turn = Turn(
@@ -317,7 +323,7 @@ class TurnProducer:
             REJECTIONS.labels(exc.code).inc()
             raise BudgetExceeded(
                 "this API key's monthly budget is exhausted",
-                details={**(exc.details or {}), "key_id": key.key_id},
+                details={**self.budget.refusal(exc.details), "key_id": key.key_id},
                 allowance=exc.allowance,
             ) from None
         return reservation.grant

@@ -2,6 +2,8 @@
 // The server's own message is added only where it says something the sentence cannot (which
 // limit, which field); a code alone or an exception name is never shown.
 
+import { formatMoney, isMoneyUnit } from "./money.js";
+
 const SENTENCES = {
   // the network and the page's own
   network_error: "Cannot reach the server. Check your connection and try again.",
@@ -123,7 +125,13 @@ export function setBudgetUnit(unit) {
 function limitDetail(code, err) {
   const d = err.details || {};
   if (code === "budget_exceeded" || code === "insufficient_quota") {
-    const left = d.limit != null ? ` (${d.remaining ?? 0} of ${d.limit} tokens left)` : "";
+    let left = "";
+    if (isMoneyUnit(d.unit)) {
+      const [rest, all] = [formatMoney(d.remaining ?? "0", d.unit), formatMoney(d.limit, d.unit)];
+      if (rest && all) left = ` (${rest} of ${all} left)`;
+    } else if (d.limit != null) {
+      left = ` (${d.remaining ?? 0} of ${d.limit} tokens left)`;
+    }
     return `${left}. It renews at the start of next month.`;
   }
   if (code === "rate_limited" || code === "rate_limit_exceeded") {
@@ -137,8 +145,8 @@ function limitDetail(code, err) {
 export function describe(err) {
   const code = err.code || "";
   if (budgetUnit !== "tokens" && (code === "budget_exceeded" || code === "insufficient_quota")) {
-    // a money budget: its refusal's amounts are not in words a person reads (nano-units)
-    return "Your monthly budget is used up. It renews at the start of next month.";
+    // a money budget: "token" is not its word; its amounts come in the refusal's unit
+    return "Your monthly budget is used up" + limitDetail(code, err);
   }
   const sentence = SENTENCES[code];
   if (sentence) {
