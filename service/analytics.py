@@ -67,11 +67,12 @@ class UsageQuery:
             if value is not None:
                 match[field] = value
         group: Doc = {"_id": {name: f"${DIMENSIONS[name]}" for name in self.by}}
-        group["turns"] = {"$sum": {"$ifNull": ["$turns", 0]}}
+        # $sum counts a missing counter as 0 (a line written before a counter existed).
+        group["turns"] = {"$sum": "$turns"}
         for outcome in OUTCOMES:
-            group[outcome] = {"$sum": {"$ifNull": [f"$outcomes.{outcome}", 0]}}
+            group[outcome] = {"$sum": f"$outcomes.{outcome}"}
         for field in (*TOKENS, "cost"):
-            group[field] = {"$sum": {"$ifNull": [f"${field}", 0]}}
+            group[field] = {"$sum": f"${field}"}
         return [
             {"$match": match},
             {"$group": group},
