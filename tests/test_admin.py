@@ -532,3 +532,22 @@ async def test_analytics_default_to_this_month_and_take_a_whole_year(client, adm
     assert (body["from"], body["to"]) == (today.replace(day=1).isoformat(), today.isoformat())
     leap = await usage_of(client, admin, "from=2024-01-01&to=2024-12-31")  # 366 days
     assert leap["rows"] == []
+
+
+async def test_in_currency_a_limit_is_a_decimal_string(aiohttp_client, make_settings, admin):
+    client = await aiohttp_client(create_app(make_settings(budget_unit="currency")))
+    store = client.app[STORE]
+    url = "/api/admin/users/alice/limit"
+    resp = await client.put(url, json={"limit": "25.5"}, headers=admin())
+    assert resp.status == 200
+    view = await resp.json()
+    assert (view["unit"], view["limit"], view["remaining"], view["used"]) == (
+        "currency",
+        "25.50",
+        "25.50",
+        "0.00",
+    )
+    assert (await store.get_usage("alice", month()))["limit"] == 25_500_000_000
+    for bad in (25, "-1", "0.0000000001", "ten"):
+        resp = await client.put(url, json={"limit": bad}, headers=admin())
+        assert resp.status == 400, bad

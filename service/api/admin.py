@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import functools
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,7 +28,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from service import analytics
-from service.costs import format_cost, parse_cost
+from service.costs import Budget, format_cost, parse_cost
 from service.errors import BadRequest, Forbidden, NotFound
 from service.http import json_response, read_json, validate
 from service.keys import PRINCIPAL, SETTINGS, STORE
@@ -44,23 +43,10 @@ MAX_INT64 = 2**63 - 1  # the largest integer MongoDB stores
 MAX_USER_ID = 256  # as a token's ``sub``
 
 
-@dataclass(frozen=True, slots=True)
-class Budget:
-    """The month's budget as the admin routes show and take it: its unit (``tokens``, or
-    ``currency``: nano-units shown as decimal strings), the default limit and the currency."""
-
-    unit: str
-    default_limit: int
-    currency: str
-
-    def show(self, amount: int) -> int | str:
-        return format_cost(amount) if self.unit == "currency" else amount
-
-
 def budget_of(settings: Settings) -> Budget:
-    """The budget's unit. Tokens until BUDGET_UNIT and CURRENCY exist (the core's settings)."""
-    currency = str(getattr(settings, "currency", "USD"))
-    return Budget("tokens", settings.default_token_limit, currency)
+    """The month's budget: its unit (``tokens``, or ``currency``: nano-units shown as decimal
+    strings), the default limit in it and the currency."""
+    return settings.budget
 
 
 def parse_limit(value: object, budget: Budget) -> int:
@@ -134,7 +120,7 @@ def limit_view(
         "remaining": budget.show(max(0, limit - used - reserved)),
         "cost": format_cost(int(doc.get("cost", 0))),
         "currency": budget.currency,
-        # What the user's next months start with (null: DEFAULT_TOKEN_LIMIT).
+        # What the user's next months start with (null: the default limit).
         "standing_limit": None if standing is None else budget.show(standing),
     }
 
