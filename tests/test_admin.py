@@ -4,20 +4,26 @@ the daily rollup (JSON and CSV). Real sockets, SecantusDB, the fake upstream."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
+import json
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from service.app import create_app
+from service.costs import format_cost
 from service.keys import STORE
 from service.store import ReserveRequest, utcnow
 from service.stream.producer import period_of
+from tests import openai_recordings as rec
 from tests.fake_openai import Script
 from tests.faults import settled
 from tests.sse_client import collect
+from tests.test_costs import PRICED, brute_force
 
 ROUTES = [
     ("GET", "/api/admin/users"),
@@ -542,7 +548,7 @@ async def test_in_currency_a_limit_is_a_decimal_string(aiohttp_client, make_sett
     assert resp.status == 200
     view = await resp.json()
     assert (view["unit"], view["limit"], view["remaining"], view["used"]) == (
-        "currency",
+        "USD",
         "25.50",
         "25.50",
         "0.00",
@@ -551,3 +557,66 @@ async def test_in_currency_a_limit_is_a_decimal_string(aiohttp_client, make_sett
     for bad in (25, "-1", "0.0000000001", "ten"):
         resp = await client.put(url, json={"limit": bad}, headers=admin())
         assert resp.status == 400, bad
+
+
+async def test_analytics_equal_a_brute_force_sum_over_the_messages(
+    aiohttp_client, stream_settings, fake_openai, auth, admin
+):
+    """Real turns (three users, two priced models, over /v1 and the page; completed, failed
+    and cancelled), then the analytics, grouped every way, against sums over the records."""
+    client = await aiohttp_client(create_app(stream_settings(models=json.dumps(PRICED))))
+    db = client.app[STORE].db
+    fake_openai.scripts = [Script(frames=rec.TOOL_CALLS), *[Script(status=500)] * 3]
+    fake_openai.default = Script(usage=(30, 5))
+    users = ["alice", "bob", "carol"]
+    for i, user in enumerate(users * 3):
+        body = {**V1, "stream": True, "model": "demo" if i % 2 else "gpt-test"}
+        r = await client.post("/v1/chat/completions", json=body, headers=auth(user))
+        await r.read()
+    chat = await new_chat(client, auth("carol"))
+    resp = await sse_turn(client, chat, auth("carol"))
+    await collect(resp)
+    fake_openai.default = Script(chunks=["x"] * 5, gate_after=1, usage=(30, 5))
+    r = await client.post("/v1/chat/completions", json={**V1, "stream": True}, headers=auth("bob"))
+    await r.content.readany()
+    r.close()  # a stateless stream whose client goes: cancelled
+    await asyncio.wait_for(fake_openai.disconnected.wait(), 10)
+    await settled(db, users=tuple(users))
+    statuses = {m["status"] async for m in db.messages.find({"role": "assistant"})}
+    assert {"complete", "failed", "cancelled"} <= statuses
+    want = await brute_force(db)
+    days = sorted({day for day, *_ in want})
+    span = f"from={days[0]}&to={days[-1]}"
+
+    def summed(keep) -> dict[Any, dict[str, Any]]:
+        out: dict[Any, dict[str, Any]] = {}
+        for key, row in want.items():
+            acc = out.setdefault(keep(key), {"turns": 0, "outcomes": Counter(), "cost": 0})
+            acc["turns"] += row["turns"]
+            acc["outcomes"].update(row["outcomes"])
+            acc["cost"] += row["cost"]
+            for field in ("prompt", "completion", "cached", "reasoning"):
+                acc[field] = acc.get(field, 0) + row[field]
+        return out
+
+    def check(rows: list[dict[str, Any]], expected: dict[Any, dict[str, Any]], key) -> None:
+        assert len(rows) == len(expected)
+        for row in rows:
+            exp = expected[key(row)]
+            assert row["turns"] == exp["turns"]
+            outcomes = {o: exp["outcomes"].get(o, 0) for o in row["outcomes"]}
+            assert row["outcomes"] == outcomes and sum(outcomes.values()) == exp["turns"]
+            for field in ("prompt", "completion", "cached", "reasoning"):
+                assert row["tokens"][field] == exp[field], field
+            assert row["tokens"]["total"] == exp["prompt"] + exp["completion"]
+            assert row["cost"] == format_cost(exp["cost"])
+
+    every = await usage_of(client, admin, span)
+    check(every["rows"], want, lambda r: (r["day"], r["user_id"], r["model"], r["key_id"]))
+    by_model = await usage_of(client, admin, span + "&by=model")
+    check(by_model["rows"], summed(lambda k: k[2]), lambda r: r["model"])
+    bob = await usage_of(client, admin, span + "&by=user&user=bob")
+    check(bob["rows"], {"bob": summed(lambda k: k[1])["bob"]}, lambda r: r["user_id"])
+    whole = summed(lambda k: None)[None]
+    check([every["totals"]], {None: whole}, lambda r: None)
+    assert any(row["cost"] != "0.00" for row in every["rows"])  # the prices were applied

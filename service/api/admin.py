@@ -113,7 +113,7 @@ def limit_view(
     return {
         "user_id": user_id,
         "period": period,
-        "unit": budget.unit,
+        "unit": budget.label,
         "limit": budget.show(limit),
         "used": budget.show(used),
         "reserved": budget.show(reserved),
@@ -156,7 +156,7 @@ async def set_limit(request: web.Request) -> web.Response:
         **actor,
         target_user_id=user_id,
         period=period,
-        unit=budget.unit,
+        unit=budget.label,
         old_limit=int(before.get("limit", budget.default_limit)),
         old_standing_limit=old_standing,
         new_limit=limit,
@@ -233,7 +233,7 @@ async def list_users(request: web.Request) -> web.Response:
     return json_response(
         {
             "period": period,
-            "unit": budget.unit,
+            "unit": budget.label,
             "currency": budget.currency,
             "users": users,
             "next_cursor": encode_cursor(int(last.get("used", 0)), last["user_id"])
