@@ -31,8 +31,6 @@ ROUTES = [
     ("PUT", "/api/admin/users/alice/limit"),
     ("POST", "/api/admin/users/alice/reset"),
     ("GET", "/api/admin/usage"),
-    ("GET", "/api/admin/nothing-here"),
-    ("DELETE", "/api/admin/users/alice"),
 ]
 V1 = {"model": "gpt-test", "messages": [{"role": "user", "content": "Hi"}]}
 
@@ -65,8 +63,8 @@ def month() -> str:
 
 # --------------------------------------------------------------------------- the guard
 async def test_every_admin_route_refuses_a_non_administrator(client, auth, admin, token_for):
-    """403 forbidden, one error shape, for each route and any other path under /api/admin;
-    a token whose role is something else is not an administrator either."""
+    """403 forbidden, one error shape, for each route; a token whose role is something else is
+    not an administrator either."""
     other_role = {"Authorization": f"Bearer {token_for('bob', extra={'role': 'user'})}"}
     for headers in (auth("alice"), other_role):
         for method, path in ROUTES:
@@ -77,8 +75,6 @@ async def test_every_admin_route_refuses_a_non_administrator(client, auth, admin
             assert set(body["error"]) == {"code", "message"}
     for method, path in ROUTES:  # and no token at all is 401, as everywhere under /api
         assert (await client.request(method, path)).status == 401
-    resp = await client.get("/api/admin/nothing-here", headers=admin())
-    assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"
     assert (await client.get("/api/admin/users", headers=admin())).status == 200
 
 
@@ -194,7 +190,9 @@ async def test_an_api_keys_account_is_not_a_user(client, admin):
         ("POST", "/api/admin/users/key:key_0123/reset"),
     ):
         resp = await client.request(method, path, json={"limit": 1}, headers=admin())
-        assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_user_id"
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+        assert error["code"] == "validation_error" and error["details"][0]["field"] == "user_id"
 
 
 async def test_a_lowered_limit_refuses_the_pages_next_turn_and_a_raised_one_admits_it(

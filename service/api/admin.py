@@ -2,8 +2,7 @@
 usage), users by usage, and usage analytics from the daily rollup (JSON or CSV).
 
 Every route answers 403 ``forbidden`` unless the caller is an administrator
-(``Principal.admin``: the token's admin role, or an admin API key); so does any other path under
-``/api/admin/`` (a non-administrator learns nothing of which exist). Actions that change a user's
+(``Principal.admin``: the token's admin role, or an admin API key). Actions that change a user's
 budget are logged (``admin.limit_set``, ``admin.period_reset``) with who did it, the user and the
 values before and after.
 
@@ -29,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service import analytics
 from service.costs import Budget, format_cost, parse_cost
-from service.errors import BadRequest, Forbidden, NotFound
+from service.errors import BadRequest, Forbidden
 from service.http import json_response, read_json, validate
 from service.keys import PRINCIPAL, SETTINGS, STORE
 from service.settings import Settings
@@ -86,12 +85,16 @@ def admin_only(handler: Handler) -> Handler:
 
 def _user_id(request: web.Request) -> str:
     user_id = request.match_info["user_id"]
+    problem = None
     if len(user_id) > MAX_USER_ID:
-        raise BadRequest(f"a user id is at most {MAX_USER_ID} characters", code="invalid_user_id")
-    if user_id.startswith(KEY_ACCOUNT):  # an API key's own month, not a user
+        problem = f"at most {MAX_USER_ID} characters"
+    elif user_id.startswith(KEY_ACCOUNT):  # an API key's own month, not a user
+        problem = "an API key's account, not a user: a key's limit is set on the key"
+    if problem is not None:
         raise BadRequest(
-            "that is an API key's account, not a user; set a key's limit on the key",
-            code="invalid_user_id",
+            "request validation failed",
+            code="validation_error",
+            details=[{"field": "user_id", "problem": problem, "type": "value_error"}],
         )
     return user_id
 
@@ -274,16 +277,9 @@ async def usage(request: web.Request) -> web.Response:
     return json_response(analytics.report(query, docs, currency))
 
 
-@admin_only
-async def unknown(request: web.Request) -> web.Response:
-    raise NotFound("no such admin route")
-
-
 def setup(app: web.Application) -> None:
     app.router.add_get("/api/admin/users", list_users)
     app.router.add_get("/api/admin/users/{user_id}/limit", get_limit)
     app.router.add_put("/api/admin/users/{user_id}/limit", set_limit)
     app.router.add_post("/api/admin/users/{user_id}/reset", reset_period)
     app.router.add_get("/api/admin/usage", usage)
-    # Last: any other path under /api/admin is 403 to a non-administrator, 404 to one.
-    app.router.add_route("*", "/api/admin/{tail:.*}", unknown)
