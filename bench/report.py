@@ -57,6 +57,11 @@ def verdicts(r: dict[str, Any]) -> list[dict[str, Any]]:
         own = turn.get(route, {}).get("replica_ops_per_s")
         value = _f(v, "") + (f" (+ the replica's own {own:g}/s)" if own is not None else "")
         add(f"MongoDB operations per turn, {LABEL[route]}", value, "<= 5", met)
+    ana = r.get("analytics", {})
+    for name, what in (("all_json", "JSON"), ("all_csv", "CSV")):
+        v = ana.get(name, {}).get("p50_s")
+        met = None if v is None else v < 1.0
+        add(f"admin usage analytics, a month of 1M messages, {what}", _f(v, " s"), "< 1 s", met)
     return out
 
 
@@ -213,6 +218,27 @@ def table(r: dict[str, Any]) -> str:
             "errors",
         ]
         lines += grid(head, rows)  # fmt: skip
+    ana = r.get("analytics")
+    if ana:
+        seeded = ana["seed"]
+        w(
+            f"\n5. Analytics: GET /api/admin/usage for a month; rollup of {seeded['turns']:,} "
+            f"messages in {seeded['lines']:,} lines (seeded in {seeded['seed_s']} s)"
+        )
+        rows = [
+            [
+                name,
+                _n(s["p50_s"], ".3f"),
+                _n(s["max_s"], ".3f"),
+                _n(s["database_p50_s"], ".3f"),
+                f"{s['bytes']:,}",
+                s["query"],
+            ]
+            for name, s in ana.items()
+            if name != "seed"
+        ]
+        head = ["answer", "p50 s", "max s", "database p50 s", "bytes", "query"]
+        lines += grid(head, rows)
     w("\nTargets")
     for v in r["verdicts"]:
         met = {True: "met", False: "NOT MET", None: "not measured"}[v["met"]]

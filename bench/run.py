@@ -34,6 +34,7 @@ from typing import Any
 
 import orjson
 
+from bench.analytics import scenario_analytics
 from bench.report import ROUTES, TARGETS, derive, table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -808,7 +809,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         default="latency,relay_cost,turn_cost,capacity",
-        help="comma-separated scenarios (latency, relay_cost, turn_cost, capacity)",
+        help="comma-separated scenarios (latency, relay_cost, turn_cost, capacity; analytics:"
+        " GET /api/admin/usage over a month of 1M messages' rollup, not run by default)",
     )
     parser.add_argument("--uvloop", action="store_true", help="run the service on uvloop")
     parser.add_argument(
@@ -850,6 +852,7 @@ def main(argv: list[str] | None = None) -> int:
         ("relay_cost", scenario_relay_cost),
         ("turn_cost", scenario_turn_cost),
         ("capacity", scenario_capacity),
+        ("analytics", scenario_analytics),
     ]
     try:
         bench.start()

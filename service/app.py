@@ -14,6 +14,7 @@ from pymongo.errors import PyMongoError
 
 from service import metrics
 from service.api import (
+    admin,
     anthropic_compat,
     branches,
     chats,
@@ -222,6 +223,7 @@ def create_app(settings: Settings) -> web.Application:
     anthropic_compat.setup(app)
     ws.setup(app)
     page.setup(app)
+    admin.setup(app)
     metrics.setup(app)
     return app
 

@@ -238,6 +238,7 @@ class Store:
         )
         await self._create_search_index()
         await self._create_api_key_indexes()
+        await self._create_admin_indexes()
 
     async def _create_search_index(self) -> None:
         """A text index over each user's messages (MongoDB), or none where the server has no
@@ -594,7 +595,7 @@ class Store:
             existing = await self.usage.find_one(month, projection={"settled": 0})
             if existing is None:  # first turn of the period: create the document, then reserve
                 with contextlib.suppress(DuplicateKeyError):
-                    await self.usage.insert_one({**month, "used": 0, "reserved": 0})
+                    await self.usage.insert_one(await self._new_month(month))
                 continue
             refusal = _refusal(existing, req)
             if refusal is not None:
@@ -1109,6 +1110,104 @@ class Store:
     async def touch_api_key(self, key_id: str, at: datetime) -> None:
         await self.db["api_keys"].update_one({"_id": key_id}, {"$max": {"last_used_at": at}})
 
+    # ================================================================== admin (operators)
+    # /api/admin (``service/api/admin.py``): a user's standing limit (``users``: {_id: user,
+    # limit, updated_at, updated_by}, taken by each new month's usage document), the current
+    # month's limit set or its usage reset, users by usage, and analytics over the daily rollup
+    # (``usage_daily``, written at settlement). Usage documents of API keys' own limits
+    # (``user_id: "key:<key_id>"``) are not users: never listed, never given a standing limit.
+
+    async def _create_admin_indexes(self) -> None:
+        await self.usage.create_index(  # users by usage: one month, most used first
+            [("period", ASCENDING), ("used", DESCENDING), ("user_id", ASCENDING)],
+            name="period_used",
+        )
+        # Analytics filtered on a user; a range of days alone is served by the rollup's unique
+        # (day, user_id, model, key_id) index.
+        await self.db["usage_daily"].create_index(
+            [("user_id", ASCENDING), ("day", ASCENDING)], name="user_day"
+        )
+
+    async def _new_month(self, month: Doc) -> Doc:
+        """A user's first usage document of a month: with their standing limit when an admin
+        set one (one read, once per user and month)."""
+        doc: Doc = {**month, "used": 0, "reserved": 0}
+        if not month["user_id"].startswith(KEY_ACCOUNT):
+            user = await self.db["users"].find_one({"_id": month["user_id"]}, {"limit": 1})
+            if user is not None and user.get("limit") is not None:
+                doc["limit"] = user["limit"]
+        return doc
+
+    @db_call
+    async def standing_limit(self, user_id: str) -> int | None:
+        """The limit an admin set for ``user_id``'s months (None: the default's)."""
+        doc: Doc | None = await self.db["users"].find_one({"_id": user_id}, {"limit": 1})
+        return None if doc is None or doc.get("limit") is None else int(doc["limit"])
+
+    @db_call
+    async def set_user_limit(self, user_id: str, period: str, limit: int, *, by: str) -> Doc:
+        """Set ``user_id``'s standing limit and the ``period``'s (the current month's), so the
+        next admission on any replica holds to it. The usage document as it was before
+        (``{}``: none yet)."""
+        await self.db["users"].update_one(
+            {"_id": user_id},
+            {"$set": {"limit": limit, "updated_at": utcnow(), "updated_by": by}},
+            upsert=True,
+        )
+        for _ in range(2):  # a first turn may create the month's document at the same time
+            try:
+                before: Doc | None = await self.usage.find_one_and_update(
+                    {"user_id": user_id, "period": period},
+                    {"$set": {"limit": limit}, "$setOnInsert": {"used": 0, "reserved": 0}},
+                    projection={"settled": 0},
+                    upsert=True,
+                    return_document=ReturnDocument.BEFORE,
+                )
+            except DuplicateKeyError:
+                continue
+            return before or {}
+        raise StoreUnavailable("could not set the limit under contention; try again")
+
+    @db_call
+    async def reset_usage(self, user_id: str, period: str) -> Doc:
+        """Zero the month's ``used`` and ``cost``; ``reserved`` and ``open`` stay, so turns
+        running now still settle (what they spend counts from zero). The document as it was
+        (``{}``: none, and none is made)."""
+        before: Doc | None = await self.usage.find_one_and_update(
+            {"user_id": user_id, "period": period},
+            {"$set": {"used": 0, "cost": 0}},
+            projection={"settled": 0},
+            return_document=ReturnDocument.BEFORE,
+        )
+        return before or {}
+
+    @db_call
+    async def users_by_usage(
+        self, period: str, *, limit: int, after: tuple[int, str] | None
+    ) -> list[Doc]:
+        """Users' usage documents of ``period``, most used first (ties by user id), after the
+        ``(used, user_id)`` of the previous page; ``limit + 1`` at most, to tell a next page."""
+        query: Doc = {"period": period, "user_id": {"$not": re.compile("^" + KEY_ACCOUNT)}}
+        if after is not None:
+            used, user_id = after
+            query["$or"] = [{"used": {"$lt": used}}, {"used": used, "user_id": {"$gt": user_id}}]
+        docs: list[Doc] = (
+            await self.usage.find(
+                query,
+                projection={"user_id": 1, "used": 1, "reserved": 1, "limit": 1, "cost": 1},
+            )
+            .sort([("used", DESCENDING), ("user_id", ASCENDING)])
+            .limit(limit + 1)
+            .to_list(limit + 1)
+        )
+        return docs
+
+    @db_call
+    async def usage_rollup(self, pipeline: list[Doc]) -> list[Doc]:
+        """One aggregation over the daily rollup (``service/analytics.py`` builds it)."""
+        docs: list[Doc] = await self.db["usage_daily"].aggregate(pipeline).to_list(None)
+        return docs
+
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # The turns the user's ``open`` entries hold (a lease's entry holds ``turns`` of them).
@@ -1125,6 +1224,7 @@ REPLICA_TTL_S = 86_400
 REPLICA_WORK = "gateway:replica"
 RESERVE_ATTEMPTS = 10
 DUPLICATE_KEY = 11000
+KEY_ACCOUNT = key_account("")  # the user_id prefix of API keys' own months
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,7 @@ ROUNDS_PER_ROUTE = 60
 WS_FRAMES = 120
 WS_MAX_MSG_BYTES = 65536  # the setting's default: a larger frame is closed with 1009
 USERS = ("alice", "bob")
+ADMIN = {"role": "admin"}  # the admin claim
 CORRUPT = 0.35  # the chance that each part of a request is made hostile
 
 # ------------------------------------------------------------------------ hostile values
@@ -69,6 +70,7 @@ CONTENT_TYPES = [
 CONTENT_ENCODINGS = [b"gzip", b"deflate", b"br", b"zstd", b"gzip, gzip", b"identity", b"\xff"]
 BODY_TEMPLATES: dict[str, dict[str, Any]] = {
     "/api/chat": {"title": "fuzz", "model": "demo"},
+    "/api/admin/users/{user_id}/limit": {"limit": 100_000},  # PUT: the default, as it was
     "/api/chat/{chat_id}": {"title": "Renamed"},  # PATCH
     "/api/chat/{chat_id}/message": {"message": "Hi", "model": "demo"},
     "/api/chat/{chat_id}/messages/{message_id}/feedback": {"rating": "down", "comment": "Hi"},
@@ -154,7 +156,7 @@ class Fuzzer:
     # ------------------------------------------------------------------ path
     def path(self, canonical: str) -> bytes:
         out = canonical
-        for name in ("chat_id", "message_id", "key_id", "model", "path"):
+        for name in ("chat_id", "message_id", "key_id", "model", "path", "user_id"):
             if "{" + name in out:
                 start = out.index("{" + name)
                 end = out.index("}", start) + 1
@@ -169,6 +171,7 @@ class Fuzzer:
             "key_id": self.ids.keys[self.user],
             "model": ["demo", "gpt-test"],
             "path": ["style.css", "js/app.js", "index.html"],
+            "user_id": list(USERS),
         }[name]
         if not self.hostile():
             return rng.choice(valid)
@@ -443,7 +446,8 @@ DEEP = {
 # ------------------------------------------------------------------------ the fuzz tests
 async def test_every_route_survives_hostile_http_inputs(fuzz_client, token_for, logs, caplog):
     client = fuzz_client
-    tokens = {user: token_for(user) for user in USERS}
+    # bob is an administrator, so the admin routes are reached past their guard too
+    tokens = {user: token_for(user, extra=ADMIN if user == "bob" else None) for user in USERS}
     fuzzer = Fuzzer(random.Random(SEED), tokens, await existing_ids(client, tokens))
     host, port = client.server.host, client.server.port
     table = routes(client.app)
