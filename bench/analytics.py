@@ -103,11 +103,14 @@ def _line(rng: random.Random, key: tuple[Any, ...], turns: int) -> dict[str, Any
 def seed(uri: str, db: str) -> dict[str, Any]:
     from pymongo import MongoClient
 
+    from service.analytics import model_totals
+
     lines = rollup_lines()
     started = time.perf_counter()
     with MongoClient(uri, serverSelectionTimeoutMS=10_000) as client:
         coll = client[db]["usage_daily"]
         coll.delete_many({})
+        lines += model_totals(lines)  # the (day, model) totals settlement writes beside them
         for i in range(0, len(lines), BATCH):
             coll.insert_many(lines[i : i + BATCH], ordered=False)
     return {

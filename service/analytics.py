@@ -3,9 +3,11 @@ the answer as JSON or CSV.
 
 The rollup holds one line per (UTC day, user, model, API key) with counters added at each
 turn's settlement, so a month of a busy service is tens of thousands of lines, not the millions
-of messages they count. A query groups a range of days on any of the four dimensions, filtered
-on any of user, model and key, in one aggregation; totals are summed from its rows here
-(integers: exact). Money stays integer nano-units until it is shown (``format_cost``).
+of messages they count; and one **total** line per (day, model) (``user_id`` and ``key_id``
+null), so a query that asks for neither users nor keys reads a few lines a day. A query
+groups a range of days on any of the four dimensions, filtered on any of user, model and key,
+in one aggregation; totals are summed from its rows here (integers: exact). Money stays
+integer nano-units until it is shown (``format_cost``).
 """
 
 from __future__ import annotations
@@ -61,8 +63,15 @@ class UsageQuery:
             key=_filter(params, "key"),
         )
 
+    @property
+    def totals_only(self) -> bool:
+        """Whether the day's model totals answer it (no user or key asked for or filtered)."""
+        return not {"user", "key"} & set(self.by) and self.user is None and self.key is None
+
     def pipeline(self) -> list[Doc]:
         match: Doc = {"day": {"$gte": self.start.isoformat(), "$lte": self.end.isoformat()}}
+        # A day's model totals (user_id null) when they answer the query, else the users' lines.
+        match["user_id"] = None if self.totals_only else {"$type": "string"}
         for field, value in (("user_id", self.user), ("model", self.model), ("key_id", self.key)):
             if value is not None:
                 match[field] = value
@@ -78,6 +87,23 @@ class UsageQuery:
             {"$group": group},
             {"$sort": {f"_id.{name}": 1 for name in self.by}},
         ]
+
+
+def model_totals(lines: list[Doc]) -> list[Doc]:
+    """The (day, model) total lines (``user_id`` and ``key_id`` null) that settlement writes
+    beside rollup ``lines``: for data written some other way (a seed, an import)."""
+    totals: dict[tuple[str, str], Doc] = {}
+    for line in lines:
+        total = totals.setdefault(
+            (line["day"], line["model"]),
+            {"day": line["day"], "user_id": None, "model": line["model"], "key_id": None},
+        )
+        for field in ("turns", *TOKENS, "cost"):
+            total[field] = total.get(field, 0) + int(line.get(field, 0))
+        outcomes = total.setdefault("outcomes", {})
+        for name, n in (line.get("outcomes") or {}).items():
+            outcomes[name] = outcomes.get(name, 0) + int(n)
+    return list(totals.values())
 
 
 def _invalid(field: str, problem: str) -> BadRequest:

@@ -708,16 +708,19 @@ class Store:
 
     @db_call
     async def roll_up(self, lines: list[Rollup]) -> None:
-        """Add turns to the daily rollup: one unordered bulk of upserts (two replicas creating
-        the same day's line at once: the loser's upsert is a duplicate key, applied again as
-        an update of the winner's line)."""
+        """Add turns to the daily rollup: one unordered bulk of upserts, one per line the turns
+        touch, and one per (day, model) to that day's **model total** (``user_id`` and
+        ``key_id`` null: what a view by day and model reads, a few lines a day instead of one
+        per user). Two replicas creating the same line at once: the loser's upsert is a
+        duplicate key, applied again as an update of the winner's line."""
         if not lines:
             return
+        ops = rollup_ops(lines)
         try:
-            await self.daily.bulk_write([line.op() for line in lines], ordered=False)
+            await self.daily.bulk_write(ops, ordered=False)
         except BulkWriteError as exc:
             again = [
-                lines[e["index"]].op()
+                ops[e["index"]]
                 for e in exc.details.get("writeErrors", [])
                 if e.get("code") == DUPLICATE_KEY
             ]
@@ -1275,22 +1278,38 @@ class Rollup:
     reasoning: int
     cost: int  # nano-units of CURRENCY
 
-    def op(self) -> UpdateOne:
-        return UpdateOne(
-            {"day": self.day, "user_id": self.user_id, "model": self.model, "key_id": self.key_id},
-            {
-                "$inc": {
-                    "turns": 1,
-                    f"outcomes.{self.outcome}": 1,
-                    "prompt": self.prompt,
-                    "completion": self.completion,
-                    "cached": self.cached,
-                    "reasoning": self.reasoning,
-                    "cost": self.cost,
-                }
-            },
+    def counters(self) -> dict[str, int]:
+        return {
+            "turns": 1,
+            f"outcomes.{self.outcome}": 1,
+            "prompt": self.prompt,
+            "completion": self.completion,
+            "cached": self.cached,
+            "reasoning": self.reasoning,
+            "cost": self.cost,
+        }
+
+
+def rollup_ops(lines: list[Rollup]) -> list[UpdateOne]:
+    """The rollup's upserts for ``lines``: their counters summed per (day, user, model, key)
+    line and per (day, model) total (``user_id``/``key_id`` null)."""
+    sums: dict[tuple[str, str | None, str, str | None], dict[str, int]] = {}
+    for line in lines:
+        for key in (
+            (line.day, line.user_id, line.model, line.key_id),
+            (line.day, None, line.model, None),
+        ):
+            counters = sums.setdefault(key, {})
+            for name, value in line.counters().items():
+                counters[name] = counters.get(name, 0) + value
+    return [
+        UpdateOne(
+            {"day": day, "user_id": user, "model": model, "key_id": key},
+            {"$inc": counters},
             upsert=True,
         )
+        for (day, user, model, key), counters in sums.items()
+    ]
 
 
 @dataclass(frozen=True, slots=True)

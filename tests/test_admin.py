@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from service.analytics import model_totals
 from service.app import create_app
 from service.costs import format_cost
 from service.keys import STORE
@@ -384,7 +385,9 @@ ROLLUP = [
 
 
 async def seed_rollup(client) -> None:
-    await client.app[STORE].db["usage_daily"].insert_many([dict(d) for d in ROLLUP])
+    """The lines, and the day's model totals settlement writes beside them."""
+    lines = [dict(d) for d in ROLLUP]
+    await client.app[STORE].db["usage_daily"].insert_many([*lines, *model_totals(lines)])
 
 
 async def usage_of(client, admin, query: str) -> dict[str, Any]:

@@ -205,8 +205,21 @@ async def test_a_currency_budget_is_spent_in_money_and_never_overspent(
 
 
 async def rollup_rows(db: Any) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """The rollup's lines, the (day, model) totals (user None) included."""
     rows = await db.usage_daily.find({}, projection={"_id": 0}).to_list(None)
     return {(r["day"], r["user_id"], r["model"], r["key_id"]): r for r in rows}
+
+
+def with_totals(rows: dict[tuple[Any, ...], dict[str, Any]]) -> dict[tuple[Any, ...], Any]:
+    """``rows`` and their (day, model) totals, as settlement writes them."""
+    out = dict(rows)
+    for (day, _, model, _), row in rows.items():
+        total = out.setdefault((day, None, model, None), {"outcomes": {}})
+        for field in ("turns", "prompt", "completion", "cached", "reasoning", "cost"):
+            total[field] = total.get(field, 0) + row[field]
+        for name, n in row["outcomes"].items():
+            total["outcomes"][name] = total["outcomes"].get(name, 0) + n
+    return out
 
 
 async def brute_force(db: Any) -> dict[tuple[Any, ...], dict[str, Any]]:
@@ -261,7 +274,7 @@ async def test_the_daily_rollup_equals_the_messages(
     await settled(db, users=tuple(users))
     statuses = {m["status"] async for m in db.messages.find({"role": "assistant"})}
     assert {"complete", "failed", "cancelled"} <= statuses
-    want = await brute_force(db)
+    want = with_totals(await brute_force(db))
     got = await rollup_rows(db)
     assert got.keys() == want.keys()
     for key, row in want.items():
