@@ -27,6 +27,7 @@ from typing import Any
 import structlog
 
 from service.auth import API_KEY_PREFIX, KeyScope, Principal
+from service.costs import Budget
 from service.errors import BadRequest, Unauthorized
 from service.store import Doc, Store, utcnow
 
@@ -49,8 +50,9 @@ def secret_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def key_view(doc: Doc) -> dict[str, Any]:
-    """A key as the API shows it: never its hash (nor, but at creation, its secret)."""
+def key_view(doc: Doc, budget: Budget) -> dict[str, Any]:
+    """A key as the API shows it: never its hash (nor, but at creation, its secret); its own
+    limit in the budget's unit."""
     return {
         "id": doc["_id"],
         "name": doc["name"],
@@ -58,7 +60,7 @@ def key_view(doc: Doc) -> dict[str, Any]:
         "created_at": doc["created_at"],
         "expires_at": doc.get("expires_at"),
         "models": doc.get("models"),
-        "limit": doc.get("limit"),
+        "limit": None if doc.get("limit") is None else budget.show(int(doc["limit"])),
         "admin": bool(doc.get("admin")),
         "last_used_at": doc.get("last_used_at"),
     }

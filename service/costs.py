@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 NANOS = 1_000_000_000  # nano-units in one unit of the currency
+MAX_INT64 = 2**63 - 1  # the largest integer MongoDB stores
 PER_TOKEN = Decimal(NANOS) / Decimal(1_000_000)  # a price per million tokens -> nanos per token
 
 
@@ -122,6 +123,22 @@ class Budget:
     def billed(self, prompt: int, completion: int, cost: int) -> int:
         """What a turn spent of the budget."""
         return cost if self.in_currency else prompt + completion
+
+    def parse(self, value: object) -> int:
+        """A limit as a client sends it, in the unit: a whole number of tokens, or a decimal
+        string of the currency (nano-units). ValueError naming what is expected."""
+        if self.in_currency:
+            if isinstance(value, str):
+                try:
+                    nanos = parse_cost(value)
+                except ValueError:
+                    nanos = -1
+                if 0 <= nanos <= MAX_INT64:
+                    return nanos
+            raise ValueError(f'a decimal string of {self.currency}, such as "25.00"')
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INT64:
+            return value
+        raise ValueError("a whole number of tokens, 0 or more")
 
     def show(self, amount: int) -> int | str:
         """An amount of the budget as clients see it: tokens, or a decimal string."""

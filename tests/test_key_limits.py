@@ -54,3 +54,24 @@ async def test_a_key_s_own_limit_holds_under_30_concurrent_turns(
     assert own["used"] <= limit + grant
     rows = await db.usage_daily.find({"key_id": key["id"]}).to_list(None)
     assert sum(r["turns"] for r in rows) == len(mine)
+
+
+async def test_in_currency_a_key_s_limit_is_money(aiohttp_client, stream_settings, auth):
+    import json
+
+    from tests.test_costs import PRICED
+
+    settings = stream_settings(models=json.dumps(PRICED), budget_unit="currency")
+    client = await aiohttp_client(create_app(settings))
+    resp = await client.post("/api/keys", json={"name": "ci", "limit": "0.25"}, headers=auth())
+    assert resp.status == 201
+    key = await resp.json()
+    assert key["limit"] == "0.25"
+    listed = await (await client.get("/api/keys", headers=auth())).json()
+    assert listed["items"][0]["limit"] == "0.25"
+    stored = await client.app[STORE].db["api_keys"].find_one({"_id": key["id"]})
+    assert stored["limit"] == 250_000_000  # nano-units
+    for bad in (5, "abc", "-1", "0.0000000001"):
+        resp = await client.post("/api/keys", json={"name": "x", "limit": bad}, headers=auth())
+        assert resp.status == 400, bad
+        assert (await resp.json())["error"]["details"][0]["field"] == "limit"

@@ -27,7 +27,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from service import analytics
-from service.costs import Budget, format_cost, parse_cost
+from service.costs import Budget, format_cost
 from service.errors import BadRequest, Forbidden
 from service.http import json_response, read_json, validate
 from service.keys import PRINCIPAL, SETTINGS, STORE
@@ -38,7 +38,6 @@ from service.stream.producer import period_of
 log = structlog.get_logger("service.admin")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-MAX_INT64 = 2**63 - 1  # the largest integer MongoDB stores
 MAX_USER_ID = 256  # as a token's ``sub``
 
 
@@ -49,28 +48,15 @@ def budget_of(settings: Settings) -> Budget:
 
 
 def parse_limit(value: object, budget: Budget) -> int:
-    """A limit as an admin sends it, in the budget's unit: a whole number of tokens, or a
-    decimal string of the currency (kept as nano-units). 400 ``validation_error`` otherwise."""
-    if budget.unit == "currency":
-        if isinstance(value, str):
-            try:
-                nanos = parse_cost(value)
-            except ValueError as exc:
-                raise _invalid_limit(str(exc)) from None
-            if nanos <= MAX_INT64:
-                return nanos
-        raise _invalid_limit(f'a decimal string of {budget.currency}, such as "25.00"')
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INT64:
-        return value
-    raise _invalid_limit("a whole number of tokens, 0 or more")
-
-
-def _invalid_limit(problem: str) -> BadRequest:
-    return BadRequest(
-        "request validation failed",
-        code="validation_error",
-        details=[{"field": "limit", "problem": problem, "type": "value_error"}],
-    )
+    """A limit in the budget's unit (``Budget.parse``); 400 ``validation_error`` otherwise."""
+    try:
+        return budget.parse(value)
+    except ValueError as exc:
+        raise BadRequest(
+            "request validation failed",
+            code="validation_error",
+            details=[{"field": "limit", "problem": str(exc), "type": "value_error"}],
+        ) from None
 
 
 def admin_only(handler: Handler) -> Handler:

@@ -8,14 +8,13 @@ from __future__ import annotations
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.api.admin import parse_limit
 from service.apikeys import key_view, parse_expiry
 from service.auth import Principal
 from service.errors import BadRequest, Forbidden, NotFound
 from service.http import json_response, read_json
-from service.keys import API_KEYS, CATALOGUE, PRINCIPAL
+from service.keys import API_KEYS, CATALOGUE, PRINCIPAL, SETTINGS
 from service.store import utcnow
-
-MAX_INT64 = 2**63 - 1  # the largest integer MongoDB stores
 
 
 class CreateKey(BaseModel):
@@ -23,7 +22,7 @@ class CreateKey(BaseModel):
     name: str = Field(min_length=1, max_length=100)
     expires_at: str | None = Field(None, max_length=64)
     models: list[str] | None = Field(None, min_length=1, max_length=100)
-    limit: int | None = Field(None, ge=0, le=MAX_INT64)
+    limit: int | str | None = None  # in the budget's unit (``parse_limit``)
     admin: bool = False
 
 
@@ -54,23 +53,28 @@ async def create_key(request: web.Request) -> web.Response:
     _check_models(request, body.models)
     if body.admin and not principal.admin:
         raise Forbidden("only an admin may create an admin key")
+    budget = request.app[SETTINGS].budget
+    limit = parse_limit(body.limit, budget) if body.limit is not None else None
     doc, secret = await request.app[API_KEYS].create(
         principal.user_id,
         name=body.name,
         expires_at=expires_at,
         models=body.models,
-        limit=body.limit,
+        limit=limit,
         admin=body.admin,
     )
     return json_response(
-        {**key_view(doc), "key": secret}, status=201, headers={"Cache-Control": "no-store"}
+        {**key_view(doc, budget), "key": secret},
+        status=201,
+        headers={"Cache-Control": "no-store"},
     )
 
 
 async def list_keys(request: web.Request) -> web.Response:
     principal = _token_principal(request)
     docs = await request.app[API_KEYS].list(principal.user_id)
-    return json_response({"items": [key_view(d) for d in docs]})
+    budget = request.app[SETTINGS].budget
+    return json_response({"items": [key_view(d, budget) for d in docs]})
 
 
 async def revoke_key(request: web.Request) -> web.Response:

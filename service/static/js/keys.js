@@ -4,14 +4,14 @@
 // goes back to the button that opened it.
 //
 // POST /api/keys {name, expires_at?, models?, limit?} -> 201 {..., key}; GET /api/keys ->
-// {items}; DELETE /api/keys/{id} -> 204. A key's limit is in the budget's unit: tokens, or
-// nano-units of the currency when the budget counts money.
+// {items}; DELETE /api/keys/{id} -> 204. A key's limit is in the budget's unit: tokens, or a
+// decimal string of the currency when the budget counts money.
 
 import { api } from "./api.js";
 import { $, h } from "./dom.js";
 import { describe } from "./errors.js";
 import { copyText } from "./markdown.js";
-import { formatMoney, fromNanos, isMoneyUnit, toNanos } from "./money.js";
+import { formatMoney, isMoneyUnit, toNanos } from "./money.js";
 
 const when = (iso, empty) => {
   if (!iso) return empty;
@@ -173,7 +173,7 @@ export class KeysDialog {
   limitText(limit) {
     if (limit == null) return "none";
     const unit = this.budgetUnit();
-    if (isMoneyUnit(unit)) return formatMoney(fromNanos(limit), unit) || String(limit);
+    if (isMoneyUnit(unit)) return formatMoney(limit, unit) || String(limit);
     return `${Number(limit).toLocaleString()} tokens`;
   }
 
@@ -262,8 +262,9 @@ export class KeysDialog {
     const limit = e.limit.value.trim();
     if (limit) {
       const money = isMoneyUnit(this.budgetUnit());
-      const value = money ? toNanos(limit) : /^\d+$/.test(limit) ? Number(limit) : null;
-      if (value === null || !Number.isSafeInteger(value)) {
+      // money: the decimal string as typed (checked exactly); tokens: a whole number
+      const value = money ? (toNanos(limit) === null ? null : limit) : /^\d+$/.test(limit) ? Number(limit) : null;
+      if (value === null || (!money && !Number.isSafeInteger(value))) {
         return this.invalid(e.limit, money ? "The limit is an amount of money, e.g. 5 or 0.50." : "The limit is a whole number of tokens, e.g. 100000.");
       }
       body.limit = value;

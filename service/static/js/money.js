@@ -55,11 +55,3 @@ export function toNanos(text) {
   const nanos = BigInt(match[1]) * 1_000_000_000n + BigInt((match[2] || "").padEnd(9, "0"));
   return nanos <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(nanos) : null;
 }
-
-// Integer nano-units as a decimal string ("1234500" -> "0.0012345").
-export function fromNanos(nanos) {
-  const n = BigInt(nanos);
-  const units = n / 1_000_000_000n;
-  const frac = (n % 1_000_000_000n).toString().padStart(9, "0").replace(/0+$/, "");
-  return frac ? `${units}.${frac}` : `${units}`;
-}
