@@ -79,6 +79,30 @@ async def test_every_admin_route_refuses_a_non_administrator(client, auth, admin
     assert (await client.get("/api/admin/users", headers=admin())).status == 200
 
 
+async def test_an_api_key_is_an_administrator_only_when_it_is_an_admin_key(client, admin, logs):
+    """A key an administrator made without the role is refused every admin route; an admin key
+    is let in, and its id is on the admin's log line (never its secret)."""
+
+    async def make(admin_key: bool) -> str:
+        body = {"name": "ops", "admin": admin_key}
+        resp = await client.post("/api/keys", json=body, headers=admin())
+        assert resp.status == 201, await resp.text()
+        return str((await resp.json())["key"])
+
+    plain = {"Authorization": f"Bearer {await make(False)}"}
+    for method, path in ROUTES:
+        resp = await client.request(method, path, json={"limit": 5}, headers=plain)
+        assert resp.status == 403, (method, path)
+    secret = await make(True)
+    ops = {"Authorization": f"Bearer {secret}"}
+    assert (await client.get("/api/admin/users", headers=ops)).status == 200
+    resp = await client.put("/api/admin/users/carol/limit", json={"limit": 7}, headers=ops)
+    assert resp.status == 200
+    line = next(e for e in logs if e["event"] == "admin.limit_set")
+    assert line["admin_key_id"].startswith("key_") and line["target_user_id"] == "carol"
+    assert secret not in repr(logs)
+
+
 # --------------------------------------------------------------------------- limits
 async def test_an_administrator_reads_sets_and_resets_a_users_limit(
     stream_client, auth, admin, fake_openai, logs
