@@ -58,7 +58,12 @@ def verdicts(r: dict[str, Any]) -> list[dict[str, Any]]:
         value = _f(v, "") + (f" (+ the replica's own {own:g}/s)" if own is not None else "")
         add(f"MongoDB operations per turn, {LABEL[route]}", value, "<= 5", met)
     ana = r.get("analytics", {})
-    for name, what in (("all_json", "JSON"), ("all_csv", "CSV")):
+    for name, what in (
+        ("day_model_json", "by day and model"),
+        ("user_json", "one user's"),
+        ("all_json", "every line, JSON"),
+        ("all_csv", "every line, CSV"),
+    ):
         v = ana.get(name, {}).get("p50_s")
         met = None if v is None else v < 1.0
         add(f"admin usage analytics, a month of 1M messages, {what}", _f(v, " s"), "< 1 s", met)
