@@ -68,13 +68,22 @@ class UsageQuery:
         """Whether the day's model totals answer it (no user or key asked for or filtered)."""
         return not {"user", "key"} & set(self.by) and self.user is None and self.key is None
 
-    def pipeline(self) -> list[Doc]:
+    @property
+    def every_line(self) -> bool:
+        """Grouped on all four dimensions: each rollup line is a row (nothing to group)."""
+        return len(self.by) == len(DIMENSIONS)
+
+    def match(self) -> Doc:
         match: Doc = {"day": {"$gte": self.start.isoformat(), "$lte": self.end.isoformat()}}
         # A day's model totals (user_id null) when they answer the query, else the users' lines.
         match["user_id"] = None if self.totals_only else {"$type": "string"}
         for field, value in (("user_id", self.user), ("model", self.model), ("key_id", self.key)):
             if value is not None:
                 match[field] = value
+        return match
+
+    def pipeline(self) -> list[Doc]:
+        match = self.match()
         group: Doc = {"_id": {name: f"${DIMENSIONS[name]}" for name in self.by}}
         # $sum counts a missing counter as 0 (a line written before a counter existed).
         group["turns"] = {"$sum": "$turns"}
@@ -104,6 +113,23 @@ def model_totals(lines: list[Doc]) -> list[Doc]:
         for name, n in (line.get("outcomes") or {}).items():
             outcomes[name] = outcomes.get(name, 0) + int(n)
     return list(totals.values())
+
+
+def as_rows(lines: list[Doc]) -> list[Doc]:
+    """Rollup lines read as they are (``UsageQuery.every_line``: one row each, the unique index
+    makes them so) in the shape the aggregation gives, sorted as it sorts (null first)."""
+    docs = []
+    for line in lines:
+        outcomes = line.get("outcomes") or {}
+        doc: Doc = {
+            "_id": {name: line.get(field) for name, field in DIMENSIONS.items()},
+            "turns": line.get("turns", 0),
+            **{o: outcomes.get(o, 0) for o in OUTCOMES},
+            **{f: line.get(f, 0) for f in (*TOKENS, "cost")},
+        }
+        docs.append(doc)
+    docs.sort(key=lambda d: tuple((v is not None, v or "") for v in d["_id"].values()))
+    return docs
 
 
 def _invalid(field: str, problem: str) -> BadRequest:

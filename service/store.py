@@ -1211,6 +1211,15 @@ class Store:
         docs: list[Doc] = await self.db["usage_daily"].aggregate(pipeline).to_list(None)
         return docs
 
+    @db_call
+    async def rollup_lines(self, match: Doc) -> list[Doc]:
+        """The daily rollup's lines as they are: an export of every line needs no grouping,
+        and a plain read is cheaper than an aggregation that groups nothing."""
+        docs: list[Doc] = (
+            await self.db["usage_daily"].find(match, projection={"_id": 0}).to_list(None)
+        )
+        return docs
+
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # The turns the user's ``open`` entries hold (a lease's entry holds ``turns`` of them).

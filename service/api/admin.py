@@ -250,7 +250,11 @@ def _wants_csv(request: web.Request) -> bool:
 async def usage(request: web.Request) -> web.Response:
     query = analytics.UsageQuery.parse(dict(request.query), datetime.now(UTC).date())
     as_csv = _wants_csv(request)
-    docs = await request.app[STORE].usage_rollup(query.pipeline())
+    store = request.app[STORE]
+    if query.every_line:  # a row per line: read them, nothing to group
+        docs = analytics.as_rows(await store.rollup_lines(query.match()))
+    else:
+        docs = await store.usage_rollup(query.pipeline())
     if as_csv:
         name = f"usage-{query.start.isoformat()}-{query.end.isoformat()}.csv"
         return web.Response(
