@@ -228,7 +228,8 @@ def table(r: dict[str, Any]) -> str:
         seeded = ana["seed"]
         w(
             f"\n5. Analytics: GET /api/admin/usage for a month; rollup of {seeded['turns']:,} "
-            f"messages in {seeded['lines']:,} lines (seeded in {seeded['seed_s']} s)"
+            f"messages in {seeded['lines']:,} lines, {seeded.get('documents', 0):,} documents"
+            f" (seeded in {seeded['seed_s']} s)"
         )
         rows = [
             [

@@ -1,19 +1,24 @@
-"""Usage analytics over the daily rollup (``usage_daily``): the query, its one aggregation, and
-the answer as JSON or CSV.
+"""Usage analytics over the rollup (``usage_rollup``): the query, the rows, and the answer as
+JSON or CSV.
 
-The rollup holds one line per (UTC day, user, model, API key) with counters added at each
-turn's settlement, so a month of a busy service is tens of thousands of lines, not the millions
-of messages they count; and one **total** line per (day, model) (``user_id`` and ``key_id``
-null), so a query that asks for neither users nor keys reads a few lines a day. A query
-groups a range of days on any of the four dimensions, filtered on any of user, model and key,
-in one aggregation; totals are summed from its rows here (integers: exact). Money stays
-integer nano-units until it is shown (``format_cost``).
+The rollup holds one **document per user and month** (``user_id``, ``month``), whose ``lines``
+map each (UTC day, model, API key) the user's turns touched to counters added at each turn's
+settlement (``line_key``), and one per month with every user's turns per (day, model): the
+month's **totals** (``user_id`` null). A month of a busy service is a few thousand documents,
+not the millions of messages they count, nor the tens of thousands of lines: a query reads the
+documents of its months (of one user, of every user, or the totals when it asks for neither
+users nor keys) by the ``(month, user_id)`` index, and groups their lines here on any of the
+four dimensions, filtered on any of user, model and key (integers: exact). A plain read of few
+documents is what every MongoDB, SecantusDB included, serves fastest; an aggregation would
+group the same lines in the database. Money stays integer nano-units until it is shown
+(``format_cost``).
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import contextlib
+import gc
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -65,71 +70,180 @@ class UsageQuery:
 
     @property
     def totals_only(self) -> bool:
-        """Whether the day's model totals answer it (no user or key asked for or filtered)."""
+        """Whether the month's model totals answer it (no user or key asked for or filtered)."""
         return not {"user", "key"} & set(self.by) and self.user is None and self.key is None
 
-    @property
-    def every_line(self) -> bool:
-        """Grouped on all four dimensions: each rollup line is a row (nothing to group)."""
-        return len(self.by) == len(DIMENSIONS)
+    def months(self) -> list[str]:
+        """The months (``YYYY-MM``) the range touches."""
+        out, year, month = [], self.start.year, self.start.month
+        while (year, month) <= (self.end.year, self.end.month):
+            out.append(f"{year:04d}-{month:02d}")
+            year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+        return out
 
-    def match(self) -> Doc:
-        match: Doc = {"day": {"$gte": self.start.isoformat(), "$lte": self.end.isoformat()}}
-        # A day's model totals (user_id null) when they answer the query, else the users' lines.
-        match["user_id"] = None if self.totals_only else {"$type": "string"}
-        for field, value in (("user_id", self.user), ("model", self.model), ("key_id", self.key)):
-            if value is not None:
-                match[field] = value
-        return match
+    def selections(self) -> list[Doc]:
+        """The rollup documents to read, one filter per month (an equality on the unique
+        ``(month, user_id)`` index each): of the one user asked for, the month's totals when
+        they answer the query, else the whole month (its totals left out when grouped)."""
+        if self.user is not None:
+            return [{"month": m, "user_id": self.user} for m in self.months()]
+        if self.totals_only:
+            return [{"month": m, "user_id": None} for m in self.months()]
+        return [{"month": m} for m in self.months()]
 
-    def pipeline(self) -> list[Doc]:
-        match = self.match()
-        group: Doc = {"_id": {name: f"${DIMENSIONS[name]}" for name in self.by}}
-        # $sum counts a missing counter as 0 (a line written before a counter existed).
-        group["turns"] = {"$sum": "$turns"}
-        for outcome in OUTCOMES:
-            group[outcome] = {"$sum": f"$outcomes.{outcome}"}
-        for field in (*TOKENS, "cost"):
-            group[field] = {"$sum": f"${field}"}
-        return [
-            {"$match": match},
-            {"$group": group},
-            {"$sort": {f"_id.{name}": 1 for name in self.by}},
-        ]
+    def group(self, docs: list[Doc]) -> list[Doc]:
+        """The rows: the documents' lines in the range and the filters, summed per the
+        dimensions asked for, sorted on them (null first), as the API shows them (cost in
+        nano-units). Integers: exact. One pass, no object per line: a month of a busy
+        service is tens of thousands of lines."""
+        first, last, by = self.start.isoformat(), self.end.isoformat(), self.by
+        totals, only_model, only_key = self.totals_only, self.model, self.key
+        pick = [tuple(DIMENSIONS).index(d) for d in by]  # of (day, model, user, key)
+        every = len(pick) == len(DIMENSIONS)  # by all four, in their order
+        sums: dict[tuple[Any, ...], list[int]] = {}
+        for doc in docs:
+            user = doc.get("user_id")
+            if (user is None) != totals:  # the month's totals, or a user's document
+                continue
+            for name, c in (doc.get("lines") or {}).items():
+                day = name[:10]
+                if day < first or day > last:
+                    continue
+                _, model, key = parse_line_key(name)
+                if (only_model is not None and model != only_model) or (
+                    only_key is not None and key != only_key
+                ):
+                    continue
+                values = (day, model, user or "", key or "")  # "": null, sorted first
+                dims = values if every else tuple([values[i] for i in pick])
+                acc = sums.get(dims)
+                if acc is None:  # a row's first line (every row's, grouped on all four)
+                    sums[dims] = _counts(c)
+                    continue
+                acc[0] += c.get("turns", 0)  # the order of _counts, spelled out: hot loop
+                acc[1] += c.get("completed", 0)
+                acc[2] += c.get("cancelled", 0)
+                acc[3] += c.get("failed", 0)
+                acc[4] += c.get("interrupted", 0)
+                acc[5] += c.get("prompt", 0)
+                acc[6] += c.get("completion", 0)
+                acc[7] += c.get("cached", 0)
+                acc[8] += c.get("reasoning", 0)
+                acc[9] += c.get("cost", 0)
+        names = [DIMENSIONS[d] for d in by]
+        return [_row(names, dims, sums[dims]) for dims in sorted(sums)]
 
 
-def model_totals(lines: list[Doc]) -> list[Doc]:
-    """The (day, model) total lines (``user_id`` and ``key_id`` null) that settlement writes
-    beside rollup ``lines``: for data written some other way (a seed, an import)."""
-    totals: dict[tuple[str, str], Doc] = {}
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Hold Python's cyclic garbage collector while a report is built: tens of thousands of
+    rows are made and none freed, so each collection the allocations trigger would walk the
+    whole growing heap for nothing (it halves the time of a month's export). Reference
+    counting still frees as usual; the collector runs again after."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _counts(c: Doc) -> list[int]:
+    """A line's counters in a row's order: turns, the outcomes, the tokens, the cost."""
+    return [
+        c.get("turns", 0),
+        c.get("completed", 0),
+        c.get("cancelled", 0),
+        c.get("failed", 0),
+        c.get("interrupted", 0),
+        c.get("prompt", 0),
+        c.get("completion", 0),
+        c.get("cached", 0),
+        c.get("reasoning", 0),
+        c.get("cost", 0),
+    ]
+
+
+def _row(names: list[str], dims: tuple[str, ...], acc: list[int]) -> Doc:
+    """A row as the API shows it (cost still in nano-units; "" in ``dims``: null)."""
+    row: Doc = {}
+    for name, value in zip(names, dims, strict=True):
+        row[name] = value or None
+    row["turns"] = acc[0]
+    row["outcomes"] = {
+        "completed": acc[1],
+        "cancelled": acc[2],
+        "failed": acc[3],
+        "interrupted": acc[4],
+    }
+    row["tokens"] = {
+        "prompt": acc[5],
+        "completion": acc[6],
+        "cached": acc[7],
+        "reasoning": acc[8],
+        "total": acc[5] + acc[6],
+    }
+    row["cost"] = acc[9]
+    return row
+
+
+# A line's name in its month's document: ``day|model|key`` (``-``: no key). A field name may
+# not hold ``.`` or start with ``$``, and ``|`` separates: those (and ``%``) are %-encoded.
+_ESCAPES = {"%": "%25", ".": "%2E", "$": "%24", "|": "%7C"}
+
+
+def _escape(text: str) -> str:
+    return "".join(_ESCAPES.get(c, c) for c in text)
+
+
+def _unescape(text: str) -> str:
+    for char, code in reversed(_ESCAPES.items()):  # %25 last: it may have made the others
+        text = text.replace(code, char)
+    return text
+
+
+def line_key(day: str, model: str, key_id: str | None) -> str:
+    """The name of the (day, model, key) line in a month's rollup document."""
+    return f"{day}|{_escape(model)}|{'-' if key_id is None else _escape(key_id)}"
+
+
+def parse_line_key(name: str) -> tuple[str, str, str | None]:
+    day, model, key = name.split("|")
+    if "%" in name:
+        model, key = _unescape(model), key if key == "-" else _unescape(key)
+    return day, model, None if key == "-" else key
+
+
+def rollup_docs(lines: list[Doc]) -> list[Doc]:
+    """The rollup documents that settlement leaves for ``lines`` (flat: ``day``, ``user_id``,
+    ``model``, ``key_id`` and counters), the month's totals included: for data written some
+    other way (a seed, an import)."""
+    docs: dict[tuple[str, str | None], Doc] = {}
     for line in lines:
-        total = totals.setdefault(
-            (line["day"], line["model"]),
-            {"day": line["day"], "user_id": None, "model": line["model"], "key_id": None},
-        )
-        for field in ("turns", *TOKENS, "cost"):
-            total[field] = total.get(field, 0) + int(line.get(field, 0))
-        outcomes = total.setdefault("outcomes", {})
-        for name, n in (line.get("outcomes") or {}).items():
-            outcomes[name] = outcomes.get(name, 0) + int(n)
-    return list(totals.values())
+        month = line["day"][:7]
+        for user, key in ((line["user_id"], line["key_id"]), (None, None)):
+            doc = docs.setdefault((month, user), {"month": month, "user_id": user, "lines": {}})
+            counters = doc["lines"].setdefault(line_key(line["day"], line["model"], key), {})
+            for field in ("turns", *TOKENS, "cost"):
+                counters[field] = counters.get(field, 0) + int(line.get(field, 0))
+            for name, n in (line.get("outcomes") or {}).items():
+                counters[name] = counters.get(name, 0) + int(n)
+    return list(docs.values())
 
 
-def as_rows(lines: list[Doc]) -> list[Doc]:
-    """Rollup lines read as they are (``UsageQuery.every_line``: one row each, the unique index
-    makes them so) in the shape the aggregation gives, sorted as it sorts (null first)."""
-    docs = []
-    for line in lines:
-        outcomes = line.get("outcomes") or {}
-        doc: Doc = {
-            "_id": {name: line.get(field) for name, field in DIMENSIONS.items()},
-            "turns": line.get("turns", 0),
-            **{o: outcomes.get(o, 0) for o in OUTCOMES},
-            **{f: line.get(f, 0) for f in (*TOKENS, "cost")},
-        }
-        docs.append(doc)
-    docs.sort(key=lambda d: tuple((v is not None, v or "") for v in d["_id"].values()))
-    return docs
+def lines_of(docs: list[Doc]) -> list[Doc]:
+    """The flat lines rollup documents hold (the totals' with ``user_id`` None), their
+    outcomes under ``outcomes`` (as ``rollup_docs`` takes them)."""
+    out = []
+    for doc in docs:
+        for name, counters in (doc.get("lines") or {}).items():
+            day, model, key = parse_line_key(name)
+            line = {"day": day, "user_id": doc.get("user_id"), "model": model, "key_id": key}
+            line |= {k: v for k, v in counters.items() if k not in OUTCOMES}
+            line["outcomes"] = {k: v for k, v in counters.items() if k in OUTCOMES}
+            out.append(line)
+    return out
 
 
 def _invalid(field: str, problem: str) -> BadRequest:
@@ -171,19 +285,6 @@ def _filter(params: dict[str, str], name: str) -> str | None:
     return value
 
 
-def _row(doc: Doc, by: tuple[str, ...]) -> Doc:
-    """An aggregated line as the API shows it (cost still in nano-units)."""
-    keys = doc["_id"] or {}
-    row: Doc = {DIMENSIONS[name]: keys.get(name) for name in by}
-    row["turns"] = int(doc["turns"])
-    row["outcomes"] = {o: int(doc[o]) for o in OUTCOMES}
-    tokens = {t: int(doc[t]) for t in TOKENS}
-    tokens["total"] = tokens["prompt"] + tokens["completion"]
-    row["tokens"] = tokens
-    row["cost"] = int(doc["cost"])
-    return row
-
-
 def _total(rows: list[Doc]) -> Doc:
     return {
         "turns": sum(r["turns"] for r in rows),
@@ -193,19 +294,17 @@ def _total(rows: list[Doc]) -> Doc:
     }
 
 
-def report(query: UsageQuery, docs: list[Doc], currency: str) -> Doc:
-    """The JSON answer: rows and their totals, money as decimal strings."""
-    rows = [_row(d, query.by) for d in docs]
+def report(query: UsageQuery, rows: list[Doc], currency: str) -> Doc:
+    """The JSON answer: ``rows`` (``UsageQuery.group``) and their totals, money as decimal
+    strings."""
     totals = _total(rows)
-    for item in (*rows, totals):
-        item["cost"] = format_cost(item["cost"])
     return {
         "from": query.start.isoformat(),
         "to": query.end.isoformat(),
         "by": [DIMENSIONS[name] for name in query.by],
         "currency": currency,
-        "rows": rows,
-        "totals": totals,
+        "rows": [{**row, "cost": format_cost(row["cost"])} for row in rows],
+        "totals": {**totals, "cost": format_cost(totals["cost"])},
     }
 
 
@@ -231,20 +330,27 @@ def _text_cell(value: str | None) -> str:
     return "'" + value if value.startswith(_FORMULA_START) else value
 
 
-def to_csv(query: UsageQuery, docs: list[Doc]) -> str:
-    """The rows as CSV (a header row, then one line per row; no totals line)."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(csv_columns(query.by))
-    for doc in docs:
-        row = _row(doc, query.by)
-        writer.writerow(
-            [
-                *(_text_cell(row[DIMENSIONS[name]]) for name in query.by),
-                row["turns"],
-                *(row["outcomes"][o] for o in OUTCOMES),
-                *(row["tokens"][t] for t in (*TOKENS, "total")),
-                format_cost(row["cost"]),
-            ]
+def to_csv(query: UsageQuery, rows: list[Doc]) -> str:
+    """``rows`` (``UsageQuery.group``) as CSV (a header row, then one line per row; no totals
+    line)."""
+    lines = [",".join(csv_columns(query.by))]
+    names = [DIMENSIONS[name] for name in query.by]
+    for row in rows:
+        o, t = row["outcomes"], row["tokens"]
+        cells = [_csv_cell(_text_cell(row[name])) for name in names]
+        lines.append(
+            ",".join(cells)
+            + ("," if cells else "")
+            + f"{row['turns']},{o['completed']},{o['cancelled']},{o['failed']},"
+            f"{o['interrupted']},{t['prompt']},{t['completion']},{t['cached']},"
+            f"{t['reasoning']},{t['total']},{format_cost(row['cost'])}"
         )
-    return out.getvalue()
+    return "\r\n".join(lines) + "\r\n"
+
+
+def _csv_cell(text: str) -> str:
+    """A text cell as the csv module writes it (quoted when it holds a comma, a quote or a
+    line break); the numbers need no quoting."""
+    if any(c in text for c in ',"\r\n'):
+        return '"' + text.replace('"', '""') + '"'
+    return text

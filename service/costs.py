@@ -69,10 +69,9 @@ def cost_nanos(
 def format_cost(nanos: int) -> str:
     """Nano-units as a decimal string of the currency, without trailing zeros past the cent:
     ``1234500`` -> ``"0.0012345"``, ``0`` -> ``"0.00"``, ``-5`` -> ``"-0.000000005"``."""
-    text = f"{Decimal(nanos).scaleb(-9):f}"
-    whole, _, frac = text.partition(".")
-    frac = frac.rstrip("0")
-    return f"{whole}.{frac.ljust(2, '0')}"
+    units, rest = divmod(abs(nanos), NANOS)  # integers: exact, and cheap for a long report
+    frac = f"{rest:09d}".rstrip("0").ljust(2, "0")
+    return f"{'-' if nanos < 0 else ''}{units}.{frac}"
 
 
 def parse_cost(text: str) -> int:

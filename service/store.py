@@ -45,6 +45,7 @@ from pymongo.errors import (
     PyMongoError,
 )
 
+from service.analytics import line_key
 from service.errors import (
     BadRequest,
     BudgetExceeded,
@@ -163,7 +164,7 @@ class Store:
         self.chat_counts = db["chat_counts"]
         self.rate_limits = db["rate_limits"]
         self.replicas = db["replicas"]
-        self.daily = db["usage_daily"]  # the rollup analytics read: day x user x model x key
+        self.rollup = db["usage_rollup"]  # what analytics read: per user and month, and totals
         self.indexes_ready = False
         self.text_search = False  # a text index serves search (known once the indexes exist)
         self._index_lock = asyncio.Lock()
@@ -214,15 +215,8 @@ class Store:
             [("user_id", ASCENDING), ("period", ASCENDING)], name="user_period", unique=True
         )
         await self.usage.create_index([("open.at", ASCENDING)], name="open_reservations")
-        await self.daily.create_index(
-            [
-                ("day", ASCENDING),
-                ("user_id", ASCENDING),
-                ("model", ASCENDING),
-                ("key_id", ASCENDING),
-            ],
-            name="day_user_model_key",
-            unique=True,
+        await self.rollup.create_index(
+            [("month", ASCENDING), ("user_id", ASCENDING)], name="month_user", unique=True
         )
         await self.db["ws_tickets"].create_index(
             [("expires_at", ASCENDING)], name="ticket_ttl", expireAfterSeconds=0
@@ -708,16 +702,15 @@ class Store:
 
     @db_call
     async def roll_up(self, lines: list[Rollup]) -> None:
-        """Add turns to the daily rollup: one unordered bulk of upserts, one per line the turns
-        touch, and one per (day, model) to that day's **model total** (``user_id`` and
-        ``key_id`` null: what a view by day and model reads, a few lines a day instead of one
-        per user). Two replicas creating the same line at once: the loser's upsert is a
-        duplicate key, applied again as an update of the winner's line."""
+        """Add turns to the rollup (``service/analytics.py``): one unordered bulk of upserts,
+        one per (user, month) the turns touch and one to each month's totals. Two replicas
+        creating the same document at once: the loser's upsert is a duplicate key, applied
+        again as an update of the winner's document."""
         if not lines:
             return
         ops = rollup_ops(lines)
         try:
-            await self.daily.bulk_write(ops, ordered=False)
+            await self.rollup.bulk_write(ops, ordered=False)
         except BulkWriteError as exc:
             again = [
                 ops[e["index"]]
@@ -726,7 +719,7 @@ class Store:
             ]
             if len(again) < len(exc.details.get("writeErrors", [])):
                 raise
-            await self.daily.bulk_write(again, ordered=False)
+            await self.rollup.bulk_write(again, ordered=False)
 
     @db_call
     async def release_lease(
@@ -1117,19 +1110,14 @@ class Store:
     # /api/admin (``service/api/admin.py``): a user's standing limit (``users``: {_id: user,
     # limit, updated_at, updated_by}, taken by each new month's usage document), the current
     # month's limit set or its usage reset, users by usage, and analytics over the daily rollup
-    # (``usage_daily``, written at settlement). Usage documents of API keys' own limits
+    # (``usage_rollup``, written at settlement). Usage documents of API keys' own limits
     # (``user_id: "key:<key_id>"``) are not users: never listed, never given a standing limit.
 
     async def _create_admin_indexes(self) -> None:
         await self.usage.create_index(  # users by usage: one month, most used first
             [("period", ASCENDING), ("used", DESCENDING), ("user_id", ASCENDING)],
             name="period_used",
-        )
-        # Analytics filtered on a user; a range of days alone is served by the rollup's unique
-        # (day, user_id, model, key_id) index.
-        await self.db["usage_daily"].create_index(
-            [("user_id", ASCENDING), ("day", ASCENDING)], name="user_day"
-        )
+        )  # analytics read the rollup by its unique (month, user_id) index
 
     async def _new_month(self, month: Doc) -> Doc:
         """A user's first usage document of a month: with their standing limit when an admin
@@ -1206,18 +1194,13 @@ class Store:
         return docs
 
     @db_call
-    async def usage_rollup(self, pipeline: list[Doc]) -> list[Doc]:
-        """One aggregation over the daily rollup (``service/analytics.py`` builds it)."""
-        docs: list[Doc] = await self.db["usage_daily"].aggregate(pipeline).to_list(None)
-        return docs
-
-    @db_call
-    async def rollup_lines(self, match: Doc) -> list[Doc]:
-        """The daily rollup's lines as they are: an export of every line needs no grouping,
-        and a plain read is cheaper than an aggregation that groups nothing."""
-        docs: list[Doc] = (
-            await self.db["usage_daily"].find(match, projection={"_id": 0}).to_list(None)
-        )
+    async def rollup_docs(self, selections: list[Doc]) -> list[Doc]:
+        """The rollup's documents ``selections`` name (``UsageQuery.selections``: one
+        equality on the index each), to group in the service. Whole documents: SecantusDB
+        serves a projection slower than the document itself."""
+        docs: list[Doc] = []
+        for selection in selections:
+            docs += await self.rollup.find(selection).to_list(None)
         return docs
 
 
@@ -1290,7 +1273,7 @@ class Rollup:
     def counters(self) -> dict[str, int]:
         return {
             "turns": 1,
-            f"outcomes.{self.outcome}": 1,
+            self.outcome: 1,
             "prompt": self.prompt,
             "completion": self.completion,
             "cached": self.cached,
@@ -1300,24 +1283,20 @@ class Rollup:
 
 
 def rollup_ops(lines: list[Rollup]) -> list[UpdateOne]:
-    """The rollup's upserts for ``lines``: their counters summed per (day, user, model, key)
-    line and per (day, model) total (``user_id``/``key_id`` null)."""
-    sums: dict[tuple[str, str | None, str, str | None], dict[str, int]] = {}
+    """The rollup's upserts for ``lines``: one ``$inc`` per (month, user) document of the
+    counters of each of its (day, model, key) lines, and one per month's totals (``user_id``
+    null, per (day, model))."""
+    sums: dict[tuple[str, str | None], dict[str, int]] = {}
     for line in lines:
-        for key in (
-            (line.day, line.user_id, line.model, line.key_id),
-            (line.day, None, line.model, None),
-        ):
-            counters = sums.setdefault(key, {})
+        month = line.day[:7]
+        for user, key in ((line.user_id, line.key_id), (None, None)):
+            counters = sums.setdefault((month, user), {})
+            path = "lines." + line_key(line.day, line.model, key)
             for name, value in line.counters().items():
-                counters[name] = counters.get(name, 0) + value
+                counters[f"{path}.{name}"] = counters.get(f"{path}.{name}", 0) + value
     return [
-        UpdateOne(
-            {"day": day, "user_id": user, "model": model, "key_id": key},
-            {"$inc": counters},
-            upsert=True,
-        )
-        for (day, user, model, key), counters in sums.items()
+        UpdateOne({"month": month, "user_id": user}, {"$inc": counters}, upsert=True)
+        for (month, user), counters in sums.items()
     ]
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from service.analytics import model_totals
+from service.analytics import rollup_docs
 from service.app import create_app
 from service.costs import format_cost
 from service.keys import STORE
@@ -409,9 +409,8 @@ ROLLUP = [
 
 
 async def seed_rollup(client) -> None:
-    """The lines, and the day's model totals settlement writes beside them."""
-    lines = [dict(d) for d in ROLLUP]
-    await client.app[STORE].db["usage_daily"].insert_many([*lines, *model_totals(lines)])
+    """The rollup documents settlement leaves for these lines (the month's totals too)."""
+    await client.app[STORE].rollup.insert_many(rollup_docs([dict(d) for d in ROLLUP]))
 
 
 async def usage_of(client, admin, query: str) -> dict[str, Any]:
@@ -645,3 +644,40 @@ async def test_analytics_equal_a_brute_force_sum_over_the_messages(
     whole = summed(lambda k: None)[None]
     check([every["totals"]], {None: whole}, lambda r: None)
     assert any(row["cost"] != "0.00" for row in every["rows"])  # the prices were applied
+
+
+def test_csv_cells_are_quoted_as_a_spreadsheet_reads_them():
+    """A user id with a comma, a quote or a line break comes back whole through a CSV reader;
+    one that starts like a formula stays text."""
+    from datetime import date
+
+    from service.analytics import UsageQuery, rollup_docs, to_csv
+
+    users = ['a,"b"', "line\nbreak", "=1+1", "plain"]
+    query = UsageQuery.parse({"from": "2026-03-01", "to": "2026-03-01"}, date(2026, 3, 1))
+    docs = rollup_docs([line("2026-03-01", u, "gpt", None, completed=1, cost=5) for u in users])
+    rows = list(csv.reader(io.StringIO(to_csv(query, query.group(docs)), newline="")))
+    assert rows[0][:4] == ["day", "model", "user_id", "key_id"]
+    assert sorted(r[2] for r in rows[1:]) == sorted(['a,"b"', "line\nbreak", "'=1+1", "plain"])
+    assert all(r[-1] == "0.000000005" and r[4] == "1" for r in rows[1:])
+
+
+async def test_the_collector_runs_again_after_a_report(client, admin):
+    """The report pauses Python's cyclic collector while it builds the rows: it is back on
+    after the answer, a JSON one, a CSV one, and one that failed."""
+    import gc
+
+    await seed_rollup(client)
+    for query in ("from=2026-03-01&to=2026-03-02", "from=2026-03-01&to=2026-03-02&format=csv"):
+        assert (await client.get(f"/api/admin/usage?{query}", headers=admin())).status == 200
+        assert gc.isenabled()
+    from service.analytics import collector_paused
+
+    def build() -> None:
+        with collector_paused():
+            assert not gc.isenabled()
+            raise RuntimeError("a report that failed")
+
+    with pytest.raises(RuntimeError):
+        build()
+    assert gc.isenabled()

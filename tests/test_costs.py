@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from service.analytics import lines_of
 from service.app import create_app
 from service.costs import NANOS, Budget, Price, cost_nanos, format_cost, parse_cost
 from service.keys import STORE
@@ -206,7 +207,7 @@ async def test_a_currency_budget_is_spent_in_money_and_never_overspent(
 
 async def rollup_rows(db: Any) -> dict[tuple[Any, ...], dict[str, Any]]:
     """The rollup's lines, the (day, model) totals (user None) included."""
-    rows = await db.usage_daily.find({}, projection={"_id": 0}).to_list(None)
+    rows = lines_of(await db.usage_rollup.find({}).to_list(None))
     return {(r["day"], r["user_id"], r["model"], r["key_id"]): r for r in rows}
 
 
@@ -281,3 +282,32 @@ async def test_the_daily_rollup_equals_the_messages(
         for field in ("turns", "prompt", "completion", "cached", "reasoning", "cost"):
             assert got[key][field] == row[field], (key, field)
         assert got[key]["outcomes"] == row["outcomes"], key
+
+
+async def test_the_rollup_keeps_any_model_name_and_key_exactly(client):
+    """Model names hold dots (gpt-4.1), and a field name may not: a line's name encodes them,
+    and the analytics read back the names as they were, summed exactly."""
+    from service.analytics import UsageQuery, line_key, parse_line_key
+    from service.store import Rollup, utcnow
+
+    odd = "gpt-4.1 $x|%2E."
+    assert parse_line_key(line_key("2026-11-30", odd, "k.1|$")) == ("2026-11-30", odd, "k.1|$")
+    store = client.app[STORE]
+    day = utcnow().date().isoformat()
+
+    def turn(model: str, key: str | None, cost: int) -> Rollup:
+        return Rollup(day, "alice", model, key, "completed", 10, 2, 0, 0, cost)
+
+    await store.roll_up([turn(odd, None, 5), turn(odd, "k.1", 7), turn("demo", None, 1)])
+    await store.roll_up([turn(odd, None, 11)])
+    query = UsageQuery.parse({"by": "model,key"}, utcnow().date())
+    rows = query.group(await store.rollup_docs(query.selections()))
+    got = {(r["model"], r["key_id"]): (r["turns"], r["cost"]) for r in rows}
+    assert got == {("demo", None): (1, 1), (odd, None): (2, 16), (odd, "k.1"): (1, 7)}
+    totals = UsageQuery.parse({"by": "model"}, utcnow().date())
+    assert all(s["user_id"] is None for s in totals.selections())  # the month's totals
+    rows = totals.group(await store.rollup_docs(totals.selections()))
+    assert [(r["model"], r["turns"], r["cost"]) for r in rows] == [
+        ("demo", 1, 1),
+        (odd, 3, 23),
+    ]

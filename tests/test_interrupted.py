@@ -240,10 +240,15 @@ async def test_a_dead_priced_turn_is_billed_at_its_recorded_price_on_the_key_too
     mine = await store.usage.find_one({"user_id": key_account("k1")})
     assert user["cost"] == mine["cost"] == cost
     assert mine["used"] == 40 + completion and mine["reserved"] == 0 and not mine["open"]
-    rows = await store.daily.find({"user_id": "ghost"}).to_list(None)
+    from service.analytics import lines_of
+
+    async def lines(user: str | None) -> list[dict]:
+        return lines_of(await store.rollup.find({"user_id": user}).to_list(None))
+
+    rows = await lines("ghost")
     assert len(rows) == 1 and rows[0]["key_id"] == "k1" and rows[0]["cost"] == cost
     assert rows[0]["outcomes"] == {"interrupted": 1} and rows[0]["turns"] == 1
-    total = await store.daily.find_one({"user_id": None})  # the day's model total
+    [total] = await lines(None)  # the month's totals, per (day, model)
     assert total["turns"] == 1 and total["cost"] == cost and total["key_id"] is None
     assert await reap(store, settings) == 0  # nothing billed or rolled up twice
-    assert (await store.daily.find_one({"user_id": "ghost"}))["turns"] == 1
+    assert [r["turns"] for r in await lines("ghost")] == [1]
