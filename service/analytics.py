@@ -351,6 +351,6 @@ def to_csv(query: UsageQuery, rows: list[Doc]) -> str:
 def _csv_cell(text: str) -> str:
     """A text cell as the csv module writes it (quoted when it holds a comma, a quote or a
     line break); the numbers need no quoting."""
-    if any(c in text for c in ',"\r\n'):
+    if "," in text or '"' in text or "\n" in text or "\r" in text:
         return '"' + text.replace('"', '""') + '"'
     return text
