@@ -71,6 +71,17 @@ CHOSEN: Doc = {"superseded_by": {"$exists": False}}
 IDEMPOTENCY_TTL_S = 86_400  # how long a claimed idempotency key is kept (at least a day)
 
 
+async def _take_slot(counts: Any, user_id: str, cap: int, full: ServiceError) -> None:
+    """One of the user's ``cap`` slots in ``counts`` ({_id: user, active: n}), or ``full``: an
+    ``$inc`` only while ``active < cap`` (an upsert that does not match is a duplicate key)."""
+    try:
+        await counts.find_one_and_update(
+            {"_id": user_id, "active": {"$lt": cap}}, {"$inc": {"active": 1}}, upsert=True
+        )
+    except DuplicateKeyError as exc:
+        raise full from exc
+
+
 def key_account(key_id: str) -> str:
     """The usage documents of an API key with its own limit: ``key:<id>``, one per month."""
     return f"key:{key_id}"
@@ -271,16 +282,16 @@ class Store:
     async def _create_chat(
         self, user_id: str, title: str | None, model: str | None, cap: int
     ) -> Doc:
-        try:
-            await self.chat_counts.find_one_and_update(
-                {"_id": user_id, "active": {"$lt": cap}}, {"$inc": {"active": 1}}, upsert=True
-            )
-        except DuplicateKeyError as exc:
-            raise Conflict(
+        await _take_slot(
+            self.chat_counts,
+            user_id,
+            cap,
+            Conflict(
                 f"chat limit reached ({cap} active chats); delete one first",
                 code="chat_limit_reached",
                 details={"limit": cap},
-            ) from exc
+            ),
+        )
         now = utcnow()
         chat = {
             "_id": str(uuid.uuid4()),
@@ -1049,18 +1060,16 @@ class Store:
 
     async def _create_api_key(self, doc: Doc, cap: int) -> None:
         counts = self.db["api_key_counts"]
-        try:
-            await counts.find_one_and_update(
-                {"_id": doc["user_id"], "active": {"$lt": cap}},
-                {"$inc": {"active": 1}},
-                upsert=True,
-            )
-        except DuplicateKeyError as exc:
-            raise Conflict(
+        await _take_slot(
+            counts,
+            doc["user_id"],
+            cap,
+            Conflict(
                 f"API key limit reached ({cap} keys); revoke one first",
                 code="key_limit_reached",
                 details={"limit": cap},
-            ) from exc
+            ),
+        )
         try:
             await self.db["api_keys"].insert_one(doc)
         except BaseException:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from service.metrics import ACTIVE_STREAMS, TRANSPORTS
+from service.metrics import ACTIVE_STREAMS, MONGODB_SECONDS, TRANSPORTS
 from service.store import utcnow
 from service.stream.producer import period_of
 from service.stream.registry import StreamRegistry
@@ -102,3 +102,15 @@ def post_request(path: str, body: bytes, headers: dict[str, str]) -> bytes:
     lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}"]
     lines += [f"{k}: {v}" for k, v in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def calls(operation: str) -> float:
+    """How many times the store ran ``operation`` (its latency histogram's count)."""
+    for metric in MONGODB_SECONDS.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_count") and sample.labels == {
+                "operation": operation,
+                "result": "ok",
+            }:
+                return sample.value
+    return 0.0

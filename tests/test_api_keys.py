@@ -23,8 +23,8 @@ from service.app import create_app
 from service.auth import mint_token
 from service.keys import API_KEYS, AUTH, STORE
 from service.logs import redact
-from service.metrics import MONGODB_SECONDS
 from service.store import utcnow
+from tests.faults import calls
 from tests.sse_client import collect, text_of
 
 HI = [{"role": "user", "content": "Hi"}]
@@ -384,18 +384,6 @@ async def test_a_key_without_expiry_has_a_finite_far_expiry(client, auth):
 
 
 # --------------------------------------------------------------------------- last_used_at
-def calls(operation: str) -> float:
-    """How many times the store ran ``operation`` (its latency histogram's count)."""
-    for metric in MONGODB_SECONDS.collect():
-        for sample in metric.samples:
-            if sample.name.endswith("_count") and sample.labels == {
-                "operation": operation,
-                "result": "ok",
-            }:
-                return sample.value
-    return 0.0
-
-
 async def test_last_used_at_is_written_once_a_minute_per_replica(client, auth):
     key = await make_key(client, auth())
     store = client.app[STORE]

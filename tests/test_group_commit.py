@@ -7,23 +7,10 @@ import asyncio
 
 from service.app import create_app
 from service.keys import STORE
-from service.metrics import MONGODB_SECONDS
 from tests.fake_openai import Script
-from tests.faults import settled
+from tests.faults import calls, settled
 
 BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
-
-
-def calls(operation: str) -> float:
-    """How many times the store ran ``operation`` (its latency histogram's count)."""
-    for metric in MONGODB_SECONDS.collect():
-        for sample in metric.samples:
-            if sample.name.endswith("_count") and sample.labels == {
-                "operation": operation,
-                "result": "ok",
-            }:
-                return sample.value
-    return 0.0
 
 
 async def test_turns_ending_together_share_their_final_writes(
