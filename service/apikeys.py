@@ -115,6 +115,7 @@ class ApiKeys:
         self.store = store
         self.cache_s = cache_s
         self._cache: OrderedDict[str, tuple[float, Doc]] = OrderedDict()  # hash: (read at, doc)
+        self._by_id: dict[str, tuple[float, Doc | None]] = {}  # key id: (read at, doc)
         self._touched: dict[str, float] = {}  # key id: when last_used_at was last written
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -156,6 +157,7 @@ class ApiKeys:
         if doc is None:
             return False
         self._cache.pop(doc["hash"], None)  # this replica stops at once; others within cache_s
+        self._by_id.pop(key_id, None)
         return True
 
     # ------------------------------------------------------------------ authentication
@@ -177,6 +179,19 @@ class ApiKeys:
         principal = principal_of(doc, utcnow())
         self._touch(key_id)
         return principal
+
+    async def check(self, key_id: str) -> None:
+        """401 once the key ``key_id`` is revoked, expired or gone: what an open WebSocket
+        asks every ``cache_s``. Its read is shared by every socket of the key for as long."""
+        now = time.monotonic()
+        cached = self._by_id.get(key_id)
+        if cached is None or now - cached[0] >= self.cache_s:
+            cached = self._by_id[key_id] = (now, await self.store.find_api_key(key_id=key_id))
+            for old in [k for k, (at, _) in self._by_id.items() if now - at >= self.cache_s]:
+                del self._by_id[old]  # the keys no socket asked about lately
+        if cached[1] is None:
+            raise Unauthorized("invalid API key: unknown")
+        principal_of(cached[1], utcnow())
 
     async def _lookup(self, digest: str) -> Doc | None:
         now = time.monotonic()

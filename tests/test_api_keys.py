@@ -300,6 +300,34 @@ async def test_a_key_opens_a_websocket_by_header(stream_client, auth, logs):
         assert refused["type"] == "error" and refused["code"] == "model_not_allowed"
 
 
+async def test_a_socket_opened_with_a_key_closes_once_the_key_is_revoked(
+    aiohttp_client, stream_settings, auth, logs
+):
+    """Revoking a key closes its open WebSockets (4001, as a token's expiry) within
+    API_KEY_CACHE_S; a socket of another key, or of a token, stays open."""
+    client = await aiohttp_client(create_app(stream_settings(api_key_cache_s=0.2)))
+    doomed, kept = await make_key(client, auth()), await make_key(client, auth(), name="kept")
+    async with (
+        client.ws_connect("/api/ws", headers=bearer(doomed["key"])) as ws,
+        client.ws_connect("/api/ws", headers=bearer(kept["key"])) as other,
+        client.ws_connect("/api/ws", headers=auth()) as token,
+    ):
+        for sock in (ws, other, token):
+            assert (await sock.receive_json(timeout=5))["type"] == "ready"
+        resp = await client.delete(f"/api/keys/{doomed['id']}", headers=auth())
+        assert resp.status == 204
+        started = time.monotonic()
+        msg = await ws.receive(timeout=5)
+        assert msg.type is aiohttp.WSMsgType.CLOSE, msg
+        assert ws.close_code == 4001 and "revoked" in (msg.extra or "")
+        assert time.monotonic() - started < 2 * 1.0 + 1.0  # a second's rounds, twice at most
+        await other.send_json({"type": "ping"})  # the others are still served
+        await token.send_json({"type": "ping"})
+        assert not other.closed and not token.closed
+    assert any(e["event"] == "ws.key_refused" for e in logs)
+    assert doomed["key"] not in repr(logs)
+
+
 async def test_a_ticket_asked_for_with_a_key_carries_the_key(stream_client, auth):
     key = await make_key(stream_client, auth(), models=["gpt-test"])
     h = bearer(key["key"])

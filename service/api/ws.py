@@ -109,6 +109,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         resumes=request.app[RESUMES],
         store=request.app[STORE],
         settings=settings,
+        api_keys=request.app[API_KEYS],
     )
     await transport.serve(
         request, ws, principal=principal, services=services, connections=request.app[WS_CONNECTIONS]

@@ -23,8 +23,9 @@ import orjson
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from service.apikeys import ApiKeys
 from service.auth import Principal
-from service.errors import BadRequest, ServiceError
+from service.errors import BadRequest, ServiceError, Unauthorized
 from service.http import not_found
 from service.metrics import RESUMES as RESUMES_TOTAL
 from service.settings import Settings
@@ -43,7 +44,7 @@ MAX_ID_CHARS = 128
 MAX_RAW_MESSAGE_CHARS = 200_000  # the producer enforces MAX_MESSAGE_CHARS after trimming
 MAX_MODEL_CHARS = 100
 
-CLOSE_TOKEN_EXPIRED = 4001
+CLOSE_TOKEN_EXPIRED = 4001  # also: the socket's API key was revoked
 Frame = dict[str, Any]
 
 
@@ -220,6 +221,7 @@ class Services:
     resumes: Resumes
     store: Store
     settings: Settings
+    api_keys: ApiKeys | None = None  # checks an API key's socket (revoked: closed)
 
 
 class Connection:
@@ -245,6 +247,7 @@ class Connection:
         self.turns_started = 0
         self._writer: asyncio.Task[None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
+        self._key_watch: asyncio.Task[None] | None = None
         self.log = log.bind(ws_id=self.id, user_id=principal.user_id, transport="ws")
 
     # ------------------------------------------------------------------ lifecycle
@@ -254,6 +257,10 @@ class Connection:
         self._writer = asyncio.create_task(self._write(), name=f"ws-writer-{self.id}")
         delay = max(0.0, self.principal.expires_at - time.time())
         self._expiry = loop.call_later(delay, self._token_expired)
+        if self.principal.key is not None and self.services.api_keys is not None:
+            self._key_watch = asyncio.create_task(
+                self._watch_key(self.principal.key.key_id), name=f"ws-key-{self.id}"
+            )
         self.log.info("ws.connected", max_turns=self.settings.ws_max_turns_per_connection)
         self.send({"type": "ready", "v": PROTOCOL_VERSION, "max_turns": self._max_turns})
         try:
@@ -264,8 +271,9 @@ class Connection:
             assert closing is not None and closing.task is not None
             try:
                 # Shielded: if the handler is cancelled (peer gone) the slots still leave cleanly.
+                watch = [self._key_watch] if self._key_watch is not None else []
                 await asyncio.shield(
-                    asyncio.gather(closing.task, *self.tasks, return_exceptions=True)
+                    asyncio.gather(closing.task, *self.tasks, *watch, return_exceptions=True)
                 )
             finally:
                 self.log.info(
@@ -297,6 +305,23 @@ class Connection:
     def _max_turns(self) -> int:
         return self.settings.ws_max_turns_per_connection
 
+    async def _watch_key(self, key_id: str) -> None:
+        """A socket opened with an API key is closed soon after the key's revocation (within
+        ``API_KEY_CACHE_S`` or a second, whichever is longer, twice that at most), as a token's
+        at its expiry; its turns go on."""
+        assert self.services.api_keys is not None
+        interval = max(self.services.api_keys.cache_s, 1.0)
+        while self.closing is None:
+            await asyncio.sleep(interval)
+            try:
+                await self.services.api_keys.check(key_id)
+            except Unauthorized as exc:
+                self.log.info("ws.key_refused", reason=exc.message)
+                self.close(CLOSE_TOKEN_EXPIRED, f"{exc.message}; reconnect", "token_expired")
+                return
+            except ServiceError:  # MongoDB away: the key is checked again next round
+                continue
+
     def _token_expired(self) -> None:
         self.log.info("ws.token_expired")
         self.close(CLOSE_TOKEN_EXPIRED, "token expired; reconnect with a new one", "token_expired")
@@ -308,6 +333,8 @@ class Connection:
             return
         if self._expiry is not None:
             self._expiry.cancel()
+        if self._key_watch is not None and self._key_watch is not asyncio.current_task():
+            self._key_watch.cancel()
         self.closing = Closing(code, message, reason, flush and not self.ws.closed)
         for slot in self.slots.values():
             slot.stop(reason)
