@@ -116,6 +116,7 @@ class ApiKeys:
         self.cache_s = cache_s
         self._cache: OrderedDict[str, tuple[float, Doc]] = OrderedDict()  # hash: (read at, doc)
         self._by_id: dict[str, tuple[float, Doc | None]] = {}  # key id: (read at, doc)
+        self._reading: dict[str, asyncio.Future[Doc | None]] = {}  # hash: the read under way
         self._touched: dict[str, float] = {}  # key id: when last_used_at was last written
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -193,13 +194,23 @@ class ApiKeys:
             raise Unauthorized("invalid API key: unknown")
         principal_of(cached[1], utcnow())
 
+    async def _read(self, digest: str) -> Doc | None:
+        """One read of a key however many requests ask for it at once (a busy key's cache
+        entry expiring must not send each of its requests to MongoDB)."""
+        pending = self._reading.get(digest)
+        if pending is None:
+            pending = asyncio.ensure_future(self.store.find_api_key(hash_hex=digest))
+            self._reading[digest] = pending
+            pending.add_done_callback(lambda _: self._reading.pop(digest, None))
+        return await asyncio.shield(pending)  # one caller cancelled: the others still read
+
     async def _lookup(self, digest: str) -> Doc | None:
         now = time.monotonic()
         cached = self._cache.get(digest)
         if cached is not None and now - cached[0] < self.cache_s:
             self._cache.move_to_end(digest)
             return cached[1]
-        doc = await self.store.find_api_key(hash_hex=digest)
+        doc = await self._read(digest)
         if doc is None:  # unknown secrets are not remembered: guesses must not evict real keys
             self._cache.pop(digest, None)
             return None

@@ -411,6 +411,20 @@ async def test_a_key_without_expiry_has_a_finite_far_expiry(client, auth):
     assert (await client.app[AUTH].verify(key["key"])).expires_at == NEVER
 
 
+async def test_requests_of_a_key_at_once_share_one_lookup(aiohttp_client, make_settings, auth):
+    """A busy key whose cache entry is old (API_KEY_CACHE_S=0: always) sends MongoDB one read
+    for the requests that arrive together, not one each."""
+    client = await aiohttp_client(create_app(make_settings(api_key_cache_s=0)))
+    key = await make_key(client, auth())
+    before = calls("find_api_key")
+    responses = await asyncio.gather(
+        *(client.get("/api/chat", headers=bearer(key["key"])) for _ in range(20))
+    )
+    assert [r.status for r in responses] == [200] * 20
+    reads = calls("find_api_key") - before
+    assert 1 <= reads < 20, reads
+
+
 # --------------------------------------------------------------------------- last_used_at
 async def test_last_used_at_is_written_once_a_minute_per_replica(client, auth):
     key = await make_key(client, auth())
