@@ -29,6 +29,7 @@ from service.api import (
 )
 from service.apikeys import ApiKeys
 from service.auth import Authenticator
+from service.errors import ServiceError
 from service.keys import (
     ADMISSIONS,
     API_KEYS,
@@ -135,9 +136,13 @@ async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:
     registry.cancel_all("shutdown")
     await registry.wait_idle(timeout_s=10)
     if registry.pending:  # a last try at final writes MongoDB could not take
-        await registry.pending.retry(app[STORE])
+        await registry.pending.retry(app[STORE], registry.rollups)
         if registry.pending:
             log.error("service.final_writes_lost", pending=len(registry.pending))
+    with contextlib.suppress(ServiceError):  # the rollup's last increments (logged if lost)
+        await registry.rollups.flush(app[STORE])
+    if registry.rollups:
+        log.error("service.rollup_lost", turns=len(registry.rollups))
     await registry.leases.release_idle(0.0, everything=True)  # the reaper's otherwise
 
 

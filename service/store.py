@@ -636,15 +636,17 @@ class Store:
         return doc
 
     @db_call
-    async def finish_many(self, finals: list[FinalOp]) -> tuple[dict[tuple[str, str], Doc], bool]:
+    async def finish_many(
+        self, finals: list[FinalOp]
+    ) -> tuple[dict[tuple[str, str], Doc], list[FinalOp]]:
         """Settle and write the final records of many turns in three commands (the replica's
         group commit of final writes): one unordered bulk write on ``usage`` (a lease's turns
         billed together, once: none of their ids settled yet; a reserved turn's settlement
         pulls its ``open`` entry, as ``settle_usage``), one on ``messages`` (a record no longer
         ``streaming`` is left alone), and one read of the usage documents they leave. A group
         the bulk write did not bill (one of its turns settled before: a retry) is settled turn
-        by turn, which is idempotent. Returns the usage by (user, period), and whether every
-        record was ended by this write."""
+        by turn, which is idempotent. Returns the usage by (user, period), and the finals that
+        ended their record (those the rollup counts: ``RollupBuffer``)."""
         groups: dict[tuple[str, str, str], list[FinalOp]] = {}
         ops: list[UpdateOne] = []
         for op in finals:
@@ -689,13 +691,12 @@ class Store:
         ended = finals
         if written.modified_count < len(finals):  # some were ended before: by this write?
             ended = await self._ended_by(finals)
-        await self.roll_up([op.rollup for op in ended if op.rollup is not None])
         keys = {(op.user_id, op.period) for op in finals}
         docs: list[Doc] = await self.usage.find(
             {"$or": [{"user_id": u, "period": p} for u, p in keys]}, projection={"settled": 0}
         ).to_list(None)
         by_key = {(d["user_id"], d["period"]): d for d in docs}
-        return by_key, written.modified_count == len(finals)
+        return by_key, ended
 
     async def _ended_by(self, finals: list[FinalOp]) -> list[FinalOp]:
         """Which of ``finals`` ended their record (the record has their end time and status: a

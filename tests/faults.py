@@ -114,3 +114,21 @@ def calls(operation: str) -> float:
             }:
                 return sample.value
     return 0.0
+
+
+async def rolled_up(db: Any, *, deadline_s: float = 15.0) -> None:
+    """Wait (polling, with a deadline) until the rollup counts every ended answer: the replica
+    writes the rollup's increments with its checkpoint round, not with each final write."""
+    end = time.monotonic() + deadline_s
+    while True:
+        ended = await db["messages"].count_documents(
+            {"role": "assistant", "status": {"$ne": "streaming"}}
+        )
+        counted = 0
+        async for doc in db["usage_rollup"].find({"user_id": None}):
+            counted += sum(int(c.get("turns", 0)) for c in (doc.get("lines") or {}).values())
+        if counted == ended:
+            return
+        if time.monotonic() > end:
+            raise AssertionError(f"rollup counts {counted} of {ended} ended answers")
+        await asyncio.sleep(POLL_S)

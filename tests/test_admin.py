@@ -22,7 +22,7 @@ from service.store import ReserveRequest, utcnow
 from service.stream.producer import period_of
 from tests import openai_recordings as rec
 from tests.fake_openai import Script
-from tests.faults import settled
+from tests.faults import rolled_up, settled
 from tests.sse_client import collect
 from tests.test_costs import PRICED, brute_force
 
@@ -606,6 +606,7 @@ async def test_analytics_equal_a_brute_force_sum_over_the_messages(
     r.close()  # a stateless stream whose client goes: cancelled
     await asyncio.wait_for(fake_openai.disconnected.wait(), 10)
     await settled(db, users=tuple(users))
+    await rolled_up(db)
     statuses = {m["status"] async for m in db.messages.find({"role": "assistant"})}
     assert {"complete", "failed", "cancelled"} <= statuses
     want = await brute_force(db)

@@ -21,7 +21,7 @@ from service.settings import SettingsError, load_settings
 from tests import openai_recordings as rec
 from tests.conftest import TEST_MODELS
 from tests.fake_openai import Script
-from tests.faults import settled
+from tests.faults import rolled_up, settled
 from tests.sse_client import collect
 
 GPT_PRICE = {"input": "0.15", "cached_input": "0.075", "output": "0.6", "reasoning": "0.9"}
@@ -273,6 +273,7 @@ async def test_the_daily_rollup_equals_the_messages(
     r.close()
     await asyncio.wait_for(fake_openai.disconnected.wait(), 10)  # the turn was cancelled
     await settled(db, users=tuple(users))
+    await rolled_up(db)
     statuses = {m["status"] async for m in db.messages.find({"role": "assistant"})}
     assert {"complete", "failed", "cancelled"} <= statuses
     want = with_totals(await brute_force(db))

@@ -12,7 +12,7 @@ from service.app import create_app
 from service.keys import STORE
 from service.store import key_account
 from tests.fake_openai import Script
-from tests.faults import settled
+from tests.faults import rolled_up, settled
 
 BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
 
@@ -43,6 +43,7 @@ async def test_a_key_s_own_limit_holds_under_30_concurrent_turns(
     await resp.read()
     await settled(db)
     await settled(db, users=(key_account(key["id"]),))
+    await rolled_up(db)
     records = await db.messages.find({"role": "assistant"}).to_list(None)
     mine = [r for r in records if r.get("key_id") == key["id"]]
     assert len(mine) == statuses[200] and len(records) == statuses[200] + 1

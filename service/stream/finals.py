@@ -61,7 +61,7 @@ class FinalWrite:
             key_grant=self.key_grant,
         )
 
-    async def apply(self, store: Store) -> bool:
+    async def apply(self, store: Store, rollups: RollupBuffer) -> bool:
         """Settle (once) and write the final record on its own (the pending queue's retry; a
         turn's own final write goes with its group, ``FinalCommits``); True when this write
         ended the record (a record no longer ``streaming`` is left alone). Raises
@@ -98,7 +98,7 @@ class FinalWrite:
             self.settled = True
         ended = await store.finish_message(self.message_id, self.fields)
         if ended and self.rollup is not None:
-            await store.roll_up([self.rollup])
+            rollups.add([self.rollup])
         return ended
 
 
@@ -108,9 +108,12 @@ class FinalCommits:
     A turn's finalization waits for its group (a few milliseconds more before its final event);
     a group MongoDB refused fails each of its writes, which go to the pending queue."""
 
-    def __init__(self, store: Store, track: Callable[[asyncio.Task[Any]], None]) -> None:
+    def __init__(
+        self, store: Store, track: Callable[[asyncio.Task[Any]], None], rollups: RollupBuffer
+    ) -> None:
         self.store = store
         self._track = track
+        self.rollups = rollups
         self._group: list[tuple[FinalWrite, asyncio.Future[bool]]] = []
         self._flush: asyncio.Task[None] | None = None
 
@@ -137,17 +140,54 @@ class FinalCommits:
     async def _commit(self, group: list[tuple[FinalWrite, asyncio.Future[bool]]]) -> None:
         ops = [w.op() for w, _ in group]
         try:
-            usage, finished = await self.store.finish_many(ops)
+            usage, ended = await self.store.finish_many(ops)
         except ServiceError as exc:
             for _, done in group:
                 if not done.done():
                     done.set_exception(exc)
             return
+        self.rollups.add([op.rollup for op in ended if op.rollup is not None])
+        finished = {op.message_id for op in ended}
         for write, done in group:
             write.settled = True
             write.usage = usage.get((write.user_id, write.period))
             if not done.done():
-                done.set_result(finished)
+                done.set_result(write.message_id in finished)
+
+
+class RollupBuffer:
+    """The rollup's increments of the turns this replica ended, written together by the
+    watcher's checkpoint round (``Store.roll_up``, one command per round whatever the number
+    of turns) rather than one command per group of final writes. A round MongoDB refuses keeps
+    them for the next (at most ``MAX_PENDING`` turns: past it the oldest are dropped, logged);
+    a replica that dies loses the increments of its last round: the analytics', never the
+    billing's (the usage documents are written with the records)."""
+
+    def __init__(self, limit: int = MAX_PENDING) -> None:
+        self.limit = limit
+        self._lines: list[Rollup] = []
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def add(self, lines: list[Rollup]) -> None:
+        self._lines += lines
+        if len(self._lines) > self.limit:
+            dropped = len(self._lines) - self.limit
+            del self._lines[:dropped]
+            log.error("stream.rollup_dropped", turns=dropped, pending=self.limit)
+
+    async def flush(self, store: Store) -> int:
+        """Write what is waiting; how many turns. Raises ``ServiceError`` (kept for later)."""
+        lines, self._lines = self._lines, []
+        if not lines:
+            return 0
+        try:
+            await store.roll_up(lines)
+        except BaseException:
+            self.add(lines)  # before anything newer: they are added up, order does not matter
+            raise
+        return len(lines)
 
 
 class PendingFinals:
@@ -166,13 +206,13 @@ class PendingFinals:
             _, dropped = self._writes.popitem(last=False)
             log.error("stream.finalize_given_up", message_id=dropped.message_id, pending=self.limit)
 
-    async def retry(self, store: Store) -> int:
+    async def retry(self, store: Store, rollups: RollupBuffer) -> int:
         """Apply the waiting writes in order until MongoDB fails again; how many were applied."""
         applied = 0
         while self._writes:
             message_id, write = next(iter(self._writes.items()))
             try:
-                await write.apply(store)
+                await write.apply(store, rollups)
             except ServiceError as exc:
                 log.warning("stream.finalize_retry_failed", code=exc.code, pending=len(self))
                 break

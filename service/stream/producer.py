@@ -137,7 +137,7 @@ class TurnProducer:
         self.registry = registry
         self.context_cache = context_cache or ContextCache(settings.context_cache_chats)
         self.leases = leases
-        self.commits = FinalCommits(store, registry.track)  # final writes, grouped
+        self.commits = FinalCommits(store, registry.track, registry.rollups)  # grouped
         self.budget = settings.budget  # the month's budget: tokens or currency
 
     async def start(self, inp: TurnInput, *, message_id: str | None = None) -> Turn:

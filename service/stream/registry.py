@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from service.metrics import ACTIVE_STREAMS, DETACHED, FOLLOWERS
-from service.stream.finals import PendingFinals
+from service.stream.finals import PendingFinals, RollupBuffer
 from service.stream.leases import Leases
 from service.stream.live import Follower, LiveStream
 
@@ -34,6 +34,7 @@ class StreamRegistry:
         self.followed: set[LiveStream] = set()  # this replica's turns followed from another
         self.draining = False
         self.pending = PendingFinals()  # final writes MongoDB could not take yet
+        self.rollups = RollupBuffer()  # the rollup's increments, written each checkpoint round
         # MongoDB as the watcher last found it: failing, or back since (loop time) after an
         # outage. After an outage every replica's heartbeat is old at once: no turn is judged
         # dead until all had STALE_STREAM_S to write theirs and their pending final writes.

@@ -174,7 +174,7 @@ async def _control(store: Store, registry: StreamRegistry, settings: Settings) -
                 next_alive = now + min(ALIVE_EVERY_S, settings.stale_stream_s / 3)
                 registry.store_answered(now)
             if registry.pending:
-                await registry.pending.retry(store)
+                await registry.pending.retry(store, registry.rollups)
             if registry.streams:
                 _flags(registry, await store.flagged_turns(), now)
             if registry.leases is not None:
@@ -223,6 +223,15 @@ def _flags(registry: StreamRegistry, docs: list[Doc], now: float) -> None:
     registry.followed = followed
 
 
+async def _flush_rollups(store: Store, registry: StreamRegistry) -> None:
+    try:
+        await registry.rollups.flush(store)
+    except ServiceError as exc:  # kept: the next round writes them
+        log.warning("stream.rollup_failed", code=exc.code, pending=len(registry.rollups))
+    except Exception:
+        log.exception("stream.rollup_failed")
+
+
 async def _checkpoints(store: Store, registry: StreamRegistry, settings: Settings) -> None:
     """Every ``CHECKPOINT_INTERVAL_S``, the text of every live stream that grew since its last
     checkpoint, in one bulk write for the whole replica; every ``FOLLOW_INTERVAL_S``, that of
@@ -237,6 +246,7 @@ async def _checkpoints(store: Store, registry: StreamRegistry, settings: Setting
         full = loop.time() >= next_full
         if full:
             next_full = loop.time() + settings.checkpoint_interval_s
+            await _flush_rollups(store, registry)
         candidates = registry.streams.values() if full else fast
         grown = [live for live in candidates if live.grown()]
         if not grown:
