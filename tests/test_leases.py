@@ -216,3 +216,58 @@ async def test_a_turn_arriving_while_its_lease_is_given_back_takes_a_new_one(
     (entry,) = lease_of(doc)  # the new lease, wholly counted
     assert doc["reserved"] == entry["grant"] >= second.grant
     assert doc["used"] == 10
+
+
+async def test_a_lease_whose_release_fails_otherwise_is_still_the_replica_s(
+    aiohttp_client, stream_settings
+):
+    """A release MongoDB refuses with an error other than an outage (here a write conflict)
+    keeps the lease, open: a turn that arrived meanwhile is admitted from it (it waited on the
+    lease's lock for ever before), and the release is tried again at a later round."""
+    from pymongo.errors import OperationFailure
+
+    from service.store import ReserveRequest, utcnow
+    from service.stream.leases import Leases
+    from service.stream.producer import period_of
+
+    client = await aiohttp_client(create_app(stream_settings()))
+    store = client.app[STORE]
+
+    class Conflicting:
+        """The real store, whose first lease release meets a write conflict."""
+
+        def __init__(self) -> None:
+            self.failed = False
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        async def release_lease(self, *args: Any, **kwargs: Any) -> Any:
+            if not self.failed:
+                self.failed = True
+                raise OperationFailure("WriteConflict", code=112)
+            return await store.release_lease(*args, **kwargs)
+
+    leases = Leases(Conflicting(), "conflicted", idle_s=0.0)  # type: ignore[arg-type]
+    now = utcnow()
+    period = period_of(now)
+
+    def turn(mid: str) -> ReserveRequest:
+        return ReserveRequest("alice", period, mid, WANT, PROMPT + 16, 100_000, 0, now)
+
+    first = await leases.admit(turn("m1"))
+    leases.ended("alice", period, grant=first.grant, billed=10)
+    loop = asyncio.get_running_loop()
+    failed, second = await asyncio.wait_for(
+        asyncio.gather(
+            leases.release_idle(loop.time() + 1),
+            leases.admit(turn("m2")),
+            return_exceptions=True,
+        ),
+        timeout=5,
+    )
+    assert isinstance(failed, OperationFailure)
+    assert not isinstance(second, BaseException) and second.grant > 0
+    leases.ended("alice", period, grant=second.grant, billed=10)
+    assert await leases.release_idle(loop.time() + 2) == 1  # given back at the next round
+    assert not lease_of(await usage(store.db))

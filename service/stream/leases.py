@@ -96,8 +96,8 @@ class Leases:
         if grant:
             return self._reservation(lease, req, grant)
         async with lease.lock:  # one growth at a time; the others wait for it, then fit
-            if lease.closing:  # given back while this turn waited: take a new one
-                return await self.admit(req)
+            if lease.closing and self._leases.get(key) is not lease:
+                return await self.admit(req)  # given back while this turn waited: a new one
             grant = lease.admit(req, loop.time())
             if not grant:
                 try:
@@ -197,6 +197,9 @@ class Leases:
                     lease.closing = False
                     log.warning("stream.lease_release_failed", user_id=lease.user_id, code=exc.code)
                     continue
+                except BaseException:  # any other failure: kept too (a turn waiting on the
+                    lease.closing = False  # lock would otherwise wait for itself, for ever)
+                    raise
                 del self._leases[key]
             released += 1
         return released
