@@ -80,18 +80,7 @@ async function open(url, init) {
 export function sseTurn({ chatId, message, model, key }, handlers) {
   const body = { message };
   if (model) body.model = model;
-  return follow({ chatId, messageId: null, after: 0 }, handlers, (signal) =>
-    open(`/api/chat/${encodeURIComponent(chatId)}/message`, {
-      method: "POST",
-      headers: authHeaders({
-        "Content-Type": "application/json",
-        Accept: "text/event-stream",
-        "Idempotency-Key": key,
-      }),
-      body: JSON.stringify(body),
-      signal,
-    }),
-  );
+  return postTurn(`/api/chat/${encodeURIComponent(chatId)}/message`, chatId, body, key, handlers);
 }
 
 // Regenerate an answer or edit a question (`kind`; `message`: an edit's new text): a turn like
@@ -100,6 +89,11 @@ export function sseBranch({ chatId, messageId, kind, message, model, key }, hand
   const body = kind === "edit" ? { message } : {};
   if (model) body.model = model;
   const url = `/api/chat/${encodeURIComponent(chatId)}/messages/${encodeURIComponent(messageId)}/${kind}`;
+  return postTurn(url, chatId, body, key, handlers);
+}
+
+// A turn started by a POST whose answer streams back (a send, a regenerate, an edit).
+function postTurn(url, chatId, body, key, handlers) {
   return follow({ chatId, messageId: null, after: 0 }, handlers, (signal) =>
     open(url, {
       method: "POST",
