@@ -777,8 +777,26 @@ class Store:
         return docs
 
     @db_call
-    async def insert_messages(self, docs: list[Doc]) -> None:
-        await self.messages.insert_many(docs, ordered=True)
+    async def insert_messages(self, groups: list[list[Doc]]) -> list[ServiceError | None]:
+        """Insert the records of several turns in one command (the replica's group commit,
+        ``service/stream/inserts.py``): for each turn, None when its records are written, or
+        the error of one MongoDB refused (the others are written regardless). An outage
+        raises ``StoreUnavailable`` for all of them."""
+        failures: list[ServiceError | None] = [None] * len(groups)
+        try:
+            await self.messages.insert_many([d for docs in groups for d in docs], ordered=False)
+        except BulkWriteError as exc:
+            owner = [turn for turn, docs in enumerate(groups) for _ in docs]
+            for error in exc.details.get("writeErrors", []):
+                turn = owner[error["index"]]
+                log.error(
+                    "stream.records_refused",
+                    message_id=groups[turn][-1].get("_id"),
+                    code=error.get("code"),
+                    error=str(error.get("errmsg", ""))[:200],
+                )
+                failures[turn] = ServiceError("the turn's records could not be stored")
+        return failures
 
     @db_call
     async def checkpoint_many(self, texts: list[tuple[str, str]]) -> None:

@@ -131,10 +131,10 @@ async def test_a_view_missing_an_earlier_turn_s_records_is_not_cached(
     store = client.app[STORE]
     insert, released = store.insert_messages, asyncio.Event()
 
-    async def late_for_qa(docs):
-        if docs[0]["content"] == "qa":
+    async def late_for_qa(groups):
+        if any(docs[0]["content"] == "qa" for docs in groups):
             await released.wait()
-        await insert(docs)
+        return await insert(groups)
 
     monkeypatch.setattr(store, "insert_messages", late_for_qa)
     fake_openai.scripts = [Script(chunks=["A answer"]), Script(chunks=["B answer"])]

@@ -36,29 +36,31 @@ async def dead_turn(
         )
     )
     seen = now - timedelta(seconds=age_s)
-    await store.insert_messages(
+    assert await store.insert_messages(
         [
-            {
-                "_id": mid,
-                "chat_id": chat_id,
-                "user_id": user,
-                "seq": 1,
-                "role": "assistant",
-                "content": content,
-                "status": "streaming",
-                "model": "demo",
-                "transport": "sse",
-                "period": period,
-                "reservation": reservation.grant,
-                "prompt_tokens": 40,
-                "encoding": "o200k_base",
-                "alive_at": seen,
-                "checkpoint_at": seen,
-                "created_at": seen,
-                "replica": replica,
-            }
+            [
+                {
+                    "_id": mid,
+                    "chat_id": chat_id,
+                    "user_id": user,
+                    "seq": 1,
+                    "role": "assistant",
+                    "content": content,
+                    "status": "streaming",
+                    "model": "demo",
+                    "transport": "sse",
+                    "period": period,
+                    "reservation": reservation.grant,
+                    "prompt_tokens": 40,
+                    "encoding": "o200k_base",
+                    "alive_at": seen,
+                    "checkpoint_at": seen,
+                    "created_at": seen,
+                    "replica": replica,
+                }
+            ]
         ]
-    )
+    ) == [None]
     return mid, reservation.grant
 
 

@@ -57,6 +57,7 @@ from service.stream.assembly import Assembly
 from service.stream.context import ContextCache, fit_to_window, history_messages
 from service.stream.events import Final
 from service.stream.finals import FinalCommits, FinalWrite
+from service.stream.inserts import RecordInserts
 from service.stream.leases import Leases
 from service.stream.live import LiveStream
 from service.stream.registry import StreamRegistry
@@ -138,6 +139,7 @@ class TurnProducer:
         self.context_cache = context_cache or ContextCache(settings.context_cache_chats)
         self.leases = leases
         self.commits = FinalCommits(store, registry.track, registry.rollups)  # grouped
+        self.inserts = RecordInserts(store, registry.track)  # grouped too
         self.budget = settings.budget  # the month's budget: tokens or currency
 
     async def start(self, inp: TurnInput, *, message_id: str | None = None) -> Turn:
@@ -680,14 +682,13 @@ class Turn:
 
     async def _begin(self, now: datetime) -> ServiceError | None:
         """Persist the records and open the upstream at the same time: the insert's round trip
-        hides behind the upstream's. The first delta waits for the insert (``_records_written``,
+        hides behind the upstream's (an insert shared with the turns starting meanwhile,
+        ``RecordInserts``). The first delta waits for the insert (``_records_written``,
         which raises if it failed), and so does finalization: no text reaches a client, and no
         update reaches the records, before they exist. A failure ends the turn here (billed
         nothing) and is returned, to be the request's error."""
         live = self.live
-        self._insert = asyncio.ensure_future(
-            self.p.store.insert_messages(self._records(self.text, self.seq, now))
-        )
+        self._insert = self.p.inserts.insert(self._records(self.text, self.seq, now))
         try:
             try:
                 await self._open()
