@@ -110,12 +110,32 @@ def test_fix_routes_by_plain_fields_and_passes_the_rest_through(unpatched):
     route(None, "db", "c", {"user_id": "u", "period": "p", "$expr": {"$gt": ["$a", 1]}})
     route(None, "db", "c", {"$or": [{"a": 1}, {"b": 2}]})  # nothing plain: unchanged
     route(None, "db", "c", {"a": 1})
+    route(None, "db", "c", {"_id": "m", "status": "streaming"})  # its own document, no index
     assert seen == [
         {"_id": "x"},
+        {"_id": "x"},  # the lookup by _id found nothing to narrow to: by the plain fields
         {"user_id": "u", "period": "p"},
         {"$or": [{"a": 1}, {"b": 2}]},
         {"a": 1},
+        {"_id": "m"},
+        {"_id": "m", "status": "streaming"},
     ]
+
+
+def test_a_filter_on_id_and_more_is_served_by_the_id_alone(unpatched):
+    from secantus.storage import Storage
+
+    seen: list[dict] = []
+
+    def original(self, db, coll, f, **kw):
+        seen.append(f)
+        return [b"rid"] if list(f) == ["_id"] else None
+
+    Storage._try_index_id_keys = original
+    load_launcher().fix_routing()
+    route = Storage._try_index_id_keys
+    assert route(None, "db", "c", {"_id": "m", "status": "streaming"}) == [b"rid"]
+    assert seen == [{"_id": "m"}]  # never the index of streaming records
 
 
 def test_every_starter_uses_the_launcher():

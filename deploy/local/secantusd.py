@@ -13,7 +13,11 @@
    The fix: such a filter is routed by its plain fields (the top-level operators are ANDed with
    them, so the documents matching the plain fields are a superset of the matches). It only
    narrows the candidates: every caller still checks each candidate against the whole filter,
-   so what matches is unchanged.
+   so what matches is unchanged. Likewise a filter on ``_id`` and more (``{"_id": m, "status":
+   "streaming"}``, every checkpoint and final write) is routed by its ``_id`` alone: SecantusDB
+   takes its point lookup only for a filter that is ``_id`` and nothing else, and otherwise
+   picks a secondary index (here ``status_checkpoint``: every live stream a candidate) or
+   scans; a checkpoint round of 200 streams took ~0.6 s instead of ~0.2 s.
 
 2. **Retryable-write records.** Drivers send every write as a retryable write, and SecantusDB
    records each one's reply (kept 30 minutes, at most 10,000), as mongod does. But it prunes the
@@ -56,6 +60,10 @@ def fix_routing() -> bool:
     def _try_index_id_keys(
         self: Any, db: str, coll: str, filter: dict[str, Any], **kwargs: Any
     ) -> Any:
+        if filter and len(filter) > 1 and "_id" in filter:  # at most one document: its own
+            by_id = original(self, db, coll, {"_id": filter["_id"]}, **kwargs)
+            if by_id is not None:
+                return by_id
         if filter and any(k.startswith("$") for k in filter):
             plain = {k: v for k, v in filter.items() if not k.startswith("$")}
             if plain:
