@@ -722,7 +722,7 @@ class Store:
             return
         ops = rollup_ops(lines)
         try:
-            await self.rollup.bulk_write(ops, ordered=False)
+            await self.rollup.bulk_write(ops, ordered=False, comment=REPLICA_WORK)
         except BulkWriteError as exc:
             again = [
                 ops[e["index"]]
@@ -731,7 +731,7 @@ class Store:
             ]
             if len(again) < len(exc.details.get("writeErrors", [])):
                 raise
-            await self.rollup.bulk_write(again, ordered=False)
+            await self.rollup.bulk_write(again, ordered=False, comment=REPLICA_WORK)
 
     @db_call
     async def release_lease(
