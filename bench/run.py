@@ -441,6 +441,7 @@ class Bench:
         stagger_s: float = 0.0,
         probe: dict[str, Any] | None = None,
         time_limit_s: float = 240,
+        request_timeout_s: float = 120,
     ) -> dict[str, Any]:
         """Run one load generator; measure ``watch``'s CPU (and RSS) between go and results."""
         self.phase_no += 1
@@ -459,6 +460,7 @@ class Bench:
             "jwt_secret": SECRET,
             "user_prefix": f"p{self.phase_no}",
             "time_limit_s": time_limit_s,
+            "request_timeout_s": request_timeout_s,
             "ramp_limit_s": time_limit_s,
         }
         spec_path = self.workdir / f"spec-{self.phase_no}.json"
@@ -754,7 +756,8 @@ def scenario_capacity(bench: Bench) -> dict[str, Any]:
             capacity=True,
             stagger_s=ramp,
             probe={"target": target, "model": PROBE_MODEL, "count": 10},
-            time_limit_s=n + 90,
+            time_limit_s=ramp + n + 90,  # the last stream starts at ramp and lasts n s
+            request_timeout_s=n + 60,  # a stream lasts n s (past 120 s from ~8,000 streams)
         )
         records = res["records"][target]
         live = res["rss_live_kb"] - res["rss0_kb"] if "rss_live_kb" in res else None
