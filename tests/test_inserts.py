@@ -64,3 +64,21 @@ async def test_a_refused_record_fails_its_own_turn_only(db, logs):
     assert {d["_id"] for d in await store.messages.find({}).to_list(None)} == {"a", "b", "taken"}
     refused = [line for line in logs if line["event"] == "stream.records_refused"]
     assert [line["message_id"] for line in refused] == ["taken"]
+
+
+async def test_records_that_cannot_be_sent_fail_their_own_turn_only(db, logs):
+    """A turn's records the driver cannot send at all (here: a value BSON cannot encode) fail
+    the whole command; the group is written again turn by turn, so only that turn fails."""
+    store = Store(db)
+    inserts = RecordInserts(store, lambda task: None)
+    docs = [
+        [{"_id": "a", "chat_id": None, "seq": None}],
+        [{"_id": "bad", "chat_id": None, "seq": None, "content": object()}],
+        [{"_id": "b", "chat_id": None, "seq": None}],
+    ]
+    outcomes = await asyncio.gather(*(inserts.insert(d) for d in docs), return_exceptions=True)
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], ServiceError) and outcomes[1].status == 500
+    assert {d["_id"] for d in await store.messages.find({}).to_list(None)} == {"a", "b"}
+    refused = [line for line in logs if line["event"] == "stream.records_refused"]
+    assert [line["message_id"] for line in refused] == ["bad"]

@@ -8,7 +8,9 @@ all of them in one unordered ``insert_many`` (``Store.insert_messages``). A turn
 insert running) goes at once: at low load nothing waits, and nothing waits on a timer.
 
 Each turn learns its own outcome: a record MongoDB refused fails that turn only (its error,
-the others written); an outage fails the whole group, as it failed each insert before.
+the others written; a group that fails otherwise than by an outage is written again turn by
+turn, to find whose records it was); an outage fails the whole group, as it failed each insert
+before.
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import structlog
+
+from service.errors import ServiceError
 from service.store import Doc, Store
+
+log = structlog.get_logger("service.stream")
 
 IN_FLIGHT = 2  # inserts running at once; a slow one does not hold up every turn behind it
 MAX_GROUP = 500  # the most turns in one insert
@@ -49,21 +56,31 @@ class RecordInserts:
             self._running -= 1
 
     async def _write(self, group: list[tuple[list[Doc], asyncio.Future[None]]]) -> None:
+        failures: list[ServiceError | None]
         try:
             failures = await self.store.insert_messages([docs for docs, _ in group])
-        except Exception as exc:  # noqa: BLE001 - MongoDB away (StoreUnavailable): every turn's
+        except ServiceError as exc:  # MongoDB away: every turn's insert failed
             for _, done in group:
                 if not done.done():
                     done.set_exception(exc)
             return
+        except Exception as exc:  # not an outage: one turn's records (too large, say) must
+            if len(group) > 1:  # not fail the others: each on its own, to find whose
+                for one in group:
+                    await self._write([one])
+                return
+            log.error("stream.records_refused", message_id=group[0][0][-1].get("_id"), exc_info=exc)
+            failure = ServiceError("the turn's records could not be stored")
+            failure.__cause__ = exc
+            failures = [failure]
         except BaseException:  # cancelled (the loop is closing): so are the turns' waits
             for _, done in group:
                 done.cancel()
             raise
-        for (_, done), failure in zip(group, failures, strict=True):
+        for (_, done), outcome in zip(group, failures, strict=True):
             if done.done():
                 continue
-            if failure is None:
+            if outcome is None:
                 done.set_result(None)
             else:
-                done.set_exception(failure)
+                done.set_exception(outcome)
