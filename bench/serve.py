@@ -108,7 +108,7 @@ def main() -> int:
                 "total_kb": sum(s.size_diff for s in files) / 1024,
                 "blocks": sum(s.count_diff for s in files),
                 "files": top(files, 40),
-                "lines": top(lines, 60),
+                "lines": top(lines, 200),
             }
             Path(out + ".memory.json").write_bytes(orjson.dumps(summary))
 

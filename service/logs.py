@@ -1,8 +1,9 @@
 """structlog, configured once at start-up.
 
 JSON lines when stdout is not a terminal (or ``LOG_FORMAT=json``), a readable console otherwise
-(in colour only on a terminal). Every line carries the context bound with
-``structlog.contextvars`` (the request id, and for a stream its ids). Standard-library loggers
+(in colour only on a terminal). Every line carries its request's fields (``bind_request``: the
+request id, then who acts): one context variable, set per request (aiohttp gives each request a
+task, so a context, of its own; a turn's task starts with a copy). Standard-library loggers
 (aiohttp, pymongo) and Python warnings go through the same processors and renderer, so every
 line is one JSON document: a traceback is rendered as text into its ``exception`` field.
 
@@ -20,6 +21,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import orjson
@@ -101,6 +104,29 @@ def _scrubbed(text: str, *, exception: bool) -> str:
     return _bound(redact(_bound(text, 4 * limit, head)), limit, head)
 
 
+# The request's fields for every log line written while it is handled. One variable, set as a
+# whole (never a variable per field, and no token kept to reset it): thousands of requests
+# stream at once, and each holds its fields for as long as it streams.
+_REQUEST_FIELDS: ContextVar[Mapping[str, Any] | None] = ContextVar("request_fields", default=None)
+
+
+def bind_request(**fields: Any) -> None:
+    """Add ``fields`` to every log line of this request from now on (this task's context and
+    the tasks it starts)."""
+    _REQUEST_FIELDS.set({**(_REQUEST_FIELDS.get() or {}), **fields})
+
+
+def start_request(request_id: str) -> None:
+    """A new request: its fields are its id alone, whatever this context held before."""
+    _REQUEST_FIELDS.set({"request_id": request_id})
+
+
+def merge_request(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: the request's fields under the line's own."""
+    fields = _REQUEST_FIELDS.get()
+    return {**fields, **event_dict} if fields else event_dict
+
+
 def _orjson_dumps(obj: Any, default: Any = None) -> str:
     return orjson.dumps(obj, default=default).decode()
 
@@ -114,7 +140,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", *, cache: bool = T
         else structlog.dev.ConsoleRenderer(colors=tty)
     )
     shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
+        merge_request,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

@@ -13,8 +13,7 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
@@ -23,6 +22,7 @@ from service.auth import Principal
 from service.errors import PayloadTooLarge, ServiceError, Unauthorized
 from service.http import anthropic_error_response, error_response, openai_error_response
 from service.keys import AUTH, PRINCIPAL, REQUEST_ID
+from service.logs import bind_request, start_request
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = structlog.get_logger("service.access")
@@ -87,20 +87,17 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     rid = _request_id(request)
     request[REQUEST_ID] = rid
     started = time.perf_counter()
-    bound = dict(structlog.contextvars.bind_contextvars(request_id=rid))
+    start_request(rid)  # aiohttp runs each request in its own task: nothing to reset after
     try:
-        try:
-            bound.update(await authenticate(request))
-            response = await handler(request)
-        except asyncio.CancelledError:
-            _access(request, 499, started)  # the client closed the connection
-            raise
-        except Exception as exc:  # noqa: BLE001 - every error becomes the JSON shape
-            response = _to_response(request, exc)
-        _access(request, response.status, started)
-        return response
-    finally:
-        structlog.contextvars.reset_contextvars(**bound)
+        await authenticate(request)
+        response = await handler(request)
+    except asyncio.CancelledError:
+        _access(request, 499, started)  # the client closed the connection
+        raise
+    except Exception as exc:  # noqa: BLE001 - every error becomes the JSON shape
+        response = _to_response(request, exc)
+    _access(request, response.status, started)
+    return response
 
 
 def _access(request: web.Request, status: int, started: float) -> None:
@@ -126,10 +123,9 @@ async def set_server_header(request: web.Request, response: web.StreamResponse) 
     response.headers["Server"] = SERVER_NAME
 
 
-async def authenticate(request: web.Request) -> Mapping[str, Any]:
+async def authenticate(request: web.Request) -> None:
     """Guard ``/api`` and ``/v1`` (but the public and self-authenticating paths): the bearer
-    token's principal goes on the request and on every log line of it (the context variables'
-    tokens are returned, to be reset)."""
+    token's principal goes on the request and on every log line of it."""
     path = request.path
     if (
         path.startswith(GUARDED_PREFIXES)
@@ -139,11 +135,9 @@ async def authenticate(request: web.Request) -> Mapping[str, Any]:
         principal = await _verify(request)
         request[PRINCIPAL] = principal
         if principal.key is not None:  # which key acted, on every line of the request
-            return structlog.contextvars.bind_contextvars(
-                user_id=principal.user_id, key_id=principal.key.key_id
-            )
-        return structlog.contextvars.bind_contextvars(user_id=principal.user_id)
-    return {}
+            bind_request(user_id=principal.user_id, key_id=principal.key.key_id)
+        else:
+            bind_request(user_id=principal.user_id)
 
 
 async def _verify(request: web.Request) -> Principal:

@@ -11,7 +11,7 @@ import structlog
 
 from service.app import create_app
 from service.auth import mint_token
-from service.logs import configure_logging
+from service.logs import configure_logging, merge_request
 from service.settings import Settings, load_settings
 from tests.mongo_server import MongoServer
 
@@ -94,7 +94,7 @@ def logs() -> Iterator[list[dict[str, Any]]]:
     saved = structlog.get_config()
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
+            merge_request,
             structlog.processors.add_log_level,
             capture,
         ]

@@ -198,3 +198,14 @@ async def test_access_log_line_per_request(client, auth, logs):
     assert lines[0]["status"] == 200 and lines[0]["path"] == "/api/chat"
     assert "duration_ms" in lines[0] and lines[0]["user_id"] == "logger"
     assert not any("Bearer" in str(e) for e in logs)
+
+
+async def test_a_request_s_log_fields_are_its_own_on_a_kept_alive_connection(client, auth, logs):
+    """The request's fields (id, who acts) are set per request, never reset after it: the next
+    request on the same connection, unauthenticated, carries none of the previous one's."""
+    first = await client.get("/api/chat", headers={**auth("logger"), "X-Request-ID": "req-1"})
+    second = await client.get("/healthz", headers={"X-Request-ID": "req-2"})
+    assert first.status == second.status == 200
+    lines = {e["request_id"]: e for e in logs if e["event"] == "http.request"}
+    assert lines["req-1"]["user_id"] == "logger"
+    assert "user_id" not in lines["req-2"] and lines["req-2"]["path"] == "/healthz"

@@ -30,6 +30,7 @@ from service.keys import (
     STORE,
     WS_CONNECTIONS,
 )
+from service.logs import bind_request
 from service.store import utcnow
 from service.transports import ws as transport
 
@@ -101,7 +102,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     principal = await _authenticate(request, ws)
     request[PRINCIPAL] = principal
     key = {"key_id": principal.key.key_id} if principal.key is not None else {}
-    structlog.contextvars.bind_contextvars(user_id=principal.user_id, **key)
+    bind_request(user_id=principal.user_id, **key)
     await ws.prepare(request)
     services = transport.Services(
         admissions=request.app[ADMISSIONS],

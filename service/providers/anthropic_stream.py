@@ -94,7 +94,7 @@ async def chunks(resp: aiohttp.ClientResponse, secrets: tuple[str, ...]) -> Asyn
     chunk: Chunk | None = None
     held: Chunk | None = None  # the read's latest chunk: ``more`` is known at the next one
     try:
-        async for data in resp.content.iter_any():
+        while data := await resp.content.readany():  # no iterator object kept per stream
             failure: UpstreamError | None = None
             for event in decoder.feed(data):
                 try:

@@ -312,7 +312,7 @@ async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
     events: list[SSEEvent] = []
     chunk: Chunk | None = None
     try:
-        async for data in resp.content.iter_any():
+        while data := await resp.content.readany():  # no iterator object kept per stream
             events = decoder.feed(data)
             last = len(events) - 1
             for i, event in enumerate(events):

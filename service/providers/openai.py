@@ -125,7 +125,7 @@ async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
     chunk: Chunk | None = None
     meta: _Meta = {}
     try:
-        async for data in resp.content.iter_any():
+        while data := await resp.content.readany():  # no iterator object kept per stream
             events = decoder.feed(data)
             last = len(events) - 1
             for i, event in enumerate(events):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import orjson
 from aiohttp import web
@@ -82,7 +82,7 @@ async def respond(
         _tcp_user_timeout(request, settings.stream_send_timeout_s)
         await resp.prepare(request)
         follower.abort = request.transport
-        follower.push = _pusher(request, resp, encoder)
+        follower.push = _Pusher(request, resp, encoder)
         loop = asyncio.get_running_loop()
         async for event in follower:
             data = PING if isinstance(event, Ping) else encoder(event)
@@ -104,30 +104,32 @@ async def respond(
     return resp
 
 
-def _pusher(
-    request: web.Request, resp: web.StreamResponse, encoder: Encoder
-) -> Callable[[Delta], Awaitable[bool]]:
+class _Pusher:
     """A delta written from the turn's task (``Follower.push``): only when the transport takes
-    it at once (little is buffered for the client, so the write cannot wait for it)."""
+    it at once (little is buffered for the client, so the write cannot wait for it). An object
+    with slots, not a closure: one per live stream."""
 
-    async def push(delta: Delta) -> bool:
-        transport = request.transport
+    __slots__ = ("encoder", "request", "resp")
+
+    def __init__(self, request: web.Request, resp: web.StreamResponse, encoder: Encoder) -> None:
+        self.request, self.resp, self.encoder = request, resp, encoder
+
+    async def __call__(self, delta: Delta) -> bool:
+        transport = self.request.transport
         if (
             transport is None
             or transport.is_closing()
             or transport.get_write_buffer_size() > PUSH_BUFFERED
         ):
             return False
-        data = encoder(delta)
+        data = self.encoder(delta)
         if len(data) > PUSH_BYTES:
             return False
         try:
-            await resp.write(data)
+            await self.resp.write(data)
         except (ConnectionResetError, RuntimeError):
             return False  # the client's own task finds out, and leaves
         return True
-
-    return push
 
 
 def _tcp_user_timeout(request: web.Request, send_timeout_s: float) -> None:
