@@ -105,7 +105,12 @@ async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(load_encoding, encoding)  # ~0.5 s once; keep it off the loop
     registry = StreamRegistry()
     app[REGISTRY] = registry
-    registry.leases = Leases(app[STORE], registry.replica_id, idle_s=settings.lease_idle_s)
+    registry.leases = Leases(
+        app[STORE],
+        registry.replica_id,
+        idle_s=settings.lease_idle_s,
+        keep_s=settings.lease_keep_s,
+    )
     providers = build_providers(settings, app[UPSTREAM], catalogue)
     model_lists = ModelLists(providers, catalogue.all(), ttl_s=settings.model_list_ttl_s)
     model_lists.start()

@@ -763,6 +763,57 @@ class Store:
         return doc
 
     @db_call
+    async def shrink_lease(
+        self,
+        user_id: str,
+        period: str,
+        lease_id: str,
+        *,
+        tokens: int,
+        turns: int,
+        requests: int = 0,
+        interval_ms: int = 0,
+    ) -> Doc | None:
+        """Give back part of a lease: ``tokens`` of its grant leave ``reserved``, ``turns`` of
+        its turn slots are free, and ``requests`` go back to the bucket (``interval_ms`` each).
+        Relative, so a settlement of its turns still on its way shrinks what is left as it
+        would have. The usage after it (None: the lease is no longer there)."""
+        unused: Doc = {}
+        if requests and interval_ms:
+            due = {"$ifNull": ["$requests_due", EPOCH]}
+            unused["requests_due"] = {"$subtract": [due, requests * interval_ms]}
+        less = {
+            "grant": {"$subtract": ["$$this.grant", tokens]},
+            "turns": {"$subtract": [{"$ifNull": ["$$this.turns", 0]}, turns]},
+        }
+        doc: Doc | None = await self.usage.find_one_and_update(
+            {"user_id": user_id, "period": period, "open.mid": lease_id},
+            [
+                {
+                    "$set": {
+                        "reserved": {"$subtract": ["$reserved", tokens]},
+                        "open": {
+                            "$map": {
+                                "input": "$open",
+                                "in": {
+                                    "$cond": [
+                                        {"$eq": ["$$this.mid", lease_id]},
+                                        {"$mergeObjects": ["$$this", less]},
+                                        "$$this",
+                                    ]
+                                },
+                            }
+                        },
+                        **unused,
+                    }
+                }
+            ],
+            projection={"settled": 0},
+            return_document=ReturnDocument.AFTER,
+        )
+        return doc
+
+    @db_call
     async def dead_leases(self, live: list[str], *, limit: int = 100) -> list[Doc]:
         """Usage documents holding a lease of a replica not in ``live``."""
         docs: list[Doc] = (

@@ -54,6 +54,8 @@ def make_settings(mongo_server: MongoServer, db_name: str, tmp_path: Any):
             "data_dir": tmp_path / "data",
             "mongodb_timeout_ms": 1500,
             "message_rate_limit_ms": 0,
+            "lease_idle_s": 0.1,  # leases go back at once: tests see the month as settled
+            "lease_keep_s": 0.1,
         }
         values.update(overrides)
         return load_settings(**values)
@@ -142,7 +144,6 @@ def stream_settings(make_settings, fake_openai):
             "upstream_retry_max_s": 0.05,
             "upstream_idle_timeout_s": 5.0,
             "watch_interval_s": 0.1,
-            "lease_idle_s": 0.1,  # leases go back at once: tests see the month as settled
             "demo_token_delay_ms": 1,
         }
         values.update(overrides)

@@ -59,6 +59,7 @@ def service_env(
         "MESSAGE_RATE_LIMIT_MS": 0,
         "WATCH_INTERVAL_S": 0.1,
         "LEASE_IDLE_S": 0.1,
+        "LEASE_KEEP_S": 0.1,
         "CHECKPOINT_INTERVAL_S": 0.1,
         "STALE_STREAM_S": 1.5,
         "REAPER_INTERVAL_S": 0.5,

@@ -76,7 +76,6 @@ def anthropic_settings(make_settings, fake_anthropic):
             "upstream_retry_max_s": 0.05,
             "upstream_idle_timeout_s": 5.0,
             "watch_interval_s": 0.1,
-            "lease_idle_s": 0.1,  # leases go back at once: tests see the month as settled
         }
         values.update(overrides)
         return make_settings(**values)

@@ -67,6 +67,37 @@ async def test_an_idle_lease_goes_back(aiohttp_client, stream_settings, fake_ope
     assert doc["used"] == 24 and doc["open"] == []
 
 
+async def test_an_idle_lease_keeps_one_turn_for_the_next_then_goes_back(
+    aiohttp_client, stream_settings, fake_openai, auth
+):
+    """LEASE_IDLE_S after its last turn a lease shrinks to what the user's next turn needs (its
+    latest want, a turn slot), so the next turn within LEASE_KEEP_S is still admitted from
+    memory; after LEASE_KEEP_S it goes back, and the month is exactly the turns' usage."""
+    client = await aiohttp_client(
+        create_app(stream_settings(lease_idle_s=0.1, lease_keep_s=1.5, watch_interval_s=0.05))
+    )
+    db = client.app[STORE].db
+    fake_openai.default = Script(chunks=["a ", "b"], usage=(10, 2))
+    assert (await client.post("/v1/chat/completions", json=BODY, headers=auth())).status == 200
+    (first,) = lease_of(await usage(db))
+    assert first["took"]["tokens"] == 2 * WANT and first["turns"] == 1
+
+    async def shrunk() -> bool:
+        doc = await usage(db)
+        return bool(lease_of(doc)) and lease_of(doc)[0]["grant"] == WANT
+
+    await eventually(shrunk, 5, "the idle lease shrunk to one turn's want")
+    doc = await usage(db)
+    assert doc["reserved"] == WANT and lease_of(doc)[0]["turns"] == 1
+    resp = await client.post("/v1/chat/completions", json=BODY, headers=auth())
+    assert resp.status == 200
+    (kept,) = lease_of(await usage(db))
+    assert kept["at"] == first["at"] and kept["took"] == first["took"]  # no second take
+    await settled(db)  # given back LEASE_KEEP_S after the second turn
+    doc = await usage(db)
+    assert doc["used"] == 24 and doc["open"] == [] and doc["reserved"] == 0
+
+
 async def test_thirty_turns_over_two_replicas_never_overspend(services, fake_openai, token_for, db):
     """30 turns of one user at once, half on each replica, on a budget for five: while all are
     held by the upstream, the month's reservations never pass the limit; at the end the usage is

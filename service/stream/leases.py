@@ -8,14 +8,16 @@ lease has room (no MongoDB round trip before the upstream), and billed from it w
 (``Store.settle_leased``: ``used`` grows, the lease shrinks, once per turn). A lease that runs
 short is grown in one update (doubling with the turns it serves, at most half of what is left
 beyond the turn that asks, so other replicas keep room); one whose turns have all ended for
-``LEASE_IDLE_S`` is given back (``Store.release_lease``). A dead replica's leases are released
-by the reaper, and its turns billed from their checkpoints.
+``LEASE_IDLE_S`` shrinks to what the user's next turn needs (``Store.shrink_lease``), and is
+given back ``LEASE_KEEP_S`` after its last turn (``Store.release_lease``). A dead replica's
+leases are released by the reaper, and its turns billed from their checkpoints.
 
 What holds across replicas is what held before: every lease is taken within the user's limit,
 so turns never spend more than the limit plus one turn's grant; a turn slot or a request is
 counted when the lease takes it, so the concurrency and per-minute rules hold too (a slot
-leased and not in use is not another replica's until the lease is given back, at most
-``LEASE_IDLE_S`` after its last turn). ``reserved`` in the usage counts what leases hold.
+leased and not in use is not another replica's until the lease is given back: after
+``LEASE_IDLE_S`` one slot, for at most ``LEASE_KEEP_S`` after its last turn). ``reserved`` in
+the usage counts what leases hold.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class Lease:
     interval_ms: int = 0  # the bucket's interval when they were taken (0: no per-minute rule)
     doc: Doc = field(default_factory=dict)  # the usage as of the last take (for the headers)
     idle_since: float = 0.0
-    closing: bool = False  # being given back: nothing more is granted from it
+    last_want: int = 0  # the latest turn's want: what an idle lease keeps for the next one
+    closing: bool = False  # being given back or shrunk: nothing is granted from memory
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def admit(self, req: ReserveRequest, loop_now: float, *, full: bool = True) -> int:
@@ -63,6 +66,7 @@ class Lease:
         if req.requests_per_minute and self.requests < 1:
             return 0
         grant = min(req.want, free)
+        self.last_want = req.want
         self.held += grant
         self.running += 1
         if req.requests_per_minute:
@@ -74,9 +78,12 @@ class Lease:
 class Leases:
     """This replica's leases, by (user, period)."""
 
-    def __init__(self, store: Store, replica_id: str, *, idle_s: float) -> None:
+    def __init__(
+        self, store: Store, replica_id: str, *, idle_s: float, keep_s: float = 0.0
+    ) -> None:
         self.store = store
         self.idle_s = idle_s
+        self.keep_s = max(idle_s, keep_s)
         self.replica_id = replica_id
         self.lease_id = f"lease:{replica_id}"
         self._leases: dict[tuple[str, str], Lease] = {}
@@ -174,12 +181,17 @@ class Leases:
         return max(0, lease.tokens - lease.held) if lease is not None else 0
 
     async def release_idle(self, loop_now: float, *, everything: bool = False) -> int:
-        """Give back the leases with no running turn for ``idle_s`` (``everything``: every
-        lease with no running turn, at shutdown); how many were given back."""
+        """Shrink the leases with no running turn for ``idle_s`` to one turn's worth, give
+        them back after ``keep_s`` (``everything``: every lease with no running turn, at
+        shutdown); how many were given back."""
         released = 0
         for key, lease in list(self._leases.items()):
             idle = not lease.running and not lease.lock.locked()
-            if not idle or not (everything or loop_now - lease.idle_since >= self.idle_s):
+            idle_for = loop_now - lease.idle_since
+            if not idle or not (everything or idle_for >= self.idle_s):
+                continue
+            if not everything and idle_for < self.keep_s:
+                await self._shrink(key, lease)
                 continue
             # A turn arriving meanwhile waits for the release (the lock), then takes a new
             # lease: none may be granted from, or grow, an entry that is being pulled.
@@ -203,6 +215,40 @@ class Leases:
                 del self._leases[key]
             released += 1
         return released
+
+    async def _shrink(self, key: tuple[str, str], lease: Lease) -> None:
+        """Keep what the user's next turn needs (its latest want, a turn slot, a request) and
+        give the rest back: a user's next turn within ``keep_s`` is still admitted from memory,
+        while other replicas lose at most that much room to an idle lease."""
+        tokens = max(0, lease.tokens - min(lease.tokens, lease.last_want))
+        turns = max(0, lease.turns - 1)
+        requests = max(0, lease.requests - 1)
+        if not (tokens or turns or requests):
+            return
+        lease.closing = True  # turns arriving meanwhile wait for the lock, then fit
+        async with lease.lock:
+            try:
+                doc = await self.store.shrink_lease(
+                    lease.user_id,
+                    lease.period,
+                    lease.lease_id,
+                    tokens=tokens,
+                    turns=turns,
+                    requests=requests,
+                    interval_ms=lease.interval_ms,
+                )
+            except ServiceError as exc:  # kept whole, and shrunk at a later round
+                log.warning("stream.lease_shrink_failed", user_id=lease.user_id, code=exc.code)
+                return
+            finally:
+                lease.closing = False
+            if doc is None:  # gone (an operator's reset): nothing held here any more
+                del self._leases[key]
+                return
+            lease.tokens -= tokens
+            lease.turns -= turns
+            lease.requests -= requests
+            lease.doc = doc
 
 
 def _theirs(lease: Lease, seen: Allowance, req: ReserveRequest) -> Allowance:
