@@ -574,6 +574,30 @@ class Store:
         return Reservation.from_doc(doc, req)
 
     @db_call
+    async def unreserve(
+        self, user_id: str, period: str, message_id: str, grant: int, *, now: datetime, gap_ms: int
+    ) -> None:
+        """Undo a reservation whose turn will not run, as if it had never been taken: its grant
+        leaves ``reserved``, its entry ``open``, and the message gap it moved (``gap_ms``, from
+        ``now``) is back to ``now``, unless a later send moved it since."""
+        moved: Doc = {}
+        if gap_ms:
+            ours = now + timedelta(milliseconds=gap_ms)
+            moved["next_at"] = {"$cond": [{"$eq": ["$next_at", ours]}, now, "$next_at"]}
+        await self.usage.update_one(
+            {"user_id": user_id, "period": period, "open.mid": message_id},
+            [
+                {
+                    "$set": {
+                        "reserved": {"$subtract": ["$reserved", grant]},
+                        "open": _entries(message_id, "$ne"),
+                        **moved,
+                    }
+                }
+            ],
+        )
+
+    @db_call
     async def take_lease(self, req: LeaseRequest) -> Doc:
         """Grow this replica's lease on the user's month by what fits of ``req``'s wants, in
         the one conditional update that checks every rule for one more turn (the rules and

@@ -5,14 +5,18 @@ another replica or a concurrent turn wrote to the chat in between."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from service.app import create_app
-from service.keys import STORE
+from service.keys import PRODUCER, STORE
 from service.metrics import REGISTRY
+from service.store import utcnow
 from service.stream.context import ContextCache
 from tests.fake_openai import Script
+from tests.faults import settled
+from tests.processes import eventually
 from tests.sse_client import collect
-from tests.test_stream_sse import new_chat, send
+from tests.test_stream_sse import new_chat, records, send
 
 
 def history_reads() -> float:
@@ -151,3 +155,107 @@ async def test_a_view_missing_an_earlier_turn_s_records_is_not_cached(
         ("assistant", "B answer"),
         ("user", "qc"),
     ]
+
+
+async def test_a_known_chat_s_turn_is_reserved_while_its_authorization_runs(
+    stream_client, fake_openai, auth
+):
+    """The chat's previous turn ran here: the next turn's seq, model and history are predicted,
+    so its reservation does not wait for the chat's authorization (which checks the prediction).
+    The authorization is held here until the reservation is done: a turn that waited for one
+    before the other would never start."""
+    client, h = stream_client, auth("predicted")
+    chat_id = await new_chat(client, h)
+    fake_openai.scripts = [Script(chunks=["first answer"]), Script(chunks=["second answer"])]
+    await collect(await send(client, chat_id, h, "q1"))
+    producer = client.app[PRODUCER]
+    store = producer.store
+    reserved = asyncio.Event()
+
+    class AuthorizedAfterReserving:
+        """The real store, whose chat authorization waits until a reservation was made."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        async def begin_chat_turn(self, *args: Any) -> Any:
+            await reserved.wait()
+            return await store.begin_chat_turn(*args)
+
+        async def reserve(self, req: Any) -> Any:
+            reservation = await store.reserve(req)
+            reserved.set()
+            return reservation
+
+    producer.store = AuthorizedAfterReserving()  # type: ignore[assignment]
+    try:
+        async with asyncio.timeout(10):
+            events = await collect(await send(client, chat_id, h, "q2"))
+    finally:
+        producer.store = store
+    assert events[-1]["event"] == "done"
+    assert prompt(fake_openai) == [("user", "q1"), ("assistant", "first answer"), ("user", "q2")]
+    docs = await records(client, chat_id)
+    assert [d["seq"] for d in docs] == [0, 1, 2, 3] and docs[3]["content"] == "second answer"
+
+
+async def gap_passed(client, user: str) -> None:
+    """Poll (with a deadline) until the user's message gap has passed."""
+
+    async def passed() -> bool:
+        doc = await client.app[STORE].usage.find_one({"user_id": user})
+        return doc is None or doc.get("next_at") is None or doc["next_at"] <= utcnow()
+
+    await eventually(passed, 5, "the message gap passed")
+
+
+async def test_a_known_chat_deleted_elsewhere_is_refused_and_its_send_takes_nothing(
+    aiohttp_client, stream_settings, fake_openai, auth
+):
+    """Predicted on A, deleted on B: the authorization refuses (404, as without a prediction),
+    and the reservation made meanwhile is undone, the message gap with it: the user's next
+    send, to another chat at once, is not held by the refused one's."""
+    settings = stream_settings(message_rate_limit_ms=1000)
+    a = await aiohttp_client(create_app(settings))
+    b = await aiohttp_client(create_app(settings))
+    h = auth("deleted")
+    gone, other = await new_chat(a, h), await new_chat(a, h)
+    await collect(await send(a, gone, h, "q1"))
+    assert (await b.delete(f"/api/chat/{gone}", headers=h)).status == 200
+    await gap_passed(a, "deleted")
+    refused = await send(a, gone, h, "q2")
+    assert refused.status == 404 and (await refused.json())["error"]["code"] == "chat_not_found"
+    resp = await send(a, other, h, "q3")
+    assert resp.status == 200, await resp.text()
+    assert (await collect(resp))[-1]["event"] == "done"
+    await settled(a.app[STORE].db, users=("deleted",))
+
+
+async def test_a_prediction_another_replica_outdated_is_admitted_again_within_the_gap(
+    aiohttp_client, stream_settings, fake_openai, auth
+):
+    """A predicts from its last turn, B had one since: A's reservation is undone (its message
+    gap too) and the turn admitted again with the chat as B left it, not refused by its own
+    first reservation's gap."""
+    settings = stream_settings(message_rate_limit_ms=1000)
+    a = await aiohttp_client(create_app(settings))
+    b = await aiohttp_client(create_app(settings))
+    h = auth("outdated")
+    chat_id = await new_chat(a, h)
+    fake_openai.scripts = [Script(chunks=["from A"]), Script(chunks=["from B"]), Script()]
+    await collect(await send(a, chat_id, h, "q1"))
+    await gap_passed(a, "outdated")
+    await collect(await send(b, chat_id, h, "q2"))
+    await gap_passed(a, "outdated")
+    resp = await send(a, chat_id, h, "q3")
+    assert resp.status == 200, await resp.text()
+    assert (await collect(resp))[-1]["event"] == "done"
+    assert prompt(fake_openai)[:4] == [
+        ("user", "q1"),
+        ("assistant", "from A"),
+        ("user", "q2"),
+        ("assistant", "from B"),
+    ]
+    docs = await records(a, chat_id)
+    assert [d["seq"] for d in docs] == [0, 1, 2, 3, 4, 5]  # no seq left unused
+    await settled(a.app[STORE].db, users=("outdated",))

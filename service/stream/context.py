@@ -68,6 +68,10 @@ class ContextCache:
     complete view (every seq below the key present: a concurrent turn that took its seqs first may
     not have written its records when this one read the chat; see ``producer._complete``).
 
+    With the entry, the chat's owner and model are remembered (``know``: fixed at creation), so a
+    turn can ``predict`` all it needs of the chat and be admitted while the authorization that
+    checks the prediction runs (``TurnProducer._admit``).
+
     When entries keep missing (replicas taking turns of the same chats, no session affinity), the
     producer stops relying on them and reads the history alongside the chat's authorization, as
     without a cache; it keeps scoring what would have hit and relies on the cache again when that
@@ -81,6 +85,8 @@ class ContextCache:
         self.size = size
         self.hit_rate = 1.0
         self._entries: OrderedDict[str, tuple[int, list[Doc]]] = OrderedDict()
+        # What never changes of a chat once created: its owner and its model.
+        self._chats: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -88,6 +94,25 @@ class ContextCache:
     def trusted(self, chat_id: str) -> bool:
         """Worth asking first: there is an entry and entries have been hitting."""
         return chat_id in self._entries and self.hit_rate >= self.TRUST
+
+    def know(self, chat_id: str, user_id: str, model: str | None) -> None:
+        """Remember a chat's owner and model (both fixed when it is created)."""
+        if self.size <= 0:
+            return
+        self._chats[chat_id] = (user_id, model)
+        self._chats.move_to_end(chat_id)
+        while len(self._chats) > self.size:
+            self._chats.popitem(last=False)
+
+    def predict(self, chat_id: str, user_id: str) -> tuple[int, str | None, list[Doc]] | None:
+        """The seq the chat's next turn gets if no other turn began meanwhile, its model and
+        its messages before that seq, when the entry is trusted and the chat is ``user_id``'s;
+        not taken: the authorization that runs meanwhile says whether it holds (``resolve``)."""
+        chat = self._chats.get(chat_id)
+        if chat is None or chat[0] != user_id or not self.trusted(chat_id):
+            return None
+        seq, docs = self._entries[chat_id]
+        return seq, chat[1], docs
 
     def resolve(self, chat_id: str, seq: int) -> list[Doc] | None:
         """The chat's messages before ``seq`` when the entry is exact; scores the outcome."""

@@ -175,6 +175,17 @@ class Leases:
         lease.running -= 1
         lease.idle_since = asyncio.get_running_loop().time()
 
+    def unadmit(self, user_id: str, period: str, *, grant: int, request: bool) -> None:
+        """A turn admitted from the lease that will not run: its grant, its turn slot and (if
+        it took one) its request are the lease's again, as if it had never been admitted."""
+        lease = self._leases.get((user_id, period))
+        if lease is None:
+            return
+        lease.held -= grant
+        lease.running -= 1
+        lease.requests += int(request)
+        lease.idle_since = asyncio.get_running_loop().time()
+
     def free(self, user_id: str, period: str) -> int:
         """Tokens this replica's lease holds for the user's next turns (no turn's grant)."""
         lease = self._leases.get((user_id, period))

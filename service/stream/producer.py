@@ -74,6 +74,12 @@ MAX_MARKS = 200_000  # steps that are more than text (reasoning, tool call delta
 OUTCOME = {"complete": "completed", "cancelled": "cancelled", "failed": "failed"}
 
 
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    """A done callback: the task's outcome is nobody's any more (never "not retrieved")."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _allowed(key: KeyScope | None, spec: ModelSpec) -> None:
     """An API key with a model list may use only those models."""
     if key is not None and key.models is not None and spec.name not in key.models:
@@ -168,7 +174,15 @@ class TurnProducer:
             raise
         return turn
 
-    async def _admit(self, inp: TurnInput, message_id: str) -> tuple[Turn, str, int, datetime]:
+    async def _admit(
+        self, inp: TurnInput, message_id: str, chat: Doc | None = None
+    ) -> tuple[Turn, str, int, datetime]:
+        """Admit a turn. A chat's turn whose chat this replica knows (its previous turn ran
+        here, ``ContextCache.predict``) is admitted with the seq, model and history it predicts
+        while the chat's authorization runs alongside (no round trip before the reservation);
+        the authorization then decides: another's turn came first (the prediction is wrong), and
+        the turn is admitted again with the chat as it is (``chat``); the chat is gone, and it
+        is refused as it would have been, what it reserved given back."""
         started = time.perf_counter()
         if self.registry.draining:
             REJECTIONS.labels("shutting_down").inc()
@@ -178,11 +192,97 @@ class TurnProducer:
         seq = 0
         chat_model = None
         history: list[Doc] = []
+        check: asyncio.Task[Doc | None] | None = None
         if inp.chat_id is not None:
-            chat, history = await self._chat_and_history(inp.user_id, inp.chat_id)
-            seq, chat_model = int(chat["next_seq"]) - 2, chat.get("model")
-            if inp.branch is not None:
-                inp, text, history = await self._branch(inp, text, message_id, seq)
+            predicted = None if chat is not None else self._predicted(inp)
+            if predicted is not None:
+                seq, chat_model, history = predicted
+                check = asyncio.create_task(self.store.begin_chat_turn(inp.user_id, inp.chat_id))
+            else:
+                chat, history = await self._chat_and_history(inp.user_id, inp.chat_id, chat)
+                seq, chat_model = int(chat["next_seq"]) - 2, chat.get("model")
+                self.context_cache.know(inp.chat_id, inp.user_id, chat_model)
+                if inp.branch is not None:
+                    inp, text, history = await self._branch(inp, text, message_id, seq)
+        if check is None:
+            return await self._admit_turn(inp, message_id, text, seq, chat_model, history, started)
+        assert inp.chat_id is not None
+        try:
+            admitted = await self._admit_turn(
+                inp, message_id, text, seq, chat_model, history, started
+            )
+        except asyncio.CancelledError:  # the client left: its authorization ends on its own
+            check.add_done_callback(_retrieved)
+            raise
+        except BaseException:
+            chat = await self._authorized(check, inp.chat_id, seq)
+            if chat is None:
+                raise  # the prediction held: the refusal is the turn's
+            return await self._admit(inp, message_id, chat)
+        try:
+            chat = await self._authorized(check, inp.chat_id, seq)
+        except BaseException:
+            await asyncio.shield(self._unadmit(admitted[0], admitted[3]))
+            raise
+        if chat is None:
+            return admitted
+        await asyncio.shield(self._unadmit(admitted[0], admitted[3]))
+        return await self._admit(inp, message_id, chat)
+
+    def _predicted(self, inp: TurnInput) -> tuple[int, str | None, list[Doc]] | None:
+        """The chat's next seq, model and history from this replica's cache, for a plain turn
+        (not a regenerate or an edit, not on an API key with a limit of its own)."""
+        if inp.chat_id is None or inp.branch is not None or not self.settings.context_messages:
+            return None
+        if inp.api_key is not None and inp.api_key.limit is not None:
+            return None
+        return self.context_cache.predict(inp.chat_id, inp.user_id)
+
+    async def _authorized(
+        self, check: asyncio.Task[Doc | None], chat_id: str, seq: int
+    ) -> Doc | None:
+        """The predicted turn's authorization: None when it allocated the predicted seq (the
+        prediction held), else the chat as it is now; 404 when the chat is gone or another's."""
+        try:
+            chat = await asyncio.shield(check)
+        except asyncio.CancelledError:
+            check.add_done_callback(_retrieved)
+            raise
+        if chat is None:
+            self.context_cache.drop(chat_id)
+            raise not_found("chat")
+        allocated = int(chat["next_seq"]) - 2
+        self.context_cache.resolve(chat_id, allocated)  # scored, and taken
+        return None if allocated == seq else chat
+
+    async def _unadmit(self, turn: Turn, now: datetime) -> None:
+        """Give back what an admitted turn that will not run reserved, as if it never had:
+        its grant (to the lease, or the month), its request, the page's message gap."""
+        reservation = turn.admitted()
+        if reservation is None:
+            return
+        inp = turn.inp
+        if reservation.lease_id is not None and self.leases is not None:
+            request = inp.transport != "sse" and bool(self.settings.v1_requests_per_minute)
+            self.leases.unadmit(inp.user_id, turn.period, grant=reservation.grant, request=request)
+            return
+        gap = self.settings.message_rate_limit_ms if inp.transport == "sse" else 0
+        with contextlib.suppress(ServiceError):
+            await self.store.unreserve(
+                inp.user_id, turn.period, turn.message_id, reservation.grant, now=now, gap_ms=gap
+            )
+
+    async def _admit_turn(
+        self,
+        inp: TurnInput,
+        message_id: str,
+        text: str,
+        seq: int,
+        chat_model: str | None,
+        history: list[Doc],
+        started: float,
+    ) -> tuple[Turn, str, int, datetime]:
+        """Admit a turn whose chat (if any) is known: the model, the prompt, the reservation."""
         spec = self.catalogue.resolve(inp.model or chat_model)
         _allowed(inp.api_key, spec)
         await self.model_lists.require(spec)
@@ -400,15 +500,20 @@ class TurnProducer:
             )
         return text
 
-    async def _chat_and_history(self, user_id: str, chat_id: str) -> tuple[Doc, list[Doc]]:
+    async def _chat_and_history(
+        self, user_id: str, chat_id: str, chat: Doc | None = None
+    ) -> tuple[Doc, list[Doc]]:
         """Authorize the chat (allocating the turn's seqs) and get its recent messages: from the
         context cache when this replica ran the chat's previous turn (no query), else read at
         the same time as the authorization (one round trip). The read asks for two extra
-        messages, for a concurrent turn of the same chat, whose messages are not context."""
+        messages, for a concurrent turn of the same chat, whose messages are not context.
+        ``chat``: authorized already (a prediction that did not hold), only read."""
         limit = self.settings.context_messages
         cache = self.context_cache
         store = self.store
-        if limit and cache.trusted(chat_id):
+        if chat is not None:
+            history = await store.recent_messages(chat_id, user_id, limit=limit + 2)
+        elif limit and cache.trusted(chat_id):
             chat = await store.begin_chat_turn(user_id, chat_id)
             if chat is None:
                 raise not_found("chat")
