@@ -233,6 +233,7 @@ class Bench:
     db: str = "bench"
     tracemalloc: bool = False
     phase_tag: str = ""
+    db_rtt_ms: float = 0.0  # --db-rtt-ms: the service reaches SecantusDB through bench.netdelay
 
     def logfile(self, name: str) -> Any:
         return (self.workdir / f"{name}.log").open("ab")
@@ -302,6 +303,8 @@ class Bench:
         if old is not None:
             old.stop(signal.SIGINT)
         port = free_port()
+        direct = f"mongodb://127.0.0.1:{self.procs['mongo'].port}/"
+        uri = self.network(direct) if self.db_rtt_ms else direct
         models = [
             {"name": m, "provider": "openai", "upstream_id": m, "encoding": "o200k_base",
              "context_window": 128000, "max_output_tokens": 4096}
@@ -312,7 +315,7 @@ class Bench:
             "ENVIRONMENT": "production",
             "HOST": "127.0.0.1",
             "PORT": str(port),
-            "MONGODB_URI": f"mongodb://127.0.0.1:{self.procs['mongo'].port}/",
+            "MONGODB_URI": uri,
             "MONGODB_DB": db,
             "JWT_SECRET": SECRET,
             "LOG_LEVEL": "warning",
@@ -333,11 +336,22 @@ class Bench:
             "BENCH_TRACEMALLOC": "1" if self.tracemalloc else "0",
             **extra,
         }
-        self.mongo_uri, self.db = env["MONGODB_URI"], db
+        self.mongo_uri, self.db = direct, db  # the bench's own reads: not through the delay
         (self.workdir / "mongo-counts.json").unlink(missing_ok=True)  # a new process counts anew
         if self.lookup_index:
             self.add_lookup_index(env["MONGODB_URI"], db)
         self.spawn("service", [PY, "-m", "bench.serve"], port, env)
+
+    def network(self, direct: str) -> str:
+        """A delaying relay to the current SecantusDB (``bench.netdelay``); its URI."""
+        old = self.procs.pop("mongo-net", None)
+        if old is not None:
+            old.stop()
+        port = free_port()
+        target = f"127.0.0.1:{self.procs['mongo'].port}"
+        args = [PY, "-m", "bench.netdelay", "--port", str(port), "--target", target]
+        self.spawn("mongo-net", [*args, "--rtt-ms", str(self.db_rtt_ms)], port)
+        return f"mongodb://127.0.0.1:{port}/?directConnection=true"  # not the member it names
 
     def clear_messages(self) -> None:
         """Every phase starts with no messages stored, so that no figure depends on what ran
@@ -363,7 +377,7 @@ class Bench:
             )
 
     def stop_all(self) -> None:
-        for name in ("service", "relay", "upstream", "mongo"):
+        for name in ("service", "relay", "upstream", "mongo-net", "mongo"):
             proc = self.procs.pop(name, None)
             if proc is not None:
                 proc.stop(signal.SIGINT if name == "service" else signal.SIGTERM)
@@ -823,6 +837,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--capacity", help="override the capacity runs, e.g. sse@5000,relay@5000")
     parser.add_argument(
+        "--db-rtt-ms",
+        type=float,
+        default=0.0,
+        help="experiment: the service reaches the database through a relay adding this round"
+        " trip (a network; SecantusDB is on this machine)",
+    )
+    parser.add_argument(
         "--tracemalloc", action="store_true", help="capacity: where the service's memory goes"
     )
     parser.add_argument("--out", type=Path, help="JSON file (default: bench-results/...)")
@@ -841,12 +862,14 @@ def main(argv: list[str] | None = None) -> int:
         plan.capacity = [(target, int(c)) for target, c in runs]
     bench = Bench(plan, uvloop=args.uvloop, profile_dir=args.profile)
     bench.lookup_index, bench.tracemalloc = args.lookup_index, args.tracemalloc
+    bench.db_rtt_ms = args.db_rtt_ms
     only = set(args.only.split(","))
     result: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "quick": plan.quick,
         "loop": "uvloop" if args.uvloop else "asyncio",
         "lookup_index": args.lookup_index,
+        "db_rtt_ms": args.db_rtt_ms,
         "machine": machine(),
     }
     print(f"bench: {'quick' if plan.quick else 'full'} run; logs in {bench.workdir}", flush=True)
