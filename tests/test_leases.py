@@ -249,6 +249,38 @@ async def test_a_turn_arriving_while_its_lease_is_given_back_takes_a_new_one(
     assert doc["used"] == 10
 
 
+async def test_a_turn_arriving_while_a_lease_released_elsewhere_is_shrunk_takes_a_new_one(
+    aiohttp_client, stream_settings
+):
+    """The lease was released behind this replica's back (the reaper, taking it for dead) and
+    an idle round shrinks it as a turn arrives: the shrink finds nothing, and the turn, which
+    waited for it, takes a new lease rather than a grant from one the month no longer counts."""
+    from service.store import ReserveRequest, utcnow
+    from service.stream.leases import Leases
+    from service.stream.producer import period_of
+
+    client = await aiohttp_client(create_app(stream_settings()))
+    store = client.app[STORE]
+    leases = Leases(store, "presumed-dead", idle_s=0.0, keep_s=300.0)
+    now = utcnow()
+    period = period_of(now)
+
+    def turn(mid: str) -> ReserveRequest:
+        return ReserveRequest("alice", period, mid, WANT, PROMPT + 16, 100_000, 0, now)
+
+    first = await leases.admit(turn("m1"))
+    leases.ended("alice", period, grant=first.grant, billed=0)
+    await store.release_lease("alice", period, leases.lease_id)  # as the reaper does
+    loop = asyncio.get_running_loop()
+    released, second = await asyncio.gather(
+        leases.release_idle(loop.time() + 1), leases.admit(turn("m2"))
+    )
+    assert released == 0 and second.grant == WANT
+    doc = await usage(store.db)
+    (entry,) = lease_of(doc)  # the new lease, wholly counted
+    assert doc["reserved"] == entry["grant"] >= second.grant
+
+
 async def test_a_lease_whose_release_fails_otherwise_is_still_the_replica_s(
     aiohttp_client, stream_settings
 ):

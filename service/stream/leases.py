@@ -249,13 +249,16 @@ class Leases:
                     interval_ms=lease.interval_ms,
                 )
             except ServiceError as exc:  # kept whole, and shrunk at a later round
+                lease.closing = False
                 log.warning("stream.lease_shrink_failed", user_id=lease.user_id, code=exc.code)
                 return
-            finally:
+            except BaseException:
                 lease.closing = False
-            if doc is None:  # gone (an operator's reset): nothing held here any more
-                del self._leases[key]
+                raise
+            if doc is None:  # released meanwhile (the reaper): nothing is held here any more,
+                del self._leases[key]  # and a turn waiting on the lock takes a new lease
                 return
+            lease.closing = False
             lease.tokens -= tokens
             lease.turns -= turns
             lease.requests -= requests
