@@ -764,10 +764,7 @@ class Store:
         """Give a lease back: what it still holds leaves ``reserved``, its turns are free, and
         the ``requests`` it took and did not use go back to the bucket (``interval_ms`` each)."""
         entry = {"$arrayElemAt": [_entries(lease_id, "$eq"), 0]}
-        unused: Doc = {}
-        if requests and interval_ms:
-            due = {"$ifNull": ["$requests_due", EPOCH]}
-            unused["requests_due"] = {"$subtract": [due, requests * interval_ms]}
+        unused = _unused_requests(requests, interval_ms)
         doc: Doc | None = await self.usage.find_one_and_update(
             {"user_id": user_id, "period": period, "open.mid": lease_id},
             [
@@ -802,10 +799,7 @@ class Store:
         its turn slots are free, and ``requests`` go back to the bucket (``interval_ms`` each).
         Relative, so a settlement of its turns still on its way shrinks what is left as it
         would have. The usage after it (None: the lease is no longer there)."""
-        unused: Doc = {}
-        if requests and interval_ms:
-            due = {"$ifNull": ["$requests_due", EPOCH]}
-            unused["requests_due"] = {"$subtract": [due, requests * interval_ms]}
+        unused = _unused_requests(requests, interval_ms)
         less = {
             "grant": {"$subtract": ["$$this.grant", tokens]},
             "turns": {"$subtract": [{"$ifNull": ["$$this.turns", 0]}, turns]},
@@ -1547,6 +1541,14 @@ def _entries(lease_id: str, op: str) -> Doc:
     return {
         "$filter": {"input": {"$ifNull": ["$open", []]}, "cond": {op: ["$$this.mid", lease_id]}}
     }
+
+
+def _unused_requests(requests: int, interval_ms: int) -> Doc:
+    """The ``$set`` that gives ``requests`` a lease took and did not use back to the bucket."""
+    if not (requests and interval_ms):
+        return {}
+    due = {"$ifNull": ["$requests_due", EPOCH]}
+    return {"requests_due": {"$subtract": [due, requests * interval_ms]}}
 
 
 def _lease_update(req: LeaseRequest) -> list[Doc]:

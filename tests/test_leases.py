@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from datetime import datetime
 from typing import Any
 
 from service.app import create_app
 from service.keys import STORE
-from service.store import open_turns
+from service.store import ReserveRequest, open_turns, utcnow
+from service.stream.leases import Leases
+from service.stream.producer import period_of
 from service.tokens import TokenCounter
 from tests.conftest import TEST_MODELS
 from tests.fake_openai import Script
@@ -29,6 +32,21 @@ async def usage(db) -> dict[str, Any]:
 
 def lease_of(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return [e for e in doc.get("open") or () if e.get("replica")]
+
+
+def lease_turn(mid: str, now: datetime, **rules: int) -> ReserveRequest:
+    """One of alice's turns as the producer asks a lease for it (``rules``: its rate limits)."""
+    return ReserveRequest(
+        user_id="alice",
+        period=period_of(now),
+        message_id=mid,
+        want=WANT,
+        need=PROMPT + 16,
+        default_limit=100_000,
+        rate_limit_ms=0,
+        now=now,
+        **rules,
+    )
 
 
 async def test_a_burst_of_program_turns_is_admitted_from_one_lease(
@@ -210,28 +228,13 @@ async def test_a_turn_arriving_while_its_lease_is_given_back_takes_a_new_one(
 ):
     """The release and a new turn race: the turn waits for the release and grows a new lease,
     so the month's reserved always covers what this replica believes it holds."""
-    from service.store import ReserveRequest, utcnow
-    from service.stream.leases import Leases
-    from service.stream.producer import period_of
-
     client = await aiohttp_client(create_app(stream_settings()))
     store = client.app[STORE]
     leases = Leases(store, "racer", idle_s=0.0)
     now = utcnow()
 
     def turn(mid: str) -> ReserveRequest:
-        return ReserveRequest(
-            user_id="alice",
-            period=period_of(now),
-            message_id=mid,
-            want=WANT,
-            need=PROMPT + 16,
-            default_limit=100_000,
-            rate_limit_ms=0,
-            now=now,
-            requests_per_minute=600,
-            max_concurrent=20,
-        )
+        return lease_turn(mid, now, requests_per_minute=600, max_concurrent=20)
 
     first = await leases.admit(turn("m1"))
     leases.ended("alice", period_of(now), grant=first.grant, billed=10)
@@ -255,25 +258,18 @@ async def test_a_turn_arriving_while_a_lease_released_elsewhere_is_shrunk_takes_
     """The lease was released behind this replica's back (the reaper, taking it for dead) and
     an idle round shrinks it as a turn arrives: the shrink finds nothing, and the turn, which
     waited for it, takes a new lease rather than a grant from one the month no longer counts."""
-    from service.store import ReserveRequest, utcnow
-    from service.stream.leases import Leases
-    from service.stream.producer import period_of
-
     client = await aiohttp_client(create_app(stream_settings()))
     store = client.app[STORE]
     leases = Leases(store, "presumed-dead", idle_s=0.0, keep_s=300.0)
     now = utcnow()
     period = period_of(now)
 
-    def turn(mid: str) -> ReserveRequest:
-        return ReserveRequest("alice", period, mid, WANT, PROMPT + 16, 100_000, 0, now)
-
-    first = await leases.admit(turn("m1"))
+    first = await leases.admit(lease_turn("m1", now))
     leases.ended("alice", period, grant=first.grant, billed=0)
     await store.release_lease("alice", period, leases.lease_id)  # as the reaper does
     loop = asyncio.get_running_loop()
     released, second = await asyncio.gather(
-        leases.release_idle(loop.time() + 1), leases.admit(turn("m2"))
+        leases.release_idle(loop.time() + 1), leases.admit(lease_turn("m2", now))
     )
     assert released == 0 and second.grant == WANT
     doc = await usage(store.db)
@@ -288,10 +284,6 @@ async def test_a_lease_whose_release_fails_otherwise_is_still_the_replica_s(
     keeps the lease, open: a turn that arrived meanwhile is admitted from it (it waited on the
     lease's lock for ever before), and the release is tried again at a later round."""
     from pymongo.errors import OperationFailure
-
-    from service.store import ReserveRequest, utcnow
-    from service.stream.leases import Leases
-    from service.stream.producer import period_of
 
     client = await aiohttp_client(create_app(stream_settings()))
     store = client.app[STORE]
@@ -315,16 +307,13 @@ async def test_a_lease_whose_release_fails_otherwise_is_still_the_replica_s(
     now = utcnow()
     period = period_of(now)
 
-    def turn(mid: str) -> ReserveRequest:
-        return ReserveRequest("alice", period, mid, WANT, PROMPT + 16, 100_000, 0, now)
-
-    first = await leases.admit(turn("m1"))
+    first = await leases.admit(lease_turn("m1", now))
     leases.ended("alice", period, grant=first.grant, billed=10)
     loop = asyncio.get_running_loop()
     failed, second = await asyncio.wait_for(
         asyncio.gather(
             leases.release_idle(loop.time() + 1),
-            leases.admit(turn("m2")),
+            leases.admit(lease_turn("m2", now)),
             return_exceptions=True,
         ),
         timeout=5,
