@@ -21,13 +21,17 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
 from collections.abc import Mapping
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
 from structlog.typing import EventDict, WrappedLogger
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 
@@ -119,6 +123,17 @@ def bind_request(**fields: Any) -> None:
 def start_request(request_id: str) -> None:
     """A new request: its fields are its id alone, whatever this context held before."""
     _REQUEST_FIELDS.set({"request_id": request_id})
+
+
+def log_access(request: web.BaseRequest, status: int, started: float) -> None:
+    """The request's access line (``http.request``), when it ends: a stream's when it closes."""
+    structlog.get_logger("service.access").info(
+        "http.request",
+        method=request.method,
+        path=request.path,
+        status=status,
+        duration_ms=round((time.perf_counter() - started) * 1000, 2),
+    )
 
 
 def merge_request(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:

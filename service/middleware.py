@@ -22,7 +22,8 @@ from service.auth import Principal
 from service.errors import PayloadTooLarge, ServiceError, Unauthorized
 from service.http import anthropic_error_response, error_response, openai_error_response
 from service.keys import AUTH, PRINCIPAL, REQUEST_ID
-from service.logs import bind_request, start_request
+from service.logs import bind_request, log_access, start_request
+from service.transports.sse import FollowingResponse
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = structlog.get_logger("service.access")
@@ -92,22 +93,15 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         await authenticate(request)
         response = await handler(request)
     except asyncio.CancelledError:
-        _access(request, 499, started)  # the client closed the connection
+        log_access(request, 499, started)  # the client closed the connection
         raise
     except Exception as exc:  # noqa: BLE001 - every error becomes the JSON shape
         response = _to_response(request, exc)
-    _access(request, response.status, started)
+    if isinstance(response, FollowingResponse):  # it streams from here: its line when it closes
+        response.access_started = started
+    else:
+        log_access(request, response.status, started)
     return response
-
-
-def _access(request: web.Request, status: int, started: float) -> None:
-    log.info(
-        "http.request",
-        method=request.method,
-        path=request.path,
-        status=status,
-        duration_ms=round((time.perf_counter() - started) * 1000, 2),
-    )
 
 
 async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:

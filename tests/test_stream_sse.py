@@ -404,6 +404,57 @@ async def test_a_disconnect_detaches_the_turn_which_completes_and_is_billed_exac
     assert detached["reason"] == "client_disconnect" and detached["offset"] == 4
 
 
+def access_lines(logs, path):
+    return [e for e in logs if e["event"] == "http.request" and e["path"] == path]
+
+
+async def test_a_stream_s_access_line_is_written_when_it_closes(
+    stream_client, fake_openai, auth, logs
+):
+    """The handler hands aiohttp the streaming response at once (no frame of it or of the
+    middleware stays for the stream's length), yet the access line still tells how the request
+    ended: written once, when the stream closes, after the turn's end, with its id and user."""
+    fake_openai.default = Script(chunks=["a ", "b ", "c"], gate_after=2)
+    client, h = stream_client, auth()
+    chat_id = await new_chat(client, h)
+    path = f"/api/chat/{chat_id}/message"
+    resp = await send(client, chat_id, h)
+    seen: list[dict] = []
+    async for ev in events(resp):
+        seen += [ev]
+        if text_of(seen) == "a b " and not fake_openai.gate.is_set():
+            assert access_lines(logs, path) == []  # still streaming
+            fake_openai.gate.set()
+    assert seen[-1]["event"] == "done" and text_of(seen) == "a b c"
+    await _until(lambda: access_lines(logs, path))
+    [line] = access_lines(logs, path)
+    assert line["status"] == 200 and line["user_id"] == "alice"
+    assert line["request_id"] == resp.headers["X-Request-ID"]
+    assert logs.index(ended(logs, outcome="completed")[0]) < logs.index(line)
+
+
+async def test_a_client_that_leaves_mid_stream_is_logged_499_while_its_turn_goes_on(
+    stream_client, fake_openai, auth, logs
+):
+    fake_openai.default = Script(chunks=["a ", "b ", "c"], gate_after=2)
+    client, h = stream_client, auth()
+    chat_id = await new_chat(client, h)
+    path = f"/api/chat/{chat_id}/message"
+    resp = await send(client, chat_id, h)
+    seen: list[dict] = []
+    async for ev in events(resp):
+        seen += [ev] if "event" in ev else []
+        if text_of(seen) == "a b ":
+            break
+    resp.close()
+    await _until(lambda: access_lines(logs, path))
+    [line] = access_lines(logs, path)
+    assert line["status"] == 499 and not ended(logs)  # the turn is still running
+    fake_openai.gate.set()
+    await _until(lambda: ended(logs, outcome="completed"))
+    assert len(access_lines(logs, path)) == 1
+
+
 async def test_explicit_cancel_stops_stream_and_saves_partial(
     stream_client, fake_openai, auth, logs
 ):

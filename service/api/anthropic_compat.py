@@ -108,9 +108,7 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     mid = anthropic_events.message_id(live.message_id)
     if stream:
         enc = anthropic_events.EventEncoder(mid, live.model, live.prompt_tokens)
-        return await sse.respond(
-            request, registry, follower, request.app[SETTINGS], enc.encode, headers=headers
-        )
+        return sse.respond(registry, follower, request.app[SETTINGS], enc.encode, headers=headers)
     try:
         message = await anthropic_events.complete(follower, mid, live.model)
     finally:

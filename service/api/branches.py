@@ -70,7 +70,7 @@ async def _branch(
     registry = request.app[REGISTRY]
     follower = registry.follow(admission.live, 0, "sse", keepalive=True)
     headers = {REPLAYED_HEADER: "true"} if admission.replayed else None
-    return await sse.respond(request, registry, follower, request.app[SETTINGS], headers=headers)
+    return sse.respond(registry, follower, request.app[SETTINGS], headers=headers)
 
 
 async def list_versions(request: web.Request) -> web.Response:

@@ -70,7 +70,7 @@ async def _follow(
     registry = request.app[REGISTRY]
     follower = registry.follow(live, offset, "sse", keepalive=True)
     headers = {REPLAYED_HEADER: "true"} if replayed else None
-    return await sse.respond(request, registry, follower, request.app[SETTINGS], headers=headers)
+    return sse.respond(registry, follower, request.app[SETTINGS], headers=headers)
 
 
 async def resume_message(request: web.Request) -> web.StreamResponse:

@@ -351,9 +351,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             created,
             include_usage=include_usage,
         )
-        return await sse.respond(
-            request, registry, follower, request.app[SETTINGS], enc.encode, headers=headers
-        )
+        return sse.respond(registry, follower, request.app[SETTINGS], enc.encode, headers=headers)
     try:
         completion = await openai_chunks.complete(follower, created=created)
     finally:

@@ -1,12 +1,13 @@
 """Server-sent events: the response both streaming HTTP routes send, and the SSE encoding.
 
-``respond`` writes a follower's events to a ``text/event-stream`` response (``Cache-Control:
-no-cache, no-transform``, ``X-Accel-Buffering: no``), each as soon as it is due: the follower
-hands over everything new since its offset at once, so a client that was slow for a moment gets
-one write, not a backlog, and the turn never waits for it. A write that does not complete
-within ``STREAM_SEND_TIMEOUT_S`` is the watcher's to end (``slow_client``: it aborts the
-connection); a write that fails ends the following (``client_disconnect``). Either way only the
-follower goes: the registry decides whether the turn goes on (``StreamRegistry.leave``).
+``respond`` makes the response that writes a follower's events to a ``text/event-stream``
+(``Cache-Control: no-cache, no-transform``, ``X-Accel-Buffering: no``), each as soon as it is
+due: the follower hands over everything new since its offset at once, so a client that was slow
+for a moment gets one write, not a backlog, and the turn never waits for it. A write that does
+not complete within ``STREAM_SEND_TIMEOUT_S`` is the watcher's to end (``slow_client``: it
+aborts the connection); a write that fails ends the following (``client_disconnect``). Either
+way only the follower goes: the registry decides whether the turn goes on
+(``StreamRegistry.leave``).
 
 Chat events: ``id:`` is the event's offset (characters of the answer before the end of its
 text, so ``Last-Event-ID`` says exactly what the client has), ``event:`` its name, one JSON
@@ -22,7 +23,10 @@ from collections.abc import Callable
 
 import orjson
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.web_request import BaseRequest
 
+from service.logs import log_access
 from service.settings import Settings
 from service.stream.events import Delta, Event, Extra, Ping
 from service.stream.live import Follower
@@ -66,42 +70,82 @@ def _delta(offset: int, text: str) -> bytes:
     return b'id: %d\nevent: delta\ndata: {"text":%s}\n\n' % (offset, orjson.dumps(text))
 
 
-async def respond(
-    request: web.Request,
+def respond(
     registry: StreamRegistry,
     follower: Follower,
     settings: Settings,
     encoder: Encoder = encode,
     headers: dict[str, str] | None = None,
-) -> web.StreamResponse:
-    """Stream ``follower``'s events until the terminal one (or until the client goes)."""
-    resp = web.StreamResponse(headers={**HEADERS, **headers} if headers else HEADERS)
-    headers = None  # the response has them: not kept twice for the length of the stream
-    reason = "client_disconnect"
-    try:
-        _tcp_user_timeout(request, settings.stream_send_timeout_s)
-        await resp.prepare(request)
-        follower.abort = request.transport
-        follower.push = _Pusher(request, resp, encoder)
-        loop = asyncio.get_running_loop()
-        async for event in follower:
-            data = PING if isinstance(event, Ping) else encoder(event)
-            # An event with nothing for this client (the /v1 route's start, whose role frame goes
-            # with the first step; a tool call on a chat route) writes nothing, except the
-            # headers when they have not gone yet: a client knows at once that it was admitted.
-            follower.writing_since = loop.time()
-            await resp.write(data)
-            follower.writing_since = 0.0
-        reason = "finished"
-    except (ConnectionResetError, RuntimeError):  # RuntimeError: a write after the close
-        pass
-    finally:
-        follower.abort = follower.push = None
-        registry.leave(follower, reason)
-    if resp.prepared:
-        with contextlib.suppress(ConnectionResetError, RuntimeError):
-            await resp.write_eof()
-    return resp
+) -> FollowingResponse:
+    """The response that streams ``follower``'s events, to be returned by the handler."""
+    return FollowingResponse(registry, follower, settings, encoder, headers)
+
+
+class FollowingResponse(web.StreamResponse):
+    """A ``text/event-stream`` response that follows a turn until its terminal event (or until
+    the client goes). The handler returns it at once and aiohttp streams it in ``prepare``, the
+    way it sends a ``FileResponse``: neither the handler's frame nor the middleware's stays for
+    the length of the stream (thousands are live at once). The middleware hands over the
+    request's access line, written when the stream closes (``access_started``)."""
+
+    def __init__(
+        self,
+        registry: StreamRegistry,
+        follower: Follower,
+        settings: Settings,
+        encoder: Encoder,
+        headers: dict[str, str] | None,
+    ) -> None:
+        super().__init__(headers={**HEADERS, **headers} if headers else HEADERS)
+        self._following: tuple[StreamRegistry, Follower, Encoder] | None = (
+            registry,
+            follower,
+            encoder,
+        )
+        self._send_timeout_s = settings.stream_send_timeout_s
+        self.access_started: float | None = None
+
+    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
+        """Stream the follower's events (one frame for all of it: thousands are live)."""
+        following, self._following = self._following, None
+        if following is None:  # streamed already (or being streamed)
+            return await super().prepare(request)
+        registry, follower, encoder = following
+        del following
+        reason = "client_disconnect"
+        try:
+            _tcp_user_timeout(request, self._send_timeout_s)
+            await super().prepare(request)
+            follower.abort = request.transport
+            follower.push = _Pusher(request, self, encoder)
+            loop = asyncio.get_running_loop()
+            async for event in follower:
+                data = PING if isinstance(event, Ping) else encoder(event)
+                # An event with nothing for this client (the /v1 route's start, whose role frame
+                # goes with the first step; a tool call on a chat route) writes nothing, except
+                # the headers when they have not gone yet: a client knows at once that it was
+                # admitted.
+                follower.writing_since = loop.time()
+                await self.write(data)
+                follower.writing_since = 0.0
+            reason = "finished"
+        except (ConnectionResetError, RuntimeError):  # RuntimeError: a write after the close
+            pass
+        except asyncio.CancelledError:
+            self._access(request, 499)  # the client closed the connection
+            raise
+        finally:
+            follower.abort = follower.push = None
+            registry.leave(follower, reason)
+        if self.prepared:
+            with contextlib.suppress(ConnectionResetError, RuntimeError):
+                await self.write_eof()
+        self._access(request, self.status)
+        return self._payload_writer
+
+    def _access(self, request: BaseRequest, status: int) -> None:
+        if self.access_started is not None:
+            log_access(request, status, self.access_started)
 
 
 class _Pusher:
@@ -111,7 +155,7 @@ class _Pusher:
 
     __slots__ = ("encoder", "request", "resp")
 
-    def __init__(self, request: web.Request, resp: web.StreamResponse, encoder: Encoder) -> None:
+    def __init__(self, request: BaseRequest, resp: web.StreamResponse, encoder: Encoder) -> None:
         self.request, self.resp, self.encoder = request, resp, encoder
 
     async def __call__(self, delta: Delta) -> bool:
@@ -132,7 +176,7 @@ class _Pusher:
         return True
 
 
-def _tcp_user_timeout(request: web.Request, send_timeout_s: float) -> None:
+def _tcp_user_timeout(request: BaseRequest, send_timeout_s: float) -> None:
     """Let the kernel drop a peer that acknowledges nothing (gone without a word, while only
     keep-alives were written), but well after the watcher would have dropped a client whose
     write waits (twice ``STREAM_SEND_TIMEOUT_S`` and 10 s more): a client that stops reading is
