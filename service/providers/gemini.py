@@ -49,7 +49,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -309,7 +309,7 @@ async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
     decoder = SSEDecoder()
     reader = _Reader()
     event: SSEEvent | None = None
-    events: list[SSEEvent] = []
+    events: Sequence[SSEEvent] = ()
     chunk: Chunk | None = None
     try:
         while data := await resp.content.readany():  # no iterator object kept per stream
@@ -320,7 +320,7 @@ async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
                 chunk.more = i < last
                 yield chunk
                 reader.raise_if_blocked()
-            data, events, event, chunk = b"", [], None, None  # not held while the next read waits
+            data, events, event, chunk = b"", (), None, None  # not held while the next read waits
         for event in decoder.finish():
             yield reader.chunk(event.data)
             reader.raise_if_blocked()

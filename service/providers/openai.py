@@ -15,7 +15,7 @@ choices) is kept whole in ``Chunk.frame``, minus the ids the gateway replaces.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import aiohttp
@@ -121,9 +121,9 @@ async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
     decoder = SSEDecoder()
     finished = False
     event: SSEEvent | None = None
-    events: list[SSEEvent] = []
+    events: Sequence[SSEEvent] = ()
     chunk: Chunk | None = None
-    meta: _Meta = {}
+    meta: _Meta | None = None  # as last sent; shared with the chunk that carried it
     try:
         while data := await resp.content.readany():  # no iterator object kept per stream
             events = decoder.feed(data)
@@ -132,14 +132,17 @@ async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
                 if event.data == "[DONE]":
                     return
                 chunk = _parse(event.data, meta)
+                meta = chunk.meta or meta
                 chunk.more = i < last
                 finished = finished or chunk.finish_reason is not None
                 yield chunk
-            data, events, event, chunk = b"", [], None, None  # not held while the next read waits
+            data, events, event, chunk = b"", (), None, None  # not held while the next read waits
         for event in decoder.finish():
             if event.data == "[DONE]":
                 return
-            yield _parse(event.data, meta)
+            chunk = _parse(event.data, meta)
+            meta = chunk.meta or meta
+            yield chunk
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise error_for_exception(exc) from exc
     finally:
@@ -153,7 +156,7 @@ PLAIN_DELTA = frozenset({"content", "role"})  # what a plain text frame's delta 
 META = ("system_fingerprint", "service_tier")  # per stream, not per frame: ``Chunk.meta``
 
 
-def _parse(data: str, meta: _Meta) -> Chunk:
+def _parse(data: str, meta: _Meta | None) -> Chunk:
     """One ``chat.completion.chunk``. A frame of the wrong shape where text or a finish reason
     would be is ``upstream_bad_response`` (the turn ends cleanly, its text so far kept); a usage
     object of the wrong shape is ignored (the answer is billed by the local tokenizer then)."""
@@ -200,9 +203,8 @@ def _parse(data: str, meta: _Meta) -> Chunk:
         }
     for key in META:
         value = frame.get(key)
-        if value is not None and meta.get(key) != value:
-            meta[key] = value
-            chunk.meta = dict(meta)
+        if value is not None and (meta is None or meta.get(key) != value):
+            meta = chunk.meta = {**(meta or {}), key: value}  # a new one: never changed after
     return chunk
 
 

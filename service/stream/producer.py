@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -92,7 +93,13 @@ def _allowed(key: KeyScope | None, spec: ModelSpec) -> None:
 
 
 def period_of(at: datetime) -> str:
-    return f"{at.year:04d}-{at.month:02d}"
+    return _period(at.year, at.month)
+
+
+@functools.lru_cache(maxsize=4)
+def _period(year: int, month: int) -> str:
+    """One string per month, shared by the turns that keep it (thousands are live at once)."""
+    return f"{year:04d}-{month:02d}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -631,9 +638,10 @@ class Turn:
         self.period = period
         self.started = started
         # The chat's messages before this turn, for the context cache; not kept when one is a
-        # concurrent turn's, still streaming (the cache would refuse them at the end anyway).
+        # concurrent turn's, still streaming (the cache would refuse them at the end anyway),
+        # nor for a stateless turn (no chat: nothing to cache).
         streaming = any(d.get("status") == "streaming" for d in history)
-        self.history: list[Doc] | None = None if streaming else history
+        self.history: list[Doc] | None = None if streaming or inp.chat_id is None else history
         self.seq = 0
         self.text = ""
         self.live = LiveStream(
