@@ -32,3 +32,13 @@ async def collect(resp: Any) -> list[dict[str, Any]]:
 
 def text_of(evs: list[dict[str, Any]]) -> str:
     return "".join(e["data"]["text"] for e in evs if e["event"] == "delta")
+
+
+async def read_until(resp: Any, text: str) -> list[dict[str, Any]]:
+    """The named events of ``resp`` up to the one whose text makes the answer ``text``."""
+    seen: list[dict[str, Any]] = []
+    async for ev in events(resp):
+        seen += [ev] if "event" in ev else []
+        if text_of(seen) == text:
+            break
+    return seen

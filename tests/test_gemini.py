@@ -26,7 +26,7 @@ from service.stream.producer import period_of
 from service.tokens import TokenCounter, estimate_tokens
 from tests.fake_gemini import FakeGemini, Script, count_words
 from tests.faults import settled
-from tests.sse_client import collect, events, text_of
+from tests.sse_client import collect, events, read_until, text_of
 
 KEY = "AIza-upstream-secret-key"
 SAFETY = [
@@ -415,11 +415,7 @@ async def test_with_on_disconnect_cancel_a_disconnect_closes_the_gemini_stream_p
     h = auth()
     chat_id = await new_chat(client, h)
     resp = await send(client, chat_id, h)
-    seen: list[dict] = []
-    async for ev in events(resp):
-        seen += [ev] if "event" in ev else []
-        if text_of(seen) == "a b ":
-            break
+    await read_until(resp, "a b ")
     await asyncio.wait_for(fake_gemini.reached_gate.wait(), 5)
     closed_at = time.monotonic()
     resp.close()  # the browser tab goes away

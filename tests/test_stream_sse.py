@@ -14,7 +14,7 @@ from service.store import utcnow
 from service.stream.producer import period_of
 from service.tokens import TokenCounter
 from tests.fake_openai import Script
-from tests.sse_client import collect, events, text_of
+from tests.sse_client import collect, events, read_until, text_of
 
 
 async def new_chat(client, headers, **body) -> str:
@@ -355,11 +355,7 @@ async def test_with_on_disconnect_cancel_a_disconnect_cancels_the_upstream_withi
     h = auth()
     chat_id = await new_chat(client, h)
     resp = await send(client, chat_id, h)
-    seen: list[dict] = []
-    async for ev in events(resp):
-        seen += [ev] if "event" in ev else []
-        if text_of(seen) == "a b ":
-            break
+    await read_until(resp, "a b ")
     await asyncio.wait_for(fake_openai.reached_gate.wait(), 5)
     closed_at = time.monotonic()
     resp.close()  # the browser tab goes away
@@ -385,11 +381,7 @@ async def test_a_disconnect_detaches_the_turn_which_completes_and_is_billed_exac
     client, h = stream_client, auth()
     chat_id = await new_chat(client, h)
     resp = await send(client, chat_id, h)
-    seen: list[dict] = []
-    async for ev in events(resp):
-        seen += [ev] if "event" in ev else []
-        if text_of(seen) == "a b ":
-            break
+    await read_until(resp, "a b ")
     resp.close()
     await _until(lambda: any(e["event"] == "stream.detached" for e in logs))
     assert not fake_openai.disconnected.is_set()  # the upstream is still being read
@@ -441,11 +433,7 @@ async def test_a_client_that_leaves_mid_stream_is_logged_499_while_its_turn_goes
     chat_id = await new_chat(client, h)
     path = f"/api/chat/{chat_id}/message"
     resp = await send(client, chat_id, h)
-    seen: list[dict] = []
-    async for ev in events(resp):
-        seen += [ev] if "event" in ev else []
-        if text_of(seen) == "a b ":
-            break
+    await read_until(resp, "a b ")
     resp.close()
     await _until(lambda: access_lines(logs, path))
     [line] = access_lines(logs, path)
