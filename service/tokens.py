@@ -27,6 +27,11 @@ IMAGE_TOKENS = 765
 # At most this many characters go to the encoder at once: fewer than its limit of 200,000
 # tokens per input whatever the text (a token is at least one character).
 SLICE_CHARS = 100_000
+# A chat's history is counted again at each of its turns: the counts of the texts counted with
+# ``remember`` are kept (by the text, so an equal text read again from MongoDB is found too),
+# up to this many texts and characters, the least recently used forgotten first.
+REMEMBERED_TEXTS = 8192
+REMEMBERED_CHARS = 4_000_000
 _SPECIAL = re.compile(r"[^\w]", re.UNICODE)
 
 
@@ -54,6 +59,8 @@ class TokenCounter:
     def __init__(self, encoding: str | None = DEFAULT_ENCODING) -> None:
         self._enc = load_encoding(encoding) if encoding else None
         self.source = "tokenizer" if self._enc is not None else "estimate"
+        self._remembered: dict[str, int] = {}  # text: its count, least recently used first
+        self._remembered_chars = 0
 
     def count(self, text: str) -> int:
         if not text:
@@ -68,6 +75,24 @@ class TokenCounter:
             len(self._enc.encode(text[i : i + SLICE_CHARS]))
             for i in range(0, len(text), SLICE_CHARS)
         )
+
+    def count_remembered(self, text: str) -> int:
+        """``count``, kept for the next time (a stored chat's history, counted at every turn)."""
+        remembered = self._remembered
+        n = remembered.pop(text, None)
+        if n is None:
+            n = self.count(text)
+            if len(text) > REMEMBERED_CHARS // 8:  # a rare giant: not worth what it evicts
+                return n
+            self._remembered_chars += len(text)
+            while remembered and (
+                len(remembered) >= REMEMBERED_TEXTS or self._remembered_chars > REMEMBERED_CHARS
+            ):
+                oldest = next(iter(remembered))
+                del remembered[oldest]
+                self._remembered_chars -= len(oldest)
+        remembered[text] = n  # the most recently used, last
+        return n
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - the system prompt, and a few others, repeat
     def count_cached(self, text: str) -> int:
@@ -85,12 +110,14 @@ class TokenCounter:
                 total += self.count_message(msg)
         return total
 
-    def count_message(self, msg: dict[str, Any]) -> int:
+    def count_message(self, msg: dict[str, Any], *, remember: bool = False) -> int:
         """One message with its framing: its text, ``IMAGE_TOKENS`` a picture, and the JSON of
-        whatever else it carries (tool calls, a tool call's id, a name)."""
+        whatever else it carries (tool calls, a tool call's id, a name). ``remember``: its text's
+        count is kept for the next time (``count_remembered``)."""
         content = msg.get("content")
         if isinstance(content, str) and len(msg) <= 2:  # role + text: the common case
-            return TOKENS_PER_MESSAGE + self.count(content)
+            count = self.count_remembered if remember else self.count
+            return TOKENS_PER_MESSAGE + count(content)
         n = TOKENS_PER_MESSAGE
         if isinstance(content, str):
             n += self.count(content)

@@ -42,10 +42,12 @@ def fit_to_window(
     tail: list[Message],
     counter: TokenCounter,
     budget_tokens: int,
-) -> list[Message]:
+) -> tuple[list[Message], int]:
     """Drop the oldest history messages until the prompt fits ``budget_tokens``; a tool result
-    never opens the history (the answer that called the tool is gone: upstreams refuse it)."""
-    costs = [counter.count_message(m) for m in history]
+    never opens the history (the answer that called the tool is gone: upstreams refuse it).
+    The prompt, and its tokens (as ``TokenCounter.count_messages`` counts them). The history's
+    counts are remembered: the chat's next turn counts the same messages again."""
+    costs = [counter.count_message(m, remember=True) for m in history]
     fixed = counter.count_messages([*system, *tail])
     total = fixed + sum(costs)
     start = 0
@@ -53,8 +55,9 @@ def fit_to_window(
         total -= costs[start]
         start += 1
     while start < len(history) and history[start]["role"] == "tool":
+        total -= costs[start]
         start += 1
-    return [*system, *history[start:], *tail]
+    return [*system, *history[start:], *tail], total
 
 
 class ContextCache:

@@ -300,7 +300,7 @@ class TurnProducer:
             )
         counter = self.counter_for(spec)
         max_out = min(spec.max_output_tokens, inp.max_tokens or spec.max_output_tokens)
-        messages = self._prompt(inp, text, history, spec, counter, max_out)
+        messages, counted = self._prompt(inp, text, history, spec, counter, max_out)
         request = CompletionRequest(
             model=spec.upstream,
             messages=messages,
@@ -311,7 +311,7 @@ class TurnProducer:
             options=inp.options or {},
         )
         _honoured(provider, spec, request)
-        prompt_tokens = await self._count_prompt(spec, provider, counter, request)
+        prompt_tokens = await self._count_prompt(spec, provider, counter, request, counted)
         choices = _choices(inp.options)  # n answers: each may run to max_out
         now = utcnow()
         period = period_of(now)
@@ -467,11 +467,17 @@ class TurnProducer:
         return await self._count_prompt(spec, provider, self.counter_for(spec), request)
 
     async def _count_prompt(
-        self, spec: ModelSpec, provider: Provider, counter: TokenCounter, request: CompletionRequest
+        self,
+        spec: ModelSpec,
+        provider: Provider,
+        counter: TokenCounter,
+        request: CompletionRequest,
+        counted: int | None = None,
     ) -> int:
         """The local tokenizer when the model has one; else the upstream's count (Gemini's
         countTokens), falling back to the estimate when that call fails. Tool definitions and
-        a response schema count as their JSON."""
+        a response schema count as their JSON. ``counted``: the messages' count with
+        ``counter``, when the caller has it already."""
         if spec.encoding is None:
             try:
                 exact = await provider.count_prompt(request)
@@ -483,7 +489,9 @@ class TurnProducer:
         options = request.options
         schema = [options[k] for k in ("tools", "response_format") if options.get(k)]
         extra = counter.count(orjson.dumps(schema).decode()) if schema else 0
-        return counter.count_messages(request.messages) + extra
+        if counted is None:
+            counted = counter.count_messages(request.messages)
+        return counted + extra
 
     def _validate(self, inp: TurnInput) -> str:
         if inp.messages is not None:
@@ -547,22 +555,23 @@ class TurnProducer:
         spec: ModelSpec,
         counter: TokenCounter,
         max_out: int,
-    ) -> list[Message]:
+    ) -> tuple[list[Message], int]:
         """A stored chat's prompt: the system prompt, as much recent history as fits, the new
-        message. A stateless turn's messages are the client's, sent as given (never trimmed):
-        too long for the model is a 400, as it would be upstream."""
+        message; and its tokens. A stateless turn's messages are the client's, sent as given
+        (never trimmed): too long for the model is a 400, as it would be upstream."""
         budget = spec.context_window - max_out
         if inp.messages is not None:
             messages = inp.messages
+            counted = counter.count_messages(messages)
         else:
             system: list[Message] = [{"role": "system", "content": self.settings.system_prompt}]
             tail = history_messages([input_record(inp, text)])
-            messages = fit_to_window(system, history_messages(docs), tail, counter, budget)
-        if counter.count_messages(messages) > budget:
+            messages, counted = fit_to_window(system, history_messages(docs), tail, counter, budget)
+        if counted > budget:
             raise BadRequest(
                 "the message does not fit the model's context window", code="context_too_long"
             )
-        return messages
+        return messages, counted
 
 
 class Turn:
