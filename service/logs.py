@@ -125,9 +125,12 @@ def start_request(request_id: str) -> None:
     _REQUEST_FIELDS.set({"request_id": request_id})
 
 
+_access = structlog.get_logger("service.access")
+
+
 def log_access(request: web.BaseRequest, status: int, started: float) -> None:
     """The request's access line (``http.request``), when it ends: a stream's when it closes."""
-    structlog.get_logger("service.access").info(
+    _access.info(
         "http.request",
         method=request.method,
         path=request.path,

@@ -113,9 +113,10 @@ class FollowingResponse(web.StreamResponse):
         registry, follower, encoder = following
         del following
         reason = "client_disconnect"
+        writer = None
         try:
             _tcp_user_timeout(request, self._send_timeout_s)
-            await super().prepare(request)
+            writer = await super().prepare(request)
             follower.abort = request.transport
             follower.push = _Pusher(request, self, encoder)
             loop = asyncio.get_running_loop()
@@ -141,7 +142,7 @@ class FollowingResponse(web.StreamResponse):
             with contextlib.suppress(ConnectionResetError, RuntimeError):
                 await self.write_eof()
         self._access(request, self.status)
-        return self._payload_writer
+        return writer
 
     def _access(self, request: BaseRequest, status: int) -> None:
         if self.access_started is not None:
