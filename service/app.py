@@ -87,11 +87,16 @@ async def _api_keys_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    """One pooled client session for every upstream call, sized for the pod's stream capacity."""
+    """One pooled client session for every upstream call, sized for the pod's stream capacity.
+    It keeps no cookies: one user's call must not carry what an upstream (or its CDN) set on
+    another's."""
     settings = app[SETTINGS]
     connector = aiohttp.TCPConnector(limit=settings.upstream_pool_size, limit_per_host=0)
     session = aiohttp.ClientSession(
-        connector=connector, timeout=upstream_timeout(settings), read_bufsize=1 << 18
+        connector=connector,
+        timeout=upstream_timeout(settings),
+        read_bufsize=1 << 18,
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
     app[UPSTREAM] = session
     yield

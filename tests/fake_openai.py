@@ -33,6 +33,7 @@ class Script:
     send_done: bool = True
     send_finish: bool = True
     crlf: bool = False
+    set_cookie: str | None = None  # a Set-Cookie on the stream (a CDN's, as vendors' have)
     # A recorded stream, replayed frame by frame as given (then [DONE] unless one is an error
     # frame), and the non-streamed answer of the same upstream (``stream: false``).
     frames: list[dict[str, Any]] | None = None
@@ -123,6 +124,8 @@ class FakeOpenAI:
         if script.frames is not None:
             return await self._replay(request, script)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        if script.set_cookie:
+            resp.headers["Set-Cookie"] = script.set_cookie
         await resp.prepare(request)
         try:
             await resp.write(b": keep-alive\n\n")

@@ -156,6 +156,23 @@ async def test_context_limit_and_window_trimming(
 
 
 # --------------------------------------------------------------------------- faults
+async def test_an_upstream_s_cookie_is_not_sent_on_another_user_s_call(
+    aiohttp_client, stream_settings, fake_openai, auth
+):
+    """The upstream session keeps no cookies: what a vendor (or its CDN) set in answer to one
+    user's call never goes out with the next, another user's. (By a host name: a cookie jar
+    ignores the cookies of an IP address.)"""
+    url = fake_openai.url.replace("127.0.0.1", "localhost")
+    client = await aiohttp_client(create_app(stream_settings(openai_base_url=url)))
+    fake_openai.default = Script(set_cookie="__cf_bm=alice-session; Path=/; HttpOnly")
+    for user in ("alice", "bob"):
+        h = auth(user)
+        chat_id = await new_chat(client, h)
+        assert (await collect(await send(client, chat_id, h)))[-1]["event"] == "done"
+    assert len(fake_openai.headers) == 2
+    assert all("Cookie" not in headers for headers in fake_openai.headers)
+
+
 async def test_upstream_429_then_success_is_retried(stream_client, fake_openai, auth, logs):
     fake_openai.scripts = [Script(status=429, retry_after="0"), Script()]
     client, h = stream_client, auth()
