@@ -270,14 +270,22 @@ class TurnProducer:
             return
         inp = turn.inp
         if reservation.lease_id is not None and self.leases is not None:
-            request = inp.transport != "sse" and bool(self.settings.v1_requests_per_minute)
+            request = bool(self._requests_per_minute(inp.transport))
             self.leases.unadmit(inp.user_id, turn.period, grant=reservation.grant, request=request)
             return
-        gap = self.settings.message_rate_limit_ms if inp.transport == "sse" else 0
+        gap = self._gap_ms(inp.transport)
         with contextlib.suppress(ServiceError):
             await self.store.unreserve(
                 inp.user_id, turn.period, turn.message_id, reservation.grant, now=now, gap_ms=gap
             )
+
+    # The page (SSE) is held to one message per interval; programs (/v1 and WebSocket clients)
+    # to requests per minute and turns at once.
+    def _gap_ms(self, transport: str) -> int:
+        return self.settings.message_rate_limit_ms if transport == "sse" else 0
+
+    def _requests_per_minute(self, transport: str) -> int:
+        return 0 if transport == "sse" else self.settings.v1_requests_per_minute
 
     async def _admit_turn(
         self,
@@ -332,15 +340,9 @@ class TurnProducer:
                     want=want,
                     need=need,
                     default_limit=budget.default_limit,
-                    # The page (SSE) is held to one message per interval; programs (/v1 and
-                    # WebSocket clients) to requests per minute and turns at once.
-                    rate_limit_ms=(
-                        self.settings.message_rate_limit_ms if inp.transport == "sse" else 0
-                    ),
+                    rate_limit_ms=self._gap_ms(inp.transport),
                     now=now,
-                    requests_per_minute=(
-                        0 if inp.transport == "sse" else self.settings.v1_requests_per_minute
-                    ),
+                    requests_per_minute=self._requests_per_minute(inp.transport),
                     max_concurrent=(
                         0 if inp.transport == "sse" else self.settings.max_concurrent_turns_per_user
                     ),
