@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
+
+from bench.upstream import serve_until_signalled
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float) -> None:
@@ -55,13 +56,7 @@ async def serve(port: int, target: tuple[str, int], rtt_ms: float) -> None:
         await asyncio.gather(_pipe(client_r, server_w, delay_s), _pipe(server_r, client_w, delay_s))
 
     server = await asyncio.start_server(accept, "127.0.0.1", port)
-    print(f"ready {server.sockets[0].getsockname()[1]}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with server:
-        await stop.wait()
+    await serve_until_signalled(server)
 
 
 def main() -> None:

@@ -139,6 +139,11 @@ class Upstream:
 async def main_async(port: int, models: list[str]) -> None:
     upstream = Upstream(models)
     server = await asyncio.start_server(upstream.serve, "127.0.0.1", port, backlog=8192)
+    await serve_until_signalled(server)
+
+
+async def serve_until_signalled(server: asyncio.Server) -> None:
+    """Say ``ready <port>`` (what the bench waits for), then serve until SIGTERM or SIGINT."""
     print("ready", server.sockets[0].getsockname()[1], flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
