@@ -128,8 +128,9 @@ class Settings(BaseSettings):
     watch_interval_s: float = Field(0.5, gt=0)
     stale_stream_s: float = Field(30.0, gt=0)
     reaper_interval_s: float = Field(10.0, gt=0)
-    # A replica's lease on a user's month shrinks to one turn's worth this long after its last
-    # turn ended, and goes back after LEASE_KEEP_S (or at LEASE_IDLE_S if that is later).
+    # A replica's lease on a user's month is brought to one turn's worth (shrunk, or topped up)
+    # this long after its last turn ended, and goes back after LEASE_KEEP_S (or at LEASE_IDLE_S
+    # if that is later).
     lease_idle_s: float = Field(2.0, ge=0)
     lease_keep_s: float = Field(30.0, ge=0)
     # How long an Idempotency-Key is kept: a retry within it replays or follows the first turn.

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from service.app import create_app
-from service.keys import STORE
+from service.keys import REGISTRY, STORE
 from service.store import ReserveRequest, open_turns, utcnow
 from service.stream.leases import Leases
 from service.stream.producer import period_of
@@ -114,6 +114,77 @@ async def test_an_idle_lease_keeps_one_turn_for_the_next_then_goes_back(
     await settled(db)  # given back LEASE_KEEP_S after the second turn
     doc = await usage(db)
     assert doc["used"] == 24 and doc["open"] == [] and doc["reserved"] == 0
+
+
+async def test_turns_further_apart_than_lease_idle_s_are_all_admitted_from_memory(
+    aiohttp_client, stream_settings, fake_openai, auth
+):
+    """A user whose turns come further apart than LEASE_IDLE_S (and within LEASE_KEEP_S): while
+    idle, the lease is brought to one turn's worth each time, shrunk after the first turn and
+    topped up with what each later turn spent, so no turn after the first waits for a take (the
+    lease entry's ``at`` moves only when one is taken). Once it goes back the month is exactly
+    the turns' usage."""
+    client = await aiohttp_client(
+        create_app(stream_settings(lease_idle_s=0.1, lease_keep_s=2, watch_interval_s=0.05))
+    )
+    db = client.app[STORE].db
+    fake_openai.default = Script(chunks=["a ", "b"], usage=(10, 2))
+
+    async def one_turn_s_worth() -> bool:
+        return [e["grant"] for e in lease_of(await usage(db))] == [WANT]
+
+    for turn in range(4):
+        if turn:
+            await eventually(one_turn_s_worth, 5, f"the idle lease holding one turn ({turn})")
+            (before,) = lease_of(await usage(db))
+        resp = await client.post("/v1/chat/completions", json=BODY, headers=auth())
+        assert resp.status == 200
+        await resp.read()
+        if turn:
+            (after,) = lease_of(await usage(db))
+            assert after["at"] == before["at"], f"turn {turn} waited for a take"
+    await settled(db)  # given back LEASE_KEEP_S after the last turn
+    doc = await usage(db)
+    assert doc["used"] == 4 * 12 and doc["open"] == [] and doc["reserved"] == 0
+
+
+async def test_a_top_up_the_month_refuses_leaves_the_lease_and_is_not_asked_again(
+    aiohttp_client, stream_settings, logs
+):
+    """The month ran out elsewhere while the lease was idle: its top-up is refused, the lease
+    stays as it was (nothing taken beyond the limit), the refusal is asked once per idle spell
+    (not at every round), and the next turn gets what the lease has left, as before."""
+    client = await aiohttp_client(create_app(stream_settings()))
+    store = client.app[STORE]
+    # This replica's id: its heartbeat keeps the reaper from giving the lease back.
+    leases = Leases(store, client.app[REGISTRY].replica_id, idle_s=0.0, keep_s=300.0)
+    now = utcnow()
+    period = period_of(now)
+    loop = asyncio.get_running_loop()
+
+    for mid in ("m1", "m2"):  # the first shrinks the lease to one turn, the second spends 100
+        grant = (await leases.admit(lease_turn(mid, now))).grant
+        leases.ended("alice", period, grant=grant, billed=100)
+        await store.settle_leased("alice", period, leases.lease_id, mid, billed=100, grant=grant)
+        await leases.release_idle(loop.time() + 1)
+    (entry,) = lease_of(await usage(store.db))
+    assert entry["grant"] == WANT  # topped up after the second turn
+
+    grant = (await leases.admit(lease_turn("m3", now))).grant
+    leases.ended("alice", period, grant=grant, billed=100)
+    await store.settle_leased("alice", period, leases.lease_id, "m3", billed=100, grant=grant)
+    doc = await usage(store.db)  # another replica spends the rest of the month
+    await store.db.usage.update_one(
+        {"_id": doc["_id"]}, {"$set": {"used": 100_000 - doc["reserved"]}}
+    )
+    for _ in range(3):
+        await leases.release_idle(loop.time() + 1)
+    (after,) = lease_of(await usage(store.db))
+    assert after["grant"] == WANT - 100 and after["at"] == entry["at"]
+    refused = [e for e in logs if e["event"] == "stream.lease_top_up_refused"]
+    assert [e["code"] for e in refused] == ["budget_exceeded"]
+    last = await leases.admit(lease_turn("m4", now))  # what the lease has left
+    assert last.grant == WANT - 100
 
 
 async def test_thirty_turns_over_two_replicas_never_overspend(services, fake_openai, token_for, db):

@@ -8,9 +8,10 @@ lease has room (no MongoDB round trip before the upstream), and billed from it w
 (``Store.settle_leased``: ``used`` grows, the lease shrinks, once per turn). A lease that runs
 short is grown in one update (doubling with the turns it serves, at most half of what is left
 beyond the turn that asks, so other replicas keep room); one whose turns have all ended for
-``LEASE_IDLE_S`` shrinks to what the user's next turn needs (``Store.shrink_lease``), and is
-given back ``LEASE_KEEP_S`` after its last turn (``Store.release_lease``). A dead replica's
-leases are released by the reaper, and its turns billed from their checkpoints.
+``LEASE_IDLE_S`` is brought to what the user's next turn needs (``Store.shrink_lease`` gives the
+rest back; a lease its last turn left short takes what that turn would lack, once, off any turn's
+path), and is given back ``LEASE_KEEP_S`` after its last turn (``Store.release_lease``). A dead
+replica's leases are released by the reaper, and its turns billed from their checkpoints.
 
 What holds across replicas is what held before: every lease is taken within the user's limit,
 so turns never spend more than the limit plus one turn's grant; a turn slot or a request is
@@ -31,7 +32,15 @@ import structlog
 
 from service.errors import BudgetExceeded, RateLimited, ServiceError, StoreUnavailable
 from service.limits import Allowance, request_interval
-from service.store import Doc, LeaseRequest, Reservation, ReserveRequest, Store, allowance_of
+from service.store import (
+    Doc,
+    LeaseRequest,
+    Reservation,
+    ReserveRequest,
+    Store,
+    allowance_of,
+    utcnow,
+)
 
 log = structlog.get_logger("service.stream")
 
@@ -51,7 +60,8 @@ class Lease:
     interval_ms: int = 0  # the bucket's interval when they were taken (0: no per-minute rule)
     doc: Doc = field(default_factory=dict)  # the usage as of the last take (for the headers)
     idle_since: float = 0.0
-    last_want: int = 0  # the latest turn's want: what an idle lease keeps for the next one
+    last: ReserveRequest | None = None  # the latest turn's: what an idle lease keeps for the next
+    topped: float = -1.0  # the idle spell (its ``idle_since``) whose shortfall was taken
     closing: bool = False  # being given back or shrunk: nothing is granted from memory
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -66,7 +76,7 @@ class Lease:
         if req.requests_per_minute and self.requests < 1:
             return 0
         grant = min(req.want, free)
-        self.last_want = req.want
+        self.last = req
         self.held += grant
         self.running += 1
         if req.requests_per_minute:
@@ -130,13 +140,20 @@ class Leases:
         batch = min(MAX_BATCH, max(1, 2 * lease.running))
         requests = max(batch, req.requests_per_minute // 60)
         tokens = (batch + 1) * req.want  # at most half of what the month has left (the update)
+        await self._take(lease, req, tokens=tokens, turns=batch, requests=requests)
+
+    async def _take(
+        self, lease: Lease, req: ReserveRequest, *, tokens: int, turns: int, requests: int
+    ) -> None:
+        """Grow the lease by what fits of ``tokens``, ``turns``, ``requests``, where ``req``'s
+        rules hold for one more turn (``Store.take_lease``; refused with their errors)."""
         doc = await self.store.take_lease(
             LeaseRequest(
                 turn=req,
                 lease_id=self.lease_id,
                 replica=self.replica_id,
                 want_tokens=tokens,
-                want_turns=batch,
+                want_turns=turns,
                 want_requests=requests,
             )
         )
@@ -145,8 +162,8 @@ class Leases:
         lease.tokens += int(took["tokens"])
         lease.turns += int(took["turns"])
         lease.requests += int(took["requests"])
-        rpm = req.requests_per_minute
-        lease.interval_ms = request_interval(rpm) // timedelta(milliseconds=1) if rpm else 0
+        if rpm := req.requests_per_minute:
+            lease.interval_ms = request_interval(rpm) // timedelta(milliseconds=1)
         lease.doc = doc
 
     def _reservation(self, lease: Lease, req: ReserveRequest, grant: int) -> Reservation:
@@ -192,9 +209,9 @@ class Leases:
         return max(0, lease.tokens - lease.held) if lease is not None else 0
 
     async def release_idle(self, loop_now: float, *, everything: bool = False) -> int:
-        """Shrink the leases with no running turn for ``idle_s`` to one turn's worth, give
-        them back after ``keep_s`` (``everything``: every lease with no running turn, at
-        shutdown); how many were given back."""
+        """Bring the leases with no running turn for ``idle_s`` to one turn's worth (shrunk,
+        or topped up once), give them back after ``keep_s`` (``everything``: every lease with
+        no running turn, at shutdown); how many were given back."""
         released = 0
         for key, lease in list(self._leases.items()):
             idle = not lease.running and not lease.lock.locked()
@@ -203,6 +220,9 @@ class Leases:
                 continue
             if not everything and idle_for < self.keep_s:
                 await self._shrink(key, lease)
+                if self._leases.get(key) is lease and lease.topped != lease.idle_since:
+                    lease.topped = lease.idle_since  # once per idle spell, taken or refused
+                    await self._top_up(lease)
                 continue
             # A turn arriving meanwhile waits for the release (the lock), then takes a new
             # lease: none may be granted from, or grow, an entry that is being pulled.
@@ -231,7 +251,7 @@ class Leases:
         """Keep what the user's next turn needs (its latest want, a turn slot, a request) and
         give the rest back: a user's next turn within ``keep_s`` is still admitted from memory,
         while other replicas lose at most that much room to an idle lease."""
-        tokens = max(0, lease.tokens - min(lease.tokens, lease.last_want))
+        tokens = max(0, lease.tokens - min(lease.tokens, lease.last.want if lease.last else 0))
         turns = max(0, lease.turns - 1)
         requests = max(0, lease.requests - 1)
         if not (tokens or turns or requests):
@@ -263,6 +283,36 @@ class Leases:
             lease.turns -= turns
             lease.requests -= requests
             lease.doc = doc
+
+    async def _top_up(self, lease: Lease) -> None:
+        """Take what the user's next turn would lack (its latest want, a request), so that it
+        too is admitted from memory: a user whose turns come further apart than LEASE_IDLE_S
+        spends the lease's last turn's worth, and without this every other turn would wait for
+        a take. The turn's rules hold for this take as for its own (the budget, the requests
+        per minute); no turn slot is added (the lease keeps one). Refused (the month has no
+        more) or MongoDB away: the lease stays as it is, and the next turn asks for itself."""
+        async with lease.lock:  # a turn arriving meanwhile waits, then fits
+            last = lease.last
+            if last is None or lease.closing:
+                return
+            if self._leases.get((lease.user_id, lease.period)) is not lease:
+                return
+            tokens = max(0, last.want - (lease.tokens - lease.held))
+            request = 1 if last.requests_per_minute and lease.requests < 1 else 0
+            if not (tokens or request):
+                return
+            turn = dataclasses.replace(
+                last,
+                want=tokens,
+                need=tokens,
+                now=utcnow(),
+                requests_per_minute=last.requests_per_minute if request else 0,
+                max_concurrent=0,  # no slot is taken: the rule is not this take's
+            )
+            try:
+                await self._take(lease, turn, tokens=tokens, turns=0, requests=request)
+            except ServiceError as exc:
+                log.info("stream.lease_top_up_refused", user_id=lease.user_id, code=exc.code)
 
 
 def _theirs(lease: Lease, seen: Allowance, req: ReserveRequest) -> Allowance:
