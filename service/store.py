@@ -667,12 +667,14 @@ class Store:
         group commit of final writes): one unordered bulk write on ``usage`` (a lease's turns
         billed together, once: none of their ids settled yet; a reserved turn's settlement
         pulls its ``open`` entry, as ``settle_usage``), one on ``messages`` (a record no longer
-        ``streaming`` is left alone), and one read of the usage documents they leave. A group
-        the bulk write did not bill (one of its turns settled before: a retry) is settled turn
-        by turn, which is idempotent. Returns the usage by (user, period), and the finals that
-        ended their record (those the rollup counts: ``RollupBuffer``)."""
+        ``streaming`` is left alone), and one read of the usage documents they leave. When the
+        settlement is one update (one user's turns, at low load nearly every group), it returns
+        the usage it leaves: two commands. A group the settlement did not bill (one of its
+        turns settled before: a retry) is settled turn by turn, which is idempotent. Returns the
+        usage by (user, period), and the finals that ended their record (those the rollup
+        counts: ``RollupBuffer``)."""
         groups: dict[tuple[str, str, str], list[FinalOp]] = {}
-        ops: list[UpdateOne] = []
+        ops: list[tuple[Doc, Doc | list[Doc]]] = []  # (filter, update) on ``usage``
         for op in finals:
             if op.lease_id is not None:
                 groups.setdefault((op.user_id, op.period, op.lease_id), []).append(op)
@@ -686,25 +688,36 @@ class Store:
             moved = sum(min(op.billed, op.grant) for op in group)
             cost = sum(op.cost for op in group)
             ops.append(
-                UpdateOne(
+                (
                     {"user_id": user_id, "period": period, "settled": {"$nin": mids}},
                     _leased_settlement(lease_id, billed, moved, mids, cost),
                 )
             )
-        if ops:
-            result = await self.usage.bulk_write(ops, ordered=False)
-            if result.matched_count < len(ops):  # some settled before: each on its own
-                for op in finals:
-                    if op.lease_id is not None:
-                        await self.settle_leased(
-                            op.user_id,
-                            op.period,
-                            op.lease_id,
-                            op.message_id,
-                            billed=op.billed,
-                            grant=op.grant,
-                            cost=op.cost,
-                        )
+        left: Doc | None = None  # the usage the one update left
+        matched = True
+        if len(ops) == 1:
+            left = await self.usage.find_one_and_update(
+                *ops[0], projection={"settled": 0}, return_document=ReturnDocument.AFTER
+            )
+            matched = left is not None
+        elif ops:
+            result = await self.usage.bulk_write(
+                [UpdateOne(query, update) for query, update in ops], ordered=False
+            )
+            matched = result.matched_count == len(ops)
+        if not matched:  # some settled before: each on its own
+            left = None
+            for op in finals:
+                if op.lease_id is not None:
+                    await self.settle_leased(
+                        op.user_id,
+                        op.period,
+                        op.lease_id,
+                        op.message_id,
+                        billed=op.billed,
+                        grant=op.grant,
+                        cost=op.cost,
+                    )
         written = await self.messages.bulk_write(
             [
                 UpdateOne({"_id": op.message_id, "status": "streaming"}, {"$set": op.fields})
@@ -716,6 +729,8 @@ class Store:
         if written.modified_count < len(finals):  # some were ended before: by this write?
             ended = await self._ended_by(finals)
         keys = {(op.user_id, op.period) for op in finals}
+        if left is not None and len(keys) == 1:
+            return {(left["user_id"], left["period"]): left}, ended
         docs: list[Doc] = await self.usage.find(
             {"$or": [{"user_id": u, "period": p} for u, p in keys]}, projection={"settled": 0}
         ).to_list(None)
@@ -1487,10 +1502,10 @@ def _reserve_update(req: ReserveRequest) -> list[Doc]:
     ]
 
 
-def _reserved_settlement(account: str, op: FinalOp, grant: int) -> UpdateOne:
+def _reserved_settlement(account: str, op: FinalOp, grant: int) -> tuple[Doc, Doc]:
     """Bill a reserved turn on ``account``'s month (a user's, or an API key's own), once: its
-    ``open`` entry is pulled, so a second settlement matches nothing."""
-    return UpdateOne(
+    ``open`` entry is pulled, so a second settlement matches nothing. (filter, update)"""
+    return (
         {"user_id": account, "period": op.period, "open.mid": op.message_id},
         {
             "$inc": {"used": op.billed, "reserved": -grant, "cost": op.cost},

@@ -4,11 +4,16 @@ commands, not two each, and every one is billed exactly once."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
+
+from pymongo import monitoring
 
 from service.app import create_app
 from service.keys import STORE
+from service.store import REPLICA_WORK
 from tests.fake_openai import Script
 from tests.faults import calls, settled
+from tests.sse_client import collect
 
 BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
 
@@ -58,3 +63,57 @@ async def test_the_rollup_is_written_by_the_replica_s_round_and_at_shutdown(
     assert sum(line["turns"] for line in totals["lines"].values()) == 3
     mine = await db.usage_rollup.find_one({"user_id": "alice"})
     assert sum(line["prompt"] for line in mine["lines"].values()) == 30
+
+
+class Commands(monitoring.CommandListener):
+    """Every command a client sends to MongoDB for a turn (not the replica's own), by
+    database, as ``name:collection``."""
+
+    def __init__(self) -> None:
+        self.by_db: dict[str, list[str]] = {}  # only the databases a test asked for
+
+    def watch(self, db: str) -> list[str]:
+        return self.by_db.setdefault(db, [])
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        sent = self.by_db.get(event.database_name)
+        target = event.command.get(event.command_name)
+        if sent is None or event.command.get("comment") == REPLICA_WORK:  # the watcher's
+            return
+        if isinstance(target, str):  # a collection's command, not the driver's housekeeping
+            sent.append(f"{event.command_name}:{target}")
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+COMMANDS = Commands()
+monitoring.register(COMMANDS)  # clients created from now on report to it (each test: its db)
+
+
+async def test_a_turn_ending_alone_is_settled_and_written_in_two_commands(
+    aiohttp_client, stream_settings, fake_openai, auth, db_name
+):
+    """At low load a group of final writes is one turn: its settlement is one update, which
+    returns the usage it leaves, so no read follows (settle, finish: two commands, not three);
+    the final event's budget is that usage."""
+    client = await aiohttp_client(create_app(stream_settings()))
+    fake_openai.default = Script(chunks=["x ", "y"], usage=(10, 2))
+    headers = auth()
+    resp = await client.post("/api/chat", headers=headers)
+    chat_id = (await resp.json())["chat_id"]
+    sent = COMMANDS.watch(db_name)
+    before = len(sent)
+    resp = await client.post(
+        f"/api/chat/{chat_id}/message", json={"message": "Hi"}, headers=headers
+    )
+    done: dict[str, Any] = next(e for e in await collect(resp) if e["event"] == "done")["data"]
+    turn = sent[before:]
+    final = turn[len(turn) - turn[::-1].index("insert:messages") :]  # after the records' insert
+    assert final == ["findAndModify:usage", "update:messages"]  # settle (the usage), finish
+    usage = await client.app[STORE].usage.find_one({"user_id": "alice"})
+    assert usage["used"] == 12 and usage["reserved"] == 0
+    assert done["budget"]["remaining"] == done["budget"]["limit"] - 12
