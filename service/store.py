@@ -574,6 +574,41 @@ class Store:
         return Reservation.from_doc(doc, req)
 
     @db_call
+    async def reserve_many(self, reqs: list[ReserveRequest]) -> list[Reservation | ServiceError]:
+        """Reserve several turns in two commands (the replica's group commit of the page's
+        reservations, ``service/stream/groups.py``): one unordered bulk of the conditional
+        updates ``reserve`` makes one by one, then one read of the months they touched. A turn
+        whose entry is in its month was reserved; one refused is told the rule that refuses it
+        (a second turn of the same user in the group meets the gap the first one moved, as it
+        would have one after the other); one whose month has no document yet, or whose rule no
+        longer refuses when read, is reserved on its own (``reserve``)."""
+        await self.usage.bulk_write(
+            [UpdateOne(_reserve_filter(r), _reserve_update(r)) for r in reqs], ordered=False
+        )
+        keys = {(r.user_id, r.period) for r in reqs}
+        docs: list[Doc] = await self.usage.find(
+            {"$or": [{"user_id": u, "period": p} for u, p in keys]}, projection={"settled": 0}
+        ).to_list(None)
+        months = {(d["user_id"], d["period"]): d for d in docs}
+        outcomes: list[Reservation | ServiceError] = []
+        for req in reqs:
+            doc = months.get((req.user_id, req.period))
+            if doc is not None and any(e["mid"] == req.message_id for e in doc.get("open", ())):
+                outcomes.append(Reservation.from_doc(doc, req))
+                continue
+            refusal = _refusal(doc, req) if doc is not None else None
+            if refusal is not None:
+                outcomes.append(refusal)
+                continue
+            try:
+                doc = await self._admit(req, _reserve_update(req))
+            except (RateLimited, BudgetExceeded) as exc:
+                outcomes.append(exc)
+                continue
+            outcomes.append(Reservation.from_doc(doc, req))
+        return outcomes
+
+    @db_call
     async def unreserve(
         self, user_id: str, period: str, message_id: str, grant: int, *, now: datetime, gap_ms: int
     ) -> None:
@@ -863,7 +898,7 @@ class Store:
     @db_call
     async def insert_messages(self, groups: list[list[Doc]]) -> list[ServiceError | None]:
         """Insert the records of several turns in one command (the replica's group commit,
-        ``service/stream/inserts.py``): for each turn, None when its records are written, or
+        ``service/stream/groups.py``): for each turn, None when its records are written, or
         the error of one MongoDB refused (the others are written regardless). An outage
         raises ``StoreUnavailable`` for all of them."""
         failures: list[ServiceError | None] = [None] * len(groups)

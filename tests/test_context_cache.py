@@ -187,12 +187,13 @@ async def test_a_known_chat_s_turn_is_reserved_while_its_authorization_runs(
             reserved.set()
             return reservation
 
-    producer.store = AuthorizedAfterReserving()  # type: ignore[assignment]
+    wrapped = AuthorizedAfterReserving()
+    producer.store = producer.reservations.store = wrapped  # type: ignore[assignment]
     try:
         async with asyncio.timeout(10):
             events = await collect(await send(client, chat_id, h, "q2"))
     finally:
-        producer.store = store
+        producer.store = producer.reservations.store = store
     assert events[-1]["event"] == "done"
     assert prompt(fake_openai) == [("user", "q1"), ("assistant", "first answer"), ("user", "q2")]
     docs = await records(client, chat_id)

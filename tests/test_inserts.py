@@ -9,7 +9,7 @@ from service.app import create_app
 from service.errors import ServiceError
 from service.keys import REGISTRY, STORE
 from service.store import Store
-from service.stream.inserts import RecordInserts
+from service.stream.groups import RecordInserts
 from tests.fake_openai import Script
 from tests.faults import calls, settled
 from tests.processes import wait_until

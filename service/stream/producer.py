@@ -58,7 +58,7 @@ from service.stream.assembly import Assembly
 from service.stream.context import ContextCache, fit_to_window, history_messages
 from service.stream.events import Final
 from service.stream.finals import FinalCommits, FinalWrite
-from service.stream.inserts import RecordInserts
+from service.stream.groups import PageReservations, RecordInserts
 from service.stream.leases import Leases
 from service.stream.live import LiveStream
 from service.stream.registry import StreamRegistry
@@ -153,6 +153,7 @@ class TurnProducer:
         self.leases = leases
         self.commits = FinalCommits(store, registry.track, registry.rollups)  # grouped
         self.inserts = RecordInserts(store, registry.track)  # grouped too
+        self.reservations = PageReservations(store, registry.track)  # and the page's
         self.budget = settings.budget  # the month's budget: tokens or currency
 
     async def start(self, inp: TurnInput, *, message_id: str | None = None) -> Turn:
@@ -444,7 +445,7 @@ class TurnProducer:
         in memory while it has room; the page's one at a time (its message gap is a rule
         between two sends, not a quantity a lease could hold)."""
         if transport == "sse" or self.leases is None:
-            return await self.store.reserve(req)
+            return await self.reservations.reserve(req)
         return await self.leases.admit(req)
 
     async def count_tokens(self, inp: TurnInput) -> int:

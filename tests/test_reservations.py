@@ -1,0 +1,110 @@
+"""The group commit of the chat page's reservations: the page's turns arriving while a
+reservation runs share the next command, and every rule holds as it did one turn at a time."""
+
+from __future__ import annotations
+
+import asyncio
+
+from service.app import create_app
+from service.errors import RateLimited
+from service.keys import PRODUCER, STORE
+from service.store import ReserveRequest, utcnow
+from service.stream.groups import PageReservations
+from service.stream.producer import period_of
+from tests.fake_openai import Script
+from tests.faults import calls, settled
+from tests.processes import wait_until
+from tests.sse_client import collect, text_of
+
+
+def page_turn(
+    user: str, mid: str, *, want: int = 100, limit: int = 100_000, gap_ms: int = 1000
+) -> ReserveRequest:
+    now = utcnow()
+    return ReserveRequest(
+        user_id=user,
+        period=period_of(now),
+        message_id=mid,
+        want=want,
+        need=want,
+        default_limit=limit,
+        rate_limit_ms=gap_ms,
+        now=now,
+    )
+
+
+async def test_page_turns_arriving_while_a_reservation_runs_share_the_next_one(
+    aiohttp_client, stream_settings, fake_openai, auth, monkeypatch
+):
+    """Twelve users send at once while MongoDB is slow to answer the first reservations: the
+    two running go alone, the other ten are reserved together (one bulk, one read), and every
+    turn runs and is billed on its own user's month."""
+    client = await aiohttp_client(create_app(stream_settings()))
+    store = client.app[STORE]
+    users = [f"user{i}" for i in range(12)]
+    chats = {}
+    for user in users:
+        resp = await client.post("/api/chat", headers=auth(user))
+        chats[user] = (await resp.json())["chat_id"]
+    reserve, go, waiting = store.reserve, asyncio.Event(), []
+
+    async def slow(req):  # the reservations that run alone wait for MongoDB
+        waiting.append(req)
+        await go.wait()
+        return await reserve(req)
+
+    monkeypatch.setattr(store, "reserve", slow)
+    fake_openai.default = Script(chunks=["x ", "y"], usage=(10, 2))
+    before = calls("reserve_many")
+    posts = [
+        asyncio.ensure_future(
+            client.post(f"/api/chat/{chats[u]}/message", json={"message": "Hi"}, headers=auth(u))
+        )
+        for u in users
+    ]
+    queued = client.app[PRODUCER].reservations
+    await wait_until(lambda: len(waiting) == 2 and len(queued) == 10)  # two run, ten queue
+    go.set()
+    responses = await asyncio.gather(*posts)
+    assert [r.status for r in responses] == [200] * len(users)
+    assert [text_of(await collect(r)) for r in responses] == ["x y"] * len(users)
+    assert len(waiting) == 2 and calls("reserve_many") - before == 1  # 3 commands, not 12
+    await settled(store.db, users=tuple(users))
+    for user in users:
+        doc = await store.usage.find_one({"user_id": user})
+        assert (doc["used"], doc["reserved"], doc["open"]) == (12, 0, [])
+
+
+async def test_a_group_holds_each_rule_as_one_turn_after_another(aiohttp_client, stream_settings):
+    """In one group: a user's second send meets the message gap the first moved (429, the
+    gap's wait), a user with room for one turn gets one (the other: budget exhausted), and a
+    user whose month has no document yet is reserved on its own, as its first turn is."""
+    store = (await aiohttp_client(create_app(stream_settings()))).app[STORE]
+    for user in ("gap", "poor"):  # their months exist (the group's read finds them)
+        await store.reserve(page_turn(user, f"{user}-0", want=1))
+        await store.unreserve(user, period_of(utcnow()), f"{user}-0", 1, now=utcnow(), gap_ms=0)
+    await store.usage.update_many({}, {"$unset": {"next_at": ""}})
+    before = calls("reserve_many")
+    reservations = PageReservations(store, lambda task: None)
+    reqs = [
+        page_turn("gap", "gap-1"),
+        page_turn("gap", "gap-2"),
+        page_turn("poor", "poor-1", want=60, limit=100, gap_ms=0),
+        page_turn("poor", "poor-2", want=60, limit=100, gap_ms=0),
+        page_turn("new", "new-1"),
+    ]
+    outcomes = await asyncio.gather(
+        *(reservations.reserve(r) for r in reqs), return_exceptions=True
+    )
+    assert calls("reserve_many") - before == 1  # the five in one group
+    told = dict(zip((r.message_id for r in reqs), outcomes, strict=True))
+    gap = sorted(told[m].__class__.__name__ for m in ("gap-1", "gap-2"))
+    assert gap == ["RateLimited", "Reservation"]  # one of the two, whichever came first
+    waited = next(told[m] for m in ("gap-1", "gap-2") if isinstance(told[m], RateLimited))
+    assert 0 < waited.retry_after_s <= 1  # the gap the other one moved
+    poor = sorted(told[m].__class__.__name__ for m in ("poor-1", "poor-2"))
+    assert poor == ["BudgetExceeded", "Reservation"]  # room for one of the two
+    assert not isinstance(told["new-1"], Exception) and told["new-1"].grant == 100
+    for user in ("gap", "poor", "new"):
+        doc = await store.usage.find_one({"user_id": user})
+        assert len(doc["open"]) == 1 and doc["reserved"] == doc["open"][0]["grant"]
