@@ -27,7 +27,6 @@ from service.store import Doc, Reservation, ReserveRequest, Store
 log = structlog.get_logger("service.stream")
 
 IN_FLIGHT = 2  # commands running at once; a slow one does not hold up every turn behind it
-MAX_GROUP = 500  # the most turns in one command
 
 T = TypeVar("T")  # what a turn asks
 R = TypeVar("R")  # what it is told
@@ -35,6 +34,8 @@ R = TypeVar("R")  # what it is told
 
 class GroupCommit(Generic[T, R]):
     """Run ``run`` on the items submitted together; each submitter gets its own outcome."""
+
+    max_group = 500  # the most turns in one command
 
     def __init__(self, track: Callable[[asyncio.Task[Any]], None]) -> None:
         self._track = track
@@ -65,7 +66,8 @@ class GroupCommit(Generic[T, R]):
     async def _drain(self) -> None:
         try:
             while self._queue:
-                group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
+                cut = self.max_group
+                group, self._queue = self._queue[:cut], self._queue[cut:]
                 await self._commit(group)
         finally:
             self._running -= 1
@@ -124,7 +126,11 @@ class RecordInserts(GroupCommit[list[Doc], None]):
 class PageReservations(GroupCommit[ReserveRequest, Reservation]):
     """The chat page's turns reserved together: alone, one conditional ``findAndModify`` as
     before; several, one unordered bulk of the same conditional updates and one read of the
-    months they touched (``Store.reserve_many``), whatever their number."""
+    months they touched (``Store.reserve_many``). At most 16 a group: a reserved turn waits for
+    its whole group (MongoDB applies a bulk's updates one after the other), and 16 already take
+    a group's commands to an eighth of one per turn (docs/performance.md, finding 22)."""
+
+    max_group = 16
 
     def __init__(self, store: Store, track: Callable[[asyncio.Task[Any]], None]) -> None:
         super().__init__(track)
