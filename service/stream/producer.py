@@ -442,8 +442,9 @@ class TurnProducer:
 
     async def _reserve(self, transport: str, req: ReserveRequest) -> Reservation:
         """Programs' turns (``/v1``, WebSocket) from this replica's lease on the user's month,
-        in memory while it has room; the page's one at a time (its message gap is a rule
-        between two sends, not a quantity a lease could hold)."""
+        in memory while it has room; the page's with a conditional update each (its message
+        gap is a rule between two sends, not a quantity a lease could hold), the updates of
+        the page's turns arriving together sent together (``PageReservations``)."""
         if transport == "sse" or self.leases is None:
             return await self.reservations.reserve(req)
         return await self.leases.admit(req)
