@@ -43,9 +43,13 @@ def verdicts(r: dict[str, Any]) -> list[dict[str, Any]]:
     marginal = r.get("marginal_us_per_chunk", {})
     for route in ROUTES:
         relay, v = marginal.get("relay"), marginal.get(route)
+        name = f"marginal CPU per relayed chunk / relay's, {LABEL[route]}"
+        if v is not None and relay is not None and (v < 0 or relay <= 0):
+            # N=200 cost less per turn than N=1: the difference is below the runs' spread
+            add(name, f"below the runs' spread ({v:.2f} / {relay:.2f} us)", "<= 1.2x", None)
+            continue
         ratio = v / relay if v is not None and relay else None
         met = None if ratio is None else ratio <= 1.2
-        name = f"marginal CPU per relayed chunk / relay's, {LABEL[route]}"
         add(name, _f(ratio, "x"), "<= 1.2x", met)
     caps = [v for v in r.get("capacity", {}).values() if v.get("target") in ROUTES]
     for at_least in (5000, 10000):  # the second: the admission issue's, run on demand
