@@ -125,7 +125,9 @@ async def test_turns_further_apart_than_lease_idle_s_are_all_admitted_from_memor
     lease entry's ``at`` moves only when one is taken). Once it goes back the month is exactly
     the turns' usage."""
     client = await aiohttp_client(
-        create_app(stream_settings(lease_idle_s=0.1, lease_keep_s=2, watch_interval_s=0.05))
+        # LEASE_IDLE_S well above a read's time: the check after each turn comes before its
+        # idle lease is topped up again
+        create_app(stream_settings(lease_idle_s=0.5, lease_keep_s=3, watch_interval_s=0.05))
     )
     db = client.app[STORE].db
     fake_openai.default = Script(chunks=["a ", "b"], usage=(10, 2))
