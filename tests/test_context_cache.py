@@ -260,3 +260,26 @@ async def test_a_prediction_another_replica_outdated_is_admitted_again_within_th
     docs = await records(a, chat_id)
     assert [d["seq"] for d in docs] == [0, 1, 2, 3, 4, 5]  # no seq left unused
     await settled(a.app[STORE].db, users=("outdated",))
+
+
+async def test_a_prediction_outdated_and_refused_twice_is_counted_once(
+    aiohttp_client, stream_settings, fake_openai, auth
+):
+    """A predicts, B's turn came since and moved the message gap: A's predicted reservation is
+    refused, the turn admitted again with the chat as it is and refused again by the same gap:
+    one rejection, one 429."""
+    settings = stream_settings(message_rate_limit_ms=60_000)
+    a = await aiohttp_client(create_app(settings))
+    b = await aiohttp_client(create_app(settings))
+    h = auth("refused-twice")
+    chat_id = await new_chat(a, h)
+    await collect(await send(a, chat_id, h, "q1"))
+    # the gap lifted for B's turn alone; A still predicts from q1
+    await a.app[STORE].usage.update_one({"user_id": "refused-twice"}, {"$unset": {"next_at": ""}})
+    await collect(await send(b, chat_id, h, "q2"))
+    rejected = {"reason": "rate_limited"}
+    before = REGISTRY.get_sample_value("gateway_turn_rejections_total", rejected) or 0.0
+    resp = await send(a, chat_id, h, "q3")
+    assert resp.status == 429
+    after = REGISTRY.get_sample_value("gateway_turn_rejections_total", rejected) or 0.0
+    assert after - before == 1

@@ -32,7 +32,6 @@ from service.errors import (
     BudgetExceeded,
     Conflict,
     Forbidden,
-    RateLimited,
     ServiceError,
     ServiceUnavailable,
     StoreUnavailable,
@@ -73,6 +72,8 @@ MAX_ANSWER_CHARS = 2_000_000
 MAX_RESULTS_CHARS = 1_000_000  # the tool results of one stored chat turn, in all
 MAX_MARKS = 200_000  # steps that are more than text (reasoning, tool call deltas): ditto
 OUTCOME = {"complete": "completed", "cancelled": "cancelled", "failed": "failed"}
+# A turn refused by one of these rules is counted in gateway_turn_rejections_total.
+REFUSED_BY_RULE = frozenset({"rate_limited", "budget_exceeded", "shutting_down"})
 
 
 def _retrieved(task: asyncio.Task[Any]) -> None:
@@ -163,7 +164,9 @@ class TurnProducer:
         mid = message_id or str(uuid.uuid4())
         try:
             turn, text, seq, now = await self._admit(inp, mid)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, ServiceError) and exc.code in REFUSED_BY_RULE:
+                REJECTIONS.labels(exc.code).inc()  # once, as it ends (a turn may be admitted twice)
             if inp.key is not None and message_id is not None:
                 with contextlib.suppress(ServiceError):
                     await asyncio.shield(self.store.release_claim(message_id))
@@ -193,7 +196,6 @@ class TurnProducer:
         is refused as it would have been, what it reserved given back."""
         started = time.perf_counter()
         if self.registry.draining:
-            REJECTIONS.labels("shutting_down").inc()
             raise ServiceUnavailable("the server is shutting down; retry", code="shutting_down")
         regenerate = inp.branch is not None and inp.branch.kind == "regenerate"
         text = "" if regenerate else self._validate(inp)
@@ -350,8 +352,6 @@ class TurnProducer:
                 ),
             )
         except BaseException as exc:
-            if isinstance(exc, RateLimited | BudgetExceeded):
-                REJECTIONS.labels(exc.code).inc()
             if key_grant is not None:  # the key's reservation is free again
                 assert inp.api_key is not None
                 with contextlib.suppress(ServiceError):
@@ -432,7 +432,6 @@ class TurnProducer:
                 )
             )
         except BudgetExceeded as exc:
-            REJECTIONS.labels(exc.code).inc()
             raise BudgetExceeded(
                 "this API key's monthly budget is exhausted",
                 details={**self.budget.refusal(exc.details), "key_id": key.key_id},
