@@ -387,7 +387,7 @@ async def test_invalid_frames_get_an_error_frame_and_the_socket_stays(
     await ws.send_str(frame.replace('"C"', json.dumps(str(uuid.uuid4()))))
     err = await recv(ws)
     assert err["type"] == "error" and err["code"] == "invalid_frame" and err["message"]
-    assert err["id"] == turn_id
+    assert (err["id"], err["status"]) == (turn_id, 400)
     assert err.get("details", {}).get("field") == field
     await ws.send_json({"type": "ping"})
     assert await recv(ws) == {"type": "pong"}
@@ -440,10 +440,11 @@ async def test_refusals_duplicates_and_turn_cap_are_error_frames(
     assert [f["type"] for f in frames] == ["started", "delta"]
     await ws.send_json(send("t1", other))
     err = await recv(ws)
-    assert (err["id"], err["code"]) == ("t1", "duplicate_id")
+    assert (err["id"], err["code"], err["status"]) == ("t1", "duplicate_id", 409)
     await ws.send_json(send("t2", other))
     err = await recv(ws)
-    assert (err["id"], err["code"], err["details"]) == ("t2", "too_many_turns", {"max_turns": 1})
+    assert (err["id"], err["code"], err["status"]) == ("t2", "too_many_turns", 429)
+    assert err["details"] == {"max_turns": 1}
     fake_openai.gate.set()
     frames += await until_terminal(ws, {"t1"})
     assert frames[-1]["type"] == "done" and frames[-1]["status"] == "complete"

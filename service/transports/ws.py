@@ -427,6 +427,7 @@ class Connection:
                 "id": exc.turn_id,
                 "code": "invalid_frame",
                 "message": exc.message,
+                "status": 400,
             }
             if exc.field is not None:
                 frame["details"] = {"field": exc.field}
@@ -440,6 +441,7 @@ class Connection:
                     "id": turn_id,
                     "code": "duplicate_id",
                     "message": "a turn with this id is already running on this connection",
+                    "status": 409,
                 }
             )
             return
@@ -450,6 +452,7 @@ class Connection:
                     "id": turn_id,
                     "code": "too_many_turns",
                     "message": f"at most {self._max_turns} turns may run at once on a connection",
+                    "status": 429,
                     "details": {"max_turns": self._max_turns},
                 }
             )
@@ -501,6 +504,7 @@ class Connection:
                     "id": slot.id,
                     "code": "internal_error",
                     "message": "internal error; see the log",
+                    "status": 500,
                 }
             )
         finally:
