@@ -28,10 +28,12 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+import motor.frameworks.asyncio as motor_threads
 import orjson
 import structlog
 from motor.motor_asyncio import AsyncIOMotorClient, AsyncIOMotorDatabase
@@ -125,7 +127,17 @@ def db_call(
     return wrapper
 
 
+def size_driver_threads(threads: int) -> None:
+    """The thread pool motor runs PyMongo in (one per process, shared by every client), of
+    ``threads`` threads: ``MONGODB_THREADS``, not motor's 5 per core of the machine."""
+    old = motor_threads._EXECUTOR
+    if old._max_workers != threads:
+        motor_threads._EXECUTOR = ThreadPoolExecutor(threads, thread_name_prefix="mongodb")
+        old.shutdown(wait=False)  # what it runs finishes; its threads then exit
+
+
 def make_client(settings: Settings) -> AsyncIOMotorClient[Doc]:
+    size_driver_threads(settings.mongodb_threads)
     timeout = settings.mongodb_timeout_ms
     return AsyncIOMotorClient(
         settings.mongodb_uri,
