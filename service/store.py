@@ -35,6 +35,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import motor.frameworks.asyncio as motor_threads
 import orjson
+import pymongo
 import structlog
 from motor.motor_asyncio import AsyncIOMotorClient, AsyncIOMotorDatabase
 from pymongo import ASCENDING, DESCENDING, TEXT, ReturnDocument, UpdateOne
@@ -104,7 +105,16 @@ def _unavailable(exc: PyMongoError) -> bool:
 def db_call(
     fn: Callable[Concatenate[Store, P], Coroutine[Any, Any, R]],
 ) -> Callable[Concatenate[Store, P], Coroutine[Any, Any, R]]:
-    """Ensure the indexes exist; turn driver outages and timeouts into ``StoreUnavailable``."""
+    """Ensure the indexes exist; bound the call by the client's ``timeoutMS``
+    (``MONGODB_TIMEOUT_MS``) from now, its commands' waits for a driver thread included; turn
+    driver outages and timeouts into ``StoreUnavailable``.
+
+    PyMongo's own clock starts when a driver thread takes a command: while every thread is held
+    (an outage, a hung server: each command up to the timeout), the commands queued behind them
+    would wait unbounded. Here the deadline is set where the call is made (``pymongo.timeout``:
+    motor hands the caller's context to the thread, so a command a thread takes past it is
+    never sent), and the caller stops waiting at it (a command no thread has taken is then
+    dropped from the queue; one in flight ends by the same deadline in its thread)."""
 
     ok = MONGODB_SECONDS.labels(fn.__name__, "ok")
     failed = MONGODB_SECONDS.labels(fn.__name__, "error")
@@ -115,10 +125,16 @@ def db_call(
         try:
             if not store.indexes_ready:
                 await store.ensure_indexes()
-            result = await fn(store, *args, **kwargs)
-        except PyMongoError as exc:
+            timeout_s = store.timeout_s
+            if timeout_s is None:
+                result = await fn(store, *args, **kwargs)
+            else:
+                with pymongo.timeout(timeout_s):
+                    async with asyncio.timeout(timeout_s):
+                        result = await fn(store, *args, **kwargs)
+        except (PyMongoError, TimeoutError) as exc:
             failed.observe(time.perf_counter() - started)
-            if _unavailable(exc):
+            if isinstance(exc, TimeoutError) or _unavailable(exc):
                 raise StoreUnavailable("the database is unavailable; try again shortly") from exc
             raise
         ok.observe(time.perf_counter() - started)
@@ -181,6 +197,7 @@ class Store:
     ) -> None:
         self.db = db
         self.idempotency_ttl_s = idempotency_ttl_s
+        self.timeout_s: float | None = db.client.delegate.options.timeout  # MONGODB_TIMEOUT_MS
         self.chats = db["chats"]
         self.messages = db["messages"]
         self.usage = db["usage"]
@@ -1352,14 +1369,19 @@ class Store:
         )
         return docs
 
-    @db_call
     async def rollup_docs(self, selections: list[Doc]) -> list[Doc]:
         """The rollup's documents ``selections`` name (``UsageQuery.selections``: one
         equality on the index each), to group in the service. Whole documents: SecantusDB
-        serves a projection slower than the document itself."""
+        serves a projection slower than the document itself. Each read (a month) is held to
+        ``MONGODB_TIMEOUT_MS`` on its own: a year's export is twelve of them."""
         docs: list[Doc] = []
         for selection in selections:
-            docs += await self.rollup.find(selection).to_list(None)
+            docs += await self.read_rollup(selection)
+        return docs
+
+    @db_call
+    async def read_rollup(self, selection: Doc) -> list[Doc]:
+        docs: list[Doc] = await self.rollup.find(selection).to_list(None)
         return docs
 
 

@@ -1,11 +1,13 @@
 """MONGODB_THREADS sizes the thread pool motor runs PyMongo in (motor's own default is five
-threads per core of the machine, not of the pod)."""
+threads per core of the machine, not of the pod); MONGODB_TIMEOUT_MS bounds a call, its wait for
+one of those threads included."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 
+import motor.frameworks.asyncio as motor_threads
 from pymongo import monitoring
 
 from service.app import create_app
@@ -18,10 +20,12 @@ class ThreadNames(monitoring.CommandListener):
     def __init__(self, db_name: str) -> None:
         self.db_name = db_name
         self.names: list[str] = []
+        self.commands: list[tuple[str, object]] = []  # (command, collection)
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         if event.database_name == self.db_name:
             self.names.append(threading.current_thread().name)
+            self.commands.append((event.command_name, event.command.get(event.command_name)))
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
         pass
@@ -41,3 +45,32 @@ async def test_the_service_s_commands_run_on_as_many_threads_as_set(
     ours = set(threads.names)
     assert ours and all(name.startswith("mongodb") for name in ours), ours
     assert len(ours) <= 3  # sixty at once, three threads (motor alone: up to 5 per core)
+
+
+async def test_a_call_waiting_for_a_driver_thread_answers_503_at_the_timeout_and_is_never_sent(
+    aiohttp_client, make_settings, db_name, auth
+):
+    """Every driver thread held (a hung server holds each command up to the timeout): a call
+    queued behind them fails at MONGODB_TIMEOUT_MS from when it was made, not from when a
+    thread frees up, and its command is never sent afterwards."""
+    sent = ThreadNames(db_name)
+    monitoring.register(sent)
+    settings = make_settings(mongodb_threads=1, mongodb_timeout_ms=300)
+    client = await aiohttp_client(create_app(settings))
+    assert (await client.get("/api/chat", headers=auth())).status == 200
+    listed = sent.commands.count(("find", "chats"))
+    held = threading.Event()
+    loop = asyncio.get_running_loop()
+    hung = loop.run_in_executor(motor_threads._EXECUTOR, held.wait, 30)  # the one thread, held
+    try:
+        resp = await asyncio.wait_for(client.get("/api/chat", headers=auth()), 10)
+        assert resp.status == 503
+        assert (await resp.json())["error"]["code"] == "database_unavailable"
+        assert not held.is_set()  # answered while the thread was still held
+    finally:
+        held.set()
+        await hung
+    assert (await client.get("/api/chat", headers=auth())).status == 200
+    # The one thread runs in order: the refused call's command, had it stayed queued, would
+    # have been sent before this one's.
+    assert sent.commands.count(("find", "chats")) == listed + 1
