@@ -147,6 +147,11 @@ def table(r: dict[str, Any]) -> str:
                 )
         head = ["C", "target", "n", "p50", "p99", "over p50", "over p99", "/ relay's", "errors"]
         lines += grid(head, rows)
+        if "C=1+f20" in lat:
+            w(
+                "   C=1+f20: C=1 with an upstream 20 ms to its first token (any real model is"
+                " slower): what the service runs beside the upstream's opening is hidden"
+            )
         for c, block in lat.items():
             mo = block["mongo"]
             w(

@@ -208,11 +208,14 @@ class Plan:
 RAMP_PER_S = {"direct": 500, "relay": 500, "openai": 80, "sse": 50}  # stream starts per second
 
 
-def model(n: int, d_ms: int) -> str:
-    return f"n{n}-d{d_ms}"
+def model(n: int, d_ms: int, first_ms: int = 0) -> str:
+    return f"n{n}-d{d_ms}-f{first_ms}" if first_ms else f"n{n}-d{d_ms}"
 
 
 LATENCY_MODEL = model(50, 20)
+# The same with 20 ms to the first token (any real model takes longer): what runs beside the
+# upstream's opening (the records' insert) is hidden, as it is in use (``C=1+f20``, no target).
+FIRST_TOKEN_MODEL = model(50, 20, 20)
 COST_MODEL = model(200, 0)
 TURN_MODEL = model(1, 0)
 PROBE_MODEL = model(2, 0)
@@ -296,7 +299,14 @@ class Bench:
         self.start_service()
 
     def models(self) -> list[str]:
-        return [LATENCY_MODEL, COST_MODEL, TURN_MODEL, PROBE_MODEL, *self.plan.slow_models()]
+        return [
+            LATENCY_MODEL,
+            FIRST_TOKEN_MODEL,
+            COST_MODEL,
+            TURN_MODEL,
+            PROBE_MODEL,
+            *self.plan.slow_models(),
+        ]
 
     def start_service(self, db: str = "bench", **extra: str) -> None:
         old = self.procs.pop("service", None)
@@ -623,15 +633,18 @@ def ops_per_turn(
 
 
 def scenario_latency(bench: Bench) -> dict[str, Any]:
-    """1. N=50, D=20 ms at C = 1, 50, 200: TTFT p50/p99 and the overhead over direct."""
+    """1. N=50, D=20 ms at C = 1, 50, 200: TTFT p50/p99 and the overhead over direct; and
+    at C=1 again with 20 ms to the first token (``C=1+f20``)."""
     plan, out = bench.plan, {}
-    for c in plan.latency_c:
+    runs = [(f"C={c}", c, LATENCY_MODEL) for c in plan.latency_c]
+    runs.insert(1, ("C=1+f20", 1, FIRST_TOKEN_MODEL))
+    for name, c, model_name in runs:
         reqs = plan.latency_requests[c]
         schedule = [[t, reqs] for _ in range(plan.latency_rounds[c]) for t in TARGETS]
         res = bench.phase(
             schedule=schedule,
             concurrency=c,
-            model_name=LATENCY_MODEL,
+            model_name=model_name,
             stagger_s=0 if c == 1 else plan.latency_stagger_s,
         )
         stats = {t: ttft_stats(res["records"][t]) for t in TARGETS}
@@ -648,8 +661,8 @@ def scenario_latency(bench: Bench) -> dict[str, Any]:
                 stats[t]["overhead_vs_relay"] = over / relay_over if relay_over > 0 else None
         turns = sum(len(res["records"][t]) for t in ROUTES)
         mongo = ops_per_turn(res.get("mongo", {}), turns, res.get("mongo_us"), res["wall_s"])
-        out[f"C={c}"] = {"targets": stats, "mongo": mongo}
-        print(f"  latency C={c}: done ({res['wall_s']:.1f} s)", flush=True)
+        out[name] = {"targets": stats, "mongo": mongo}
+        print(f"  latency {name}: done ({res['wall_s']:.1f} s)", flush=True)
     return out
 
 

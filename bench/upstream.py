@@ -1,7 +1,8 @@
 """A fake OpenAI-compatible upstream for the bench: cheap, paced, and speaking the real wire format.
 
 ``POST /v1/chat/completions`` with model ``n{N}-d{D}`` answers ``text/event-stream`` (chunked,
-keep-alive): a role chunk, N content chunks with D ms between them (the first one at once), a
+keep-alive): a role chunk, N content chunks with D ms between them (the first one at once; with
+``n{N}-d{D}-f{F}``, F ms after the role chunk, as a model's time to its first token), a
 finish chunk, a usage chunk and ``data: [DONE]`` - each event its own write, as a real upstream
 flushes every token. ``GET /v1/models`` lists the models it was told about. Everything is
 pre-encoded per model, so the upstream costs little CPU next to what it measures.
@@ -20,7 +21,7 @@ import time
 
 import orjson
 
-MODEL = re.compile(rb'"model"\s*:\s*"(n(\d+)-d(\d+))"')
+MODEL = re.compile(rb'"model"\s*:\s*"(n(\d+)-d(\d+)(?:-f(\d+))?)"')
 WORD = "lorem "  # one token in o200k_base
 HEAD = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
@@ -46,11 +47,12 @@ def _json_response(status: str, body: object) -> bytes:
 
 
 class Script:
-    """The pre-encoded frames of one model ``n{N}-d{D}``."""
+    """The pre-encoded frames of one model ``n{N}-d{D}`` (``-f{F}``)."""
 
-    def __init__(self, model: str, n: int, delay_ms: int) -> None:
+    def __init__(self, model: str, n: int, delay_ms: int, first_ms: int = 0) -> None:
         self.n = n
         self.delay_s = delay_ms / 1000
+        self.first_s = first_ms / 1000
         base = {
             "id": "chatcmpl-bench",
             "object": "chat.completion.chunk",
@@ -84,7 +86,8 @@ class Upstream:
         name = m.group(1).decode()
         script = self.scripts.get(name)
         if script is None:
-            script = self.scripts[name] = Script(name, int(m.group(2)), int(m.group(3)))
+            first = int(m.group(4) or 0)
+            script = self.scripts[name] = Script(name, int(m.group(2)), int(m.group(3)), first)
         return script
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -121,11 +124,12 @@ class Upstream:
         self.streams += 1
         write, delay = writer.write, script.delay_s
         loop = asyncio.get_running_loop()
-        start = loop.time()
         write(HEAD + script.role)
+        start = loop.time() + script.first_s
         for i in range(script.n):
-            if delay and i:  # on a fixed schedule (chunk i at i * D), as a model's pace does not
-                # slow down when this process is busy: a late wake-up does not delay the rest
+            if (delay and i) or (script.first_s and not i):  # on a fixed schedule (chunk i at
+                # F + i * D), as a model's pace does not slow down when this process is busy:
+                # a late wake-up does not delay the rest
                 await asyncio.sleep(max(0.0, start + i * delay - loop.time()))
             write(script.content)
             if writer.transport.get_write_buffer_size() > 1 << 16:
