@@ -27,14 +27,26 @@ PER_TOKEN = Decimal(NANOS) / Decimal(1_000_000)  # a price per million tokens ->
 
 class Price(BaseModel):
     """A model's price, in ``CURRENCY`` per million tokens. Cached input defaults to the input
-    price and reasoning to the output price (OpenAI bills reasoning as output)."""
+    price and reasoning to the output price (OpenAI bills reasoning as output); a prompt token
+    written to the cache (Anthropic: 1.25x input for its 5-minute cache) to the input price,
+    one written to the 1-hour cache (2x input) to the 5-minute write's."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     input: Decimal = Field(ge=0, allow_inf_nan=False)
     output: Decimal = Field(ge=0, allow_inf_nan=False)
     cached_input: Decimal | None = Field(None, ge=0, allow_inf_nan=False)
+    cache_write_input: Decimal | None = Field(None, ge=0, allow_inf_nan=False)
+    cache_write_1h_input: Decimal | None = Field(None, ge=0, allow_inf_nan=False)
     reasoning: Decimal | None = Field(None, ge=0, allow_inf_nan=False)
+
+    @property
+    def write(self) -> Decimal:
+        return self.input if self.cache_write_input is None else self.cache_write_input
+
+    @property
+    def write_1h(self) -> Decimal:
+        return self.write if self.cache_write_1h_input is None else self.cache_write_1h_input
 
     def record(self) -> dict[str, str]:
         """The price as a record keeps it (decimal strings: the price in force when it ran)."""
@@ -49,17 +61,37 @@ class Price(BaseModel):
         """The dearest a completion token can be (output or reasoning), in nanos."""
         return max(self.output, self.reasoning or self.output) * PER_TOKEN
 
+    @property
+    def most_per_prompt_token(self) -> Decimal:
+        """The dearest a prompt token can be (read, written to a cache, or neither), in nanos:
+        what the prompt may cost is known only from the upstream's usage."""
+        cached = self.input if self.cached_input is None else self.cached_input
+        return max(self.input, cached, self.write, self.write_1h) * PER_TOKEN
+
 
 def cost_nanos(
-    price: Price, *, prompt: int, completion: int, cached: int = 0, reasoning: int = 0
+    price: Price,
+    *,
+    prompt: int,
+    completion: int,
+    cached: int = 0,
+    reasoning: int = 0,
+    written: int = 0,
+    written_1h: int = 0,
 ) -> int:
-    """What a turn cost: its uncached and cached prompt tokens, its answer and reasoning tokens
-    (``cached`` is part of ``prompt`` and ``reasoning`` of ``completion``, as OpenAI counts)."""
+    """What a turn cost: its prompt tokens read from a cache (``cached``), written to one
+    (``written``, ``written_1h`` of them to a 1-hour cache) and neither, its answer and reasoning
+    tokens (``cached`` and ``written`` are part of ``prompt`` and ``reasoning`` of
+    ``completion``, as OpenAI counts)."""
     cached = min(max(cached, 0), prompt)
+    written = min(max(written, 0), prompt - cached)
+    written_1h = min(max(written_1h, 0), written)
     reasoning = min(max(reasoning, 0), completion)
     total = (
-        (prompt - cached) * price.input
+        (prompt - cached - written) * price.input
         + cached * (price.cached_input if price.cached_input is not None else price.input)
+        + (written - written_1h) * price.write
+        + written_1h * price.write_1h
         + (completion - reasoning) * price.output
         + reasoning * (price.reasoning if price.reasoning is not None else price.output)
     ) * PER_TOKEN
@@ -107,7 +139,7 @@ class Budget:
             return prompt + completion
         if price is None:
             return 0
-        most = price.input * PER_TOKEN * prompt + price.most_per_output_token * completion
+        most = price.most_per_prompt_token * prompt + price.most_per_output_token * completion
         return int(most.to_integral_value(rounding=ROUND_HALF_UP))
 
     def completion_within(self, price: Price | None, granted: int, prompt: int) -> int:
@@ -116,7 +148,7 @@ class Budget:
             return granted - prompt
         if price is None or not price.most_per_output_token:
             return 1 << 30
-        left = Decimal(granted) - price.input * PER_TOKEN * prompt
+        left = Decimal(granted) - price.most_per_prompt_token * prompt
         return int((left / price.most_per_output_token).to_integral_value(rounding=ROUND_FLOOR))
 
     def billed(self, prompt: int, completion: int, cost: int) -> int:

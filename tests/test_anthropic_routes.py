@@ -204,6 +204,35 @@ async def test_cache_usage_is_recorded_with_the_cached_tokens(client, fake_anthr
     assert (await usage_doc(client))["used"] == 2071
 
 
+async def test_cache_writes_are_priced_as_written_for_five_minutes_or_an_hour(
+    aiohttp_client, anthropic_settings, fake_anthropic, auth
+):
+    """Anthropic bills a prompt token written to its cache 1.25x input (2x for the 1-hour
+    cache) and one read from it 0.1x: the record's cost, and the month's, are priced so."""
+    price = {
+        "input": "3",
+        "cached_input": "0.30",
+        "cache_write_input": "3.75",
+        "cache_write_1h_input": "6",
+        "output": "15",
+    }
+    models = [{**MODELS[0], "price": price}, *MODELS[1:]]
+    client = await aiohttp_client(create_app(anthropic_settings(models=json.dumps(models))))
+    split = {"ephemeral_5m_input_tokens": 200, "ephemeral_1h_input_tokens": 56}
+    opening = {**rec.usage(14, 1, cache_write=256, cache_read=1792), "cache_creation": split}
+    replay(fake_anthropic, [rec.start("msg_01CacheHour", rec.MODEL, opening), *rec.CACHED[1:]])
+    h = auth()
+    chat_id = await new_chat(client, h)
+    evs = await collect(await send(client, chat_id, h))
+    # per token, in nano-units: 3,000 input, 300 read, 3,750 written, 6,000 for an hour, 15,000
+    cost = 14 * 3_000 + 1792 * 300 + 200 * 3_750 + 56 * 6_000 + 9 * 15_000
+    assert cost == 1_800_600
+    assert evs[-1]["data"]["cost"] == "0.0018006"
+    _, assistant = await records(client, chat_id)
+    assert assistant["cost"] == cost and assistant["price"]["cache_write_1h_input"] == "6"
+    assert (await usage_doc(client))["cost"] == cost
+
+
 async def test_an_error_event_mid_answer_ends_the_turn_with_its_partial_text(
     client, fake_anthropic, auth, logs
 ):

@@ -63,6 +63,22 @@ def test_cost_is_exact_decimal_arithmetic():
             parse_cost(bad)
 
 
+def test_cache_writes_have_their_own_prices_and_a_currency_budget_asks_for_the_dearest():
+    claude = Price.model_validate(
+        {"input": "3", "cached_input": "0.30", "cache_write_input": "3.75", "output": "15"}
+    )
+    # a 1-hour write defaults to the 5-minute write's price, a write to the input price
+    assert cost_nanos(claude, prompt=100, completion=0, written=100, written_1h=40) == 375_000
+    plain = Price.model_validate({"input": "3", "output": "15"})
+    assert cost_nanos(plain, prompt=100, completion=0, written=100) == 300_000
+    # counts past the prompt are clamped: cached first, then written, then the hour's
+    assert cost_nanos(claude, prompt=10, completion=0, cached=8, written=50) == 8 * 300 + 2 * 3750
+    budget = Budget("currency", parse_cost("1"), "USD")
+    ask = budget.ask(claude, 1000, 100)  # any prompt token may be written: 3.75 each
+    assert ask == 1000 * 3_750 + 100 * 15_000
+    assert budget.completion_within(claude, ask, 1000) == 100
+
+
 def test_a_currency_budget_asks_and_grants_in_money():
     price = Price.model_validate(GPT_PRICE)
     budget = Budget("currency", parse_cost("1"), "EUR")

@@ -8,7 +8,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 import aiohttp
 import orjson
@@ -33,6 +33,25 @@ class Usage:
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     details: dict[str, Any] | None = None
+
+
+def cache_writes(details: dict[str, Any] | None) -> tuple[int, int]:
+    """The prompt tokens written to a cache, and how many of them to a 1-hour one, from a
+    usage's details: Anthropic's own counts (its provider keeps them under ``anthropic``), or
+    ones an upstream put beside OpenAI's details. (0, 0) when there are none."""
+    details = details or {}
+    native = details.get("anthropic")
+    for source in (native if isinstance(native, dict) else {}, details):
+        written = source.get("cache_creation_input_tokens")
+        if _count(written) and written > 0:
+            split = source.get("cache_creation")
+            hour = split.get("ephemeral_1h_input_tokens") if isinstance(split, dict) else 0
+            return written, min(hour, written) if _count(hour) else 0
+    return 0, 0
+
+
+def _count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 @dataclass(slots=True)

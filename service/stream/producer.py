@@ -41,7 +41,14 @@ from service.http import not_found
 from service.metrics import COST, DURATION, REJECTIONS, TOKENS, TTFT, TURNS, UPSTREAM_ERRORS
 from service.model_lists import ModelLists
 from service.models import Catalogue, ModelSpec
-from service.providers.base import Chunk, CompletionRequest, Message, Provider, Usage
+from service.providers.base import (
+    Chunk,
+    CompletionRequest,
+    Message,
+    Provider,
+    Usage,
+    cache_writes,
+)
 from service.settings import Settings
 from service.store import (
     Doc,
@@ -952,10 +959,17 @@ class Turn:
         usage = self.usage if source == "upstream" else None
         cached = usage.cached_tokens if usage is not None else 0
         reasoning = usage.reasoning_tokens if usage is not None else 0
+        written, written_1h = cache_writes(usage.details if usage is not None else None)
         price, key = self.spec.price, self.inp.api_key
         cost = (
             cost_nanos(
-                price, prompt=prompt, completion=completion, cached=cached, reasoning=reasoning
+                price,
+                prompt=prompt,
+                completion=completion,
+                cached=cached,
+                reasoning=reasoning,
+                written=written,
+                written_1h=written_1h,
             )
             if price is not None
             else None

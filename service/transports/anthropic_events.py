@@ -49,6 +49,7 @@ from typing import Any
 import orjson
 
 from service.http import anthropic_error_parts
+from service.providers.base import cache_writes
 from service.stream.assembly import REASONING_KEYS
 from service.stream.events import Delta, Done, Error, Event, Extra, Final, Started
 from service.stream.live import Follower
@@ -92,7 +93,7 @@ def stop_reason_of(final: Final, *, refused: bool) -> str:
 
 
 def usage_of(final: Final) -> dict[str, Any]:
-    creation = _cache_creation(final.usage_details or {})
+    creation, _ = cache_writes(final.usage_details)
     usage: dict[str, Any] = {
         "input_tokens": max(0, final.prompt_tokens - final.cached_tokens - creation),
         "cache_creation_input_tokens": creation,
@@ -102,17 +103,6 @@ def usage_of(final: Final) -> dict[str, Any]:
     if final.reasoning_tokens:
         usage["output_tokens_details"] = {"thinking_tokens": final.reasoning_tokens}
     return usage
-
-
-def _cache_creation(details: dict[str, Any]) -> int:
-    """The prompt tokens written to the cache: Anthropic's own count (the Anthropic provider
-    keeps it under ``anthropic``), or one an upstream put beside OpenAI's details."""
-    native = details.get("anthropic")
-    for source in (native if isinstance(native, dict) else {}, details):
-        count = source.get("cache_creation_input_tokens")
-        if isinstance(count, int) and not isinstance(count, bool) and count > 0:
-            return count
-    return 0
 
 
 def message_shell(mid: str, model: str, input_tokens: int = 0) -> dict[str, Any]:
