@@ -54,7 +54,7 @@ format: install
 bench-quick: $(BENCH_STAMP)
 	$(PY) -m bench --quick
 
-## bench: the gateway's cost against direct and a thin relay, all four scenarios (~8.5 minutes)
+## bench: the gateway's cost against direct and a thin relay, all four scenarios (~10 minutes)
 bench: $(BENCH_STAMP)
 	$(PY) -m bench
 
