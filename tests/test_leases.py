@@ -18,6 +18,7 @@ from tests.conftest import TEST_MODELS
 from tests.fake_openai import Script
 from tests.faults import settled
 from tests.processes import eventually, new_chat, session, wait_until
+from tests.sse_client import events
 
 HI = [{"role": "user", "content": "Hi"}]
 BODY = {"model": "gpt-test", "messages": HI}
@@ -396,3 +397,53 @@ async def test_a_lease_whose_release_fails_otherwise_is_still_the_replica_s(
     leases.ended("alice", period, grant=second.grant, billed=10)
     assert await leases.release_idle(loop.time() + 2) == 1  # given back at the next round
     assert not lease_of(await usage(store.db))
+
+
+async def test_a_slow_lease_upkeep_does_not_hold_a_cancel_from_another_replica(
+    aiohttp_client, stream_settings, fake_openai, auth
+):
+    """The idle leases' upkeep (a command or two per lease, after a burst of users) runs apart
+    from the watcher's control loop: while it waits on MongoDB, a cancel another replica wrote
+    still reaches the stream here within a round."""
+    settings = stream_settings()
+    a = await aiohttp_client(create_app(settings))
+    b = await aiohttp_client(create_app(settings))
+    resp = await a.post("/v1/chat/completions", json=BODY, headers=auth("bob"))
+    assert resp.status == 200  # bob's lease on A, idle from now, given back at LEASE_KEEP_S
+
+    entered, held = asyncio.Event(), asyncio.Event()
+    store = a.app[STORE]
+    release = store.release_lease
+
+    async def slow_release(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        await held.wait()  # MongoDB slow to answer the upkeep's command
+        return await release(*args, **kwargs)
+
+    store.release_lease = slow_release  # type: ignore[method-assign]
+    h = auth("alice")
+    chat_id = await new_chat_of(a, h)
+    fake_openai.scripts = [Script(chunks=["one ", "two"], gate_after=1)]
+    fake_openai.gate.clear()
+    try:
+        await asyncio.wait_for(entered.wait(), 10)
+        turn = await a.post(f"/api/chat/{chat_id}/message", json={"message": "Hi"}, headers=h)
+        seen: list[dict[str, Any]] = []
+        async for ev in events(turn):
+            seen += [ev] if "event" in ev else []
+            if seen[-1:] and seen[-1]["event"] == "delta" and len(seen) == 2:
+                message_id = seen[0]["data"]["message_id"]
+                cancel = f"/api/chat/{chat_id}/messages/{message_id}/cancel"
+                assert (await b.post(cancel, headers=h)).status == 202  # B flags it; A polls
+        assert seen[-1]["event"] == "done", seen
+        assert seen[-1]["data"]["reason"] == "user_cancel"
+        assert not held.is_set()  # the upkeep was still waiting all along
+    finally:
+        held.set()
+        fake_openai.gate.set()
+
+
+async def new_chat_of(client: Any, headers: dict[str, str]) -> str:
+    resp = await client.post("/api/chat", json={}, headers=headers)
+    assert resp.status == 201
+    return str((await resp.json())["chat_id"])

@@ -5,6 +5,8 @@
 - the replica's heartbeat is written, so that a stream left ``streaming`` by a dead process can
   be told apart from a slow one (one write per replica, however many streams it runs);
 - the text of every live stream that grew is checkpointed, in one bulk write per interval;
+- the budget leases of users whose program turns have stopped are brought to one turn's worth,
+  then given back;
 - the reaper settles such dead turns: billed for the text of their last checkpoint, the
   reservation released, the message marked ``interrupted``; and it releases reservations whose
   turn never got persisted.
@@ -154,10 +156,13 @@ async def reap(store: Store, settings: Settings) -> int:
 
 
 async def watch(store: Store, registry: StreamRegistry, settings: Settings) -> None:
-    """The replica's two loops: control (deadlines, cancels, heartbeat, reaper) and checkpoints,
-    apart so that a slow checkpoint round never delays a cancel."""
+    """The replica's loops: control (deadlines, cancels, heartbeat, reaper), checkpoints and
+    the idle leases' upkeep, apart so that neither a slow checkpoint round nor the leases of a
+    burst of users going idle together (a command or two each) delay a cancel or a heartbeat."""
     await asyncio.gather(
-        _control(store, registry, settings), _checkpoints(store, registry, settings)
+        _control(store, registry, settings),
+        _checkpoints(store, registry, settings),
+        _idle_leases(registry, settings),
     )
 
 
@@ -177,8 +182,6 @@ async def _control(store: Store, registry: StreamRegistry, settings: Settings) -
                 await registry.pending.retry(store, registry.rollups)
             if registry.streams:
                 _flags(registry, await store.flagged_turns(), now)
-            if registry.leases is not None:
-                await registry.leases.release_idle(now)
             if now >= next_reap and registry.may_reap(now, settings.stale_stream_s):
                 next_reap = now + settings.reaper_interval_s
                 await reap(store, settings)
@@ -186,6 +189,25 @@ async def _control(store: Store, registry: StreamRegistry, settings: Settings) -
             registry.store_failing = True
             log.warning("stream.watch_failed", code=exc.code)
         except Exception:  # one failed round must not end the replica's watch
+            log.exception("stream.watch_failed")
+        await asyncio.sleep(settings.watch_interval_s)
+
+
+async def _idle_leases(registry: StreamRegistry, settings: Settings) -> None:
+    """Every ``WATCH_INTERVAL_S``, the leases idle for ``LEASE_IDLE_S`` brought to one turn's
+    worth, and those idle for ``LEASE_KEEP_S`` given back (``Leases.release_idle``: one lease
+    after the other, a command or two each)."""
+    leases = registry.leases
+    if leases is None:
+        return
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            await leases.release_idle(loop.time())
+        except ServiceError as exc:  # what could not be done is done at a later round
+            registry.store_failing = True
+            log.warning("stream.watch_failed", code=exc.code)
+        except Exception:
             log.exception("stream.watch_failed")
         await asyncio.sleep(settings.watch_interval_s)
 
