@@ -314,6 +314,8 @@ async def test_a_websocket_turn_on_an_anthropic_model(client, fake_anthropic, au
     deltas = [f for f in frames if f["type"] == "delta"]
     assert "".join(f.get("reasoning", "") for f in deltas) == rec.THINKING_TEXT
     assert "".join(f["text"] for f in deltas) == rec.THINKING_ANSWER
+    # the thinking block's signature is a step with neither: no empty frame for it
+    assert all(f["text"] or f.get("reasoning") for f in deltas), deltas
 
 
 # --------------------------------------------------------------------------- /v1 (openai SDK)

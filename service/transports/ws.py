@@ -178,6 +178,13 @@ def event_frame(turn_id: str, event: Event) -> Frame:
     return {**_final_error(turn_id, event.final), "offset": event.offset}
 
 
+def _empty(event: Event | Ping) -> bool:
+    """A step with neither text nor reasoning (a signed thinking block's signature, a tool
+    call's arguments: this protocol has no field for them) is not sent: its offset moves
+    nothing."""
+    return isinstance(event, Extra) and not event.text and not event.reasoning()
+
+
 def _final_error(turn_id: str, final: Final) -> Frame:
     frame: Frame = {"type": "error", "id": turn_id, **final.data()}
     frame.setdefault("code", "cancelled" if final.status == "cancelled" else "stream_failed")
@@ -550,7 +557,7 @@ class Connection:
         follower.push = functools.partial(self._push, slot.id)
         try:
             async for event in follower:
-                if isinstance(event, Ping):
+                if isinstance(event, Ping) or _empty(event):
                     continue
                 frame = event_frame(slot.id, event)
                 if replayed and isinstance(event, Started):
