@@ -55,7 +55,7 @@ async def test_a_call_waiting_for_a_driver_thread_answers_503_at_the_timeout_and
     thread frees up, and its command is never sent afterwards."""
     sent = ThreadNames(db_name)
     monitoring.register(sent)
-    settings = make_settings(mongodb_threads=1, mongodb_timeout_ms=300)
+    settings = make_settings(mongodb_threads=1, mongodb_timeout_ms=1000)
     client = await aiohttp_client(create_app(settings))
     assert (await client.get("/api/chat", headers=auth())).status == 200
     listed = sent.commands.count(("find", "chats"))
