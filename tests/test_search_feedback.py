@@ -266,6 +266,7 @@ async def test_feedback_only_on_ones_own_ended_answers(stream_client, fake_opena
     resp = await client.post(f"/api/chat/{chat}/message", json={"message": "More"}, headers=alice)
     stream = events(resp)
     started = await anext(e async for e in stream if e.get("event") == "started")
+    await anext(e async for e in stream if e.get("event") == "delta")  # its records exist
     running = feedback_url(chat, started["data"]["message_id"])
     resp = await client.put(running, json=up, headers=alice)
     assert resp.status == 409
