@@ -999,22 +999,16 @@ class Store:
 
     @db_call
     async def request_cancel(self, user_id: str, chat_id: str, message_id: str) -> Doc | None:
-        """Flag a running turn for cancellation (any replica notices); None when not found. A
-        record its turn inserted between the flag's write and the read (the cancel came as
-        the turn began) is flagged then: a ``streaming`` status is never answered unflagged."""
+        """Flag a running turn for cancellation (any replica notices); None when not found."""
         query = {"_id": message_id, "chat_id": chat_id, "user_id": user_id, "role": "assistant"}
-        for _ in range(2):
-            flagged: Doc | None = await self.messages.find_one_and_update(
-                {**query, "status": "streaming"},
-                {"$set": {"cancel_requested": True, "flagged": True}},
-                projection={"status": 1},
-            )
-            if flagged is not None:
-                return flagged
-            found: Doc | None = await self.messages.find_one(query, projection={"status": 1})
-            if found is None or found["status"] != "streaming":
-                return found
-        raise StoreUnavailable("the cancel request could not be written; try again")
+        doc: Doc | None = await self.messages.find_one_and_update(
+            {**query, "status": "streaming"},
+            {"$set": {"cancel_requested": True, "flagged": True}},
+            projection={"status": 1},
+        )
+        if doc is None:
+            doc = await self.messages.find_one(query, projection={"status": 1})
+        return doc
 
     @db_call
     async def flagged_turns(self) -> list[Doc]:

@@ -14,7 +14,7 @@ from service.store import utcnow
 from service.stream.context import ContextCache
 from tests.fake_openai import Script
 from tests.faults import settled
-from tests.processes import eventually
+from tests.processes import eventually, wait_until
 from tests.sse_client import collect
 from tests.test_stream_sse import new_chat, records, send
 
@@ -142,11 +142,12 @@ async def test_a_view_missing_an_earlier_turn_s_records_is_not_cached(
 
     monkeypatch.setattr(store, "insert_messages", late_for_qa)
     fake_openai.scripts = [Script(chunks=["A answer"]), Script(chunks=["B answer"])]
-    reading_a = asyncio.create_task(collect(await send(client, chat_id, h, "qa")))
+    sending_a = asyncio.ensure_future(send(client, chat_id, h, "qa"))  # answers once written
+    await wait_until(lambda: len(fake_openai.requests) == 1)  # A has its seqs and its upstream
     await collect(await send(client, chat_id, h, "qb"))
     assert prompt(fake_openai) == [("user", "qb")]  # B could not see A's records
     released.set()
-    await reading_a
+    await collect(await sending_a)
     await collect(await send(client, chat_id, h, "qc"))
     assert prompt(fake_openai) == [
         ("user", "qa"),

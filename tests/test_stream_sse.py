@@ -513,14 +513,19 @@ async def test_cancel_seen_through_mongodb_when_stream_runs_elsewhere(
     assert seen[-1]["data"]["status"] == "cancelled" and seen[-1]["data"]["reason"] == "user_cancel"
 
 
-async def test_a_cancel_as_the_turn_begins_stops_it_before_its_records_exist(
-    stream_client, fake_openai, auth
+async def test_started_comes_once_the_records_exist_so_any_replica_can_cancel_it(
+    aiohttp_client, stream_settings, fake_openai, auth
 ):
-    """The ``started`` event comes before the records are written (the first delta waits for
-    them): a cancel sent then, to the replica running the turn, stops it in memory."""
-    client, h = stream_client, auth()
-    chat_id = await new_chat(client, h)
-    store, written = client.app[STORE], asyncio.Event()
+    """The records' insert runs beside the upstream's opening, and the request waits for both:
+    while MongoDB has not written the records, no ``started`` event (no message id) reaches
+    the client, however soon the upstream answered; once it has, a cancel sent at once to
+    another replica finds the record and stops the turn."""
+    settings = stream_settings()
+    a = await aiohttp_client(create_app(settings))
+    b = await aiohttp_client(create_app(settings))
+    h = auth()
+    chat_id = await new_chat(a, h)
+    store, written = a.app[STORE], asyncio.Event()
     insert = store.insert_messages
 
     async def slow_insert(groups):
@@ -528,53 +533,29 @@ async def test_a_cancel_as_the_turn_begins_stops_it_before_its_records_exist(
         return await insert(groups)
 
     store.insert_messages = slow_insert
+    fake_openai.default = Script(chunks=["one ", "two"], gate_after=1)
     try:
-        resp = await send(client, chat_id, h)
-        stream = events(resp)
+        sending = asyncio.ensure_future(send(a, chat_id, h))
+        await fake_openai.reached_gate.wait()  # the upstream has answered
+        [live] = a.app[REGISTRY].streams.values()
+        await _until(lambda: not live.reading)  # ... and the turn has its answer's stream
+        done, _ = await asyncio.wait({sending}, timeout=0.5)
+        assert not done  # the request waits for the records
+        written.set()
+        stream = events(await sending)
         started = await anext(stream)
         assert started["event"] == "started"
         message_id = started["data"]["message_id"]
-        assert await store.get_message(message_id) is None  # no record yet
         url = f"/api/chat/{chat_id}/messages/{message_id}/cancel"
-        assert (await client.post(url, headers=auth("mallory"))).status == 404  # not theirs
-        cancel = await client.post(url, headers=h)
+        cancel = await b.post(url, headers=h)  # the other replica, at once
         assert cancel.status == 202 and (await cancel.json())["status"] == "cancelling"
-        written.set()
         rest = [ev async for ev in stream if "event" in ev]
     finally:
         written.set()
+        fake_openai.gate.set()
     assert rest[-1]["event"] == "done" and rest[-1]["data"]["reason"] == "user_cancel"
-    _, assistant = await records(client, chat_id)
+    _, assistant = await records(a, chat_id)
     assert assistant["status"] == "cancelled" and assistant["reason"] == "user_cancel"
-
-
-async def test_a_cancel_that_meets_the_records_being_written_flags_the_turn(stream_client):
-    """The flag's conditional write misses (no record yet), the turn's insert lands, the read
-    then sees the turn streaming: the flag is written then, never answered 202 unflagged."""
-    store = stream_client.app[STORE]
-    real = store.messages
-    chat_id = "c0ffee00-0000-4000-8000-000000000001"
-    message_id = "c0ffee00-0000-4000-8000-0000000000a2"
-    record = {"_id": message_id, "chat_id": chat_id, "user_id": "alice", "role": "assistant"}
-
-    class RecordLandsMeanwhile:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        async def find_one_and_update(self, *args, **kwargs):
-            doc = await real.find_one_and_update(*args, **kwargs)
-            if doc is None and await real.find_one({"_id": message_id}) is None:
-                await real.insert_one({**record, "status": "streaming", "seq": 1})
-            return doc
-
-    store.messages = RecordLandsMeanwhile()
-    try:
-        doc = await store.request_cancel("alice", chat_id, message_id)
-    finally:
-        store.messages = real
-    assert doc is not None and doc["status"] == "streaming"
-    flagged = await real.find_one({"_id": message_id})
-    assert flagged["cancel_requested"] is True and flagged["flagged"] is True
 
 
 async def test_cancel_errors(stream_client, auth):

@@ -129,20 +129,16 @@ def _offset(request: web.Request) -> int:
 async def cancel_message(request: web.Request) -> web.Response:
     chat_id = parse_uuid(request.match_info["chat_id"], "chat_id")
     message_id = parse_uuid(request.match_info["message_id"], "message_id")
-    user_id, registry = request[PRINCIPAL].user_id, request.app[REGISTRY]
-    doc = await request.app[STORE].request_cancel(user_id, chat_id, message_id)
+    doc = await request.app[STORE].request_cancel(request[PRINCIPAL].user_id, chat_id, message_id)
     if doc is None:
-        live = registry.streams.get(message_id)  # its records not written yet, running here
-        if live is None or live.user_id != user_id or live.chat_id != chat_id:
-            raise not_found("message")
-        doc = {"status": "streaming"}
+        raise not_found("message")
     if doc["status"] != "streaming":
         raise Conflict(
             "this answer is not streaming any more",
             code="not_streaming",
             details={"status": doc["status"]},
         )
-    registry.cancel(message_id, "user_cancel")  # at once when it runs here
+    request.app[REGISTRY].cancel(message_id, "user_cancel")  # at once when it runs here
     return json_response({"message_id": message_id, "status": "cancelling"}, status=202)
 
 

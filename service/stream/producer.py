@@ -704,9 +704,11 @@ class Turn:
     # ------------------------------------------------------------------ launch
     async def launch(self, text: str, seq: int, now: datetime) -> None:
         """Start the turn's own task and wait until its upstream has answered, so a refusal
-        before the first token is still an ordinary error of the request. From here on the
-        turn belongs to the registry: a client that leaves does not stop it (unless it is a
-        stateless API turn, or ON_DISCONNECT=cancel)."""
+        before the first token is still an ordinary error of the request, and until its
+        records exist, so no client learns the turn (its ``started`` event, its id) before a
+        cancel, a resume or feedback on any replica can find it (the turn reads the upstream
+        meanwhile). From here on the turn belongs to the registry: a client that leaves does
+        not stop it (unless it is a stateless API turn, or ON_DISCONNECT=cancel)."""
         self.seq, self.text = seq, text
         registry = self.p.registry
         registry.add(self.live)
@@ -716,7 +718,9 @@ class Turn:
         opened: asyncio.Future[ServiceError | None] = asyncio.get_running_loop().create_future()
         registry.run(self.live, self._run(now, opened))
         try:
-            refused = await asyncio.shield(opened)
+            refused: BaseException | None = await asyncio.shield(opened)
+            if refused is None:
+                refused = await self._insert_finished()
         except asyncio.CancelledError:
             if self.live.cancel_when_alone:
                 self.live.cancel("client_disconnect")
@@ -815,10 +819,10 @@ class Turn:
     async def _begin(self, now: datetime) -> ServiceError | None:
         """Persist the records and open the upstream at the same time: the insert's round trip
         hides behind the upstream's (an insert shared with the turns starting meanwhile,
-        ``RecordInserts``). The first delta waits for the insert (``_records_written``,
-        which raises if it failed), and so does finalization: no text reaches a client, and no
-        update reaches the records, before they exist. A failure ends the turn here (billed
-        nothing) and is returned, to be the request's error."""
+        ``RecordInserts``). The request (``launch``) and the first delta wait for the insert
+        (``_records_written`` raises if it failed), and so does finalization: no client learns
+        the turn, and no update reaches the records, before they exist. A failure to open ends
+        the turn here (billed nothing) and is returned, to be the request's error."""
         live = self.live
         self._insert = self.p.inserts.insert(self._records(self.text, self.seq, now))
         try:
