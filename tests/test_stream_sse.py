@@ -9,11 +9,13 @@ import time
 import pytest
 
 from service.app import create_app
+from service.errors import StoreUnavailable
 from service.keys import REGISTRY, STORE
 from service.store import utcnow
 from service.stream.producer import period_of
 from service.tokens import TokenCounter
 from tests.fake_openai import Script
+from tests.faults import settled
 from tests.sse_client import collect, events, read_until, text_of
 
 
@@ -556,6 +558,29 @@ async def test_started_comes_once_the_records_exist_so_any_replica_can_cancel_it
     assert rest[-1]["event"] == "done" and rest[-1]["data"]["reason"] == "user_cancel"
     _, assistant = await records(a, chat_id)
     assert assistant["status"] == "cancelled" and assistant["reason"] == "user_cancel"
+
+
+async def test_records_mongodb_cannot_write_are_the_request_s_503_and_bill_nothing(
+    stream_client, fake_openai, auth
+):
+    """The upstream answered but the records' insert failed: the request is refused (503, one
+    JSON error, no ``started``), and the turn, whose upstream is closed, takes nothing."""
+    client, h = stream_client, auth()
+    chat_id = await new_chat(client, h)
+    store = client.app[STORE]
+
+    async def unavailable(groups):
+        raise StoreUnavailable("the database is unavailable; try again shortly")
+
+    store.insert_messages = unavailable
+    fake_openai.default = Script(chunks=["never ", "shown"], usage=(21, 2))
+    resp = await send(client, chat_id, h)
+    assert resp.status == 503
+    assert (await resp.json())["error"]["code"] == "database_unavailable"
+    await _until(lambda: not client.app[REGISTRY].streams)  # the turn has ended
+    await settled(store.db)
+    usage = await usage_doc(client)
+    assert usage["used"] == 0 and usage["reserved"] == 0 and not usage.get("open")
 
 
 async def test_cancel_errors(stream_client, auth):

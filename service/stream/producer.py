@@ -801,7 +801,9 @@ class Turn:
                 live.end(await self._finalize_shielded("cancelled", live.reason or "shutdown"))
                 raise
             status, reason, error = _stopped(live.reason or "shutdown")
-        live.end(await self._finalize_shielded(status, reason, error))
+        # A failed insert is its request's error (``launch``): a refusal, billed nothing.
+        unwritten = error is not None and error is self._insert
+        live.end(await self._finalize_shielded(status, reason, error, billable=not unwritten))
 
     async def _settle_claim(self, admitted: bool) -> None:
         """A retry with the same key follows this turn from now on, or (refused before it
