@@ -42,14 +42,14 @@ details are OpenAI's (``prompt_tokens_details.cached_tokens``,
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, TypeGuard
+from typing import Any
 
 import aiohttp
 import orjson
 import structlog
 
 from service.errors import UpstreamError
-from service.providers.base import Chunk, Usage, error_for_exception, log_upstream_body
+from service.providers.base import Chunk, Usage, error_for_exception, is_count, log_upstream_body
 from service.providers.sse import SSEDecoder, SSEEvent
 
 log = structlog.get_logger("service.providers")
@@ -292,7 +292,7 @@ def usage_of(usage: dict[str, Any]) -> Usage | None:
     or malformed (the answer is then counted locally)."""
     counts = [0 if usage.get(k) is None else usage[k] for k in PROMPT_COUNTS]
     output = usage.get("output_tokens")
-    if "input_tokens" in usage and _count(output) and all(map(_count, counts)):
+    if "input_tokens" in usage and is_count(output) and all(map(is_count, counts)):
         return _usage(counts, output, usage)
     log.warning("upstream.malformed_usage", provider="anthropic")
     return None
@@ -301,7 +301,7 @@ def usage_of(usage: dict[str, Any]) -> Usage | None:
 def _usage(counts: list[int], output: int, usage: dict[str, Any]) -> Usage:
     details = usage.get("output_tokens_details")
     thinking = details.get("thinking_tokens", 0) if isinstance(details, dict) else 0
-    thinking = thinking if _count(thinking) else 0
+    thinking = thinking if is_count(thinking) else 0
     cached = counts[2]
     openai: dict[str, Any] = {"prompt_tokens_details": {"cached_tokens": cached}}
     if isinstance(details, dict):
@@ -330,10 +330,6 @@ def _string(delta: dict[str, Any], key: str) -> str:
     if not isinstance(value, str):
         raise _malformed(key)
     return value
-
-
-def _count(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _malformed(where: str) -> UpstreamError:

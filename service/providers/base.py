@@ -43,14 +43,15 @@ def cache_writes(details: dict[str, Any] | None) -> tuple[int, int]:
     native = details.get("anthropic")
     for source in (native if isinstance(native, dict) else {}, details):
         written = source.get("cache_creation_input_tokens")
-        if _count(written) and written > 0:
+        if is_count(written) and written > 0:
             split = source.get("cache_creation")
             hour = split.get("ephemeral_1h_input_tokens") if isinstance(split, dict) else 0
-            return written, min(hour, written) if _count(hour) else 0
+            return written, min(hour, written) if is_count(hour) else 0
     return 0, 0
 
 
-def _count(value: object) -> TypeGuard[int]:
+def is_count(value: object) -> TypeGuard[int]:
+    """A token count as a vendor's usage gives it: an integer, 0 or more (not a bool)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
