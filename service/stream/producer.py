@@ -60,6 +60,7 @@ from service.store import (
     utcnow,
 )
 from service.stream import branches
+from service.stream.ahead import Ahead, Drained
 from service.stream.assembly import Assembly
 from service.stream.context import ContextCache, fit_to_window, history_messages
 from service.stream.events import Final
@@ -275,6 +276,7 @@ class TurnProducer:
     async def _unadmit(self, turn: Turn, now: datetime) -> None:
         """Give back what an admitted turn that will not run reserved, as if it never had:
         its grant (to the lease, or the month), its request, the page's message gap."""
+        self._discard(turn.opening(), turn.message_id)
         reservation = turn.admitted()
         if reservation is None:
             return
@@ -340,25 +342,25 @@ class TurnProducer:
         if inp.api_key is not None and inp.api_key.limit is not None:
             key_grant = await self._reserve_key(inp.api_key, period, message_id, want, need, now)
             want = min(want, key_grant)  # the key's own limit binds first
+        req = ReserveRequest(
+            user_id=inp.user_id,
+            period=period,
+            message_id=message_id,
+            want=want,
+            need=need,
+            default_limit=budget.default_limit,
+            rate_limit_ms=self._gap_ms(inp.transport),
+            now=now,
+            requests_per_minute=self._requests_per_minute(inp.transport),
+            max_concurrent=(
+                0 if inp.transport == "sse" else self.settings.max_concurrent_turns_per_user
+            ),
+        )
+        opening = self._open_early(inp, provider, request, req)
         try:
-            reservation = await self._reserve(
-                inp.transport,
-                ReserveRequest(
-                    user_id=inp.user_id,
-                    period=period,
-                    message_id=message_id,
-                    want=want,
-                    need=need,
-                    default_limit=budget.default_limit,
-                    rate_limit_ms=self._gap_ms(inp.transport),
-                    now=now,
-                    requests_per_minute=self._requests_per_minute(inp.transport),
-                    max_concurrent=(
-                        0 if inp.transport == "sse" else self.settings.max_concurrent_turns_per_user
-                    ),
-                ),
-            )
+            reservation = await self._reserve(inp.transport, req)
         except BaseException as exc:
+            self._discard(opening, message_id)
             if key_grant is not None:  # the key's reservation is free again
                 assert inp.api_key is not None
                 with contextlib.suppress(ServiceError):
@@ -379,6 +381,9 @@ class TurnProducer:
                 ) from None
             raise
         within = budget.completion_within(price, reservation.grant, prompt_tokens) // choices
+        if opening is not None and within < max_out:  # clamped: the answer asked was longer
+            self._discard(opening, message_id)
+            opening = None
         turn = Turn(
             producer=self,
             inp=inp,
@@ -394,8 +399,26 @@ class TurnProducer:
             period=period,
             started=started,
             history=history,
+            opening=opening,
         )
         return turn, text, seq, now
+
+    def _open_early(
+        self, inp: TurnInput, provider: Provider, request: CompletionRequest, req: ReserveRequest
+    ) -> Ahead | None:
+        """The chat page's turn whose admission this replica expects (``likely``) asks its
+        upstream now, beside its reservation, rather than after it: the reservation's round
+        trip (and the chat's authorization, when its turn was predicted) hides behind the
+        model's time to its first token. The turn takes the upstream over (``Turn._open``); a
+        turn refused after all, or admitted again, drops it (``_discard``), unread."""
+        if inp.transport != "sse" or not self.reservations.likely(req):
+            return None
+        return Ahead(provider.open(request))
+
+    def _discard(self, early: Ahead | None, mid: str) -> None:
+        if early is not None:
+            early.drop(self.registry.track)
+            log.info("stream.early_upstream_dropped", message_id=mid)
 
     async def _branch(
         self, inp: TurnInput, text: str, message_id: str, seq: int
@@ -594,6 +617,7 @@ class Turn:
     __slots__ = (
         "_admitted",
         "_insert",
+        "_opening",
         "_stage_deadline",
         "_stream",
         "chunks",
@@ -638,6 +662,7 @@ class Turn:
         started: float,
         history: list[Doc],
         key_grant: int | None = None,
+        opening: Ahead | None = None,
     ) -> None:
         self.p = producer
         self.inp = inp
@@ -681,12 +706,18 @@ class Turn:
         self.final: Final | None = None
         self._stream: AsyncIterator[Chunk] | None = None
         self._insert: asyncio.Future[None] | BaseException | None = None
+        self._opening = opening  # its upstream, asked beside its admission (``_open_early``)
         self._stage_deadline = 0.0  # loop time: the first token's deadline, then the answer's
 
     def admitted(self) -> Reservation | None:
         """The reservation that admitted the turn, once (its usage is for the headers only)."""
         reservation, self._admitted = self._admitted, None
         return reservation
+
+    def opening(self) -> Ahead | None:
+        """The upstream asked beside the admission, once (taken by ``_open``, or discarded)."""
+        opening, self._opening = self._opening, None
+        return opening
 
     def _log(self, level: str, event: str, **fields: Any) -> None:
         inp = self.inp
@@ -756,6 +787,9 @@ class Turn:
                         chunk = await anext(stream)
                     except StopAsyncIteration:
                         break
+                    except Drained as drained:  # what was read ahead is out: the upstream's own
+                        stream = self._stream = drained.stream
+                        continue
                     except (ServiceError, asyncio.CancelledError):
                         raise
                     except Exception as exc:  # a provider's bug must not escape the turn
@@ -899,23 +933,30 @@ class Turn:
         loop = asyncio.get_running_loop()
         self._stage_deadline = loop.time() + self.p.settings.upstream_first_token_timeout_s
         self._active(loop)
-        request = CompletionRequest(
-            model=self.spec.upstream,
-            messages=self.messages,
-            max_tokens=self.max_tokens,
-            temperature=self.inp.temperature,
-            top_p=self.inp.top_p,
-            stop=self.inp.stop,
-            options=self.inp.options or {},
-        )
+        early = self.opening()
         live.reading = True
         try:
-            self._stream = await self.provider.open(request)
+            if early is not None:  # asked beside the admission (``TurnProducer._open_early``)
+                self._stream = await early.take()
+            else:
+                self._stream = await self.provider.open(
+                    CompletionRequest(
+                        model=self.spec.upstream,
+                        messages=self.messages,
+                        max_tokens=self.max_tokens,
+                        temperature=self.inp.temperature,
+                        top_p=self.inp.top_p,
+                        stop=self.inp.stop,
+                        options=self.inp.options or {},
+                    )
+                )
             # The upstream has the prompt: a live turn does not keep it (nor the request's).
             self.messages = []
             if self.inp.messages is not None or self.inp.options:
                 self.inp = dataclasses.replace(self.inp, messages=None, options=None)
         except asyncio.CancelledError:
+            if early is not None:  # it may have opened just as the turn was cancelled
+                early.drop(self.p.registry.track)
             if not _absorb_cancel(live):
                 raise
             raise _stop_error(live.reason) from None

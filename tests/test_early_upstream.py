@@ -1,0 +1,114 @@
+"""A chat page's turn whose admission its replica expects asks its upstream beside its
+reservation (and beside its chat's authorization, when the chat's previous turn ran here), not
+after them: MongoDB's round trips hide behind the model's time to its first token. A turn
+refused after all drops that upstream unread and takes nothing, exactly as it was refused
+before; what the upstream sent before the turn was admitted is kept (read ahead)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from service.app import create_app
+from service.keys import STORE
+from tests.fake_openai import Script
+from tests.faults import settled
+from tests.sse_client import collect
+from tests.test_stream_sse import new_chat, records, send, usage_doc
+
+HOLD_S = 5.0  # how long a held command waits for the upstream's request before going on
+
+
+def held_until(
+    event: asyncio.Event, command: Callable[..., Awaitable[Any]]
+) -> Callable[..., Awaitable[Any]]:
+    """``command``, sent only once ``event`` is set (at most ``HOLD_S`` later): the request the
+    turn made meanwhile, if any, has reached the upstream by then."""
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        with contextlib.suppress(TimeoutError):  # not asked early: the assertions say so
+            await asyncio.wait_for(event.wait(), HOLD_S)
+        return await command(*args, **kwargs)
+
+    return held
+
+
+async def test_the_upstream_is_asked_while_the_reservation_is_on_its_way(
+    stream_client, fake_openai, auth
+):
+    """The user's second turn on this replica: its reservation is sent only once the upstream
+    has the request (before, the upstream was asked after the reservation answered, and the
+    reservation waited for it in vain); the answer is then whole and billed as ever."""
+    client, h = stream_client, auth()
+    chat_id = await new_chat(client, h)
+    await collect(await send(client, chat_id, h, "q1"))  # its first: reserved, then asked
+    store = client.app[STORE]
+    store.reserve = held_until(fake_openai.reached_gate, store.reserve)
+    fake_openai.default = Script(chunks=["early ", "bird"], gate_after=0)
+    sending = asyncio.ensure_future(send(client, chat_id, h, "q2"))
+    await asyncio.wait_for(fake_openai.reached_gate.wait(), HOLD_S)
+    assert len(fake_openai.requests) == 2 and not sending.done()  # asked; not yet admitted
+    fake_openai.gate.set()
+    seen = await collect(await sending)
+    assert "".join(e["data"]["text"] for e in seen if e["event"] == "delta") == "early bird"
+    assert seen[-1]["event"] == "done"
+    await settled(store.db)
+    _, _, _, answer = await records(client, chat_id)
+    assert answer["status"] == "complete" and answer["content"] == "early bird"
+    usage = await usage_doc(client)
+    assert usage["used"] == 2 * 25 and usage["reserved"] == 0  # both turns, as the upstream said
+
+
+async def test_a_turn_refused_after_all_drops_the_upstream_it_asked_and_takes_nothing(
+    stream_client, fake_openai, auth, token_for, logs
+):
+    """An operator lowers the user's limit (this replica cannot know): the turn asked its
+    upstream expecting admission; the reservation refuses it (403, as before), its upstream
+    request is closed unread and it bills nothing."""
+    client, h = stream_client, auth()
+    chat_id = await new_chat(client, h)
+    await collect(await send(client, chat_id, h, "q1"))
+    admin = {"Authorization": f"Bearer {token_for('root', extra={'role': 'admin'})}"}
+    resp = await client.put("/api/admin/users/alice/limit", json={"limit": 25}, headers=admin)
+    assert resp.status == 200, await resp.text()
+    store = client.app[STORE]
+    store.reserve = held_until(fake_openai.reached_gate, store.reserve)
+    fake_openai.default = Script(chunks=["never ", "shown"], gate_after=0)
+    refused = await send(client, chat_id, h, "q2")
+    assert refused.status == 403
+    assert (await refused.json())["error"]["code"] == "budget_exceeded"
+    assert len(fake_openai.requests) == 2  # it was asked early
+    await asyncio.wait_for(fake_openai.disconnected.wait(), HOLD_S)  # and dropped
+    assert [e for e in logs if e["event"] == "stream.early_upstream_dropped"]
+    await settled(store.db)
+    assert len(await records(client, chat_id)) == 2  # the first turn's only
+    usage = await usage_doc(client)
+    assert usage["used"] == 25 and usage["reserved"] == 0 and not usage.get("open")
+
+
+async def test_a_chat_deleted_on_another_replica_drops_the_upstream_asked_beside_its_check(
+    aiohttp_client, stream_settings, fake_openai, auth
+):
+    """A predicts the chat (its previous turn ran here) and asks the upstream beside the
+    chat's authorization; B deleted the chat meanwhile: 404 as before, the upstream request
+    closed unread."""
+    settings = stream_settings()
+    a = await aiohttp_client(create_app(settings))
+    b = await aiohttp_client(create_app(settings))
+    h = auth("gone")
+    chat_id = await new_chat(a, h)
+    await collect(await send(a, chat_id, h, "q1"))
+    assert (await b.delete(f"/api/chat/{chat_id}", headers=h)).status == 200
+    store = a.app[STORE]
+    store.begin_chat_turn = held_until(fake_openai.reached_gate, store.begin_chat_turn)
+    fake_openai.default = Script(chunks=["never"], gate_after=0)
+    refused = await send(a, chat_id, h, "q2")
+    assert refused.status == 404
+    assert (await refused.json())["error"]["code"] == "chat_not_found"
+    assert len(fake_openai.requests) == 2
+    await asyncio.wait_for(fake_openai.disconnected.wait(), HOLD_S)
+    await settled(store.db, users=("gone",))
+    usage = await usage_doc(a, "gone")
+    assert usage["used"] == 25 and usage["reserved"] == 0 and not usage.get("open")
