@@ -19,6 +19,7 @@ import orjson
 import pytest
 
 from service.app import create_app
+from service.errors import StoreUnavailable
 from service.keys import STORE
 from service.store import utcnow
 from tests.fake_openai import Script
@@ -137,6 +138,30 @@ async def test_a_refused_first_attempt_releases_the_key(stream_client, fake_open
     again, _ = await send(client, chat_id, {**h, "Idempotency-Key": "k2"}, model="nope")
     assert again.status == 404  # evaluated afresh, not a replay
     assert (await again.json())["error"]["code"] == "model_not_found"
+
+
+async def test_a_send_whose_records_could_not_be_written_releases_its_key(
+    stream_client, fake_openai, auth
+):
+    """The upstream answered but MongoDB did not write the records: the request is 503, and
+    the key is released (not admitted to a turn nobody can find): its retry is a new turn."""
+    client, h = stream_client, auth()
+    chat_id = await new_chat(client, h)
+    store = client.app[STORE]
+    insert = store.insert_messages
+
+    async def unavailable(groups):
+        store.insert_messages = insert  # once
+        raise StoreUnavailable("the database is unavailable; try again shortly")
+
+    store.insert_messages = unavailable
+    fake_openai.default = script()
+    refused, _ = await send(client, chat_id, {**h, **KEY})
+    assert refused.status == 503
+    retried, evs = await send(client, chat_id, {**h, **KEY})
+    assert retried.status == 200 and "Idempotent-Replayed" not in retried.headers
+    assert text_of(evs) == "".join(CHUNKS)
+    assert len(fake_openai.requests) == 2 and len(await assistants(client)) == 1
 
 
 async def test_an_expired_key_starts_a_new_turn(stream_client, fake_openai, auth):

@@ -840,10 +840,13 @@ class Turn:
         live.end(await self._finalize_shielded(status, reason, error, billable=not unwritten))
 
     async def _settle_claim(self, admitted: bool) -> None:
-        """A retry with the same key follows this turn from now on, or (refused before it
-        streamed) claims the key afresh. A failure leaves the claim starting: retries wait for
+        """A retry with the same key follows this turn from now on, once its records exist (a
+        retry on another replica finds it), or (refused before it streamed, its records not
+        written) claims the key afresh. A failure leaves the claim starting: retries wait for
         it, then answer 409, until the claim expires."""
         store = self.p.store
+        if admitted and await self._insert_finished() is not None:
+            admitted = False  # the request was refused (503): its retry is a send of its own
         try:
             if admitted:
                 await store.admit_claim(self.message_id)
