@@ -2,7 +2,8 @@
 reservation (and beside its chat's authorization, when the chat's previous turn ran here), not
 after them: MongoDB's round trips hide behind the model's time to its first token. A turn
 refused after all drops that upstream unread and takes nothing, exactly as it was refused
-before; what the upstream sent before the turn was admitted is kept (read ahead)."""
+before; what the upstream sent before the turn was admitted is kept (read ahead). A program's
+turn does the same when its lease must grow."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
+
 from service.app import create_app
 from service.keys import STORE
 from tests.fake_openai import Script
 from tests.faults import settled
+from tests.processes import eventually
 from tests.sse_client import collect
 from tests.test_stream_sse import new_chat, records, send, usage_doc
 
@@ -112,3 +116,78 @@ async def test_a_chat_deleted_on_another_replica_drops_the_upstream_asked_beside
     await settled(store.db, users=("gone",))
     usage = await usage_doc(a, "gone")
     assert usage["used"] == 25 and usage["reserved"] == 0 and not usage.get("open")
+
+
+BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
+
+
+async def lease_given_back(client) -> None:
+    """Poll (with a deadline) until alice's idle lease went back (``LEASE_KEEP_S``)."""
+
+    async def gone() -> bool:
+        doc = await usage_doc(client)
+        return doc is not None and not any(e.get("replica") for e in doc.get("open") or ())
+
+    await eventually(gone, 10, "the idle lease given back")
+
+
+async def test_a_program_turn_whose_lease_must_grow_asks_the_upstream_beside_the_growth(
+    aiohttp_client, stream_settings, fake_openai, auth
+):
+    """A program's turn after its lease went back (a minute after the previous, say) must ask
+    MongoDB for a new one: it asks its upstream beside that growth, which is sent only once the
+    upstream has the request (before, never: the upstream was asked after it); a turn its lease
+    admits from memory asks nothing of MongoDB, and opens as ever."""
+    client = await aiohttp_client(
+        create_app(stream_settings(lease_idle_s=0.05, lease_keep_s=0.1, watch_interval_s=0.05))
+    )
+    h = auth()
+    fake_openai.default = Script(chunks=["a ", "b"], usage=(10, 2))
+    assert (await client.post("/v1/chat/completions", json=BODY, headers=h)).status == 200
+    await lease_given_back(client)
+    store = client.app[STORE]
+    store.take_lease = held_until(fake_openai.reached_gate, store.take_lease)
+    fake_openai.default = Script(chunks=["c ", "d"], usage=(10, 2), gate_after=0)
+    sending = asyncio.ensure_future(client.post("/v1/chat/completions", json=BODY, headers=h))
+    await asyncio.wait_for(fake_openai.reached_gate.wait(), HOLD_S)
+    assert len(fake_openai.requests) == 2 and not sending.done()
+    fake_openai.gate.set()
+    resp = await sending
+    assert resp.status == 200
+    body = await resp.read()
+    frames = [orjson.loads(line[6:]) for line in body.split(b"\n\n") if line[6:7] == b"{"]
+    text = "".join(f["choices"][0]["delta"].get("content") or "" for f in frames if f["choices"])
+    assert text == "c d" and body.endswith(b"data: [DONE]\n\n")
+    await settled(store.db)
+    await lease_given_back(client)
+    usage = await usage_doc(client)
+    assert usage["used"] == 2 * 12 and usage["reserved"] == 0
+
+
+async def test_a_program_turn_refused_after_all_drops_the_upstream_it_asked(
+    aiohttp_client, stream_settings, fake_openai, auth, token_for
+):
+    """The limit lowered by an operator after the lease went back: the growth refuses (429
+    ``insufficient_quota``, as before), the upstream request asked beside it is closed unread
+    and nothing is billed."""
+    client = await aiohttp_client(
+        create_app(stream_settings(lease_idle_s=0.05, lease_keep_s=0.1, watch_interval_s=0.05))
+    )
+    h = auth()
+    fake_openai.default = Script(chunks=["a ", "b"], usage=(10, 2))
+    assert (await client.post("/v1/chat/completions", json=BODY, headers=h)).status == 200
+    await lease_given_back(client)
+    admin = {"Authorization": f"Bearer {token_for('root', extra={'role': 'admin'})}"}
+    resp = await client.put("/api/admin/users/alice/limit", json={"limit": 12}, headers=admin)
+    assert resp.status == 200, await resp.text()
+    store = client.app[STORE]
+    store.take_lease = held_until(fake_openai.reached_gate, store.take_lease)
+    fake_openai.default = Script(chunks=["never"], gate_after=0)
+    refused = await client.post("/v1/chat/completions", json=BODY, headers=h)
+    assert refused.status == 429
+    assert (await refused.json())["error"]["code"] == "insufficient_quota"
+    assert len(fake_openai.requests) == 2
+    await asyncio.wait_for(fake_openai.disconnected.wait(), HOLD_S)
+    await settled(store.db)
+    usage = await usage_doc(client)
+    assert usage["used"] == 12 and usage["reserved"] == 0

@@ -1,8 +1,9 @@
 """An upstream asked before its turn is admitted, read ahead until the turn takes it over.
 
-A chat page's turn whose admission its replica expects asks its upstream beside its
-reservation (``TurnProducer._open_early``), so the reservation's round trip hides behind the
-model's time to its first token. Until the turn is admitted nobody reads that upstream, and
+A turn whose admission its replica expects (``Expected``) but which must ask MongoDB for it (a
+chat page's reservation; a program's lease that must grow) asks its upstream beside that
+command (``TurnProducer._open_early``), so its round trip hides behind the model's time to its
+first token. Until the turn is admitted nobody reads that upstream, and
 aiohttp raises a connection's error before the data it had buffered: an upstream that sent a
 few chunks and then reset in that window would lose them. So what arrives meanwhile is read
 into a buffer, which the turn reads first (``__anext__``); then ``Drained`` hands it the
@@ -14,9 +15,44 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 from service.providers.base import Chunk
+from service.store import ReserveRequest
+
+USERS_SEEN = 10_000  # the users whose last admission ``Expected`` remembers
+
+
+class Expected:
+    """Whose next admission this replica expects: the user's latest admission here (a page's
+    reservation, a lease's growth) went through, none was refused since, the message gap it
+    set has passed, and what the month had left then holds the turn's ask. Only a hint
+    (another replica may have spent the month or sent since): MongoDB's command decides."""
+
+    __slots__ = ("_seen",)
+
+    def __init__(self) -> None:
+        # user -> (month, when their next turn may come, what the month had left); oldest first
+        self._seen: dict[str, tuple[str, datetime, int]] = {}
+
+    def admitted(self, req: ReserveRequest, remaining: int) -> None:
+        seen = self._seen
+        seen.pop(req.user_id, None)
+        gap = timedelta(milliseconds=req.rate_limit_ms)
+        seen[req.user_id] = (req.period, req.now + gap, remaining)
+        if len(seen) > USERS_SEEN:
+            del seen[next(iter(seen))]
+
+    def refused(self, user_id: str) -> None:
+        self._seen.pop(user_id, None)
+
+    def likely(self, req: ReserveRequest) -> bool:
+        seen = self._seen.get(req.user_id)
+        if seen is None:
+            return False
+        period, next_at, remaining = seen
+        return period == req.period and req.now >= next_at and remaining >= req.want
 
 
 class Drained(Exception):

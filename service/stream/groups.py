@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 import structlog
 
 from service.errors import BudgetExceeded, RateLimited, ServiceError
 from service.store import Doc, Reservation, ReserveRequest, Store
+from service.stream.ahead import Expected
 
 log = structlog.get_logger("service.stream")
 
@@ -132,37 +132,19 @@ class PageReservations(GroupCommit[ReserveRequest, Reservation]):
     a group's commands to an eighth of one per turn (docs/performance.md, finding 22)."""
 
     max_group = 16
-    users_seen = 10_000  # the users whose last admission here ``likely`` remembers
 
     def __init__(self, store: Store, track: Callable[[asyncio.Task[Any]], None]) -> None:
         super().__init__(track)
         self.store = store
-        # user -> (month, when their next send may come, what the month had left), as this
-        # replica's latest admission of their page turns left it; oldest first.
-        self._seen: dict[str, tuple[str, datetime, int]] = {}
+        self.expected = Expected()  # whose next page turn this replica expects to admit
 
     async def reserve(self, req: ReserveRequest) -> Reservation:
         """Reserve one turn with the others arriving now; raises its refusal (``RateLimited``,
         ``BudgetExceeded``) or the outage."""
-        seen = self._seen
-        seen.pop(req.user_id, None)
+        self.expected.refused(req.user_id)  # until it is admitted
         reservation = await self.submit(req)
-        gap = timedelta(milliseconds=req.rate_limit_ms)
-        seen[req.user_id] = (req.period, req.now + gap, reservation.allowance.remaining_tokens)
-        if len(seen) > self.users_seen:
-            del seen[next(iter(seen))]
+        self.expected.admitted(req, reservation.allowance.remaining_tokens)
         return reservation
-
-    def likely(self, req: ReserveRequest) -> bool:
-        """Whether ``req`` will be admitted, as far as this replica knows: the user's latest
-        turn here was (not refused since), its message gap has passed, and what the month had
-        left then holds this turn's ask. Only a hint (another replica may have spent the month
-        or sent since): the reservation decides."""
-        seen = self._seen.get(req.user_id)
-        if seen is None:
-            return False
-        period, next_at, remaining = seen
-        return period == req.period and req.now >= next_at and remaining >= req.want
 
     async def run(self, items: list[ReserveRequest]) -> list[Reservation | ServiceError]:
         if len(items) > 1:

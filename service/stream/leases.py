@@ -41,6 +41,7 @@ from service.store import (
     allowance_of,
     utcnow,
 )
+from service.stream.ahead import Expected
 
 log = structlog.get_logger("service.stream")
 
@@ -65,17 +66,21 @@ class Lease:
     closing: bool = False  # being given back or shrunk: nothing is granted from memory
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    def admit(self, req: ReserveRequest, loop_now: float, *, full: bool = True) -> int:
-        """A grant from memory for one turn, or 0 when the lease has no room for it: its whole
-        ``want`` (``full``), or at least its ``need`` (what is left, as a reservation would)."""
+    def fits(self, req: ReserveRequest, *, full: bool = True) -> bool:
+        """Whether the lease has room for one turn: its whole ``want`` (``full``), or at least
+        its ``need`` (what is left, as a reservation would), a turn slot, a request."""
         free = self.tokens - self.held
         if self.closing or free < (req.want if full else req.need):
-            return 0
+            return False
         if req.max_concurrent and self.running >= self.turns:
+            return False
+        return not (req.requests_per_minute and self.requests < 1)
+
+    def admit(self, req: ReserveRequest, loop_now: float, *, full: bool = True) -> int:
+        """A grant from memory for one turn (``fits``), or 0 when the lease has no room."""
+        if not self.fits(req, full=full):
             return 0
-        if req.requests_per_minute and self.requests < 1:
-            return 0
-        grant = min(req.want, free)
+        grant = min(req.want, self.tokens - self.held)
         self.last = req
         self.held += grant
         self.running += 1
@@ -97,6 +102,13 @@ class Leases:
         self.replica_id = replica_id
         self.lease_id = f"lease:{replica_id}"
         self._leases: dict[tuple[str, str], Lease] = {}
+        self.expected = Expected()  # whose next growth this replica expects to go through
+
+    def must_ask(self, req: ReserveRequest) -> bool:
+        """Whether ``req``'s turn cannot be admitted from memory now (no lease, or no room):
+        its admission asks MongoDB (a growth)."""
+        lease = self._leases.get((req.user_id, req.period))
+        return lease is None or not lease.fits(req)
 
     def __len__(self) -> int:
         return len(self._leases)
@@ -120,11 +132,13 @@ class Leases:
                 try:
                     await self._grow(lease, req)
                 except BudgetExceeded as exc:  # the month has no more: what the lease has left
+                    self.expected.refused(req.user_id)
                     grant = lease.admit(req, loop.time(), full=False)
                     if not grant:
                         _refused(exc, lease, req)
                         raise
                 except RateLimited as exc:
+                    self.expected.refused(req.user_id)
                     _refused(exc, lease, req)
                     raise
                 grant = grant or lease.admit(req, loop.time(), full=False)
@@ -162,6 +176,8 @@ class Leases:
         lease.tokens += int(took["tokens"])
         lease.turns += int(took["turns"])
         lease.requests += int(took["requests"])
+        remaining = allowance_of(doc, req.default_limit, req.now).remaining_tokens
+        self.expected.admitted(req, remaining)
         if rpm := req.requests_per_minute:
             lease.interval_ms = request_interval(rpm) // timedelta(milliseconds=1)
         lease.doc = doc

@@ -406,14 +406,19 @@ class TurnProducer:
     def _open_early(
         self, inp: TurnInput, provider: Provider, request: CompletionRequest, req: ReserveRequest
     ) -> Ahead | None:
-        """The chat page's turn whose admission this replica expects (``likely``) asks its
-        upstream now, beside its reservation, rather than after it: the reservation's round
-        trip (and the chat's authorization, when its turn was predicted) hides behind the
-        model's time to its first token. The turn takes the upstream over (``Turn._open``); a
-        turn refused after all, or admitted again, drops it (``_discard``), unread."""
-        if inp.transport != "sse" or not self.reservations.likely(req):
-            return None
-        return Ahead(provider.open(request))
+        """A turn whose admission this replica expects (``Expected``) but which must ask
+        MongoDB for it (a chat page's reservation; a program's lease that must grow) asks its
+        upstream now, beside that command (and beside the chat's authorization, when its turn
+        was predicted), rather than after it: their round trips hide behind the model's time
+        to its first token. The turn takes the upstream over (``Turn._open``); a turn refused
+        after all, or admitted again, drops it (``_discard``), unread. A program's turn the
+        lease admits from memory asks nothing of MongoDB: it opens as it always did."""
+        leases = self.leases
+        if inp.transport == "sse" or leases is None:
+            expected = self.reservations.expected.likely(req)
+        else:
+            expected = leases.must_ask(req) and leases.expected.likely(req)
+        return Ahead(provider.open(request)) if expected else None
 
     def _discard(self, early: Ahead | None, mid: str) -> None:
         if early is not None:
