@@ -39,6 +39,10 @@ def held_until(
     return held
 
 
+def admin_headers(token_for) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token_for('root', extra={'role': 'admin'})}"}
+
+
 async def test_the_upstream_is_asked_while_the_reservation_is_on_its_way(
     stream_client, fake_openai, auth
 ):
@@ -74,7 +78,7 @@ async def test_a_turn_refused_after_all_drops_the_upstream_it_asked_and_takes_no
     client, h = stream_client, auth()
     chat_id = await new_chat(client, h)
     await collect(await send(client, chat_id, h, "q1"))
-    admin = {"Authorization": f"Bearer {token_for('root', extra={'role': 'admin'})}"}
+    admin = admin_headers(token_for)
     resp = await client.put("/api/admin/users/alice/limit", json={"limit": 25}, headers=admin)
     assert resp.status == 200, await resp.text()
     store = client.app[STORE]
@@ -131,13 +135,9 @@ async def lease_given_back(client) -> None:
     await eventually(gone, 10, "the idle lease given back")
 
 
-async def test_a_program_turn_whose_lease_must_grow_asks_the_upstream_beside_the_growth(
-    aiohttp_client, stream_settings, fake_openai, auth
-):
-    """A program's turn after its lease went back (a minute after the previous, say) must ask
-    MongoDB for a new one: it asks its upstream beside that growth, which is sent only once the
-    upstream has the request (before, never: the upstream was asked after it); a turn its lease
-    admits from memory asks nothing of MongoDB, and opens as ever."""
+async def after_a_lease(aiohttp_client, stream_settings, fake_openai, auth) -> tuple[Any, Any]:
+    """A replica whose leases go back 0.1 s after their last turn, and alice's headers: she has
+    had a program turn there (an admission it expects her next to pass), and its lease is gone."""
     client = await aiohttp_client(
         create_app(stream_settings(lease_idle_s=0.05, lease_keep_s=0.1, watch_interval_s=0.05))
     )
@@ -145,6 +145,16 @@ async def test_a_program_turn_whose_lease_must_grow_asks_the_upstream_beside_the
     fake_openai.default = Script(chunks=["a ", "b"], usage=(10, 2))
     assert (await client.post("/v1/chat/completions", json=BODY, headers=h)).status == 200
     await lease_given_back(client)
+    return client, h
+
+
+async def test_a_program_turn_whose_lease_must_grow_asks_the_upstream_beside_the_growth(
+    aiohttp_client, stream_settings, fake_openai, auth
+):
+    """A program's turn after its lease went back (a minute after the previous, say) must ask
+    MongoDB for a new one: it asks its upstream beside that growth, which is sent only once the
+    upstream has the request (before, never: the upstream was asked after it)."""
+    client, h = await after_a_lease(aiohttp_client, stream_settings, fake_openai, auth)
     store = client.app[STORE]
     store.take_lease = held_until(fake_openai.reached_gate, store.take_lease)
     fake_openai.default = Script(chunks=["c ", "d"], usage=(10, 2), gate_after=0)
@@ -170,14 +180,8 @@ async def test_a_program_turn_refused_after_all_drops_the_upstream_it_asked(
     """The limit lowered by an operator after the lease went back: the growth refuses (429
     ``insufficient_quota``, as before), the upstream request asked beside it is closed unread
     and nothing is billed."""
-    client = await aiohttp_client(
-        create_app(stream_settings(lease_idle_s=0.05, lease_keep_s=0.1, watch_interval_s=0.05))
-    )
-    h = auth()
-    fake_openai.default = Script(chunks=["a ", "b"], usage=(10, 2))
-    assert (await client.post("/v1/chat/completions", json=BODY, headers=h)).status == 200
-    await lease_given_back(client)
-    admin = {"Authorization": f"Bearer {token_for('root', extra={'role': 'admin'})}"}
+    client, h = await after_a_lease(aiohttp_client, stream_settings, fake_openai, auth)
+    admin = admin_headers(token_for)
     resp = await client.put("/api/admin/users/alice/limit", json={"limit": 12}, headers=admin)
     assert resp.status == 200, await resp.text()
     store = client.app[STORE]

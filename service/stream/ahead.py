@@ -3,11 +3,11 @@
 A turn whose admission its replica expects (``Expected``) but which must ask MongoDB for it (a
 chat page's reservation; a program's lease that must grow) asks its upstream beside that
 command (``TurnProducer._open_early``), so its round trip hides behind the model's time to its
-first token. Until the turn is admitted nobody reads that upstream, and
-aiohttp raises a connection's error before the data it had buffered: an upstream that sent a
-few chunks and then reset in that window would lose them. So what arrives meanwhile is read
-into a buffer, which the turn reads first (``__anext__``); then ``Drained`` hands it the
-upstream's own stream, so the rest of the answer costs nothing more per chunk.
+first token. Until the turn is admitted nobody reads that upstream, and aiohttp raises a
+connection's error before the data it had buffered: an upstream that sent a few chunks and then
+reset in that window would lose them. So what arrives meanwhile is read into a buffer, which
+the turn reads first (``__anext__``); then ``Drained`` hands it the upstream's own stream, so
+the rest of the answer costs nothing more per chunk.
 """
 
 from __future__ import annotations
