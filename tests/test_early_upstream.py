@@ -20,6 +20,7 @@ from tests.fake_openai import Script
 from tests.faults import settled
 from tests.processes import eventually
 from tests.sse_client import collect
+from tests.test_context_cache import gap_passed
 from tests.test_stream_sse import new_chat, records, send, usage_doc
 
 HOLD_S = 5.0  # how long a held command waits for the upstream's request before going on
@@ -120,6 +121,33 @@ async def test_a_chat_deleted_on_another_replica_drops_the_upstream_asked_beside
     await settled(store.db, users=("gone",))
     usage = await usage_doc(a, "gone")
     assert usage["used"] == 25 and usage["reserved"] == 0 and not usage.get("open")
+
+
+async def test_a_message_sent_on_another_replica_refuses_the_turn_asked_early_here(
+    aiohttp_client, stream_settings, fake_openai, auth
+):
+    """The message gap holds across replicas: A's last send was long enough ago, so A expects
+    the next and asks its upstream early; the user sent through B meanwhile, so A's reservation
+    refuses (429 ``message_rate``, as before), and A's upstream request is closed unread."""
+    settings = stream_settings(message_rate_limit_ms=2000)
+    a = await aiohttp_client(create_app(settings))
+    b = await aiohttp_client(create_app(settings))
+    h = auth("roaming")
+    here, there = await new_chat(a, h), await new_chat(a, h)
+    await collect(await send(a, here, h, "q1"))
+    await gap_passed(a, "roaming")
+    fake_openai.scripts = [Script(), Script(chunks=["never"], gate_after=0)]
+    await collect(await send(b, there, h, "q2"))  # B moves the gap
+    store = a.app[STORE]
+    store.reserve = held_until(fake_openai.reached_gate, store.reserve)
+    refused = await send(a, here, h, "q3")
+    assert refused.status == 429
+    assert (await refused.json())["error"]["details"]["rule"] == "message_rate"
+    assert len(fake_openai.requests) == 3  # A asked early
+    await asyncio.wait_for(fake_openai.disconnected.wait(), HOLD_S)
+    await settled(store.db, users=("roaming",))
+    usage = await usage_doc(a, "roaming")
+    assert usage["used"] == 2 * 25 and usage["reserved"] == 0 and not usage.get("open")
 
 
 BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
