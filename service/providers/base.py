@@ -93,6 +93,13 @@ class CompletionRequest:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+async def close_stream(stream: AsyncIterator[Chunk] | None) -> None:
+    """Close a provider's chunk stream (``Provider.open``'s), which closes its upstream."""
+    close: Any = getattr(stream, "aclose", None)
+    if close is not None:
+        await close()
+
+
 class Provider(Protocol):
     name: str
 

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from service.providers.base import Chunk
+from service.providers.base import Chunk, close_stream
 from service.store import ReserveRequest
 
 USERS_SEEN = 10_000  # the users whose last admission ``Expected`` remembers
@@ -125,9 +125,7 @@ class Ahead:
         if not self._task.done():
             self._task.cancel()
             await asyncio.wait({self._task})
-        close: Any = getattr(self._stream, "aclose", None)
-        if close is not None:
-            await close()
+        await close_stream(self._stream)
 
     def drop(self, track: Callable[[asyncio.Task[Any]], None]) -> None:
         """Nobody will read it (the turn was refused, or admitted again): cancel the opening;

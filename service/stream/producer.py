@@ -48,6 +48,7 @@ from service.providers.base import (
     Provider,
     Usage,
     cache_writes,
+    close_stream,
 )
 from service.settings import Settings
 from service.store import (
@@ -830,7 +831,7 @@ class Turn:
                         await live.publish()
                     del chunk  # not kept while the next one is awaited
             finally:
-                await _aclose(stream)
+                await close_stream(stream)
             if live.reason is not None:
                 status, reason, error = _stopped(live.reason)
         except ServiceError as exc:  # the upstream failed, or MongoDB did (the records' insert)
@@ -1284,9 +1285,3 @@ def _reason_of(exc: ServiceError) -> str:
     if isinstance(exc, StoreUnavailable):
         return "database_error"  # the records could not be written
     return "upstream_error"
-
-
-async def _aclose(stream: AsyncIterator[Chunk]) -> None:
-    close: Any = getattr(stream, "aclose", None)
-    if close is not None:
-        await close()
