@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import jwt
 
-from service.errors import Unauthorized
+from service.errors import Forbidden, Unauthorized
 from service.jwks import Jwks, JwksError
 from service.settings import HS_ALGORITHMS, Settings, SettingsError
 
@@ -44,6 +44,17 @@ class KeyScope:
     key_id: str
     models: frozenset[str] | None = None
     limit: int | None = None
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+    def not_allowed(self, model: str) -> Forbidden:
+        """The refusal of a model this key may not use (403 ``model_not_allowed``)."""
+        return Forbidden(
+            f"this API key may not use the model '{model}'",
+            code="model_not_allowed",
+            details={"model": model, "allowed": sorted(self.models or ())},
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 
 import structlog
 
+from service.auth import KeyScope
 from service.errors import NotFound, UpstreamError
 from service.metrics import UPSTREAM_ERRORS
 from service.models import ModelSpec
@@ -84,12 +85,15 @@ class ModelLists:
                 await asyncio.wait_for(asyncio.shield(entry.task), FIRST_LIST_WAIT_S)
         return entry.ids is None or spec.upstream in entry.ids
 
-    async def live(self, specs: list[ModelSpec]) -> list[ModelSpec]:
-        return [spec for spec in specs if await self.is_live(spec)]
+    async def live(self, specs: list[ModelSpec], key: KeyScope | None = None) -> list[ModelSpec]:
+        """The models offered now: their upstream lists them and, for an API key with a model
+        list, they are on it."""
+        return [s for s in specs if (key is None or key.may_use(s.name)) and await self.is_live(s)]
 
-    async def require(self, spec: ModelSpec) -> None:
-        """Raise ``404 model_not_found`` when the upstream does not list the model now."""
-        if not await self.is_live(spec):
+    async def require(self, spec: ModelSpec, key: KeyScope | None = None) -> None:
+        """Raise ``404 model_not_found`` when the upstream does not list the model now (or the
+        API key ``key`` may not use it: not the caller's to use)."""
+        if (key is not None and not key.may_use(spec.name)) or not await self.is_live(spec):
             raise NotFound(f"model '{spec.name}' is not available", code="model_not_found")
 
     def _refresh(self, entry: _ProviderList, provider: str) -> None:

@@ -243,6 +243,32 @@ async def test_a_key_scoped_to_models_is_refused_another_on_the_chat_route(strea
     assert resp.status == 200 and (await collect(resp))[-1]["event"] == "done"
 
 
+async def test_a_key_is_offered_only_its_models(stream_client, auth):
+    """``/api/models``, ``/v1/models`` (the SDK's ``models.list``) and ``/v1/models/{model}``
+    offer a key with a model list those models only, and a chat cannot be made with another
+    (403 ``model_not_allowed``, as a send in it would be); a token is offered every one."""
+    key = await make_key(stream_client, auth(), models=["gpt-test"])
+    h = bearer(key["key"])
+    listed = await (await stream_client.get("/api/models", headers=h)).json()
+    assert [m["name"] for m in listed["models"]] == ["gpt-test"]
+    listed = await (await stream_client.get("/api/models", headers=auth())).json()
+    assert sorted(m["name"] for m in listed["models"]) == ["demo", "gpt-test"]
+    base_url = str(stream_client.make_url("/v1"))
+    async with openai.AsyncOpenAI(base_url=base_url, api_key=key["key"], max_retries=0) as sdk:
+        assert [m.id async for m in sdk.models.list()] == ["gpt-test"]
+        assert (await sdk.models.retrieve("gpt-test")).id == "gpt-test"
+        with pytest.raises(openai.NotFoundError) as missing:
+            await sdk.models.retrieve("demo")
+        assert missing.value.body["code"] == "model_not_found"
+    resp = await stream_client.post("/api/chat", json={"model": "demo"}, headers=h)
+    assert resp.status == 403
+    assert (await error_of(resp))["code"] == "model_not_allowed"
+    resp = await stream_client.post("/api/chat", json={"model": "gpt-test"}, headers=h)
+    assert resp.status == 201
+    chats = await (await stream_client.get("/api/chat", headers=h)).json()
+    assert [c["model"] for c in chats["chats"]] == ["gpt-test"]
+
+
 async def test_the_openai_sdk_works_with_a_key_and_its_model_list(stream_client, auth):
     key = await make_key(stream_client, auth(), models=["gpt-test"])
     base_url = str(stream_client.make_url("/v1"))

@@ -57,6 +57,17 @@ async def test_create_with_empty_body(client, auth):
     assert (await resp.json())["title"] is None
 
 
+async def test_a_chat_of_a_model_that_is_not_offered_is_refused_when_created(client, auth):
+    """A model the catalogue does not have is refused as a send in the chat would be (404
+    ``model_not_found``), and no chat is made: not a chat whose every send then fails."""
+    h = auth("alice")
+    status, body = await create(client, h, title="Trip", model="gpt-nope")
+    assert status == 404
+    assert_error_shape(body, "model_not_found")
+    listed = await (await client.get("/api/chat", headers=h)).json()
+    assert listed["chats"] == []
+
+
 async def test_list_is_newest_first_and_paginates(client, auth):
     """Listing pages through every chat once, newest activity first."""
     h = auth("pager")

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.costs import format_cost
 from service.http import json_response, not_found, parse_uuid, read_json, validate
-from service.keys import PRINCIPAL, REGISTRY, SETTINGS, STORE
+from service.keys import CATALOGUE, MODEL_LISTS, PRINCIPAL, REGISTRY, SETTINGS, STORE
 from service.store import Doc, utcnow
 from service.stream.watcher import settle_interrupted
 
@@ -109,8 +109,14 @@ async def list_chats(request: web.Request) -> web.Response:
 
 async def create_chat(request: web.Request) -> web.Response:
     body = await read_json(request, CreateChat, empty_ok=True)
+    principal = request[PRINCIPAL]
+    if body.model is not None:  # refused now as a send in the chat would be, not at each send
+        spec = request.app[CATALOGUE].resolve(body.model)
+        if principal.key is not None and not principal.key.may_use(spec.name):
+            raise principal.key.not_allowed(spec.name)
+        await request.app[MODEL_LISTS].require(spec)
     chat = await request.app[STORE].create_chat(
-        request[PRINCIPAL].user_id,
+        principal.user_id,
         title=body.title,
         model=body.model,
         cap=request.app[SETTINGS].max_chats_per_user,

@@ -184,7 +184,7 @@ def setup(app: web.Application) -> None:
 
 async def list_models(request: web.Request) -> web.Response:
     catalogue = request.app[CATALOGUE]
-    models = await request.app[MODEL_LISTS].live(catalogue.all())
+    models = await request.app[MODEL_LISTS].live(catalogue.all(), request[PRINCIPAL].key)
     return json_response(
         {
             "default": catalogue.default,

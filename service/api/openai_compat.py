@@ -403,16 +403,18 @@ def _model_view(spec: ModelSpec) -> dict[str, Any]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """``GET /v1/models``: the catalogue's models their upstreams list now (every caller may use
-    all of them)."""
-    models = await request.app[MODEL_LISTS].live(request.app[CATALOGUE].all())
+    """``GET /v1/models``: the catalogue's models their upstreams list now that the caller may
+    use (an API key with a model list: those on it)."""
+    key = request[PRINCIPAL].key
+    models = await request.app[MODEL_LISTS].live(request.app[CATALOGUE].all(), key)
     return json_response({"object": "list", "data": [_model_view(m) for m in models]})
 
 
 async def get_model(request: web.Request) -> web.Response:
-    """``GET /v1/models/{model}``: one model, or 404 ``model_not_found``."""
+    """``GET /v1/models/{model}``: one model, or 404 ``model_not_found`` (also for one the
+    caller's API key may not use: not the caller's)."""
     spec = request.app[CATALOGUE].resolve(request.match_info["model"])
-    await request.app[MODEL_LISTS].require(spec)
+    await request.app[MODEL_LISTS].require(spec, request[PRINCIPAL].key)
     return json_response(_model_view(spec))
 
 

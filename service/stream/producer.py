@@ -31,7 +31,6 @@ from service.errors import (
     BadRequest,
     BudgetExceeded,
     Conflict,
-    Forbidden,
     ServiceError,
     ServiceUnavailable,
     StoreUnavailable,
@@ -93,13 +92,9 @@ def _retrieved(task: asyncio.Task[Any]) -> None:
 
 def _allowed(key: KeyScope | None, spec: ModelSpec) -> None:
     """An API key with a model list may use only those models."""
-    if key is not None and key.models is not None and spec.name not in key.models:
+    if key is not None and not key.may_use(spec.name):
         REJECTIONS.labels("model_not_allowed").inc()
-        raise Forbidden(
-            f"this API key may not use the model '{spec.name}'",
-            code="model_not_allowed",
-            details={"model": spec.name, "allowed": sorted(key.models)},
-        )
+        raise key.not_allowed(spec.name)
 
 
 def period_of(at: datetime) -> str:
