@@ -22,6 +22,7 @@ from service.api import (
     health,
     keys,
     messages,
+    models,
     openai_compat,
     page,
     search,
@@ -235,6 +236,7 @@ def create_app(settings: Settings) -> web.Application:
     messages.setup(app)
     branches.setup(app)
     openai_compat.setup(app)
+    models.setup(app)
     anthropic_compat.setup(app)
     ws.setup(app)
     page.setup(app)

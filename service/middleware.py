@@ -3,8 +3,9 @@
 ``request_context`` binds the request id to every log line, authenticates (``/api`` and ``/v1``),
 turns every exception into the one JSON error shape (a 500 keeps its traceback in the log only)
 and writes the access line. ``/v1`` takes OpenAI's error shape, except the Anthropic-compatible
-routes (``/v1/messages``, ``/v1/messages/...``): they take Anthropic's, and also accept the token
-in ``x-api-key`` (what Claude Code and Anthropic's SDKs send for an API key).
+routes (``/v1/messages``, ``/v1/messages/...``, and ``/v1/models`` asked with
+``anthropic-version``): they take Anthropic's, and also accept the token in ``x-api-key`` (what
+Claude Code and Anthropic's SDKs send for an API key).
 """
 
 from __future__ import annotations
@@ -34,12 +35,20 @@ SELF_AUTHENTICATING = frozenset({"/api/ws"})  # browsers cannot set headers on a
 GUARDED_PREFIXES = ("/api/", "/v1/")
 SERVER_NAME = "chat-gateway"
 ANTHROPIC_ROUTE = "/v1/messages"
+MODELS_ROUTE = "/v1/models"  # both vendors' SDKs ask it: ``anthropic-version`` tells them apart
+ANTHROPIC_VERSION_HEADER = "anthropic-version"
 API_KEY_HEADER = "x-api-key"
 
 
-def is_anthropic(path: str) -> bool:
-    """Whether ``path`` is one of the Anthropic-compatible routes (their errors, their key)."""
-    return path == ANTHROPIC_ROUTE or path.startswith(ANTHROPIC_ROUTE + "/")
+def is_anthropic(request: web.Request) -> bool:
+    """Whether ``request`` is for the Anthropic-compatible API (its errors, its key): the
+    Messages routes, and the models' routes both SDKs share when asked by an Anthropic client
+    (which sends ``anthropic-version``)."""
+    path = request.path
+    if path == ANTHROPIC_ROUTE or path.startswith(ANTHROPIC_ROUTE + "/"):
+        return True
+    shared = path == MODELS_ROUTE or path.startswith(MODELS_ROUTE + "/")
+    return shared and ANTHROPIC_VERSION_HEADER in request.headers
 
 
 def _request_id(request: web.Request) -> str:
@@ -59,7 +68,7 @@ def _from_http_exception(exc: web.HTTPException) -> ServiceError:
 def _renderer(request: web.Request) -> Callable[[ServiceError], web.Response]:
     """``/v1`` is the OpenAI-compatible API, and ``/v1/messages`` the Anthropic-compatible one:
     their errors take their vendor's shape; ``/api`` keeps ours."""
-    if is_anthropic(request.path):
+    if is_anthropic(request):
         rid = request.get(REQUEST_ID)
         return lambda exc: anthropic_error_response(exc, rid)
     return openai_error_response if request.path.startswith("/v1/") else error_response
@@ -138,7 +147,7 @@ async def _verify(request: web.Request) -> Principal:
     """The caller's token: ``Authorization: Bearer``, or on the Anthropic-compatible routes
     ``x-api-key`` (which wins when both are sent, as it does at Anthropic)."""
     auth = request.app[AUTH]
-    if is_anthropic(request.path):
+    if is_anthropic(request):
         key = request.headers.get(API_KEY_HEADER)
         if key is not None:
             if not key.strip():

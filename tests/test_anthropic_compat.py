@@ -939,3 +939,45 @@ async def test_too_large_and_overloaded_take_anthropics_error_types(
     assert resp.status == 413
     assert (await resp.json())["error"]["type"] == "request_too_large"
     await sdk.close()
+
+
+# --------------------------------------------------------------------------- models
+async def test_the_sdk_lists_and_retrieves_models_in_anthropics_shape(claude, stream_client, auth):
+    """``/v1/models`` asked by an Anthropic client (``anthropic-version``) answers Anthropic's
+    Models API: ``ModelInfo`` objects, paged by ``limit`` and ``after_id`` (the SDK's
+    auto-pagination walks them), errors in Anthropic's shape."""
+    listed = [m async for m in claude.models.list(limit=2)]
+    assert [m.id for m in listed] == ["gpt-test", "demo", "claude"]
+    first = listed[0]
+    assert first.type == "model" and first.display_name == "gpt-test"
+    assert first.created_at.tzinfo is not None
+    assert first.max_input_tokens == 16000 and first.max_tokens == 256
+    page = await claude.models.list(limit=2)
+    assert (page.first_id, page.last_id, page.has_more) == ("gpt-test", "demo", True)
+    back = await claude.models.list(before_id="claude", limit=1)
+    assert [m.id for m in back.data] == ["demo"] and back.has_more
+    assert (await claude.models.retrieve("claude")).max_input_tokens == 200000
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        await claude.models.retrieve("gpt-nope")
+    assert missing.value.body["error"]["type"] == "not_found_error"
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        await claude.models.list(limit=1001)
+    assert bad.value.body["error"]["type"] == "invalid_request_error"
+
+
+async def test_claude_code_lists_models_with_its_key_in_x_api_key(stream_client, token_for):
+    """Claude Code sends its key as ``x-api-key``: taken on the models' routes too when the
+    request is an Anthropic client's; an OpenAI client's request there is as before."""
+    anthropic_headers = {"x-api-key": token_for("alice"), "anthropic-version": "2023-06-01"}
+    resp = await stream_client.get("/v1/models", headers=anthropic_headers)
+    assert resp.status == 200
+    body = await resp.json()
+    assert [m["id"] for m in body["data"]] == ["gpt-test", "demo", "claude"]
+    assert body["has_more"] is False and body["data"][0]["type"] == "model"
+    resp = await stream_client.get("/v1/models/demo", headers=anthropic_headers)
+    assert (await resp.json())["type"] == "model"
+    resp = await stream_client.get("/v1/models", headers={"x-api-key": token_for("alice")})
+    assert resp.status == 401 and "type" not in await resp.json()  # OpenAI's error shape
+    openai_headers = {"Authorization": f"Bearer {token_for('alice')}"}
+    body = await (await stream_client.get("/v1/models", headers=openai_headers)).json()
+    assert body["object"] == "list" and body["data"][0]["object"] == "model"

@@ -15,7 +15,6 @@ Errors take OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` (
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any, Literal
 
 import orjson
@@ -32,9 +31,8 @@ from pydantic import (
 
 from service.errors import BadRequest, BudgetExceeded, RateLimited
 from service.http import json_response, parse_uuid, read_body
-from service.keys import ADMISSIONS, CATALOGUE, MODEL_LISTS, PRINCIPAL, REGISTRY, SETTINGS, STORE
+from service.keys import ADMISSIONS, PRINCIPAL, REGISTRY, SETTINGS, STORE
 from service.limits import Allowance, rate_limit_headers
-from service.models import ModelSpec
 from service.store import allowance_of, utcnow
 from service.stream.idempotency import HEADER as KEY_HEADER
 from service.stream.idempotency import REPLAYED_HEADER, Admission, fingerprint, parse_key
@@ -46,7 +44,6 @@ MAX_CHOICES = 8  # n: each choice is a whole answer, reserved from the budget up
 MAX_TOOLS = 128  # OpenAI's own limit on tools (and on one message's tool calls)
 MAX_ARGUMENTS = 1_000_000  # characters of one tool call's arguments in a message
 MAX_IMAGE_URL = 20_000_000  # characters of an image URL (a data: URL carries the image)
-MODELS_CREATED = int(time.time())  # the catalogue has no dates: when this process loaded it
 
 
 class _Body(BaseModel):
@@ -393,33 +390,6 @@ async def _allowance(request: web.Request, admission: Admission) -> Allowance:
     return allowance_of(doc or {}, request.app[SETTINGS].budget.default_limit, now)
 
 
-def _model_view(spec: ModelSpec) -> dict[str, Any]:
-    return {
-        "id": spec.name,
-        "object": "model",
-        "created": MODELS_CREATED,
-        "owned_by": spec.provider,
-    }
-
-
-async def list_models(request: web.Request) -> web.Response:
-    """``GET /v1/models``: the catalogue's models their upstreams list now that the caller may
-    use (an API key with a model list: those on it)."""
-    key = request[PRINCIPAL].key
-    models = await request.app[MODEL_LISTS].live(request.app[CATALOGUE].all(), key)
-    return json_response({"object": "list", "data": [_model_view(m) for m in models]})
-
-
-async def get_model(request: web.Request) -> web.Response:
-    """``GET /v1/models/{model}``: one model, or 404 ``model_not_found`` (also for one the
-    caller's API key may not use: not the caller's)."""
-    spec = request.app[CATALOGUE].resolve(request.match_info["model"])
-    await request.app[MODEL_LISTS].require(spec, request[PRINCIPAL].key)
-    return json_response(_model_view(spec))
-
-
 def setup(app: web.Application) -> None:
     """Register this module's routes."""
     app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/v1/models/{model}", get_model)
