@@ -390,6 +390,12 @@ class Store:
         if doc is None:
             return None
         await self.chat_counts.update_one({"_id": user_id}, {"$inc": {"active": -1}})
+        # Its running answers stop as if cancelled (no one can read them now): flagged as the
+        # cancel route flags one, for whichever replica runs each (``flagged_turns``).
+        await self.messages.update_many(
+            {"chat_id": chat_id, "user_id": user_id, "role": "assistant", "status": "streaming"},
+            {"$set": {"cancel_requested": True, "flagged": True}},
+        )
         return now
 
     @db_call

@@ -515,6 +515,38 @@ async def test_cancel_seen_through_mongodb_when_stream_runs_elsewhere(
     assert seen[-1]["data"]["status"] == "cancelled" and seen[-1]["data"]["reason"] == "user_cancel"
 
 
+@pytest.mark.parametrize("where", ["here", "another instance"])
+async def test_deleting_a_chat_stops_its_running_answer(
+    aiohttp_client, stream_settings, fake_openai, auth, logs, db, where
+):
+    """A deleted chat's answer can be read by no one: it stops as a cancel stops it (on the
+    instance that runs it, through MongoDB when the delete is sent to another), its upstream
+    request closed and what was generated billed; it does not run on to its end."""
+    settings = stream_settings()
+    a = await aiohttp_client(create_app(settings))
+    b = a if where == "here" else await aiohttp_client(create_app(settings))
+    fake_openai.default = Script(chunks=["kept ", "not ", "this"], gate_after=1)
+    h = auth()
+    chat_id = await new_chat(a, h)
+    resp = await send(a, chat_id, h)
+    seen = []
+    async for ev in events(resp):
+        if "event" not in ev:
+            continue
+        seen.append(ev)
+        if ev["event"] == "delta":
+            deleted = await b.delete(f"/api/chat/{chat_id}", headers=h)
+            assert deleted.status == 200
+    assert seen[-1]["event"] == "done", seen
+    assert seen[-1]["data"]["status"] == "cancelled" and seen[-1]["data"]["reason"] == "user_cancel"
+    assert text_of(seen) == "kept "
+    await asyncio.wait_for(fake_openai.disconnected.wait(), 5)
+    assistant = await db.messages.find_one({"chat_id": chat_id, "role": "assistant"})
+    assert assistant["status"] == "cancelled" and assistant["content"] == "kept "
+    assert assistant["tokens"]["total"] > 0
+    assert ended(logs, outcome="cancelled", reason="user_cancel")
+
+
 async def test_started_comes_once_the_records_exist_so_any_replica_can_cancel_it(
     aiohttp_client, stream_settings, fake_openai, auth
 ):

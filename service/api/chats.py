@@ -173,6 +173,7 @@ async def delete_chat(request: web.Request) -> web.Response:
     deleted_at = await request.app[STORE].delete_chat(request[PRINCIPAL].user_id, chat_id)
     if deleted_at is None:
         raise not_found("chat")
+    request.app[REGISTRY].cancel_chat(chat_id, "user_cancel")  # at once when they run here
     return json_response({"chat_id": chat_id, "deleted_at": deleted_at})
 
 

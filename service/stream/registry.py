@@ -67,6 +67,11 @@ class StreamRegistry:
         live.cancel(reason)
         return True
 
+    def cancel_chat(self, chat_id: str, reason: str) -> None:
+        """Stop the chat's turns running here (a deleted chat's)."""
+        for live in [live for live in self.streams.values() if live.chat_id == chat_id]:
+            live.cancel(reason)
+
     def cancel_all(self, reason: str) -> None:
         for live in list(self.streams.values()):
             live.cancel(reason)
