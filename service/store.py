@@ -487,6 +487,45 @@ class Store:
         return doc
 
     @db_call
+    async def begin_chat_turns(self, turns: list[ChatTurn]) -> list[Doc | None]:
+        """Authorize several turns, as ``begin_chat_turn`` does each, in two commands (the
+        replica's group commit, ``service/stream/groups.py``): one unordered bulk of its
+        conditional updates, each also noting which turn took which seqs in the chat's
+        ``began`` (its last ``BEGAN_KEPT``), then one read of the chats. A turn whose note is
+        there was authorized with those seqs (two turns of one chat get two pairs); a turn whose
+        chat is gone or another's is None; one whose note later turns (another replica's)
+        pushed out is authorized again on its own (its first seqs go unused)."""
+        now = utcnow()
+        await self.chats.bulk_write(
+            [
+                UpdateOne(
+                    {"_id": t.chat_id, "user_id": t.user_id, "is_active": True}, _began(t, now)
+                )
+                for t in turns
+            ],
+            ordered=False,
+        )
+        docs: list[Doc] = await self.chats.find(
+            {"_id": {"$in": list({t.chat_id for t in turns})}, "is_active": True},
+            projection={"user_id": 1, "model": 1, "began": 1},
+        ).to_list(None)
+        chats = {d["_id"]: d for d in docs}
+        outcomes: list[Doc | None] = []
+        for turn in turns:
+            doc = chats.get(turn.chat_id)
+            if doc is None or doc["user_id"] != turn.user_id:
+                outcomes.append(None)
+                continue
+            seq = next(
+                (e["seq"] for e in doc.get("began", ()) if e["mid"] == turn.message_id), None
+            )
+            if seq is None:
+                outcomes.append(await self.begin_chat_turn(turn.user_id, turn.chat_id))
+                continue
+            outcomes.append({"_id": turn.chat_id, "next_seq": seq, "model": doc.get("model")})
+        return outcomes
+
+    @db_call
     async def recent_messages(
         self, chat_id: str, user_id: str, *, limit: int, before_seq: int | None = None
     ) -> list[Doc]:
@@ -1407,6 +1446,35 @@ REPLICA_WORK = "gateway:replica"
 RESERVE_ATTEMPTS = 10
 DUPLICATE_KEY = 11000
 KEY_ACCOUNT = key_account("")  # the user_id prefix of API keys' own months
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTurn:
+    """A chat turn to authorize (``Store.begin_chat_turns``)."""
+
+    user_id: str
+    chat_id: str
+    message_id: str
+
+
+BEGAN_KEPT = 16  # the turns a chat remembers having begun (its group commit's notes)
+
+
+def _began(turn: ChatTurn, now: datetime) -> list[Doc]:
+    """``begin_chat_turn``'s update as a pipeline that also notes the seqs ``turn`` took."""
+    taken = {"$add": [{"$ifNull": ["$next_seq", 0]}, 2]}
+    noted = [{"mid": turn.message_id, "seq": taken}]
+    return [
+        {
+            "$set": {
+                "next_seq": taken,
+                "updated_at": now,
+                "began": {
+                    "$slice": [{"$concatArrays": [{"$ifNull": ["$began", []]}, noted]}, -BEGAN_KEPT]
+                },
+            }
+        }
+    ]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,11 @@
-"""The replica's group commit of per-turn commands: the records' inserts, the page's reservations.
+"""The replica's group commit of per-turn commands: the records' inserts, the page's reservations,
+the chats' authorizations.
 
 A turn's records (the question and the answer, ``streaming``) are inserted before its first
 delta goes out, alongside the upstream's request (``Turn._begin``); a chat page's turn is
-reserved (its budget and its message gap, ``Store.reserve``) before its upstream. Each was one
+reserved (its budget and its message gap, ``Store.reserve``) before its upstream, and a chat's
+turn authorized (the chat active and the user's, its seqs allocated: ``Store.begin_chat_turn``)
+beside or before that. Each was one
 MongoDB command per turn; under load the turns arriving together now share one: at most
 ``IN_FLIGHT`` commands run at a time, and the turns that arrive while they run wait for the next
 one, all of them together. A turn alone (nothing running) goes at once: at low load nothing
@@ -22,7 +25,7 @@ from typing import Any, Generic, TypeVar
 import structlog
 
 from service.errors import BudgetExceeded, RateLimited, ServiceError
-from service.store import Doc, Reservation, ReserveRequest, Store
+from service.store import ChatTurn, Doc, Reservation, ReserveRequest, Store
 from service.stream.ahead import Expected
 
 log = structlog.get_logger("service.stream")
@@ -157,5 +160,32 @@ class PageReservations(GroupCommit[ReserveRequest, Reservation]):
     def refused(self, item: ReserveRequest, exc: Exception) -> ServiceError:
         log.error("stream.reservation_failed", message_id=item.message_id, exc_info=exc)
         failure = ServiceError("the turn could not be reserved")
+        failure.__cause__ = exc
+        return failure
+
+
+class ChatAuthorizations(GroupCommit[ChatTurn, Doc | None]):
+    """The chats' turns beginning together authorized together: alone, one conditional
+    ``findAndModify`` as before; several, one unordered bulk of the same updates and one read
+    of their chats (``Store.begin_chat_turns``). Each turn is told its chat with the seqs it
+    took (``next_seq`` just past them), or None when the chat is gone or another's."""
+
+    max_group = 64
+
+    def __init__(self, store: Store, track: Callable[[asyncio.Task[Any]], None]) -> None:
+        super().__init__(track)
+        self.store = store
+
+    def begin(self, user_id: str, chat_id: str, message_id: str) -> asyncio.Future[Doc | None]:
+        return self.submit(ChatTurn(user_id, chat_id, message_id))
+
+    async def run(self, items: list[ChatTurn]) -> list[Doc | ServiceError | None]:
+        if len(items) > 1:
+            return list(await self.store.begin_chat_turns(items))
+        return [await self.store.begin_chat_turn(items[0].user_id, items[0].chat_id)]
+
+    def refused(self, item: ChatTurn, exc: Exception) -> ServiceError:
+        log.error("stream.authorization_failed", message_id=item.message_id, exc_info=exc)
+        failure = ServiceError("the chat's turn could not be begun")
         failure.__cause__ = exc
         return failure

@@ -65,7 +65,7 @@ from service.stream.assembly import Assembly
 from service.stream.context import ContextCache, fit_to_window, history_messages
 from service.stream.events import Final
 from service.stream.finals import FinalCommits, FinalWrite
-from service.stream.groups import PageReservations, RecordInserts
+from service.stream.groups import ChatAuthorizations, PageReservations, RecordInserts
 from service.stream.leases import Leases
 from service.stream.live import LiveStream
 from service.stream.registry import StreamRegistry
@@ -84,10 +84,10 @@ OUTCOME = {"complete": "completed", "cancelled": "cancelled", "failed": "failed"
 REFUSED_BY_RULE = frozenset({"rate_limited", "budget_exceeded", "shutting_down"})
 
 
-def _retrieved(task: asyncio.Task[Any]) -> None:
-    """A done callback: the task's outcome is nobody's any more (never "not retrieved")."""
-    if not task.cancelled():
-        task.exception()
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """A done callback: the outcome is nobody's any more (never "not retrieved")."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _allowed(key: KeyScope | None, spec: ModelSpec) -> None:
@@ -159,6 +159,7 @@ class TurnProducer:
         self.commits = FinalCommits(store, registry.track, registry.rollups)  # grouped
         self.inserts = RecordInserts(store, registry.track)  # grouped too
         self.reservations = PageReservations(store, registry.track)  # and the page's
+        self.authorizations = ChatAuthorizations(store, registry.track)  # and the chats'
         self.budget = settings.budget  # the month's budget: tokens or currency
 
     async def start(self, inp: TurnInput, *, message_id: str | None = None) -> Turn:
@@ -206,14 +207,16 @@ class TurnProducer:
         seq = 0
         chat_model = None
         history: list[Doc] = []
-        check: asyncio.Task[Doc | None] | None = None
+        check: asyncio.Future[Doc | None] | None = None
         if inp.chat_id is not None:
             predicted = None if chat is not None else self._predicted(inp)
             if predicted is not None:
                 seq, chat_model, history = predicted
-                check = asyncio.create_task(self.store.begin_chat_turn(inp.user_id, inp.chat_id))
+                check = self.authorizations.begin(inp.user_id, inp.chat_id, message_id)
             else:
-                chat, history = await self._chat_and_history(inp.user_id, inp.chat_id, chat)
+                chat, history = await self._chat_and_history(
+                    inp.user_id, inp.chat_id, message_id, chat
+                )
                 seq, chat_model = int(chat["next_seq"]) - 2, chat.get("model")
                 self.context_cache.know(inp.chat_id, inp.user_id, chat_model)
                 if inp.branch is not None:
@@ -253,7 +256,7 @@ class TurnProducer:
         return self.context_cache.predict(inp.chat_id, inp.user_id)
 
     async def _authorized(
-        self, check: asyncio.Task[Doc | None], chat_id: str, seq: int
+        self, check: asyncio.Future[Doc | None], chat_id: str, seq: int
     ) -> Doc | None:
         """The predicted turn's authorization: None when it allocated the predicted seq (the
         prediction held), else the chat as it is now; 404 when the chat is gone or another's."""
@@ -550,7 +553,7 @@ class TurnProducer:
         return text
 
     async def _chat_and_history(
-        self, user_id: str, chat_id: str, chat: Doc | None = None
+        self, user_id: str, chat_id: str, message_id: str, chat: Doc | None = None
     ) -> tuple[Doc, list[Doc]]:
         """Authorize the chat (allocating the turn's seqs) and get its recent messages: from the
         context cache when this replica ran the chat's previous turn (no query), else read at
@@ -563,7 +566,7 @@ class TurnProducer:
         if chat is not None:
             history = await store.recent_messages(chat_id, user_id, limit=limit + 2)
         elif limit and cache.trusted(chat_id):
-            chat = await store.begin_chat_turn(user_id, chat_id)
+            chat = await self.authorizations.begin(user_id, chat_id, message_id)
             if chat is None:
                 raise not_found("chat")
             cached = cache.resolve(chat_id, int(chat["next_seq"]) - 2)
@@ -572,7 +575,7 @@ class TurnProducer:
             history = await store.recent_messages(chat_id, user_id, limit=limit + 2)
         else:
             chat, history = await asyncio.gather(
-                store.begin_chat_turn(user_id, chat_id),
+                self.authorizations.begin(user_id, chat_id, message_id),
                 store.recent_messages(chat_id, user_id, limit=limit + 2 if limit else 0),
             )
             if chat is None:
