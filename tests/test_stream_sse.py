@@ -502,17 +502,25 @@ async def test_cancel_seen_through_mongodb_when_stream_runs_elsewhere(
     fake_openai.default = Script(chunks=["x ", "y ", "z"], gate_after=1)
     h = auth()
     chat_id = await new_chat(a, h)
-    resp = await send(a, chat_id, h)
-    seen = []
+
+    async def cancel(message_id: str) -> None:
+        sent = await b.post(f"/api/chat/{chat_id}/messages/{message_id}/cancel", headers=h)
+        assert sent.status == 202
+
+    seen = await stop_at_first_delta(await send(a, chat_id, h), cancel)
+    assert seen[-1]["data"]["status"] == "cancelled" and seen[-1]["data"]["reason"] == "user_cancel"
+
+
+async def stop_at_first_delta(resp, stop) -> list[dict]:
+    """The stream's events to its end, ``stop(message_id)`` awaited at its first delta."""
+    seen: list[dict] = []
     async for ev in events(resp):
         if "event" not in ev:
             continue
         seen.append(ev)
-        if ev["event"] == "delta":
-            message_id = seen[0]["data"]["message_id"]
-            cancel = await b.post(f"/api/chat/{chat_id}/messages/{message_id}/cancel", headers=h)
-            assert cancel.status == 202
-    assert seen[-1]["data"]["status"] == "cancelled" and seen[-1]["data"]["reason"] == "user_cancel"
+        if ev["event"] == "delta" and sum(e["event"] == "delta" for e in seen) == 1:
+            await stop(seen[0]["data"]["message_id"])
+    return seen
 
 
 @pytest.mark.parametrize("where", ["here", "another instance"])
@@ -528,15 +536,11 @@ async def test_deleting_a_chat_stops_its_running_answer(
     fake_openai.default = Script(chunks=["kept ", "not ", "this"], gate_after=1)
     h = auth()
     chat_id = await new_chat(a, h)
-    resp = await send(a, chat_id, h)
-    seen = []
-    async for ev in events(resp):
-        if "event" not in ev:
-            continue
-        seen.append(ev)
-        if ev["event"] == "delta":
-            deleted = await b.delete(f"/api/chat/{chat_id}", headers=h)
-            assert deleted.status == 200
+
+    async def delete(message_id: str) -> None:
+        assert (await b.delete(f"/api/chat/{chat_id}", headers=h)).status == 200
+
+    seen = await stop_at_first_delta(await send(a, chat_id, h), delete)
     assert seen[-1]["event"] == "done", seen
     assert seen[-1]["data"]["status"] == "cancelled" and seen[-1]["data"]["reason"] == "user_cancel"
     assert text_of(seen) == "kept "
