@@ -976,6 +976,11 @@ async def test_claude_code_lists_models_with_its_key_in_x_api_key(stream_client,
     assert body["has_more"] is False and body["data"][0]["type"] == "model"
     resp = await stream_client.get("/v1/models/demo", headers=anthropic_headers)
     assert (await resp.json())["type"] == "model"
+    for limit in ("0", "²", "1" * 5000, "-1", "x"):  # each a 400 in Anthropic's shape, no 500
+        resp = await stream_client.get(
+            "/v1/models", params={"limit": limit}, headers=anthropic_headers
+        )
+        assert resp.status == 400 and (await resp.json())["type"] == "error", limit
     resp = await stream_client.get("/v1/models", headers={"x-api-key": token_for("alice")})
     assert resp.status == 401 and "type" not in await resp.json()  # OpenAI's error shape
     openai_headers = {"Authorization": f"Bearer {token_for('alice')}"}

@@ -70,7 +70,7 @@ def _page(ids: list[str], query: Any) -> tuple[list[str], bool]:
     """The ids of Anthropic's page (``limit``, after ``after_id`` or before ``before_id``) and
     whether more lie beyond it in that direction."""
     raw = query.get("limit", str(PAGE_DEFAULT))
-    if not raw.isdigit() or not 1 <= int(raw) <= PAGE_MAX:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 4) or not 1 <= int(raw) <= PAGE_MAX:
         raise BadRequest(f"limit: must be an integer from 1 to {PAGE_MAX}", code="validation_error")
     limit = int(raw)
     after, before = query.get("after_id"), query.get("before_id")
