@@ -350,7 +350,7 @@ class Store:
                 {"updated_at": at, "_id": {"$lt": chat_id}},
             ]
         docs = (
-            await self.chats.find(query)
+            await self.chats.find(query, projection=NOT_NOTES)
             .sort([("updated_at", DESCENDING), ("_id", DESCENDING)])
             .limit(limit + 1)
             .to_list(limit + 1)
@@ -363,7 +363,7 @@ class Store:
     @db_call
     async def get_chat(self, user_id: str, chat_id: str) -> Doc | None:
         doc: Doc | None = await self.chats.find_one(
-            {"_id": chat_id, "user_id": user_id, "is_active": True}
+            {"_id": chat_id, "user_id": user_id, "is_active": True}, projection=NOT_NOTES
         )
         return doc
 
@@ -1458,6 +1458,7 @@ class ChatTurn:
 
 
 BEGAN_KEPT = 16  # the turns a chat remembers having begun (its group commit's notes)
+NOT_NOTES = {"began": 0}  # a chat as read for a client: without its group commit's notes
 
 
 def _began(turn: ChatTurn, now: datetime) -> list[Doc]:
