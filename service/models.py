@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from service.auth import KeyScope
 from service.costs import Price
 from service.errors import NotFound
 from service.settings import Settings, SettingsError
@@ -71,8 +72,16 @@ class Catalogue:
         self._models = {m.name: m for m in models if m.enabled}
         self.default = default
 
-    def resolve(self, name: str | None) -> ModelSpec:
-        spec = self._models.get(name or self.default)
+    def default_for(self, key: KeyScope | None) -> str:
+        """The model a turn that names none uses: the configured default, or for an API key
+        that may not use it, the first model of the catalogue the key may use (none: the
+        default still, and such a turn is refused as one naming it would be)."""
+        if key is None or key.may_use(self.default):
+            return self.default
+        return next((name for name in self._models if key.may_use(name)), self.default)
+
+    def resolve(self, name: str | None, key: KeyScope | None = None) -> ModelSpec:
+        spec = self._models.get(name or self.default_for(key))
         if spec is None:
             raise NotFound(f"model '{name}' is not available", code="model_not_found")
         return spec

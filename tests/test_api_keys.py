@@ -243,6 +243,27 @@ async def test_a_key_scoped_to_models_is_refused_another_on_the_chat_route(strea
     assert resp.status == 200 and (await collect(resp))[-1]["event"] == "done"
 
 
+async def test_a_key_without_the_default_model_is_given_the_first_it_may_use(
+    stream_client, auth, logs
+):
+    """The default (``gpt-test`` here) is not on the key's list: ``/api/models`` says the
+    key's default is ``demo``, and a send that names no model uses it (it was 403)."""
+    key = await make_key(stream_client, auth(), models=["demo"])
+    h = bearer(key["key"])
+    listed = await (await stream_client.get("/api/models", headers=h)).json()
+    assert listed["default"] == "demo"
+    listed = await (await stream_client.get("/api/models", headers=auth())).json()
+    assert listed["default"] == "gpt-test"
+    chat_id = await new_chat(stream_client, h)
+    resp = await stream_client.post(
+        f"/api/chat/{chat_id}/message", json={"message": "Hi"}, headers=h
+    )
+    assert resp.status == 200, await resp.text()
+    assert (await collect(resp))[-1]["event"] == "done"
+    started = next(e for e in logs if e["event"] == "stream.started")
+    assert started["model"] == "demo"
+
+
 async def test_a_key_is_offered_only_its_models(stream_client, auth):
     """``/api/models``, ``/v1/models`` (the SDK's ``models.list``) and ``/v1/models/{model}``
     offer a key with a model list those models only, and a chat cannot be made with another

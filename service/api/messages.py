@@ -184,10 +184,11 @@ def setup(app: web.Application) -> None:
 
 async def list_models(request: web.Request) -> web.Response:
     catalogue = request.app[CATALOGUE]
-    models = await request.app[MODEL_LISTS].live(catalogue.all(), request[PRINCIPAL].key)
+    key = request[PRINCIPAL].key
+    models = await request.app[MODEL_LISTS].live(catalogue.all(), key)
     return json_response(
         {
-            "default": catalogue.default,
+            "default": catalogue.default_for(key),
             "models": [
                 {
                     "name": m.name,

@@ -309,7 +309,7 @@ class TurnProducer:
         started: float,
     ) -> tuple[Turn, str, int, datetime]:
         """Admit a turn whose chat (if any) is known: the model, the prompt, the reservation."""
-        spec = self.catalogue.resolve(inp.model or chat_model)
+        spec = self.catalogue.resolve(inp.model or chat_model, inp.api_key)
         _allowed(inp.api_key, spec)
         await self.model_lists.require(spec)
         provider = self.providers.get(spec.provider)
