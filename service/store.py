@@ -1382,15 +1382,25 @@ class Store:
 
     @db_call
     async def reset_usage(self, user_id: str, period: str) -> Doc:
-        """Zero the month's ``used`` and ``cost``; ``reserved`` and ``open`` stay, so turns
-        running now still settle (what they spend counts from zero). The document as it was
-        (``{}``: none, and none is made)."""
+        """Zero the month's ``used`` and ``cost``, and those of the user's API keys' own months
+        (a key held to its own limit would otherwise stay spent); ``reserved`` and ``open``
+        stay, so turns running now still settle (what they spend counts from zero). The user's
+        document as it was (``{}``: none, and none is made)."""
+        zero = {"$set": {"used": 0, "cost": 0}}
         before: Doc | None = await self.usage.find_one_and_update(
             {"user_id": user_id, "period": period},
-            {"$set": {"used": 0, "cost": 0}},
+            zero,
             projection={"settled": 0},
             return_document=ReturnDocument.BEFORE,
         )
+        keys: list[Doc] = (
+            await self.db["api_keys"]
+            .find({"user_id": user_id, "limit": {"$ne": None}}, {"_id": 1})
+            .to_list(None)
+        )
+        if keys:
+            accounts = [key_account(k["_id"]) for k in keys]
+            await self.usage.update_many({"user_id": {"$in": accounts}, "period": period}, zero)
         return before or {}
 
     @db_call

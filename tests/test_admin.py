@@ -18,7 +18,7 @@ from service.analytics import rollup_docs
 from service.app import create_app
 from service.costs import format_cost
 from service.keys import STORE
-from service.store import ReserveRequest, utcnow
+from service.store import ReserveRequest, key_account, utcnow
 from service.stream.producer import period_of
 from tests import openai_recordings as rec
 from tests.fake_openai import Script
@@ -186,6 +186,32 @@ async def test_an_administrator_reads_sets_and_resets_a_users_limit(
         40,
     )
     assert not any("Bearer" in repr(e) or "eyJ" in repr(e) for e in logs)  # never a token
+
+
+async def test_a_reset_frees_the_users_api_keys_held_to_their_own_limits(
+    stream_client, auth, admin, fake_openai
+):
+    """A key spent to its own limit is refused; after the user's reset it sends again (the
+    reset zeroes the key's own month too, not the user's alone)."""
+    client = stream_client
+    db = client.app[STORE].db
+    fake_openai.default = Script(chunks=["a"], usage=(100, 150))
+    resp = await client.post("/api/keys", json={"name": "ci", "limit": 100}, headers=auth())
+    key = await resp.json()
+    headers = {"Authorization": f"Bearer {key['key']}"}
+    body = {"model": "gpt-test", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
+    resp = await client.post("/v1/chat/completions", json=body, headers=headers)
+    assert resp.status == 200, await resp.text()
+    await settled(db)
+    await settled(db, users=(key_account(key["id"]),))
+    resp = await client.post("/v1/chat/completions", json=body, headers=headers)
+    assert resp.status == 429 and "API key" in (await resp.json())["error"]["message"]
+    resp = await client.post("/api/admin/users/alice/reset", headers=admin())
+    assert resp.status == 200
+    own = await db.usage.find_one({"user_id": key_account(key["id"]), "period": month()})
+    assert (own["used"], own["cost"]) == (0, 0)
+    resp = await client.post("/v1/chat/completions", json=body, headers=headers)
+    assert resp.status == 200, await resp.text()
 
 
 @pytest.mark.parametrize(
