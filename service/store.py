@@ -1068,6 +1068,17 @@ class Store:
         return docs
 
     @db_call
+    async def deleted_chats(self, chat_ids: list[str]) -> set[str]:
+        """Which of these chats are deleted (the watcher's look at the turns written since its
+        last round: a turn whose records came after its chat's delete flagged the chat's turns)."""
+        docs: list[Doc] = await self.chats.find(
+            {"_id": {"$in": chat_ids}, "is_active": False},
+            projection={"_id": 1},
+            comment=REPLICA_WORK,
+        ).to_list(None)
+        return {d["_id"] for d in docs}
+
+    @db_call
     async def follow_turns(self, message_ids: list[str], *, until: datetime) -> None:
         """This replica follows these running turns until ``until``: their replicas checkpoint
         them every FOLLOW_INTERVAL_S meanwhile (renewed while anyone follows)."""

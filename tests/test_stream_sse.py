@@ -551,6 +551,50 @@ async def test_deleting_a_chat_stops_its_running_answer(
     assert ended(logs, outcome="cancelled", reason="user_cancel")
 
 
+async def test_a_turn_whose_records_come_after_its_chats_delete_is_stopped(
+    aiohttp_client, stream_settings, fake_openai, auth
+):
+    """The race a delete's flag misses: the turn was authorized before the delete (sent to
+    another replica), but its records are written after the delete flagged the chat's
+    records. Its replica looks at the chat of every turn written since its last round, and
+    stops it (``user_cancel``) instead of letting it run to its end in a deleted chat."""
+    settings = stream_settings()
+    a = await aiohttp_client(create_app(settings))
+    b = await aiohttp_client(create_app(settings))
+    h = auth()
+    chat_id = await new_chat(a, h)
+    store, inserting, deleted = a.app[STORE], asyncio.Event(), asyncio.Event()
+    insert = store.insert_messages
+
+    async def held_insert(groups):
+        inserting.set()  # the turn is authorized: its insert comes after the authorization
+        await deleted.wait()
+        return await insert(groups)
+
+    store.insert_messages = held_insert
+    fake_openai.default = Script(chunks=["one ", "two"], gate_after=1)
+    try:
+        sending = asyncio.ensure_future(send(a, chat_id, h))
+        await asyncio.wait_for(inserting.wait(), 5)
+        assert (await b.delete(f"/api/chat/{chat_id}", headers=h)).status == 200
+        deleted.set()
+        resp = await sending
+        assert resp.status == 200
+        # Without the watcher's look at its chat, it would run on until the gate opens.
+        seen = await asyncio.wait_for(_collect_events(resp), 5)
+    finally:
+        deleted.set()
+        fake_openai.gate.set()
+    assert seen[-1]["event"] == "done", seen
+    assert seen[-1]["data"]["status"] == "cancelled" and seen[-1]["data"]["reason"] == "user_cancel"
+    _, assistant = await records(a, chat_id)
+    assert assistant["status"] == "cancelled" and assistant["reason"] == "user_cancel"
+
+
+async def _collect_events(resp) -> list[dict]:
+    return [ev async for ev in events(resp) if "event" in ev]
+
+
 async def test_started_comes_once_the_records_exist_so_any_replica_can_cancel_it(
     aiohttp_client, stream_settings, fake_openai, auth
 ):

@@ -756,6 +756,8 @@ class Turn:
             refused: BaseException | None = await asyncio.shield(opened)
             if refused is None:
                 refused = await self._insert_finished()
+                if refused is None and self.inp.chat_id is not None:
+                    registry.written.append(self.live)  # its chat looked at once more
         except asyncio.CancelledError:
             if self.live.cancel_when_alone:
                 self.live.cancel("client_disconnect")

@@ -32,6 +32,9 @@ class StreamRegistry:
         self.streams: dict[str, LiveStream] = {}
         self.followers: set[Follower] = set()
         self.followed: set[LiveStream] = set()  # this replica's turns followed from another
+        # Chat turns whose records were written since the watcher last looked: it checks their
+        # chats once (a delete flags only the records that exist when it runs).
+        self.written: list[LiveStream] = []
         self.draining = False
         self.pending = PendingFinals()  # final writes MongoDB could not take yet
         self.rollups = RollupBuffer()  # the rollup's increments, written each checkpoint round

@@ -1,6 +1,7 @@
 """One background loop per replica, independent of how many streams are live:
 
-- cancel requests written to MongoDB by any replica reach the local stream (``user_cancel``);
+- cancel requests written to MongoDB by any replica reach the local stream (``user_cancel``),
+  and so does a chat's delete to a turn whose records came after it flagged the chat's turns;
 - first-token, idle (between chunks) and total deadlines are enforced (``timeout``);
 - the replica's heartbeat is written, so that a stream left ``streaming`` by a dead process can
   be told apart from a slow one (one write per replica, however many streams it runs);
@@ -182,6 +183,8 @@ async def _control(store: Store, registry: StreamRegistry, settings: Settings) -
                 await registry.pending.retry(store, registry.rollups)
             if registry.streams:
                 _flags(registry, await store.flagged_turns(), now)
+            if registry.written:
+                await _deleted_chats(store, registry)
             if now >= next_reap and registry.may_reap(now, settings.stale_stream_s):
                 next_reap = now + settings.reaper_interval_s
                 await reap(store, settings)
@@ -210,6 +213,22 @@ async def _idle_leases(registry: StreamRegistry, settings: Settings) -> None:
         except Exception:
             log.exception("stream.watch_failed")
         await asyncio.sleep(settings.watch_interval_s)
+
+
+async def _deleted_chats(store: Store, registry: StreamRegistry) -> None:
+    """Stop the turns written since the last round whose chat is deleted. A delete flags the
+    chat's records that exist (``Store.delete_chat``); a turn authorized before it whose
+    records came after is found here, one round later: its records written, the chat was
+    already inactive when it was read. One read a round, only when such turns started."""
+    written, registry.written = registry.written, []
+    try:
+        deleted = await store.deleted_chats(list({w.chat_id for w in written if w.chat_id}))
+    except BaseException:
+        registry.written = written + registry.written  # looked at again at the next round
+        raise
+    for live in written:
+        if live.chat_id in deleted and live.final is None:
+            live.cancel("user_cancel")
 
 
 def _deadlines(registry: StreamRegistry, now: float) -> None:
