@@ -375,6 +375,14 @@ async def test_a_ticket_on_a_request_that_is_no_upgrade_is_not_used_up(stream_cl
         ('{"type": "send", "id": "t", "chat_id": "C", "message": 5}', "t", "message"),
         ('{"type": "send", "id": "t", "chat_id": "C", "message": "hi", "model": 3}', "t", "model"),
         ('{"type": "send", "id": "t", "chat_id": "C", "message": "hi", "x": 1}', "t", "x"),
+        ('{"type": "regenerate", "id": "t", "chat_id": "C"}', "t", "message_id"),
+        ('{"type": "regenerate", "id": "t", "chat_id": "C", "message_id": "x"}', "t", "message_id"),
+        (
+            '{"type": "regenerate", "id": "t", "chat_id": "C", "message_id": "C", "message": "hi"}',
+            "t",
+            "message",
+        ),
+        ('{"type": "edit", "id": "t", "chat_id": "C", "message_id": "C"}', "t", "message"),
         ('{"type": "cancel"}', None, "id"),
         ('{"type": "cancel", "id": 7}', None, "id"),
     ],
@@ -531,6 +539,54 @@ async def test_with_on_disconnect_cancel_a_reader_that_stops_is_cancelled_as_slo
 
 # --------------------------------------------------------------------------- parity and shutdown
 VOLATILE = {"_id", "chat_id", "created_at", "alive_at", "checkpoint_at", "completed_at"}
+
+
+async def test_regenerate_and_edit_over_the_socket_as_over_sse(stream_client, fake_openai, auth):
+    """``regenerate`` and ``edit`` frames are the SSE routes' turns: the same versions in the
+    history, the same refusals (as error frames), and one idempotency key across both."""
+    client, h = stream_client, auth()
+    chat_id = await new_chat(client, h)
+    fake_openai.scripts = [
+        Script(chunks=["first"], usage=(10, 1)),
+        Script(chunks=["second"], usage=(11, 1)),
+        Script(chunks=["third"], usage=(12, 1)),
+    ]
+    ws = await connect(client, h)
+    await ws.send_json(send("a", chat_id, "Question"))
+    first = await until_terminal(ws, {"a"})
+    answer = first[0]["message_id"]
+    await ws.send_json(
+        {"type": "regenerate", "id": "b", "chat_id": chat_id, "message_id": answer, "key": "k-1"}
+    )
+    second = await until_terminal(ws, {"b"})
+    assert second[0]["type"] == "started" and text(second, "b") == "second"
+    assert second[-1]["type"] == "done" and second[-1]["status"] == "complete"
+    # The same key over SSE follows that regenerate (nothing new is generated or billed).
+    resp = await client.post(
+        f"/api/chat/{chat_id}/messages/{answer}/regenerate",
+        headers={**h, "Idempotency-Key": "k-1"},
+    )
+    assert resp.status == 200 and resp.headers.get("Idempotent-Replayed") == "true"
+    assert text_of(await collect(resp)) == "second"
+    docs = await records(client, chat_id)
+    question = docs[0]["_id"]
+    assert [d.get("replaces") for d in docs if d["role"] == "assistant"] == [None, answer]
+    # Refused as over SSE: a regenerate of a question is 409 wrong_role.
+    await ws.send_json(
+        {"type": "regenerate", "id": "c", "chat_id": chat_id, "message_id": question}
+    )
+    [refused] = await until_terminal(ws, {"c"})
+    assert (refused["type"], refused["code"], refused["status"]) == ("error", "wrong_role", 409)
+    await ws.send_json(
+        {"type": "edit", "id": "d", "chat_id": chat_id, "message_id": question, "message": "New"}
+    )
+    edited = await until_terminal(ws, {"d"})
+    assert text(edited, "d") == "third"
+    await ws.close()
+    resp = await client.get(f"/api/chat/{chat_id}", headers=h)
+    shown = [(m["role"], m["content"]) for m in (await resp.json())["messages"]]
+    assert shown == [("user", "New"), ("assistant", "third")]
+    assert len(fake_openai.requests) == 3
 
 
 async def test_ws_and_sse_leave_identical_records(stream_client, fake_openai, auth):

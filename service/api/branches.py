@@ -16,7 +16,7 @@ from service.http import json_response, not_found, parse_uuid, read_json
 from service.keys import ADMISSIONS, PRINCIPAL, REGISTRY, SETTINGS, STORE
 from service.stream.branches import Branch, Kind, root_of
 from service.stream.idempotency import HEADER as KEY_HEADER
-from service.stream.idempotency import REPLAYED_HEADER, fingerprint, parse_key
+from service.stream.idempotency import REPLAYED_HEADER, branch_payload, parse_key
 from service.stream.producer import TurnInput
 from service.transports import sse
 
@@ -63,9 +63,7 @@ async def _branch(
         key=key,
         branch=Branch(kind, message_id),
     )
-    payload = fingerprint(
-        {"route": kind, "chat_id": chat_id, "target": message_id, "message": text, "model": model}
-    )
+    payload = branch_payload(kind, chat_id, message_id, text, model)
     admission = await request.app[ADMISSIONS].admit(inp, payload)
     registry = request.app[REGISTRY]
     follower = registry.follow(admission.live, 0, "sse", keepalive=True)

@@ -84,6 +84,15 @@ def chat_send_payload(chat_id: str, message: str, model: str | None) -> str:
     return fingerprint({"route": "chat", "chat_id": chat_id, "message": message, "model": model})
 
 
+def branch_payload(
+    kind: str, chat_id: str, target: str, message: str | None, model: str | None
+) -> str:
+    """A regenerate's or an edit's fingerprint, the same over SSE and WebSocket."""
+    return fingerprint(
+        {"route": kind, "chat_id": chat_id, "target": target, "message": message, "model": model}
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Admission:
     live: LiveStream

@@ -30,8 +30,15 @@ from service.http import not_found
 from service.metrics import RESUMES as RESUMES_TOTAL
 from service.settings import Settings
 from service.store import Store
+from service.stream.branches import Branch
 from service.stream.events import Delta, Done, Event, Extra, Final, Ping, Started
-from service.stream.idempotency import KEY_RULE, Admissions, chat_send_payload, valid_key
+from service.stream.idempotency import (
+    KEY_RULE,
+    Admissions,
+    branch_payload,
+    chat_send_payload,
+    valid_key,
+)
 from service.stream.live import LiveStream
 from service.stream.mirror import Resumes
 from service.stream.producer import TurnInput
@@ -60,11 +67,23 @@ class FrameError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class SendFrame:
+    """A ``send``, or a ``regenerate`` / ``edit`` of a message of the chat (``branch``)."""
+
     id: str
     chat_id: str
-    message: str
+    message: str | None  # None: a regenerate (it asks the question again)
     model: str | None
     key: str | None = None  # an idempotency key, as the HTTP routes' Idempotency-Key
+    branch: Branch | None = None
+
+    def payload(self) -> str:
+        """The idempotency key's fingerprint: the SSE route's for the same turn."""
+        if self.branch is None:
+            assert self.message is not None
+            return chat_send_payload(self.chat_id, self.message, self.model)
+        return branch_payload(
+            self.branch.kind, self.chat_id, self.branch.target, self.message, self.model
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,18 +126,35 @@ def _check_keys(data: Frame, allowed: set[str], turn_id: str | None) -> None:
         raise FrameError(f"unknown field '{extra[0]}'", turn_id, extra[0])
 
 
-def parse_send(data: Frame) -> SendFrame:
-    turn_id = _turn_id(data)
-    _check_keys(data, {"type", "id", "chat_id", "message", "model", "key"}, turn_id)
-    chat_id = data.get("chat_id")
+SEND_FIELDS = {
+    "send": {"type", "id", "chat_id", "message", "model", "key"},
+    "regenerate": {"type", "id", "chat_id", "message_id", "model", "key"},
+    "edit": {"type", "id", "chat_id", "message_id", "message", "model", "key"},
+}
+
+
+def _uuid_field(data: Frame, name: str, turn_id: str) -> str:
+    value = data.get(name)
     try:
-        chat_id = str(uuid.UUID(chat_id)) if isinstance(chat_id, str) else None
+        value = str(uuid.UUID(value)) if isinstance(value, str) else None
     except ValueError:
-        chat_id = None
-    if chat_id is None:
-        raise FrameError("'chat_id' must be a UUID string", turn_id, "chat_id")
+        value = None
+    if value is None:
+        raise FrameError(f"'{name}' must be a UUID string", turn_id, name)
+    return value
+
+
+def parse_send(data: Frame) -> SendFrame:
+    """A ``send``, ``regenerate`` or ``edit`` frame (``data["type"]``, one of SEND_FIELDS)."""
+    kind = data["type"]
+    turn_id = _turn_id(data)
+    _check_keys(data, SEND_FIELDS[kind], turn_id)
+    chat_id = _uuid_field(data, "chat_id", turn_id)
+    branch = None if kind == "send" else Branch(kind, _uuid_field(data, "message_id", turn_id))
     message = data.get("message")
-    if not isinstance(message, str) or len(message) > MAX_RAW_MESSAGE_CHARS:
+    if kind != "regenerate" and (
+        not isinstance(message, str) or len(message) > MAX_RAW_MESSAGE_CHARS
+    ):
         raise FrameError("'message' must be a string", turn_id, "message")
     model = data.get("model")
     if model is not None and (not isinstance(model, str) or not 0 < len(model) <= MAX_MODEL_CHARS):
@@ -128,7 +164,7 @@ def parse_send(data: Frame) -> SendFrame:
     key = data.get("key")
     if key is not None and not valid_key(key):
         raise FrameError(f"'key' must be {KEY_RULE}", turn_id, "key")
-    return SendFrame(turn_id, chat_id, message, model, key)
+    return SendFrame(turn_id, chat_id, message, model, key, branch)
 
 
 def parse_resume(data: Frame) -> ResumeFrame:
@@ -410,7 +446,7 @@ class Connection:
         try:
             data = parse_frame(raw)
             kind = data["type"]
-            if kind == "send":
+            if kind in SEND_FIELDS:  # send, regenerate, edit
                 req = parse_send(data)
                 self._open_slot(req.id, lambda slot: self._run_send(slot, req))
             elif kind == "resume":
@@ -527,8 +563,9 @@ class Connection:
                 text=req.message,
                 model=req.model,
                 key=req.key,
+                branch=req.branch,
             ),
-            chat_send_payload(req.chat_id, req.message, req.model) if req.key else None,
+            req.payload() if req.key else None,
         )
         await self._follow(slot, admission.live, 0, replayed=admission.replayed)
 
