@@ -9,7 +9,7 @@ import pytest
 
 from tests import test_page_browser as page_browser
 from tests.fake_openai import Script
-from tests.test_page_browser import LAST_ASSISTANT, open_page, send
+from tests.test_page_browser import LAST_ASSISTANT, open_page, send, use_transport
 
 browser = page_browser.browser
 serve = page_browser.serve
@@ -36,10 +36,14 @@ async def shown(page):
     )
 
 
-async def test_regenerate_streams_a_new_version_and_keeps_the_old_one(browser, serve, fake_openai):
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_regenerate_streams_a_new_version_and_keeps_the_old_one(
+    browser, serve, fake_openai, db, transport
+):
     fake_openai.scripts = [Script(chunks=["first ", "answer"]), Script(chunks=["second answer"])]
     client = await serve(default_model="gpt-test")
     page = await open_page(browser, client)
+    await use_transport(page, transport)
     await send(page, "q1")
     await answered(page, "first answer")
 
@@ -47,6 +51,8 @@ async def test_regenerate_streams_a_new_version_and_keeps_the_old_one(browser, s
     done = await answered(page, "second answer")
     assert await shown(page) == [["user", "q1"], ["assistant", "second answer"]]
     assert prompt(fake_openai) == [("user", "q1")]
+    regenerated = await db.messages.find_one({"role": "assistant", "replaces": {"$exists": True}})
+    assert regenerated["transport"] == transport  # over the socket when it is switched on
     version = done.locator(".msg-version")
     await version.wait_for()
     assert await version.text_content() == "2 of 2"
@@ -63,7 +69,10 @@ async def test_regenerate_streams_a_new_version_and_keeps_the_old_one(browser, s
     assert page.uncaught == []
 
 
-async def test_edit_a_question_in_place_and_the_next_turn_follows_it(browser, serve, fake_openai):
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_edit_a_question_in_place_and_the_next_turn_follows_it(
+    browser, serve, fake_openai, db, transport
+):
     fake_openai.scripts = [
         Script(chunks=["a1"]),
         Script(chunks=["a2"]),
@@ -72,6 +81,7 @@ async def test_edit_a_question_in_place_and_the_next_turn_follows_it(browser, se
     ]
     client = await serve(default_model="gpt-test")
     page = await open_page(browser, client)
+    await use_transport(page, transport)
     await send(page, "q1")
     await answered(page, "a1")
     await send(page, "q2")
@@ -97,6 +107,11 @@ async def test_edit_a_question_in_place_and_the_next_turn_follows_it(browser, se
         ["assistant", "a2 for the edit"],
     ]
     assert prompt(fake_openai) == [("user", "q1"), ("assistant", "a1"), ("user", "q2, edited")]
+    edited = await db.messages.find_one({"role": "user", "edits": {"$exists": True}})
+    its_answer = await db.messages.find_one(
+        {"chat_id": edited["chat_id"], "seq": edited["seq"] + 1}
+    )
+    assert its_answer["transport"] == transport  # over the socket when it is switched on
     await page.locator(LAST_USER).locator(".msg-version", has_text="2 of 2").wait_for()
 
     await send(page, "q3")

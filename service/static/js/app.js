@@ -555,8 +555,8 @@ async function onMessagesClick(ev) {
 // ------------------------------------------------------------------------------------ versions
 // Regenerate an answer, or ask a question again with new text: the message and everything after
 // it leave the page (the server keeps them as earlier versions) and the new turn streams in at
-// the end, as a send does. Refused before it started: the page is put back as it was. Always
-// over SSE (the routes are the send's kind).
+// the end, as a send does (over the WebSocket when it is switched on). Refused before it
+// started: the page is put back as it was.
 async function branch(kind, msgEl, text = null) {
   const messageId = msgEl.dataset.messageId;
   if (state.turn || !messageId) return;
@@ -572,7 +572,8 @@ async function branch(kind, msgEl, text = null) {
   let started = false;
   try {
     const params = { chatId, messageId, kind, message: text, model: el.model.value || null, key: randomId() };
-    const turn = sseBranch(params, answerHandlers(botEl, () => (started = true)));
+    const handlers = answerHandlers(botEl, () => (started = true));
+    const turn = el.useWs.checked ? state.ws.branch(params, handlers) : sseBranch(params, handlers);
     state.turn.cancel = turn.cancel;
     if (state.turn.stopping) turn.cancel();
     await turn.finished;

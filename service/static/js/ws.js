@@ -3,6 +3,7 @@
 // POST /api/ws/ticket (bearer) -> {"ticket"}; connect to /api/ws?ticket=...; the server says
 // {"type":"ready","v":2,"max_turns":N}. Client: {"type":"send","id","chat_id","message","key"}
 // ("send" may also name a "model"; "key" is its idempotency key),
+// {"type":"regenerate"|"edit","id","chat_id","message_id"(,"message")...} (the send's fields),
 // {"type":"resume","id","message_id","after"} and {"type":"cancel","id"}.
 // Server: started / delta / done / error, each with the client's "id" and an "offset" (a delta's
 // is the answer's length up to the end of its text, in code points).
@@ -327,6 +328,16 @@ export class WsTransport {
   // Same contract as sseTurn: {finished, cancel}.
   turn({ chatId, message, model, key }, handlers) {
     const sendFrame = { type: "send", id: randomId(), chat_id: chatId, message, key };
+    if (model) sendFrame.model = model;
+    const turn = new WsTurn(this, handlers, { chatId, sendFrame });
+    return { finished: turn.start(), cancel: () => turn.cancel() };
+  }
+
+  // Same contract as sseBranch: regenerate an answer or edit a question (`kind`), a turn like a
+  // send (sent again with its key when the socket drops before "started").
+  branch({ chatId, messageId, kind, message, model, key }, handlers) {
+    const sendFrame = { type: kind, id: randomId(), chat_id: chatId, message_id: messageId, key };
+    if (kind === "edit") sendFrame.message = message;
     if (model) sendFrame.model = model;
     const turn = new WsTurn(this, handlers, { chatId, sendFrame });
     return { finished: turn.start(), cancel: () => turn.cancel() };
