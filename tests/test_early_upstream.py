@@ -223,3 +223,52 @@ async def test_a_program_turn_refused_after_all_drops_the_upstream_it_asked(
     await settled(store.db)
     usage = await usage_doc(client)
     assert usage["used"] == 12 and usage["reserved"] == 0
+
+
+async def test_a_client_gone_mid_admission_makes_the_next_turn_ask_only_once_admitted(
+    aiohttp_client, stream_settings, fake_openai, auth
+):
+    """The second turn is reserved and asks its upstream early, but its client goes while its
+    chat's authorization runs: the upstream request is dropped, and the user's next turn asks
+    its upstream only once admitted (as after a refusal), so the requests nobody is billed for
+    never outnumber the admissions. Before, each such send could ask once more."""
+    client = await aiohttp_client(
+        create_app(stream_settings()), server_kwargs={"handler_cancellation": True}
+    )
+    h = auth("leaving")
+    chat_id = await new_chat(client, h)
+    await collect(await send(client, chat_id, h, "q1"))  # admitted here, the chat predicted
+    store = client.app[STORE]
+    begin, reserve, release = store.begin_chat_turn, store.reserve, asyncio.Event()
+
+    async def held_begin(*args: Any, **kwargs: Any) -> Any:
+        await release.wait()
+        return await begin(*args, **kwargs)
+
+    store.begin_chat_turn = held_begin
+    fake_openai.default = Script(chunks=["lost"], gate_after=0)
+    sending = asyncio.ensure_future(send(client, chat_id, h, "q2"))
+    await asyncio.wait_for(fake_openai.reached_gate.wait(), HOLD_S)  # asked early
+    sending.cancel()  # the client goes while the chat's authorization is held
+    with contextlib.suppress(asyncio.CancelledError):
+        await sending
+    await asyncio.wait_for(fake_openai.disconnected.wait(), HOLD_S)  # dropped
+    release.set()
+    store.begin_chat_turn = begin
+    await gap_passed(client, "leaving")
+    asked_during_reservation: list[bool] = []
+    fake_openai.reached_gate.clear()
+
+    async def watched_reserve(*args: Any, **kwargs: Any) -> Any:
+        with contextlib.suppress(TimeoutError):  # an early ask arrives within a second
+            await asyncio.wait_for(fake_openai.reached_gate.wait(), 1.0)
+        asked_during_reservation.append(fake_openai.reached_gate.is_set())
+        return await reserve(*args, **kwargs)
+
+    store.reserve = watched_reserve
+    fake_openai.default = Script(chunks=["kept"], gate_after=0)
+    fake_openai.gate.set()
+    seen = await collect(await send(client, chat_id, h, "q3"))
+    assert seen[-1]["event"] == "done"
+    assert asked_during_reservation == [False]
+    assert len(fake_openai.requests) == 3  # q1, q2's early request, q3 once admitted

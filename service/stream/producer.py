@@ -230,6 +230,7 @@ class TurnProducer:
             )
         except asyncio.CancelledError:  # the client left: its authorization ends on its own
             check.add_done_callback(_retrieved)
+            self.context_cache.drop(inp.chat_id)  # it takes the seqs predicted for the next
             raise
         except BaseException:
             chat = await self._authorized(check, inp.chat_id, seq)
@@ -264,6 +265,7 @@ class TurnProducer:
             chat = await asyncio.shield(check)
         except asyncio.CancelledError:
             check.add_done_callback(_retrieved)
+            self.context_cache.drop(chat_id)  # it takes the seqs predicted for the next
             raise
         if chat is None:
             self.context_cache.drop(chat_id)
@@ -275,7 +277,7 @@ class TurnProducer:
     async def _unadmit(self, turn: Turn, now: datetime) -> None:
         """Give back what an admitted turn that will not run reserved, as if it never had:
         its grant (to the lease, or the month), its request, the page's message gap."""
-        self._discard(turn.opening(), turn.message_id)
+        self._discard(turn.opening(), turn.inp, turn.message_id)
         reservation = turn.admitted()
         if reservation is None:
             return
@@ -359,7 +361,7 @@ class TurnProducer:
         try:
             reservation = await self._reserve(inp.transport, req)
         except BaseException as exc:
-            self._discard(opening, message_id)
+            self._discard(opening, inp, message_id)
             if key_grant is not None:  # the key's reservation is free again
                 assert inp.api_key is not None
                 with contextlib.suppress(ServiceError):
@@ -381,7 +383,7 @@ class TurnProducer:
             raise
         within = budget.completion_within(price, reservation.grant, prompt_tokens) // choices
         if opening is not None and within < max_out:  # clamped: the answer asked was longer
-            self._discard(opening, message_id)
+            self._discard(opening, inp, message_id)
             opening = None
         turn = Turn(
             producer=self,
@@ -419,9 +421,18 @@ class TurnProducer:
             expected = leases.must_ask(req) and leases.expected.likely(req)
         return Ahead(provider.open(request)) if expected else None
 
-    def _discard(self, early: Ahead | None, mid: str) -> None:
+    def _discard(self, early: Ahead | None, inp: TurnInput, mid: str) -> None:
+        """Drop an upstream asked beside an admission that did not go through as expected;
+        the user's next turn then asks only once admitted (``Expected``), so the requests
+        nobody is billed for never outnumber the user's admissions here, whatever ended this
+        one (a refusal, a client gone mid-admission, a stale prediction)."""
         if early is not None:
             early.drop(self.registry.track)
+            leases = self.leases
+            if inp.transport == "sse" or leases is None:
+                self.reservations.expected.refused(inp.user_id)
+            else:
+                leases.expected.refused(inp.user_id)
             log.info("stream.early_upstream_dropped", message_id=mid)
 
     async def _branch(
