@@ -563,15 +563,8 @@ async def test_a_turn_whose_records_come_after_its_chats_delete_is_stopped(
     b = await aiohttp_client(create_app(settings))
     h = auth()
     chat_id = await new_chat(a, h)
-    store, inserting, deleted = a.app[STORE], asyncio.Event(), asyncio.Event()
-    insert = store.insert_messages
-
-    async def held_insert(groups):
-        inserting.set()  # the turn is authorized: its insert comes after the authorization
-        await deleted.wait()
-        return await insert(groups)
-
-    store.insert_messages = held_insert
+    # The turn is authorized once its insert is asked for: held until the delete is done.
+    inserting, deleted = hold_inserts(a.app[STORE])
     fake_openai.default = Script(chunks=["one ", "two"], gate_after=1)
     try:
         sending = asyncio.ensure_future(send(a, chat_id, h))
@@ -591,6 +584,21 @@ async def test_a_turn_whose_records_come_after_its_chats_delete_is_stopped(
     assert assistant["status"] == "cancelled" and assistant["reason"] == "user_cancel"
 
 
+def hold_inserts(store) -> tuple[asyncio.Event, asyncio.Event]:
+    """Hold the records' inserts: the first event is set when one is asked for, and they are
+    written once the second is set."""
+    asked, release = asyncio.Event(), asyncio.Event()
+    insert = store.insert_messages
+
+    async def held(groups):
+        asked.set()
+        await release.wait()
+        return await insert(groups)
+
+    store.insert_messages = held
+    return asked, release
+
+
 async def _collect_events(resp) -> list[dict]:
     return [ev async for ev in events(resp) if "event" in ev]
 
@@ -607,14 +615,7 @@ async def test_started_comes_once_the_records_exist_so_any_replica_can_cancel_it
     b = await aiohttp_client(create_app(settings))
     h = auth()
     chat_id = await new_chat(a, h)
-    store, written = a.app[STORE], asyncio.Event()
-    insert = store.insert_messages
-
-    async def slow_insert(groups):
-        await written.wait()
-        return await insert(groups)
-
-    store.insert_messages = slow_insert
+    _, written = hold_inserts(a.app[STORE])
     fake_openai.default = Script(chunks=["one ", "two"], gate_after=1)
     try:
         sending = asyncio.ensure_future(send(a, chat_id, h))
