@@ -220,14 +220,17 @@ async def _deleted_chats(store: Store, registry: StreamRegistry) -> None:
     chat's records that exist (``Store.delete_chat``); a turn authorized before it whose
     records came after is found here, one round later: its records written, the chat was
     already inactive when it was read. One read a round, only when such turns started."""
-    written, registry.written = registry.written, []
+    written = [live for live in registry.written if live.final is None]  # ended: nothing to stop
+    registry.written = []
+    if not written:
+        return
     try:
         deleted = await store.deleted_chats(list({w.chat_id for w in written if w.chat_id}))
     except BaseException:
         registry.written = written + registry.written  # looked at again at the next round
         raise
     for live in written:
-        if live.chat_id in deleted and live.final is None:
+        if live.chat_id in deleted:
             live.cancel("user_cancel")
 
 
