@@ -12,7 +12,7 @@ from service.app import create_app
 from service.keys import STORE
 from service.store import key_account
 from tests.fake_openai import Script
-from tests.faults import rolled_up, settled
+from tests.faults import calls, rolled_up, settled
 
 BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
 
@@ -29,9 +29,11 @@ async def test_a_key_s_own_limit_holds_under_30_concurrent_turns(
     key = await resp.json()
     headers = {"Authorization": f"Bearer {key['key']}"}
     fake_openai.default = Script(chunks=["a", "b"], usage=(21, 4))
+    grouped = calls("reserve_many")
     responses = await asyncio.gather(
         *(client.post("/v1/chat/completions", json=BODY, headers=headers) for _ in range(30))
     )
+    assert calls("reserve_many") > grouped  # the key's reservations arriving together, grouped
     bodies = [await r.json() if r.status != 200 else await r.read() for r in responses]
     statuses = Counter(r.status for r in responses)
     assert statuses[200] >= 1 and statuses[429] >= 1, statuses  # the key's limit refused some

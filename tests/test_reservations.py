@@ -10,7 +10,7 @@ from service.app import create_app
 from service.errors import RateLimited
 from service.keys import PRODUCER, STORE
 from service.store import ReserveRequest, utcnow
-from service.stream.groups import PageReservations
+from service.stream.groups import Reservations
 from service.stream.producer import period_of
 from tests.fake_openai import Script
 from tests.faults import calls, settled
@@ -99,7 +99,7 @@ async def test_a_group_holds_each_rule_as_one_turn_after_another(aiohttp_client,
         await store.unreserve(user, period_of(utcnow()), f"{user}-0", 1, now=utcnow(), gap_ms=0)
     await store.usage.update_many({}, {"$unset": {"next_at": ""}})
     before = calls("reserve_many")
-    reservations = PageReservations(store, lambda task: None)
+    reservations = Reservations(store, lambda task: None)
     reqs = [
         page_turn("gap", "gap-1"),
         page_turn("gap", "gap-2"),

@@ -127,9 +127,10 @@ class RecordInserts(GroupCommit[list[Doc], None]):
         return failure
 
 
-class PageReservations(GroupCommit[ReserveRequest, Reservation]):
-    """The chat page's turns reserved together: alone, one conditional ``findAndModify`` as
-    before; several, one unordered bulk of the same conditional updates and one read of the
+class Reservations(GroupCommit[ReserveRequest, Reservation]):
+    """Turns reserved together on their months (the chat page's on their users', and those of
+    API keys with a limit of their own on the keys'): alone, one conditional ``findAndModify``
+    as before; several, one unordered bulk of the same conditional updates and one read of the
     months they touched (``Store.reserve_many``). At most 16 a group: a reserved turn waits for
     its whole group (MongoDB applies a bulk's updates one after the other), and 16 already take
     a group's commands to an eighth of one per turn (docs/performance.md, finding 22)."""
@@ -139,7 +140,7 @@ class PageReservations(GroupCommit[ReserveRequest, Reservation]):
     def __init__(self, store: Store, track: Callable[[asyncio.Task[Any]], None]) -> None:
         super().__init__(track)
         self.store = store
-        self.expected = Expected()  # whose next page turn this replica expects to admit
+        self.expected = Expected()  # whose next turn this replica expects to admit
 
     async def reserve(self, req: ReserveRequest) -> Reservation:
         """Reserve one turn with the others arriving now; raises its refusal (``RateLimited``,

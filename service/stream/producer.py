@@ -65,7 +65,7 @@ from service.stream.assembly import Assembly
 from service.stream.context import ContextCache, fit_to_window, history_messages
 from service.stream.events import Final
 from service.stream.finals import FinalCommits, FinalWrite
-from service.stream.groups import ChatAuthorizations, PageReservations, RecordInserts
+from service.stream.groups import ChatAuthorizations, RecordInserts, Reservations
 from service.stream.leases import Leases
 from service.stream.live import LiveStream
 from service.stream.registry import StreamRegistry
@@ -158,7 +158,8 @@ class TurnProducer:
         self.leases = leases
         self.commits = FinalCommits(store, registry.track, registry.rollups)  # grouped
         self.inserts = RecordInserts(store, registry.track)  # grouped too
-        self.reservations = PageReservations(store, registry.track)  # and the page's
+        self.reservations = Reservations(store, registry.track)  # and the page's
+        self.key_reservations = Reservations(store, registry.track)  # and keys' own months
         self.authorizations = ChatAuthorizations(store, registry.track)  # and the chats'
         self.budget = settings.budget  # the month's budget: tokens or currency
 
@@ -461,10 +462,11 @@ class TurnProducer:
         self, key: KeyScope, period: str, message_id: str, want: int, need: int, now: datetime
     ) -> int:
         """Reserve a turn on an API key's own month (its ``limit``, inside the user's), by the
-        budget rule alone (the rate limits are the user's); the grant."""
+        budget rule alone (the rate limits are the user's); the grant. The keys' turns arriving
+        together are reserved together (``Reservations``, as the page's)."""
         assert key.limit is not None
         try:
-            reservation = await self.store.reserve(
+            reservation = await self.key_reservations.reserve(
                 ReserveRequest(
                     user_id=key_account(key.key_id),
                     period=period,
@@ -488,7 +490,7 @@ class TurnProducer:
         """Programs' turns (``/v1``, WebSocket) from this replica's lease on the user's month,
         in memory while it has room; the page's with a conditional update each (its message
         gap is a rule between two sends, not a quantity a lease could hold), the updates of
-        the page's turns arriving together sent together (``PageReservations``)."""
+        the page's turns arriving together sent together (``Reservations``)."""
         if transport == "sse" or self.leases is None:
             return await self.reservations.reserve(req)
         return await self.leases.admit(req)
