@@ -18,6 +18,7 @@ import pytest
 
 from service.app import create_app
 from tests.fake_openai import Script
+from tests.processes import eventually
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.browser
@@ -344,14 +345,6 @@ async def wait_until(check, timeout_s=10.0):
         await asyncio.sleep(0.02)
 
 
-async def until_async(probe, timeout_s=10.0):
-    """Poll an async ``probe`` until it is true, with a deadline."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not await probe():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.02)
-
-
 async def answer_held_at_gate(page, client, fake_openai):
     """Send, and wait until HEAD is on the page and saved as the record's checkpoint."""
     await send(page, "Say hello in many scripts")
@@ -449,7 +442,8 @@ async def test_send_lost_on_the_network_is_retried_with_its_key_into_one_answer(
         await asyncio.wait_for(fake_openai.reached_gate.wait(), TIMEOUT_MS / 1000)
         # The turn is admitted once its records exist (the upstream may be asked before, beside
         # the admission): cut only then, so that the lost part is the answer, not the send.
-        await until_async(lambda: db["messages"].count_documents({"status": "streaming"}))
+        streaming = {"status": "streaming"}
+        await eventually(lambda: db["messages"].count_documents(streaming), what="the records")
         assert await page.locator(LAST_ASSISTANT).get_attribute("data-status") == "pending"
         proxy.cut()
     else:
