@@ -33,6 +33,7 @@ class Script:
     send_done: bool = True
     send_finish: bool = True
     crlf: bool = False
+    together: bool = False  # the whole stream in one write (one read, as a fast model's)
     set_cookie: str | None = None  # a Set-Cookie on the stream (a CDN's, as vendors' have)
     # A recorded stream, replayed frame by frame as given (then [DONE] unless one is an error
     # frame), and the non-streamed answer of the same upstream (``stream: false``).
@@ -127,6 +128,8 @@ class FakeOpenAI:
         if script.set_cookie:
             resp.headers["Set-Cookie"] = script.set_cookie
         await resp.prepare(request)
+        if script.together:
+            return await self._together(resp, script)
         try:
             await resp.write(b": keep-alive\n\n")
             await resp.write(self._frame(script, self._chunk("", role=True)))
@@ -161,6 +164,19 @@ class FakeOpenAI:
             self.disconnected_at = time.monotonic()
             self.disconnected.set()
             raise
+        return resp
+
+    async def _together(self, resp: web.StreamResponse, script: Script) -> web.StreamResponse:
+        frames = [self._chunk("", role=True), *map(self._chunk, script.chunks)]
+        frames.append(self._chunk(None, script.finish_reason))
+        if script.usage:
+            p, c = script.usage
+            usage = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+            frames.append({**self._chunk(None), "choices": [], "usage": usage})
+        body = b"".join(self._frame(script, frame) for frame in frames) + b"data: [DONE]\n\n"
+        await resp.write(body)
+        self.finished.set()
+        await resp.write_eof()
         return resp
 
     async def _replay(self, request: web.Request, script: Script) -> web.StreamResponse:

@@ -70,6 +70,7 @@ class Chunk:
     frame: dict[str, Any] | None = None
     # The stream's ``system_fingerprint`` / ``service_tier`` when they first appear or change.
     meta: dict[str, Any] | None = None
+    frames: int = 1  # the upstream's text frames in it (one read's, together)
 
 
 Message = dict[str, Any]  # OpenAI's chat message: role, content (text or parts), tool calls

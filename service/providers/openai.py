@@ -15,7 +15,9 @@ choices) is kept whole in ``Chunk.frame``, minus the ids the gateway replaces.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Sequence
+import json
+import re
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -33,7 +35,7 @@ from service.providers.base import (
     raise_for_status,
     with_retries,
 )
-from service.providers.sse import SSEDecoder, SSEEvent, load_frame
+from service.providers.sse import SSEDecoder, load_frame
 
 LIST_TIMEOUT = aiohttp.ClientTimeout(total=10)
 log = structlog.get_logger("service.providers")
@@ -118,37 +120,149 @@ class OpenAIProvider:
 
 
 async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
+    """The chunks of one stream, a network read's together (``Chunk.more`` on all but the last
+    of them); the plain text of consecutive frames in one chunk. Closing it closes the
+    connection."""
     decoder = SSEDecoder()
-    finished = False
-    event: SSEEvent | None = None
-    events: Sequence[SSEEvent] = ()
+    frames = _Frames()
     chunk: Chunk | None = None
-    meta: _Meta | None = None  # as last sent; shared with the chunk that carried it
+    held: Chunk | None = None  # the read's latest chunk: ``more`` is known at the next one
     try:
         while data := await resp.content.readany():  # no iterator object kept per stream
-            events = decoder.feed(data)
-            last = len(events) - 1
-            for i, event in enumerate(events):
-                if event.data == "[DONE]":
-                    return
-                chunk = _parse(event.data, meta)
-                meta = chunk.meta or meta
-                chunk.more = i < last
-                finished = finished or chunk.finish_reason is not None
-                yield chunk
-            data, events, event, chunk = b"", (), None, None  # not held while the next read waits
-        for event in decoder.finish():
-            if event.data == "[DONE]":
+            failure: UpstreamError | None = None
+            try:
+                for chunk in frames.read(decoder.payloads(data)):
+                    if held is not None:
+                        held.more = True
+                        yield held
+                    held = chunk
+            except UpstreamError as exc:  # after what came before it in this read
+                failure = exc
+            if held is not None:
+                yield held
+            if failure is not None:
+                raise failure
+            data, chunk, held = b"", None, None  # not held while the next read waits
+            if frames.done:
                 return
-            chunk = _parse(event.data, meta)
-            meta = chunk.meta or meta
+        for chunk in frames.read([e.data.encode() for e in decoder.finish()]):
             yield chunk
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise error_for_exception(exc) from exc
     finally:
         resp.close()
-    if not finished:  # a clean close after a finish_reason is complete; otherwise it was cut
+    if not frames.done and not frames.finished:
+        # a clean close after a finish_reason is complete; otherwise it was cut
         raise UpstreamError("upstream_bad_response", "upstream stream ended without [DONE]")
+
+
+class _Frames:
+    """One stream's frames. A frame that is its last plain text frame with other text (and
+    other ``obfuscation`` padding, which OpenAI varies per frame) is read as that text alone
+    (``_Template``); the text of one read's consecutive plain frames is one chunk."""
+
+    __slots__ = ("_tries", "done", "finished", "meta", "template")
+
+    def __init__(self) -> None:
+        self.done = False  # [DONE]
+        self.finished = False  # a finish_reason came
+        self.meta: _Meta | None = None  # as last sent; shared with the chunk that carried it
+        self.template: _Template | None = None
+        self._tries = TEMPLATE_TRIES
+
+    def read(self, payloads: list[bytes]) -> Iterator[Chunk]:
+        texts: list[str] = []
+        template = self.template
+        for payload in payloads:
+            if template is not None and (text := template.text(payload)) is not None:
+                if text:
+                    texts.append(text)
+                continue
+            if texts:
+                yield Chunk("".join(texts), frames=len(texts))
+                texts = []
+            if payload == b"[DONE]":
+                self.done = True
+                return
+            chunk = _parse(payload.decode("utf-8", errors="replace"), self.meta)
+            if chunk.meta is not None:
+                self.meta = chunk.meta
+                template = self.template = None  # its frames carry the meta before
+            elif self._tries and chunk == Chunk(chunk.text) and chunk.text:  # plain text
+                self._tries -= 1
+                learnt = _Template.of(payload, chunk.text)
+                template = self.template = learnt if learnt and learnt.proven(self.meta) else None
+            self.finished = self.finished or chunk.finish_reason is not None
+            yield chunk
+        if texts:
+            yield Chunk("".join(texts), frames=len(texts))
+
+
+TEMPLATE_TRIES = 4  # a stream whose frames vary in more than their text is parsed whole
+
+
+class _Template:
+    """A plain text frame cut around its text: ``head TEXT tail``, or ``head TEXT middle PAD
+    tail`` with its ``obfuscation`` padding, each of TEXT and PAD one JSON string. A frame of
+    that shape is the same JSON as the one it was cut from with another text (and padding), so
+    it is read as its TEXT alone; ``proven`` parses a probe of the shape whole to show the cut
+    is right."""
+
+    __slots__ = ("head", "middle", "tail")
+
+    def __init__(self, head: bytes, middle: bytes | None, tail: bytes) -> None:
+        self.head, self.middle, self.tail = head, middle, tail
+
+    @classmethod
+    def of(cls, frame: bytes, text: str) -> _Template | None:
+        for token in {orjson.dumps(text), json.dumps(text).encode()}:  # raw UTF-8, or \u-escaped
+            found = CONTENT.search(frame)
+            while found is not None and not frame.startswith(token, found.end()):
+                found = CONTENT.search(frame, found.end())
+            if found is None:
+                continue
+            head, rest = frame[: found.end()], frame[found.end() + len(token) :]
+            pad = PAD.search(rest)
+            if pad is None:
+                return cls(head, None, rest)
+            return cls(head, rest[: pad.start(1)], rest[pad.end() :])
+        return None
+
+    def proven(self, meta: _Meta | None) -> bool:
+        pad = b"" if self.middle is None else self.middle + PROBE
+        probe = self.head + PROBE + pad + self.tail
+        try:
+            chunk = _parse(probe.decode(), meta)
+        except (UpstreamError, UnicodeDecodeError):
+            return False
+        return chunk == Chunk(PROBE_TEXT) and self.text(probe) == PROBE_TEXT
+
+    def text(self, frame: bytes) -> str | None:
+        """The frame's text if it has the template's shape, else None."""
+        head, tail = self.head, self.tail
+        if not (frame.startswith(head) and frame.endswith(tail)):
+            return None
+        end = len(frame) - len(tail)
+        if self.middle is None:
+            return _string(frame[len(head) : end])
+        cut = frame.find(self.middle, len(head), end)
+        if cut < 0 or _string(frame[cut + len(self.middle) : end]) is None:
+            return None
+        return _string(frame[len(head) : cut])
+
+
+CONTENT = re.compile(rb'"content"\s*:\s*')
+PAD = re.compile(rb'"obfuscation"\s*:\s*("(?:[^"\\]|\\.)*")')
+PROBE = b'"\\u0001"'
+PROBE_TEXT = "\x01"
+
+
+def _string(token: bytes) -> str | None:
+    try:
+        value = orjson.loads(token)
+    except orjson.JSONDecodeError:
+        return None
+    return value if type(value) is str else None
 
 
 _Meta = dict[str, Any]

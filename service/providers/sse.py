@@ -28,6 +28,32 @@ class SSEDecoder:
         self._max = max_event_bytes
 
     def feed(self, data: bytes) -> list[SSEEvent]:
+        events = []
+        for block in self._blocks(data):
+            # The usual upstream event is one ``data: ...`` line: take it without the line loop.
+            if block.startswith(b"data: ") and b"\n" not in block and len(block) <= self._max:
+                events.append(SSEEvent(block[6:].decode("utf-8", errors="replace")))
+                continue
+            event = self._parse(block)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def payloads(self, data: bytes) -> list[bytes]:
+        """``feed`` for a stream whose events are told apart by their data alone (OpenAI's):
+        each event's data as it came, not decoded (its parser takes bytes)."""
+        payloads = []
+        for block in self._blocks(data):
+            if block.startswith(b"data: ") and b"\n" not in block and len(block) <= self._max:
+                payloads.append(block[6:])
+                continue
+            event = self._parse(block)
+            if event is not None:
+                payloads.append(event.data.encode())
+        return payloads
+
+    def _blocks(self, data: bytes) -> list[bytes]:
+        """The complete events in what came so far (an event's lines, LF-separated)."""
         buf = self._buf + data if self._buf else data
         if b"\r" in buf:
             tail = b"\r" if buf.endswith(b"\r") else b""  # maybe the first half of a CRLF
@@ -38,16 +64,7 @@ class SSEDecoder:
         if len(rest) > self._max:
             raise UpstreamError("upstream_bad_response", "upstream event too large")
         self._buf = rest
-        events = []
-        for block in blocks:
-            # The usual upstream event is one ``data: ...`` line: take it without the line loop.
-            if block.startswith(b"data: ") and b"\n" not in block and len(block) <= self._max:
-                events.append(SSEEvent(block[6:].decode("utf-8", errors="replace")))
-                continue
-            event = self._parse(block)
-            if event is not None:
-                events.append(event)
-        return events
+        return blocks
 
     def finish(self) -> list[SSEEvent]:
         """At end of stream: dispatch what a final CR completes; drop an unterminated event."""

@@ -827,7 +827,7 @@ class Turn:
                             live.append(chunk.text)
                         else:
                             live.mark(chunk.frame, chunk.text)
-                        self.chunks += 1
+                        self.chunks += chunk.frames
                         if live.length > MAX_ANSWER_CHARS or _too_many(live.marks):
                             raise UpstreamError(
                                 "upstream_bad_response",

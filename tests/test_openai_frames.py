@@ -1,0 +1,185 @@
+"""An OpenAI-compatible stream's frames are read exactly, however they are read: a frame shaped
+as the stream's last plain text frame is read as its text alone (``_Template``), the text of one
+network read's plain frames goes out as one chunk, and anything else is parsed whole.
+
+The reference is each frame parsed whole (``_parse``): the fast read must give the same text,
+the same rich frames, usage, finish reasons and meta, and the same errors after the same text."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+
+from service.errors import UpstreamError
+from service.providers.base import Chunk
+from service.providers.openai import _Frames, _parse
+from service.providers.sse import SSEDecoder
+from tests.fake_openai import Script
+from tests.openai_recordings import RECORDINGS
+
+HEAD = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1764600000}
+MIDDLE = '},"logprobs":null,"finish_reason":null}],"usage":null,"obfuscation":"'
+TEXTS = ["lorem ", "é", '"', "\\", "\\u0041", MIDDLE, "\u2028𝄞", "", "a\nb", '"}]}', "x"]
+
+
+def frame(delta: Any, finish: str | None = None, **extra: Any) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return {**HEAD, "model": "m", "choices": [choice], "usage": None, **extra}
+
+
+def text(value: str, **extra: Any) -> dict[str, Any]:
+    return frame({"content": value}, **extra)
+
+
+def compact(body: dict[str, Any]) -> bytes:
+    return orjson.dumps(body)
+
+
+def spaced(body: dict[str, Any]) -> bytes:  # Python's json: spaces, non-ASCII as \u escapes
+    return json.dumps(body).encode()
+
+
+def padded(body: dict[str, Any]) -> bytes:  # OpenAI's obfuscation, a different length each
+    return orjson.dumps({**body, "obfuscation": "Xq" * (len(str(body)) % 5)})
+
+
+ENCODINGS: list[Callable[[dict[str, Any]], bytes]] = [compact, spaced, padded]
+
+STREAMS = {
+    "plain": [frame({"role": "assistant", "content": ""})] + [text(t) for t in TEXTS * 2],
+    "same shape, other values": [
+        text("a"),
+        text("b"),
+        frame({"content": "c"}, "stop"),  # a finish where the template has null
+        text("d"),
+        frame({"content": None}),
+        frame({"content": "e", "tool_calls": [{"index": 0, "id": "t", "type": "function"}]}),
+        text("f"),
+        {**text("g"), "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}},
+        text("h"),
+    ],
+    "the meta changes and changes back": [
+        text("a", system_fingerprint="fp_1"),
+        text("b", system_fingerprint="fp_1"),
+        text("c", system_fingerprint="fp_2"),
+        text("d", system_fingerprint="fp_1"),
+        text("e", system_fingerprint="fp_1"),
+    ],
+    "another choice": [
+        text("a"),
+        text("b"),
+        {**text("c"), "choices": [{"index": 1, "delta": {"content": "x"}, "finish_reason": None}]},
+        text("d"),
+    ],
+    "padding of another type": [text("a"), text("b"), {**text("c"), "obfuscation": 7}, text("d")],
+}
+STREAMS.update({f"recorded {name}": list(frames) for name, (frames, _) in RECORDINGS.items()})
+
+
+def whole(payloads: list[bytes]) -> list[Chunk]:
+    """The reference: every frame parsed whole."""
+    meta, chunks = None, []
+    for payload in payloads:
+        chunk = _parse(payload.decode("utf-8", errors="replace"), meta)
+        meta = chunk.meta or meta
+        chunks.append(chunk)
+    return chunks
+
+
+def fast(payloads: list[bytes], per_read: int) -> list[Chunk]:
+    frames, decoder, chunks = _Frames(), SSEDecoder(), []
+    wire = [b"data: " + p + b"\n\n" for p in payloads]
+    for i in range(0, len(wire), per_read):
+        chunks.extend(frames.read(decoder.payloads(b"".join(wire[i : i + per_read]))))
+    return chunks
+
+
+def steps(chunks: list[Chunk]) -> list[Any]:
+    """Plain text merged: the text between the steps that carry more than text, and those."""
+    out: list[Any] = [""]
+    for c in chunks:
+        if (c.frame, c.usage, c.finish_reason, c.meta) == (None, None, None, None):
+            out[-1] += c.text
+        else:
+            out.extend([(c.text, c.frame, c.usage, c.finish_reason, c.meta), ""])
+    return out
+
+
+def frames_with_text(chunks: list[Chunk]) -> int:
+    return sum(c.frames for c in chunks if c.text or c.frame is not None)
+
+
+@pytest.mark.parametrize("encode", ENCODINGS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("name", STREAMS)
+@pytest.mark.parametrize("per_read", [1, 3, 100])
+def test_the_fast_read_agrees_with_every_frame_parsed_whole(name, encode, per_read):
+    payloads = [encode(body) for body in STREAMS[name]]
+    reference = whole(payloads)
+    read = fast(payloads, per_read)
+    assert steps(read) == steps(reference)
+    assert frames_with_text(read) == frames_with_text(reference)
+
+
+@pytest.mark.parametrize("encode", ENCODINGS, ids=lambda f: f.__name__)
+def test_one_reads_plain_frames_are_one_chunk_of_their_text(encode):
+    payloads = [encode(text(t)) for t in ["a", "b", "c", "d", "e", "f"]]
+    frames, decoder = _Frames(), SSEDecoder()
+    first = list(frames.read(decoder.payloads(b"data: " + payloads[0] + b"\n\n")))
+    assert [c.text for c in first] == ["a"] and frames.template is not None  # learnt from it
+    rest = b"".join(b"data: " + p + b"\n\n" for p in payloads[1:])
+    assert list(frames.read(decoder.payloads(rest))) == [Chunk("bcdef", frames=5)]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b'{"id":"chatcmpl-x","object":"chat.completion.chunk","created":1764600000,"model":"m","choices":[{"index":0,"delta":{"content":5},"logprobs":null,"finish_reason":null}],"usage":null}',
+        b"{not json",
+        b'{"error":{"message":"overloaded"}}',
+    ],
+    ids=["text slot not a string", "not json", "error frame"],
+)
+def test_a_bad_frame_in_a_read_comes_after_the_text_before_it(bad):
+    wire = b"".join(b"data: " + compact(text(t)) + b"\n\n" for t in "abc") + b"data: " + bad
+    frames, decoder, got = _Frames(), SSEDecoder(), []
+
+    def read() -> None:
+        got.extend(frames.read(decoder.payloads(wire + b"\n\n")))  # what came, then raises
+
+    with pytest.raises(UpstreamError) as err:
+        read()
+    assert err.value.code == "upstream_bad_response"
+    assert "".join(c.text for c in got) == "abc"
+
+
+def test_a_frame_with_a_byte_that_is_not_utf8_is_read_as_before():
+    good = compact(text("ab"))
+    bad = good.replace(b'"ab"', b'"a\xffb"')
+    payloads = [good, bad, good]
+    assert steps(fast(payloads, 3)) == steps(whole(payloads)) == ["ab" + "a\ufffdb" + "ab"]
+
+
+async def test_a_stream_read_at_once_is_relayed_whole_and_logged_frame_by_frame(
+    stream_client, auth, fake_openai, logs
+):
+    words = [f"w{i} " for i in range(40)]
+    fake_openai.default = Script(chunks=words, together=True)
+    resp = await stream_client.post(
+        "/v1/chat/completions",
+        json={"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": "Hi"}]},
+        headers=auth(),
+    )
+    assert resp.status == 200
+    deltas = []
+    async for line in resp.content:
+        if line.startswith(b"data: {"):
+            for choice in json.loads(line[6:])["choices"]:
+                deltas.append(choice["delta"].get("content") or "")
+    assert "".join(deltas) == "".join(words)
+    assert len([d for d in deltas if d]) < len(words)  # one read: fewer deltas than frames
+    (ended,) = [e for e in logs if e["event"] == "stream.ended"]  # logged before the last frame
+    assert ended["chunks"] == len(words) and ended["outcome"] == "completed"
