@@ -91,10 +91,13 @@ def whole(payloads: list[bytes]) -> list[Chunk]:
 
 
 def fast(payloads: list[bytes], per_read: int) -> list[Chunk]:
-    frames, decoder, chunks = _Frames(), SSEDecoder(), []
+    decoder, chunks = SSEDecoder(), []
+    frames = _Frames(decoder)
     wire = [b"data: " + p + b"\n\n" for p in payloads]
     for i in range(0, len(wire), per_read):
-        chunks.extend(frames.read(decoder.payloads(b"".join(wire[i : i + per_read]))))
+        read, failure = frames.read(decoder.blocks(b"".join(wire[i : i + per_read])))
+        assert failure is None
+        chunks.extend(read)
     return chunks
 
 
@@ -127,11 +130,12 @@ def test_the_fast_read_agrees_with_every_frame_parsed_whole(name, encode, per_re
 @pytest.mark.parametrize("encode", ENCODINGS, ids=lambda f: f.__name__)
 def test_one_reads_plain_frames_are_one_chunk_of_their_text(encode):
     payloads = [encode(text(t)) for t in ["a", "b", "c", "d", "e", "f"]]
-    frames, decoder = _Frames(), SSEDecoder()
-    first = list(frames.read(decoder.payloads(b"data: " + payloads[0] + b"\n\n")))
+    decoder = SSEDecoder()
+    frames = _Frames(decoder)
+    first, _ = frames.read(decoder.blocks(b"data: " + payloads[0] + b"\n\n"))
     assert [c.text for c in first] == ["a"] and frames.template is not None  # learnt from it
     rest = b"".join(b"data: " + p + b"\n\n" for p in payloads[1:])
-    assert list(frames.read(decoder.payloads(rest))) == [Chunk("bcdef", frames=5)]
+    assert frames.read(decoder.blocks(rest)) == ([Chunk("bcdef", frames=5)], None)
 
 
 @pytest.mark.parametrize(
@@ -145,15 +149,51 @@ def test_one_reads_plain_frames_are_one_chunk_of_their_text(encode):
 )
 def test_a_bad_frame_in_a_read_comes_after_the_text_before_it(bad):
     wire = b"".join(b"data: " + compact(text(t)) + b"\n\n" for t in "abc") + b"data: " + bad
-    frames, decoder, got = _Frames(), SSEDecoder(), []
-
-    def read() -> None:
-        got.extend(frames.read(decoder.payloads(wire + b"\n\n")))  # what came, then raises
-
-    with pytest.raises(UpstreamError) as err:
-        read()
-    assert err.value.code == "upstream_bad_response"
+    decoder = SSEDecoder()
+    got, failure = _Frames(decoder).read(decoder.blocks(wire + b"\n\n"))
+    assert failure is not None and failure.code == "upstream_bad_response"
     assert "".join(c.text for c in got) == "abc"
+
+
+def wire_whole(wire: bytes) -> tuple[list[Any], str | None]:
+    """Every event parsed whole: the steps up to the first bad one, and its error."""
+    meta, chunks = None, []
+    for event in SSEDecoder().feed(wire):
+        try:
+            chunk = _parse(event.data, meta)
+        except UpstreamError as exc:
+            return steps(chunks), exc.code
+        meta = chunk.meta or meta
+        chunks.append(chunk)
+    return steps(chunks), None
+
+
+def wire_fast(wire: bytes) -> tuple[list[Any], str | None]:
+    decoder = SSEDecoder()
+    chunks, failure = _Frames(decoder).read(decoder.blocks(wire))
+    return steps(chunks), failure and failure.code
+
+
+# The head and tail of the template the first event teaches
+SHAPE = (b"data: " + compact(text("x"))).split(b'"x"')
+ODD_EVENTS = {
+    "its text after a line break": SHAPE[0] + b'\n"y"' + SHAPE[1],
+    "its text before a line break": SHAPE[0] + b'"y"\n' + SHAPE[1],
+    "its text with spaces": SHAPE[0] + b' "y" ' + SHAPE[1],
+    "a comment line first": b": hi\n" + SHAPE[0] + b'"y"' + SHAPE[1],
+    "no space after data:": SHAPE[0].replace(b"data: ", b"data:") + b'"y"' + SHAPE[1],
+    "an event name": b"event: x\n" + SHAPE[0] + b'"y"' + SHAPE[1],
+    "two data lines": SHAPE[0] + b'"y"\ndata: ' + SHAPE[1],
+    "a second text": SHAPE[0] + b'"y","content":"z"' + SHAPE[1],
+    "a huge text": SHAPE[0] + b'"' + b"y" * 70_000 + b'"' + SHAPE[1],
+}
+
+
+@pytest.mark.parametrize("odd", ODD_EVENTS)
+def test_an_event_of_another_form_is_read_as_a_whole_read_reads_it(odd):
+    first = b"data: " + compact(text("x")) + b"\n\n"
+    wire = first + ODD_EVENTS[odd] + b"\n\n" + first
+    assert wire_fast(wire) == wire_whole(wire)
 
 
 def test_a_frame_with_a_byte_that_is_not_utf8_is_read_as_before():

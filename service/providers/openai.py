@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -124,29 +124,26 @@ async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
     of them); the plain text of consecutive frames in one chunk. Closing it closes the
     connection."""
     decoder = SSEDecoder()
-    frames = _Frames()
+    frames = _Frames(decoder)
+    chunks: list[Chunk] = []
     chunk: Chunk | None = None
-    held: Chunk | None = None  # the read's latest chunk: ``more`` is known at the next one
     try:
         while data := await resp.content.readany():  # no iterator object kept per stream
-            failure: UpstreamError | None = None
-            try:
-                for chunk in frames.read(decoder.payloads(data)):
-                    if held is not None:
-                        held.more = True
-                        yield held
-                    held = chunk
-            except UpstreamError as exc:  # after what came before it in this read
-                failure = exc
-            if held is not None:
-                yield held
-            if failure is not None:
+            chunks, failure = frames.read(decoder.blocks(data))
+            last = len(chunks) - 1
+            for i, chunk in enumerate(chunks):
+                chunk.more = i < last
+                yield chunk
+            if failure is not None:  # after what came before it in this read
                 raise failure
-            data, chunk, held = b"", None, None  # not held while the next read waits
+            data, chunks, chunk = b"", [], None  # not held while the next read waits
             if frames.done:
                 return
-        for chunk in frames.read([e.data.encode() for e in decoder.finish()]):
+        chunks, failure = frames.read(decoder.ending())
+        for chunk in chunks:
             yield chunk
+        if failure is not None:
+            raise failure
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise error_for_exception(exc) from exc
     finally:
@@ -157,56 +154,68 @@ async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
 
 
 class _Frames:
-    """One stream's frames. A frame that is its last plain text frame with other text (and
-    other ``obfuscation`` padding, which OpenAI varies per frame) is read as that text alone
+    """One stream's events. One that is its last plain text frame with other text (and other
+    ``obfuscation`` padding, which OpenAI varies per frame) is read as that text alone
     (``_Template``); the text of one read's consecutive plain frames is one chunk."""
 
-    __slots__ = ("_tries", "done", "finished", "meta", "template")
+    __slots__ = ("_decoder", "_tries", "done", "finished", "meta", "template")
 
-    def __init__(self) -> None:
+    def __init__(self, decoder: SSEDecoder) -> None:
+        self._decoder = decoder
+        self._tries = TEMPLATE_TRIES
         self.done = False  # [DONE]
         self.finished = False  # a finish_reason came
         self.meta: _Meta | None = None  # as last sent; shared with the chunk that carried it
         self.template: _Template | None = None
-        self._tries = TEMPLATE_TRIES
 
-    def read(self, payloads: list[bytes]) -> Iterator[Chunk]:
+    def read(self, blocks: list[bytes]) -> tuple[list[Chunk], UpstreamError | None]:
+        """The chunks of ``SSEDecoder.blocks``; a bad frame ends them, with its error."""
+        chunks: list[Chunk] = []
         texts: list[str] = []
         template = self.template
-        for payload in payloads:
-            if template is not None and (text := template.text(payload)) is not None:
+        for block in blocks:
+            if template is not None and (text := template.text(block)) is not None:
                 if text:
                     texts.append(text)
                 continue
-            if texts:
-                yield Chunk("".join(texts), frames=len(texts))
-                texts = []
-            if payload == b"[DONE]":
-                self.done = True
-                return
-            chunk = _parse(payload.decode("utf-8", errors="replace"), self.meta)
+            try:
+                event = self._decoder.event(block)
+                if event is None:
+                    continue
+                if texts:
+                    chunks.append(Chunk("".join(texts), frames=len(texts)))
+                    texts = []
+                if event.data == "[DONE]":
+                    self.done = True
+                    return chunks, None
+                chunk = _parse(event.data, self.meta)
+            except UpstreamError as exc:
+                return chunks, exc
             if chunk.meta is not None:
                 self.meta = chunk.meta
                 template = self.template = None  # its frames carry the meta before
             elif self._tries and chunk == Chunk(chunk.text) and chunk.text:  # plain text
                 self._tries -= 1
-                learnt = _Template.of(payload, chunk.text)
+                learnt = _Template.of(block, chunk.text)
                 template = self.template = learnt if learnt and learnt.proven(self.meta) else None
             self.finished = self.finished or chunk.finish_reason is not None
-            yield chunk
+            chunks.append(chunk)
         if texts:
-            yield Chunk("".join(texts), frames=len(texts))
+            chunks.append(Chunk("".join(texts), frames=len(texts)))
+        return chunks, None
 
 
 TEMPLATE_TRIES = 4  # a stream whose frames vary in more than their text is parsed whole
+MAX_TEMPLATED = 1 << 16  # a larger event is read whole (and the decoder's limit applies)
 
 
 class _Template:
-    """A plain text frame cut around its text: ``head TEXT tail``, or ``head TEXT middle PAD
-    tail`` with its ``obfuscation`` padding, each of TEXT and PAD one JSON string. A frame of
-    that shape is the same JSON as the one it was cut from with another text (and padding), so
-    it is read as its TEXT alone; ``proven`` parses a probe of the shape whole to show the cut
-    is right."""
+    """An event of one plain text frame cut around its text: ``head TEXT tail``, or ``head TEXT
+    middle PAD tail`` with its ``obfuscation`` padding, where TEXT and PAD are each exactly
+    one JSON string (no white space around: so no line break, and the event stays one
+    ``data:`` line). An event of that shape is the same JSON as the one it was cut from with
+    another text (and padding), so it is read as its TEXT alone; ``proven`` parses a probe of
+    the shape whole to show the cut is right."""
 
     __slots__ = ("head", "middle", "tail")
 
@@ -214,14 +223,17 @@ class _Template:
         self.head, self.middle, self.tail = head, middle, tail
 
     @classmethod
-    def of(cls, frame: bytes, text: str) -> _Template | None:
+    def of(cls, block: bytes, text: str) -> _Template | None:
+        """The template of a one-line ``data: `` event whose frame has ``text``, if found."""
+        if not block.startswith(b"data: ") or b"\n" in block or len(block) > MAX_TEMPLATED:
+            return None
         for token in {orjson.dumps(text), json.dumps(text).encode()}:  # raw UTF-8, or \u-escaped
-            found = CONTENT.search(frame)
-            while found is not None and not frame.startswith(token, found.end()):
-                found = CONTENT.search(frame, found.end())
+            found = CONTENT.search(block)
+            while found is not None and not block.startswith(token, found.end()):
+                found = CONTENT.search(block, found.end())
             if found is None:
                 continue
-            head, rest = frame[: found.end()], frame[found.end() + len(token) :]
+            head, rest = block[: found.end()], block[found.end() + len(token) :]
             pad = PAD.search(rest)
             if pad is None:
                 return cls(head, None, rest)
@@ -232,23 +244,23 @@ class _Template:
         pad = b"" if self.middle is None else self.middle + PROBE
         probe = self.head + PROBE + pad + self.tail
         try:
-            chunk = _parse(probe.decode(), meta)
+            chunk = _parse(probe[6:].decode(), meta)
         except (UpstreamError, UnicodeDecodeError):
             return False
         return chunk == Chunk(PROBE_TEXT) and self.text(probe) == PROBE_TEXT
 
-    def text(self, frame: bytes) -> str | None:
-        """The frame's text if it has the template's shape, else None."""
+    def text(self, block: bytes) -> str | None:
+        """The event's text if it has the template's shape, else None."""
         head, tail = self.head, self.tail
-        if not (frame.startswith(head) and frame.endswith(tail)):
+        if not (block.startswith(head) and block.endswith(tail)) or len(block) > MAX_TEMPLATED:
             return None
-        end = len(frame) - len(tail)
+        end = len(block) - len(tail)
         if self.middle is None:
-            return _string(frame[len(head) : end])
-        cut = frame.find(self.middle, len(head), end)
-        if cut < 0 or _string(frame[cut + len(self.middle) : end]) is None:
+            return _string(block[len(head) : end])
+        cut = block.find(self.middle, len(head), end)
+        if cut < 0 or _string(block[cut + len(self.middle) : end]) is None:
             return None
-        return _string(frame[len(head) : cut])
+        return _string(block[len(head) : cut])
 
 
 CONTENT = re.compile(rb'"content"\s*:\s*')
@@ -258,6 +270,9 @@ PROBE_TEXT = "\x01"
 
 
 def _string(token: bytes) -> str | None:
+    """``token`` as the JSON string it is exactly, else None."""
+    if not (token.startswith(b'"') and token.endswith(b'"')):
+        return None
     try:
         value = orjson.loads(token)
     except orjson.JSONDecodeError:

@@ -28,32 +28,15 @@ class SSEDecoder:
         self._max = max_event_bytes
 
     def feed(self, data: bytes) -> list[SSEEvent]:
-        events = []
-        for block in self._blocks(data):
-            # The usual upstream event is one ``data: ...`` line: take it without the line loop.
-            if block.startswith(b"data: ") and b"\n" not in block and len(block) <= self._max:
-                events.append(SSEEvent(block[6:].decode("utf-8", errors="replace")))
-                continue
-            event = self._parse(block)
-            if event is not None:
-                events.append(event)
-        return events
+        return [e for e in map(self.event, self.blocks(data)) if e is not None]
 
-    def payloads(self, data: bytes) -> list[bytes]:
-        """``feed`` for a stream whose events are told apart by their data alone (OpenAI's):
-        each event's data as it came, not decoded (its parser takes bytes)."""
-        payloads = []
-        for block in self._blocks(data):
-            if block.startswith(b"data: ") and b"\n" not in block and len(block) <= self._max:
-                payloads.append(block[6:])
-                continue
-            event = self._parse(block)
-            if event is not None:
-                payloads.append(event.data.encode())
-        return payloads
+    def finish(self) -> list[SSEEvent]:
+        """At end of stream: dispatch what a final CR completes; drop an unterminated event."""
+        return [e for e in map(self.event, self.ending()) if e is not None]
 
-    def _blocks(self, data: bytes) -> list[bytes]:
-        """The complete events in what came so far (an event's lines, LF-separated)."""
+    def blocks(self, data: bytes) -> list[bytes]:
+        """The events ``data`` completes, each as it came (its lines LF-separated): for a
+        reader that recognises its usual events' bytes (``event`` reads any)."""
         buf = self._buf + data if self._buf else data
         if b"\r" in buf:
             tail = b"\r" if buf.endswith(b"\r") else b""  # maybe the first half of a CRLF
@@ -66,11 +49,18 @@ class SSEDecoder:
         self._buf = rest
         return blocks
 
-    def finish(self) -> list[SSEEvent]:
-        """At end of stream: dispatch what a final CR completes; drop an unterminated event."""
+    def ending(self) -> list[bytes]:
+        """``blocks`` at end of stream."""
         buf, self._buf = self._buf.replace(b"\r", b"\n"), b""
         *blocks, _unterminated = buf.split(b"\n\n")
-        return [e for e in map(self._parse, blocks) if e is not None]
+        return blocks
+
+    def event(self, block: bytes) -> SSEEvent | None:
+        """One of ``blocks`` read: None when it has no data (a comment, say)."""
+        # The usual upstream event is one ``data: ...`` line: take it without the line loop.
+        if block.startswith(b"data: ") and b"\n" not in block and len(block) <= self._max:
+            return SSEEvent(block[6:].decode("utf-8", errors="replace"))
+        return self._parse(block)
 
     def _parse(self, block: bytes) -> SSEEvent | None:
         if len(block) > self._max:
