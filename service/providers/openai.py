@@ -9,7 +9,9 @@ and error frames.
 
 A frame that is choice 0's plain text is read into ``Chunk.text`` alone (the hot path builds
 nothing else); any other frame (tool call deltas, reasoning, a refusal, logprobs, other
-choices) is kept whole in ``Chunk.frame``, minus the ids the gateway replaces.
+choices) is kept whole in ``Chunk.frame``, minus the ids the gateway replaces. A plain text
+frame shaped as the stream's last one is not parsed again: only its text is (``_Template``),
+and one network read's plain text is one chunk (docs/performance.md, finding 28).
 """
 
 from __future__ import annotations
