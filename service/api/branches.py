@@ -63,7 +63,7 @@ async def _branch(
         key=key,
         branch=Branch(kind, message_id),
     )
-    payload = branch_payload(kind, chat_id, message_id, text, model)
+    payload = branch_payload(kind, chat_id, message_id, text, model) if key is not None else None
     admission = await request.app[ADMISSIONS].admit(inp, payload)
     registry = request.app[REGISTRY]
     follower = registry.follow(admission.live, 0, "sse", keepalive=True)

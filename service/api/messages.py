@@ -59,9 +59,8 @@ async def _start(request: web.Request) -> Admission:
         model=body.model,
         key=key,
     )
-    return await request.app[ADMISSIONS].admit(
-        inp, chat_send_payload(chat_id, body.message, body.model)
-    )
+    payload = chat_send_payload(chat_id, body.message, body.model) if key is not None else None
+    return await request.app[ADMISSIONS].admit(inp, payload)
 
 
 async def _follow(
