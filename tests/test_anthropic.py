@@ -147,10 +147,15 @@ async def test_a_base_url_with_v1_reaches_the_same_endpoints(session, fake_anthr
 async def test_the_chunks_one_network_read_brought_are_marked_more(provider, fake_anthropic):
     """The whole recording in one write: one read, so one publish (``more`` on all but the
     last chunk); events that carry nothing for the turn (message_start, ping, block stops,
-    message_stop) yield no chunk."""
+    message_stop) yield no chunk. The first text is read whole; the two after it have its
+    shape (their padding apart) and are one chunk of both texts (``Chunk.frames``)."""
     chunks = await replay(provider, fake_anthropic, rec.TEXT, per_write=len(rec.TEXT))
     assert len(fake_anthropic.written) == 1
-    assert [c.more for c in chunks] == [True, True, True, False]
+    assert [c.more for c in chunks] == [True, True, False]
+    assert [(c.text, c.frames) for c in chunks[:2]] == [
+        ("Hello", 1),
+        ("! How can I help you today?", 2),
+    ]
 
 
 async def test_thinking_is_reasoning_and_the_signed_block_comes_whole(provider, fake_anthropic):

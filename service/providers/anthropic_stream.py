@@ -7,7 +7,8 @@ turn fails: ``overloaded_error`` is ``upstream_unavailable``, ``rate_limit_error
 ``upstream_rate_limited``, ...; the vendor's words go to the log only, redacted). Event types
 and blocks this reader does not know are skipped, as Anthropic asks of clients.
 
-A ``text_delta`` is choice 0's text (``Chunk.text``, nothing else built). Other steps are
+A ``text_delta`` is choice 0's text (``Chunk.text``, nothing else built; one shaped as the
+last is not parsed again, ``service.providers.templates``). Other steps are
 frames in OpenAI's chunk shape: a ``thinking_delta`` is ``reasoning_content``; a ``tool_use``
 block is a tool call (``index`` counting the answer's tool calls from 0, Anthropic's id and the
 name with empty arguments at its start, then each ``input_json_delta``'s ``partial_json``;
@@ -41,6 +42,7 @@ details are OpenAI's (``prompt_tokens_details.cached_tokens``,
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -49,8 +51,9 @@ import orjson
 import structlog
 
 from service.errors import UpstreamError
-from service.providers.base import Chunk, Usage, error_for_exception, is_count, log_upstream_body
+from service.providers.base import Chunk, Usage, is_count, log_upstream_body
 from service.providers.sse import SSEDecoder, SSEEvent
+from service.providers.templates import TextEvents, read_stream
 
 log = structlog.get_logger("service.providers")
 
@@ -85,66 +88,37 @@ ORIGINALS = (
 )
 
 
-async def chunks(resp: aiohttp.ClientResponse, secrets: tuple[str, ...]) -> AsyncIterator[Chunk]:
+def chunks(resp: aiohttp.ClientResponse, secrets: tuple[str, ...]) -> AsyncIterator[Chunk]:
     """The chunks of one stream; those one network read brought, together (``Chunk.more`` on
     all but the last of them). Closing the iterator closes the connection."""
-    decoder = SSEDecoder()
-    reader = Reader(secrets)
-    event: SSEEvent | None = None
-    chunk: Chunk | None = None
-    held: Chunk | None = None  # the read's latest chunk: ``more`` is known at the next one
-    try:
-        while data := await resp.content.readany():  # no iterator object kept per stream
-            failure: UpstreamError | None = None
-            for event in decoder.feed(data):
-                try:
-                    chunk = reader.chunk(event)
-                except UpstreamError as exc:  # after what came before it in this read
-                    failure = exc
-                    break
-                if chunk is not None:
-                    if held is not None:
-                        held.more = True
-                        yield held
-                    held = chunk
-                if reader.ended:
-                    break
-            if held is not None:
-                yield held
-            if failure is not None:
-                raise failure
-            data, event, chunk, held = b"", None, None, None  # not held while the next read waits
-            if reader.ended:
-                return
-        for event in decoder.finish():
-            chunk = reader.chunk(event)
-            if chunk is not None:
-                yield chunk
-            if reader.ended:
-                return
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise error_for_exception(exc) from exc
-    finally:
-        resp.close()
-    if not reader.finished:  # a close after the stop reason is complete; otherwise a cut
-        raise UpstreamError("upstream_bad_response", "the Anthropic stream ended before its end")
+    reader = Reader(SSEDecoder(), secrets)
+    return read_stream(resp, reader, "the Anthropic stream ended before its end")
 
 
-class Reader:
-    """One stream's events: its usage so far, its tool blocks, whether it has finished."""
+class Reader(TextEvents):
+    """One stream's events: its usage so far, its tool blocks, whether it has finished. A
+    ``text_delta`` shaped as the stream's last one is read as its text alone (its template
+    spans the padding Anthropic puts before an object's last brace)."""
 
-    __slots__ = ("_secrets", "_thinking", "_thoughts", "_tools", "ended", "finished", "usage")
+    __slots__ = ("_secrets", "_thinking", "_thoughts", "_tools", "finished", "usage")
+    key = re.compile(rb'"text"\s*:\s*')
 
-    def __init__(self, secrets: tuple[str, ...] = ()) -> None:
+    def __init__(self, decoder: SSEDecoder, secrets: tuple[str, ...] = ()) -> None:
+        super().__init__(decoder)
         self._secrets = secrets
         self._tools: dict[int, _Tool] = {}  # by content block index
         self._thinking: dict[int, list[str]] = {}  # an open thinking block's text, by index
         self._thoughts = 0  # thinking blocks relayed whole (``thinking_blocks``) so far
         self.usage: dict[str, Any] = {}
-        self.finished = False  # the stop reason came (message_delta)
-        self.ended = False  # message_stop came
+        self.finished = False  # the stop reason came (message_delta); ``ended``: message_stop
 
-    def chunk(self, event: SSEEvent) -> Chunk | None:
+    def complete(self) -> bool:
+        return self.finished  # a close after the stop reason is complete; otherwise a cut
+
+    def probe(self, event: SSEEvent) -> Chunk | None:
+        return Reader(self.decoder).whole(event)  # a text event's reading has no state
+
+    def whole(self, event: SSEEvent) -> Chunk | None:
         if event.event == "ping":
             return None
         frame = self._load(event.data)

@@ -10,14 +10,13 @@ and error frames.
 A frame that is choice 0's plain text is read into ``Chunk.text`` alone (the hot path builds
 nothing else); any other frame (tool call deltas, reasoning, a refusal, logprobs, other
 choices) is kept whole in ``Chunk.frame``, minus the ids the gateway replaces. A plain text
-frame shaped as the stream's last one is not parsed again: only its text is (``_Template``),
-and one network read's plain text is one chunk (docs/performance.md, finding 28).
+frame shaped as the stream's last one is not parsed again: only its text is
+(``service.providers.templates``), and one network read's plain text is one chunk.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -33,11 +32,11 @@ from service.providers.base import (
     RetryPolicy,
     Usage,
     call_json,
-    error_for_exception,
     raise_for_status,
     with_retries,
 )
-from service.providers.sse import SSEDecoder, load_frame
+from service.providers.sse import SSEDecoder, SSEEvent, load_frame
+from service.providers.templates import STRING, TextEvents, read_stream
 
 LIST_TIMEOUT = aiohttp.ClientTimeout(total=10)
 log = structlog.get_logger("service.providers")
@@ -121,170 +120,44 @@ class OpenAIProvider:
         return None  # counted locally with the model's tokenizer
 
 
-async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
-    """The chunks of one stream, a network read's together (``Chunk.more`` on all but the last
-    of them); the plain text of consecutive frames in one chunk. Closing it closes the
-    connection."""
-    decoder = SSEDecoder()
-    frames = _Frames(decoder)
-    chunks: list[Chunk] = []
-    chunk: Chunk | None = None
-    try:
-        while data := await resp.content.readany():  # no iterator object kept per stream
-            chunks, failure = frames.read(decoder.blocks(data))
-            last = len(chunks) - 1
-            for i, chunk in enumerate(chunks):
-                chunk.more = i < last
-                yield chunk
-            if failure is not None:  # after what came before it in this read
-                raise failure
-            data, chunks, chunk = b"", [], None  # not held while the next read waits
-            if frames.done:
-                return
-        chunks, failure = frames.read(decoder.ending())
-        for chunk in chunks:
-            yield chunk
-        if failure is not None:
-            raise failure
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise error_for_exception(exc) from exc
-    finally:
-        resp.close()
-    if not frames.done and not frames.finished:
-        # a clean close after a finish_reason is complete; otherwise it was cut
-        raise UpstreamError("upstream_bad_response", "upstream stream ended without [DONE]")
-
-
-class _Frames:
-    """One stream's events. One that is its last plain text frame with other text (and other
-    ``obfuscation`` padding, which OpenAI varies per frame) is read as that text alone
-    (``_Template``); the text of one read's consecutive plain frames is one chunk."""
-
-    __slots__ = ("_decoder", "_tries", "done", "finished", "meta", "template")
-
-    def __init__(self, decoder: SSEDecoder) -> None:
-        self._decoder = decoder
-        self._tries = TEMPLATE_TRIES
-        self.done = False  # [DONE]
-        self.finished = False  # a finish_reason came
-        self.meta: _Meta | None = None  # as last sent; shared with the chunk that carried it
-        self.template: _Template | None = None
-
-    def read(self, blocks: list[bytes]) -> tuple[list[Chunk], UpstreamError | None]:
-        """The chunks of ``SSEDecoder.blocks``; a bad frame ends them, with its error."""
-        chunks: list[Chunk] = []
-        texts: list[str] = []
-        template = self.template
-        for block in blocks:
-            if template is not None and (text := template.text(block)) is not None:
-                if text:
-                    texts.append(text)
-                continue
-            try:
-                event = self._decoder.event(block)
-                if event is None:
-                    continue
-                if texts:
-                    chunks.append(Chunk("".join(texts), frames=len(texts)))
-                    texts = []
-                if event.data == "[DONE]":
-                    self.done = True
-                    return chunks, None
-                chunk = _parse(event.data, self.meta)
-            except UpstreamError as exc:
-                return chunks, exc
-            if chunk.meta is not None:
-                self.meta = chunk.meta
-                template = self.template = None  # its frames carry the meta before
-            elif self._tries and chunk == Chunk(chunk.text) and chunk.text:  # plain text
-                self._tries -= 1
-                learnt = _Template.of(block, chunk.text)
-                template = self.template = learnt if learnt and learnt.proven(self.meta) else None
-            self.finished = self.finished or chunk.finish_reason is not None
-            chunks.append(chunk)
-        if texts:
-            chunks.append(Chunk("".join(texts), frames=len(texts)))
-        return chunks, None
-
-
-TEMPLATE_TRIES = 4  # a stream whose frames vary in more than their text is parsed whole
-MAX_TEMPLATED = 1 << 16  # a larger event is read whole (and the decoder's limit applies)
-
-
-class _Template:
-    """An event of one plain text frame cut around its text: ``head TEXT tail``, or ``head TEXT
-    middle PAD tail`` with its ``obfuscation`` padding, where TEXT and PAD are each exactly
-    one JSON string (no white space around: so no line break, and the event stays one
-    ``data:`` line). An event of that shape is the same JSON as the one it was cut from with
-    another text (and padding), so it is read as its TEXT alone; ``proven`` parses a probe of
-    the shape whole to show the cut is right."""
-
-    __slots__ = ("head", "middle", "tail")
-
-    def __init__(self, head: bytes, middle: bytes | None, tail: bytes) -> None:
-        self.head, self.middle, self.tail = head, middle, tail
-
-    @classmethod
-    def of(cls, block: bytes, text: str) -> _Template | None:
-        """The template of a one-line ``data: `` event whose frame has ``text``, if found."""
-        if not block.startswith(b"data: ") or b"\n" in block or len(block) > MAX_TEMPLATED:
-            return None
-        for token in {orjson.dumps(text), json.dumps(text).encode()}:  # raw UTF-8, or \u-escaped
-            found = CONTENT.search(block)
-            while found is not None and not block.startswith(token, found.end()):
-                found = CONTENT.search(block, found.end())
-            if found is None:
-                continue
-            head, rest = block[: found.end()], block[found.end() + len(token) :]
-            pad = PAD.search(rest)
-            if pad is None:
-                return cls(head, None, rest)
-            return cls(head, rest[: pad.start(1)], rest[pad.end() :])
-        return None
-
-    def proven(self, meta: _Meta | None) -> bool:
-        pad = b"" if self.middle is None else self.middle + PROBE
-        probe = self.head + PROBE + pad + self.tail
-        try:
-            chunk = _parse(probe[6:].decode(), meta)
-        except (UpstreamError, UnicodeDecodeError):
-            return False
-        return chunk == Chunk(PROBE_TEXT) and self.text(probe) == PROBE_TEXT
-
-    def text(self, block: bytes) -> str | None:
-        """The event's text if it has the template's shape, else None."""
-        head, tail = self.head, self.tail
-        if not (block.startswith(head) and block.endswith(tail)) or len(block) > MAX_TEMPLATED:
-            return None
-        end = len(block) - len(tail)
-        if self.middle is None:
-            return _string(block[len(head) : end])
-        cut = block.find(self.middle, len(head), end)
-        if cut < 0 or _string(block[cut + len(self.middle) : end]) is None:
-            return None
-        return _string(block[len(head) : cut])
-
-
-CONTENT = re.compile(rb'"content"\s*:\s*')
-PAD = re.compile(rb'"obfuscation"\s*:\s*("(?:[^"\\]|\\.)*")')
-PROBE = b'"\\u0001"'
-PROBE_TEXT = "\x01"
-
-
-def _string(token: bytes) -> str | None:
-    """``token`` as the JSON string it is exactly, else None."""
-    if not (token.startswith(b'"') and token.endswith(b'"')):
-        return None
-    try:
-        value = orjson.loads(token)
-    except orjson.JSONDecodeError:
-        return None
-    return value if type(value) is str else None
+def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
+    return read_stream(resp, _Frames(SSEDecoder()), "upstream stream ended without [DONE]")
 
 
 _Meta = dict[str, Any]
 PLAIN_DELTA = frozenset({"content", "role"})  # what a plain text frame's delta may carry
 META = ("system_fingerprint", "service_tier")  # per stream, not per frame: ``Chunk.meta``
+
+
+class _Frames(TextEvents):
+    """An OpenAI-compatible stream's events: ``[DONE]`` ends it, a finish reason completes it;
+    a plain text frame's template spans its text and OpenAI's ``obfuscation`` padding."""
+
+    __slots__ = ("finished", "meta")
+    key = re.compile(rb'"content"\s*:\s*')
+    pad = re.compile(rb'"obfuscation"\s*:\s*' + STRING)
+
+    def __init__(self, decoder: SSEDecoder) -> None:
+        super().__init__(decoder)
+        self.finished = False  # a finish_reason came
+        self.meta: _Meta | None = None  # as last sent; shared with the chunk that carried it
+
+    def complete(self) -> bool:
+        return self.ended or self.finished  # a clean close after a finish reason is complete
+
+    def whole(self, event: SSEEvent) -> Chunk | None:
+        if event.data == "[DONE]":
+            self.ended = True
+            return None
+        chunk = _parse(event.data, self.meta)
+        if chunk.meta is not None:
+            self.meta = chunk.meta
+            self.template = None  # its frames carry the meta before
+        self.finished = self.finished or chunk.finish_reason is not None
+        return chunk
+
+    def probe(self, event: SSEEvent) -> Chunk | None:
+        return _parse(event.data, self.meta)
 
 
 def _parse(data: str, meta: _Meta | None) -> Chunk:

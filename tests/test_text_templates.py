@@ -1,9 +1,12 @@
-"""An OpenAI-compatible stream's frames are read exactly, however they are read: a frame shaped
-as the stream's last plain text frame is read as its text alone (``_Template``), the text of one
-network read's plain frames goes out as one chunk, and anything else is parsed whole.
+"""A stream's plain text events are read exactly, however they are read: an event shaped as
+the stream's last plain text event is read as its text alone (``service.providers.templates``),
+the text of one network read's such events goes out as one chunk, and anything else is read
+whole. For OpenAI-compatible streams (a template spans OpenAI's ``obfuscation`` padding) and
+Anthropic's (a template spans the spaces Anthropic puts before an object's last brace).
 
-The reference is each frame parsed whole (``_parse``): the fast read must give the same text,
-the same rich frames, usage, finish reasons and meta, and the same errors after the same text."""
+The reference is each event read whole (``_parse``, ``Reader.whole``): the fast read must give
+the same text, the same rich frames, usage, finish reasons and meta, and the same errors after
+the same text."""
 
 from __future__ import annotations
 
@@ -15,9 +18,11 @@ import orjson
 import pytest
 
 from service.errors import UpstreamError
+from service.providers import anthropic_stream
 from service.providers.base import Chunk
 from service.providers.openai import _Frames, _parse
 from service.providers.sse import SSEDecoder
+from tests import anthropic_recordings as rec
 from tests.fake_openai import Script
 from tests.openai_recordings import RECORDINGS
 
@@ -201,6 +206,81 @@ def test_a_frame_with_a_byte_that_is_not_utf8_is_read_as_before():
     bad = good.replace(b'"ab"', b'"a\xffb"')
     payloads = [good, bad, good]
     assert steps(fast(payloads, 3)) == steps(whole(payloads)) == ["ab" + "a\ufffdb" + "ab"]
+
+
+# ------------------------------------------------------------------------------ Anthropic
+ANTHROPIC = {
+    name: getattr(rec, name)
+    for name in (
+        "TEXT", "THINKING", "THINKING_TOOL_USE", "REDACTED", "TOOL_USE",
+        "TOOL_FOLLOW_UP", "CACHED", "MID_ERROR", "REFUSAL", "MAX_TOKENS",
+    )
+}  # fmt: skip
+START = rec.start("msg_01X", rec.MODEL, rec.usage(21, 1))
+ODD_TEXTS = [t for t in TEXTS if t] + ['"}}', '"}}   }', "\t"]
+ANTHROPIC["odd texts and paddings"] = [
+    START,
+    rec.block_start(0, {"type": "text", "text": ""}),
+    *(rec.text(0, t, pad) for i, t in enumerate(ODD_TEXTS) for pad in (0, i % 7, 13)),
+    rec.text(0, "tab").replace(b"}}", b"}\t}"),  # other white space before the brace
+    rec.text(1, "another block"),
+    rec.delta(0, "thinking_delta", "thinking", "a thought in the text's shape"),
+    rec.delta(0, "text_delta", "text", "x", 3).replace(b"text_delta", b"text_deltx"),
+    rec.text(0, "back"),
+    rec.block_stop(0),
+    rec.message_delta("end_turn", rec.usage(21, 30)),
+    rec.STOP,
+    rec.text(0, "after the end"),
+]  # fmt: skip
+
+
+def anthropic_whole(events: list[bytes]) -> tuple[list[Any], str | None]:
+    decoder = SSEDecoder()
+    reader = anthropic_stream.Reader(decoder)
+    chunks: list[Chunk] = []
+    for event in decoder.feed(b"".join(events)):
+        try:
+            chunk = reader.whole(event)
+        except UpstreamError as exc:
+            return steps(chunks), exc.code
+        if chunk is not None:
+            chunks.append(chunk)
+        if reader.ended:
+            break
+    return steps(chunks), None
+
+
+def anthropic_fast(events: list[bytes], per_read: int) -> tuple[list[Any], str | None]:
+    decoder = SSEDecoder()
+    reader = anthropic_stream.Reader(decoder)
+    chunks: list[Chunk] = []
+    for i in range(0, len(events), per_read):
+        read, failure = reader.read(decoder.blocks(b"".join(events[i : i + per_read])))
+        chunks.extend(read)
+        if failure is not None:
+            return steps(chunks), failure.code
+        if reader.ended:
+            break
+    return steps(chunks), None
+
+
+@pytest.mark.parametrize("name", ANTHROPIC)
+@pytest.mark.parametrize("per_read", [1, 3, 1000])
+def test_anthropics_fast_read_agrees_with_every_event_read_whole(name, per_read):
+    events = ANTHROPIC[name]
+    assert anthropic_fast(events, per_read) == anthropic_whole(events)
+
+
+def test_anthropics_text_deltas_padded_alike_or_not_are_one_chunk():
+    decoder = SSEDecoder()
+    reader = anthropic_stream.Reader(decoder)
+    first, _ = reader.read(decoder.blocks(START + rec.text(0, "a", 10)))
+    assert [c.text for c in first] == ["a"] and reader.template is not None
+    rest = rec.text(0, "b") + rec.text(0, "c", 3) + rec.PING + rec.text(0, "d", 12)
+    assert reader.read(decoder.blocks(rest)) == (
+        [Chunk("bc", frames=2), Chunk("d")],  # a ping between them is read whole: no text
+        None,
+    )
 
 
 async def test_a_stream_read_at_once_is_relayed_whole_and_logged_frame_by_frame(
