@@ -201,6 +201,18 @@ def test_an_event_of_another_form_is_read_as_a_whole_read_reads_it(odd):
     assert wire_fast(wire) == wire_whole(wire)
 
 
+def test_an_event_over_the_limit_after_templated_texts_comes_after_them():
+    first = b"data: " + compact(text("x")) + b"\n\n"
+    decoder = SSEDecoder(max_event_bytes=len(first) + 20)
+    frames = _Frames(decoder)
+    assert frames.read(decoder.blocks(first))[0] == [Chunk("x")] and frames.template is not None
+    wire = b"".join(b"data: " + compact(text(t)) + b"\n\n" for t in "ab")
+    wire += b"data: " + compact(text("c" * 100)) + b"\n\n"
+    chunks, failure = frames.read(decoder.blocks(wire))
+    assert chunks == [Chunk("ab", frames=2)]
+    assert failure is not None and failure.code == "upstream_bad_response"
+
+
 def test_a_frame_with_a_byte_that_is_not_utf8_is_read_as_before():
     good = compact(text("ab"))
     bad = good.replace(b'"ab"', b'"a\xffb"')

@@ -25,7 +25,7 @@ class SSEEvent:
 class SSEDecoder:
     def __init__(self, max_event_bytes: int = 1 << 20) -> None:
         self._buf = b""
-        self._max = max_event_bytes
+        self.max_event_bytes = max_event_bytes
 
     def feed(self, data: bytes) -> list[SSEEvent]:
         return [e for e in map(self.event, self.blocks(data)) if e is not None]
@@ -44,7 +44,7 @@ class SSEDecoder:
                 buf = buf[:-1]
             buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + tail
         *blocks, rest = buf.split(b"\n\n")
-        if len(rest) > self._max:
+        if len(rest) > self.max_event_bytes:
             raise UpstreamError("upstream_bad_response", "upstream event too large")
         self._buf = rest
         return blocks
@@ -58,12 +58,13 @@ class SSEDecoder:
     def event(self, block: bytes) -> SSEEvent | None:
         """One of ``blocks`` read: None when it has no data (a comment, say)."""
         # The usual upstream event is one ``data: ...`` line: take it without the line loop.
-        if block.startswith(b"data: ") and b"\n" not in block and len(block) <= self._max:
+        limit = self.max_event_bytes
+        if block.startswith(b"data: ") and b"\n" not in block and len(block) <= limit:
             return SSEEvent(block[6:].decode("utf-8", errors="replace"))
         return self._parse(block)
 
     def _parse(self, block: bytes) -> SSEEvent | None:
-        if len(block) > self._max:
+        if len(block) > self.max_event_bytes:
             raise UpstreamError("upstream_bad_response", "upstream event too large")
         data: list[str] = []
         name = "message"

@@ -23,7 +23,7 @@ from service.providers.base import Chunk, error_for_exception
 from service.providers.sse import SSEDecoder, SSEEvent
 
 TRIES = 4  # a stream whose events vary in more than their text is read whole after this many
-MAX_TEMPLATED = 1 << 16  # a larger event is read whole (and the decoder's limit applies)
+MAX_TEMPLATED = 1 << 16  # a larger event is read whole (so is one over the decoder's limit)
 PROBE = b'"\\u0001"'
 PROBE_TEXT = "\x01"
 STRING = rb'("(?:[^"\\]|\\.)*")'
@@ -40,20 +40,27 @@ class Template:
     text (and padding). So it is read as its TEXT alone. ``proven`` reads a probe of the shape
     whole, to show the cut is right."""
 
-    __slots__ = ("closing", "head", "middle", "tail")
+    __slots__ = ("closing", "head", "limit", "middle", "tail")
 
-    def __init__(self, head: bytes, middle: bytes | None, tail: bytes) -> None:
+    def __init__(self, head: bytes, middle: bytes | None, tail: bytes, limit: int) -> None:
         self.head, self.middle, self.tail = head, middle, tail  # ``tail`` without its last "}"
         self.closing = tail + b"}"
+        self.limit = limit  # a larger event is read whole (where the decoder's limit applies)
 
     @classmethod
     def of(
-        cls, block: bytes, text: str, key: re.Pattern[bytes], pad: re.Pattern[bytes] | None
+        cls,
+        block: bytes,
+        text: str,
+        key: re.Pattern[bytes],
+        pad: re.Pattern[bytes] | None,
+        limit: int,
     ) -> Template | None:
         """The template of ``block``, an event whose text is ``text``, found after ``key``
-        (``pad``: its padding string, group 1); None when the event has no such shape."""
+        (``pad``: its padding string, group 1), for events up to ``limit`` bytes; None when
+        the event has no such shape."""
         lines = block.split(b"\n")
-        if len(block) > MAX_TEMPLATED or not block.endswith(b"}"):
+        if len(block) > limit or not block.endswith(b"}"):
             return None
         if not lines[-1].startswith(b"data: "):
             return None
@@ -69,8 +76,8 @@ class Template:
             head, rest = block[: found.end()], block[found.end() + len(token) : -1].rstrip(b" ")
             padding = pad.search(rest) if pad is not None else None
             if padding is None:
-                return cls(head, None, rest)
-            return cls(head, rest[: padding.start(1)], rest[padding.end(1) :])
+                return cls(head, None, rest, limit)
+            return cls(head, rest[: padding.start(1)], rest[padding.end(1) :], limit)
         return None
 
     def proven(self, read: Callable[[bytes], Chunk | None]) -> bool:
@@ -86,7 +93,7 @@ class Template:
     def text(self, block: bytes) -> str | None:
         """The event's text if it has the template's shape, else None."""
         head = self.head
-        if not block.startswith(head) or len(block) > MAX_TEMPLATED:
+        if not block.startswith(head) or len(block) > self.limit:
             return None
         if block.endswith(self.closing):  # padded as the template was (or not at all)
             end = len(block) - len(self.closing)
@@ -177,14 +184,12 @@ class TextEvents:
                 if text:
                     texts.append(text)
                 continue
+            if texts:
+                chunks.append(Chunk("".join(texts), frames=len(texts)))
+                texts = []
             try:
                 event = self.decoder.event(block)
-                if event is None:
-                    continue
-                if texts:
-                    chunks.append(Chunk("".join(texts), frames=len(texts)))
-                    texts = []
-                chunk = self.whole(event)
+                chunk = None if event is None else self.whole(event)
             except UpstreamError as exc:
                 return chunks, exc
             if chunk is not None:
@@ -199,7 +204,8 @@ class TextEvents:
 
     def _learn(self, block: bytes, text: str) -> None:
         self._tries -= 1
-        learnt = Template.of(block, text, self.key, self.pad)
+        limit = min(MAX_TEMPLATED, self.decoder.max_event_bytes)
+        learnt = Template.of(block, text, self.key, self.pad, limit)
         self.template = learnt if learnt and learnt.proven(self._probe) else None
 
     def _probe(self, block: bytes) -> Chunk | None:
