@@ -23,6 +23,8 @@ class SSEEvent:
 
 
 class SSEDecoder:
+    __slots__ = ("_buf", "max_event_bytes")  # one per live stream: kept small
+
     def __init__(self, max_event_bytes: int = 1 << 20) -> None:
         self._buf = b""
         self.max_event_bytes = max_event_bytes

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import ClassVar
 
 import aiohttp
@@ -40,11 +40,10 @@ class Template:
     text (and padding). So it is read as its TEXT alone. ``proven`` reads a probe of the shape
     whole, to show the cut is right."""
 
-    __slots__ = ("closing", "head", "limit", "middle", "tail")
+    __slots__ = ("head", "limit", "middle", "tail")  # one per live stream: kept small
 
     def __init__(self, head: bytes, middle: bytes | None, tail: bytes, limit: int) -> None:
         self.head, self.middle, self.tail = head, middle, tail  # ``tail`` without its last "}"
-        self.closing = tail + b"}"
         self.limit = limit  # a larger event is read whole (where the decoder's limit applies)
 
     @classmethod
@@ -93,17 +92,16 @@ class Template:
     def text(self, block: bytes) -> str | None:
         """The event's text if it has the template's shape, else None."""
         head = self.head
-        if not block.startswith(head) or len(block) > self.limit:
+        if not (block.startswith(head) and block.endswith(b"}")) or len(block) > self.limit:
             return None
-        if block.endswith(self.closing):  # padded as the template was (or not at all)
-            end = len(block) - len(self.closing)
-        else:  # other spaces before the last brace: JSON's white space, the same object
-            if not block.endswith(b"}"):
-                return None
+        tail, last = self.tail, len(block) - 1
+        if block.endswith(tail, 0, last):  # no spaces before the last brace, as the template
+            end = last - len(tail)
+        else:  # spaces before the last brace: JSON's white space, the same object
             core = block[:-1].rstrip(b" ")  # a prefix of ``block``: its offsets are block's
-            if not core.endswith(self.tail):
+            if not core.endswith(tail):
                 return None
-            end = len(core) - len(self.tail)
+            end = len(core) - len(tail)
         if self.middle is None:
             return _string(block[len(head) : end])
         cut = block.find(self.middle, len(head), end)
@@ -119,7 +117,7 @@ async def read_stream(
     (``Chunk.more`` on all but the last of them). A stream that closes before ``events`` is
     ``complete`` was cut (``cut`` says so). Closing the iterator closes the connection."""
     decoder = events.decoder
-    chunks: list[Chunk] = []
+    chunks: Sequence[Chunk] = ()
     chunk: Chunk | None = None
     try:
         while data := await resp.content.readany():  # no iterator object kept per stream
@@ -130,7 +128,7 @@ async def read_stream(
                 yield chunk
             if failure is not None:  # after what came before it in this read
                 raise failure
-            data, chunks, chunk = b"", [], None  # not held while the next read waits
+            data, chunks, chunk = b"", (), None  # not held while the next read waits
             if events.ended:
                 return
         chunks, failure = events.read(decoder.ending())
