@@ -110,6 +110,11 @@ class FakeOpenAI:
             "usage": None,
         }
 
+    def _usage_chunk(self, usage: tuple[int, int]) -> dict[str, Any]:
+        p, c = usage
+        counts = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        return {**self._chunk(None), "choices": [], "usage": counts}
+
     async def completions(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(await request.json())
         self.headers.append(dict(request.headers))
@@ -152,10 +157,7 @@ class FakeOpenAI:
             if script.send_finish:
                 await resp.write(self._frame(script, self._chunk(None, script.finish_reason)))
             if script.usage:
-                p, c = script.usage
-                usage = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-                body = {**self._chunk(None), "choices": [], "usage": usage}
-                await resp.write(self._frame(script, body))
+                await resp.write(self._frame(script, self._usage_chunk(script.usage)))
             if script.send_done:
                 await resp.write(b"data: [DONE]\n\n")
             self.finished.set()
@@ -170,9 +172,7 @@ class FakeOpenAI:
         frames = [self._chunk("", role=True), *map(self._chunk, script.chunks)]
         frames.append(self._chunk(None, script.finish_reason))
         if script.usage:
-            p, c = script.usage
-            usage = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-            frames.append({**self._chunk(None), "choices": [], "usage": usage})
+            frames.append(self._usage_chunk(script.usage))
         body = b"".join(self._frame(script, frame) for frame in frames) + b"data: [DONE]\n\n"
         await resp.write(body)
         self.finished.set()
