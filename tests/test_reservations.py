@@ -122,3 +122,19 @@ async def test_a_group_holds_each_rule_as_one_turn_after_another(aiohttp_client,
     for user in ("gap", "poor", "new"):
         doc = await store.usage.find_one({"user_id": user})
         assert len(doc["open"]) == 1 and doc["reserved"] == doc["open"][0]["grant"]
+
+
+async def test_a_groups_read_of_the_months_keeps_only_its_own_pairs(
+    aiohttp_client, stream_settings
+):
+    """The group's one read of the months asks for its users in its periods (``$in`` on each
+    field, what SecantusDB takes through the index): a listed user's month that no turn of
+    the group is in (another pair's period) is not among what it returns."""
+    store = (await aiohttp_client(create_app(stream_settings()))).app[STORE]
+    for user in ("ann", "bob"):
+        for period in ("2026-11", "2026-12"):
+            await store.usage.insert_one({"user_id": user, "period": period, "used": 7})
+    months = await store._months({("ann", "2026-11"), ("bob", "2026-12")})
+    assert sorted(months) == [("ann", "2026-11"), ("bob", "2026-12")]
+    assert all(d["user_id"] == u and d["period"] == p for (u, p), d in months.items())
+    assert await store._months({("carl", "2026-12")}) == {}
