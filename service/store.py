@@ -680,11 +680,12 @@ class Store:
 
     @db_call
     async def unreserve(
-        self, user_id: str, period: str, message_id: str, grant: int, *, now: datetime, gap_ms: int
+        self, user_id: str, period: str, message_id: str, *, now: datetime, gap_ms: int
     ) -> None:
         """Undo a reservation whose turn will not run, as if it had never been taken: its grant
-        leaves ``reserved``, its entry ``open``, and the message gap it moved (``gap_ms``, from
-        ``now``) is back to ``now``, unless a later send moved it since."""
+        (what its entry in ``open`` holds) leaves ``reserved``, its entry ``open``, and the
+        message gap it moved (``gap_ms``, from ``now``) is back to ``now``, unless a later send
+        moved it since. Nothing when it was not taken (a reservation whose answer was lost)."""
         moved: Doc = {}
         if gap_ms:
             ours = now + timedelta(milliseconds=gap_ms)
@@ -692,13 +693,15 @@ class Store:
         await self.usage.update_one(
             {"user_id": user_id, "period": period, "open.mid": message_id},
             [
+                {"$set": {"_entry": {"$arrayElemAt": [_entries(message_id, "$eq"), 0]}}},
                 {
                     "$set": {
-                        "reserved": {"$subtract": ["$reserved", grant]},
+                        "reserved": {"$subtract": ["$reserved", "$_entry.grant"]},
                         "open": _entries(message_id, "$ne"),
                         **moved,
                     }
-                }
+                },
+                {"$unset": "_entry"},
             ],
         )
 

@@ -7,14 +7,14 @@ import asyncio
 from typing import Any
 
 from service.app import create_app
-from service.errors import RateLimited
+from service.errors import RateLimited, StoreUnavailable
 from service.keys import PRODUCER, STORE
 from service.store import ReserveRequest, utcnow
 from service.stream.groups import Reservations
 from service.stream.producer import period_of
 from tests.fake_openai import Script
 from tests.faults import calls, settled
-from tests.processes import wait_until
+from tests.processes import eventually, wait_until
 from tests.sse_client import collect, text_of
 
 
@@ -96,7 +96,7 @@ async def test_a_group_holds_each_rule_as_one_turn_after_another(aiohttp_client,
     store = (await aiohttp_client(create_app(stream_settings()))).app[STORE]
     for user in ("gap", "poor"):  # their months exist (the group's read finds them)
         await store.reserve(page_turn(user, f"{user}-0", want=1))
-        await store.unreserve(user, period_of(utcnow()), f"{user}-0", 1, now=utcnow(), gap_ms=0)
+        await store.unreserve(user, period_of(utcnow()), f"{user}-0", now=utcnow(), gap_ms=0)
     await store.usage.update_many({}, {"$unset": {"next_at": ""}})
     before = calls("reserve_many")
     reservations = Reservations(store, lambda task: None)
@@ -138,3 +138,37 @@ async def test_a_groups_read_of_the_months_keeps_only_its_own_pairs(
     assert sorted(months) == [("ann", "2026-11"), ("bob", "2026-12")]
     assert all(d["user_id"] == u and d["period"] == p for (u, p), d in months.items())
     assert await store._months({("carl", "2026-12")}) == {}
+
+
+async def test_a_reservation_whose_answer_was_lost_is_given_back_at_once(
+    aiohttp_client, stream_settings, fake_openai, auth, monkeypatch
+):
+    """MongoDB took a page turn's reservation, but its answer did not come (the send is 503
+    ``database_unavailable``): the reservation is given back at once, its grant and the message
+    gap it moved, not when the reaper finds it old minutes later. The user's next send, within
+    what would have been the gap, goes through."""
+    client = await aiohttp_client(create_app(stream_settings(message_rate_limit_ms=60_000)))
+    store = client.app[STORE]
+    chat = (await (await client.post("/api/chat", headers=auth("ann"))).json())["chat_id"]
+    reserve = store.reserve
+
+    async def lost(req):  # taken; its answer lost on the way
+        await reserve(req)
+        raise StoreUnavailable("the database is unavailable; try again shortly")
+
+    monkeypatch.setattr(store, "reserve", lost)
+    fake_openai.default = Script(chunks=["x ", "y"], usage=(10, 2))
+    url = f"/api/chat/{chat}/message"
+    resp = await client.post(url, json={"message": "Hi"}, headers=auth("ann"))
+    assert resp.status == 503
+    assert (await resp.json())["error"]["code"] == "database_unavailable"
+
+    async def given_back() -> bool:
+        doc = await store.usage.find_one({"user_id": "ann"})
+        return (doc["reserved"], doc["open"]) == (0, [])
+
+    await eventually(given_back, deadline_s=5, what="the lost reservation given back")
+    monkeypatch.setattr(store, "reserve", reserve)
+    resp = await client.post(url, json={"message": "Hi"}, headers=auth("ann"))
+    assert resp.status == 200 and text_of(await collect(resp)) == "x y"
+    await settled(store.db, users=("ann",))
