@@ -685,19 +685,27 @@ class Store:
         """Undo a reservation whose turn will not run, as if it had never been taken: its grant
         (what its entry in ``open`` holds) leaves ``reserved``, its entry ``open``, and the
         message gap it moved (``gap_ms``, from ``now``) is back to ``now``, unless a later send
-        moved it since. Nothing when it was not taken (a reservation whose answer was lost)."""
+        moved it since. The entry is the one taken at ``now`` (the turn's id may be reserved
+        again, after a prediction missed). Nothing when it was not taken (a reservation whose
+        answer was lost)."""
         moved: Doc = {}
         if gap_ms:
             ours = now + timedelta(milliseconds=gap_ms)
             moved["next_at"] = {"$cond": [{"$eq": ["$next_at", ours]}, now, "$next_at"]}
+        ours_only = {"$and": [{"$eq": ["$$this.mid", message_id]}, {"$eq": ["$$this.at", now]}]}
+        open_: Doc = {"$ifNull": ["$open", []]}
         await self.usage.update_one(
-            {"user_id": user_id, "period": period, "open.mid": message_id},
+            {
+                "user_id": user_id,
+                "period": period,
+                "open": {"$elemMatch": {"mid": message_id, "at": now}},
+            },
             [
-                {"$set": {"_entry": {"$arrayElemAt": [_entries(message_id, "$eq"), 0]}}},
+                {"$set": {"_entry": {"$first": {"$filter": {"input": open_, "cond": ours_only}}}}},
                 {
                     "$set": {
                         "reserved": {"$subtract": ["$reserved", "$_entry.grant"]},
-                        "open": _entries(message_id, "$ne"),
+                        "open": {"$filter": {"input": open_, "cond": {"$not": [ours_only]}}},
                         **moved,
                     }
                 },

@@ -4,6 +4,8 @@ reservation runs share the next command, and every rule holds as it did one turn
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from datetime import timedelta
 from typing import Any
 
 from service.app import create_app
@@ -95,8 +97,9 @@ async def test_a_group_holds_each_rule_as_one_turn_after_another(aiohttp_client,
     user whose month has no document yet is reserved on its own, as its first turn is."""
     store = (await aiohttp_client(create_app(stream_settings()))).app[STORE]
     for user in ("gap", "poor"):  # their months exist (the group's read finds them)
-        await store.reserve(page_turn(user, f"{user}-0", want=1))
-        await store.unreserve(user, period_of(utcnow()), f"{user}-0", now=utcnow(), gap_ms=0)
+        first = page_turn(user, f"{user}-0", want=1)
+        await store.reserve(first)
+        await store.unreserve(user, first.period, first.message_id, now=first.now, gap_ms=0)
     await store.usage.update_many({}, {"$unset": {"next_at": ""}})
     before = calls("reserve_many")
     reservations = Reservations(store, lambda task: None)
@@ -172,3 +175,23 @@ async def test_a_reservation_whose_answer_was_lost_is_given_back_at_once(
     resp = await client.post(url, json={"message": "Hi"}, headers=auth("ann"))
     assert resp.status == 200 and text_of(await collect(resp)) == "x y"
     await settled(store.db, users=("ann",))
+
+
+async def test_undoing_a_reservation_leaves_the_same_turns_later_one(
+    aiohttp_client, stream_settings
+):
+    """A turn whose prediction missed is reserved again under its id: undoing the first
+    reservation (the withdrawal of one whose answer was lost may come after the second) gives
+    back that one alone, the entry taken at its time, and leaves the second's grant held."""
+    store = (await aiohttp_client(create_app(stream_settings()))).app[STORE]
+    first = page_turn("twice", "turn-1", want=40, gap_ms=0)
+    await store.reserve(first)
+    again = dataclasses.replace(first, want=70, need=70, now=first.now + timedelta(seconds=1))
+    await store.reserve(again)
+    await store.unreserve("twice", first.period, "turn-1", now=first.now, gap_ms=0)
+    doc = await store.usage.find_one({"user_id": "twice"})
+    assert doc["reserved"] == 70 and [(e["mid"], e["grant"]) for e in doc["open"]] == [
+        ("turn-1", 70)
+    ]
+    await store.unreserve("twice", first.period, "turn-1", now=first.now, gap_ms=0)  # again
+    assert (await store.usage.find_one({"user_id": "twice"}))["reserved"] == 70
