@@ -11,7 +11,7 @@ from typing import Any
 from service.app import create_app
 from service.errors import RateLimited, StoreUnavailable
 from service.keys import PRODUCER, STORE
-from service.store import ReserveRequest, utcnow
+from service.store import ReserveRequest, key_account, utcnow
 from service.stream.groups import Reservations
 from service.stream.producer import period_of
 from tests.fake_openai import Script
@@ -175,6 +175,42 @@ async def test_a_reservation_whose_answer_was_lost_is_given_back_at_once(
     resp = await client.post(url, json={"message": "Hi"}, headers=auth("ann"))
     assert resp.status == 200 and text_of(await collect(resp)) == "x y"
     await settled(store.db, users=("ann",))
+
+
+async def test_a_keys_own_reservation_whose_answer_was_lost_is_given_back_at_once(
+    aiohttp_client, stream_settings, fake_openai, auth, monkeypatch
+):
+    """The reservation on an API key's own month (its ``limit``) was taken, but its answer
+    did not come: the turn is 503, and the key's month holds nothing for it at once, not when
+    the reaper finds the entry old; the key's next turn goes through."""
+    client = await aiohttp_client(create_app(stream_settings()))
+    store = client.app[STORE]
+    resp = await client.post("/api/keys", json={"name": "ci", "limit": 5000}, headers=auth())
+    key = await resp.json()
+    headers = {"Authorization": f"Bearer {key['key']}"}
+    reserve = store.reserve
+
+    async def lost(req):  # taken; its answer lost on the way
+        await reserve(req)
+        raise StoreUnavailable("the database is unavailable; try again shortly")
+
+    monkeypatch.setattr(store, "reserve", lost)
+    fake_openai.default = Script(chunks=["x ", "y"], usage=(10, 2))
+    body = {"model": "gpt-test", "messages": [{"role": "user", "content": "Hi"}]}
+    resp = await client.post("/v1/chat/completions", json=body, headers=headers)
+    assert resp.status == 503
+    assert (await resp.json())["error"]["code"] == "database_unavailable"
+
+    async def given_back() -> bool:
+        doc = await store.usage.find_one({"user_id": key_account(key["id"])})
+        return (doc["reserved"], doc["open"]) == (0, [])
+
+    await eventually(given_back, deadline_s=5, what="the key's lost reservation given back")
+    monkeypatch.setattr(store, "reserve", reserve)
+    resp = await client.post("/v1/chat/completions", json=body, headers=headers)
+    assert resp.status == 200 and (await resp.json())["usage"]["total_tokens"] == 12
+    await settled(store.db, users=(key_account(key["id"]),))
+    await settled(store.db)
 
 
 async def test_undoing_a_reservation_leaves_the_same_turns_later_one(

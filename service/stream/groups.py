@@ -19,12 +19,13 @@ whose it was; an outage fails the whole group, as it failed each command before.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 import structlog
 
-from service.errors import BudgetExceeded, RateLimited, ServiceError
+from service.errors import BudgetExceeded, RateLimited, ServiceError, StoreUnavailable
 from service.store import ChatTurn, Doc, Reservation, ReserveRequest, Store
 from service.stream.ahead import Expected
 
@@ -146,9 +147,28 @@ class Reservations(GroupCommit[ReserveRequest, Reservation]):
         """Reserve one turn with the others arriving now; raises its refusal (``RateLimited``,
         ``BudgetExceeded``) or the outage."""
         self.expected.refused(req.user_id)  # until it is admitted
-        reservation = await self.submit(req)
+        try:
+            reservation = await self.submit(req)
+        except StoreUnavailable:
+            self._withdraw(req)
+            raise
         self.expected.admitted(req, reservation.allowance.remaining_tokens)
         return reservation
+
+    def _withdraw(self, req: ReserveRequest) -> None:
+        """A reservation whose answer did not come (its deadline passed, MongoDB went away)
+        may have been taken all the same: give it back now (``Store.unreserve``, which does
+        nothing when it was not), not when the reaper finds it old, the longest turn and
+        ``STALE_STREAM_S`` later. In the background: the request's 503 does not wait for a
+        database that is slow or away; a reservation applied after this runs is the reaper's."""
+
+        async def withdraw() -> None:
+            with contextlib.suppress(ServiceError):
+                await self.store.unreserve(
+                    req.user_id, req.period, req.message_id, now=req.now, gap_ms=req.rate_limit_ms
+                )
+
+        self._track(asyncio.ensure_future(withdraw()))
 
     async def run(self, items: list[ReserveRequest]) -> list[Reservation | ServiceError]:
         if len(items) > 1:

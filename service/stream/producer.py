@@ -492,27 +492,8 @@ class TurnProducer:
         gap is a rule between two sends, not a quantity a lease could hold), the updates of
         the page's turns arriving together sent together (``Reservations``)."""
         if transport == "sse" or self.leases is None:
-            try:
-                return await self.reservations.reserve(req)
-            except StoreUnavailable:
-                self._withdraw(req)
-                raise
+            return await self.reservations.reserve(req)
         return await self.leases.admit(req)
-
-    def _withdraw(self, req: ReserveRequest) -> None:
-        """A reservation whose answer did not come (its deadline passed, MongoDB went away)
-        may have been taken all the same: give it back now (``Store.unreserve``, which does
-        nothing when it was not), not when the reaper finds it old, the longest turn and
-        ``STALE_STREAM_S`` later. In the background: the request's 503 does not wait for a
-        database that is slow or away; a reservation applied after this runs is the reaper's."""
-
-        async def withdraw() -> None:
-            with contextlib.suppress(ServiceError):
-                await self.store.unreserve(
-                    req.user_id, req.period, req.message_id, now=req.now, gap_ms=req.rate_limit_ms
-                )
-
-        self.registry.track(asyncio.ensure_future(withdraw()))
 
     async def count_tokens(self, inp: TurnInput) -> int:
         """The prompt tokens of a stateless turn of ``inp`` (its ``messages`` and ``options``),
