@@ -117,6 +117,7 @@ async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:
         registry.replica_id,
         idle_s=settings.lease_idle_s,
         keep_s=settings.lease_keep_s,
+        track=registry.track,
     )
     providers = build_providers(settings, app[UPSTREAM], catalogue)
     model_lists = ModelLists(providers, catalogue.all(), ttl_s=settings.model_list_ttl_s)

@@ -899,6 +899,60 @@ class Store:
             await self.rollup.bulk_write(again, ordered=False, comment=REPLICA_WORK)
 
     @db_call
+    async def undo_growth(
+        self, user_id: str, period: str, lease_id: str, growth: int, *, interval_ms: int
+    ) -> None:
+        """Undo a growth of a lease whose answer was lost, as if it had never been taken: what
+        it added (its entry's ``took``) leaves the entry's grant and turns and ``reserved``, and
+        its requests go back to the bucket (``interval_ms`` each). Nothing when it was not
+        taken, or when the lease has grown since (the entry notes its latest growth only; the
+        lost one's then goes back with the lease, ``release_lease``)."""
+        ours = {"$and": [{"$eq": ["$$this.mid", lease_id]}, {"$eq": ["$$this.took.n", growth]}]}
+        took = {
+            "$first": {
+                "$map": {
+                    "input": {"$filter": {"input": "$open", "cond": ours}},
+                    "in": "$$this.took",
+                }
+            }
+        }
+        less = {
+            "grant": {"$subtract": ["$$this.grant", "$_took.tokens"]},
+            "turns": {"$subtract": [{"$ifNull": ["$$this.turns", 0]}, "$_took.turns"]},
+            "took": {"tokens": 0, "turns": 0, "requests": 0},
+        }
+        unused: Doc = {}
+        if interval_ms:
+            due = {"$ifNull": ["$requests_due", EPOCH]}
+            spent = {"$multiply": ["$_took.requests", interval_ms]}
+            unused["requests_due"] = {"$subtract": [due, spent]}
+        await self.usage.update_one(
+            {
+                "user_id": user_id,
+                "period": period,
+                "open": {"$elemMatch": {"mid": lease_id, "took.n": growth}},
+            },
+            [
+                {"$set": {"_took": took}},
+                {
+                    "$set": {
+                        "reserved": {"$subtract": ["$reserved", "$_took.tokens"]},
+                        "open": {
+                            "$map": {
+                                "input": "$open",
+                                "in": {
+                                    "$cond": [ours, {"$mergeObjects": ["$$this", less]}, "$$this"]
+                                },
+                            }
+                        },
+                        **unused,
+                    }
+                },
+                {"$unset": "_took"},
+            ],
+        )
+
+    @db_call
     async def release_lease(
         self, user_id: str, period: str, lease_id: str, requests: int = 0, interval_ms: int = 0
     ) -> Doc | None:
@@ -1616,6 +1670,7 @@ class LeaseRequest:
     want_tokens: int
     want_turns: int
     want_requests: int
+    growth: int = 0  # this growth's number on the replica (``Store.undo_growth`` names it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1793,7 +1848,12 @@ def _lease_update(req: LeaseRequest) -> list[Doc]:
         "grant": {"$add": [{"$ifNull": ["$_old.grant", 0]}, "$_tokens"]},
         "turns": {"$add": [{"$ifNull": ["$_old.turns", 0]}, "$_turns"]},
         "at": turn.now,
-        "took": {"tokens": "$_tokens", "turns": "$_turns", "requests": "$_requests"},
+        "took": {
+            "tokens": "$_tokens",
+            "turns": "$_turns",
+            "requests": "$_requests",
+            "n": req.growth,
+        },
     }
     return [
         {"$set": {**free, "_old": old}},

@@ -9,8 +9,9 @@ from datetime import datetime
 from typing import Any
 
 from service.app import create_app
+from service.errors import StoreUnavailable
 from service.keys import REGISTRY, STORE
-from service.store import ReserveRequest, open_turns, utcnow
+from service.store import LeaseRequest, ReserveRequest, open_turns, utcnow
 from service.stream.leases import Leases
 from service.stream.producer import period_of
 from service.tokens import TokenCounter
@@ -258,6 +259,86 @@ async def test_a_killed_replicas_lease_is_released_and_spendable_elsewhere(
     await settled(db, deadline_s=10)
     totals = [m["tokens"]["total"] async for m in db.messages.find({"role": "assistant"})]
     assert (await usage(db))["used"] == sum(totals)
+
+
+async def test_a_growth_whose_answer_was_lost_is_undone_at_once(
+    aiohttp_client, stream_settings, fake_openai, auth, monkeypatch
+):
+    """MongoDB took a lease's growth, but its answer did not come (the turn is 503): what it
+    took (tokens, a turn slot, requests from the per-minute bucket) goes back at once, not
+    when the lease is given back; the next turn takes the lease again."""
+    settings = stream_settings(lease_idle_s=300.0, v1_requests_per_minute=600)
+    client = await aiohttp_client(create_app(settings))
+    store = client.app[STORE]
+    take_lease = store.take_lease
+    asked = []
+
+    async def lost(req):  # taken; its answer lost on the way
+        asked.append(req.turn.now)
+        await take_lease(req)
+        raise StoreUnavailable("the database is unavailable; try again shortly")
+
+    monkeypatch.setattr(store, "take_lease", lost)
+    fake_openai.default = Script(chunks=["x ", "y"], usage=(PROMPT, 2))
+    resp = await client.post("/v1/chat/completions", json=BODY, headers=auth())
+    assert resp.status == 503
+    assert (await resp.json())["error"]["code"] == "database_unavailable"
+
+    async def undone() -> bool:
+        doc = await usage(store.db)
+        (entry,) = lease_of(doc)
+        return (doc["reserved"], entry["grant"], entry["turns"]) == (0, 0, 0)
+
+    await eventually(undone, deadline_s=5, what="the lost growth undone")
+    (took,) = asked  # the requests it moved the bucket by are back: due at the take's time
+    due = (await usage(store.db))["requests_due"]
+    assert due == took.replace(microsecond=took.microsecond // 1000 * 1000)
+    monkeypatch.setattr(store, "take_lease", take_lease)
+    resp = await client.post("/v1/chat/completions", json=BODY, headers=auth())
+    assert resp.status == 200 and (await resp.json())["usage"]["total_tokens"] == PROMPT + 2
+    (entry,) = lease_of(await usage(store.db))
+    assert entry["took"]["tokens"] == 2 * WANT and entry["turns"] == 1  # as a first take
+
+    async def billed() -> bool:
+        doc = await usage(store.db)
+        return doc["used"] == PROMPT + 2 and doc["reserved"] == lease_of(doc)[0]["grant"]
+
+    await eventually(billed, deadline_s=5, what="the turn billed from the new growth")
+
+
+async def test_undoing_a_growth_leaves_a_later_one(aiohttp_client, stream_settings):
+    """The undo of a lost growth comes after the lease grew again: the entry notes its latest
+    growth only, so nothing is undone (what the lost one took goes back with the lease); the
+    undo of the latest one takes exactly what it added, once."""
+    client = await aiohttp_client(create_app(stream_settings()))
+    store = client.app[STORE]
+    replica = client.app[REGISTRY].replica_id  # live: the reaper leaves its lease alone
+    now = utcnow()
+    for growth, tokens in ((1, 300), (2, 500)):
+        await store.take_lease(
+            LeaseRequest(
+                turn=lease_turn(f"m{growth}", now),
+                lease_id="lease:r",
+                replica=replica,
+                want_tokens=tokens,
+                want_turns=1,
+                want_requests=0,
+                growth=growth,
+            )
+        )
+    await store.undo_growth("alice", period_of(now), "lease:r", 1, interval_ms=0)
+    doc = await usage(store.db)
+    assert doc["reserved"] == 800 and (lease_of(doc)[0]["grant"], lease_of(doc)[0]["turns"]) == (
+        800,
+        2,
+    )
+    for _ in range(2):
+        await store.undo_growth("alice", period_of(now), "lease:r", 2, interval_ms=0)
+    doc = await usage(store.db)
+    assert doc["reserved"] == 300 and (lease_of(doc)[0]["grant"], lease_of(doc)[0]["turns"]) == (
+        300,
+        1,
+    )
 
 
 async def test_a_chat_deleted_on_one_replica_refuses_its_next_turn_on_the_other(

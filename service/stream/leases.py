@@ -24,9 +24,13 @@ the usage counts what leases hold.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import structlog
 
@@ -94,9 +98,18 @@ class Leases:
     """This replica's leases, by (user, period)."""
 
     def __init__(
-        self, store: Store, replica_id: str, *, idle_s: float, keep_s: float = 0.0
+        self,
+        store: Store,
+        replica_id: str,
+        *,
+        idle_s: float,
+        keep_s: float = 0.0,
+        track: Callable[[asyncio.Task[Any]], None] | None = None,
     ) -> None:
         self.store = store
+        self._background: set[asyncio.Task[Any]] = set()
+        self._track = track or self._keep
+        self._growths = itertools.count(1)
         self.idle_s = idle_s
         self.keep_s = max(idle_s, keep_s)
         self.replica_id = replica_id
@@ -161,16 +174,22 @@ class Leases:
     ) -> None:
         """Grow the lease by what fits of ``tokens``, ``turns``, ``requests``, where ``req``'s
         rules hold for one more turn (``Store.take_lease``; refused with their errors)."""
-        doc = await self.store.take_lease(
-            LeaseRequest(
-                turn=req,
-                lease_id=self.lease_id,
-                replica=self.replica_id,
-                want_tokens=tokens,
-                want_turns=turns,
-                want_requests=requests,
+        growth = next(self._growths)
+        try:
+            doc = await self.store.take_lease(
+                LeaseRequest(
+                    turn=req,
+                    lease_id=self.lease_id,
+                    replica=self.replica_id,
+                    want_tokens=tokens,
+                    want_turns=turns,
+                    want_requests=requests,
+                    growth=growth,
+                )
             )
-        )
+        except StoreUnavailable:
+            self._withdraw(lease, req, growth)
+            raise
         entry = next(e for e in doc["open"] if e["mid"] == self.lease_id)
         took = entry["took"]
         lease.tokens += int(took["tokens"])
@@ -181,6 +200,26 @@ class Leases:
         if rpm := req.requests_per_minute:
             lease.interval_ms = request_interval(rpm) // timedelta(milliseconds=1)
         lease.doc = doc
+
+    def _withdraw(self, lease: Lease, req: ReserveRequest, growth: int) -> None:
+        """A growth whose answer did not come may have been taken all the same, beyond what
+        this replica knows the lease holds: undo it now (``Store.undo_growth``, nothing when it
+        was not taken), in the background, so that the turn's 503 does not wait; otherwise it
+        would be held, unused, until the lease is given back."""
+        rpm = req.requests_per_minute
+        interval_ms = request_interval(rpm) // timedelta(milliseconds=1) if rpm else 0
+
+        async def withdraw() -> None:
+            with contextlib.suppress(ServiceError):
+                await self.store.undo_growth(
+                    lease.user_id, lease.period, lease.lease_id, growth, interval_ms=interval_ms
+                )
+
+        self._track(asyncio.ensure_future(withdraw()))
+
+    def _keep(self, task: asyncio.Task[Any]) -> None:
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _reservation(self, lease: Lease, req: ReserveRequest, grant: int) -> Reservation:
         return Reservation(
