@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from service.api.page import STATIC_DIR
+from service.api.page import CSP, STATIC_DIR, _loopback
 from service.app import create_app
 
 
@@ -128,6 +128,55 @@ async def test_dev_token_when_on_authenticates_as_that_user(aiohttp_client, make
     other = await (await client.get("/api/dev/token", params={"user": "dave"})).json()
     theirs = await client.get("/api/chat", headers={"Authorization": f"Bearer {other['token']}"})
     assert (await theirs.json())["chats"] == []
+
+
+async def test_the_page_under_another_path_has_the_page_s_headers(client):
+    """``/static/index.html`` is the page too: it cannot be framed or load another origin's
+    script any more than ``/``."""
+    for path in ("/", "/static/index.html", "/static/js/app.js"):
+        resp = await client.get(path)
+        assert resp.status == 200
+        assert resp.headers["Content-Security-Policy"] == CSP
+        assert resp.headers["X-Frame-Options"] == "DENY"
+        assert resp.headers["Referrer-Policy"] == "no-referrer"
+
+
+async def test_dev_token_answers_a_loopback_name_only(aiohttp_client, make_settings):
+    """A page whose name was rebound to 127.0.0.1 (DNS rebinding) asks with its own name in
+    Host: refused, so it cannot read a token; this machine's names get one."""
+    client = await aiohttp_client(create_app(make_settings(dev_token_endpoint=True)))
+    for host in ("attacker.example:8080", "attacker.example", "10.0.0.5:8080"):
+        resp = await client.get("/api/dev/token", headers={"Host": host})
+        assert resp.status == 403, host
+        assert (await resp.json())["error"]["code"] == "dev_token_local_only"
+    for host in ("127.0.0.1:8080", "localhost:8080", "[::1]:8080", "app.localhost"):
+        resp = await client.get("/api/dev/token", headers={"Host": host})
+        assert resp.status == 200, host
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.3.2.1", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("LOCALHOST.", True),
+        ("a.localhost", True),
+        ("10.0.0.5", False),
+        ("192.168.1.20", False),
+        ("::ffff:127.0.0.1", True),
+        ("::ffff:10.0.0.5", False),
+        ("localhost.attacker.example", False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_what_counts_as_this_machine_for_the_dev_token(host, loopback):
+    """The peer's address (so ``HOST=0.0.0.0`` gives no token to the network) and the Host
+    name are both held to this."""
+    assert _loopback(host) is loopback
 
 
 async def test_dev_token_rejects_odd_user_names(aiohttp_client, make_settings):

@@ -10,13 +10,14 @@ only when ``DEV_TOKEN_ENDPOINT`` is true; otherwise the path is an ordinary 404.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 
 from aiohttp import web
 
 from service.auth import mint_token
-from service.errors import BadRequest, ServiceUnavailable
+from service.errors import BadRequest, Forbidden, ServiceUnavailable
 from service.http import json_response
 from service.keys import SETTINGS
 
@@ -58,19 +59,20 @@ def _static_table(root: Path) -> dict[str, Path]:
 
 
 def _file_response(path: Path) -> web.FileResponse:
+    """A static file with the page's headers: every file, so that the page reached by another
+    path (``/static/index.html``) cannot be framed or run another origin's script either."""
     resp = web.FileResponse(path)
     resp.headers["Content-Type"] = CONTENT_TYPES[path.suffix]
     resp.headers["Cache-Control"] = STATIC_CACHE
     resp.headers["X-Content-Type-Options"] = "nosniff"
-    return resp
-
-
-async def index(request: web.Request) -> web.StreamResponse:
-    resp = _file_response(STATIC_DIR / "index.html")
     resp.headers["Content-Security-Policy"] = CSP
     resp.headers["Referrer-Policy"] = "no-referrer"
     resp.headers["X-Frame-Options"] = "DENY"
     return resp
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    return _file_response(STATIC_DIR / "index.html")
 
 
 async def static_file(request: web.Request) -> web.StreamResponse:
@@ -80,7 +82,31 @@ async def static_file(request: web.Request) -> web.StreamResponse:
     return _file_response(path)
 
 
+def _loopback(host: str | None) -> bool:
+    """Whether ``host`` (an address, or a Host header's name) is this machine's loopback."""
+    if not host:
+        return False
+    name = host.strip("[]").lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # a dual-stack socket's IPv4 peer
+    return (mapped or address).is_loopback
+
+
 async def dev_token(request: web.Request) -> web.Response:
+    """A token for any user, to whoever asks: only from this machine (the peer a loopback
+    address, so ``HOST=0.0.0.0`` does not hand tokens to the network) and to a loopback name
+    (the Host header, so a web page whose name was rebound to 127.0.0.1 cannot read one)."""
+    if not (_loopback(request.remote) and _loopback(request.url.host)):
+        raise Forbidden(
+            "the dev token endpoint answers only requests from this machine to a loopback "
+            "address (http://127.0.0.1 or http://localhost)",
+            code="dev_token_local_only",
+        )
     settings = request.app[SETTINGS]
     user = request.query.get("user", "dev").strip() or "dev"
     if not _DEV_USER_OK.match(user):

@@ -14,6 +14,7 @@ const SENTENCES = {
   unauthorized: "Your sign-in was not accepted",
   invalid_api_key: "Your sign-in was not accepted",
   dev_token_unavailable: "This server cannot sign you in by itself. Paste a token to sign in.",
+  dev_token_local_only: "This server signs you in by itself only on its own machine, at http://127.0.0.1. Paste a token to sign in.",
   origin_not_allowed: "This page's address is not allowed to open a WebSocket here. Turn the WebSocket switch off.",
   websocket_required: "The server expected a WebSocket connection. Turn the WebSocket switch off and on again.",
   invalid_frame: "The page sent the WebSocket server something it did not understand. Reload the page.",
