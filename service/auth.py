@@ -64,6 +64,11 @@ class Principal:
     key: KeyScope | None = None  # authenticated by an API key, not a token
     admin: bool = False  # may use /api/admin (the admin claim, or an admin key)
 
+    def accepted_until(self, leeway_s: float) -> float:
+        """When this principal stops being accepted: a token at its ``exp`` plus the leeway its
+        check allows (``JWT_LEEWAY_S``), an API key at its expiry."""
+        return self.expires_at + (0.0 if self.key is not None else leeway_s)
+
 
 class KeyResolver(Protocol):
     """Turns an API key's secret into its principal (``service.apikeys.ApiKeys``)."""

@@ -281,13 +281,37 @@ async def test_ticket_index_is_a_ttl_index(stream_client, auth):
     assert info["ticket_ttl"]["expireAfterSeconds"] == 0
 
 
-async def test_expired_token_closes_the_socket_with_4001(stream_client, token_for):
-    client = stream_client
+async def test_expired_token_closes_the_socket_with_4001(
+    aiohttp_client, stream_settings, token_for
+):
+    client = await aiohttp_client(create_app(stream_settings(jwt_leeway_s=0)))
     headers = {"Authorization": f"Bearer {token_for('alice', ttl_s=1)}"}
     ws = await connect(client, headers)
     msg = await asyncio.wait_for(ws.receive(), 5)
     assert msg.type is aiohttp.WSMsgType.CLOSE
     assert msg.data == 4001 and "expired" in msg.extra
+
+
+async def test_a_token_within_its_leeway_keeps_its_socket_until_the_leeway_ends(
+    aiohttp_client, stream_settings, token_for, fake_openai
+):
+    """A token past its ``exp`` but within JWT_LEEWAY_S is accepted over HTTP: its socket is
+    served too (a turn runs), not opened and closed at once (a reconnecting client would
+    loop), and closed with 4001 when HTTP would refuse it."""
+    client = await aiohttp_client(create_app(stream_settings(jwt_leeway_s=3)))
+    token = token_for("alice", ttl_s=-1)  # expired a second ago: two seconds of leeway left
+    fake_openai.default = Script(chunks=["a ", "b"], usage=(5, 2))
+    headers = {"Authorization": f"Bearer {token}"}
+    assert (await client.get("/api/chat", headers=headers)).status == 200
+    chat_id = await new_chat(client, headers)
+    ws = await connect(client, headers)
+    await ws.send_json(send("t1", chat_id))
+    frames = await until_terminal(ws, {"t1"})
+    assert frames[-1]["type"] == "done"
+    msg = await asyncio.wait_for(ws.receive(), 5)
+    assert msg.type is aiohttp.WSMsgType.CLOSE
+    assert msg.data == 4001 and "expired" in msg.extra
+    assert (await client.get("/api/chat", headers=headers)).status == 401
 
 
 async def test_origin_is_checked_before_the_upgrade(aiohttp_client, stream_settings, auth):

@@ -86,7 +86,7 @@ async def _redeem(request: web.Request, ticket: str) -> Principal:
         expires_at=float(doc["token_expires_at"]),
         admin=bool(doc.get("admin")),
     )
-    if principal.expires_at <= time.time():
+    if principal.accepted_until(request.app[SETTINGS].jwt_leeway_s) <= time.time():
         raise Unauthorized("invalid ticket: its token has expired")
     return principal
 

@@ -298,7 +298,9 @@ class Connection:
         """Serve the socket until it closes; every turn is stopped and awaited before returning."""
         loop = asyncio.get_running_loop()
         self._writer = asyncio.create_task(self._write(), name=f"ws-writer-{self.id}")
-        delay = max(0.0, self.principal.expires_at - time.time())
+        # Closed when an HTTP request with the same credentials would be refused, not before.
+        ends = self.principal.accepted_until(self.settings.jwt_leeway_s)
+        delay = max(0.0, ends - time.time())
         self._expiry = loop.call_later(delay, self._token_expired)
         if self.principal.key is not None and self.services.api_keys is not None:
             self._key_watch = asyncio.create_task(
