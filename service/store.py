@@ -1126,13 +1126,23 @@ class Store:
 
     @db_call
     async def request_cancel(self, user_id: str, chat_id: str, message_id: str) -> Doc | None:
-        """Flag a running turn for cancellation (any replica notices); None when not found."""
+        """Flag a running turn for cancellation (any replica notices); None when not found, or
+        its chat is deleted (as every route answers for a deleted chat; its running answers were
+        flagged by the delete already). The chat is looked at beside the flag."""
         query = {"_id": message_id, "chat_id": chat_id, "user_id": user_id, "role": "assistant"}
-        doc: Doc | None = await self.messages.find_one_and_update(
-            {**query, "status": "streaming"},
-            {"$set": {"cancel_requested": True, "flagged": True}},
-            projection={"status": 1},
+        looks: tuple[Doc | None, Doc | None] = await asyncio.gather(
+            self.chats.find_one(
+                {"_id": chat_id, "user_id": user_id, "is_active": True}, projection={"_id": 1}
+            ),
+            self.messages.find_one_and_update(
+                {**query, "status": "streaming"},
+                {"$set": {"cancel_requested": True, "flagged": True}},
+                projection={"status": 1},
+            ),
         )
+        chat, doc = looks
+        if chat is None:
+            return None
         if doc is None:
             doc = await self.messages.find_one(query, projection={"status": 1})
         return doc

@@ -549,6 +549,11 @@ async def test_deleting_a_chat_stops_its_running_answer(
     assert assistant["status"] == "cancelled" and assistant["content"] == "kept "
     assert assistant["tokens"]["total"] > 0
     assert ended(logs, outcome="cancelled", reason="user_cancel")
+    # A deleted chat is 404 everywhere: its answer's cancel route too, on either instance.
+    for client in (a, b):
+        url = f"/api/chat/{chat_id}/messages/{assistant['_id']}/cancel"
+        gone = await client.post(url, headers=h)
+        assert gone.status == 404 and (await gone.json())["error"]["code"] == "message_not_found"
 
 
 async def test_a_turn_whose_records_come_after_its_chats_delete_is_stopped(
