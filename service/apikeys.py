@@ -66,6 +66,14 @@ def key_view(doc: Doc, budget: Budget) -> dict[str, Any]:
     }
 
 
+def _bad_expiry(message: str, problem: str) -> BadRequest:
+    return BadRequest(
+        message,
+        code="validation_error",
+        details=[{"field": "expires_at", "problem": problem, "type": "value_error"}],
+    )
+
+
 def parse_expiry(value: str, now: datetime) -> datetime:
     """An RFC 3339 time with its offset, in the future; 400 otherwise."""
     try:
@@ -73,18 +81,18 @@ def parse_expiry(value: str, now: datetime) -> datetime:
     except ValueError:
         at = None
     if at is None or at.tzinfo is None:
-        raise BadRequest(
+        raise _bad_expiry(
             "expires_at must be an RFC 3339 date-time with an offset, e.g. 2030-01-31T00:00:00Z",
-            code="validation_error",
-            details=[{"field": "expires_at", "problem": "not an RFC 3339 date-time"}],
+            "not an RFC 3339 date-time",
         )
-    at = at.astimezone(UTC).replace(microsecond=at.microsecond // 1000 * 1000)
+    try:
+        at = at.astimezone(UTC).replace(microsecond=at.microsecond // 1000 * 1000)
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-14:00 is past year 9999 in UTC
+        raise _bad_expiry(
+            "expires_at must fall within years 1..9999 in UTC", "out of range in UTC"
+        ) from None
     if at <= now:
-        raise BadRequest(
-            "expires_at must be in the future",
-            code="validation_error",
-            details=[{"field": "expires_at", "problem": "in the past"}],
-        )
+        raise _bad_expiry("expires_at must be in the future", "in the past")
     return at
 
 

@@ -30,6 +30,7 @@ import jwt
 from service.errors import Forbidden, Unauthorized
 from service.jwks import Jwks, JwksError
 from service.settings import HS_ALGORITHMS, Settings, SettingsError
+from service.store import KEY_ACCOUNT
 
 # Most verified tokens remembered per Authenticator (LRU); failures are never remembered.
 VERIFIED_CACHE_SIZE = 4096
@@ -148,7 +149,7 @@ class Authenticator:
 
     async def verify_header(self, header: str | None) -> Principal:
         if not header:
-            raise Unauthorized("missing bearer token")
+            raise Unauthorized("missing bearer token", missing=True)
         if not header.isascii():  # a JWT is ASCII; PyJWT cannot even encode other bytes
             raise Unauthorized("invalid token: not ASCII")
         scheme, _, token = header.partition(" ")
@@ -201,13 +202,26 @@ class Authenticator:
         except jwt.PyJWTError as exc:
             raise Unauthorized(f"invalid token: {rejection(exc)}") from exc
         sub = claims.get("sub")
-        if not isinstance(sub, str) or not sub or len(sub) > 256:
+        if not isinstance(sub, str) or check_subject(sub) is not None:
             raise Unauthorized("invalid token: bad subject")
         return Principal(
             user_id=sub,
             expires_at=float(claims["exp"]),
             admin=has_role(claims.get(self._admin_claim), self._admin_role),
         )
+
+
+def check_subject(sub: str) -> str | None:
+    """Why a token's subject (its user id) is refused, or None when it is accepted. Not
+    ``key:…``: that is where API keys' own months are kept (``store.key_account``), and a user
+    by such a name would spend a key's budget and read its usage."""
+    if not sub:
+        return "must not be empty"
+    if len(sub) > 256:
+        return "must be at most 256 characters"
+    if sub.startswith(KEY_ACCOUNT):
+        return f"must not start with '{KEY_ACCOUNT}' (API keys' own accounts)"
+    return None
 
 
 # Why PyJWT refused a token, in words a person reads (the page shows them): never the name of an

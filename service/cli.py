@@ -30,12 +30,42 @@ def _parser() -> argparse.ArgumentParser:
         help="start the HTTP server (HOST, PORT, MONGODB_URI, JWT_* ... from the environment)",
     )
     token = sub.add_parser("token", help="print a bearer token signed with the configured JWT key")
-    token.add_argument("--user", required=True, help="the user id (the token's 'sub')")
-    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    token.add_argument(
+        "--user",
+        required=True,
+        type=_user,
+        help="the user id (the token's 'sub'): not blank, and a subject the server accepts",
+    )
+    token.add_argument(
+        "--ttl", type=_ttl, default=3600, help="lifetime in seconds, > 0 (default 3600)"
+    )
     token.add_argument(
         "--private-key", help="PEM file to sign with, for RS*/ES*/EdDSA (HS* uses JWT_SECRET)"
     )
     return parser
+
+
+def _user(value: str) -> str:
+    """``--user``: not blank, and a subject the server accepts (``check_subject``)."""
+    from service.auth import check_subject
+
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty or blank")
+    problem = check_subject(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"the server refuses this subject: it {problem}")
+    return value
+
+
+def _ttl(value: str) -> int:
+    """``--ttl``: a whole number of seconds above 0 (a token that is born expired is no use)."""
+    try:
+        seconds = int(value)
+    except ValueError:
+        seconds = 0
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number of seconds > 0, not {value!r}")
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> int:

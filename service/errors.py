@@ -61,17 +61,18 @@ class BadRequest(ServiceError):
 
 
 class Unauthorized(ServiceError):
+    """401 with a Bearer challenge. ``missing``: the request sent no credentials at all, so the
+    challenge names no error (RFC 6750 §3.1); otherwise what it sent was refused
+    (``error="invalid_token"``)."""
+
     status = 401
     code = "unauthorized"
 
-    def __init__(self, message: str, *, details: Any = None) -> None:
-        bad = "token" in message or message.startswith("invalid API key")
-        error = "invalid_token" if bad else "invalid_request"
-        super().__init__(
-            message,
-            details=details,
-            headers={"WWW-Authenticate": f'Bearer realm="chat-gateway", error="{error}"'},
-        )
+    def __init__(self, message: str, *, details: Any = None, missing: bool = False) -> None:
+        challenge = 'Bearer realm="chat-gateway"'
+        if not missing:
+            challenge += ', error="invalid_token"'
+        super().__init__(message, details=details, headers={"WWW-Authenticate": challenge})
 
 
 class Forbidden(ServiceError):

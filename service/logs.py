@@ -18,11 +18,12 @@ expression only when a few substring tests say it might match (about 3 µs a lin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -146,7 +147,49 @@ def merge_request(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> 
 
 
 def _orjson_dumps(obj: Any, default: Any = None) -> str:
-    return orjson.dumps(obj, default=default).decode()
+    # orjson escapes C0 control characters but not DEL, which only a string holds: escape it too.
+    return orjson.dumps(obj, default=default).decode().replace("\x7f", "\\u007f")
+
+
+# Every C0 control character and DEL, escaped as ``repr`` escapes them (``\x00``, ``\n``,
+# ``\x1b``, ``\x7f``): a raw one in the console log (a NUL in a path or a token's subject) makes
+# grep call the file binary, and an ESC drives the terminal showing it. JSON lines need none of
+# this: the encoder escapes them (``\u0000``; DEL in ``_orjson_dumps``).
+_CONTROLS = {c: repr(chr(c))[1:-1] for c in (*range(0x20), 0x7F)}
+_CONTROLS_BUT_NEWLINE = {c: e for c, e in _CONTROLS.items() if c != ord("\n")}
+
+
+def _escaped(value_repr: Callable[[object], str]) -> Callable[[object], str]:
+    def render(value: object) -> str:
+        return value_repr(value).translate(_CONTROLS)
+
+    return render
+
+
+class _ConsoleRenderer(structlog.dev.ConsoleRenderer):
+    """structlog's console renderer with no raw control character in a line. It writes a string
+    value as it is unless it holds a space, a quote or a line break (then its ``repr``), and the
+    event, logger name and timestamp always as they are: every column's text is escaped. A
+    traceback (``exception``, ``stack``) keeps its line breaks and loses every other control."""
+
+    def __init__(self, *, colors: bool) -> None:
+        super().__init__(colors=colors)
+        self.columns = [
+            structlog.dev.Column(
+                col.key,
+                dataclasses.replace(col.formatter, value_repr=_escaped(col.formatter.value_repr)),
+            )
+            if isinstance(col.formatter, structlog.dev.KeyValueColumnFormatter)
+            else col
+            for col in self.columns
+        ]
+
+    def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> str:
+        for key in ("exception", "stack"):
+            text = event_dict.get(key)
+            if isinstance(text, str):
+                event_dict[key] = text.translate(_CONTROLS_BUT_NEWLINE)
+        return super().__call__(logger, name, event_dict)
 
 
 def configure_logging(fmt: str = "auto", level: str = "info", *, cache: bool = True) -> None:
@@ -155,7 +198,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", *, cache: bool = T
     renderer: Any = (
         structlog.processors.JSONRenderer(serializer=_orjson_dumps)
         if json_output
-        else structlog.dev.ConsoleRenderer(colors=tty)
+        else _ConsoleRenderer(colors=tty)
     )
     shared: list[Any] = [
         merge_request,

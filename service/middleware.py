@@ -56,11 +56,19 @@ def _request_id(request: web.Request) -> str:
     return incoming if _REQUEST_ID_OK.match(incoming) else uuid.uuid4().hex
 
 
+# The headers of aiohttp's own text body, which the JSON error replaces; every other header an
+# HTTPException carries stays (a 405's Allow, which RFC 9110 requires, a Retry-After...).
+_BODY_HEADERS = frozenset(
+    {"content-type", "content-length", "content-encoding", "transfer-encoding"}
+)
+
+
 def _from_http_exception(exc: web.HTTPException) -> ServiceError:
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return PayloadTooLarge("request body too large")
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
-    err = ServiceError(exc.reason, code=code)
+    headers = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
+    err = ServiceError(exc.reason, code=code, headers=headers)
     err.status = exc.status
     return err
 
@@ -151,10 +159,12 @@ async def _verify(request: web.Request) -> Principal:
         key = request.headers.get(API_KEY_HEADER)
         if key is not None:
             if not key.strip():
-                raise Unauthorized("missing token: x-api-key is empty")
+                raise Unauthorized("missing token: x-api-key is empty", missing=True)
             if not key.isascii():
                 raise Unauthorized("invalid token: not ASCII")
             return await auth.verify(key.strip())
         if "Authorization" not in request.headers:
-            raise Unauthorized("missing API key: send x-api-key or Authorization: Bearer")
+            raise Unauthorized(
+                "missing API key: send x-api-key or Authorization: Bearer", missing=True
+            )
     return await auth.verify_header(request.headers.get("Authorization"))

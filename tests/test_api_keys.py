@@ -574,3 +574,40 @@ async def test_a_revoked_key_stops_on_another_replica_within_the_cache_time(serv
     for replica in (a, b):
         assert key["key"] not in replica.text() and key["key"][4:20] not in replica.text()
         assert any(e.get("key_id") == key["id"] for e in replica.lines())
+
+
+# --------------------------------------------------------------------------- request checks
+@pytest.mark.parametrize(
+    "expires_at",
+    ["9999-12-31T23:59:59-14:00", "9999-12-31T23:00:00-01:00", "0001-01-01T00:00:00+14:00"],
+)
+async def test_an_expiry_outside_the_calendar_in_utc_is_400_not_500(client, auth, expires_at):
+    resp = await client.post(
+        "/api/keys", json={"name": "k", "expires_at": expires_at}, headers=auth()
+    )
+    assert resp.status == 400, await resp.text()
+    err = await error_of(resp)
+    assert err["code"] == "validation_error"
+    assert [d["field"] for d in err["details"]] == ["expires_at"]
+    assert set(err["details"][0]) == {"field", "problem", "type"}
+    assert (await (await client.get("/api/keys", headers=auth())).json())["items"] == []
+
+
+async def test_the_latest_expiry_in_any_offset_is_kept(client, auth):
+    key = await make_key(client, auth(), expires_at="9999-12-31T23:59:59+14:00")
+    assert key["expires_at"] == "9999-12-31T09:59:59Z"
+
+
+@pytest.mark.parametrize("name", ["a\u0000b", "a\nb", "a\tb", "a\u001bb", "a\u007fb", "a\u0085b"])
+async def test_a_key_name_with_a_control_character_is_400(client, auth, name):
+    resp = await client.post("/api/keys", json={"name": name}, headers=auth())
+    assert resp.status == 400, await resp.text()
+    err = await error_of(resp)
+    assert err["code"] == "validation_error"
+    assert [d["field"] for d in err["details"]] == ["name"]
+    assert (await (await client.get("/api/keys", headers=auth())).json())["items"] == []
+
+
+async def test_a_key_name_is_trimmed_and_may_be_any_other_text(client, auth):
+    key = await make_key(client, auth(), name="  CI — 東京 ✓  ")
+    assert key["name"] == "CI — 東京 ✓"

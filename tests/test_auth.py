@@ -282,3 +282,50 @@ async def test_a_refused_token_is_explained_in_words_not_an_exception_name(clien
     v1 = await client.get("/v1/models", headers=headers)
     assert v1.status == 401
     assert words in (await v1.json())["error"]["message"]
+
+
+WS_UPGRADE = {
+    "Connection": "Upgrade",
+    "Upgrade": "websocket",
+    "Sec-WebSocket-Version": "13",
+    "Sec-WebSocket-Key": base64.b64encode(b"0123456789abcdef").decode(),
+}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "error"),
+    [
+        ("GET", "/api/chat", {}, None),
+        ("GET", "/api/chat", {"Authorization": ""}, None),
+        ("GET", "/api/ws", {}, None),
+        ("POST", "/v1/messages", {}, None),
+        ("POST", "/v1/messages", {"x-api-key": " "}, None),
+        ("GET", "/api/chat", {"Authorization": "Bearer not.a.jwt"}, "invalid_token"),
+        ("GET", "/api/chat", {"Authorization": "Bearer cgw-not-a-real-key"}, "invalid_token"),
+        ("GET", "/api/ws?ticket=unknown", WS_UPGRADE, "invalid_token"),
+        ("POST", "/v1/messages", {"x-api-key": "not-a-key"}, "invalid_token"),
+    ],
+    ids=[
+        "no-bearer",
+        "empty-bearer",
+        "ws-no-credentials",
+        "no-x-api-key",
+        "empty-x-api-key",
+        "bad-jwt",
+        "bad-api-key",
+        "bad-ticket",
+        "bad-x-api-key",
+    ],
+)
+async def test_a_challenge_names_an_error_only_when_credentials_were_sent(
+    client, method, path, headers, error
+):
+    """RFC 6750 §3.1: a request without credentials gets a bare challenge (no error code); one
+    whose credentials are refused gets ``error="invalid_token"``."""
+    resp = await client.request(method, path, headers=headers)
+    assert resp.status == 401
+    challenge = resp.headers["WWW-Authenticate"]
+    if error is None:
+        assert challenge == 'Bearer realm="chat-gateway"'
+    else:
+        assert challenge == f'Bearer realm="chat-gateway", error="{error}"'

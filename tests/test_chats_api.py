@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import pytest
+from aiohttp import web
 
 from service.app import create_app
 
@@ -220,3 +222,76 @@ async def test_a_request_s_log_fields_are_its_own_on_a_kept_alive_connection(cli
     lines = {e["request_id"]: e for e in logs if e["event"] == "http.request"}
     assert lines["req-1"]["user_id"] == "logger"
     assert "user_id" not in lines["req-2"] and lines["req-2"]["path"] == "/healthz"
+
+
+# --------------------------------------------------------------------------- titles
+async def test_a_title_is_trimmed_when_created_as_when_renamed(client, auth):
+    h = auth()
+    status, chat = await create(client, h, title="  Trip  ")
+    assert status == 201 and chat["title"] == "Trip"
+    resp = await client.patch(f"/api/chat/{chat['chat_id']}", json={"title": " Lisbon "}, headers=h)
+    assert resp.status == 200 and (await resp.json())["title"] == "Lisbon"
+    got = await (await client.get(f"/api/chat/{chat['chat_id']}", headers=h)).json()
+    assert got["title"] == "Lisbon"
+
+
+@pytest.mark.parametrize(
+    "title",
+    ["   ", " \t ", "a\u0000b", "a\nb", "a\rb", "a\tb", "a\u001bb", "a\u007fb", "a\u0085b"],
+)
+async def test_a_blank_title_or_one_with_a_control_character_is_refused(client, auth, title):
+    """On create as on rename: 400 naming the field, nothing created or renamed."""
+    h = auth()
+    status, err = await create(client, h, title=title)
+    assert status == 400
+    assert_error_shape(err, "validation_error")
+    assert [d["field"] for d in err["error"]["details"]] == ["title"]
+    listed = await (await client.get("/api/chat", headers=h)).json()
+    assert listed["chats"] == []
+
+    status, chat = await create(client, h, title="kept")
+    resp = await client.patch(f"/api/chat/{chat['chat_id']}", json={"title": title}, headers=h)
+    assert resp.status == 400
+    err = await resp.json()
+    assert_error_shape(err, "validation_error")
+    assert [d["field"] for d in err["error"]["details"]] == ["title"]
+    got = await (await client.get(f"/api/chat/{chat['chat_id']}", headers=h)).json()
+    assert got["title"] == "kept"
+
+
+async def test_a_title_may_be_any_other_text(client, auth):
+    status, chat = await create(client, auth(), title='Café — 東京 ✓ "quoted" <b>')
+    assert status == 201 and chat["title"] == 'Café — 東京 ✓ "quoted" <b>'
+
+
+async def test_an_http_error_keeps_its_headers_in_the_json_shape(aiohttp_client, settings, auth):
+    """RFC 9110: a 405 names the allowed methods in ``Allow``, on /api and /v1 alike; any other
+    header an aiohttp error carries (a Retry-After) stays too. Only the headers of aiohttp's own
+    text body go: the JSON error replaces it."""
+    app = create_app(settings)
+
+    async def busy(request):
+        raise web.HTTPServiceUnavailable(headers={"Retry-After": "7"})
+
+    app.router.add_get("/api/test-busy", busy)
+    client = await aiohttp_client(app)
+    h = auth()
+
+    async def error_of(resp, status):
+        assert resp.status == status
+        body = await resp.read()
+        assert resp.headers["Content-Type"] == "application/json"
+        assert resp.headers["Content-Length"] == str(len(body))
+        return json.loads(body)
+
+    err = await error_of(await client.put("/api/chat", headers=h), 405)
+    assert_error_shape(err, "method_not_allowed")
+    resp = await client.put("/api/chat", headers=h)
+    assert {"GET", "POST"} <= set(resp.headers["Allow"].split(","))
+    assert "PUT" not in resp.headers["Allow"]
+    resp = await client.get("/v1/chat/completions", headers=h)
+    await error_of(resp, 405)
+    assert resp.headers["Allow"] == "POST"
+    resp = await client.get("/api/test-busy", headers=h)
+    assert_error_shape(await error_of(resp, 503), "http_error")
+    assert resp.headers["Retry-After"] == "7"

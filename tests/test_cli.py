@@ -215,3 +215,28 @@ def _public_key_file(tmp_path, bits: int = 2048) -> str:
     path = tmp_path / "public.pem"
     path.write_bytes(pem)
     return str(path)
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["--user", ""], "--user"),
+        (["--user", "   "], "--user"),
+        (["--user", "x" * 257], "--user"),
+        (["--user", "alice", "--ttl", "0"], "--ttl"),
+        (["--user", "alice", "--ttl", "-5"], "--ttl"),
+        (["--user", "alice", "--ttl", "soon"], "--ttl"),
+    ],
+)
+def test_token_refuses_a_user_or_ttl_the_server_would_refuse(args, option):
+    """No token is printed that the server would refuse: a blank subject, one the server's
+    own rule refuses (too long), one already expired."""
+    out = run("token", *args, JWT_SECRET="k" * 64)
+    assert out.returncode == 2 and out.stdout == "" and "Traceback" not in out.stderr
+    assert f"argument {option}:" in out.stderr.strip().splitlines()[-1], out.stderr
+
+
+def test_token_help_states_what_user_and_ttl_must_be():
+    out = run("token", "--help")
+    assert out.returncode == 0
+    assert "not blank" in out.stdout and "> 0" in out.stdout

@@ -79,3 +79,29 @@ async def test_in_currency_a_key_s_limit_is_money(aiohttp_client, stream_setting
         resp = await client.post("/api/keys", json={"name": "x", "limit": bad}, headers=auth())
         assert resp.status == 400, bad
         assert (await resp.json())["error"]["details"][0]["field"] == "limit"
+
+
+async def test_a_token_named_as_a_keys_own_account_is_refused(
+    aiohttp_client, stream_settings, fake_openai, auth, token_for
+):
+    """A key's own month is kept as the user ``key:<id>``: a token whose ``sub`` is that name
+    would spend the key's budget and read its usage. It is refused (401), as is any ``key:``
+    subject, and the key's month is untouched."""
+    client = await aiohttp_client(create_app(stream_settings()))
+    resp = await client.post("/api/keys", json={"name": "ci", "limit": 200}, headers=auth())
+    key = await resp.json()
+    fake_openai.default = Script(chunks=["a"], usage=(150, 40))
+    for sub in (key_account(key["id"]), "key:", "key:anything"):
+        headers = {"Authorization": f"Bearer {token_for(sub)}"}
+        for method, path, body in (
+            ("POST", "/v1/chat/completions", BODY),
+            ("GET", "/api/usage", None),
+        ):
+            resp = await client.request(method, path, json=body, headers=headers)
+            assert resp.status == 401, (sub, path)
+    assert await client.app[STORE].db.usage.find_one({"user_id": key_account(key["id"])}) is None
+    resp = await client.post(
+        "/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {key['key']}"}
+    )
+    assert resp.status == 200  # the key's whole budget is its own
+    await resp.read()

@@ -173,3 +173,61 @@ async def test_service_console_log_written_to_a_file_has_no_colour_codes(service
     text = svc.text()
     assert "service.listening" in text
     assert "\x1b[" not in text
+
+
+CONTROLS = "".join(map(chr, [*range(0x20), 0x7F]))  # every C0 control character, and DEL
+ESCAPED = "".join(repr(c)[1:-1] for c in CONTROLS)  # \x00\x01...\t\n...\x1b...\x7f
+LOG_CONTROLS = (
+    "from service.logs import configure_logging, get_logger\n"
+    "configure_logging({fmt!r}); log = get_logger('t'); c = {controls!r}\n"
+    "bare = c.translate({{9: None, 10: None, 13: None}})  # no tab or line break: not quoted\n"
+    "log.warning('event' + c, full='a' + c, bare='a' + bare)\n"
+    "try:\n"
+    "    raise ValueError('boom' + c)\n"
+    "except ValueError:\n"
+    "    log.exception('failed')\n"
+)
+
+
+def test_the_console_log_escapes_every_control_character():
+    """A raw NUL makes grep call the log binary, a raw ESC drives the terminal: the event, every
+    field (structlog writes a string without a space, quote or line break as it is) and the
+    traceback's text carry them escaped; only a traceback keeps its line breaks (its message's
+    too)."""
+    out = python(LOG_CONTROLS.format(fmt="console", controls=CONTROLS))
+    assert set(out) & set(CONTROLS) == {"\n"}, [c for c in out if c in CONTROLS and c != "\n"]
+    first, *traceback = out.splitlines()
+    assert f"event{ESCAPED}" in first
+    assert f"full='a{ESCAPED}'" in first
+    assert "bare=a" + ESCAPED.replace("\\t", "").replace("\\n", "").replace("\\r", "") in first
+    assert traceback[1] == "Traceback (most recent call last):"
+    assert out.endswith("ValueError: boom" + ESCAPED.replace("\\n", "\n") + "\n")
+
+
+def test_the_json_log_escapes_every_control_character():
+    """JSON escapes C0 itself; DEL, which it may leave raw, is escaped too (``\\u007f``)."""
+    out = python(LOG_CONTROLS.format(fmt="json", controls=CONTROLS))
+    lines = out.splitlines()
+    assert len(lines) == 2 and not set(out) & set(CONTROLS) - {"\n"}
+    warning, error = map(json.loads, lines)
+    assert warning["event"] == "event" + CONTROLS and warning["full"] == "a" + CONTROLS
+    assert error["exception"].endswith(f"ValueError: boom{CONTROLS}")
+
+
+async def test_a_control_character_a_client_sends_is_escaped_in_the_console_log(services):
+    """`make run > file`: a NUL in a path (``%00``) or in a token's subject reached the log raw."""
+    (svc,) = await services.start("a", log_format="console")
+    token = a_real_token("eve\x00\x1b[31m")
+    requests = [
+        "GET /api/x%00y HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        f"GET /api/none HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        "Connection: close\r\n\r\n",
+    ]
+    for request, status in zip(requests, (b" 401 ", b" 404 "), strict=True):
+        answer = await raw_request(svc.port, request.encode())
+        assert status in answer.split(b"\r\n")[0]
+    await wait_until(
+        lambda: "path=/api/x\\x00y" in svc.text() and "user_id=eve\\x00\\x1b[31m" in svc.text(),
+        what="both access lines",
+    )
+    assert not set(svc.text()) & set(CONTROLS) - {"\n"}

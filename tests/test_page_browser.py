@@ -243,7 +243,7 @@ async def test_websocket_switch_streams_the_answer(browser, serve, db):
     await page.evaluate(SAMPLE_GROWTH)
     ws_urls = []
     page.on("websocket", lambda ws: ws_urls.append(ws.url))
-    await send(page, "Over the socket, please")
+    await send(page, "Over the socket,\u0007\tplease")  # a title holds no control character
 
     done = page.locator(f"{LAST_ASSISTANT}[data-status=complete]")
     await done.wait_for()
@@ -252,6 +252,7 @@ async def test_websocket_switch_streams_the_answer(browser, serve, db):
     assert "/api/ws?ticket=" in ws_urls[0]
     answer = await done.locator(".msg-body").text_content()
     assert answer.startswith("(demo model) You asked")
+    await page.locator(".chat-item .chat-name", has_text="Over the socket, please").wait_for()
 
     # A second turn on the same page (the socket is reused or replaced transparently).
     await send(page, "And again")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import unicodedata
 from datetime import timedelta
-from typing import Any
+from typing import Annotated, Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from service.costs import format_cost
 from service.http import json_response, not_found, parse_uuid, read_json, validate
@@ -23,14 +24,30 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+def one_line(value: str) -> str:
+    """A name shown on one line (a chat's title, an API key's name): no control characters
+    (C0, NUL and line breaks included, DEL, C1)."""
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        raise ValueError("must not contain control characters (line breaks, tabs, NUL...)")
+    return value
+
+
+# A chat's title, as created or renamed: trimmed, then 1..200 characters (all blank is refused),
+# on one line.
+Title = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+    AfterValidator(one_line),
+]
+
+
 class CreateChat(StrictModel):
-    title: str | None = Field(None, min_length=1, max_length=200)
+    title: Title | None = None
     model: str | None = Field(None, min_length=1, max_length=100)
 
 
 class RenameChat(StrictModel):
-    model_config = ConfigDict(str_strip_whitespace=True)
-    title: str = Field(min_length=1, max_length=200)
+    title: Title
 
 
 class ListChatsQuery(StrictModel):

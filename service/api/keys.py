@@ -5,10 +5,13 @@ create, list or revoke any (a leaked key must not mint more). The logic is ``ser
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from service.api.admin import parse_limit
+from service.api.chats import one_line
 from service.apikeys import key_view, parse_expiry
 from service.auth import Principal
 from service.errors import BadRequest, Forbidden, NotFound
@@ -19,7 +22,7 @@ from service.store import utcnow
 
 class CreateKey(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, str_strip_whitespace=True)
-    name: str = Field(min_length=1, max_length=100)
+    name: Annotated[str, AfterValidator(one_line)] = Field(min_length=1, max_length=100)
     expires_at: str | None = Field(None, max_length=64)
     models: list[str] | None = Field(None, min_length=1, max_length=100)
     limit: int | str | None = None  # in the budget's unit (``parse_limit``)

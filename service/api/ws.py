@@ -68,7 +68,7 @@ async def _authenticate(request: web.Request, ws: web.WebSocketResponse) -> Prin
     header = request.headers.get("Authorization")
     ticket = request.query.get("ticket")
     if header is None and not ticket:
-        raise Unauthorized("missing credentials: send a bearer token or a ?ticket=")
+        raise Unauthorized("missing credentials: send a bearer token or a ?ticket=", missing=True)
     principal = await request.app[AUTH].verify_header(header) if header is not None else None
     if not ws.can_prepare(request).ok:
         raise BadRequest("expected a WebSocket upgrade request", code="websocket_required")

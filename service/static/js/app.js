@@ -348,7 +348,10 @@ function setBusy(busy) {
 async function ensureChat(text) {
   if (state.chatId) return state.chatId;
   const title = titleFrom(text);
-  const chat = await api("POST", "/api/chat", { title, model: el.model.value || undefined });
+  const chat = await api("POST", "/api/chat", {
+    title: title || undefined, // nothing left to show: the server names it
+    model: el.model.value || undefined,
+  });
   state.chats.unshift(chat);
   state.chatId = chat.chat_id;
   history.replaceState(null, "", `#/chat/${chat.chat_id}`);

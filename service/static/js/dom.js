@@ -28,10 +28,11 @@ export function formatTime(iso) {
     : date.toLocaleDateString([], { month: "short", day: "numeric" });
 }
 
-// A chat's title from its first message: at most `max` characters, cut at a word boundary
-// with an ellipsis (mid-word only when the first word alone is longer).
+// A chat's title from its first message: one line (spaces and control characters, which a
+// title may not hold, made one space), at most `max` characters, cut at a word boundary with an
+// ellipsis (mid-word only when the first word alone is longer).
 export function titleFrom(text, max = 60) {
-  const flat = text.trim().replace(/\s+/g, " ");
+  const flat = text.replace(/[\p{Cc}\s]+/gu, " ").trim();
   const chars = [...flat]; // code points: an emoji is not cut in half
   if (chars.length <= max) return flat;
   const head = chars.slice(0, max - 1).join(""); // room for the ellipsis
