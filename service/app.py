@@ -32,6 +32,7 @@ from service.api import (
 from service.apikeys import ApiKeys
 from service.auth import Authenticator
 from service.errors import ServiceError
+from service.http import BODY_TIMEOUT_S
 from service.keys import (
     ADMISSIONS,
     API_KEYS,
@@ -226,6 +227,7 @@ def create_app(settings: Settings) -> web.Application:
         handler_args={"auto_decompress": False},
     )
     app[SETTINGS] = settings
+    app[BODY_TIMEOUT_S] = settings.request_body_timeout_s
     app[CATALOGUE] = load_catalogue(settings)
     app.cleanup_ctx.extend([_auth_ctx, _store_ctx, _api_keys_ctx, _upstream_ctx, _streams_ctx])
     app.on_response_prepare.extend([add_request_id_header, set_server_header])

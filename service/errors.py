@@ -106,6 +106,16 @@ class PayloadTooLarge(ServiceError):
     code = "payload_too_large"
 
 
+class RequestTimeout(ServiceError):
+    """The request's body did not arrive in time (``REQUEST_BODY_TIMEOUT_S``)."""
+
+    status = 408
+    code = "request_timeout"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Connection": "close"})
+
+
 class UnsupportedEncoding(ServiceError):
     status = 415
     code = "unsupported_content_encoding"

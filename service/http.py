@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 import zlib
 from typing import Any, TypeVar
@@ -14,11 +15,15 @@ from service.errors import (
     BadRequest,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     ServiceError,
     UnsupportedEncoding,
 )
 
 M = TypeVar("M", bound=BaseModel)
+
+# REQUEST_BODY_TIMEOUT_S, for ``read_body`` (set by ``create_app``; service.keys imports this).
+BODY_TIMEOUT_S = web.AppKey("request_body_timeout_s", float)
 
 
 def dumps(obj: Any) -> bytes:
@@ -122,20 +127,32 @@ class BodyDecoder:
 
 async def read_body(request: web.Request) -> bytes:
     """The body, decoded when it came gzip or deflate; 413 (``PayloadTooLarge``) when it is
-    over ``client_max_size`` as sent or once decoded, 415 for other codings, 400 when it does
-    not decode.
+    over ``client_max_size`` as sent (said by its Content-Length: before reading any) or once
+    decoded, 415 for other codings, 400 when it does not decode, 408 when it has not all come
+    within ``REQUEST_BODY_TIMEOUT_S`` (a client trickling it, or gone quiet, holds nothing
+    longer).
 
     Not ``request.read()``: that keeps the bytes on the request, and a streaming turn's request
     lives as long as its stream (a long prompt would stay in memory for the whole answer)."""
     coding = _body_coding(request)  # before reading: a refused coding needs no body
     limit = request.client_max_size
+    too_large = f"request body too large (limit {limit} bytes)"
+    if limit and (request.content_length or 0) > limit:
+        raise PayloadTooLarge(too_large)
     decoder = BodyDecoder(coding, limit) if coding else None
     body, sent = bytearray(), 0
-    while chunk := await request.content.readany():
-        sent += len(chunk)
-        body.extend(decoder.feed(chunk) if decoder else chunk)
-        if limit and max(sent, len(body)) > limit:
-            raise PayloadTooLarge(f"request body too large (limit {limit} bytes)")
+    timeout_s = request.app[BODY_TIMEOUT_S]
+    try:
+        async with asyncio.timeout(timeout_s):
+            while chunk := await request.content.readany():
+                sent += len(chunk)
+                body.extend(decoder.feed(chunk) if decoder else chunk)
+                if limit and max(sent, len(body)) > limit:
+                    raise PayloadTooLarge(too_large)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not all arrive within {timeout_s:g} s"
+        ) from None
     if decoder:
         decoder.finish()
     return bytes(body)

@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     environment: Literal["local", "production"] = "production"
     data_dir: Path = Path(".data")
     max_body_bytes: int = Field(64 * 1024, ge=1024)
+    request_body_timeout_s: float = Field(30.0, gt=0, le=3600)  # the whole body, once headed
     drain_timeout_s: float = Field(20.0, ge=0)
 
     # --- MongoDB

@@ -50,6 +50,23 @@ async def send(host: str, port: int, data: bytes) -> RawResponse:
     return parse(raw)
 
 
+async def answer_without_close(host: str, port: int, data: bytes) -> RawResponse:
+    """Write ``data`` (a request the server answers before it has read all of it) and read the
+    one response by its Content-Length, without waiting for the server to close: it may go on
+    reading what it will discard for a while first (aiohttp's lingering close)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_LIMIT_S)
+        resp = parse(head)
+        length = int(resp.headers.get("content-length", "0"))
+        resp.body = await asyncio.wait_for(reader.readexactly(length), READ_LIMIT_S)
+    finally:
+        writer.close()
+    return resp
+
+
 def parse(raw: bytes) -> RawResponse:
     head, _, body = raw.partition(b"\r\n\r\n")
     status_line, *header_lines = head.decode("latin-1").split("\r\n")

@@ -233,3 +233,38 @@ def test_decoding_does_not_depend_on_how_the_body_is_split(coding, payload):
     out = b"".join(decoder.feed(payload[i : i + 1]) for i in range(len(payload)))
     decoder.finish()
     assert out == BODY
+
+
+def _head(path: str, token: str, length: int) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+async def test_a_body_said_too_large_is_refused_before_it_is_sent(client, token_for):
+    """A Content-Length over MAX_BODY_BYTES is 413 at once: the service does not wait for (or
+    read) a gigabyte it will refuse."""
+    for path in ("/api/chat", "/v1/chat/completions"):
+        head = _head(path, token_for("alice"), 1_000_000_000)
+        resp = await raw_http.answer_without_close(
+            client.server.host, client.server.port, head + b"{"
+        )
+        assert resp.status == 413, (path, resp)
+        assert b"too large" in resp.body
+
+
+async def test_a_body_that_does_not_all_arrive_in_time_is_408(
+    aiohttp_client, make_settings, token_for
+):
+    """A client that sends its headers and part of its body, then trickles or goes quiet, is
+    answered 408 ``request_timeout`` after REQUEST_BODY_TIMEOUT_S, its connection to be closed:
+    it holds no request (and no handler) for longer."""
+    client = await aiohttp_client(create_app(make_settings(request_body_timeout_s=0.3)))
+    head = _head("/api/chat", token_for("alice"), 100)
+    resp = await raw_http.answer_without_close(
+        client.server.host, client.server.port, head + b'{"title": '
+    )
+    assert resp.status == 408
+    assert_api_error(408, resp.json(), "request_timeout")
+    assert resp.headers["connection"] == "close"

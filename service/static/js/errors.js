@@ -7,6 +7,7 @@ import { formatMoney, isMoneyUnit } from "./money.js";
 const SENTENCES = {
   // the network and the page's own
   network_error: "Cannot reach the server. Check your connection and try again.",
+  request_timeout: "The request took too long to reach the server. Check your connection and try again.",
   ws_unavailable: "The WebSocket connection could not be opened. Try again, or turn the WebSocket switch off.",
   ws_protocol: "This page and the server speak different WebSocket versions. Reload the page.",
   ws_error: "The WebSocket connection failed. Try again, or turn the WebSocket switch off.",
