@@ -141,18 +141,26 @@ async def read_body(request: web.Request) -> bytes:
         raise PayloadTooLarge(too_large)
     decoder = BodyDecoder(coding, limit) if coding else None
     body, sent = bytearray(), 0
-    timeout_s = request.app[BODY_TIMEOUT_S]
-    try:
-        async with asyncio.timeout(timeout_s):
-            while chunk := await request.content.readany():
-                sent += len(chunk)
-                body.extend(decoder.feed(chunk) if decoder else chunk)
-                if limit and max(sent, len(body)) > limit:
-                    raise PayloadTooLarge(too_large)
-    except TimeoutError:
-        raise RequestTimeout(
-            f"the request body did not all arrive within {timeout_s:g} s"
-        ) from None
+
+    async def read() -> None:
+        nonlocal sent
+        while chunk := await request.content.readany():
+            sent += len(chunk)
+            body.extend(decoder.feed(chunk) if decoder else chunk)
+            if limit and max(sent, len(body)) > limit:
+                raise PayloadTooLarge(too_large)
+
+    if request.content.is_eof():  # all here already (a small body comes with its headers)
+        await read()
+    else:
+        timeout_s = request.app[BODY_TIMEOUT_S]
+        try:
+            async with asyncio.timeout(timeout_s):
+                await read()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request body did not all arrive within {timeout_s:g} s"
+            ) from None
     if decoder:
         decoder.finish()
     return bytes(body)
