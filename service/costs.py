@@ -176,9 +176,10 @@ class Budget:
         return format_cost(amount) if self.in_currency else amount
 
     def refusal(self, details: dict[str, Any] | None) -> dict[str, Any]:
-        """A budget refusal's details (``limit``, ``remaining``, ``needed``) in the unit, named."""
+        """A budget refusal's details (``limit``, ``remaining``, ``needed``, ``reserved``) in
+        the unit, named."""
         out = dict(details or {})
-        for name in ("limit", "remaining", "needed"):
+        for name in ("limit", "remaining", "needed", "reserved"):
             if isinstance(out.get(name), int):
                 out[name] = self.show(out[name])
         out["unit"] = self.label

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from service.limits import Allowance
+from service.limits import CONCURRENCY_RETRY_S, Allowance
 
 JsonDict = dict[str, Any]
 
@@ -83,12 +83,46 @@ class Forbidden(ServiceError):
 
 
 class BudgetExceeded(ServiceError):
+    """The month's budget cannot hold the turn: used up, until the next month or a higher
+    limit (403; the SDKs are told not to retry)."""
+
     status = 403
     code = "budget_exceeded"
 
     def __init__(self, message: str, *, details: Any = None, allowance: Allowance | None = None):
         super().__init__(message, details=details)
         self.allowance = allowance  # the usage that refused (for a client's rate-limit headers)
+
+    def restated(self, message: str, details: Any) -> BudgetExceeded:
+        """The same refusal (its kind, its usage) in other words."""
+        return type(self)(message, details=details, allowance=self.allowance)
+
+
+class BudgetHeld(BudgetExceeded):
+    """The month's budget would hold the turn but for what running turns (or replicas' leases)
+    reserve: not used up, free again as they end. 429 with a Retry-After, as the concurrency
+    rule's, so clients retry; ``HELD`` words it."""
+
+    status = 429
+    code = "budget_held"
+
+    def __init__(self, message: str, *, details: Any = None, allowance: Allowance | None = None):
+        wait_ms, headers = retry_headers(CONCURRENCY_RETRY_S)
+        ServiceError.__init__(
+            self, message, details={"retry_after_ms": wait_ms, **(details or {})}, headers=headers
+        )
+        self.allowance = allowance
+
+
+HELD = "is held by turns still running: retry when they end"  # "the rest of <whose budget> ..."
+
+
+def retry_headers(retry_after_s: float) -> tuple[int, dict[str, str]]:
+    """The wait in milliseconds, and the headers that say it: Retry-After in whole seconds
+    (HTTP), and retry-after-ms, which OpenAI's SDKs read first, to the millisecond."""
+    seconds = max(1, math.ceil(retry_after_s))
+    wait_ms = math.ceil(round(retry_after_s * 1000, 3))  # never early; no float noise
+    return wait_ms, {"Retry-After": str(seconds), "retry-after-ms": str(wait_ms)}
 
 
 class NotFound(ServiceError):
@@ -133,14 +167,9 @@ class RateLimited(ServiceError):
         details: Any = None,
         allowance: Allowance | None = None,
     ) -> None:
-        seconds = max(1, math.ceil(retry_after_s))
-        wait_ms = math.ceil(round(retry_after_s * 1000, 3))  # never early; no float noise
+        wait_ms, headers = retry_headers(retry_after_s)
         super().__init__(
-            message,
-            details={"retry_after_ms": wait_ms, **(details or {})},
-            # Retry-After in whole seconds (HTTP); retry-after-ms, which OpenAI's SDKs read
-            # first, to the millisecond.
-            headers={"Retry-After": str(seconds), "retry-after-ms": str(wait_ms)},
+            message, details={"retry_after_ms": wait_ms, **(details or {})}, headers=headers
         )
         self.retry_after_s = retry_after_s
         self.allowance = allowance  # the usage that refused (for a client's rate-limit headers)

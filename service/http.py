@@ -198,6 +198,7 @@ def not_found(what: str) -> NotFound:
 # with the type following the status (see ``_OPENAI_TYPES``).
 _OPENAI_CODES: dict[str, tuple[int, str, str]] = {
     "budget_exceeded": (429, "insufficient_quota", "insufficient_quota"),
+    "budget_held": (429, "requests", "rate_limit_exceeded"),  # retried, as a rate limit is
     "rate_limited": (429, "requests", "rate_limit_exceeded"),
     "unauthorized": (401, "authentication_error", "invalid_api_key"),
     "context_too_long": (400, "invalid_request_error", "context_length_exceeded"),

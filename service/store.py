@@ -50,8 +50,10 @@ from pymongo.errors import (
 
 from service.analytics import line_key
 from service.errors import (
+    HELD,
     BadRequest,
     BudgetExceeded,
+    BudgetHeld,
     Conflict,
     RateLimited,
     ServiceError,
@@ -1894,16 +1896,18 @@ def _refusal(doc: Doc, req: ReserveRequest) -> ServiceError | None:
         return RateLimited(message, retry_after_s=wait_s, details=details, allowance=allowance)
     if allowance.remaining_tokens >= req.need:
         return None
-    return BudgetExceeded(
-        "monthly token budget exhausted",
-        details={
-            "limit": allowance.limit,
-            "remaining": allowance.remaining_tokens,
-            "needed": req.need,
-            "period": req.period,
-        },
-        allowance=allowance,
-    )
+    details = {
+        "limit": allowance.limit,
+        "remaining": allowance.remaining_tokens,
+        "needed": req.need,
+        "period": req.period,
+    }
+    if allowance.limit - allowance.used >= req.need:  # once what runs now gives back its rest
+        details["reserved"] = allowance.reserved
+        return BudgetHeld(
+            f"the rest of the monthly budget {HELD}", details=details, allowance=allowance
+        )
+    return BudgetExceeded("monthly token budget exhausted", details=details, allowance=allowance)
 
 
 def _message_wait(doc: Doc, req: ReserveRequest) -> Wait | None:

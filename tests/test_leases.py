@@ -186,7 +186,7 @@ async def test_a_top_up_the_month_refuses_leaves_the_lease_and_is_not_asked_agai
     (after,) = lease_of(await usage(store.db))
     assert after["grant"] == WANT - 100 and after["at"] == entry["at"]
     refused = [e for e in logs if e["event"] == "stream.lease_top_up_refused"]
-    assert [e["code"] for e in refused] == ["budget_exceeded"]
+    assert [e["code"] for e in refused] == ["budget_held"]  # the rest is the lease's own
     last = await leases.admit(lease_turn("m4", now))  # what the lease has left
     assert last.grant == WANT - 100
 
@@ -207,9 +207,10 @@ async def test_thirty_turns_over_two_replicas_never_overspend(services, fake_ope
             admitted = [r for r in responses if r.status == 200]
             refused = [r for r in responses if r.status != 200]
             assert 1 <= len(admitted) <= 6 and len(admitted) + len(refused) == 30
-            for r in refused:
+            for r in refused:  # nothing used yet: what is left is held by the running turns
                 err = (await r.json())["error"]
-                assert r.status == 429 and err["code"] == "insufficient_quota"
+                assert r.status == 429 and err["code"] == "rate_limit_exceeded", err
+                assert "x-should-retry" not in r.headers and r.headers["Retry-After"] == "1"
             held = await usage(db)
             assert held["used"] == 0 and held["reserved"] <= limit
             grants = [m["reservation"] async for m in db.messages.find({"status": "streaming"})]
@@ -241,9 +242,8 @@ async def test_a_killed_replicas_lease_is_released_and_spendable_elsewhere(
         (lease,) = lease_of(held)
         assert held["used"] == PROMPT + 2 and held["reserved"] == lease["grant"] > 0
         async with on_b.post("/v1/chat/completions", json=BODY) as resp:  # A's lease holds it
-            assert (
-                resp.status == 429 and (await resp.json())["error"]["code"] == "insufficient_quota"
-            )
+            assert resp.status == 429 and "x-should-retry" not in resp.headers
+            assert (await resp.json())["error"]["code"] == "rate_limit_exceeded"  # held, not spent
 
         a.send(signal.SIGKILL)
         assert await a.wait_exit(5) == -signal.SIGKILL

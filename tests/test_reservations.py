@@ -120,7 +120,7 @@ async def test_a_group_holds_each_rule_as_one_turn_after_another(aiohttp_client,
     waited = next(told[m] for m in ("gap-1", "gap-2") if isinstance(told[m], RateLimited))
     assert 0 < waited.retry_after_s <= 1  # the gap the other one moved
     poor = sorted(told[m].__class__.__name__ for m in ("poor-1", "poor-2"))
-    assert poor == ["BudgetExceeded", "Reservation"]  # room for one of the two
+    assert poor == ["BudgetHeld", "Reservation"]  # room for one of the two (held by it)
     assert not isinstance(told["new-1"], Exception) and told["new-1"].grant == 100
     for user in ("gap", "poor", "new"):
         doc = await store.usage.find_one({"user_id": user})

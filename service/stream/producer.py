@@ -28,8 +28,10 @@ import structlog
 from service.auth import KeyScope
 from service.costs import NANOS, cost_nanos
 from service.errors import (
+    HELD,
     BadRequest,
     BudgetExceeded,
+    BudgetHeld,
     Conflict,
     ServiceError,
     ServiceUnavailable,
@@ -81,7 +83,7 @@ MAX_RESULTS_CHARS = 1_000_000  # the tool results of one stored chat turn, in al
 MAX_MARKS = 200_000  # steps that are more than text (reasoning, tool call deltas): ditto
 OUTCOME = {"complete": "completed", "cancelled": "cancelled", "failed": "failed"}
 # A turn refused by one of these rules is counted in gateway_turn_rejections_total.
-REFUSED_BY_RULE = frozenset({"rate_limited", "budget_exceeded", "shutting_down"})
+REFUSED_BY_RULE = frozenset({"rate_limited", "budget_exceeded", "budget_held", "shutting_down"})
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:
@@ -376,11 +378,10 @@ class TurnProducer:
                         )
                     )
             if isinstance(exc, BudgetExceeded):  # its amounts in the budget's unit
-                raise BudgetExceeded(
-                    exc.message if budget.unit == "tokens" else "monthly budget exhausted",
-                    details=budget.refusal(exc.details),
-                    allowance=exc.allowance,
-                ) from None
+                words = exc.message
+                if budget.unit != "tokens" and not isinstance(exc, BudgetHeld):
+                    words = "monthly budget exhausted"
+                raise exc.restated(words, budget.refusal(exc.details)) from None
             raise
         within = budget.completion_within(price, reservation.grant, prompt_tokens) // choices
         if opening is not None and within < max_out:  # clamped: the answer asked was longer
@@ -479,11 +480,11 @@ class TurnProducer:
                 )
             )
         except BudgetExceeded as exc:
-            raise BudgetExceeded(
-                "this API key's monthly budget is exhausted",
-                details={**self.budget.refusal(exc.details), "key_id": key.key_id},
-                allowance=exc.allowance,
-            ) from None
+            words = "this API key's monthly budget is exhausted"
+            if isinstance(exc, BudgetHeld):
+                words = f"the rest of this API key's monthly budget {HELD}"
+            details = {**self.budget.refusal(exc.details), "key_id": key.key_id}
+            raise exc.restated(words, details) from None
         return reservation.grant
 
     async def _reserve(self, transport: str, req: ReserveRequest) -> Reservation:

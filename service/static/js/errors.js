@@ -45,6 +45,7 @@ const SENTENCES = {
   rate_limit_exceeded: "You are sending messages too quickly.",
   too_many_turns: "Too many answers are being written at once. Wait for one to end.",
   budget_exceeded: "Your monthly token budget is used up.",
+  budget_held: "The rest of your monthly budget is held by answers still being written. Try again when they end.",
   forbidden: "You are not allowed to do that.",
   model_not_allowed: "This API key may not use that model.",
   unknown_model: "One of those models is not in the catalogue.",
