@@ -81,7 +81,8 @@ UPSTREAM_ERRORS = Counter(
 )
 REJECTIONS = Counter(
     "gateway_turn_rejections",
-    "Turns refused before they started by a rule: rate_limited, budget_exceeded, shutting_down.",
+    "Turns refused before they started by a rule: rate_limited, budget_exceeded, budget_held, "
+    "shutting_down.",
     ["reason"],
     registry=REGISTRY,
 )
