@@ -37,3 +37,4 @@ WS_CONNECTIONS = web.AppKey("ws_connections", set[Connection])  # open sockets, 
 
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)
+UPGRADED = web.RequestKey("upgraded", bool)  # a WebSocket: its access line says 101 as it ends

@@ -22,7 +22,7 @@ from aiohttp import web
 from service.auth import Principal
 from service.errors import PayloadTooLarge, ServiceError, Unauthorized
 from service.http import anthropic_error_response, error_response, openai_error_response
-from service.keys import AUTH, PRINCIPAL, REQUEST_ID
+from service.keys import AUTH, PRINCIPAL, REQUEST_ID, UPGRADED
 from service.logs import bind_request, log_access, start_request
 from service.transports.sse import FollowingResponse
 
@@ -109,8 +109,9 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     try:
         await authenticate(request)
         response = await handler(request)
-    except asyncio.CancelledError:
-        log_access(request, 499, started)  # the client closed the connection
+    except asyncio.CancelledError:  # the client closed the connection: 499, but a WebSocket's
+        # exchange was 101 whoever closed it (its close codes are in ``ws.closed``)
+        log_access(request, 101 if request.get(UPGRADED) else 499, started)
         raise
     except Exception as exc:  # noqa: BLE001 - every error becomes the JSON shape
         response = _to_response(request, exc)

@@ -120,6 +120,11 @@ async def test_one_turn_aiohttp_client(stream_client, fake_openai, auth, logs):
         assert line["message_id"] == started["message_id"] and line["request_id"]
     assert ended(logs, transport="ws", outcome="completed", reason="finished")
     await until(lambda: any(e["event"] == "ws.closed" for e in logs))
+    await until(
+        lambda: any(e["event"] == "http.request" for e in logs if e.get("path") == "/api/ws")
+    )
+    (access,) = [e for e in logs if e["event"] == "http.request" and e.get("path") == "/api/ws"]
+    assert access["status"] == 101  # the exchange's status, though the client closed
 
 
 async def test_one_turn_websockets_package(stream_client, fake_openai, auth, token_for):
@@ -282,7 +287,7 @@ async def test_ticket_index_is_a_ttl_index(stream_client, auth):
 
 
 async def test_expired_token_closes_the_socket_with_4001(
-    aiohttp_client, stream_settings, token_for
+    aiohttp_client, stream_settings, token_for, logs
 ):
     client = await aiohttp_client(create_app(stream_settings(jwt_leeway_s=0)))
     headers = {"Authorization": f"Bearer {token_for('alice', ttl_s=1)}"}
@@ -290,6 +295,13 @@ async def test_expired_token_closes_the_socket_with_4001(
     msg = await asyncio.wait_for(ws.receive(), 5)
     assert msg.type is aiohttp.WSMsgType.CLOSE
     assert msg.data == 4001 and "expired" in msg.extra
+    await ws.close()
+    await until(
+        lambda: any(e["event"] == "http.request" for e in logs if e.get("path") == "/api/ws")
+    )
+    (access,) = [e for e in logs if e["event"] == "http.request" and e.get("path") == "/api/ws"]
+    (closed,) = [e for e in logs if e["event"] == "ws.closed"]
+    assert access["status"] == 101 and type(closed["code"]) is int and closed["code"] == 4001
 
 
 async def test_a_token_within_its_leeway_keeps_its_socket_until_the_leeway_ends(

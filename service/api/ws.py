@@ -28,6 +28,7 @@ from service.keys import (
     RESUMES,
     SETTINGS,
     STORE,
+    UPGRADED,
     WS_CONNECTIONS,
 )
 from service.logs import bind_request
@@ -104,6 +105,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     key = {"key_id": principal.key.key_id} if principal.key is not None else {}
     bind_request(user_id=principal.user_id, **key)
     await ws.prepare(request)
+    request[UPGRADED] = True
     services = transport.Services(
         admissions=request.app[ADMISSIONS],
         registry=request.app[REGISTRY],

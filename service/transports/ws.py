@@ -323,7 +323,7 @@ class Connection:
             finally:
                 self.log.info(
                     "ws.closed",
-                    code=closing.code,  # what this side sent (or 1000 when the peer closed)
+                    code=int(closing.code),  # what this side sent (or 1000 when the peer closed)
                     peer_code=self.ws.close_code,
                     reason=closing.reason,
                     turns=self.turns_started,
