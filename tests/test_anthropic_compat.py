@@ -641,6 +641,30 @@ async def test_count_tokens_is_the_prompt_a_turn_is_admitted_with(
         assert counts[0].headers["x-api-key"] == ANTHROPIC_KEY
 
 
+@pytest.mark.parametrize("content", ["", []])
+async def test_a_message_with_no_content_is_refused_as_anthropic_refuses_it(
+    claude, fake_anthropic, content
+):
+    """Only a final assistant message (a prefill) may be empty; any other is a 400 naming it,
+    for a turn and for a count, and nothing is asked of the model or billed."""
+    asks = [
+        [{"role": "user", "content": content}],
+        [*HI, {"role": "assistant", "content": content}, *HI],
+    ]
+    for messages in asks:
+        where = f"messages.{len(messages) - 1 if len(messages) == 1 else 1}"
+        for call in (claude.messages.create, claude.messages.count_tokens):
+            extra = {"max_tokens": 20} if call == claude.messages.create else {}
+            with pytest.raises(anthropic.BadRequestError) as info:
+                await call(model="claude", messages=messages, **extra)
+            assert f"{where}: all messages must have non-empty" in info.value.message
+    assert fake_anthropic.calls("messages") == [] and fake_anthropic.calls("count_tokens") == []
+    await claude.messages.create(  # a prefill may be empty
+        model="claude", max_tokens=20, messages=[*HI, {"role": "assistant", "content": content}]
+    )
+    assert len(fake_anthropic.calls("messages")) == 1
+
+
 async def test_count_tokens_refuses_what_the_model_cannot_take(claude):
     with pytest.raises(anthropic.BadRequestError) as info:
         await claude.messages.count_tokens(model="demo", messages=HI, tools=TOOLS)

@@ -391,6 +391,9 @@ async def test_unknown_model_is_not_found(oai, fake_openai):
         ({"messages": []}, "messages", "invalid_value"),
         ({"messages": [*HI, {"role": "assistant", "content": "x"}]}, "messages[1].role", None),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0]", None),
+        ({"messages": [{"role": "user", "content": None}]}, "messages[0]", None),  # as OpenAI
+        ({"messages": [{"role": "user", "content": []}]}, "messages[0].content", None),
+        ({"messages": [{"role": "system"}, *HI]}, "messages[0]", None),
         ({"n": 9}, "n", "invalid_value"),
         ({"tools": {"type": "function"}}, "tools", "invalid_type"),
         (

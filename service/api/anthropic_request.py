@@ -253,7 +253,7 @@ def _param(loc: tuple[int | str, ...]) -> str:
 def parse(model: type[CountTokensRequest], data: dict[str, Any]) -> Any:
     """``data`` validated as ``model``; the first problem a 400 naming its field."""
     try:
-        return model.model_validate(data)
+        body = model.model_validate(data)
     except ValidationError as exc:
         # The deepest problem: a union's other members (``content`` as a string, when a list
         # with a bad block was sent) fail at the union itself, which says less.
@@ -265,6 +265,16 @@ def parse(model: type[CountTokensRequest], data: dict[str, Any]) -> Any:
         else:
             message = f"{param}: {err['msg']}" if param else err["msg"]
         raise BadRequest(message, code="invalid_request", details={"param": param}) from exc
+    last = len(body.messages) - 1
+    for i, turn in enumerate(body.messages):  # as Anthropic's API refuses them
+        if not turn.content and not (i == last and turn.role == "assistant"):
+            raise BadRequest(
+                f"messages.{i}: all messages must have non-empty content except for the "
+                "optional final assistant message",
+                code="invalid_request",
+                details={"param": f"messages.{i}"},
+            )
+    return body
 
 
 # --------------------------------------------------------------------------- translation

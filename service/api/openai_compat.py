@@ -15,7 +15,7 @@ Errors take OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` (
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from aiohttp import web
@@ -85,7 +85,7 @@ class ToolCall(_Body):
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: str | Annotated[list[ContentPart], Field(min_length=1)] | None = None
     name: str | None = Field(None, max_length=256)
     tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)
     tool_call_id: str | None = Field(None, min_length=1, max_length=256)
@@ -94,6 +94,8 @@ class ChatMessage(_Body):
     def _complete(self) -> ChatMessage:
         if self.role == "tool" and self.tool_call_id is None:
             raise ValueError("a tool message needs 'tool_call_id'")
+        if self.role != "assistant" and self.content is None:  # as OpenAI: only an answer may
+            raise ValueError(f"a {self.role} message needs 'content'")  # have none (tool calls)
         if self.role != "assistant" and self.tool_calls is not None:
             raise ValueError("only an assistant message carries 'tool_calls'")
         return self
