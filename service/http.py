@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from service.errors import (
     BadRequest,
@@ -61,6 +61,17 @@ def validate(model: type[M], data: Any) -> M:
         raise BadRequest(
             "request validation failed", code="validation_error", details=_validation_details(exc)
         ) from exc
+
+
+class _NoQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def no_query(request: web.Request) -> None:
+    """A route that takes no query parameters refuses one (400 ``validation_error`` naming it),
+    as the routes that take some refuse those they do not know: none is silently ignored."""
+    if request.query:
+        validate(_NoQuery, dict(request.query))
 
 
 # Request body codings we decode (``Content-Encoding``). aiohttp's own decoding is off (see

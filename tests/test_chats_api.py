@@ -143,6 +143,24 @@ async def test_bad_pagination_params_are_400(client, auth):
         assert (await resp.json())["error"]["code"] in {"validation_error", "invalid_cursor"}
 
 
+async def test_a_route_that_takes_no_query_parameter_refuses_one(client, auth):
+    """As ``/api/chat`` refuses a parameter it does not know, the routes that take none refuse
+    any: nothing sent is silently ignored."""
+    chat = await (await client.post("/api/chat", json={}, headers=auth())).json()
+    mid = "00000000-0000-4000-8000-000000000000"
+    paths = ["/api/usage", "/api/models", "/api/keys"]
+    paths.append(f"/api/chat/{chat['chat_id']}/messages/{mid}/versions")
+    for path in paths:
+        resp = await client.get(path, params={"period": "2026-01"}, headers=auth())
+        assert resp.status == 400, path
+        error = (await resp.json())["error"]
+        assert error["code"] == "validation_error", path
+        assert error["details"][0]["field"] == "period" and error["details"][0]["type"] == (
+            "extra_forbidden"
+        )
+        assert (await client.get(path, headers=auth())).status in (200, 404), path
+
+
 async def test_chat_cap_holds_under_concurrent_creates(aiohttp_client, make_settings, auth):
     """20 concurrent creates against a cap of 7: exactly 7 succeed, the rest get 409."""
     client = await aiohttp_client(create_app(make_settings(max_chats_per_user=7)))

@@ -239,7 +239,10 @@ async def test_resume_refusals(aiohttp_client, stream_settings, fake_openai, aut
         resp = await client.get(
             f"/api/chat/{chat_id}/messages/{message_id}/stream?after={after}", headers=alice
         )
-        assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_offset"
+        error = (await resp.json())["error"]
+        assert resp.status == 400 and error["code"] == "invalid_offset"
+        past = after == "99999999999"  # a number, only too large: said so, not "not a number"
+        assert ("past any answer's end" in error["message"]) is past, after
     resp = await client.get(
         f"/api/chat/{chat_id}/messages/{message_id}/stream?after=9999", headers=alice
     )

@@ -12,7 +12,7 @@ from aiohttp import web
 from pydantic import Field
 
 from service.api.chats import StrictModel, message_view
-from service.http import json_response, not_found, parse_uuid, read_json
+from service.http import json_response, no_query, not_found, parse_uuid, read_json
 from service.keys import ADMISSIONS, PRINCIPAL, REGISTRY, SETTINGS, STORE
 from service.stream.branches import Branch, Kind, root_of
 from service.stream.idempotency import HEADER as KEY_HEADER
@@ -74,6 +74,7 @@ async def _branch(
 async def list_versions(request: web.Request) -> web.Response:
     """Every version of a message, oldest first, and which one the chat's history shows
     (``chosen``: none when all were superseded, e.g. an answer to a question edited since)."""
+    no_query(request)
     chat_id, message_id = _ids(request)
     user_id = request[PRINCIPAL].user_id
     store = request.app[STORE]

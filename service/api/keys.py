@@ -15,7 +15,7 @@ from service.api.chats import one_line
 from service.apikeys import key_view, parse_expiry
 from service.auth import Principal
 from service.errors import BadRequest, Forbidden, NotFound
-from service.http import json_response, read_json
+from service.http import json_response, no_query, read_json
 from service.keys import API_KEYS, CATALOGUE, PRINCIPAL, SETTINGS
 from service.store import utcnow
 
@@ -74,6 +74,7 @@ async def create_key(request: web.Request) -> web.Response:
 
 
 async def list_keys(request: web.Request) -> web.Response:
+    no_query(request)
     principal = _token_principal(request)
     docs = await request.app[API_KEYS].list(principal.user_id)
     budget = request.app[SETTINGS].budget

@@ -11,7 +11,7 @@ from pydantic import Field
 from service.api.chats import StrictModel
 from service.costs import format_cost
 from service.errors import BadRequest, Conflict
-from service.http import json_response, not_found, parse_uuid, read_json
+from service.http import json_response, no_query, not_found, parse_uuid, read_json
 from service.keys import (
     ADMISSIONS,
     CATALOGUE,
@@ -117,9 +117,14 @@ async def _resume(
 def _offset(request: web.Request) -> int:
     """``?after=`` (wins) or ``Last-Event-ID``: a count of characters; 0 when neither."""
     raw = request.query.get("after", request.headers.get("Last-Event-ID", "0")).strip()
-    if not raw.isascii() or not raw.isdigit() or int(raw) > MAX_OFFSET:
+    if not raw.isascii() or not raw.isdigit():
         raise BadRequest(
             "the offset (after / Last-Event-ID) must be a whole number of characters",
+            code="invalid_offset",
+        )
+    if int(raw) > MAX_OFFSET:
+        raise BadRequest(
+            f"the offset (after / Last-Event-ID) is past any answer's end (at most {MAX_OFFSET})",
             code="invalid_offset",
         )
     return int(raw)
@@ -148,6 +153,7 @@ def _period_bounds(now: datetime) -> tuple[datetime, datetime]:
 
 
 async def get_usage(request: web.Request) -> web.Response:
+    no_query(request)
     now = utcnow()
     period = period_of(now)
     doc = await request.app[STORE].get_usage(request[PRINCIPAL].user_id, period) or {}
@@ -182,6 +188,7 @@ def setup(app: web.Application) -> None:
 
 
 async def list_models(request: web.Request) -> web.Response:
+    no_query(request)
     catalogue = request.app[CATALOGUE]
     key = request[PRINCIPAL].key
     models = await request.app[MODEL_LISTS].live(catalogue.all(), key)
