@@ -132,3 +132,21 @@ async def rolled_up(db: Any, *, deadline_s: float = 15.0) -> None:
         if time.monotonic() > end:
             raise AssertionError(f"rollup counts {counted} of {ended} ended answers")
         await asyncio.sleep(POLL_S)
+
+
+def answers_lost(monkeypatch: Any, store: Any, method: str, asked: list[Any] | None = None) -> Any:
+    """``store.<method>`` is applied, but its answer is lost on the way (a deadline passed,
+    MongoDB went away): it raises ``StoreUnavailable`` after it took effect. What it is asked
+    goes to ``asked``; the real method is returned (to put back with ``monkeypatch``)."""
+    from service.errors import StoreUnavailable
+
+    real = getattr(store, method)
+
+    async def lost(req: Any) -> None:
+        if asked is not None:
+            asked.append(req)
+        await real(req)
+        raise StoreUnavailable("the database is unavailable; try again shortly")
+
+    monkeypatch.setattr(store, method, lost)
+    return real

@@ -9,7 +9,6 @@ from datetime import datetime
 from typing import Any
 
 from service.app import create_app
-from service.errors import StoreUnavailable
 from service.keys import REGISTRY, STORE
 from service.store import LeaseRequest, ReserveRequest, open_turns, utcnow
 from service.stream.leases import Leases
@@ -17,7 +16,7 @@ from service.stream.producer import period_of
 from service.tokens import TokenCounter
 from tests.conftest import TEST_MODELS
 from tests.fake_openai import Script
-from tests.faults import settled
+from tests.faults import answers_lost, settled
 from tests.processes import eventually, new_chat, session, wait_until
 from tests.sse_client import events
 
@@ -270,15 +269,8 @@ async def test_a_growth_whose_answer_was_lost_is_undone_at_once(
     settings = stream_settings(lease_idle_s=300.0, v1_requests_per_minute=600)
     client = await aiohttp_client(create_app(settings))
     store = client.app[STORE]
-    take_lease = store.take_lease
     asked = []
-
-    async def lost(req):  # taken; its answer lost on the way
-        asked.append(req.turn.now)
-        await take_lease(req)
-        raise StoreUnavailable("the database is unavailable; try again shortly")
-
-    monkeypatch.setattr(store, "take_lease", lost)
+    take_lease = answers_lost(monkeypatch, store, "take_lease", asked)
     fake_openai.default = Script(chunks=["x ", "y"], usage=(PROMPT, 2))
     resp = await client.post("/v1/chat/completions", json=BODY, headers=auth())
     assert resp.status == 503
@@ -290,7 +282,7 @@ async def test_a_growth_whose_answer_was_lost_is_undone_at_once(
         return (doc["reserved"], entry["grant"], entry["turns"]) == (0, 0, 0)
 
     await eventually(undone, deadline_s=5, what="the lost growth undone")
-    (took,) = asked  # the requests it moved the bucket by are back: due at the take's time
+    took = asked[0].turn.now  # the requests it moved the bucket by are back: at the take's time
     due = (await usage(store.db))["requests_due"]
     assert due == took.replace(microsecond=took.microsecond // 1000 * 1000)
     monkeypatch.setattr(store, "take_lease", take_lease)

@@ -9,13 +9,13 @@ from datetime import timedelta
 from typing import Any
 
 from service.app import create_app
-from service.errors import RateLimited, StoreUnavailable
+from service.errors import RateLimited
 from service.keys import PRODUCER, STORE
 from service.store import ReserveRequest, key_account, utcnow
 from service.stream.groups import Reservations
 from service.stream.producer import period_of
 from tests.fake_openai import Script
-from tests.faults import calls, settled
+from tests.faults import answers_lost, calls, settled
 from tests.processes import eventually, wait_until
 from tests.sse_client import collect, text_of
 
@@ -153,13 +153,7 @@ async def test_a_reservation_whose_answer_was_lost_is_given_back_at_once(
     client = await aiohttp_client(create_app(stream_settings(message_rate_limit_ms=60_000)))
     store = client.app[STORE]
     chat = (await (await client.post("/api/chat", headers=auth("ann"))).json())["chat_id"]
-    reserve = store.reserve
-
-    async def lost(req):  # taken; its answer lost on the way
-        await reserve(req)
-        raise StoreUnavailable("the database is unavailable; try again shortly")
-
-    monkeypatch.setattr(store, "reserve", lost)
+    reserve = answers_lost(monkeypatch, store, "reserve")
     fake_openai.default = Script(chunks=["x ", "y"], usage=(10, 2))
     url = f"/api/chat/{chat}/message"
     resp = await client.post(url, json={"message": "Hi"}, headers=auth("ann"))
@@ -188,13 +182,7 @@ async def test_a_keys_own_reservation_whose_answer_was_lost_is_given_back_at_onc
     resp = await client.post("/api/keys", json={"name": "ci", "limit": 5000}, headers=auth())
     key = await resp.json()
     headers = {"Authorization": f"Bearer {key['key']}"}
-    reserve = store.reserve
-
-    async def lost(req):  # taken; its answer lost on the way
-        await reserve(req)
-        raise StoreUnavailable("the database is unavailable; try again shortly")
-
-    monkeypatch.setattr(store, "reserve", lost)
+    reserve = answers_lost(monkeypatch, store, "reserve")
     fake_openai.default = Script(chunks=["x ", "y"], usage=(10, 2))
     body = {"model": "gpt-test", "messages": [{"role": "user", "content": "Hi"}]}
     resp = await client.post("/v1/chat/completions", json=body, headers=headers)
