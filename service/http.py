@@ -43,11 +43,17 @@ def error_response(exc: ServiceError) -> web.Response:
     return json_response(exc.body(), status=exc.status, headers=exc.headers)
 
 
+def problem(error: Any) -> str:
+    """A pydantic error's words for a person: a validator's own, without pydantic's prefix."""
+    msg: str = error["msg"]
+    return msg.removeprefix("Value error, ")
+
+
 def _validation_details(exc: ValidationError) -> list[dict[str, Any]]:
     return [
         {
             "field": ".".join(str(p) for p in e["loc"]) or None,
-            "problem": e["msg"],
+            "problem": problem(e),
             "type": e["type"],
         }
         for e in exc.errors(include_url=False, include_input=False)

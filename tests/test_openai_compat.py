@@ -419,7 +419,7 @@ async def test_invalid_request_is_bad_request(oai, fake_openai, extra, param, co
         )
     err = info.value
     assert err.status_code == 400 and err.type == "invalid_request_error"
-    assert err.param == param
+    assert err.param == param and "Value error" not in err.message  # a validator's own words
     if code:
         assert err.code == code
     assert fake_openai.requests == []

@@ -45,6 +45,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from service.errors import BadRequest
+from service.http import problem
 from service.providers.anthropic_request import NATIVE_FIELDS, NativeFields
 from service.providers.base import Message
 
@@ -263,7 +264,7 @@ def parse(model: type[CountTokensRequest], data: dict[str, Any]) -> Any:
         if err["type"] == "missing":
             message = f"{param}: Field required"
         else:
-            message = f"{param}: {err['msg']}" if param else err["msg"]
+            message = f"{param}: {problem(err)}" if param else problem(err)
         raise BadRequest(message, code="invalid_request", details={"param": param}) from exc
     last = len(body.messages) - 1
     for i, turn in enumerate(body.messages):  # as Anthropic's API refuses them

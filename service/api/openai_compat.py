@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from service.errors import BadRequest, BudgetExceeded, RateLimited
-from service.http import json_response, parse_uuid, read_body
+from service.http import json_response, parse_uuid, problem, read_body
 from service.keys import ADMISSIONS, PRINCIPAL, REGISTRY, SETTINGS, STORE
 from service.limits import Allowance, rate_limit_headers
 from service.store import allowance_of, utcnow
@@ -221,7 +221,7 @@ def _validation_error(exc: ValidationError) -> BadRequest:
         )
     if err["type"].endswith("_type") or err["type"] in ("union_tag_invalid", "model_type"):
         return _invalid(f"Invalid type for '{param}': {err['msg']}.", param, "invalid_type")
-    return _invalid(f"Invalid value for '{param}': {err['msg']}.", param)
+    return _invalid(f"Invalid value for '{param}': {problem(err)}.", param)
 
 
 async def _read_body(request: web.Request) -> tuple[ChatCompletionRequest, dict[str, Any]]:
