@@ -32,6 +32,7 @@ JsonDict = dict[str, Any]
 class ServiceError(Exception):
     status = 500
     code = "internal_error"
+    close_connection = False  # answered before the request's body was all read: not reused
 
     def __init__(
         self,
@@ -138,6 +139,7 @@ class Conflict(ServiceError):
 class PayloadTooLarge(ServiceError):
     status = 413
     code = "payload_too_large"
+    close_connection = True
 
 
 class RequestTimeout(ServiceError):
@@ -145,9 +147,7 @@ class RequestTimeout(ServiceError):
 
     status = 408
     code = "request_timeout"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"Connection": "close"})
+    close_connection = True
 
 
 class UnsupportedEncoding(ServiceError):

@@ -146,8 +146,8 @@ async def read_body(request: web.Request) -> bytes:
     """The body, decoded when it came gzip or deflate; 413 (``PayloadTooLarge``) when it is
     over ``client_max_size`` as sent (said by its Content-Length: before reading any) or once
     decoded, 415 for other codings, 400 when it does not decode, 408 when it has not all come
-    within ``REQUEST_BODY_TIMEOUT_S`` (a client trickling it, or gone quiet, holds nothing
-    longer).
+    within ``REQUEST_BODY_TIMEOUT_S`` (a client trickling it, or gone quiet, holds its request
+    no longer, and its connection is not reused: ``close_connection``).
 
     Not ``request.read()``: that keeps the bytes on the request, and a streaming turn's request
     lives as long as its stream (a long prompt would stay in memory for the whole answer)."""

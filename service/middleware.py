@@ -86,7 +86,10 @@ def _to_response(request: web.Request, exc: BaseException) -> web.StreamResponse
     openai = request.path.startswith("/v1/")
     render = _renderer(request)
     if isinstance(exc, ServiceError):
-        return render(exc)
+        response = render(exc)
+        if exc.close_connection:  # aiohttp reads what is left for at most its lingering time
+            response.force_close()  # (10 s), then closes: the connection serves nothing more
+        return response
     if isinstance(exc, web.HTTPException):
         if exc.status < 400:
             return exc

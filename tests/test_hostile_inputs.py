@@ -3,6 +3,7 @@ token, integers MongoDB cannot hold, bodies in encodings we do not speak or that
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import json
@@ -258,13 +259,20 @@ async def test_a_body_that_does_not_all_arrive_in_time_is_408(
     aiohttp_client, make_settings, token_for
 ):
     """A client that sends its headers and part of its body, then trickles or goes quiet, is
-    answered 408 ``request_timeout`` after REQUEST_BODY_TIMEOUT_S, its connection to be closed:
-    it holds no request (and no handler) for longer."""
+    answered 408 ``request_timeout`` after REQUEST_BODY_TIMEOUT_S, and its connection serves
+    nothing more: the rest of the body and a next request on it get no answer, it is closed."""
     client = await aiohttp_client(create_app(make_settings(request_body_timeout_s=0.3)))
-    head = _head("/api/chat", token_for("alice"), 100)
-    resp = await raw_http.answer_without_close(
-        client.server.host, client.server.port, head + b'{"title": '
-    )
-    assert resp.status == 408
-    assert_api_error(408, resp.json(), "request_timeout")
-    assert resp.headers["connection"] == "close"
+    body = b'{"title": "' + b"x" * 86 + b'"}'
+    head = _head("/api/chat", token_for("alice"), len(body))
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write(head + body[:10])
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        resp = raw_http.parse(answer)
+        resp.body = await reader.readexactly(int(resp.headers["content-length"]))
+        assert resp.status == 408 and resp.headers["connection"] == "close"
+        assert_api_error(408, resp.json(), "request_timeout")
+        writer.write(body[10:] + raw_http.build("GET", "/healthz"))  # too late; then another
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing answered
+    finally:
+        writer.close()
