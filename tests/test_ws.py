@@ -308,21 +308,27 @@ async def test_a_token_within_its_leeway_keeps_its_socket_until_the_leeway_ends(
     aiohttp_client, stream_settings, token_for, fake_openai
 ):
     """A token past its ``exp`` but within JWT_LEEWAY_S is accepted over HTTP: its socket is
-    served too (a turn runs), not opened and closed at once (a reconnecting client would
-    loop), and closed with 4001 when HTTP would refuse it."""
-    client = await aiohttp_client(create_app(stream_settings(jwt_leeway_s=3)))
-    token = token_for("alice", ttl_s=-1)  # expired a second ago: two seconds of leeway left
+    served too (a turn runs), opened with the token or with a ticket asked with it (the page's
+    way), not refused or opened and closed at once (a reconnecting client would loop), and
+    closed with 4001 when HTTP would refuse the token."""
+    client = await aiohttp_client(create_app(stream_settings(jwt_leeway_s=4)))
+    token = token_for("alice", ttl_s=-1)  # expired a second ago: three seconds of leeway left
     fake_openai.default = Script(chunks=["a ", "b"], usage=(5, 2))
     headers = {"Authorization": f"Bearer {token}"}
     assert (await client.get("/api/chat", headers=headers)).status == 200
+    resp = await client.post("/api/ws/ticket", headers=headers)
+    assert resp.status == 200, await resp.text()
+    ticket = (await resp.json())["ticket"]
     chat_id = await new_chat(client, headers)
-    ws = await connect(client, headers)
-    await ws.send_json(send("t1", chat_id))
-    frames = await until_terminal(ws, {"t1"})
-    assert frames[-1]["type"] == "done"
-    msg = await asyncio.wait_for(ws.receive(), 5)
-    assert msg.type is aiohttp.WSMsgType.CLOSE
-    assert msg.data == 4001 and "expired" in msg.extra
+    sockets = [await connect(client, headers), await connect(client, {}, params={"ticket": ticket})]
+    for n, ws in enumerate(sockets):
+        await ws.send_json(send(f"t{n}", chat_id))
+        frames = await until_terminal(ws, {f"t{n}"})
+        assert frames[-1]["type"] == "done"
+    for ws in sockets:
+        msg = await asyncio.wait_for(ws.receive(), 5)
+        assert msg.type is aiohttp.WSMsgType.CLOSE
+        assert msg.data == 4001 and "expired" in msg.extra
     assert (await client.get("/api/chat", headers=headers)).status == 401
 
 

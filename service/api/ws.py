@@ -123,7 +123,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 async def create_ticket(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     principal = request[PRINCIPAL]
-    ttl = int(min(settings.ws_ticket_ttl_s, max(0.0, principal.expires_at - time.time())))
+    ends = principal.accepted_until(settings.jwt_leeway_s)  # as long as HTTP takes the token
+    ttl = int(min(settings.ws_ticket_ttl_s, max(0.0, ends - time.time())))
     if ttl < 1:
         raise Unauthorized("invalid token: about to expire")
     ticket = secrets.token_urlsafe(32)
