@@ -145,7 +145,7 @@ async def test_dev_token_answers_a_loopback_name_only(aiohttp_client, make_setti
     """A page whose name was rebound to 127.0.0.1 (DNS rebinding) asks with its own name in
     Host: refused, so it cannot read a token; this machine's names get one."""
     client = await aiohttp_client(create_app(make_settings(dev_token_endpoint=True)))
-    for host in ("attacker.example:8080", "attacker.example", "10.0.0.5:8080"):
+    for host in ("attacker.example:8080", "attacker.example", "10.0.0.5:8080", "::1"):
         resp = await client.get("/api/dev/token", headers={"Host": host})
         assert resp.status == 403, host
         assert (await resp.json())["error"]["code"] == "dev_token_local_only"

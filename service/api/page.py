@@ -101,7 +101,11 @@ async def dev_token(request: web.Request) -> web.Response:
     """A token for any user, to whoever asks: only from this machine (the peer a loopback
     address, so ``HOST=0.0.0.0`` does not hand tokens to the network) and to a loopback name
     (the Host header, so a web page whose name was rebound to 127.0.0.1 cannot read one)."""
-    if not (_loopback(request.remote) and _loopback(request.url.host)):
+    try:
+        name = request.url.host
+    except ValueError:  # a Host header that is no host (an IPv6 address without brackets)
+        name = None
+    if not (_loopback(request.remote) and _loopback(name)):
         raise Forbidden(
             "the dev token endpoint answers only requests from this machine to a loopback "
             "address (http://127.0.0.1 or http://localhost)",
