@@ -175,7 +175,7 @@ async def test_service_console_log_written_to_a_file_has_no_colour_codes(service
     assert "\x1b[" not in text
 
 
-CONTROLS = "".join(map(chr, [*range(0x20), 0x7F]))  # every C0 control character, and DEL
+CONTROLS = "".join(map(chr, [*range(0x20), 0x7F, *range(0x80, 0xA0)]))  # C0, DEL, C1
 ESCAPED = "".join(repr(c)[1:-1] for c in CONTROLS)  # \x00\x01...\t\n...\x1b...\x7f
 LOG_CONTROLS = (
     "from service.logs import configure_logging, get_logger\n"
@@ -205,7 +205,8 @@ def test_the_console_log_escapes_every_control_character():
 
 
 def test_the_json_log_escapes_every_control_character():
-    """JSON escapes C0 itself; DEL, which it may leave raw, is escaped too (``\\u007f``)."""
+    """JSON escapes C0 itself; DEL and C1, which it may leave raw, are escaped too
+    (``\\u007f``, ``\\u0085``)."""
     out = python(LOG_CONTROLS.format(fmt="json", controls=CONTROLS))
     lines = out.splitlines()
     assert len(lines) == 2 and not set(out) & set(CONTROLS) - {"\n"}
