@@ -721,18 +721,19 @@ class Store:
         the one conditional update that checks every rule for one more turn (the rules and
         their refusals are ``reserve``'s). The usage document after it, its lease entry's
         ``took`` saying what this call added."""
-        return await self._admit(req.turn, _lease_update(req))
+        return await self._admit(req.turn, _lease_update(req), credit=req.credit)
 
-    async def _admit(self, req: ReserveRequest, update: list[Doc]) -> Doc:
-        """``update`` the user's month where every rule of ``req`` holds; else raise the rule
-        that refuses (one read tells which). A month with no document yet gets one first; a
-        refusal that no longer holds when read (a turn settled in between) is tried again."""
+    async def _admit(self, req: ReserveRequest, update: list[Doc], *, credit: int = 0) -> Doc:
+        """``update`` the user's month where every rule of ``req`` holds (its budget less
+        ``credit``, what a lease already holds free for it); else raise the rule that refuses
+        (one read tells which). A month with no document yet gets one first; a refusal that no
+        longer holds when read (a turn settled in between) is tried again."""
         month = {"user_id": req.user_id, "period": req.period}
         for attempt in range(RESERVE_ATTEMPTS):
             if attempt > 1:  # contended: concurrent turns of one user settled in between
                 await asyncio.sleep(0.002 * attempt * random.random())
             doc: Doc | None = await self.usage.find_one_and_update(
-                _reserve_filter(req),
+                _reserve_filter(req, credit),
                 update,
                 projection={"settled": 0},
                 return_document=ReturnDocument.AFTER,
@@ -744,7 +745,7 @@ class Store:
                 with contextlib.suppress(DuplicateKeyError):
                     await self.usage.insert_one(await self._new_month(month))
                 continue
-            refusal = _refusal(existing, req)
+            refusal = _refusal(existing, req, credit)
             if refusal is not None:
                 raise refusal
         raise StoreUnavailable("could not reserve the token budget under contention")
@@ -1683,6 +1684,7 @@ class LeaseRequest:
     want_turns: int
     want_requests: int
     growth: int = 0  # this growth's number on the replica (``Store.undo_growth`` names it)
+    credit: int = 0  # what the lease holds free already: the turn needs that much less
 
 
 @dataclass(frozen=True, slots=True)
@@ -1721,11 +1723,12 @@ def _requests_due_by(req: ReserveRequest) -> datetime:
     return req.now + request_window(rpm) - request_interval(rpm)
 
 
-def _reserve_filter(req: ReserveRequest) -> Doc:
+def _reserve_filter(req: ReserveRequest, credit: int = 0) -> Doc:
     # The replica's clock (NTP-synced), not $$NOW: SecantusDB evaluates $$NOW in update
     # pipelines but not in a query's $expr, and the filter must behave the same everywhere.
     # Every rule here has its twin in ``_refusal``, which tells a client which one refused.
-    conditions: list[Doc] = [{"$gte": [_available(req.default_limit), req.need]}]
+    # ``credit``: what a lease already holds free for the turn (it needs that much less).
+    conditions: list[Doc] = [{"$gte": [_available(req.default_limit), req.need - credit]}]
     if req.rate_limit_ms:
         conditions.append({"$lte": [{"$ifNull": ["$next_at", EPOCH]}, req.now]})
     if req.max_concurrent:
@@ -1884,21 +1887,22 @@ def _lease_update(req: LeaseRequest) -> list[Doc]:
 Wait = tuple[float, str, Doc]
 
 
-def _refusal(doc: Doc, req: ReserveRequest) -> ServiceError | None:
+def _refusal(doc: Doc, req: ReserveRequest, credit: int = 0) -> ServiceError | None:
     """Which rule refuses ``req`` by ``doc`` (None: none does now). Of the rate limits that
     refuse, the one with the longest wait is named, so its Retry-After is enough for all; the
-    budget is named only when no rate limit refuses."""
+    budget is named only when no rate limit refuses (``credit``: what a lease holds free for
+    the turn, the user's to spend: in what remains)."""
     allowance = allowance_of(doc, req.default_limit, req.now)
     checks = (_message_wait(doc, req), _concurrency_wait(doc, req), _requests_wait(doc, req))
     waits = [w for w in checks if w is not None]
     if waits:
         wait_s, message, details = max(waits, key=lambda w: w[0])
         return RateLimited(message, retry_after_s=wait_s, details=details, allowance=allowance)
-    if allowance.remaining_tokens >= req.need:
+    if allowance.remaining_tokens + credit >= req.need:
         return None
     details = {
         "limit": allowance.limit,
-        "remaining": allowance.remaining_tokens,
+        "remaining": allowance.remaining_tokens + credit,
         "needed": req.need,
         "period": req.period,
     }

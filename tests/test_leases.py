@@ -4,6 +4,7 @@ cross-replica rule kept (two real service processes on one SecantusDB where it m
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 from datetime import datetime
 from typing import Any
@@ -190,6 +191,27 @@ async def test_a_top_up_the_month_refuses_leaves_the_lease_and_is_not_asked_agai
     assert last.grant == WANT - 100
 
 
+async def test_a_lease_short_of_a_turn_grows_by_what_it_lacks(aiohttp_client, stream_settings):
+    """The lease holds 200 free, the month 500 more: a turn wanting 600 fits in the two
+    together, and is admitted (the growth asks the month for what the lease lacks), not
+    refused as if the lease's own tokens were another turn's."""
+    client = await aiohttp_client(create_app(stream_settings()))
+    store = client.app[STORE]
+    leases = Leases(store, client.app[REGISTRY].replica_id, idle_s=0.0, keep_s=300.0)
+    now = utcnow()
+    period = period_of(now)
+    small = dataclasses.replace(lease_turn("m1", now), want=300, need=300, default_limit=1000)
+    grant = (await leases.admit(small)).grant
+    leases.ended("alice", period, grant=grant, billed=300)
+    await store.settle_leased("alice", period, leases.lease_id, "m1", billed=300, grant=grant)
+    doc = await usage(store.db)
+    assert (doc["used"], doc["reserved"], leases.free("alice", period)) == (300, 200, 200)
+    large = dataclasses.replace(small, message_id="m2", want=600, need=600)
+    assert (await leases.admit(large)).grant == 600
+    doc = await usage(store.db)
+    assert doc["used"] + doc["reserved"] <= 1000
+
+
 async def test_thirty_turns_over_two_replicas_never_overspend(services, fake_openai, token_for, db):
     """30 turns of one user at once, half on each replica, on a budget for five: while all are
     held by the upstream, the month's reservations never pass the limit; at the end the usage is
@@ -296,6 +318,37 @@ async def test_a_growth_whose_answer_was_lost_is_undone_at_once(
         return doc["used"] == PROMPT + 2 and doc["reserved"] == lease_of(doc)[0]["grant"]
 
     await eventually(billed, deadline_s=5, what="the turn billed from the new growth")
+
+
+async def test_a_growth_whose_turns_client_left_while_it_ran_is_undone(
+    aiohttp_client, stream_settings, monkeypatch
+):
+    """The client leaves (the turn's admission cancelled) while the lease's growth runs: the
+    command goes on, and what it takes, which this replica will never count, is undone once
+    it lands."""
+    client = await aiohttp_client(create_app(stream_settings()))
+    store = client.app[STORE]
+    leases = Leases(store, client.app[REGISTRY].replica_id, idle_s=300.0)
+    take_lease, release, running = store.take_lease, asyncio.Event(), asyncio.Event()
+
+    async def held(req):
+        running.set()
+        await release.wait()
+        return await take_lease(req)
+
+    monkeypatch.setattr(store, "take_lease", held)
+    turn = asyncio.ensure_future(leases.admit(lease_turn("m1", utcnow())))
+    await running.wait()
+    turn.cancel()
+    release.set()
+
+    async def undone() -> bool:
+        doc = await usage(store.db)
+        entries = lease_of(doc)
+        return bool(entries) and (doc["reserved"], entries[0]["grant"]) == (0, 0)
+
+    await eventually(undone, deadline_s=5, what="the growth undone")
+    assert turn.cancelled() and leases.free("alice", period_of(utcnow())) == 0
 
 
 async def test_undoing_a_growth_leaves_a_later_one(aiohttp_client, stream_settings):

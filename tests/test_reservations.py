@@ -201,6 +201,36 @@ async def test_a_keys_own_reservation_whose_answer_was_lost_is_given_back_at_onc
     await settled(store.db)
 
 
+async def test_a_reservation_whose_client_left_while_it_ran_is_given_back(
+    aiohttp_client, stream_settings, monkeypatch
+):
+    """The client leaves (its request cancelled) while its turn's reservation command runs:
+    the command goes on, and what it takes is given back once it lands, not when the reaper
+    finds it old."""
+    client = await aiohttp_client(create_app(stream_settings()))
+    store = client.app[STORE]
+    reservations = client.app[PRODUCER].reservations
+    reserve, release, running = store.reserve, asyncio.Event(), asyncio.Event()
+
+    async def held(req):
+        running.set()
+        await release.wait()
+        return await reserve(req)
+
+    monkeypatch.setattr(store, "reserve", held)
+    turn = asyncio.ensure_future(reservations.reserve(page_turn("gone", "turn-1")))
+    await running.wait()
+    turn.cancel()
+    release.set()
+
+    async def given_back() -> bool:
+        doc = await store.usage.find_one({"user_id": "gone"})
+        return doc is not None and "next_at" in doc and (doc["reserved"], doc["open"]) == (0, [])
+
+    await eventually(given_back, deadline_s=5, what="the reservation given back")
+    assert turn.cancelled()
+
+
 async def test_undoing_a_reservation_leaves_the_same_turns_later_one(
     aiohttp_client, stream_settings
 ):

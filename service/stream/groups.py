@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -147,13 +148,26 @@ class Reservations(GroupCommit[ReserveRequest, Reservation]):
         """Reserve one turn with the others arriving now; raises its refusal (``RateLimited``,
         ``BudgetExceeded``) or the outage."""
         self.expected.refused(req.user_id)  # until it is admitted
+        done = self.submit(req)
         try:
-            reservation = await self.submit(req)
+            reservation = await asyncio.shield(done)  # its command runs on if the client leaves
         except StoreUnavailable:
             self._withdraw(req)
             raise
+        except asyncio.CancelledError:  # the client left: what its command takes is given back
+            done.add_done_callback(functools.partial(self._taken_unasked, req))
+            raise
         self.expected.admitted(req, reservation.allowance.remaining_tokens)
         return reservation
+
+    def _taken_unasked(self, req: ReserveRequest, done: asyncio.Future[Reservation]) -> None:
+        """The reservation of a turn whose client left while it ran, once its command ended:
+        taken (or perhaps taken: its answer lost), it is given back."""
+        if done.cancelled():
+            return
+        exc = done.exception()
+        if exc is None or isinstance(exc, StoreUnavailable):
+            self._withdraw(req)
 
     def _withdraw(self, req: ReserveRequest) -> None:
         """A reservation whose answer did not come (its deadline passed, MongoDB went away)

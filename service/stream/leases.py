@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -167,16 +168,24 @@ class Leases:
         batch = min(MAX_BATCH, max(1, 2 * lease.running))
         requests = max(batch, req.requests_per_minute // 60)
         tokens = (batch + 1) * req.want  # at most half of what the month has left (the update)
-        await self._take(lease, req, tokens=tokens, turns=batch, requests=requests)
+        free = max(0, lease.tokens - lease.held)  # the turn needs only what the lease lacks
+        await self._take(lease, req, tokens=tokens, turns=batch, requests=requests, credit=free)
 
     async def _take(
-        self, lease: Lease, req: ReserveRequest, *, tokens: int, turns: int, requests: int
+        self,
+        lease: Lease,
+        req: ReserveRequest,
+        *,
+        tokens: int,
+        turns: int,
+        requests: int,
+        credit: int = 0,
     ) -> None:
         """Grow the lease by what fits of ``tokens``, ``turns``, ``requests``, where ``req``'s
         rules hold for one more turn (``Store.take_lease``; refused with their errors)."""
         growth = next(self._growths)
-        try:
-            doc = await self.store.take_lease(
+        take = asyncio.ensure_future(
+            self.store.take_lease(
                 LeaseRequest(
                     turn=req,
                     lease_id=self.lease_id,
@@ -185,10 +194,17 @@ class Leases:
                     want_turns=turns,
                     want_requests=requests,
                     growth=growth,
+                    credit=credit,
                 )
             )
+        )
+        try:
+            doc = await asyncio.shield(take)  # its command runs on if the turn's client leaves
         except StoreUnavailable:
             self._withdraw(lease, req, growth)
+            raise
+        except asyncio.CancelledError:  # what it takes, this replica will not know: undone
+            take.add_done_callback(functools.partial(self._taken_unasked, lease, req, growth))
             raise
         entry = next(e for e in doc["open"] if e["mid"] == self.lease_id)
         took = entry["took"]
@@ -216,6 +232,17 @@ class Leases:
                 )
 
         self._track(asyncio.ensure_future(withdraw()))
+
+    def _taken_unasked(
+        self, lease: Lease, req: ReserveRequest, growth: int, take: asyncio.Future[Doc]
+    ) -> None:
+        """A growth whose turn's client left while it ran, once its command ended: taken (or
+        perhaps taken), it is undone."""
+        if take.cancelled():
+            return
+        exc = take.exception()
+        if exc is None or isinstance(exc, StoreUnavailable):
+            self._withdraw(lease, req, growth)
 
     def _keep(self, task: asyncio.Task[Any]) -> None:
         self._background.add(task)
