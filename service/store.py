@@ -489,6 +489,22 @@ class Store:
         return doc
 
     @db_call
+    async def unmove_chat(self, user_id: str, chat_id: str, seq: int) -> None:
+        """A turn given the seqs ``seq`` and ``seq + 1`` was refused before it wrote a record:
+        the chat's ``updated_at`` goes back to its last record's time (its creation's when it
+        has none), unless a later turn has been given seqs since (``next_seq`` moved on)."""
+        last: Doc | None = await self.messages.find_one(
+            {"chat_id": chat_id, "user_id": user_id, "seq": {"$lt": seq}},
+            projection={"created_at": 1},
+            sort=[("seq", DESCENDING)],
+        )
+        at = last["created_at"] if last is not None else "$created_at"
+        await self.chats.update_one(
+            {"_id": chat_id, "user_id": user_id, "next_seq": seq + 2},
+            [{"$set": {"updated_at": at}}],
+        )
+
+    @db_call
     async def begin_chat_turns(self, turns: list[ChatTurn]) -> list[Doc | None]:
         """Authorize several turns, as ``begin_chat_turn`` does each, in two commands (the
         replica's group commit, ``service/stream/groups.py``): one unordered bulk of its

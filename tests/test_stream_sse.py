@@ -16,6 +16,7 @@ from service.stream.producer import period_of
 from service.tokens import TokenCounter
 from tests.fake_openai import Script
 from tests.faults import settled
+from tests.processes import eventually
 from tests.sse_client import collect, events, read_until, text_of
 
 
@@ -855,3 +856,43 @@ async def test_reasoning_is_its_own_event_and_kept_on_the_record(stream_client, 
     assert answer["content"] == "It is 42."
     assert answer["reasoning"] == "The user wants a number; 6 times 7 is 42."
     assert answer["tokens"]["reasoning"] == 28
+
+
+async def test_a_refused_send_leaves_the_chat_where_it_was_in_the_list(
+    aiohttp_client, stream_settings, fake_openai, auth
+):
+    """The chat's authorization moves it to the top of the list as the send begins; a send
+    refused after that (here by the page's message gap) wrote no record, so the chat goes
+    back to its last record's time (its creation's when it has none)."""
+    client = await aiohttp_client(create_app(stream_settings(message_rate_limit_ms=60_000)))
+    db, h = client.app[STORE].db, auth()
+    fake_openai.default = Script(chunks=["x ", "y"], usage=(10, 2))
+    first, second = await new_chat(client, h), await new_chat(client, h)
+
+    async def listed() -> list[str]:
+        return [
+            c["chat_id"] for c in (await (await client.get("/api/chat", headers=h)).json())["chats"]
+        ]
+
+    async def settle(chat_id: str, at) -> None:
+        async def back() -> bool:
+            return (await db.chats.find_one({"_id": chat_id}))["updated_at"] == at
+
+        await eventually(back, deadline_s=5, what="the chat back at its time")
+
+    await collect(await send(client, second, h))  # the second chat has an answer now
+    assert await listed() == [second, first]
+    created = (await db.chats.find_one({"_id": first}))["created_at"]
+    refused = await send(client, first, h)  # within the message gap
+    assert refused.status == 429
+    await settle(first, created)
+    assert await listed() == [second, first]
+
+    await db.usage.update_many({}, {"$unset": {"next_at": ""}})  # the gap over
+    await collect(await send(client, first, h))
+    assert await listed() == [first, second]
+    last = await db.messages.find_one({"chat_id": second}, sort=[("seq", -1)])
+    refused = await send(client, second, h)
+    assert refused.status == 429
+    await settle(second, last["created_at"])
+    assert await listed() == [first, second]

@@ -170,11 +170,14 @@ class TurnProducer:
         (``inp.key``, claimed under ``message_id``) a refusal before the turn exists releases
         the key; from then on the turn settles its claim itself."""
         mid = message_id or str(uuid.uuid4())
+        began: list[int] = []  # the seqs its chat's authorization gave it
         try:
-            turn, text, seq, now = await self._admit(inp, mid)
+            turn, text, seq, now = await self._admit(inp, mid, began=began)
         except BaseException as exc:
             if isinstance(exc, ServiceError) and exc.code in REFUSED_BY_RULE:
                 REJECTIONS.labels(exc.code).inc()  # once, as it ends (a turn may be admitted twice)
+            if inp.chat_id is not None and began:  # no records: the chat did not move
+                self._unmove(inp.user_id, inp.chat_id, began[-1])
             if inp.key is not None and message_id is not None:
                 with contextlib.suppress(ServiceError):
                     await asyncio.shield(self.store.release_claim(message_id))
@@ -194,14 +197,20 @@ class TurnProducer:
         return turn
 
     async def _admit(
-        self, inp: TurnInput, message_id: str, chat: Doc | None = None
+        self,
+        inp: TurnInput,
+        message_id: str,
+        chat: Doc | None = None,
+        *,
+        began: list[int],
     ) -> tuple[Turn, str, int, datetime]:
         """Admit a turn. A chat's turn whose chat this replica knows (its previous turn ran
         here, ``ContextCache.predict``) is admitted with the seq, model and history it predicts
         while the chat's authorization runs alongside (no round trip before the reservation);
         the authorization then decides: another's turn came first (the prediction is wrong), and
         the turn is admitted again with the chat as it is (``chat``); the chat is gone, and it
-        is refused as it would have been, what it reserved given back."""
+        is refused as it would have been, what it reserved given back. ``began``: the seq the
+        chat's authorization gave the turn, once it has (for ``_unmove``)."""
         started = time.perf_counter()
         if self.registry.draining:
             raise ServiceUnavailable("the server is shutting down; retry", code="shutting_down")
@@ -221,6 +230,7 @@ class TurnProducer:
                     inp.user_id, inp.chat_id, message_id, chat
                 )
                 seq, chat_model = int(chat["next_seq"]) - 2, chat.get("model")
+                began.append(seq)
                 self.context_cache.know(inp.chat_id, inp.user_id, chat_model)
                 if inp.branch is not None:
                     inp, text, history = await self._branch(inp, text, message_id, seq)
@@ -238,8 +248,9 @@ class TurnProducer:
         except BaseException:
             chat = await self._authorized(check, inp.chat_id, seq)
             if chat is None:
+                began.append(seq)
                 raise  # the prediction held: the refusal is the turn's
-            return await self._admit(inp, message_id, chat)
+            return await self._admit(inp, message_id, chat, began=began)
         try:
             chat = await self._authorized(check, inp.chat_id, seq)
         except BaseException:
@@ -248,7 +259,19 @@ class TurnProducer:
         if chat is None:
             return admitted
         await asyncio.shield(self._unadmit(admitted[0], admitted[3]))
-        return await self._admit(inp, message_id, chat)
+        return await self._admit(inp, message_id, chat, began=began)
+
+    def _unmove(self, user_id: str, chat_id: str, seq: int) -> None:
+        """A chat's turn refused after its authorization moved the chat's ``updated_at`` (its
+        place in the list), before it wrote a record: the chat goes back to its last record's
+        time, unless a later turn has begun since (``Store.unmove_chat``). In the background:
+        the refusal does not wait."""
+
+        async def unmove() -> None:
+            with contextlib.suppress(ServiceError):
+                await self.store.unmove_chat(user_id, chat_id, seq)
+
+        self.registry.track(asyncio.ensure_future(unmove()))
 
     def _predicted(self, inp: TurnInput) -> tuple[int, str | None, list[Doc]] | None:
         """The chat's next seq, model and history from this replica's cache, for a plain turn
