@@ -24,6 +24,7 @@ from service.auth import mint_token
 from service.keys import API_KEYS, AUTH, STORE
 from service.logs import redact
 from service.store import utcnow
+from tests.fake_openai import Script
 from tests.faults import calls
 from tests.sse_client import collect, text_of
 
@@ -611,3 +612,45 @@ async def test_a_key_name_with_a_control_character_is_400(client, auth, name):
 async def test_a_key_name_is_trimmed_and_may_be_any_other_text(client, auth):
     key = await make_key(client, auth(), name="  CI — 東京 ✓  ")
     assert key["name"] == "CI — 東京 ✓"
+
+
+async def test_a_key_counts_tokens_only_for_its_models(stream_client, auth):
+    """Counting may be a call to the vendor's own count on the operator's key: a key with a
+    model list counts for those models only (403, as a turn would be), and one that names no
+    model counts for its own default."""
+    key = await make_key(stream_client, auth(), models=["demo"])
+    url = "/v1/messages/count_tokens"
+    headers = {"x-api-key": key["key"], "anthropic-version": "2023-06-01"}
+    resp = await stream_client.post(
+        url, json={"model": "gpt-test", "messages": HI}, headers=headers
+    )
+    assert resp.status == 403
+    assert (await resp.json())["error"]["type"] == "permission_error"
+    resp = await stream_client.post(url, json={"model": "demo", "messages": HI}, headers=headers)
+    assert resp.status == 200 and (await resp.json())["input_tokens"] > 0
+
+
+async def test_a_replay_is_only_for_a_credential_that_may_use_its_model(
+    stream_client, auth, fake_openai
+):
+    """An Idempotency-Key is the user's, whichever credential sent it: a key with a model list
+    retrying another credential's request for a model outside its list is refused (403), not
+    handed the answer."""
+    fake_openai.default = Script(chunks=["the ", "secret"], usage=(5, 2))
+    body = {"model": "gpt-test", "messages": HI}
+    first = await stream_client.post(
+        "/v1/chat/completions", json=body, headers={**auth(), "Idempotency-Key": "once"}
+    )
+    assert (
+        first.status == 200 and "secret" in (await first.json())["choices"][0]["message"]["content"]
+    )
+    key = await make_key(stream_client, auth(), models=["demo"])
+    again = await stream_client.post(
+        "/v1/chat/completions", json=body, headers={**bearer(key["key"]), "Idempotency-Key": "once"}
+    )
+    assert again.status == 403 and "Idempotent-Replayed" not in again.headers
+    assert (await again.json())["error"]["code"] == "model_not_allowed"
+    same = await stream_client.post(
+        "/v1/chat/completions", json=body, headers={**auth(), "Idempotency-Key": "once"}
+    )
+    assert same.status == 200 and same.headers["Idempotent-Replayed"] == "true"

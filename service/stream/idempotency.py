@@ -141,7 +141,7 @@ class Admissions:
                     details={"header": HEADER},
                 )
             if held.get("state") == "admitted":
-                return await self._follow(inp.user_id, held)
+                return await self._follow(inp, held)
             if loop.time() > deadline:
                 raise Conflict(
                     f"the first request with this {HEADER} is still starting; retry",
@@ -150,11 +150,18 @@ class Admissions:
                 )
             await asyncio.sleep(POLL_S)
 
-    async def _follow(self, user_id: str, held: dict[str, Any]) -> Admission:
+    async def _follow(self, inp: TurnInput, held: dict[str, Any]) -> Admission:
+        """Follow (or replay) the turn that claimed the key: only for a caller who may see it,
+        an API key with a model list included (the key was the user's, claimed by any of its
+        credentials)."""
+        user_id = inp.user_id
         found = await self.resumes.find(user_id, held.get("chat_id"), held["_id"], stateless=True)
         if found is None:
             raise not_found("message")  # its chat was deleted since
         live, source = found
+        key = inp.api_key
+        if key is not None and not key.may_use(live.model):
+            raise key.not_allowed(live.model)
         RESUMES.labels(source).inc()
         log.info(
             "stream.replayed",  # a send whose key an earlier send claimed: no new turn

@@ -523,8 +523,10 @@ class TurnProducer:
         """The prompt tokens of a stateless turn of ``inp`` (its ``messages`` and ``options``),
         counted as ``start`` counts them (``_count_prompt``): what a client may ask before it
         sends. The model is resolved and what its provider cannot honour refused as for a turn;
-        nothing is reserved, stored or sent to the model."""
-        spec = self.catalogue.resolve(inp.model)
+        nothing is reserved, stored or sent to the model. An API key counts only for its own
+        models (counting may be a call to the vendor's own count, on the operator's key)."""
+        spec = self.catalogue.resolve(inp.model, inp.api_key)
+        _allowed(inp.api_key, spec)
         await self.model_lists.require(spec)
         provider = self.providers.get(spec.provider)
         if provider is None:
