@@ -29,7 +29,8 @@ HEAD = [
 ]
 TAIL = [
     "for i in range(3):\n    print(i)\n```\n\n",
-    "| step | why |\n| --- | --- |\n| plan | focus |\n\n",
+    "| step | why |\n| :-: | --: |\n| plan | focus |\n\n",
+    "5. fifth\n6. sixth\n\n",
     "See [the docs](https://example.com/docs) and `inline code`.",
 ]
 CODE = "print('hi')\nfor i in range(3):\n    print(i)\n"
@@ -75,6 +76,10 @@ async def test_markdown_renders_while_streaming_and_at_the_end_with_copy(
     assert await done.locator(".msg-body").text_content() == raw  # the raw text, kept exactly
     assert await done.get_attribute("aria-busy") == "false"
     assert await md.locator("table th").all_text_contents() == ["step", "why"]
+    # A list's first number and a table's alignment are kept (numbered steps split by code).
+    aligns = [await th.get_attribute("align") for th in await md.locator("table th").all()]
+    assert aligns == ["center", "right"]
+    assert await md.locator("ol[start='5'] li").all_text_contents() == ["fifth", "sixth"]
     link = md.locator("a", has_text="the docs")
     assert await link.get_attribute("href") == "https://example.com/docs"
     assert await link.get_attribute("target") == "_blank"

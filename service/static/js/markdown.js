@@ -35,6 +35,8 @@ purify.setConfig({
   ],
   ALLOWED_ATTR: ["href", "title", "class", "align", "start"],
   ALLOWED_URI_REGEXP: /^(?:https?:|mailto:)/i,
+  // Not URIs: without this DOMPurify holds them to ALLOWED_URI_REGEXP too and drops them.
+  ADD_URI_SAFE_ATTR: ["align", "start"],
   RETURN_DOM_FRAGMENT: true,
 }); // once: sanitize() then skips parsing a config on every call (several calls a frame)
 const LANGUAGE_CLASS = /^language-[\w+#.-]{1,40}$/;
