@@ -59,9 +59,11 @@ class Query:
     def parse(cls, raw: str) -> Query:
         text = " ".join(raw.split())
         terms: list[str] = []
-        for word in _WORD.findall(text.lower()):
-            if word not in terms and len(terms) < MAX_TERMS:
-                terms.append(word[:MAX_TERM_CHARS])
+        for word in _WORD.findall(text):  # words first: "İ" lowercases to "i" and a combining
+            low = word.lower()  # dot, which would cut the word in two ("i", "stanbul")
+            term = low if len(low) == len(word) else word  # as sent: the match ignores case
+            if term not in terms and len(terms) < MAX_TERMS:
+                terms.append(term[:MAX_TERM_CHARS])
         if not terms:
             raise BadRequest(
                 "the search needs at least one word (letters or digits)",

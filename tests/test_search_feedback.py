@@ -174,6 +174,7 @@ async def test_search_pages_through_every_hit_once(stream_client, fake_openai, a
         ({"q": "a", "limit": "51"}, "validation_error"),
         ({"q": "a", "cursor": "not-a-cursor"}, "invalid_cursor"),
         ({"q": "a", "cursor": "eyJvIjotMX0"}, "invalid_cursor"),  # {"o":-1}
+        ({"q": "a", "cursor": "eyJvIjp0cnVlfQ"}, "invalid_cursor"),  # {"o":true}
         ({"q": "a", "sort": "new"}, "validation_error"),
     ],
 )
@@ -185,6 +186,16 @@ async def test_search_refuses_bad_parameters(client, auth, params, code):
 
 async def test_search_needs_a_token(client):
     assert (await client.get("/api/search", params={"q": "a"})).status == 401
+
+
+def test_a_word_whose_capital_lowercases_to_two_characters_stays_one_term():
+    """ "İ" lowercases to "i" and a combining dot: the word is not cut in two, so "İstanbul"
+    does not search for every "i" (the "i" of "trip")."""
+    query = Query.parse("İstanbul trip")
+    assert query.terms == ("İstanbul", "trip")
+    cut = snippet(query, "İSTANBUL in spring, a trip")
+    assert [cut.text[s:e] for s, e in cut.highlights] == ["İSTANBUL", "trip"]
+    assert query.score("istanbul") > 0
 
 
 def test_snippet_is_cut_at_spaces_around_the_first_match_with_offsets_in_code_points():

@@ -41,7 +41,7 @@ def decode_cursor(cursor: str | None) -> int:
         offset = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))["o"]
     except (ValueError, TypeError, KeyError) as exc:
         raise BadRequest("invalid cursor", code="invalid_cursor") from exc
-    if not isinstance(offset, int) or not 0 <= offset <= CANDIDATES * 2:
+    if type(offset) is not int or not 0 <= offset <= CANDIDATES * 2:  # a bool is an int too
         raise BadRequest("invalid cursor", code="invalid_cursor")
     return offset
 
