@@ -150,3 +150,24 @@ def answers_lost(monkeypatch: Any, store: Any, method: str, asked: list[Any] | N
 
     monkeypatch.setattr(store, method, lost)
     return real
+
+
+async def cancelled_while_running(
+    monkeypatch: Any, store: Any, method: str, start: Any
+) -> asyncio.Future[Any]:
+    """Run ``start()`` (a coroutine function) until it is inside ``store.<method>``, cancel it
+    there (its client left), then let the command go on and take effect: the cancelled task."""
+    real = getattr(store, method)
+    release, running = asyncio.Event(), asyncio.Event()
+
+    async def held(req: Any) -> Any:
+        running.set()
+        await release.wait()
+        return await real(req)
+
+    monkeypatch.setattr(store, method, held)
+    task = asyncio.ensure_future(start())
+    await running.wait()
+    task.cancel()
+    release.set()
+    return task

@@ -17,7 +17,7 @@ from service.stream.producer import period_of
 from service.tokens import TokenCounter
 from tests.conftest import TEST_MODELS
 from tests.fake_openai import Script
-from tests.faults import answers_lost, settled
+from tests.faults import answers_lost, cancelled_while_running, settled
 from tests.processes import eventually, new_chat, session, wait_until
 from tests.sse_client import events
 
@@ -329,18 +329,9 @@ async def test_a_growth_whose_turns_client_left_while_it_ran_is_undone(
     client = await aiohttp_client(create_app(stream_settings()))
     store = client.app[STORE]
     leases = Leases(store, client.app[REGISTRY].replica_id, idle_s=300.0)
-    take_lease, release, running = store.take_lease, asyncio.Event(), asyncio.Event()
-
-    async def held(req):
-        running.set()
-        await release.wait()
-        return await take_lease(req)
-
-    monkeypatch.setattr(store, "take_lease", held)
-    turn = asyncio.ensure_future(leases.admit(lease_turn("m1", utcnow())))
-    await running.wait()
-    turn.cancel()
-    release.set()
+    turn = await cancelled_while_running(
+        monkeypatch, store, "take_lease", lambda: leases.admit(lease_turn("m1", utcnow()))
+    )
 
     async def undone() -> bool:
         doc = await usage(store.db)

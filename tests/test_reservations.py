@@ -15,7 +15,7 @@ from service.store import ReserveRequest, key_account, utcnow
 from service.stream.groups import Reservations
 from service.stream.producer import period_of
 from tests.fake_openai import Script
-from tests.faults import answers_lost, calls, settled
+from tests.faults import answers_lost, calls, cancelled_while_running, settled
 from tests.processes import eventually, wait_until
 from tests.sse_client import collect, text_of
 
@@ -210,18 +210,9 @@ async def test_a_reservation_whose_client_left_while_it_ran_is_given_back(
     client = await aiohttp_client(create_app(stream_settings()))
     store = client.app[STORE]
     reservations = client.app[PRODUCER].reservations
-    reserve, release, running = store.reserve, asyncio.Event(), asyncio.Event()
-
-    async def held(req):
-        running.set()
-        await release.wait()
-        return await reserve(req)
-
-    monkeypatch.setattr(store, "reserve", held)
-    turn = asyncio.ensure_future(reservations.reserve(page_turn("gone", "turn-1")))
-    await running.wait()
-    turn.cancel()
-    release.set()
+    turn = await cancelled_while_running(
+        monkeypatch, store, "reserve", lambda: reservations.reserve(page_turn("gone", "turn-1"))
+    )
 
     async def given_back() -> bool:
         doc = await store.usage.find_one({"user_id": "gone"})
