@@ -99,6 +99,12 @@ async def test_a_retry_after_the_end_replays_without_a_second_call(
     assert [(e["source"], e["message_id"]) for e in replayed] == [
         ("stored", first_events[0]["data"]["message_id"])
     ]
+    # Its chat deleted, the retry is told so, as every route tells a deleted chat.
+    assert (await client.delete(f"/api/chat/{chat_id}", headers=h)).status == 200
+    gone = await client.post(
+        f"/api/chat/{chat_id}/message", json={"message": "hi"}, headers={**h, **KEY}
+    )
+    assert gone.status == 404 and (await gone.json())["error"]["code"] == "chat_not_found"
 
 
 async def test_another_payload_malformed_keys_and_another_users_key(

@@ -155,9 +155,10 @@ class Admissions:
         an API key with a model list included (the key was the user's, claimed by any of its
         credentials)."""
         user_id = inp.user_id
-        found = await self.resumes.find(user_id, held.get("chat_id"), held["_id"], stateless=True)
-        if found is None:
-            raise not_found("message")  # its chat was deleted since
+        chat_id = held.get("chat_id")
+        found = await self.resumes.find(user_id, chat_id, held["_id"], stateless=True)
+        if found is None:  # its chat was deleted since (a stateless turn's answer is kept)
+            raise not_found("chat" if chat_id is not None else "message")
         live, source = found
         key = inp.api_key
         if key is not None and not key.may_use(live.model):
