@@ -327,7 +327,8 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 def _text_cell(value: str | None) -> str:
     if value is None:
         return ""
-    return "'" + value if value.startswith(_FORMULA_START) else value
+    # Leading spaces too: a spreadsheet that trims cells on import would see the formula.
+    return "'" + value if value.lstrip().startswith(_FORMULA_START) else value
 
 
 def to_csv(query: UsageQuery, rows: list[Doc]) -> str:

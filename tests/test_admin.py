@@ -680,12 +680,14 @@ def test_csv_cells_are_quoted_as_a_spreadsheet_reads_them():
 
     from service.analytics import UsageQuery, rollup_docs, to_csv
 
-    users = ['a,"b"', "line\nbreak", "=1+1", "plain"]
+    users = ['a,"b"', "line\nbreak", "=1+1", " =2+2", "plain"]
     query = UsageQuery.parse({"from": "2026-03-01", "to": "2026-03-01"}, date(2026, 3, 1))
     docs = rollup_docs([line("2026-03-01", u, "gpt", None, completed=1, cost=5) for u in users])
     rows = list(csv.reader(io.StringIO(to_csv(query, query.group(docs)), newline="")))
     assert rows[0][:4] == ["day", "model", "user_id", "key_id"]
-    assert sorted(r[2] for r in rows[1:]) == sorted(['a,"b"', "line\nbreak", "'=1+1", "plain"])
+    assert sorted(r[2] for r in rows[1:]) == sorted(
+        ['a,"b"', "line\nbreak", "'=1+1", "' =2+2", "plain"]
+    )
     assert all(r[-1] == "0.000000005" and r[4] == "1" for r in rows[1:])
 
 
