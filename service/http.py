@@ -142,6 +142,10 @@ class BodyDecoder:
         return BadRequest(f"request body is not valid {self.coding} data", code="invalid_body")
 
 
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"request body too large (limit {limit} bytes)")
+
+
 async def read_body(request: web.Request) -> bytes:
     """The body, decoded when it came gzip or deflate; 413 (``PayloadTooLarge``) when it is
     over ``client_max_size`` as sent (said by its Content-Length: before reading any) or once
@@ -153,9 +157,8 @@ async def read_body(request: web.Request) -> bytes:
     lives as long as its stream (a long prompt would stay in memory for the whole answer)."""
     coding = _body_coding(request)  # before reading: a refused coding needs no body
     limit = request.client_max_size
-    too_large = f"request body too large (limit {limit} bytes)"
     if limit and (request.content_length or 0) > limit:
-        raise PayloadTooLarge(too_large)
+        raise _too_large(limit)
     decoder = BodyDecoder(coding, limit) if coding else None
     body, sent = bytearray(), 0
 
@@ -165,7 +168,7 @@ async def read_body(request: web.Request) -> bytes:
             sent += len(chunk)
             body.extend(decoder.feed(chunk) if decoder else chunk)
             if limit and max(sent, len(body)) > limit:
-                raise PayloadTooLarge(too_large)
+                raise _too_large(limit)
 
     if request.content.is_eof():  # all here already (a small body comes with its headers)
         await read()

@@ -117,14 +117,13 @@ async def _resume(
 def _offset(request: web.Request) -> int:
     """``?after=`` (wins) or ``Last-Event-ID``: a count of characters; 0 when neither."""
     raw = request.query.get("after", request.headers.get("Last-Event-ID", "0")).strip()
-    if len(raw.lstrip("0")) > len(str(MAX_OFFSET)) and raw.isascii() and raw.isdigit():
-        raw = str(MAX_OFFSET + 1)  # past any end, and no int() of thousands of digits
     if not raw.isascii() or not raw.isdigit():
         raise BadRequest(
             "the offset (after / Last-Event-ID) must be a whole number of characters",
             code="invalid_offset",
         )
-    if int(raw) > MAX_OFFSET:
+    # The length first: int() refuses thousands of digits (a 500).
+    if len(raw.lstrip("0")) > len(str(MAX_OFFSET)) or int(raw) > MAX_OFFSET:
         raise BadRequest(
             f"the offset (after / Last-Event-ID) is past any answer's end (at most {MAX_OFFSET})",
             code="invalid_offset",
