@@ -90,8 +90,15 @@ class BudgetExceeded(ServiceError):
     status = 403
     code = "budget_exceeded"
 
-    def __init__(self, message: str, *, details: Any = None, allowance: Allowance | None = None):
-        super().__init__(message, details=details)
+    def __init__(
+        self,
+        message: str,
+        *,
+        details: Any = None,
+        allowance: Allowance | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message, details=details, headers=headers)
         self.allowance = allowance  # the usage that refused (for a client's rate-limit headers)
 
     def restated(self, message: str, details: Any) -> BudgetExceeded:
@@ -109,10 +116,8 @@ class BudgetHeld(BudgetExceeded):
 
     def __init__(self, message: str, *, details: Any = None, allowance: Allowance | None = None):
         wait_ms, headers = retry_headers(CONCURRENCY_RETRY_S)
-        ServiceError.__init__(
-            self, message, details={"retry_after_ms": wait_ms, **(details or {})}, headers=headers
-        )
-        self.allowance = allowance
+        details = {"retry_after_ms": wait_ms, **(details or {})}
+        super().__init__(message, details=details, allowance=allowance, headers=headers)
 
 
 HELD = "is held by turns still running: retry when they end"  # "the rest of <whose budget> ..."

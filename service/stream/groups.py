@@ -38,6 +38,30 @@ T = TypeVar("T")  # what a turn asks
 R = TypeVar("R")  # what it is told
 
 
+async def taken_or_given_back(done: asyncio.Future[R], give_back: Callable[[], None]) -> R:
+    """Await a command that takes from a user's month (a reservation, a lease's growth). What
+    it may have taken without its caller learning so is given back (``give_back``): at once
+    when its answer is lost (``StoreUnavailable``: it may have been applied all the same), and
+    when the caller leaves while it runs (its client gone), once it lands: it runs on."""
+    try:
+        return await asyncio.shield(done)
+    except StoreUnavailable:
+        give_back()
+        raise
+    except asyncio.CancelledError:
+        done.add_done_callback(functools.partial(_landed, give_back))
+        raise
+
+
+def _landed(give_back: Callable[[], None], done: asyncio.Future[Any]) -> None:
+    """A command whose caller left has ended: taken, or perhaps taken, it is given back."""
+    if done.cancelled():
+        return
+    exc = done.exception()
+    if exc is None or isinstance(exc, StoreUnavailable):
+        give_back()
+
+
 class GroupCommit(Generic[T, R]):
     """Run ``run`` on the items submitted together; each submitter gets its own outcome."""
 
@@ -148,26 +172,10 @@ class Reservations(GroupCommit[ReserveRequest, Reservation]):
         """Reserve one turn with the others arriving now; raises its refusal (``RateLimited``,
         ``BudgetExceeded``) or the outage."""
         self.expected.refused(req.user_id)  # until it is admitted
-        done = self.submit(req)
-        try:
-            reservation = await asyncio.shield(done)  # its command runs on if the client leaves
-        except StoreUnavailable:
-            self._withdraw(req)
-            raise
-        except asyncio.CancelledError:  # the client left: what its command takes is given back
-            done.add_done_callback(functools.partial(self._taken_unasked, req))
-            raise
+        withdraw = functools.partial(self._withdraw, req)
+        reservation = await taken_or_given_back(self.submit(req), withdraw)
         self.expected.admitted(req, reservation.allowance.remaining_tokens)
         return reservation
-
-    def _taken_unasked(self, req: ReserveRequest, done: asyncio.Future[Reservation]) -> None:
-        """The reservation of a turn whose client left while it ran, once its command ended:
-        taken (or perhaps taken: its answer lost), it is given back."""
-        if done.cancelled():
-            return
-        exc = done.exception()
-        if exc is None or isinstance(exc, StoreUnavailable):
-            self._withdraw(req)
 
     def _withdraw(self, req: ReserveRequest) -> None:
         """A reservation whose answer did not come (its deadline passed, MongoDB went away)

@@ -47,6 +47,7 @@ from service.store import (
     utcnow,
 )
 from service.stream.ahead import Expected
+from service.stream.groups import taken_or_given_back
 
 log = structlog.get_logger("service.stream")
 
@@ -198,14 +199,8 @@ class Leases:
                 )
             )
         )
-        try:
-            doc = await asyncio.shield(take)  # its command runs on if the turn's client leaves
-        except StoreUnavailable:
-            self._withdraw(lease, req, growth)
-            raise
-        except asyncio.CancelledError:  # what it takes, this replica will not know: undone
-            take.add_done_callback(functools.partial(self._taken_unasked, lease, req, growth))
-            raise
+        # Its command runs on if the turn's client leaves: what it takes, undone.
+        doc = await taken_or_given_back(take, functools.partial(self._withdraw, lease, req, growth))
         entry = next(e for e in doc["open"] if e["mid"] == self.lease_id)
         took = entry["took"]
         lease.tokens += int(took["tokens"])
@@ -232,17 +227,6 @@ class Leases:
                 )
 
         self._track(asyncio.ensure_future(withdraw()))
-
-    def _taken_unasked(
-        self, lease: Lease, req: ReserveRequest, growth: int, take: asyncio.Future[Doc]
-    ) -> None:
-        """A growth whose turn's client left while it ran, once its command ended: taken (or
-        perhaps taken), it is undone."""
-        if take.cancelled():
-            return
-        exc = take.exception()
-        if exc is None or isinstance(exc, StoreUnavailable):
-            self._withdraw(lease, req, growth)
 
     def _keep(self, task: asyncio.Task[Any]) -> None:
         self._background.add(task)
