@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import unicodedata
 import uuid
 import zlib
 from typing import Any, TypeVar
@@ -71,6 +72,14 @@ def validate(model: type[M], data: Any) -> M:
 
 class _NoQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def one_line(value: str) -> str:
+    """A name shown on one line (a chat's title, an API key's name): no control characters
+    (C0, NUL and line breaks included, DEL, C1)."""
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        raise ValueError("must not contain control characters (line breaks, tabs, NUL...)")
+    return value
 
 
 def no_query(request: web.Request) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import unicodedata
 from datetime import timedelta
 from typing import Annotated, Any
 
@@ -11,7 +10,7 @@ from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from service.costs import format_cost
-from service.http import json_response, not_found, parse_uuid, read_json, validate
+from service.http import json_response, not_found, one_line, parse_uuid, read_json, validate
 from service.keys import CATALOGUE, MODEL_LISTS, PRINCIPAL, REGISTRY, SETTINGS, STORE
 from service.store import Doc, utcnow
 from service.stream.watcher import settle_interrupted
@@ -22,14 +21,6 @@ MAX_INT64 = 2**63 - 1
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-def one_line(value: str) -> str:
-    """A name shown on one line (a chat's title, an API key's name): no control characters
-    (C0, NUL and line breaks included, DEL, C1)."""
-    if any(unicodedata.category(c) == "Cc" for c in value):
-        raise ValueError("must not contain control characters (line breaks, tabs, NUL...)")
-    return value
 
 
 # A chat's title, as created or renamed: trimmed, then 1..200 characters (all blank is refused),

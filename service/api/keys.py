@@ -11,11 +11,10 @@ from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from service.api.admin import parse_limit
-from service.api.chats import one_line
 from service.apikeys import key_view, parse_expiry
 from service.auth import Principal
 from service.errors import BadRequest, Forbidden, NotFound
-from service.http import json_response, no_query, read_json
+from service.http import json_response, no_query, one_line, read_json
 from service.keys import API_KEYS, CATALOGUE, PRINCIPAL, SETTINGS
 from service.store import utcnow
 
