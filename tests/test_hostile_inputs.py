@@ -276,3 +276,34 @@ async def test_a_body_that_does_not_all_arrive_in_time_is_408(
         assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing answered
     finally:
         writer.close()
+
+
+async def test_the_demo_model_cuts_a_prompts_long_word_with_few_counts():
+    """The demo echoes a prompt's first words; one of tens of thousands of characters cut at
+    ``max_tokens`` took a count per character (seconds of the loop for every user). By halves:
+    a few dozen counts, and the cut still fits with one character more being too many."""
+    from service.providers.base import CompletionRequest
+    from service.providers.demo import DemoProvider
+    from service.tokens import TokenCounter
+
+    class Counting(TokenCounter):
+        calls = 0
+
+        def count(self, text: str) -> int:
+            self.calls += 1
+            return super().count(text)
+
+    counter = Counting()
+    demo = DemoProvider(counter, delay_s=0)
+    word = "ab" * 20_000
+    request = CompletionRequest(
+        model="demo", messages=[{"role": "user", "content": word}], max_tokens=1000
+    )
+    chunks = [c async for c in await demo.open(request)]
+    text = "".join(c.text for c in chunks if c.text)
+    assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 1000
+    full = demo.answer_for(request.messages)
+    assert full.startswith(text) and word[:8] in text  # cut inside the long word
+    plain = TokenCounter()
+    assert plain.count(text) <= 1000 < plain.count(full[: len(text) + 1])
+    assert counter.calls < 60, counter.calls  # a count per character: thousands here

@@ -81,8 +81,14 @@ class DemoProvider:
         yield Chunk(finish_reason="stop", usage=Usage(prompt, count(text)))
 
     def _fit(self, text: str, piece: str, tokens: int) -> str:
-        """The longest start of ``piece`` that ``text`` can take within ``tokens``."""
-        end = 0
-        while end < len(piece) and self._counter.count(text + piece[: end + 1]) <= tokens:
-            end += 1
-        return piece[:end]
+        """A start of ``piece`` that ``text`` can take within ``tokens``, one character more
+        being too many: by halves, a count each (the piece can be a prompt's word of
+        thousands of characters, and a count per character held the loop for seconds)."""
+        fits, over = 0, len(piece)  # the whole piece is too many (the caller's count)
+        while over - fits > 1:
+            mid = (fits + over) // 2
+            if self._counter.count(text + piece[:mid]) <= tokens:
+                fits = mid
+            else:
+                over = mid
+        return piece[:fits]
