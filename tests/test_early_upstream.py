@@ -163,11 +163,15 @@ async def lease_given_back(client) -> None:
     await eventually(gone, 10, "the idle lease given back")
 
 
-async def after_a_lease(aiohttp_client, stream_settings, fake_openai, auth) -> tuple[Any, Any]:
+async def after_a_lease(
+    aiohttp_client, stream_settings, fake_openai, auth, **settings: Any
+) -> tuple[Any, Any]:
     """A replica whose leases go back 0.1 s after their last turn, and alice's headers: she has
     had a program turn there (an admission it expects her next to pass), and its lease is gone."""
     client = await aiohttp_client(
-        create_app(stream_settings(lease_idle_s=0.05, lease_keep_s=0.1, watch_interval_s=0.05))
+        create_app(
+            stream_settings(lease_idle_s=0.05, lease_keep_s=0.1, watch_interval_s=0.05, **settings)
+        )
     )
     h = auth()
     fake_openai.default = Script(chunks=["a ", "b"], usage=(10, 2))
@@ -272,3 +276,38 @@ async def test_a_client_gone_mid_admission_makes_the_next_turn_ask_only_once_adm
     assert seen[-1]["event"] == "done"
     assert asked_during_reservation == [False]
     assert len(fake_openai.requests) == 3  # q1, q2's early request, q3 once admitted
+
+
+async def test_a_burst_of_program_turns_asks_early_once_not_once_a_turn(
+    aiohttp_client, stream_settings, fake_openai, auth
+):
+    """Eight sends at once as the lease must grow, two turns at once allowed: one asks its
+    upstream beside the growth, the others once admitted. Before, every one asked early, and
+    the upstream had a request for each turn refused (429, nobody billed for it)."""
+    client, h = await after_a_lease(
+        aiohttp_client, stream_settings, fake_openai, auth, max_concurrent_turns_per_user=2
+    )
+    fake_openai.gate.clear()
+    fake_openai.default = Script(chunks=["x ", "y"], usage=(10, 2), gate_after=0)
+    asked_before = len(fake_openai.requests)
+    sends = [
+        asyncio.ensure_future(client.post("/v1/chat/completions", json=BODY, headers=h))
+        for _ in range(8)
+    ]
+    await asyncio.wait_for(fake_openai.reached_gate.wait(), HOLD_S)
+    refused = []
+    for done in asyncio.as_completed(sends):  # the refused answer while the others stream
+        resp = await done
+        if resp.status == 429:
+            refused.append((await resp.json())["error"]["code"])
+        else:
+            assert resp.status == 200
+            fake_openai.gate.set()
+            await resp.read()
+    admitted = 8 - len(refused)
+    assert admitted >= 2 and set(refused) <= {"rate_limit_exceeded"}, refused
+    assert len(fake_openai.requests) - asked_before <= admitted + 1, (
+        len(fake_openai.requests) - asked_before,
+        admitted,
+    )
+    await settled(client.app[STORE].db)

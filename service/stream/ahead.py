@@ -30,11 +30,24 @@ class Expected:
     set has passed, and what the month had left then holds the turn's ask. Only a hint
     (another replica may have spent the month or sent since): MongoDB's command decides."""
 
-    __slots__ = ("_seen",)
+    __slots__ = ("_asking", "_seen")
 
     def __init__(self) -> None:
         # user -> (month, when their next turn may come, what the month had left); oldest first
         self._seen: dict[str, tuple[str, datetime, int]] = {}
+        self._asking: set[str] = set()  # users a turn of whom asked early, not answered yet
+
+    def asking(self, user_id: str) -> bool:
+        """Whether a turn of ``user_id`` may ask its upstream early now: no other of theirs
+        has whose admission is still unanswered (``answered``). If so, this one now has."""
+        if user_id in self._asking:
+            return False
+        self._asking.add(user_id)
+        return True
+
+    def answered(self, user_id: str) -> None:
+        """The admission of the user's turn that asked early has its answer."""
+        self._asking.discard(user_id)
 
     def admitted(self, req: ReserveRequest, remaining: int) -> None:
         seen = self._seen

@@ -62,7 +62,7 @@ from service.store import (
     utcnow,
 )
 from service.stream import branches
-from service.stream.ahead import Ahead, Drained
+from service.stream.ahead import Ahead, Drained, Expected
 from service.stream.assembly import Assembly
 from service.stream.context import ContextCache, fit_to_window, history_messages
 from service.stream.events import Final
@@ -387,6 +387,8 @@ class TurnProducer:
         try:
             reservation = await self._reserve(inp.transport, req)
         except BaseException as exc:
+            if opening is not None:
+                self._expected(inp).answered(inp.user_id)
             self._discard(opening, inp, message_id)
             if key_grant is not None:  # the key's reservation is free again
                 assert inp.api_key is not None
@@ -406,6 +408,8 @@ class TurnProducer:
                     words = "monthly budget exhausted"
                 raise exc.restated(words, budget.refusal(exc.details)) from None
             raise
+        if opening is not None:
+            self._expected(inp).answered(inp.user_id)
         within = budget.completion_within(price, reservation.grant, prompt_tokens) // choices
         if opening is not None and within < max_out:  # clamped: the answer asked was longer
             self._discard(opening, inp, message_id)
@@ -438,13 +442,25 @@ class TurnProducer:
         was predicted), rather than after it: their round trips hide behind the model's time
         to its first token. The turn takes the upstream over (``Turn._open``); a turn refused
         after all, or admitted again, drops it (``_discard``), unread. A program's turn the
-        lease admits from memory asks nothing of MongoDB: it opens as it always did."""
+        lease admits from memory asks nothing of MongoDB: it opens as it always did. One turn
+        of a user at a time asks early (``Expected.asking``): a burst of turns that must ask (a
+        program's concurrent sends as its lease must grow) would otherwise send the upstream as
+        many requests as turns, and nobody is billed for those refused (turns at once, the
+        month)."""
         leases = self.leases
         if inp.transport == "sse" or leases is None:
             expected = self.reservations.expected.likely(req)
         else:
             expected = leases.must_ask(req) and leases.expected.likely(req)
-        return Ahead(provider.open(request)) if expected else None
+        if not (expected and self._expected(inp).asking(req.user_id)):
+            return None
+        return Ahead(provider.open(request))
+
+    def _expected(self, inp: TurnInput) -> Expected:
+        """What ``inp``'s admission is expected to do: the page's reservations', or the leases'."""
+        if inp.transport == "sse" or self.leases is None:
+            return self.reservations.expected
+        return self.leases.expected
 
     def _discard(self, early: Ahead | None, inp: TurnInput, mid: str) -> None:
         """Drop an upstream asked beside an admission that did not go through as expected;
@@ -453,11 +469,7 @@ class TurnProducer:
         one (a refusal, a client gone mid-admission, a stale prediction)."""
         if early is not None:
             early.drop(self.registry.track)
-            leases = self.leases
-            if inp.transport == "sse" or leases is None:
-                self.reservations.expected.refused(inp.user_id)
-            else:
-                leases.expected.refused(inp.user_id)
+            self._expected(inp).refused(inp.user_id)
             log.info("stream.early_upstream_dropped", message_id=mid)
 
     async def _branch(
