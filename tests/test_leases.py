@@ -212,6 +212,33 @@ async def test_a_lease_short_of_a_turn_grows_by_what_it_lacks(aiohttp_client, st
     assert doc["used"] + doc["reserved"] <= 1000
 
 
+async def test_a_lease_with_a_free_turn_slot_grows_its_tokens_only(aiohttp_client, stream_settings):
+    """Two turns at once allowed, the lease holds two slots and one turn runs: a turn wanting
+    more tokens than the lease has free asks the month for tokens only, and is admitted. Before,
+    the growth asked for one more slot too, and was refused "too many turns at once (2
+    running, at most 2)" with one running."""
+    client = await aiohttp_client(create_app(stream_settings()))
+    store = client.app[STORE]
+    leases = Leases(store, client.app[REGISTRY].replica_id, idle_s=0.0, keep_s=300.0)
+    now = utcnow()
+    period = period_of(now)
+    rules = {"max_concurrent": 2}
+    first = dataclasses.replace(
+        lease_turn("m1", now, **rules), want=300, need=300, default_limit=1000
+    )
+    g1 = (await leases.admit(first)).grant
+    g2 = (await leases.admit(dataclasses.replace(first, message_id="m2"))).grant
+    assert (g1, g2) == (300, 300)
+    leases.ended("alice", period, grant=g1, billed=100)
+    await store.settle_leased("alice", period, leases.lease_id, "m1", billed=100, grant=g1)
+    assert leases.free("alice", period) == 400  # and one of its two slots
+    larger = dataclasses.replace(first, message_id="m3", want=600, need=600)
+    assert (await leases.admit(larger)).grant == 600
+    doc = await usage(store.db)
+    assert doc["used"] + doc["reserved"] <= 1000
+    assert lease_of(doc)[0]["turns"] == 2  # no slot more than the two
+
+
 async def test_thirty_turns_over_two_replicas_never_overspend(services, fake_openai, token_for, db):
     """30 turns of one user at once, half on each replica, on a budget for five: while all are
     held by the upstream, the month's reservations never pass the limit; at the end the usage is

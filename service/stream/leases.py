@@ -170,7 +170,15 @@ class Leases:
         requests = max(batch, req.requests_per_minute // 60)
         tokens = (batch + 1) * req.want  # at most half of what the month has left (the update)
         free = max(0, lease.tokens - lease.held)  # the turn needs only what the lease lacks
-        await self._take(lease, req, tokens=tokens, turns=batch, requests=requests, credit=free)
+        # A rule whose room the lease already holds for this turn (a free slot, a request
+        # taken) is not asked of the month again: only the tokens are short, and a growth
+        # that asked one more slot was refused "too many turns at once" with a slot free.
+        rules = req
+        if req.max_concurrent and lease.running < lease.turns:
+            rules, batch = dataclasses.replace(rules, max_concurrent=0), 0
+        if req.requests_per_minute and lease.requests >= 1:
+            rules, requests = dataclasses.replace(rules, requests_per_minute=0), 0
+        await self._take(lease, rules, tokens=tokens, turns=batch, requests=requests, credit=free)
 
     async def _take(
         self,
