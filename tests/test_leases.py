@@ -239,6 +239,23 @@ async def test_a_lease_with_a_free_turn_slot_grows_its_tokens_only(aiohttp_clien
     assert lease_of(doc)[0]["turns"] == 2  # no slot more than the two
 
 
+async def test_a_lease_holding_a_request_grows_its_tokens_only(aiohttp_client, stream_settings):
+    """Three requests a minute: two growths took all three, the lease still holds one, and a
+    third turn short of tokens asks the month for tokens only, and is admitted. Before, the
+    growth asked for a request too, and the empty bucket refused it ("too many requests")."""
+    client = await aiohttp_client(create_app(stream_settings()))
+    store = client.app[STORE]
+    leases = Leases(store, client.app[REGISTRY].replica_id, idle_s=0.0, keep_s=300.0)
+    now = utcnow()
+    turn = dataclasses.replace(
+        lease_turn("m1", now, requests_per_minute=3), want=300, need=300, default_limit=1000
+    )
+    for mid in ("m1", "m2", "m3"):
+        assert (await leases.admit(dataclasses.replace(turn, message_id=mid))).grant == 300
+    doc = await usage(store.db)
+    assert doc["used"] + doc["reserved"] <= 1000
+
+
 async def test_thirty_turns_over_two_replicas_never_overspend(services, fake_openai, token_for, db):
     """30 turns of one user at once, half on each replica, on a budget for five: while all are
     held by the upstream, the month's reservations never pass the limit; at the end the usage is
