@@ -443,7 +443,10 @@ async def test_http_errors_map_to_our_codes_and_the_body_is_logged_without_the_k
     with pytest.raises(UpstreamError) as info:
         await run(provider)
     assert info.value.code == code and f"(HTTP {status})" in info.value.message
-    assert "scripted failure" not in info.value.message
+    # A request the vendor rejected is the client's to fix: told the vendor's words; the
+    # vendor's other failures are the gateway's own, in our words only.
+    told = code == "upstream_bad_request"
+    assert ("scripted failure" in info.value.message) == told, info.value.message
     assert len(fake_anthropic.calls("messages")) == attempts
     bodies = [e for e in logs if e["event"] == "upstream.error_body"]
     assert bodies and "scripted failure" in bodies[0]["body"]

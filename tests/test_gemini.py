@@ -258,7 +258,7 @@ async def test_request_body_maps_roles_merges_turns_and_sends_config(client, fak
     h = auth()
     chat_id = await new_chat(client, h)
     refused = await send(client, chat_id, h, "first question")
-    assert refused.status == 502
+    assert refused.status == 400
     await collect(await send(client, chat_id, h, "second question"))
     await collect(await send(client, chat_id, h, "third question"))
 
@@ -342,10 +342,10 @@ async def test_429_before_the_first_token_is_retried_honouring_retry_info(
 @pytest.mark.parametrize(
     ("status", "reason", "code", "http", "attempts"),
     [
-        (400, None, "upstream_bad_request", 502, 1),
+        (400, None, "upstream_bad_request", 400, 1),
         (400, "API_KEY_INVALID", "upstream_auth", 502, 1),
         (403, None, "upstream_auth", 502, 1),
-        (404, None, "upstream_bad_request", 502, 1),
+        (404, None, "upstream_bad_request", 400, 1),
         (429, None, "upstream_rate_limited", 503, 3),
         (500, None, "upstream_unavailable", 503, 3),
         (503, None, "upstream_unavailable", 503, 3),
@@ -354,7 +354,8 @@ async def test_429_before_the_first_token_is_retried_honouring_retry_info(
 async def test_google_errors_map_to_our_codes(
     client, fake_gemini, auth, logs, status, reason, code, http, attempts
 ):
-    """Our code and our words for the client; Google's own message only in the log."""
+    """Our code and our words for the client, and Google's message when it rejected the request
+    (the client's to fix); its whole body in the log."""
     fake_gemini.default = Script(status=status, error_reason=reason)
     h = auth()
     chat_id = await new_chat(client, h)
@@ -362,7 +363,8 @@ async def test_google_errors_map_to_our_codes(
     assert resp.status == http
     error = (await resp.json())["error"]
     assert error["code"] == code and f"(HTTP {status})" in error["message"]
-    assert "scripted failure" not in error["message"]
+    told = code == "upstream_bad_request"
+    assert ("scripted failure" in error["message"]) == told, error["message"]
     bodies = [e for e in logs if e["event"] == "upstream.error_body"]
     assert bodies and f"scripted failure {status}" in bodies[0]["body"]
     assert len(fake_gemini.calls(STREAM)) == attempts  # UPSTREAM_MAX_ATTEMPTS when retryable

@@ -505,3 +505,28 @@ async def test_a_stream_is_answered_before_its_first_token(oai, fake_openai):
     fake_openai.gate.set()
     text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     assert text == "late"
+
+
+async def test_a_request_the_upstream_rejects_is_a_400_with_its_words_and_not_retried(
+    stream_client, fake_openai, token_for
+):
+    """A field passed through as written that the upstream rejects: the SDK (with its default
+    retries) raises BadRequestError once, told the upstream's own words, the operator's key
+    masked. Before, a 502 in our words only, which the SDK sent twice more."""
+    rejected = "Unrecognized request argument supplied: bogus_param (key sk-upstream-secret)"
+    fake_openai.scripts = [
+        Script(status=400, error_body={"error": {"message": rejected, "type": "invalid_request"}})
+        for _ in range(3)
+    ]
+    sdk = AsyncOpenAI(base_url=str(stream_client.make_url("/v1")), api_key=token_for("alice"))
+    try:
+        with pytest.raises(openai.BadRequestError) as info:
+            await sdk.chat.completions.create(
+                model="gpt-test", messages=HI, extra_body={"bogus_param": 1}
+            )
+    finally:
+        await sdk.close()
+    err = info.value
+    assert err.status_code == 400 and err.code == "upstream_bad_request"
+    assert "bogus_param" in err.message and "sk-upstream-secret" not in err.message
+    assert len(fake_openai.requests) == 1

@@ -212,7 +212,7 @@ async def test_upstream_500_before_first_token_is_a_json_error(
     ("status", "code", "http"),
     [
         (401, "upstream_auth", 502),
-        (400, "upstream_bad_request", 502),
+        (400, "upstream_bad_request", 400),
         (429, "upstream_rate_limited", 503),
     ],
 )

@@ -523,7 +523,7 @@ async def test_upstream_failure_before_first_token_is_an_error_frame(
 ):
     client, h = stream_client, auth()
     chat_id = await new_chat(client, h)
-    fake_openai.scripts = [Script(status=400)]
+    fake_openai.scripts = [Script(status=500) for _ in range(3)]
     ws = await connect(client, h)
     await ws.send_json(send("t", chat_id))
     err = await recv(ws)

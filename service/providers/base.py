@@ -210,13 +210,21 @@ _SECRET_SHAPES = re.compile(
     r"|(?i:bearer)\s+\S+)"
 )
 MAX_LOGGED_BODY = 500
+MAX_TOLD = 300  # of the vendor's own words on a request it rejected, what a client is told
 
 
-def error_for_status(status: int, retry_after: str | None = None) -> UpstreamError:
+def error_for_status(
+    status: int, retry_after: str | None = None, vendor_message: str | None = None
+) -> UpstreamError:
     """Map a vendor's HTTP status to our upstream error codes, in our own words: the vendor's
-    body never reaches a client (it may echo a key or a prompt); ``log_upstream_body`` logs it."""
+    body never reaches a client (it may echo a key or a prompt); ``log_upstream_body`` logs it.
+    A request the vendor rejected (a 4xx other than its credentials' or its rate limit's: 400
+    ``upstream_bad_request``, not retried) is the client's to fix, often a field passed through
+    as written: it is told the vendor's ``vendor_message`` too, redacted (``told``)."""
     code = _code_for_status(status)
     message = f"{_STATUS_WORDS[code]} (HTTP {status})"
+    if code == "upstream_bad_request" and vendor_message:
+        message = f"{message}: {vendor_message}"
     retryable = code in ("upstream_rate_limited", "upstream_timeout", "upstream_unavailable")
     delay = retry_after_seconds(retry_after) if code != "upstream_timeout" else None
     return UpstreamError(
@@ -243,6 +251,22 @@ def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
             text = text.replace(secret, "[redacted]")
     text = _SECRET_SHAPES.sub("[redacted]", text)
     return text if len(text) <= MAX_LOGGED_BODY else text[:MAX_LOGGED_BODY] + "…"
+
+
+def told(body: str, secrets: tuple[str, ...] = ()) -> str | None:
+    """The message of a vendor's JSON error body (OpenAI's and Anthropic's ``error.message``,
+    Google's too), redacted and bounded, for the client whose request it rejected; None when
+    the body has none."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    if not isinstance(message, str) or not message.strip():
+        return None
+    text = redact(" ".join(message.split()), secrets)
+    return text if len(text) <= MAX_TOLD else text[:MAX_TOLD] + "…"
 
 
 def log_upstream_body(
@@ -297,7 +321,8 @@ async def raise_for_status(
     resp: aiohttp.ClientResponse, *, provider: str = "openai", secrets: tuple[str, ...] = ()
 ) -> None:
     """Turn a non-2xx answer into ``UpstreamError`` (releasing the connection); the vendor's
-    body goes to the log only, redacted (``secrets``: the keys this provider sends)."""
+    body goes to the log, redacted (``secrets``: the keys this provider sends), and only the
+    message of a rejected request's body to the client (``error_for_status``)."""
     if resp.status < 300:
         return
     try:
@@ -307,7 +332,7 @@ async def raise_for_status(
     finally:
         resp.release()
     log_upstream_body(provider, resp.status, detail, secrets)
-    raise error_for_status(resp.status, resp.headers.get("Retry-After"))
+    raise error_for_status(resp.status, resp.headers.get("Retry-After"), told(detail, secrets))
 
 
 def token_count(answer: dict[str, Any], key: str, call: str) -> int:

@@ -69,6 +69,7 @@ from service.providers.base import (
     error_for_status,
     log_upstream_body,
     token_count,
+    told,
     with_retries,
 )
 from service.providers.sse import SSEDecoder, SSEEvent, load_frame
@@ -284,7 +285,7 @@ def _google_error(raw: bytes) -> _GoogleError:
 
 async def _raise_for_status(resp: aiohttp.ClientResponse, *, secrets: tuple[str, ...] = ()) -> None:
     """``base.raise_for_status`` reading Google's error body (reason, retry delay); the body
-    itself goes to the log only, redacted."""
+    goes to the log, redacted, and a rejected request's message to the client."""
     if resp.status < 300:
         return
     try:
@@ -301,7 +302,8 @@ async def _raise_for_status(resp: aiohttp.ClientResponse, *, secrets: tuple[str,
             f"the upstream refused the gateway's credentials (HTTP {resp.status})",
             upstream_status=resp.status,
         )
-    raise error_for_status(resp.status, resp.headers.get("Retry-After") or error.retry_delay)
+    retry_after = resp.headers.get("Retry-After") or error.retry_delay
+    raise error_for_status(resp.status, retry_after, told(raw.decode(errors="replace"), secrets))
 
 
 # ---------------------------------------------------------------------- stream
