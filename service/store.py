@@ -1853,7 +1853,10 @@ def _lease_update(req: LeaseRequest) -> list[Doc]:
     turn = req.turn
     available = _available(turn.default_limit)
     half = {"$max": [turn.want, {"$floor": {"$divide": [available, 2]}}]}  # room for others
-    free: Doc = {"_tokens": {"$min": [req.want_tokens, half, available]}}
+    # Never below nothing: a month spent past its limit (a limit lowered, a turn billed past
+    # its grant) has less than nothing available, and a growth asking for a request alone, or
+    # credited with what the lease holds, would otherwise give back reservations it does not hold.
+    free: Doc = {"_tokens": {"$max": [0, {"$min": [req.want_tokens, half, available]}]}}
     if turn.max_concurrent:
         free["_turns"] = {
             "$min": [req.want_turns, {"$subtract": [turn.max_concurrent, OPEN_TURNS]}]

@@ -22,6 +22,8 @@ from anthropic import AsyncAnthropic
 
 from service.app import create_app
 from service.keys import STORE
+from service.store import utcnow
+from service.stream.producer import period_of
 from tests import anthropic_recordings as rec
 from tests.conftest import TEST_MODELS
 from tests.fake_anthropic import FakeAnthropic
@@ -669,6 +671,49 @@ async def test_count_tokens_refuses_what_the_model_cannot_take(claude):
     with pytest.raises(anthropic.BadRequestError) as info:
         await claude.messages.count_tokens(model="demo", messages=HI, tools=TOOLS)
     assert "'tools'" in info.value.message
+
+
+async def test_a_count_the_vendor_makes_takes_a_request_from_the_users_bucket(
+    aiohttp_client, stream_settings, token_for, fake_anthropic
+):
+    """Three requests a minute: three counts of an Anthropic model (each a call on the
+    operator's key) go through, the fourth is a 429 ``rate_limit_error`` that never reaches
+    Anthropic; a count by a local tokenizer takes nothing. Before, any number of counts
+    reached the vendor."""
+    client = await aiohttp_client(create_app(stream_settings(v1_requests_per_minute=3)))
+    sdk = sdk_for(client, token_for("alice"))
+    for _ in range(3):
+        assert (await sdk.messages.count_tokens(model="claude", messages=HI)).input_tokens > 0
+    asked = len(fake_anthropic.calls("count_tokens"))
+    with pytest.raises(anthropic.RateLimitError) as info:
+        await sdk.messages.count_tokens(model="claude", messages=HI)
+    assert info.value.body["error"]["type"] == "rate_limit_error"
+    assert 1 <= int(info.value.response.headers["retry-after"]) <= 60
+    assert len(fake_anthropic.calls("count_tokens")) == asked
+    for _ in range(5):  # the bucket is empty: a local count takes nothing from it
+        assert (await sdk.messages.count_tokens(model="demo", messages=HI)).input_tokens > 0
+    await sdk.close()
+
+
+async def test_a_spent_month_still_counts_and_keeps_its_reservations(
+    aiohttp_client, stream_settings, token_for, fake_anthropic
+):
+    """A month spent past its limit (a limit lowered after the spending): a count takes a
+    request, never tokens, and leaves ``reserved`` as it was. Before, the request's growth
+    took "what fits" of nothing, less than nothing here, off the month's reservations."""
+    client = await aiohttp_client(
+        create_app(stream_settings(v1_requests_per_minute=60, default_token_limit=10))
+    )
+    store = client.app[STORE]
+    await store.usage.insert_one(
+        {"user_id": "alice", "period": period_of(utcnow()), "used": 50, "reserved": 0}
+    )
+    sdk = sdk_for(client, token_for("alice"))
+    assert (await sdk.messages.count_tokens(model="claude", messages=HI)).input_tokens > 0
+    await sdk.close()
+    doc = await store.usage.find_one({"user_id": "alice"})
+    assert doc["used"] == 50 and doc["reserved"] == 0
+    assert all(e.get("grant", 0) >= 0 for e in doc.get("open") or ())
 
 
 # --------------------------------------------------------------------------- errors

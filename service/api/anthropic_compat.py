@@ -154,7 +154,8 @@ async def _start(request: web.Request) -> tuple[Admission, bool]:
 async def count_tokens(request: web.Request) -> web.Response:
     """``POST /v1/messages/count_tokens``: ``{"input_tokens": n}``, the prompt counted as a
     turn's is (the model's local tokenizer, or its provider's count call). Not a turn: it
-    takes nothing from the rate limits or the budget."""
+    takes nothing from the budget, and a request from the per-minute bucket only when the
+    vendor counts it (a call on the operator's key)."""
     data = await _read_json(request)
     body: CountTokensRequest = parse(CountTokensRequest, data)
     translation = _translate(request, body, data)

@@ -96,6 +96,10 @@ class Lease:
         return grant
 
 
+# A growth of requests alone: the budget is not its rule (credit past any month's tokens).
+NO_BUDGET = 2**62
+
+
 class Leases:
     """This replica's leases, by (user, period)."""
 
@@ -276,6 +280,36 @@ class Leases:
         lease.running -= 1
         lease.requests += int(request)
         lease.idle_since = asyncio.get_running_loop().time()
+
+    async def take_request(self, req: ReserveRequest) -> None:
+        """One request from the user's per-minute bucket for a call that is not a turn (a
+        prompt counted by its vendor, on the operator's key): from the lease when it holds
+        one, else by a growth of requests alone (429 ``rate_limited`` when the bucket is
+        empty). No token, no turn slot: the budget and the turns at once are not its rules."""
+        key = (req.user_id, req.period)
+        lease = self._leases.get(key)
+        if lease is None:
+            lease = self._leases[key] = Lease(req.user_id, req.period, self.lease_id)
+        if lease.requests >= 1 and not lease.closing:
+            lease.requests -= 1
+            return
+        async with lease.lock:
+            if lease.closing and self._leases.get(key) is not lease:
+                return await self.take_request(req)  # given back meanwhile: a new lease
+            if lease.requests < 1:
+                rules = dataclasses.replace(req, want=0, need=0, max_concurrent=0)
+                requests = max(1, req.requests_per_minute // 60)
+                try:
+                    await self._take(
+                        lease, rules, tokens=0, turns=0, requests=requests, credit=NO_BUDGET
+                    )
+                except RateLimited as exc:
+                    _refused(exc, lease, req)
+                    raise
+            if lease.requests < 1:  # cannot happen: the growth held room for one
+                raise StoreUnavailable("could not take a request from the bucket")
+            lease.requests -= 1
+            lease.idle_since = asyncio.get_running_loop().time()
 
     def free(self, user_id: str, period: str) -> int:
         """Tokens this replica's lease holds for the user's next turns (no turn's grant)."""

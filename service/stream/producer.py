@@ -536,7 +536,9 @@ class TurnProducer:
         counted as ``start`` counts them (``_count_prompt``): what a client may ask before it
         sends. The model is resolved and what its provider cannot honour refused as for a turn;
         nothing is reserved, stored or sent to the model. An API key counts only for its own
-        models (counting may be a call to the vendor's own count, on the operator's key)."""
+        models (counting may be a call to the vendor's own count, on the operator's key). A
+        count the vendor makes (the model has no local tokenizer) takes a request from the
+        user's per-minute bucket, as a turn does: each is a call on the operator's key."""
         spec = self.catalogue.resolve(inp.model, inp.api_key)
         _allowed(inp.api_key, spec)
         await self.model_lists.require(spec)
@@ -552,6 +554,22 @@ class TurnProducer:
             options=inp.options or {},
         )
         _honoured(provider, spec, request)
+        rpm = self._requests_per_minute(inp.transport)
+        if spec.encoding is None and rpm and self.leases is not None:  # the vendor counts it
+            now = utcnow()
+            await self.leases.take_request(
+                ReserveRequest(
+                    user_id=inp.user_id,
+                    period=period_of(now),
+                    message_id=str(uuid.uuid4()),
+                    want=0,
+                    need=0,
+                    default_limit=self.budget.default_limit,
+                    rate_limit_ms=0,
+                    now=now,
+                    requests_per_minute=rpm,
+                )
+            )
         return await self._count_prompt(spec, provider, self.counter_for(spec), request)
 
     async def _count_prompt(
