@@ -468,7 +468,7 @@ async def test_text_frame_that_is_not_utf8_closes_1007(stream_client, auth):
 
 
 async def test_refusals_duplicates_and_turn_cap_are_error_frames(
-    aiohttp_client, stream_settings, fake_openai, auth
+    aiohttp_client, stream_settings, fake_openai, auth, logs
 ):
     client = await aiohttp_client(
         create_app(stream_settings(ws_max_turns_per_connection=1, v1_requests_per_minute=1))
@@ -505,9 +505,13 @@ async def test_refusals_duplicates_and_turn_cap_are_error_frames(
     assert err["details"]["rule"] == "requests_per_minute"
     assert err["retry_after_ms"] > 55_000
     await ws.close()
+    refusals = [e for e in logs if e["event"] == "stream.refused"]
+    assert refusals[-1]["rule"] == "requests_per_minute" and refusals[-1]["status"] == 429
 
 
-async def test_budget_exceeded_is_an_error_frame(aiohttp_client, stream_settings, auth):
+async def test_budget_exceeded_is_an_error_frame(aiohttp_client, stream_settings, auth, logs):
+    """Refused before it started: an error frame, and one ``stream.refused`` line saying why
+    (the turn has no ``stream.started`` or ``stream.ended``; before, nothing was logged)."""
     client = await aiohttp_client(create_app(stream_settings(default_token_limit=10)))
     h = auth()
     chat_id = await new_chat(client, h)
@@ -516,6 +520,15 @@ async def test_budget_exceeded_is_an_error_frame(aiohttp_client, stream_settings
     err = await recv(ws)
     assert (err["id"], err["code"], err["status"]) == ("t", "budget_exceeded", 403)
     await ws.close()
+    (refused,) = [e for e in logs if e["event"] == "stream.refused"]
+    assert (refused["code"], refused["status"], refused["transport"]) == (
+        "budget_exceeded",
+        403,
+        "ws",
+    )
+    assert refused["chat_id"] == chat_id and refused["user_id"] == "alice"
+    assert refused["level"] == "info"
+    assert not [e for e in logs if e["event"] in ("stream.started", "stream.ended")]
 
 
 async def test_upstream_failure_before_first_token_is_an_error_frame(

@@ -86,6 +86,22 @@ OUTCOME = {"complete": "completed", "cancelled": "cancelled", "failed": "failed"
 REFUSED_BY_RULE = frozenset({"rate_limited", "budget_exceeded", "budget_held", "shutting_down"})
 
 
+def _log_refusal(inp: TurnInput, message_id: str, exc: ServiceError) -> None:
+    """A turn refused before it started (it has no ``stream.started`` or ``stream.ended``):
+    why, on every transport (a WebSocket's refusal is a frame, not a response)."""
+    rule = exc.details.get("rule") if isinstance(exc.details, dict) else None
+    (log.warning if exc.status >= 500 else log.info)(
+        "stream.refused",
+        message_id=message_id,
+        chat_id=inp.chat_id,
+        transport=inp.transport,
+        model=inp.model,
+        status=exc.status,
+        code=exc.code,
+        **({"rule": rule} if rule else {}),
+    )
+
+
 def _retrieved(future: asyncio.Future[Any]) -> None:
     """A done callback: the outcome is nobody's any more (never "not retrieved")."""
     if not future.cancelled():
@@ -174,8 +190,10 @@ class TurnProducer:
         try:
             turn, text, seq, now = await self._admit(inp, mid, began=began)
         except BaseException as exc:
-            if isinstance(exc, ServiceError) and exc.code in REFUSED_BY_RULE:
-                REJECTIONS.labels(exc.code).inc()  # once, as it ends (a turn may be admitted twice)
+            if isinstance(exc, ServiceError):
+                if exc.code in REFUSED_BY_RULE:  # once, as it ends (a turn may be admitted twice)
+                    REJECTIONS.labels(exc.code).inc()
+                _log_refusal(inp, mid, exc)
             if inp.chat_id is not None and began:  # no records: the chat did not move
                 self._unmove(inp.user_id, inp.chat_id, began[-1])
             if inp.key is not None and message_id is not None:
