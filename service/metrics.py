@@ -41,7 +41,8 @@ ACTIVE_STREAMS = Gauge(
 )
 TURNS = Counter(
     "gateway_turns",
-    "Turns that ended, by outcome (completed, cancelled, failed) and reason.",
+    "Turns that ended, by outcome (completed, cancelled, failed, interrupted) and reason;"
+    " interrupted: its process died, counted by the replica that settled it.",
     ["transport", "outcome", "reason"],
     registry=REGISTRY,
 )

@@ -414,6 +414,35 @@ def test_alert_windows_fit_the_service_deadlines_and_the_drain(rule_docs: list[D
     assert int(threshold.group(1)) > grace
 
 
+def _turns_by_outcome(promql: ModuleType, expr: str) -> list[tuple[str, str] | None]:
+    """Each gateway_turns_total selector's outcome matcher in ``expr``: (operator, value), or
+    None for a selector of every outcome."""
+    found: list[tuple[str, str] | None] = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, promql.VectorSelector) and node.name == "gateway_turns_total":
+            outcome = [m for m in node.matchers.matchers if m.name == "outcome"]
+            found.append((str(outcome[0].op), outcome[0].value) if outcome else None)
+
+    promql.walk(promql.parse(expr), visit)
+    return found
+
+
+def test_interrupted_turns_fail_turns_and_do_not_unstick_a_pod(
+    rule_docs: list[Doc], promql: ModuleType
+) -> None:
+    """A turn whose pod died is counted interrupted by the pod that settles it (deploy/README.md,
+    Monitoring): it is a failing turn to ChatGatewayTurnsFailing, and no sign that the settling
+    pod's own streams progress to ChatGatewayStreamsStuck."""
+    alerts = {(a["alert"], a["labels"]["severity"]): a["expr"] for _g, a in _rules(rule_docs)}
+    failing = ("MatchOp.Re", "failed|interrupted")
+    for severity in ("warning", "critical"):
+        turns = _turns_by_outcome(promql, alerts["ChatGatewayTurnsFailing", severity])
+        assert sorted(turns, key=str) == sorted([failing, None, None], key=str), severity
+    stuck = _turns_by_outcome(promql, alerts["ChatGatewayStreamsStuck", "warning"])
+    assert stuck == [("MatchOp.NotEqual", "interrupted")]
+
+
 def test_every_alert_has_a_runbook_line_in_deploy_readme(rule_docs: list[Doc]) -> None:
     readme = DEPLOY_README.read_text()
     runbook = re.search(r"^### Runbook\n(.*?)(?=^##|\Z)", readme, re.S | re.M)

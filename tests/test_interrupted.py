@@ -5,7 +5,10 @@ checkpoint written, and the process's clock stopped (no finalization runs)."""
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.keys import REGISTRY, STORE
@@ -88,6 +91,34 @@ async def test_reaper_settles_dead_turn_from_its_checkpoint(client, settings: Se
 
     assert await reap(store, settings) == 0  # idempotent: nothing billed twice
     assert (await store.usage.find_one({"user_id": "ghost"}))["used"] == 40 + completion
+
+
+async def test_a_reaped_turn_is_counted_interrupted_and_the_help_names_that_outcome(
+    client, settings: Settings
+):
+    """deploy/README.md's alerts read gateway_turns_total{outcome="interrupted"}: the reaper
+    counts it, and the metric's HELP lists every outcome its series carry."""
+    store = client.app[STORE]
+
+    async def turns() -> tuple[str, dict[tuple[str, str], float]]:
+        resp = await client.get("/metrics")
+        assert resp.status == 200
+        families = text_string_to_metric_families(await resp.text())
+        (family,) = [f for f in families if f.name == "gateway_turns"]
+        return family.documentation, {
+            (s.labels["outcome"], s.labels["reason"]): s.value
+            for s in family.samples
+            if s.name == "gateway_turns_total" and s.labels["transport"] == "sse"
+        }
+
+    _, before = await turns()
+    await dead_turn(store, "counted", None, "cut short", age_s=120)
+    assert await reap(store, settings) == 1
+    documentation, after = await turns()
+    key = ("interrupted", "interrupted")
+    assert after[key] - before.get(key, 0.0) == 1
+    named = set(re.findall(r"\w+", documentation.partition("by outcome (")[2].partition(")")[0]))
+    assert {outcome for outcome, _reason in after} <= named, documentation
 
 
 async def test_dead_stream_is_reported_interrupted_on_read(client, auth):
