@@ -28,9 +28,10 @@ install: $(STAMP)
 run: install
 	$(PY) deploy/local/run.py
 
-## token: print a development token (make token user=alice ttl=3600)
+## token: print a development token (make token user=alice ttl=3600; admin=1: an administrator's)
 token: install
-	@ENVIRONMENT=local $(PY) -m service token --user $(or $(user),dev) --ttl $(or $(ttl),86400)
+	@ENVIRONMENT=local $(PY) -m service token --user $(or $(user),dev) --ttl $(or $(ttl),86400) \
+		$(if $(filter-out 0,$(admin)),--admin)
 
 ## test: lint, type-check and run the whole suite against a throwaway SecantusDB
 test: install lint

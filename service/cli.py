@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--private-key", help="PEM file to sign with, for RS*/ES*/EdDSA (HS* uses JWT_SECRET)"
     )
+    token.add_argument(
+        "--admin",
+        action="store_true",
+        help="an administrator's token (/api/admin): its ADMIN_CLAIM claim is ADMIN_ROLE "
+        "(default: role=admin)",
+    )
     return parser
 
 
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
         if args.command == "token":
-            print(_token(settings, args.user, args.ttl, args.private_key))
+            print(_token(settings, args.user, args.ttl, args.private_key, admin=args.admin))
         else:
             _serve(settings)
     except SettingsError as exc:
@@ -102,14 +108,28 @@ def _serve(settings: Settings) -> None:
     run(settings)  # a key or JWKS that cannot be loaded raises SettingsError, by name
 
 
-def _token(settings: Settings, user: str, ttl: int, private_key: str | None) -> str:
+# Claims the token command sets itself: an ADMIN_CLAIM among them would replace one of them.
+REGISTERED_CLAIMS = frozenset({"sub", "iat", "exp", "iss", "aud", "nbf", "jti"})
+
+
+def _token(
+    settings: Settings, user: str, ttl: int, private_key: str | None, *, admin: bool = False
+) -> str:
     import jwt
 
     from service.auth import mint_token
 
+    extra = None
+    if admin:
+        if settings.admin_claim in REGISTERED_CLAIMS:
+            raise SettingsError(
+                f"invalid setting ADMIN_CLAIM: --admin cannot set the registered claim "
+                f"'{settings.admin_claim}' to '{settings.admin_role}'"
+            )
+        extra = {settings.admin_claim: settings.admin_role}
     pem = None if private_key is None else _read_private_key(private_key)
     try:
-        return mint_token(settings, user, ttl_s=ttl, private_key=pem)
+        return mint_token(settings, user, ttl_s=ttl, private_key=pem, extra=extra)
     except (ValueError, TypeError, jwt.PyJWTError) as exc:
         if pem is None:
             raise SettingsError(str(exc)) from None

@@ -240,3 +240,54 @@ def test_token_help_states_what_user_and_ttl_must_be():
     out = run("token", "--help")
     assert out.returncode == 0
     assert "not blank" in out.stdout and "> 0" in out.stdout
+
+
+# ---------------------------------------------------------------- an administrator's token
+async def test_an_admin_token_carries_the_configured_claim_and_opens_the_admin_routes(
+    aiohttp_client, make_settings
+):
+    """``token --admin`` sets ADMIN_CLAIM to ADMIN_ROLE (not a fixed ``role: admin``): the app
+    with the same settings answers its admin routes to it, and 403 to the plain token."""
+    from service.app import create_app
+    from tests.conftest import TEST_SECRET
+
+    env = {"JWT_SECRET": TEST_SECRET, "ADMIN_CLAIM": "groups", "ADMIN_ROLE": "operators"}
+    admin = run("token", "--user", "root", "--admin", **env)
+    plain = run("token", "--user", "root", **env)
+    assert admin.returncode == plain.returncode == 0, admin.stderr + plain.stderr
+    claims = jwt.decode(admin.stdout.strip(), TEST_SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "root" and claims["groups"] == "operators"
+    assert "groups" not in jwt.decode(plain.stdout.strip(), TEST_SECRET, algorithms=["HS256"])
+
+    client = await aiohttp_client(
+        create_app(make_settings(admin_claim="groups", admin_role="operators"))
+    )
+    for out, status in ((admin, 200), (plain, 403)):
+        headers = {"Authorization": f"Bearer {out.stdout.strip()}"}
+        resp = await client.get("/api/admin/users", headers=headers)
+        assert resp.status == status, await resp.text()
+
+
+def test_token_admin_refuses_an_admin_claim_it_would_overwrite():
+    out = run("token", "--user", "root", "--admin", JWT_SECRET="k" * 64, ADMIN_CLAIM="sub")
+    assert out.returncode == 2 and out.stdout == "" and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "chat-gateway: invalid setting ADMIN_CLAIM: --admin cannot set the registered claim "
+        "'sub' to 'admin'"
+    ]
+
+
+@pytest.mark.parametrize(("admin", "role"), [("1", "admin"), ("0", None), ("", None)])
+def test_make_token_admin_1_prints_an_administrator_s_token(admin, role, tmp_path):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("JWT_", "ADMIN_", "MAKE"))}
+    out = subprocess.run(
+        ["make", "-s", "--no-print-directory", "-C", ROOT, "token", "user=ops", f"admin={admin}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**clean, "DATA_DIR": str(tmp_path)},
+    )
+    assert out.returncode == 0, out.stderr
+    secret = (tmp_path / "dev-jwt-secret").read_text().strip()
+    claims = jwt.decode(out.stdout.strip(), secret, algorithms=["HS256"])
+    assert claims["sub"] == "ops" and claims.get("role") == role
