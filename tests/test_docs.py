@@ -9,8 +9,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from service.app import create_app
 from service.settings import Settings
+from tests.fake_openai import Script
 from tests.sse_client import collect
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,3 +199,45 @@ async def test_readme_log_examples_show_every_field_the_service_logs(stream_clie
             f"and omits {sorted(logged - shown)}"
         )
     assert text not in repr(logs)
+
+
+def _env_example_comment(name: str) -> str:
+    """The comment lines just above ``# NAME=...`` in .env.example, joined."""
+    lines = ENV_EXAMPLE.read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(f"# {name}="))
+    comment: list[str] = []
+    for line in reversed(lines[:at]):
+        if not line.startswith("# ") or ENV_EXAMPLE_LINE.match(line) or line.startswith("# ---"):
+            break
+        comment.insert(0, line[2:])
+    return " ".join(comment)
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+async def test_on_disconnect_docs_name_the_turns_that_always_cancel(
+    stream_client, fake_openai, auth, logs, keyed
+):
+    """A stateless /v1 stream stops when its client leaves unless it was sent with an
+    Idempotency-Key (then it is resumable, detaches and completes): README's ON_DISCONNECT row and
+    .env.example's comment both say so."""
+    fake_openai.default = Script(chunks=["a ", "b ", "c"], usage=(5, 3), gate_after=1)
+    headers = {**auth(), **({"Idempotency-Key": "leaves-1"} if keyed else {})}
+    body = {"model": "gpt-test", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
+    resp = await stream_client.post("/v1/chat/completions", json=body, headers=headers)
+    assert resp.status == 200
+    assert (await resp.content.readline()).startswith(b"data: ")
+    await asyncio.wait_for(fake_openai.reached_gate.wait(), 5)
+    resp.close()  # the client goes while the upstream is held
+    if keyed:
+        await _logged(logs, "stream.detached")
+        fake_openai.gate.set()
+        line = await _logged(logs, "stream.ended", transport="openai")
+        assert (line["outcome"], line["reason"]) == ("completed", "finished")
+    else:
+        line = await _logged(logs, "stream.ended", transport="openai")
+        assert (line["outcome"], line["reason"]) == ("cancelled", "client_disconnect")
+
+    row = re.search(r"^\| `ON_DISCONNECT` \|.*$", README.read_text(), re.M)
+    assert row
+    for text in (row.group(0), _env_example_comment("ON_DISCONNECT")):
+        assert re.search(r"[Ss]tateless `?/v1`? turns.*without an `?Idempotency-Key`?", text), text
