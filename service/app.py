@@ -49,7 +49,12 @@ from service.keys import (
     WATCHER,
 )
 from service.listen import listen_error
-from service.middleware import add_request_id_header, request_context, set_server_header
+from service.middleware import (
+    SERVER_NAME,
+    add_request_id_header,
+    request_context,
+    set_server_header,
+)
 from service.model_lists import ModelLists
 from service.models import load_catalogue
 from service.providers.registry import Counters, build_providers, upstream_timeout
@@ -63,6 +68,13 @@ from service.stream.registry import StreamRegistry
 from service.stream.watcher import watch
 from service.tokens import load_encoding
 from service.transports.sse import Heartbeats
+
+# The answers aiohttp writes itself, to a request its parser refused (a bad request line, a
+# header too long, broken chunking), run no app code and no on_response_prepare: their Server
+# header is this module global's (Python's and aiohttp's versions), and aiohttp has no hook to
+# change it. Set once, here, for every response of the process (tests/test_wire.py checks that
+# aiohttp still reads it; aiohttp's client keeps its own copy for User-Agent, untouched).
+aiohttp.web_response.SERVER_SOFTWARE = SERVER_NAME  # type: ignore[attr-defined]  # not exported
 
 log = structlog.get_logger("service.app")
 

@@ -95,6 +95,7 @@ REJECTED = {
     "more than 128 headers": raw_http.build(
         "GET", "/api/chat", [(b"X-H%d" % i, b"v") for i in range(200)]
     ),
+    "unknown HTTP version": b"GET /v1/models HTTP/9.9\r\nHost: x\r\n\r\n",
 }
 
 
@@ -102,12 +103,13 @@ REJECTED = {
 async def test_requests_aiohttp_rejects_get_its_plain_text_400(client, request_bytes):
     """Pins the exception the README documents: aiohttp answers these before the app runs and
     offers no public hook to render them (aio-libs/aiohttp#3287), so they are 400 text/plain
-    with aiohttp's Server header and no request id, and the connection is closed. If this test
-    starts failing, aiohttp changed: update the README's note and this test."""
+    with no request id, and the connection is closed; their Server header is the service's
+    (service/app.py sets the module global aiohttp reads it from). If this test starts failing,
+    aiohttp changed: update the README's note, service/app.py and this test."""
     resp = await raw_http.send(client.server.host, client.server.port, request_bytes)
     assert resp.status == 400
     assert resp.headers["content-type"].startswith("text/plain")
-    assert resp.headers["server"].startswith("Python/")
+    assert resp.headers["server"] == SERVER
     assert "x-request-id" not in resp.headers
     assert resp.version == "HTTP/1.0"  # no keep-alive: aiohttp closes the connection
 
