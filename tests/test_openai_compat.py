@@ -425,6 +425,28 @@ async def test_invalid_request_is_bad_request(oai, fake_openai, extra, param, co
     assert fake_openai.requests == []
 
 
+@pytest.mark.parametrize("stream", [{}, {"stream": False}])
+async def test_stream_options_without_stream_is_bad_request_as_at_openai(
+    stream_client, oai, fake_openai, stream
+):
+    with pytest.raises(openai.BadRequestError) as info:
+        await oai.chat.completions.create(
+            model="gpt-test", messages=HI, stream_options={"include_usage": True}, **stream
+        )
+    err = info.value
+    assert err.status_code == 400 and err.type == "invalid_request_error"
+    assert err.param == "stream_options"
+    assert err.body["message"] == (
+        "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+    )
+    assert fake_openai.requests == [] and await usage_doc(stream_client) is None
+    # null is no stream_options: the completion is answered
+    completion = await oai.chat.completions.create(
+        model="gpt-test", messages=HI, extra_body={"stream_options": None}, **stream
+    )
+    assert completion.choices[0].message.content == "Hello, world!"
+
+
 async def test_missing_model_is_missing_required_parameter(stream_client, auth):
     resp = await stream_client.post("/v1/chat/completions", json={"messages": HI}, headers=auth())
     assert resp.status == 400

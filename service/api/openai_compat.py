@@ -274,6 +274,11 @@ def _turn_input(
     request: web.Request, body: ChatCompletionRequest, data: dict[str, Any]
 ) -> TurnInput:
     _check_last(body)
+    if body.stream_options is not None and not body.stream:  # OpenAI's 400, word for word
+        raise _invalid(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            "stream_options",
+        )
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     if stop is not None and len(stop) > 4:
         raise _invalid("'stop' takes at most 4 sequences.", "stop")
