@@ -124,11 +124,19 @@ for _source in RESUME_SOURCES:
     RESUMES.labels(_source)
 
 
+METRICS_PATH = "/metrics"
+
+
 async def metrics(request: web.Request) -> web.Response:
-    """``GET /metrics``: the Prometheus text format. Not routed by the HTTPRoute or Ingress."""
+    """``GET /metrics``: the Prometheus text format. Not routed by the HTTPRoute or Ingress,
+    which keep it off the public route by its path as sent; aiohttp routes by the decoded path,
+    so ``/%6detrics`` would reach this handler past a proxy that matches before decoding. Only
+    the exact path as sent is answered (a query aside); any other spelling is the router's 404."""
+    if request.raw_path.partition("?")[0] != METRICS_PATH:
+        raise web.HTTPNotFound()
     body = generate_latest(REGISTRY)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def setup(app: web.Application) -> None:
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get(METRICS_PATH, metrics)

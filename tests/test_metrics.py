@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
+from tests import raw_http
 from tests.fake_openai import Script
 from tests.sse_client import collect, events
 from tests.test_stream_sse import new_chat, send
@@ -134,3 +136,20 @@ async def test_labels_carry_no_user_chat_or_message_ids(stream_client, auth):
         assert needle not in text
     # Every label value is from a small fixed set: no UUIDs anywhere.
     assert not re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-", text)
+
+
+@pytest.mark.parametrize(
+    "target", ["/%6detrics", "/%6Detrics", "/%2Fmetrics", "http://127.0.0.1/metrics", "/metrics#x"]
+)
+async def test_metrics_answers_only_its_exact_path_as_sent(client, target):
+    """The manifests keep /metrics off the public route by its path as sent: a spelling that
+    aiohttp would decode or resolve to /metrics is the router's 404, in the service's shape."""
+    host, port = client.server.host, client.server.port
+    exact = await raw_http.send(host, port, raw_http.build("GET", "/metrics?name[]=x"))
+    assert exact.status == 200 and b"gateway_turns_total" in exact.body
+    resp = await raw_http.send(host, port, raw_http.build("GET", target))
+    unknown = await raw_http.send(host, port, raw_http.build("GET", "/no/such/path"))
+    assert resp.status == unknown.status == 404
+    assert resp.headers["content-type"] == unknown.headers["content-type"] == "application/json"
+    assert resp.json() == unknown.json() == {"error": {"code": "not_found", "message": "Not Found"}}
+    assert b"gateway_" not in resp.body and resp.headers["server"] == "chat-gateway"
