@@ -49,12 +49,7 @@ from service.keys import (
     WATCHER,
 )
 from service.listen import listen_error
-from service.middleware import (
-    SERVER_NAME,
-    add_request_id_header,
-    request_context,
-    set_server_header,
-)
+from service.middleware import SERVER_NAME, add_request_id_header, request_context
 from service.model_lists import ModelLists
 from service.models import load_catalogue
 from service.providers.registry import Counters, build_providers, upstream_timeout
@@ -69,11 +64,12 @@ from service.stream.watcher import watch
 from service.tokens import load_encoding
 from service.transports.sse import Heartbeats
 
-# The answers aiohttp writes itself, to a request its parser refused (a bad request line, a
-# header too long, broken chunking), run no app code and no on_response_prepare: their Server
-# header is this module global's (Python's and aiohttp's versions), and aiohttp has no hook to
-# change it. Set once, here, for every response of the process (tests/test_wire.py checks that
-# aiohttp still reads it; aiohttp's client keeps its own copy for User-Agent, untouched).
+# Every response's Server header (aiohttp's default names Python's and aiohttp's versions): the
+# answers aiohttp writes itself, to a request its parser refused (a bad request line, a header
+# too long, broken chunking), run no app code and no on_response_prepare, and aiohttp has no
+# hook for it but this module global. Set once, here, for every response of the process
+# (tests/test_wire.py checks that aiohttp still reads it; aiohttp's client keeps its own copy
+# for User-Agent, untouched).
 aiohttp.web_response.SERVER_SOFTWARE = SERVER_NAME  # type: ignore[attr-defined]  # not exported
 
 log = structlog.get_logger("service.app")
@@ -242,7 +238,7 @@ def create_app(settings: Settings) -> web.Application:
     app[BODY_TIMEOUT_S] = settings.request_body_timeout_s
     app[CATALOGUE] = load_catalogue(settings)
     app.cleanup_ctx.extend([_auth_ctx, _store_ctx, _api_keys_ctx, _upstream_ctx, _streams_ctx])
-    app.on_response_prepare.extend([add_request_id_header, set_server_header])
+    app.on_response_prepare.append(add_request_id_header)
     app.on_shutdown.append(_drain)
     health.setup(app)
     chats.setup(app)

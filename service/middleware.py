@@ -132,12 +132,6 @@ async def add_request_id_header(request: web.Request, response: web.StreamRespon
         response.headers["X-Request-ID"] = rid
 
 
-async def set_server_header(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: name the service without versions (aiohttp's default names the
-    Python and aiohttp versions, a map to known bugs). Runs after aiohttp's default is set."""
-    response.headers["Server"] = SERVER_NAME
-
-
 async def authenticate(request: web.Request) -> None:
     """Guard ``/api`` and ``/v1`` (but the public and self-authenticating paths): the bearer
     token's principal goes on the request and on every log line of it."""
