@@ -129,14 +129,18 @@ def start_request(request_id: str) -> None:
 _access = structlog.get_logger("service.access")
 
 
-def log_access(request: web.BaseRequest, status: int, started: float) -> None:
-    """The request's access line (``http.request``), when it ends: a stream's when it closes."""
+def log_access(
+    request: web.BaseRequest, status: int, started: float, *, error_code: str | None = None
+) -> None:
+    """The request's access line (``http.request``), when it ends: a stream's when it closes;
+    an error answer's with its ``error_code`` (the code in its body)."""
     _access.info(
         "http.request",
         method=request.method,
         path=request.path,
         status=status,
         duration_ms=round((time.perf_counter() - started) * 1000, 2),
+        **({"error_code": error_code} if error_code else {}),
     )
 
 

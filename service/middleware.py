@@ -82,23 +82,25 @@ def _renderer(request: web.Request) -> Callable[[ServiceError], web.Response]:
     return openai_error_response if request.path.startswith("/v1/") else error_response
 
 
-def _to_response(request: web.Request, exc: BaseException) -> web.StreamResponse:
+def _to_response(request: web.Request, exc: BaseException) -> tuple[web.StreamResponse, str | None]:
+    """The error's response in the route's shape, and its code (for the access line)."""
     openai = request.path.startswith("/v1/")
     render = _renderer(request)
     if isinstance(exc, ServiceError):
         response = render(exc)
         if exc.close_connection:  # aiohttp reads what is left for at most its lingering time
             response.force_close()  # (10 s), then closes: the connection serves nothing more
-        return response
+        return response, exc.code
     if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            return exc
+            return exc, None
         err = _from_http_exception(exc)
         if openai and exc.status == 404:
             err.message, err.code = f"Invalid URL ({request.method} {request.path})", "unknown_url"
-        return render(err)
+        return render(err), err.code
     log.error("request.unhandled_exception", path=request.path, exc_info=exc)
-    return render(ServiceError("internal error; see the log with this request id"))
+    err = ServiceError("internal error; see the log with this request id")
+    return render(err), err.code
 
 
 @web.middleware
@@ -117,7 +119,9 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         log_access(request, 101 if request.get(UPGRADED) else 499, started)
         raise
     except Exception as exc:  # noqa: BLE001 - every error becomes the JSON shape
-        response = _to_response(request, exc)
+        response, code = _to_response(request, exc)
+        log_access(request, response.status, started, error_code=code)
+        return response
     if isinstance(response, FollowingResponse):  # it streams from here: its line when it closes
         response.access_started = started
     else:

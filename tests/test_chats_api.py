@@ -228,7 +228,17 @@ async def test_access_log_line_per_request(client, auth, logs):
     assert len(lines) == 1
     assert lines[0]["status"] == 200 and lines[0]["path"] == "/api/chat"
     assert "duration_ms" in lines[0] and lines[0]["user_id"] == "logger"
+    assert "error_code" not in lines[0]
     assert not any("Bearer" in str(e) for e in logs)
+
+
+async def test_an_error_answers_access_line_has_its_code(client, auth, logs):
+    """An operator reading the access lines sees why a request failed, not only its status."""
+    missing = "/api/chat/00000000-0000-4000-8000-000000000000"
+    resp = await client.get(missing, headers={**auth("logger"), "X-Request-ID": "req-43"})
+    assert resp.status == 404
+    (line,) = [e for e in logs if e["event"] == "http.request" and e["request_id"] == "req-43"]
+    assert line["status"] == 404 and line["error_code"] == (await resp.json())["error"]["code"]
 
 
 async def test_a_request_s_log_fields_are_its_own_on_a_kept_alive_connection(client, auth, logs):
