@@ -4,6 +4,7 @@ fake upstream, SecantusDB and real sockets; with aiohttp's client and the ``webs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -590,6 +591,67 @@ async def test_with_on_disconnect_cancel_a_reader_that_stops_is_cancelled_as_slo
     assert assistant["status"] == "cancelled" and assistant["reason"] == "slow_client"
     assert assistant["tokens"]["completion"] > 0
     assert ended(logs, transport="ws", outcome="cancelled", reason="slow_client")
+
+
+async def test_a_client_that_reads_every_frame_is_not_slow_however_fast_it_sends(
+    stream_client, auth, logs
+):
+    """Frames that each get a reply (pings; invalid frames, answered ``invalid_frame``), sent in
+    a burst many times the send queue (WS_SEND_QUEUE, 256) while a reader takes every frame:
+    every one is answered and the socket stays open (the handler handled every frame already
+    received before the writer ran, and took the full queue for a slow client: 1013)."""
+    ws = await connect(stream_client, auth())
+    rounds = 2000
+    got: dict[str, int] = {"pong": 0, "error": 0}
+
+    async def read_everything() -> None:
+        while got["pong"] < rounds or got["error"] < rounds:
+            msg = await asyncio.wait_for(ws.receive(), 10)
+            assert msg.type is aiohttp.WSMsgType.TEXT, (msg, got)
+            frame = json.loads(msg.data)
+            assert frame["type"] == "pong" or frame["code"] == "invalid_frame", frame
+            got[frame["type"]] += 1
+
+    reader = asyncio.create_task(read_everything())
+    for _ in range(rounds):
+        await ws.send_str('{"type": "ping"}')
+        await ws.send_str('{"type": "nope"}')
+    await asyncio.wait_for(reader, 30)
+    assert got == {"pong": rounds, "error": rounds}
+    assert not [e for e in logs if e["event"] == "ws.slow_client"]
+    await ws.send_json({"type": "ping"})
+    assert await recv(ws) == {"type": "pong"}
+    await ws.close()
+
+
+async def test_a_client_that_sends_but_does_not_read_is_still_slow(
+    aiohttp_client, stream_settings, auth, logs
+):
+    """The handler's wait for the writer is bounded: replies that the socket does not take for
+    STREAM_SEND_TIMEOUT_S close it as a slow client (1013), as a turn's frames filling the
+    queue do (tests above)."""
+    settings = stream_settings(stream_send_timeout_s=1.0, ws_max_msg_bytes=65536)
+    ws = await connect(await aiohttp_client(create_app(settings)), auth())
+    # An unknown field is named twice in its error frame: ~100 KB back for each frame sent.
+    flood = json.dumps({"type": "ping", "x" * 50_000: 0})
+
+    async def send_without_reading() -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            while not ws.closed:
+                await ws.send_str(flood)
+
+    sending = asyncio.create_task(send_without_reading())
+    await until(lambda: any(e["event"] == "ws.slow_client" for e in logs), limit_s=30)
+    # Reading again lets the close go out. The client was still sending: the server closes
+    # with its frames unread, which resets the connection, so the client may see the reset
+    # instead of the close frame; what the server sent is in its log.
+    while (msg := await asyncio.wait_for(ws.receive(), 10)).type is aiohttp.WSMsgType.TEXT:
+        assert json.loads(msg.data)["code"] == "invalid_frame"
+    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    await asyncio.wait_for(sending, 10)
+    await until(lambda: any(e["event"] == "ws.closed" for e in logs))
+    closed = next(e for e in logs if e["event"] == "ws.closed")
+    assert (closed["code"], closed["reason"]) == (1013, "slow_client")
 
 
 # --------------------------------------------------------------------------- parity and shutdown

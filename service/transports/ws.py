@@ -3,9 +3,14 @@
 One ``Connection`` per socket. Only the handler task reads; each followed turn (a ``send`` or a
 ``resume``) is a slot whose task encodes the turn's events into frames; ONE writer task sends
 them, fed by a bounded queue. A client that stops reading fills the queue: the socket is closed
-(1013, ``slow_client``). Whatever closes the socket (the peer, a bad frame, token expiry,
-shutdown) only stops the following: the turns themselves go on to their end (resumable), unless
-``ON_DISCONNECT=cancel``. A ``cancel`` frame stops a turn, on any replica.
+(1013, ``slow_client``). The handler's own replies (``pong``, error frames) go into the same
+queue, and frames a client sent together are handled without a step of the writer between
+them: past half the queue the handler waits for the writer (``_room``) before it handles the
+next, so a client that reads everything is never taken for a slow one however fast it sends;
+one whose socket does not drain for ``STREAM_SEND_TIMEOUT_S`` meanwhile is. Whatever closes
+the socket (the peer, a bad frame, token expiry, shutdown) only stops the following: the turns
+themselves go on to their end (resumable), unless ``ON_DISCONNECT=cancel``. A ``cancel`` frame
+stops a turn, on any replica.
 """
 
 from __future__ import annotations
@@ -285,6 +290,11 @@ class Connection:
         self.slots: dict[str, Slot] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.queue: asyncio.Queue[str] = asyncio.Queue(services.settings.ws_send_queue)
+        # The handler reads the next frame only while the queue is under half full; once it
+        # has waited, the writer lets it go on at a quarter (``_room``, ``_write``).
+        self.high = services.settings.ws_send_queue // 2
+        self.low = services.settings.ws_send_queue // 4
+        self.drained = asyncio.Event()
         self.closing: Closing | None = None
         self.broken = False
         self.turns_started = 0
@@ -334,6 +344,8 @@ class Connection:
             if msg.type is WSMsgType.TEXT:
                 if self.closing is None:
                     self._on_text(msg.data)
+                    if self.queue.qsize() >= self.high:
+                        await self._room()
             elif msg.type is WSMsgType.BINARY:
                 self.close(
                     WSCloseCode.UNSUPPORTED_DATA,
@@ -345,6 +357,21 @@ class Connection:
                 self.log.info("ws.protocol_error", error=str(msg.data))
                 self.close(WSCloseCode.OK, "", "protocol_error", flush=False)
                 return
+
+    async def _room(self) -> None:
+        """Before the next frame, until the writer has sent the queue down to a quarter: the
+        frames a client sent together are all in aiohttp's buffer, and handling them without a
+        pause would fill the queue with their replies before the writer could send one (a
+        client that reads everything taken for a slow one). A socket that does not drain for
+        STREAM_SEND_TIMEOUT_S is a slow client (1013), as when a turn's frames fill the queue."""
+        self.drained.clear()
+        try:
+            async with asyncio.timeout(self.settings.stream_send_timeout_s):
+                while self.queue.qsize() > self.low and self.closing is None and not self.broken:
+                    await self.drained.wait()
+                    self.drained.clear()
+        except TimeoutError:
+            self._slow_client()
 
     @property
     def _max_turns(self) -> int:
@@ -381,6 +408,7 @@ class Connection:
         if self._key_watch is not None and self._key_watch is not asyncio.current_task():
             self._key_watch.cancel()
         self.closing = Closing(code, message, reason, flush and not self.ws.closed)
+        self.drained.set()  # a handler waiting for room goes back to reading (and ignoring)
         for slot in self.slots.values():
             slot.stop(reason)
         self.closing.task = asyncio.create_task(
@@ -417,17 +445,18 @@ class Connection:
         try:
             self.queue.put_nowait(orjson.dumps(frame).decode())
         except asyncio.QueueFull:
-            self.log.warning(
-                "ws.slow_client", queued=self.queue.qsize(), running_turns=len(self.slots)
-            )
-            self.close(
-                WSCloseCode.TRY_AGAIN_LATER,
-                "slow_client: the send buffer is full",
-                "slow_client",
-                flush=False,
-            )
+            self._slow_client()
             return False
         return True
+
+    def _slow_client(self) -> None:
+        self.log.warning("ws.slow_client", queued=self.queue.qsize(), running_turns=len(self.slots))
+        self.close(
+            WSCloseCode.TRY_AGAIN_LATER,
+            "slow_client: the send buffer is full",
+            "slow_client",
+            flush=False,
+        )
 
     async def _write(self) -> None:
         """The one writer: frames leave in queue order, so each turn's events stay in order."""
@@ -442,6 +471,8 @@ class Connection:
                     self.queue.task_done()
             finally:
                 self.queue.task_done()
+                if self.queue.qsize() <= self.low:
+                    self.drained.set()  # the handler may read on (``_room``)
 
     # ------------------------------------------------------------------ receiving
     def _on_text(self, raw: str) -> None:
