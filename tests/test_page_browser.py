@@ -566,6 +566,25 @@ async def test_answer_offsets_count_code_points_and_never_repeat_text(browser, s
     assert steps == [2, "llo", "", " wö", None, 8, True, False]
 
 
+async def test_an_answer_that_ends_shorter_than_the_page_has_keeps_the_stored_text(browser, serve):
+    """A terminal event's ``unsaved`` (a resume from past the end of an answer whose replica
+    died before saving it): the page keeps the answer's first characters, code points."""
+    client = await serve()
+    page = await open_page(browser, client)
+    shown = await page.evaluate(
+        """async () => {
+          const { cutText, messageEl, rawText, settle } = await import("/static/js/messages.js");
+          const content = "h😀 **one** two";
+          const li = messageEl({ role: "assistant", content, status: "streaming" });
+          document.body.append(li);
+          cutText(li, 10);  // what the record has: "h😀 **one**"
+          settle(li);
+          return [rawText(li), li.querySelector(".msg-md").innerHTML.trim()];
+        }"""
+    )
+    assert shown == ["h😀 **one**", "<p>h😀 <strong>one</strong></p>"]
+
+
 @pytest.mark.parametrize("transport", ["sse", "ws"])
 async def test_reasoning_is_folded_away_above_the_answer(browser, serve, fake_openai, transport):
     """A reasoning model's thinking (recorded frames) shows as a closed "Thinking" fold above

@@ -18,8 +18,8 @@ from typing import Any
 import aiohttp
 
 from tests.fake_openai import Script
-from tests.processes import eventually, new_chat, open_sse, session, wait_until
-from tests.sse_client import events
+from tests.processes import eventually, new_chat, open_sse, open_ws, session, wait_until
+from tests.sse_client import collect, events
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 # Intervals as in production: the follow mechanism, not fast test checkpoints, carries the text.
@@ -129,3 +129,61 @@ async def test_a_follower_of_a_killed_replica_ends_interrupted_with_the_checkpoi
         return usage["reserved"] == 0
 
     await eventually(settled, 5, "the reservation released")
+
+
+async def test_a_resume_past_the_checkpoint_of_a_killed_replica_ends_at_the_stored_answer(
+    services, fake_openai, token_for, db
+):
+    """A client had more of the answer (from A) than A had checkpointed when it was killed. Its
+    resume on B, from its offset, ends once the turn is settled with the stored answer's length
+    (not its own offset) and the range of its text that the stored answer does not have, on
+    SSE and on the WebSocket; the same resume afterwards is refused at that length."""
+    a, b = await services.start(
+        "a", "b", checkpoint_interval_s=2.0, stale_stream_s=1.5, reaper_interval_s=0.5
+    )
+    # "one two " is checkpointed; "three four " reaches the client, never a checkpoint.
+    fake_openai.default = Script(
+        chunks=["one ", "two ", "three ", "four ", "never"], gate_after=2, stall_after=4
+    )
+    saved, seen = len("one two "), len("one two three four ")
+    async with session(a, token_for("alice")) as on_a, session(b, token_for("alice")) as on_b:
+        chat = await new_chat(on_a)
+        turn = await open_sse(on_a, chat)
+        await turn.wait_text("one two ")
+
+        async def checkpointed() -> bool:
+            record = await db.messages.find_one({"_id": turn.message_id})
+            return record["content"] == "one two "
+
+        await eventually(checkpointed, 10, "A's checkpoint of 'one two '")
+        fake_openai.gate.set()
+        await turn.wait_text("one two three four ")  # well before A's next checkpoint
+        a.send(signal.SIGKILL)
+        assert await a.wait_exit(5) == -signal.SIGKILL
+
+        stream = f"/api/chat/{chat}/messages/{turn.message_id}/stream"
+        resp = await on_b.get(f"{stream}?after={seen}")
+        assert resp.status == 200
+        ws = await open_ws(on_b)
+        await ws.ws.send_json(
+            {"type": "resume", "id": "r", "message_id": turn.message_id, "after": seen}
+        )
+        followed = await asyncio.wait_for(collect(resp), 15)  # settled from the checkpoint
+        frame = await ws.wait_terminal("r", 15)
+        await ws.ws.close()
+
+        async with on_b.get(f"{stream}?after={seen}") as again:
+            assert again.status == 400
+            refused = (await again.json())["error"]
+
+    assert [e["event"] for e in followed] == ["started", "error"]
+    assert int(followed[0]["id"]) == seen
+    end = followed[-1]
+    assert end["data"]["status"] == "interrupted" and int(end["id"]) == saved
+    assert end["data"]["unsaved"] == [saved, seen]
+    assert [f["type"] for f in ws.of("r")] == ["started", "error"]
+    assert frame["status"] == "interrupted" and frame["offset"] == saved
+    assert frame["unsaved"] == [saved, seen]
+    record = await db.messages.find_one({"_id": turn.message_id})
+    assert record["status"] == "interrupted" and len(record["content"]) == saved
+    assert refused["code"] == "invalid_offset" and refused["details"] == {"length": saved}

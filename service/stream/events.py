@@ -8,6 +8,11 @@ on a send, the client's offset on a resume), a ``Delta`` the offset its text end
 terminal event the length of the whole answer. A client that reconnects with the last offset it
 saw gets exactly the text after it.
 
+A client may have more than the answer has: a replica sends text before it checkpoints it, and
+one that dies leaves the answer settled from its last checkpoint. A follower that resumed past
+the end of such an answer gets the terminal event at the answer's length with ``unsaved``, the
+``[start, end)`` offsets of its text that the stored answer does not have.
+
 ``Extra`` is a step of the answer that is more than choice 0's text (tool call deltas, reasoning,
 a refusal, logprobs, another choice of ``n``), in OpenAI's chunk shape without the ids; the /v1
 route relays it as a frame, the chat routes show its reasoning (``event: reasoning``) and text.
@@ -142,21 +147,30 @@ class Final:
 @dataclass(frozen=True, slots=True)
 class Done:
     final: Final
-    offset: int
+    offset: int  # the whole answer's length
+    unsaved: tuple[int, int] | None = None  # the follower's text past it: [start, end)
     name = "done"
 
     def data(self) -> dict[str, Any]:
-        return self.final.data()
+        return _terminal_data(self.final, self.unsaved)
 
 
 @dataclass(frozen=True, slots=True)
 class Error:
     final: Final
-    offset: int
+    offset: int  # the whole answer's length
+    unsaved: tuple[int, int] | None = None  # the follower's text past it: [start, end)
     name = "error"
 
     def data(self) -> dict[str, Any]:
-        return self.final.data()
+        return _terminal_data(self.final, self.unsaved)
+
+
+def _terminal_data(final: Final, unsaved: tuple[int, int] | None) -> dict[str, Any]:
+    body = final.data()
+    if unsaved is not None:
+        body["unsaved"] = list(unsaved)
+    return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,5 +183,8 @@ PING = Ping()
 Event = Started | Delta | Extra | Done | Error
 
 
-def terminal(final: Final, offset: int) -> Done | Error:
-    return Done(final, offset) if final.ok else Error(final, offset)
+def terminal(final: Final, length: int, offset: int) -> Done | Error:
+    """The end of an answer of ``length`` characters, for a follower at ``offset``: past the
+    end when it had text the stored answer does not have (``unsaved``)."""
+    unsaved = (length, offset) if offset > length else None
+    return Done(final, length, unsaved) if final.ok else Error(final, length, unsaved)

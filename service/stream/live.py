@@ -306,7 +306,9 @@ class Follower:
                 waiter.set_exception(StopAsyncIteration())
             else:
                 self._done = True
-                waiter.set_result(terminal(live.final, self.offset))
+                # At the answer's length, also for a follower past it (text a replica sent
+                # and died before it checkpointed: the answer settled without it).
+                waiter.set_result(terminal(live.final, live.length, self.offset))
         elif self.ping_due:
             self.ping_due = False
             waiter.set_result(PING)

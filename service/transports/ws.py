@@ -36,7 +36,7 @@ from service.metrics import RESUMES as RESUMES_TOTAL
 from service.settings import Settings
 from service.store import Store
 from service.stream.branches import Branch
-from service.stream.events import Delta, Done, Event, Extra, Final, Ping, Started
+from service.stream.events import Delta, Done, Error, Event, Extra, Ping, Started
 from service.stream.idempotency import (
     KEY_RULE,
     Admissions,
@@ -216,7 +216,7 @@ def event_frame(turn_id: str, event: Event) -> Frame:
         return {"type": "started", "id": turn_id, **event.data(), "offset": event.offset}
     if isinstance(event, Done):
         return {"type": "done", "id": turn_id, **event.data(), "offset": event.offset}
-    return {**_final_error(turn_id, event.final), "offset": event.offset}
+    return {**_final_error(turn_id, event), "offset": event.offset}
 
 
 def _empty(event: Event | Ping) -> bool:
@@ -226,8 +226,9 @@ def _empty(event: Event | Ping) -> bool:
     return isinstance(event, Extra) and not event.text and not event.reasoning()
 
 
-def _final_error(turn_id: str, final: Final) -> Frame:
-    frame: Frame = {"type": "error", "id": turn_id, **final.data()}
+def _final_error(turn_id: str, event: Error) -> Frame:
+    final = event.final
+    frame: Frame = {"type": "error", "id": turn_id, **event.data()}
     frame.setdefault("code", "cancelled" if final.status == "cancelled" else "stream_failed")
     frame.setdefault("message", f"the turn was stopped ({final.reason})")
     return frame

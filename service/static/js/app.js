@@ -5,7 +5,7 @@ import { $, formatTime, h, titleFrom } from "./dom.js";
 import { describe, describeEnd, setBudgetUnit } from "./errors.js";
 import { copyText } from "./markdown.js";
 import { KeysDialog } from "./keys.js";
-import { appendReasoning, appendText, messageEl, onRendered, rawText, setMeta, setStatus, setVersion, settle } from "./messages.js";
+import { appendReasoning, appendText, cutText, messageEl, onRendered, rawText, setMeta, setStatus, setVersion, settle } from "./messages.js";
 import { formatMoney, isMoneyUnit } from "./money.js";
 import { codePoints } from "./resume.js";
 import { Search } from "./search.js";
@@ -432,6 +432,7 @@ function answerHandlers(botEl, onStarted = () => {}) {
     },
     onEnd(kind, data) {
       setStatus(botEl, data.status || (kind === "done" ? "complete" : "failed"));
+      if (Array.isArray(data.unsaved)) cutText(botEl, data.unsaved[0]);
       settle(botEl);
       setMeta(botEl, data);
       if (kind === "error") {

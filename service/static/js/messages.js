@@ -187,6 +187,14 @@ export function appendText(msgEl, text) {
   views.get(msgEl)?.update(node.data);
 }
 
+// The stored answer is shorter than what the page was sent (a terminal event's `unsaved`: its
+// replica died before saving the rest): keep its first `length` characters (code points).
+export function cutText(msgEl, length) {
+  const node = msgEl.querySelector(".msg-body").firstChild;
+  node.data = [...node.data].slice(0, length).join("");
+  views.get(msgEl)?.update(node.data);
+}
+
 // The answer has ended (or stopped): render it whole, exactly.
 export function settle(msgEl) {
   views.get(msgEl)?.flush(rawText(msgEl));

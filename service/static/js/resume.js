@@ -39,8 +39,9 @@ export class AnswerOffset {
     return have === 0 ? text : chars.slice(have).join("");
   }
 
-  // A terminal event says how long the whole answer is: shorter than what the page has is
-  // impossible, longer means text is missing.
+  // A terminal event says how long the whole answer is: longer than what the page has means
+  // text is missing; shorter, that the page has text its replica sent and died before saving
+  // (the event's `unsaved`; the page then keeps the answer as stored: app.js).
   complete(end) {
     return !Number.isSafeInteger(end) || end <= this.offset;
   }
