@@ -49,6 +49,7 @@ from service.keys import (
     WATCHER,
 )
 from service.listen import listen_error
+from service.logs import error_text
 from service.middleware import SERVER_NAME, add_request_id_header, request_context
 from service.model_lists import ModelLists
 from service.models import load_catalogue
@@ -81,9 +82,9 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     store = Store(client[settings.mongodb_db], idempotency_ttl_s=settings.idempotency_ttl_s)
     try:
         await store.ensure_indexes()
-    except PyMongoError:
+    except PyMongoError as exc:
         # Start anyway: /readyz reports the outage and requests fail fast with 503 until it is back.
-        log.warning("mongodb.unavailable_at_startup", db=settings.mongodb_db)
+        log.warning("mongodb.unavailable_at_startup", db=settings.mongodb_db, error=error_text(exc))
     app[STORE] = store
     yield
     client.close()
@@ -121,6 +122,9 @@ async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(load_encoding, encoding)  # ~0.5 s once; keep it off the loop
     registry = StreamRegistry()
     app[REGISTRY] = registry
+    # Unreachable at start-up is an outage like any other: no turn is judged dead until every
+    # replica could write its heartbeat again, and its end is logged (``mongodb.available_again``).
+    registry.store_failing = not app[STORE].indexes_ready
     registry.leases = Leases(
         app[STORE],
         registry.replica_id,

@@ -84,6 +84,22 @@ def redact(text: str) -> str:
     return _CREDENTIAL.sub(_replace, text) if _may_hold_credential(text) else text
 
 
+MAX_ERROR_CHARS = 300  # an underlying error's words in a line: the driver's run to 600 and more
+# A URL's user and password (``mongodb://user:pass@host``): a driver may echo the URI it was given.
+_USERINFO = re.compile(r"(?P<s>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def error_text(exc: BaseException) -> str:
+    """What went wrong beneath ``exc``, for its log line (``error=``): the type and words of its
+    cause (the driver's or the HTTP client's error a ``ServiceError`` was raised from), or its
+    own; credentials and a URL's password masked, at most about ``MAX_ERROR_CHARS``."""
+    cause = exc.__cause__ or exc
+    words = str(cause)
+    text = f"{type(cause).__name__}: {words}" if words else type(cause).__name__
+    text = redact(_USERINFO.sub(rf"\g<s>{REDACTED}@", text[: 4 * MAX_ERROR_CHARS]))
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "…"
+
+
 def _bound(text: str, limit: int, head: int) -> str:
     """At most about ``limit`` characters: the first ``head`` and the rest from the end."""
     if len(text) <= limit:

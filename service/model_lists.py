@@ -25,6 +25,7 @@ import structlog
 
 from service.auth import KeyScope
 from service.errors import NotFound, UpstreamError
+from service.logs import error_text
 from service.metrics import UPSTREAM_ERRORS
 from service.models import ModelSpec
 from service.providers.base import Provider
@@ -106,7 +107,9 @@ class ModelLists:
         try:
             ids = await self._providers[provider].list_models()
         except UpstreamError as exc:
-            log.warning("models.list_failed", provider=provider, code=exc.code)
+            log.warning(
+                "models.list_failed", provider=provider, code=exc.code, error=error_text(exc)
+            )
             UPSTREAM_ERRORS.labels(provider, exc.code, "list").inc()
             entry.expires = self._clock() + min(self._ttl, RETRY_S)
             return

@@ -232,3 +232,26 @@ async def test_a_control_character_a_client_sends_is_escaped_in_the_console_log(
         what="both access lines",
     )
     assert not set(svc.text()) & set(CONTROLS) - {"\n"}
+
+
+def test_an_error_s_cause_is_logged_bounded_without_its_credentials():
+    """``error_text``: the cause's type and words (what a ``ServiceError`` was raised from),
+    a URL's password and anything shaped like a key masked, the length bounded."""
+    from service.logs import MAX_ERROR_CHARS, error_text
+
+    try:
+        try:
+            raise ConnectionError(
+                "mongodb://chat:hunter2-pw@db.example:27017 refused; key sk-"
+                + "k" * 30
+                + " "
+                + "x" * 2000
+            )
+        except ConnectionError as exc:
+            raise RuntimeError("the database is unavailable") from exc
+    except RuntimeError as exc:
+        text = error_text(exc)
+    assert text.startswith(f"ConnectionError: mongodb://{REDACTED}@db.example:27017 refused")
+    assert "hunter2" not in text and "sk-kkk" not in text
+    assert len(text) <= MAX_ERROR_CHARS + 1
+    assert error_text(TimeoutError()) == "TimeoutError"

@@ -149,6 +149,24 @@ async def test_an_unreadable_list_keeps_models_offered(
     failed = [e for e in logs if e["event"] == "models.list_failed"]
     assert failed and failed[0]["provider"] == "openai"
     assert failed[0]["code"] == "upstream_unavailable"
+    assert failed[0]["error"] == "UpstreamError: the upstream is unavailable (HTTP 500)"
+
+
+async def test_an_unreachable_list_logs_what_the_client_met(
+    aiohttp_client, stream_settings, auth, logs
+):
+    """``models.list_failed`` names the HTTP client's own error (which host, refused), not only
+    the code every connection failure shares."""
+    from tests.mongo_server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    settings = stream_settings(openai_base_url=url, upstream_max_attempts=1)
+    client = await aiohttp_client(create_app(settings))
+    assert await model_names(client, auth()) == {"gpt-test", "demo"}
+    failed = [e for e in logs if e["event"] == "models.list_failed"]
+    assert failed and failed[0]["code"] == "upstream_unavailable"
+    assert failed[0]["error"].startswith("ClientConnectorError: "), failed[0]
+    assert "127.0.0.1:" in failed[0]["error"]
 
 
 # --------------------------------------------------------------------------- validation

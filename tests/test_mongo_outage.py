@@ -153,3 +153,38 @@ async def test_the_timeout_bounds_a_whole_operation_retries_included(
             assert took < 1.6, f"{path}: {took:.2f} s against a 1 s MONGODB_TIMEOUT_MS"
     finally:
         own_mongo.proc.send_signal(signal.SIGCONT)
+
+
+async def test_the_log_says_why_mongodb_is_unreachable_and_when_it_is_back(
+    aiohttp_client, make_settings, own_mongo, logs
+):
+    """Start-up's warning and every failed round of the watcher carry the driver's own error
+    (which host, what failed), not only a code; one line says when MongoDB answers again."""
+    from service.keys import REGISTRY
+    from tests.processes import eventually
+
+    own_mongo.stop()
+    host = own_mongo.uri.split("//", 1)[1].split("/", 1)[0]
+    settings = make_settings(mongodb_uri=own_mongo.uri, mongodb_timeout_ms=500)
+    client = await aiohttp_client(create_app(settings))
+    (startup,) = [e for e in logs if e["event"] == "mongodb.unavailable_at_startup"]
+    assert startup["error"].startswith("ServerSelectionTimeoutError: "), startup
+    assert host in startup["error"] and len(startup["error"]) <= 301
+
+    async def watch_failed() -> bool:
+        return any(e["event"] == "stream.watch_failed" for e in logs)
+
+    await eventually(watch_failed, what="a failed round of the watcher")
+    failed = next(e for e in logs if e["event"] == "stream.watch_failed")
+    assert failed["code"] == "database_unavailable", failed
+    assert failed["error"].startswith(("ServerSelectionTimeoutError: ", "TimeoutError")), failed
+    assert not any(e["event"] == "mongodb.available_again" for e in logs)
+
+    own_mongo.start()
+
+    async def back() -> bool:
+        return any(e["event"] == "mongodb.available_again" for e in logs)
+
+    await eventually(back, deadline_s=15, what="the line saying MongoDB is back")
+    assert not client.app[REGISTRY].store_failing
+    assert [e["event"] for e in logs].count("mongodb.available_again") == 1

@@ -20,6 +20,7 @@ import structlog
 
 from service.costs import Budget
 from service.errors import ServiceError
+from service.logs import error_text
 from service.store import Doc, FinalOp, Rollup, Store
 from service.stream.events import Final
 
@@ -214,7 +215,12 @@ class PendingFinals:
             try:
                 await write.apply(store, rollups)
             except ServiceError as exc:
-                log.warning("stream.finalize_retry_failed", code=exc.code, pending=len(self))
+                log.warning(
+                    "stream.finalize_retry_failed",
+                    code=exc.code,
+                    error=error_text(exc),
+                    pending=len(self),
+                )
                 break
             del self._writes[message_id]
             applied += 1

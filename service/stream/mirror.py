@@ -28,6 +28,7 @@ from datetime import timedelta
 import structlog
 
 from service.errors import ServiceError
+from service.logs import error_text
 from service.settings import Settings
 from service.store import Doc, Store, utcnow
 from service.stream.finals import final_of
@@ -137,7 +138,12 @@ class Resumes:
                     renew_at = now + RENEW_S
                     await self.store.follow_turns(list(self.mirrors), until=utcnow() + _lease())
             except ServiceError as exc:
-                log.warning("stream.follow_failed", code=exc.code, mirrors=len(self.mirrors))
+                log.warning(
+                    "stream.follow_failed",
+                    code=exc.code,
+                    error=error_text(exc),
+                    mirrors=len(self.mirrors),
+                )
 
     async def _settle_dead(self, docs: list[Doc]) -> list[Doc]:
         cutoff = utcnow() - timedelta(seconds=self.settings.stale_stream_s)

@@ -136,8 +136,11 @@ class StreamRegistry:
         return self.store_back_at is None or now - self.store_back_at >= stale_s
 
     def store_answered(self, now: float) -> None:
+        """MongoDB answered the watcher: logged once after it had failed (each failed round
+        logs its error: ``stream.watch_failed``), or after start-up found it unreachable."""
         if self.store_failing:
             self.store_failing, self.store_back_at = False, now
+            log.info("mongodb.available_again")
 
     # ------------------------------------------------------------------ shutdown
     def track(self, task: asyncio.Task[Any]) -> None:

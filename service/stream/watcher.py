@@ -22,6 +22,7 @@ import structlog
 
 from service.costs import NANOS, Budget, Price, cost_nanos
 from service.errors import ServiceError
+from service.logs import error_text
 from service.metrics import COST, TURNS
 from service.settings import Settings
 from service.store import Doc, Rollup, Store, key_account, utcnow
@@ -190,7 +191,7 @@ async def _control(store: Store, registry: StreamRegistry, settings: Settings) -
                 await reap(store, settings)
         except ServiceError as exc:
             registry.store_failing = True
-            log.warning("stream.watch_failed", code=exc.code)
+            log.warning("stream.watch_failed", code=exc.code, error=error_text(exc))
         except Exception:  # one failed round must not end the replica's watch
             log.exception("stream.watch_failed")
         await asyncio.sleep(settings.watch_interval_s)
@@ -209,7 +210,7 @@ async def _idle_leases(registry: StreamRegistry, settings: Settings) -> None:
             await leases.release_idle(loop.time())
         except ServiceError as exc:  # what could not be done is done at a later round
             registry.store_failing = True
-            log.warning("stream.watch_failed", code=exc.code)
+            log.warning("stream.watch_failed", code=exc.code, error=error_text(exc))
         except Exception:
             log.exception("stream.watch_failed")
         await asyncio.sleep(settings.watch_interval_s)
@@ -271,7 +272,12 @@ async def _flush_rollups(store: Store, registry: StreamRegistry) -> None:
     try:
         await registry.rollups.flush(store)
     except ServiceError as exc:  # kept: the next round writes them
-        log.warning("stream.rollup_failed", code=exc.code, pending=len(registry.rollups))
+        log.warning(
+            "stream.rollup_failed",
+            code=exc.code,
+            error=error_text(exc),
+            pending=len(registry.rollups),
+        )
     except Exception:
         log.exception("stream.rollup_failed")
 
@@ -299,7 +305,7 @@ async def _checkpoints(store: Store, registry: StreamRegistry, settings: Setting
         try:
             await store.checkpoint_many([(live.message_id, live.text()) for live in grown])
         except ServiceError as exc:
-            log.warning("stream.checkpoint_failed", code=exc.code)
+            log.warning("stream.checkpoint_failed", code=exc.code, error=error_text(exc))
             continue
         except Exception:  # the next round retries; streams go on regardless
             log.exception("stream.checkpoint_failed")
