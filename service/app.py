@@ -87,6 +87,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         log.warning("mongodb.unavailable_at_startup", db=settings.mongodb_db, error=error_text(exc))
     app[STORE] = store
     yield
+    await store.close()
     client.close()
 
 

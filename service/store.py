@@ -21,17 +21,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import contextvars
 import functools
 import hashlib
 import random
 import re
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import motor.frameworks.asyncio as motor_threads
 import orjson
@@ -62,6 +63,9 @@ from service.errors import (
 from service.limits import CONCURRENCY_RETRY_S, Allowance, request_interval, request_window
 from service.metrics import MONGODB_SECONDS
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from prometheus_client import Histogram
 
 log = structlog.get_logger("service.store")
 P = ParamSpec("P")
@@ -107,42 +111,69 @@ def _unavailable(exc: PyMongoError) -> bool:
 def db_call(
     fn: Callable[Concatenate[Store, P], Coroutine[Any, Any, R]],
 ) -> Callable[Concatenate[Store, P], Coroutine[Any, Any, R]]:
-    """Ensure the indexes exist; bound the call by the client's ``timeoutMS``
-    (``MONGODB_TIMEOUT_MS``) from now, its commands' waits for a driver thread included; turn
-    driver outages and timeouts into ``StoreUnavailable``.
-
-    PyMongo's own clock starts when a driver thread takes a command: while every thread is held
-    (an outage, a hung server: each command up to the timeout), the commands queued behind them
-    would wait unbounded. Here the deadline is set where the call is made (``pymongo.timeout``:
-    motor hands the caller's context to the thread, so a command a thread takes past it is
-    never sent), and the caller stops waiting at it (a command no thread has taken is then
-    dropped from the queue; one in flight ends by the same deadline in its thread)."""
+    """Bound the call by the client's ``timeoutMS`` (``MONGODB_TIMEOUT_MS``) from now, its wait
+    for the indexes and its commands' waits for a driver thread included; turn driver outages
+    and timeouts into ``StoreUnavailable`` (``_guarded``)."""
 
     ok = MONGODB_SECONDS.labels(fn.__name__, "ok")
     failed = MONGODB_SECONDS.labels(fn.__name__, "error")
 
     @functools.wraps(fn)
     async def wrapper(store: Store, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        started = time.perf_counter()
-        try:
-            if not store.indexes_ready:
-                await store.ensure_indexes()
-            timeout_s = store.timeout_s
-            if timeout_s is None:
-                result = await fn(store, *args, **kwargs)
-            else:
-                with pymongo.timeout(timeout_s):
-                    async with asyncio.timeout(timeout_s):
-                        result = await fn(store, *args, **kwargs)
-        except (PyMongoError, TimeoutError) as exc:
-            failed.observe(time.perf_counter() - started)
-            if isinstance(exc, TimeoutError) or _unavailable(exc):
-                raise StoreUnavailable("the database is unavailable; try again shortly") from exc
-            raise
-        ok.observe(time.perf_counter() - started)
-        return result
+        return await _guarded(
+            store, store.timeout_s, lambda: fn(store, *args, **kwargs), ok, failed
+        )
 
     return wrapper
+
+
+async def _guarded(
+    store: Store,
+    timeout_s: float | None,
+    call: Callable[[], Awaitable[R]],
+    ok: Histogram,
+    failed: Histogram,
+) -> R:
+    """``call`` once the indexes exist, the whole within ``timeout_s`` of now (None: the
+    driver's own bounds), timed into ``ok`` or ``failed``; an outage or a timeout raised as
+    ``StoreUnavailable``.
+
+    PyMongo's own clock starts when a driver thread takes a command: while every thread is held
+    (an outage, a hung server: each command up to the timeout), the commands queued behind them
+    would wait unbounded. Here the deadline is set where the call is made (``pymongo.timeout``:
+    motor hands the caller's context to the thread, so a command a thread takes past it is
+    never sent), and the caller stops waiting at it (a command no thread has taken is then
+    dropped from the queue; one in flight ends by the same deadline in its thread). The
+    indexes, when MongoDB was away at start-up, are made off the call's path
+    (``Store.indexes``): the call waits for them within its own deadline."""
+    started = time.perf_counter()
+    try:
+        if timeout_s is None:
+            if not store.indexes_ready:
+                await store.indexes()
+            result = await call()
+        else:
+            with pymongo.timeout(timeout_s):
+                async with asyncio.timeout(timeout_s):
+                    if not store.indexes_ready:
+                        await store.indexes()
+                    result = await call()
+    except (PyMongoError, TimeoutError) as exc:
+        failed.observe(time.perf_counter() - started)
+        if isinstance(exc, TimeoutError) or _unavailable(exc):
+            raise StoreUnavailable("the database is unavailable; try again shortly") from exc
+        raise
+    ok.observe(time.perf_counter() - started)
+    return result
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """The index task's failure is its waiters' (each sees it): never 'never retrieved'."""
+    if not task.cancelled():
+        task.exception()
+
+
+_PING = (MONGODB_SECONDS.labels("ping", "ok"), MONGODB_SECONDS.labels("ping", "error"))
 
 
 def size_driver_threads(threads: int) -> None:
@@ -210,14 +241,41 @@ class Store:
         self.indexes_ready = False
         self.text_search = False  # a text index serves search (known once the indexes exist)
         self._index_lock = asyncio.Lock()
+        self._index_task: asyncio.Task[None] | None = None
+
+    async def close(self) -> None:
+        """Stop making the indexes, if that is under way (before the client closes)."""
+        task, self._index_task = self._index_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     # ------------------------------------------------------------------ lifecycle
     async def ensure_indexes(self) -> None:
-        """Create the indexes once (idempotent); retried by the next call while MongoDB is down."""
+        """Create the indexes once (idempotent); while MongoDB is down, tried again by the next
+        call (``indexes``)."""
         async with self._index_lock:
             if not self.indexes_ready:
                 await self._create_indexes()
                 self.indexes_ready = True
+
+    async def indexes(self) -> None:
+        """Wait for the indexes, made once. After start-up could not make them (MongoDB away),
+        the first call since starts a task that makes them under the driver's own bounds and
+        outlives that call's deadline: a caller only waits for it (within its own deadline), so
+        /readyz keeps its second and a request its ``MONGODB_TIMEOUT_MS``, and a build slower
+        than one caller's deadline is not begun again by the next. It runs in a context of its
+        own: no caller's deadline (``pymongo.timeout``) and no request's log fields."""
+        if self.indexes_ready:
+            return
+        task = self._index_task
+        if task is None or task.done():  # never started, or failed: the next try
+            task = self._index_task = asyncio.create_task(
+                self.ensure_indexes(), name="mongodb-indexes", context=contextvars.Context()
+            )
+            task.add_done_callback(_retrieved)
+        await asyncio.shield(task)
 
     async def _create_indexes(self) -> None:
         with contextlib.suppress(OperationFailure):  # replaced by ``flags`` (cancel or follow)
@@ -294,13 +352,11 @@ class Store:
         else:
             self.text_search = True
 
-    @db_call
     async def ping(self, timeout_s: float) -> None:
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self.db.command("ping")
-        except TimeoutError as exc:
-            raise StoreUnavailable("the database did not answer in time") from exc
+        """/readyz: the indexes and a ping, together within ``timeout_s`` (at most
+        ``MONGODB_TIMEOUT_MS``)."""
+        bound = timeout_s if self.timeout_s is None else min(timeout_s, self.timeout_s)
+        await _guarded(self, bound, lambda: self.db.command("ping"), *_PING)
 
     # ------------------------------------------------------------------ chats
     @db_call

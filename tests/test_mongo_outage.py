@@ -69,6 +69,45 @@ async def test_starts_while_mongodb_is_down(aiohttp_client, make_settings, auth,
     assert "user_period" in names  # the unique index the budget relies on exists after recovery
 
 
+async def test_down_at_start_readyz_and_every_call_keep_their_bound(
+    aiohttp_client, make_settings, auth
+):
+    """MongoDB unreachable at start-up (a closed port): the indexes still to make do not add
+    their own wait to a call's. /readyz answers 503 within its second and a store call raises
+    ``StoreUnavailable`` within MONGODB_TIMEOUT_MS, each time (the indexes are tried again off
+    the call's path)."""
+    from service.api.health import READY_TIMEOUT_S
+    from service.errors import StoreUnavailable
+    from tests.mongo_server import free_port
+
+    timeout_s = 2.0
+    uri = f"mongodb://127.0.0.1:{free_port()}/?replicaSet=rs0"
+    settings = make_settings(mongodb_uri=uri, mongodb_timeout_ms=int(timeout_s * 1000))
+    client = await aiohttp_client(create_app(settings))
+    store = client.app[STORE]
+    slack = 0.7  # a busy machine; making the indexes first took a whole timeout more
+    for _ in range(2):
+        started = time.monotonic()
+        resp = await client.get("/readyz")
+        took = time.monotonic() - started
+        assert resp.status == 503
+        assert (await resp.json())["error"]["code"] == "database_unavailable"
+        assert took < READY_TIMEOUT_S + slack, f"/readyz: {took:.2f} s"
+
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.get_chat("alice", "c1")
+        took = time.monotonic() - started
+        assert took < timeout_s + slack, f"a store call: {took:.2f} s against {timeout_s} s"
+
+        started = time.monotonic()
+        resp = await client.get("/api/chat", headers=auth())
+        took = time.monotonic() - started
+        assert resp.status == 503
+        assert took < timeout_s + slack, f"a request: {took:.2f} s against {timeout_s} s"
+    assert not store.indexes_ready
+
+
 async def test_a_turn_that_ends_while_mongodb_is_down_is_finalized_when_it_is_back(
     aiohttp_client, make_settings, auth, own_mongo, fake_openai, logs
 ):
