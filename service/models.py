@@ -81,9 +81,10 @@ class Catalogue:
         return next((name for name in self._models if key.may_use(name)), self.default)
 
     def resolve(self, name: str | None, key: KeyScope | None = None) -> ModelSpec:
-        spec = self._models.get(name or self.default_for(key))
+        wanted = name or self.default_for(key)
+        spec = self._models.get(wanted)
         if spec is None:
-            raise NotFound(f"model '{name}' is not available", code="model_not_found")
+            raise NotFound(f"model '{wanted}' is not available", code="model_not_found")
         return spec
 
     def all(self) -> list[ModelSpec]:
@@ -97,6 +98,7 @@ def load_catalogue(settings: Settings) -> Catalogue:
     elif settings.models_file:
         source, raw = "MODELS_FILE", _json(settings.models_file.read_text(), "MODELS_FILE")
     else:
+        _check_default(settings, [DEMO_MODEL], " (without MODELS or MODELS_FILE, only 'demo')")
         return Catalogue([DEMO_MODEL], settings.default_model)
     if not isinstance(raw, list):
         raise SettingsError(f"invalid setting {source}: expected a JSON list of model entries")
@@ -115,10 +117,7 @@ def load_catalogue(settings: Settings) -> Catalogue:
         if m.name in seen:
             raise SettingsError(f"invalid setting {source}: duplicate model name '{m.name}'")
         seen.add(m.name)
-    if settings.default_model not in {m.name for m in models if m.enabled}:
-        raise SettingsError(
-            f"invalid setting DEFAULT_MODEL: '{settings.default_model}' is not an enabled model"
-        )
+    _check_default(settings, models)
     if settings.budget_unit == "currency":
         unpriced = [
             m.name for m in models if m.enabled and m.price is None and m.provider != "demo"
@@ -129,6 +128,16 @@ def load_catalogue(settings: Settings) -> Catalogue:
                 f"none for {', '.join(repr(n) for n in unpriced)}"
             )
     return Catalogue(models, settings.default_model)
+
+
+def _check_default(settings: Settings, models: list[ModelSpec], hint: str = "") -> None:
+    """DEFAULT_MODEL must be one of the catalogue's enabled models: otherwise every turn that
+    names no model would be refused."""
+    if settings.default_model not in {m.name for m in models if m.enabled}:
+        raise SettingsError(
+            f"invalid setting DEFAULT_MODEL: '{settings.default_model}' is not an enabled "
+            f"model{hint}"
+        )
 
 
 def _json(text: str, source: str) -> object:

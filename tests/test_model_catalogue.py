@@ -199,6 +199,38 @@ def test_catalogue_level_mistakes_are_named(make_settings):
         load_catalogue(make_settings(models="[{"))
 
 
+def test_a_default_model_outside_the_demo_catalogue_stops_start_up(make_settings, tmp_path):
+    """Without MODELS the catalogue is the demo model alone: DEFAULT_MODEL=gpt-4 started, and
+    every send that named no model was then refused. It stops start-up as with MODELS set."""
+    with pytest.raises(SettingsError, match="DEFAULT_MODEL: 'gpt-4' is not an enabled model"):
+        load_catalogue(make_settings(default_model="gpt-4"))
+    assert load_catalogue(make_settings()).resolve(None).name == "demo"
+    out = run(
+        "serve",
+        MONGODB_URI="mongodb://127.0.0.1:1",
+        JWT_SECRET="s" * 40,
+        MODELS="",
+        DEFAULT_MODEL="gpt-4",
+        DATA_DIR=str(tmp_path),
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        "chat-gateway: invalid setting DEFAULT_MODEL: 'gpt-4' is not an enabled model "
+        "(without MODELS or MODELS_FILE, only 'demo')"
+    )
+
+
+def test_a_model_not_served_is_named_even_when_it_is_the_default():
+    """The refusal names the model a turn would have used, not the ``None`` it named."""
+    from service.errors import NotFound
+    from service.models import DEMO_MODEL, Catalogue
+
+    with pytest.raises(NotFound, match="model 'gone' is not available"):
+        Catalogue([DEMO_MODEL], "gone").resolve(None)
+    with pytest.raises(NotFound, match="model 'gpt-9' is not available"):
+        Catalogue([DEMO_MODEL], "demo").resolve("gpt-9")
+
+
 def test_serve_stops_at_start_up_naming_the_bad_entry(tmp_path):
     bad = [{"name": "demo", "provider": "demo"}, {"name": "gpt-x", "provider": "openai", "x": 1}]
     out = run(
