@@ -11,6 +11,7 @@ import os
 import secrets
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -195,6 +196,30 @@ class Settings(BaseSettings):
             raise _Invalid("DEFAULT_BUDGET", str(exc)) from None
         return self
 
+    @model_validator(mode="after")
+    def _check_upstreams(self) -> Settings:
+        """A URL every call would fail on, or a backoff that starts past its own cap, is a
+        mistake to name at start-up, not a 502 on every send."""
+        for name, url in (
+            ("OPENAI_BASE_URL", self.openai_base_url),
+            ("GEMINI_BASE_URL", self.gemini_base_url),
+            ("ANTHROPIC_BASE_URL", self.anthropic_base_url),
+        ):
+            check_http_url(name, url)
+        if self.upstream_retry_base_s > self.upstream_retry_max_s:
+            raise _Invalid(
+                "UPSTREAM_RETRY_BASE_S",
+                f"{self.upstream_retry_base_s:g} s is longer than UPSTREAM_RETRY_MAX_S "
+                f"({self.upstream_retry_max_s:g} s), the longest backoff",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_origins(self) -> Settings:
+        for origin in self.ws_allowed_origins.split(","):
+            check_origin(origin)
+        return self
+
     @property
     def budget(self) -> Budget:
         """The month's budget: its unit and the default limit in it."""
@@ -220,6 +245,46 @@ def check_secret_length(algorithm: str, secret: str) -> None:
             f"{size} bytes is too short for {algorithm}: use at least {minimum} random bytes "
             "(e.g. openssl rand -base64 48)",
         )
+
+
+def check_http_url(name: str, url: str) -> None:
+    """An absolute http(s) URL with a host (its path, if any, is where the API lives)."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # ValueError for a port that is no number or too large
+    except ValueError:
+        raise _Invalid(name, "not a URL (its port or host does not parse)") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise _Invalid(name, "not an absolute http(s) URL: write https://host[:port][/path]")
+    if any(c.isspace() for c in url):
+        raise _Invalid(name, "a URL holds no spaces")
+
+
+def check_origin(entry: str) -> None:
+    """One WS_ALLOWED_ORIGINS entry, as a browser's Origin header reads: ``scheme://host[:port]``
+    (a trailing slash is let through: the check ignores it, and case), or ``*``; blank entries
+    are skipped."""
+    written = entry.strip()
+    origin = written.rstrip("/")
+    if not origin or origin == "*":
+        return
+    try:
+        parts = urlsplit(origin)
+        _ = parts.port  # ValueError for a port that is no number or too large
+        valid = bool(parts.scheme and parts.hostname) and not (
+            "@" in parts.netloc or parts.path or parts.query or parts.fragment
+        )
+    except ValueError:
+        valid = False
+    if valid and not any(c.isspace() for c in origin):
+        return
+    bare_host = "://" not in written and not any(c in written for c in "/ @?#")
+    hint = f" (e.g. https://{written})" if bare_host else ""
+    raise _Invalid(
+        "WS_ALLOWED_ORIGINS",
+        f"'{written}' is not an origin: write scheme://host[:port] as a browser sends it{hint}, "
+        "or *",
+    )
 
 
 def _check_readable(name: str, path: Path) -> None:

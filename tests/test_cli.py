@@ -291,3 +291,52 @@ def test_make_token_admin_1_prints_an_administrator_s_token(admin, role, tmp_pat
     secret = (tmp_path / "dev-jwt-secret").read_text().strip()
     claims = jwt.decode(out.stdout.strip(), secret, algorithms=["HS256"])
     assert claims["sub"] == "ops" and claims.get("role") == role
+
+
+# ---------------------------------------------------------------- values that could never work
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("OPENAI_BASE_URL", "not a url", "not an absolute http(s) URL"),
+        ("GEMINI_BASE_URL", "generativelanguage.googleapis.com/v1beta", "absolute http(s) URL"),
+        ("ANTHROPIC_BASE_URL", "https://api.anthropic.com:99999", "not a URL"),
+        ("WS_ALLOWED_ORIGINS", "chat.example.com", "(e.g. https://chat.example.com)"),
+        ("UPSTREAM_RETRY_BASE_S", "10", "longer than UPSTREAM_RETRY_MAX_S (8 s)"),
+    ],
+)
+def test_a_value_every_request_would_fail_on_stops_start_up(name, value, expected, tmp_path):
+    """A base URL that is no http(s) URL started, then every send was a 502 naming an
+    exception class; an origin without its scheme started, then refused the real browser."""
+    out = run("serve", JWT_SECRET="s" * 40, DATA_DIR=str(tmp_path), **{name: value}, **SERVE_ENV)
+    assert expected in one_line(out, name)
+
+
+@pytest.mark.parametrize(
+    "origins",
+    [
+        "chat.example.com",
+        "https://chat.example.com/app",
+        "https://",
+        "null",
+        "https://user@chat.example.com",
+        "https://chat.example.com,http://localhost:99999",
+    ],
+)
+def test_an_allowed_origin_is_scheme_host_and_port(origins):
+    from service.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match=r"^invalid setting WS_ALLOWED_ORIGINS: '.*' is not an"):
+        load_settings(ws_allowed_origins=origins)
+
+
+def test_what_is_a_valid_url_or_origin_still_starts():
+    from service.settings import load_settings
+
+    load_settings(
+        ws_allowed_origins=" https://chat.example.com/, http://localhost:5173,capacitor://localhost,",
+        openai_base_url="http://127.0.0.1:8000/v1/",
+        anthropic_base_url="https://api.anthropic.com/v1",
+        upstream_retry_base_s=2,
+        upstream_retry_max_s=2,
+    )
+    load_settings(ws_allowed_origins="*")
