@@ -24,12 +24,13 @@ def free_port() -> int:
 class MongoServer:
     """Start/stop/restart a SecantusDB server; ``uri`` stays the same across restarts."""
 
-    def __init__(self, *, durable: bool = False) -> None:
+    def __init__(self, *, durable: bool = False, storage: Path | None = None) -> None:
         # durable: every commit synced, so a SIGKILL loses no acknowledged write (as a real
         # replica set with w: majority would not); slower, for the tests that stop or kill it.
         self.durable = durable
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="secantus-"))
+        self.storage = storage or self.dir / "data"  # its data (a make run's own, to hold it)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -46,7 +47,7 @@ class MongoServer:
                     "--port",
                     str(self.port),
                     "--storage-path",
-                    str(self.dir / "data"),
+                    str(self.storage),
                     "--log-level",
                     "WARNING",
                     *(["--sync-on-commit"] if self.durable else []),

@@ -80,3 +80,30 @@ async def test_make_run_port_serves_there_and_writes_no_colour_to_a_file(
     assert f"on http://127.0.0.1:{port}" in text  # the banner
     assert "service.listening" in text and "service.stopped" in text
     assert "\x1b[" not in text
+
+
+def test_a_data_folder_another_make_run_holds_is_said_as_such(tmp_path):
+    """A second `make run` on the same DATA_DIR: its SecantusDB cannot have the folder another
+    one holds. Said plainly, with what to do, not only 'exited early; see mongo.log'."""
+    from tests.mongo_server import MongoServer
+
+    other = MongoServer(storage=tmp_path / "mongo")  # the first make run's database
+    other.start()
+    try:
+        port = free_port()
+        out = subprocess.run(
+            [*MAKE_RUN, f"PORT={port}"],
+            cwd=ROOT,
+            env=local_env(DATA_DIR=str(tmp_path)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        other.close()
+    assert out.returncode != 0
+    assert out.stdout == ""  # no banner: the service was never started
+    first = out.stderr.splitlines()[0]
+    assert first.startswith(f"{tmp_path}/mongo is in use by another `make run`"), out.stderr
+    assert f"make run PORT={port} DATA_DIR={tmp_path}/2" in first
+    assert "Traceback" not in out.stderr

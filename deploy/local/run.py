@@ -8,6 +8,8 @@
   ``.data`` and kept) and the offline demo model, on HOST:PORT (127.0.0.1:8080 unless set:
   ``make run PORT=8081``). A port already taken stops it before anything starts, with the
   advice to set PORT. Its console log is coloured only on a terminal (``make run > file``: none).
+- A data folder another ``make run`` uses (its SecantusDB holds ``mongo``) is said as such, with
+  the advice to stop that one or set DATA_DIR.
 - Ctrl-C (or SIGTERM) stops the service first, then the database, and waits for both.
 """
 
@@ -33,12 +35,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# What WiredTiger says when another process holds the data directory (its lock file).
+HELD_BY_ANOTHER = "already being managed by another process"
+
+
+class DataDirInUse(Exception):
+    """Another SecantusDB (another ``make run``'s) holds the data directory."""
+
+
 def wait_for_port(
-    port: int, proc: subprocess.Popen[bytes], log: Path, deadline_s: float = 30.0
+    port: int, proc: subprocess.Popen[bytes], log: Path, since: int = 0, deadline_s: float = 30.0
 ) -> None:
+    """Until SecantusDB listens on ``port``; its early exit is said, and why when it is the
+    data directory another process holds (what it wrote to ``log`` from offset ``since``)."""
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         if proc.poll() is not None:
+            with log.open("rb") as f:
+                f.seek(since)
+                if HELD_BY_ANOTHER in f.read().decode(errors="replace"):
+                    raise DataDirInUse
             raise SystemExit(f"SecantusDB exited early (code {proc.returncode}); see {log}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
@@ -52,6 +68,7 @@ def start_mongo(data: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     (data / "mongo").mkdir(parents=True, exist_ok=True)
     with (data / "mongo.log").open("ab") as log:
+        since = log.tell()
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -69,7 +86,7 @@ def start_mongo(data: Path) -> tuple[subprocess.Popen[bytes], str]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    wait_for_port(port, proc, data / "mongo.log")
+    wait_for_port(port, proc, data / "mongo.log", since)
     return proc, f"mongodb://127.0.0.1:{port}/"
 
 
@@ -112,6 +129,15 @@ def free_port_after(host: str, port: int) -> int:
     return free_port()
 
 
+def data_dir_in_use(env: dict[str, str]) -> str:
+    data = env["DATA_DIR"]
+    return (
+        f"{data}/mongo is in use by another `make run` (its SecantusDB holds the folder): stop "
+        f"that one, or give this one a data folder of its own (its own chats and development "
+        f"key): make run PORT={env['PORT']} DATA_DIR={data.rstrip('/')}/2"
+    )
+
+
 def banner(env: dict[str, str]) -> None:
     url = f"http://{env.get('HOST', '127.0.0.1')}:{env.get('PORT', '8080')}"
     print(
@@ -139,7 +165,11 @@ def main() -> int:
         return 2
     mongo = None
     if not env.get("MONGODB_URI"):
-        mongo, env["MONGODB_URI"] = start_mongo(ROOT / env["DATA_DIR"])
+        try:
+            mongo, env["MONGODB_URI"] = start_mongo(ROOT / env["DATA_DIR"])
+        except DataDirInUse:
+            print(data_dir_in_use(env), file=sys.stderr)
+            return 2
     service = None
     stopping = False
 
