@@ -262,11 +262,13 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-async def _listen(runner: web.AppRunner, settings: Settings) -> None:
+async def _listen(runner: web.AppRunner, settings: Settings) -> int:
+    """Listen on HOST:PORT; the port it got (the system's choice for PORT=0)."""
     try:
         await web.TCPSite(runner, settings.host, settings.port).start()
     except OSError as exc:  # taken since the CLI's check_listen_address: the same one line
         raise listen_error(exc, settings.host, settings.port) from None
+    return next((int(address[1]) for address in runner.addresses), settings.port)
 
 
 def run(settings: Settings) -> None:
@@ -319,8 +321,8 @@ async def serve(settings: Settings) -> None:
     try:
         await runner.setup()
         try:
-            await _listen(runner, settings)
-            log.info("service.listening", url=f"http://{settings.host}:{settings.port}")
+            port = await _listen(runner, settings)
+            log.info("service.listening", url=f"http://{settings.host}:{port}")
             # What start-up made (modules, models, the app) lives as long as the process: out
             # of the collector's way, a full collection walks only what turns allocate since
             # (docs/performance.md, finding 27).

@@ -255,3 +255,25 @@ def test_an_error_s_cause_is_logged_bounded_without_its_credentials():
     assert "hunter2" not in text and "sk-kkk" not in text
     assert len(text) <= MAX_ERROR_CHARS + 1
     assert error_text(TimeoutError()) == "TimeoutError"
+
+
+async def test_port_0_logs_the_port_the_system_chose(services):
+    """``service.listening`` names the port the server got, not ``:0``: the one to connect to."""
+    import aiohttp
+
+    from tests.processes import ServiceProcess, service_env
+
+    env = service_env(
+        mongodb_uri=services.mongodb_uri,
+        mongodb_db=services.mongodb_db,
+        upstream_url=services.upstream_url,
+        port=0,
+    )
+    svc = ServiceProcess("zero", env, services.workdir / "zero.log")
+    services.procs.append(svc)  # killed by the fixture
+    svc.spawn()
+    url = (await svc.wait_for_log("service.listening", deadline_s=30))["url"]
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    assert host == "127.0.0.1" and int(port) > 0, url
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/healthz") as resp:
+        assert resp.status == 200
