@@ -228,10 +228,21 @@ async def test_a_reset_frees_the_users_api_keys_held_to_their_own_limits(
     ],
 )
 async def test_a_bad_limit_is_refused(client, admin, body):
+    """Refused; a value of the wrong kind says what a limit is, as a negative one does (1.5 was
+    answered with pydantic's union noise, one problem per type of ``int | str``)."""
     resp = await client.put("/api/admin/users/alice/limit", json=body, headers=admin())
     assert resp.status == 400, body
-    assert (await resp.json())["error"]["code"] in ("validation_error", "invalid_json")
+    error = (await resp.json())["error"]
+    assert error["code"] in ("validation_error", "invalid_json")
     assert await client.app[STORE].db["users"].find_one({"_id": "alice"}) is None
+    if set(body) == {"limit"}:
+        assert error["details"] == [
+            {
+                "field": "limit",
+                "problem": "a whole number of tokens, 0 or more",
+                "type": "value_error",
+            }
+        ], body
 
 
 async def test_an_api_keys_account_is_not_a_user(client, admin):
@@ -604,9 +615,11 @@ async def test_in_currency_a_limit_is_a_decimal_string(aiohttp_client, make_sett
         "0.00",
     )
     assert (await store.get_usage("alice", month()))["limit"] == 25_500_000_000
-    for bad in (25, "-1", "0.0000000001", "ten"):
+    for bad in (25, 25.5, "-1", "0.0000000001", "ten"):
         resp = await client.put(url, json={"limit": bad}, headers=admin())
         assert resp.status == 400, bad
+        (detail,) = (await resp.json())["error"]["details"]
+        assert detail["problem"] == 'a decimal string of USD, such as "25.00"', bad
 
 
 async def test_analytics_equal_a_brute_force_sum_over_the_messages(

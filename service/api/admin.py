@@ -127,7 +127,9 @@ async def get_limit(request: web.Request) -> web.Response:
 
 class SetLimit(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-    limit: int | str
+    # Any JSON value: ``parse_limit`` says what a limit is in the budget's unit, for a value of
+    # the wrong kind (1.5, true, null) as for a wrong value (-1), not one problem per type.
+    limit: Any
 
 
 @admin_only
