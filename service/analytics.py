@@ -30,6 +30,9 @@ Doc = dict[str, Any]
 
 # The dimensions a query may group on: its name in ``by``, the rollup's field, the row's key.
 DIMENSIONS = {"day": "day", "model": "model", "user": "user_id", "key": "key_id"}
+# ``by`` also takes the rows' names, which the answer's ``by`` lists: an answer's ``by`` asked
+# again gives the same rows.
+_BY_NAMES = {**{field: name for name, field in DIMENSIONS.items()}, **{n: n for n in DIMENSIONS}}
 OUTCOMES = ("completed", "cancelled", "failed", "interrupted")
 TOKENS = ("prompt", "completion", "cached", "reasoning")
 MAX_DAYS = 366  # the longest range one query reads (a year, a leap day included)
@@ -48,7 +51,8 @@ class UsageQuery:
     @classmethod
     def parse(cls, params: dict[str, str], today: date) -> UsageQuery:
         """``from``/``to`` (YYYY-MM-DD, inclusive; the current month up to today by default),
-        ``by`` (comma-separated dimensions; all four by default), ``user``/``model``/``key``
+        ``by`` (comma-separated dimensions, by their names or their rows' fields: ``user`` or
+        ``user_id``, ``key`` or ``key_id``; all four by default), ``user``/``model``/``key``
         filters. Anything else in the query string is refused: nothing is silently ignored."""
         unknown = set(params) - {"from", "to", "by", "user", "model", "key", "format"}
         if unknown:
@@ -269,10 +273,11 @@ def _day(params: dict[str, str], name: str, default: date) -> date:
 def _dimensions(raw: str | None) -> tuple[str, ...]:
     if raw is None:
         return tuple(DIMENSIONS)
-    names = [n.strip() for n in raw.split(",")]
-    bad = [n for n in names if n not in DIMENSIONS]
-    if bad or not names:
-        raise _invalid("by", f"a comma-separated list of {', '.join(DIMENSIONS)}")
+    names = [_BY_NAMES.get(n.strip(), "") for n in raw.split(",")]
+    if "" in names:
+        raise _invalid(
+            "by", f"a comma-separated list of {', '.join(DIMENSIONS)} (or user_id, key_id)"
+        )
     if len(set(names)) != len(names):
         raise _invalid("by", "names a dimension twice")
     return tuple(n for n in DIMENSIONS if n in names)

@@ -529,6 +529,19 @@ async def test_analytics_group_and_filter_on_what_is_asked(client, admin):
     assert nothing["totals"]["cost"] == "0.00"
 
 
+async def test_analytics_take_back_the_by_they_answer(client, admin):
+    """The answer's ``by`` names the rows' fields (``user_id``, ``key_id``); asked again as
+    ``by``, it gives the same answer (``by=user_id`` was refused: only ``user`` was taken)."""
+    await seed_rollup(client)
+    span = "from=2026-03-01&to=2026-03-31"
+    short = await usage_of(client, admin, f"{span}&by=key,user")
+    assert short["by"] == ["user_id", "key_id"]
+    again = await usage_of(client, admin, f"{span}&by={','.join(short['by'])}")
+    assert again == short
+    mixed = await usage_of(client, admin, f"{span}&by=day,user_id,key")
+    assert mixed["by"] == ["day", "user_id", "key_id"] and mixed["rows"]
+
+
 async def test_analytics_as_csv(client, admin):
     await seed_rollup(client)
     for how in ({"params": {"format": "csv"}}, {"headers": {"Accept": "text/csv"}}):
@@ -580,6 +593,8 @@ async def test_analytics_as_csv(client, admin):
         "from=2025-01-01&to=2026-01-02",
         "from=2026-03-01&to=2026-03-02&by=week",
         "from=2026-03-01&to=2026-03-02&by=day,day",
+        "from=2026-03-01&to=2026-03-02&by=user,user_id",
+        "from=2026-03-01&to=2026-03-02&by=day_id",
         "from=2026-03-01&to=2026-03-02&by=",
         "from=2026-03-01&to=2026-03-02&format=xml",
         "from=2026-03-01&to=2026-03-02&users=alice",
