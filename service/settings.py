@@ -124,7 +124,8 @@ class Settings(BaseSettings):
 
     # --- streams
     # When the last client of a chat turn goes away: finish it anyway (resumable, billed
-    # exactly), or cancel it at once. Stateless /v1 turns always cancel.
+    # exactly), or cancel it at once. Stateless /v1 turns without an Idempotency-Key always
+    # cancel.
     on_disconnect: Literal["finish", "cancel"] = "finish"
     sse_heartbeat_s: float = Field(15.0, gt=0)
     stream_send_timeout_s: float = Field(30.0, gt=0)

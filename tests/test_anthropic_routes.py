@@ -271,7 +271,7 @@ async def test_count_tokens_down_falls_back_to_the_estimate(client, fake_anthrop
     evs = await collect(await send(client, chat_id, h, "still answered"))
     assert evs[-1]["event"] == "done" and text_of(evs) == rec.TEXT_ANSWER
     (failed,) = [e for e in logs if e["event"] == "stream.count_tokens_failed"]
-    assert failed["code"] == "upstream_unavailable"
+    assert failed["code"] == "upstream_unavailable" and failed["error"]
     prompt = [
         {"role": "system", "content": client.app[SETTINGS].system_prompt},
         {"role": "user", "content": "still answered"},

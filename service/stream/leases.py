@@ -37,6 +37,7 @@ import structlog
 
 from service.errors import BudgetExceeded, RateLimited, ServiceError, StoreUnavailable
 from service.limits import Allowance, request_interval
+from service.logs import error_text
 from service.store import (
     Doc,
     LeaseRequest,
@@ -346,7 +347,12 @@ class Leases:
                     )
                 except ServiceError as exc:  # kept, and given back at a later round
                     lease.closing = False
-                    log.warning("stream.lease_release_failed", user_id=lease.user_id, code=exc.code)
+                    log.warning(
+                        "stream.lease_release_failed",
+                        user_id=lease.user_id,
+                        code=exc.code,
+                        error=error_text(exc),
+                    )
                     continue
                 except BaseException:  # any other failure: kept too (a turn waiting on the
                     lease.closing = False  # lock would otherwise wait for itself, for ever)
@@ -378,7 +384,12 @@ class Leases:
                 )
             except ServiceError as exc:  # kept whole, and shrunk at a later round
                 lease.closing = False
-                log.warning("stream.lease_shrink_failed", user_id=lease.user_id, code=exc.code)
+                log.warning(
+                    "stream.lease_shrink_failed",
+                    user_id=lease.user_id,
+                    code=exc.code,
+                    error=error_text(exc),
+                )
                 return
             except BaseException:
                 lease.closing = False

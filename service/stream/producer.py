@@ -39,6 +39,7 @@ from service.errors import (
     UpstreamError,
 )
 from service.http import not_found
+from service.logs import error_text
 from service.metrics import COST, DURATION, REJECTIONS, TOKENS, TTFT, TURNS, UPSTREAM_ERRORS
 from service.model_lists import ModelLists
 from service.models import Catalogue, ModelSpec
@@ -606,7 +607,12 @@ class TurnProducer:
             try:
                 exact = await provider.count_prompt(request)
             except UpstreamError as exc:
-                log.warning("stream.count_tokens_failed", model=spec.name, code=exc.code)
+                log.warning(
+                    "stream.count_tokens_failed",
+                    model=spec.name,
+                    code=exc.code,
+                    error=error_text(exc),
+                )
                 exact = None
             if exact is not None:
                 return exact
@@ -1162,7 +1168,7 @@ class Turn:
             self._remember_context(content, status, finished)
         except ServiceError as exc:
             # MongoDB is away: the replica retries this write once it answers again.
-            self._log("warning", "stream.finalize_deferred", code=exc.code)
+            self._log("warning", "stream.finalize_deferred", code=exc.code, error=error_text(exc))
             self.p.registry.pending.add(write)
             self._remember_context(content, status, False)
         finally:

@@ -32,6 +32,7 @@ from service.apikeys import ApiKeys
 from service.auth import Principal
 from service.errors import BadRequest, ServiceError, Unauthorized
 from service.http import not_found
+from service.logs import error_text
 from service.metrics import RESUMES as RESUMES_TOTAL
 from service.settings import Settings
 from service.store import Store
@@ -565,7 +566,9 @@ class Connection:
         try:
             await self.services.store.request_cancel(self.principal.user_id, chat_id, message_id)
         except ServiceError as exc:
-            self.log.warning("ws.cancel_failed", code=exc.code, message_id=message_id)
+            self.log.warning(
+                "ws.cancel_failed", code=exc.code, error=error_text(exc), message_id=message_id
+            )
 
     # ------------------------------------------------------------------ one slot
     async def _run_slot(self, slot: Slot, run: Callable[[Slot], Coroutine[Any, Any, None]]) -> None:
