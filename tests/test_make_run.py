@@ -19,6 +19,18 @@ from tests.processes import ROOT, eventually
 MAKE_RUN = ["make", "-s", "-o", "install", "run", f"PY={sys.executable}"]
 
 
+def run_until_it_exits(port: int, data_dir: object) -> subprocess.CompletedProcess[str]:
+    """`make run PORT=port` with ``data_dir`` as its DATA_DIR, expected to stop by itself."""
+    return subprocess.run(
+        [*MAKE_RUN, f"PORT={port}"],
+        cwd=ROOT,
+        env=local_env(DATA_DIR=str(data_dir)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def local_env(**extra: str) -> dict[str, str]:
     keep = {k: v for k, v in os.environ.items() if k not in ("PORT", "HOST", "MONGODB_URI")}
     return {**keep, "PYTHONUNBUFFERED": "1", **extra}
@@ -29,14 +41,7 @@ def test_a_taken_port_is_said_before_anything_starts(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        out = subprocess.run(
-            [*MAKE_RUN, f"PORT={port}"],
-            cwd=ROOT,
-            env=local_env(DATA_DIR=str(tmp_path)),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        out = run_until_it_exits(port, tmp_path)
     assert out.returncode != 0
     assert out.stdout == ""  # no banner for a port it cannot have, no database started
     first = out.stderr.splitlines()[0]
@@ -91,14 +96,7 @@ def test_a_data_folder_another_make_run_holds_is_said_as_such(tmp_path):
     other.start()
     try:
         port = free_port()
-        out = subprocess.run(
-            [*MAKE_RUN, f"PORT={port}"],
-            cwd=ROOT,
-            env=local_env(DATA_DIR=str(tmp_path)),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        out = run_until_it_exits(port, tmp_path)
     finally:
         other.close()
     assert out.returncode != 0
