@@ -256,6 +256,45 @@ async def test_a_lease_holding_a_request_grows_its_tokens_only(aiohttp_client, s
     assert doc["used"] + doc["reserved"] <= 1000
 
 
+async def test_what_a_growth_counts_on_is_not_taken_by_a_turn_admitted_meanwhile(
+    aiohttp_client, stream_settings
+):
+    """A turn short of tokens grows the lease counting on the request the lease holds; a small
+    turn arriving while that growth runs is admitted from memory. It must not take that
+    request: before, it did, and the growing turn found no room after its growth (503
+    ``database_unavailable`` with MongoDB answering)."""
+    client = await aiohttp_client(create_app(stream_settings()))
+    store = client.app[STORE]
+    leases = Leases(store, client.app[REGISTRY].replica_id, idle_s=0.0, keep_s=300.0)
+    now = utcnow()
+    turn = dataclasses.replace(
+        lease_turn("m0", now, requests_per_minute=120), want=1000, need=1000, default_limit=10_000
+    )
+    assert (await leases.admit(turn)).grant == 1000  # the lease: 2,000 tokens, 2 requests
+    take, growing, go_on = store.take_lease, asyncio.Event(), asyncio.Event()
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        growing.set()
+        await go_on.wait()
+        return await take(*args, **kwargs)
+
+    store.take_lease = held
+    large = asyncio.ensure_future(
+        leases.admit(dataclasses.replace(turn, message_id="a", want=3000, need=3000))
+    )
+    await asyncio.wait_for(growing.wait(), 5)
+    small = asyncio.ensure_future(
+        leases.admit(dataclasses.replace(turn, message_id="b", want=200, need=200))
+    )
+    await asyncio.sleep(0)  # the small turn's admission from memory, if it may have one
+    go_on.set()
+    store.take_lease = take
+    assert (await large).grant == 3000
+    assert (await small).grant == 200
+    doc = await usage(store.db)
+    assert doc["used"] + doc["reserved"] <= 10_000
+
+
 async def test_thirty_turns_over_two_replicas_never_overspend(services, fake_openai, token_for, db):
     """30 turns of one user at once, half on each replica, on a budget for five: while all are
     held by the upstream, the month's reservations never pass the limit; at the end the usage is

@@ -178,12 +178,27 @@ class Leases:
         # A rule whose room the lease already holds for this turn (a free slot, a request
         # taken) is not asked of the month again: only the tokens are short, and a growth
         # that asked one more slot was refused "too many turns at once" with a slot free.
+        # What the growth counts on (that slot, that request, the free tokens credited) is set
+        # aside for this turn while it runs: a turn admitted from memory meanwhile (no lock
+        # for that) would otherwise take it, and this one find no room after all.
         rules = req
-        if req.max_concurrent and lease.running < lease.turns:
+        slot = bool(req.max_concurrent and lease.running < lease.turns)
+        request = bool(req.requests_per_minute and lease.requests >= 1)
+        if slot:
             rules, batch = dataclasses.replace(rules, max_concurrent=0), 0
-        if req.requests_per_minute and lease.requests >= 1:
+        if request:
             rules, requests = dataclasses.replace(rules, requests_per_minute=0), 0
-        await self._take(lease, rules, tokens=tokens, turns=batch, requests=requests, credit=free)
+        lease.held += free
+        lease.running += slot
+        lease.requests -= request
+        try:
+            await self._take(
+                lease, rules, tokens=tokens, turns=batch, requests=requests, credit=free
+            )
+        finally:  # the turn takes them itself once the growth has its answer (``admit``)
+            lease.held -= free
+            lease.running -= slot
+            lease.requests += request
 
     async def _take(
         self,
