@@ -192,7 +192,7 @@ class ServiceUnavailable(ServiceError):
 
 UPSTREAM_STATUS = {
     "upstream_auth": 502,
-    "upstream_bad_request": 400,  # the vendor rejected the request as the client sent it
+    "upstream_bad_request": 502,  # 400 when the vendor said the request is invalid (400/422)
     "upstream_bad_response": 502,
     "upstream_rate_limited": 503,
     "upstream_unavailable": 503,

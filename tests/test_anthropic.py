@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from service.errors import BadRequest, UpstreamError
+from service.errors import UPSTREAM_STATUS, BadRequest, UpstreamError
 from service.providers.anthropic import AnthropicProvider
 from service.providers.anthropic_request import NativeFields, build_body, unsupported
 from service.providers.base import Chunk, CompletionRequest, RetryPolicy, Usage
@@ -445,8 +445,9 @@ async def test_http_errors_map_to_our_codes_and_the_body_is_logged_without_the_k
     assert info.value.code == code and f"(HTTP {status})" in info.value.message
     # A request the vendor rejected is the client's to fix: told the vendor's words; the
     # vendor's other failures are the gateway's own, in our words only.
-    told = code == "upstream_bad_request"
+    told = code == "upstream_bad_request" and status == 400  # invalid: the client's to fix
     assert ("scripted failure" in info.value.message) == told, info.value.message
+    assert info.value.status == (400 if told else UPSTREAM_STATUS[code])
     assert len(fake_anthropic.calls("messages")) == attempts
     bodies = [e for e in logs if e["event"] == "upstream.error_body"]
     assert bodies and "scripted failure" in bodies[0]["body"]

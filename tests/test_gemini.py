@@ -345,7 +345,7 @@ async def test_429_before_the_first_token_is_retried_honouring_retry_info(
         (400, None, "upstream_bad_request", 400, 1),
         (400, "API_KEY_INVALID", "upstream_auth", 502, 1),
         (403, None, "upstream_auth", 502, 1),
-        (404, None, "upstream_bad_request", 400, 1),
+        (404, None, "upstream_bad_request", 502, 1),
         (429, None, "upstream_rate_limited", 503, 3),
         (500, None, "upstream_unavailable", 503, 3),
         (503, None, "upstream_unavailable", 503, 3),
@@ -354,8 +354,9 @@ async def test_429_before_the_first_token_is_retried_honouring_retry_info(
 async def test_google_errors_map_to_our_codes(
     client, fake_gemini, auth, logs, status, reason, code, http, attempts
 ):
-    """Our code and our words for the client, and Google's message when it rejected the request
-    (the client's to fix); its whole body in the log."""
+    """Our code and our words for the client, and Google's message when it called the request
+    invalid (the client's to fix; a model it does not know is the operator's: a 502 in our
+    words); its whole body in the log."""
     fake_gemini.default = Script(status=status, error_reason=reason)
     h = auth()
     chat_id = await new_chat(client, h)
@@ -363,7 +364,7 @@ async def test_google_errors_map_to_our_codes(
     assert resp.status == http
     error = (await resp.json())["error"]
     assert error["code"] == code and f"(HTTP {status})" in error["message"]
-    told = code == "upstream_bad_request"
+    told = code == "upstream_bad_request" and status == 400  # invalid: the client's to fix
     assert ("scripted failure" in error["message"]) == told, error["message"]
     bodies = [e for e in logs if e["event"] == "upstream.error_body"]
     assert bodies and f"scripted failure {status}" in bodies[0]["body"]

@@ -552,3 +552,25 @@ async def test_a_request_the_upstream_rejects_is_a_400_with_its_words_and_not_re
     assert err.status_code == 400 and err.code == "upstream_bad_request"
     assert "bogus_param" in err.message and "sk-upstream-secret" not in err.message
     assert len(fake_openai.requests) == 1
+
+
+async def test_a_model_the_upstream_does_not_know_is_a_502_in_our_words_not_retried(
+    stream_client, fake_openai, token_for
+):
+    """The upstream's 404 (a catalogue entry naming a model it does not have): the operator's to
+    fix, so the client hears neither the vendor's words (the upstream's model id) nor "your
+    request is bad"; a 502 the SDK, told ``x-should-retry: false``, sends once."""
+    missing = "The model `internal-deployment-7` does not exist or you do not have access to it."
+    fake_openai.scripts = [
+        Script(status=404, error_body={"error": {"message": missing, "type": "invalid_request"}})
+        for _ in range(3)
+    ]
+    sdk = AsyncOpenAI(base_url=str(stream_client.make_url("/v1")), api_key=token_for("alice"))
+    try:
+        with pytest.raises(openai.InternalServerError) as info:
+            await sdk.chat.completions.create(model="gpt-test", messages=HI)
+    finally:
+        await sdk.close()
+    assert info.value.status_code == 502 and "internal-deployment-7" not in info.value.message
+    assert info.value.response.headers["x-should-retry"] == "false"
+    assert len(fake_openai.requests) == 1

@@ -218,18 +218,26 @@ def error_for_status(
 ) -> UpstreamError:
     """Map a vendor's HTTP status to our upstream error codes, in our own words: the vendor's
     body never reaches a client (it may echo a key or a prompt); ``log_upstream_body`` logs it.
-    A request the vendor rejected (a 4xx other than its credentials' or its rate limit's: 400
-    ``upstream_bad_request``, not retried) is the client's to fix, often a field passed through
-    as written: it is told the vendor's ``vendor_message`` too, redacted (``told``)."""
+    One exception: a request the vendor called invalid (400, 422) is the client's to fix, often
+    a field passed through as written, so it is a 400 ``upstream_bad_request`` with the
+    vendor's ``vendor_message``, redacted (``told``). Its other 4xx (a model it does not know,
+    a billing state: the operator's to fix, which a client must not be told) stay a 502 in our
+    words. Neither is worth a retry: ``x-should-retry: false`` for the SDKs."""
     code = _code_for_status(status)
     message = f"{_STATUS_WORDS[code]} (HTTP {status})"
-    if code == "upstream_bad_request" and vendor_message:
+    invalid = code == "upstream_bad_request" and status in (400, 422)
+    if invalid and vendor_message:
         message = f"{message}: {vendor_message}"
     retryable = code in ("upstream_rate_limited", "upstream_timeout", "upstream_unavailable")
     delay = retry_after_seconds(retry_after) if code != "upstream_timeout" else None
-    return UpstreamError(
+    err = UpstreamError(
         code, message, retryable=retryable, retry_after_s=delay, upstream_status=status
     )
+    if code == "upstream_bad_request":
+        err.headers["x-should-retry"] = "false"
+        if invalid:
+            err.status = 400
+    return err
 
 
 def _code_for_status(status: int) -> str:
