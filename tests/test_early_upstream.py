@@ -311,3 +311,41 @@ async def test_a_burst_of_program_turns_asks_early_once_not_once_a_turn(
         admitted,
     )
     await settled(client.app[STORE].db)
+
+
+async def test_a_refused_early_turn_leaves_the_users_later_turns_free_to_ask_early(
+    aiohttp_client, stream_settings, fake_openai, auth, token_for
+):
+    """A turn that asked early and was refused (429) has its admission's answer: the user's
+    turns that follow it ask early again once one is admitted. Had the refusal left the user
+    marked as asking, none of them would ever again (and the set would only grow)."""
+    client, h = await after_a_lease(aiohttp_client, stream_settings, fake_openai, auth)
+    admin = admin_headers(token_for)
+    limit = "/api/admin/users/alice/limit"
+    assert (await client.put(limit, json={"limit": 12}, headers=admin)).status == 200
+    store = client.app[STORE]
+    take = store.take_lease
+    store.take_lease = held_until(fake_openai.reached_gate, take)
+    fake_openai.default = Script(chunks=["never"], gate_after=0)
+    refused = await client.post("/v1/chat/completions", json=BODY, headers=h)
+    assert refused.status == 429 and len(fake_openai.requests) == 2  # it asked early
+    store.take_lease = take
+    assert (await client.put(limit, json={"limit": 10**6}, headers=admin)).status == 200
+    fake_openai.default = Script(chunks=["a ", "b"], usage=(10, 2))
+    fake_openai.reached_gate.clear()
+    ok = await client.post("/v1/chat/completions", json=BODY, headers=h)  # asks once admitted
+    assert ok.status == 200
+    await ok.read()
+    await lease_given_back(client)
+    store.take_lease = held_until(fake_openai.reached_gate, take)
+    fake_openai.gate.clear()
+    fake_openai.default = Script(chunks=["c ", "d"], usage=(10, 2), gate_after=0)
+    asked = len(fake_openai.requests)
+    sending = asyncio.ensure_future(client.post("/v1/chat/completions", json=BODY, headers=h))
+    await asyncio.wait_for(fake_openai.reached_gate.wait(), HOLD_S)
+    assert len(fake_openai.requests) == asked + 1 and not sending.done()  # early again
+    fake_openai.gate.set()
+    resp = await sending
+    assert resp.status == 200
+    await resp.read()
+    await settled(store.db)
