@@ -23,7 +23,7 @@ def own_mongo():
 
 
 async def test_stopped_mongodb_gives_fast_503_and_recovers(
-    aiohttp_client, make_settings, auth, own_mongo
+    aiohttp_client, make_settings, auth, own_mongo, logs
 ):
     settings = make_settings(mongodb_uri=own_mongo.uri, mongodb_timeout_ms=1000)
     client = await aiohttp_client(create_app(settings))
@@ -37,6 +37,8 @@ async def test_stopped_mongodb_gives_fast_503_and_recovers(
     assert resp.status == 503
     assert (await resp.json())["error"]["code"] == "database_unavailable"
     assert time.monotonic() - started < 3.0
+    ready = [e for e in logs if e["event"] == "http.request" and e["path"] == "/readyz"]
+    assert ready[-1]["status"] == 503 and ready[-1]["error_code"] == "database_unavailable"
 
     started = time.monotonic()
     resp = await client.get("/api/chat", headers=auth())
