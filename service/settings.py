@@ -269,6 +269,10 @@ def check_origin(entry: str) -> None:
     origin = written.rstrip("/")
     if not origin or origin == "*":
         return
+    if origin.lower() == "null":  # what sandboxed frames and file: pages send, any of them
+        raise _Invalid(
+            "WS_ALLOWED_ORIGINS", "'null' would let in any sandboxed frame or local file's page"
+        )
     try:
         parts = urlsplit(origin)
         _ = parts.port  # ValueError for a port that is no number or too large
@@ -278,6 +282,18 @@ def check_origin(entry: str) -> None:
     except ValueError:
         valid = False
     if valid and not any(c.isspace() for c in origin):
+        default = {"http": 80, "https": 443}.get(parts.scheme.lower())
+        if "*" in parts.netloc:
+            raise _Invalid(
+                "WS_ALLOWED_ORIGINS",
+                f"'{written}': an origin is matched whole, list each host (or *)",
+            )
+        if default is not None and parts.port == default:
+            raise _Invalid(
+                "WS_ALLOWED_ORIGINS",
+                f"'{written}': a browser leaves the default port out of its Origin "
+                f"({parts.scheme}://{parts.hostname})",
+            )
         return
     bare_host = "://" not in written and not any(c in written for c in "/ @?#")
     hint = f" (e.g. https://{written})" if bare_host else ""

@@ -317,7 +317,6 @@ def test_a_value_every_request_would_fail_on_stops_start_up(name, value, expecte
         "chat.example.com",
         "https://chat.example.com/app",
         "https://",
-        "null",
         "https://user@chat.example.com",
         "https://chat.example.com,http://localhost:99999",
     ],
@@ -327,6 +326,25 @@ def test_an_allowed_origin_is_scheme_host_and_port(origins):
 
     with pytest.raises(SettingsError, match=r"^invalid setting WS_ALLOWED_ORIGINS: '.*' is not an"):
         load_settings(ws_allowed_origins=origins)
+
+
+@pytest.mark.parametrize(
+    ("origins", "said"),
+    [
+        ("null", "any sandboxed frame"),
+        ("https://*.example.com", "matched whole"),
+        ("https://chat.example.com:443/", "leaves the default port out"),
+        ("http://chat.example.com:80", "(http://chat.example.com)"),
+    ],
+)
+def test_an_origin_no_browser_sends_or_every_page_sends_is_refused(origins, said):
+    """Entries that parse but never match (a wildcard host, a default port a browser leaves
+    out) or match every sandboxed frame and local file (``null``): said at start-up."""
+    from service.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match=r"^invalid setting WS_ALLOWED_ORIGINS: ") as info:
+        load_settings(ws_allowed_origins=origins)
+    assert said in str(info.value)
 
 
 def test_what_is_a_valid_url_or_origin_still_starts():
