@@ -36,6 +36,14 @@ def lease_of(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return [e for e in doc.get("open") or () if e.get("replica")]
 
 
+async def local_leases(aiohttp_client, stream_settings) -> tuple[Any, Leases]:
+    """A replica's store and a ``Leases`` of its own that keeps an idle lease (300 s): the
+    tests below drive its admissions directly."""
+    client = await aiohttp_client(create_app(stream_settings()))
+    store = client.app[STORE]
+    return store, Leases(store, client.app[REGISTRY].replica_id, idle_s=0.0, keep_s=300.0)
+
+
 def lease_turn(mid: str, now: datetime, **rules: int) -> ReserveRequest:
     """One of alice's turns as the producer asks a lease for it (``rules``: its rate limits)."""
     return ReserveRequest(
@@ -195,9 +203,7 @@ async def test_a_lease_short_of_a_turn_grows_by_what_it_lacks(aiohttp_client, st
     """The lease holds 200 free, the month 500 more: a turn wanting 600 fits in the two
     together, and is admitted (the growth asks the month for what the lease lacks), not
     refused as if the lease's own tokens were another turn's."""
-    client = await aiohttp_client(create_app(stream_settings()))
-    store = client.app[STORE]
-    leases = Leases(store, client.app[REGISTRY].replica_id, idle_s=0.0, keep_s=300.0)
+    store, leases = await local_leases(aiohttp_client, stream_settings)
     now = utcnow()
     period = period_of(now)
     small = dataclasses.replace(lease_turn("m1", now), want=300, need=300, default_limit=1000)
@@ -217,9 +223,7 @@ async def test_a_lease_with_a_free_turn_slot_grows_its_tokens_only(aiohttp_clien
     more tokens than the lease has free asks the month for tokens only, and is admitted. Before,
     the growth asked for one more slot too, and was refused "too many turns at once (2
     running, at most 2)" with one running."""
-    client = await aiohttp_client(create_app(stream_settings()))
-    store = client.app[STORE]
-    leases = Leases(store, client.app[REGISTRY].replica_id, idle_s=0.0, keep_s=300.0)
+    store, leases = await local_leases(aiohttp_client, stream_settings)
     now = utcnow()
     period = period_of(now)
     rules = {"max_concurrent": 2}
@@ -243,9 +247,7 @@ async def test_a_lease_holding_a_request_grows_its_tokens_only(aiohttp_client, s
     """Three requests a minute: two growths took all three, the lease still holds one, and a
     third turn short of tokens asks the month for tokens only, and is admitted. Before, the
     growth asked for a request too, and the empty bucket refused it ("too many requests")."""
-    client = await aiohttp_client(create_app(stream_settings()))
-    store = client.app[STORE]
-    leases = Leases(store, client.app[REGISTRY].replica_id, idle_s=0.0, keep_s=300.0)
+    store, leases = await local_leases(aiohttp_client, stream_settings)
     now = utcnow()
     turn = dataclasses.replace(
         lease_turn("m1", now, requests_per_minute=3), want=300, need=300, default_limit=1000
@@ -263,9 +265,7 @@ async def test_what_a_growth_counts_on_is_not_taken_by_a_turn_admitted_meanwhile
     turn arriving while that growth runs is admitted from memory. It must not take that
     request: before, it did, and the growing turn found no room after its growth (503
     ``database_unavailable`` with MongoDB answering)."""
-    client = await aiohttp_client(create_app(stream_settings()))
-    store = client.app[STORE]
-    leases = Leases(store, client.app[REGISTRY].replica_id, idle_s=0.0, keep_s=300.0)
+    store, leases = await local_leases(aiohttp_client, stream_settings)
     now = utcnow()
     turn = dataclasses.replace(
         lease_turn("m0", now, requests_per_minute=120), want=1000, need=1000, default_limit=10_000

@@ -7,6 +7,7 @@ import asyncio
 import gc
 import json
 import time
+from typing import Any
 
 import openai
 import pytest
@@ -529,6 +530,22 @@ async def test_a_stream_is_answered_before_its_first_token(oai, fake_openai):
     assert text == "late"
 
 
+async def upstream_refusal(
+    client, fake_openai, token_for, status: int, message: str, **extra: Any
+) -> openai.APIStatusError:
+    """What the SDK, with its default retries, raises when the upstream answers ``status`` with
+    ``message`` to every try."""
+    body = {"error": {"message": message, "type": "invalid_request"}}
+    fake_openai.scripts = [Script(status=status, error_body=body) for _ in range(3)]
+    sdk = AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=token_for("alice"))
+    try:
+        with pytest.raises(openai.APIStatusError) as info:
+            await sdk.chat.completions.create(model="gpt-test", messages=HI, **extra)
+    finally:
+        await sdk.close()
+    return info.value
+
+
 async def test_a_request_the_upstream_rejects_is_a_400_with_its_words_and_not_retried(
     stream_client, fake_openai, token_for
 ):
@@ -536,19 +553,10 @@ async def test_a_request_the_upstream_rejects_is_a_400_with_its_words_and_not_re
     retries) raises BadRequestError once, told the upstream's own words, the operator's key
     masked. Before, a 502 in our words only, which the SDK sent twice more."""
     rejected = "Unrecognized request argument supplied: bogus_param (key sk-upstream-secret)"
-    fake_openai.scripts = [
-        Script(status=400, error_body={"error": {"message": rejected, "type": "invalid_request"}})
-        for _ in range(3)
-    ]
-    sdk = AsyncOpenAI(base_url=str(stream_client.make_url("/v1")), api_key=token_for("alice"))
-    try:
-        with pytest.raises(openai.BadRequestError) as info:
-            await sdk.chat.completions.create(
-                model="gpt-test", messages=HI, extra_body={"bogus_param": 1}
-            )
-    finally:
-        await sdk.close()
-    err = info.value
+    err = await upstream_refusal(
+        stream_client, fake_openai, token_for, 400, rejected, extra_body={"bogus_param": 1}
+    )
+    assert isinstance(err, openai.BadRequestError)
     assert err.status_code == 400 and err.code == "upstream_bad_request"
     assert "bogus_param" in err.message and "sk-upstream-secret" not in err.message
     assert len(fake_openai.requests) == 1
@@ -561,16 +569,8 @@ async def test_a_model_the_upstream_does_not_know_is_a_502_in_our_words_not_retr
     fix, so the client hears neither the vendor's words (the upstream's model id) nor "your
     request is bad"; a 502 the SDK, told ``x-should-retry: false``, sends once."""
     missing = "The model `internal-deployment-7` does not exist or you do not have access to it."
-    fake_openai.scripts = [
-        Script(status=404, error_body={"error": {"message": missing, "type": "invalid_request"}})
-        for _ in range(3)
-    ]
-    sdk = AsyncOpenAI(base_url=str(stream_client.make_url("/v1")), api_key=token_for("alice"))
-    try:
-        with pytest.raises(openai.InternalServerError) as info:
-            await sdk.chat.completions.create(model="gpt-test", messages=HI)
-    finally:
-        await sdk.close()
-    assert info.value.status_code == 502 and "internal-deployment-7" not in info.value.message
-    assert info.value.response.headers["x-should-retry"] == "false"
+    err = await upstream_refusal(stream_client, fake_openai, token_for, 404, missing)
+    assert isinstance(err, openai.InternalServerError)
+    assert err.status_code == 502 and "internal-deployment-7" not in err.message
+    assert err.response.headers["x-should-retry"] == "false"
     assert len(fake_openai.requests) == 1
