@@ -133,13 +133,18 @@ class Leases:
     def __len__(self) -> int:
         return len(self._leases)
 
-    async def admit(self, req: ReserveRequest) -> Reservation:
-        """Admit one turn: from the lease when it has room, else after growing it (one
-        conditional update, which refuses with the same errors as a reservation)."""
+    def _lease_of(self, req: ReserveRequest) -> tuple[tuple[str, str], Lease]:
+        """The user's lease on ``req``'s month here (a new, empty one when there is none)."""
         key = (req.user_id, req.period)
         lease = self._leases.get(key)
         if lease is None:
             lease = self._leases[key] = Lease(req.user_id, req.period, self.lease_id)
+        return key, lease
+
+    async def admit(self, req: ReserveRequest) -> Reservation:
+        """Admit one turn: from the lease when it has room, else after growing it (one
+        conditional update, which refuses with the same errors as a reservation)."""
+        key, lease = self._lease_of(req)
         loop = asyncio.get_running_loop()
         grant = lease.admit(req, loop.time())
         if grant:
@@ -302,10 +307,7 @@ class Leases:
         prompt counted by its vendor, on the operator's key): from the lease when it holds
         one, else by a growth of requests alone (429 ``rate_limited`` when the bucket is
         empty). No token, no turn slot: the budget and the turns at once are not its rules."""
-        key = (req.user_id, req.period)
-        lease = self._leases.get(key)
-        if lease is None:
-            lease = self._leases[key] = Lease(req.user_id, req.period, self.lease_id)
+        key, lease = self._lease_of(req)
         if lease.requests >= 1 and not lease.closing:
             lease.requests -= 1
             return

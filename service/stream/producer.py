@@ -406,8 +406,6 @@ class TurnProducer:
         try:
             reservation = await self._reserve(inp.transport, req)
         except BaseException as exc:
-            if opening is not None:
-                self._expected(inp).answered(inp.user_id)
             self._discard(opening, inp, message_id)
             if key_grant is not None:  # the key's reservation is free again
                 assert inp.api_key is not None
@@ -427,8 +425,9 @@ class TurnProducer:
                     words = "monthly budget exhausted"
                 raise exc.restated(words, budget.refusal(exc.details)) from None
             raise
-        if opening is not None:
-            self._expected(inp).answered(inp.user_id)
+        finally:  # admitted or refused: another turn of the user may ask early
+            if opening is not None:
+                self._expected(inp).answered(inp.user_id)
         within = budget.completion_within(price, reservation.grant, prompt_tokens) // choices
         if opening is not None and within < max_out:  # clamped: the answer asked was longer
             self._discard(opening, inp, message_id)
@@ -467,11 +466,10 @@ class TurnProducer:
         many requests as turns, and nobody is billed for those refused (turns at once, the
         month)."""
         leases = self.leases
-        if inp.transport == "sse" or leases is None:
-            expected = self.reservations.expected.likely(req)
-        else:
-            expected = leases.must_ask(req) and leases.expected.likely(req)
-        if not (expected and self._expected(inp).asking(req.user_id)):
+        if inp.transport != "sse" and leases is not None and not leases.must_ask(req):
+            return None  # admitted from memory: no round trip to hide
+        expected = self._expected(inp)
+        if not (expected.likely(req) and expected.asking(req.user_id)):
             return None
         return Ahead(provider.open(request))
 
