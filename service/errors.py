@@ -192,6 +192,7 @@ class ServiceUnavailable(ServiceError):
 
 UPSTREAM_STATUS = {
     "upstream_auth": 502,
+    "upstream_billing": 502,  # the gateway's account at the vendor out of credit or quota
     "upstream_bad_request": 502,  # 400 when the vendor said the request is invalid (400/422)
     "upstream_bad_response": 502,
     "upstream_rate_limited": 503,

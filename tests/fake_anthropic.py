@@ -22,6 +22,7 @@ from tests.anthropic_recordings import TEXT
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    402: "billing_error",
     403: "permission_error",
     404: "not_found_error",
     413: "request_too_large",
@@ -64,7 +65,8 @@ def words(value: Any) -> int:
 @dataclass
 class Script:
     recording: list[bytes] = field(default_factory=lambda: list(TEXT))
-    status: int = 200  # != 200: Anthropic's error body of that status
+    status: int = 200  # != 200: Anthropic's error body of that status ...
+    message: str | None = None  # ... saying this (else "scripted failure <status>")
     retry_after: str | None = None
     per_write: int = 1  # events per network write
     gate_after: int | None = None  # wait for ``gate`` after writing this many events
@@ -200,9 +202,8 @@ class FakeAnthropic:
             return self.error(400, "this fake streams only, and max_tokens is required")
         script = self.scripts.pop(0) if self.scripts else self.default
         if script.status != 200:
-            return self.error(
-                script.status, f"scripted failure {script.status}", script.retry_after
-            )
+            message = script.message or f"scripted failure {script.status}"
+            return self.error(script.status, message, script.retry_after)
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream; charset=utf-8", "request-id": "req_1"}
         )

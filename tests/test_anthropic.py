@@ -428,6 +428,7 @@ async def test_an_overloaded_529_before_the_first_token_is_retried_after_retry_a
     [
         (400, "upstream_bad_request", 1),
         (401, "upstream_auth", 1),
+        (402, "upstream_billing", 1),
         (403, "upstream_auth", 1),
         (404, "upstream_bad_request", 1),
         (413, "upstream_bad_request", 1),
@@ -452,6 +453,25 @@ async def test_http_errors_map_to_our_codes_and_the_body_is_logged_without_the_k
     bodies = [e for e in logs if e["event"] == "upstream.error_body"]
     assert bodies and "scripted failure" in bodies[0]["body"]
     assert KEY not in repr(logs)
+
+
+async def test_a_credit_balance_too_low_is_the_operators_billing_not_the_clients_request(
+    provider, fake_anthropic
+):
+    """Anthropic says the gateway's account is out of credit as a 400 ``invalid_request_error``
+    (anthropic-sdk-typescript#618): a 502 ``upstream_billing`` in our words, not retried, not
+    the 400 with the vendor's words a request it calls invalid gets."""
+    low = (
+        "Your credit balance is too low to access the Anthropic API. "
+        "Please go to Plans & Billing to upgrade or purchase credits."
+    )
+    fake_anthropic.scripts = [Script(status=400, message=low) for _ in range(3)]
+    with pytest.raises(UpstreamError) as info:
+        await run(provider)
+    err = info.value
+    assert (err.code, err.status) == ("upstream_billing", 502)
+    assert "credit balance" not in err.message and err.headers["x-should-retry"] == "false"
+    assert len(fake_anthropic.calls("messages")) == 1
 
 
 async def test_without_a_key_anthropic_answers_401_and_the_turn_is_an_auth_error(

@@ -531,11 +531,17 @@ async def test_a_stream_is_answered_before_its_first_token(oai, fake_openai):
 
 
 async def upstream_refusal(
-    client, fake_openai, token_for, status: int, message: str, **extra: Any
+    client,
+    fake_openai,
+    token_for,
+    status: int,
+    message: str,
+    kind: str = "invalid_request",
+    **extra: Any,
 ) -> openai.APIStatusError:
     """What the SDK, with its default retries, raises when the upstream answers ``status`` with
-    ``message`` to every try."""
-    body = {"error": {"message": message, "type": "invalid_request"}}
+    ``message`` (of error type ``kind``) to every try."""
+    body = {"error": {"message": message, "type": kind, "code": kind}}
     fake_openai.scripts = [Script(status=status, error_body=body) for _ in range(3)]
     sdk = AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=token_for("alice"))
     try:
@@ -559,6 +565,23 @@ async def test_a_request_the_upstream_rejects_is_a_400_with_its_words_and_not_re
     assert isinstance(err, openai.BadRequestError)
     assert err.status_code == 400 and err.code == "upstream_bad_request"
     assert "bogus_param" in err.message and "sk-upstream-secret" not in err.message
+    assert len(fake_openai.requests) == 1
+
+
+async def test_the_gateways_quota_used_up_is_a_502_in_our_words_retried_by_nobody(
+    stream_client, fake_openai, token_for
+):
+    """OpenAI's 429 ``insufficient_quota`` (the operator's account out of credit) is no rate
+    limit: before, the service asked the upstream three times and the SDK three more, and the
+    client heard "rate limiting". Now one request, a 502 ``upstream_billing`` in our words."""
+    quota = "You exceeded your current quota, please check your plan and billing details."
+    err = await upstream_refusal(
+        stream_client, fake_openai, token_for, 429, quota, kind="insufficient_quota"
+    )
+    assert isinstance(err, openai.InternalServerError)
+    assert (err.status_code, err.code) == (502, "upstream_billing")
+    assert "quota, please" not in err.message
+    assert err.response.headers["x-should-retry"] == "false"
     assert len(fake_openai.requests) == 1
 
 

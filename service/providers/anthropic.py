@@ -8,8 +8,9 @@ call. The request is translated by ``anthropic_request`` (system prompt as its o
 
 HTTP errors before the first token go through the shared retry policy: 429 ``rate_limit_error``
 and 529 ``overloaded_error`` (and other 5xx) are retried, honouring ``retry-after``; 401/403
-are ``upstream_auth``, other 4xx ``upstream_bad_request`` (400 with the body's message for
-400/422, else 502).
+are ``upstream_auth``, a 402 or a 400 saying the credit balance is too low
+``upstream_billing`` (the operator's; 502), other 4xx ``upstream_bad_request`` (400 with the
+body's message for 400/422, else 502).
 Anthropic's error body goes to the log, redacted.
 
 ``count_prompt`` asks ``POST /v1/messages/count_tokens`` for the messages, tools and thinking

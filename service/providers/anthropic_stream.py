@@ -73,6 +73,7 @@ ERRORS = {
     "timeout_error": "upstream_timeout",
     "authentication_error": "upstream_auth",
     "permission_error": "upstream_auth",
+    "billing_error": "upstream_billing",
     "invalid_request_error": "upstream_bad_request",
     "request_too_large": "upstream_bad_request",
     "not_found_error": "upstream_bad_request",

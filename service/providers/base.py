@@ -203,7 +203,14 @@ _STATUS_WORDS = {
     "upstream_timeout": "the upstream timed out",
     "upstream_unavailable": "the upstream is unavailable",
     "upstream_bad_request": "the upstream rejected the request",
+    "upstream_billing": "the upstream refused the gateway's account: its credit or quota is spent",
 }
+# A vendor's words for the gateway's own account out of credit or quota: OpenAI's 429
+# ``insufficient_quota``, Anthropic's 402 ``billing_error`` and its 400 ``invalid_request_error``
+# "Your credit balance is too low ..." (anthropic-sdk-typescript#618). The operator's to fix:
+# no retry helps, and a client must neither be blamed nor told the account's state.
+_BILLING_KINDS = frozenset({"insufficient_quota", "billing_error"})
+_BILLING_WORDS = "credit balance"
 # What an upstream's error body may echo that must not reach a log: keys of the usual shapes.
 _SECRET_SHAPES = re.compile(
     r"(sk-[A-Za-z0-9_\-*]{6,}|AIza[0-9A-Za-z_\-]{20,}|eyJ[\w\-]+\.[\w\-]+\.[\w\-]*"
@@ -214,30 +221,45 @@ MAX_TOLD = 300  # of the vendor's own words on a request it rejected, what a cli
 
 
 def error_for_status(
-    status: int, retry_after: str | None = None, vendor_message: str | None = None
+    status: int, retry_after: str | None = None, body: str = "", secrets: tuple[str, ...] = ()
 ) -> UpstreamError:
     """Map a vendor's HTTP status to our upstream error codes, in our own words: the vendor's
     body never reaches a client (it may echo a key or a prompt); ``log_upstream_body`` logs it.
     One exception: a request the vendor called invalid (400, 422) is the client's to fix, often
     a field passed through as written, so it is a 400 ``upstream_bad_request`` with the
-    vendor's ``vendor_message``, redacted (``told``). Its other 4xx (a model it does not know,
-    a billing state: the operator's to fix, which a client must not be told) stay a 502 in our
-    words. Neither is worth a retry: ``x-should-retry: false`` for the SDKs."""
-    code = _code_for_status(status)
+    message of the vendor's ``body``, redacted (``told``). Its other 4xx (a model it does not
+    know) stay a 502 in our words, and the gateway's account out of credit or quota is a 502
+    ``upstream_billing`` whatever status the vendor gives it (``_billing``). None of these is
+    worth a retry: ``x-should-retry: false`` for the SDKs."""
+    error = _vendor_error(body)
+    code = "upstream_billing" if _billing(status, error) else _code_for_status(status)
     message = f"{_STATUS_WORDS[code]} (HTTP {status})"
     invalid = code == "upstream_bad_request" and status in (400, 422)
-    if invalid and vendor_message:
+    vendor_message = told(error, secrets) if invalid else None
+    if vendor_message:
         message = f"{message}: {vendor_message}"
     retryable = code in ("upstream_rate_limited", "upstream_timeout", "upstream_unavailable")
     delay = retry_after_seconds(retry_after) if code != "upstream_timeout" else None
     err = UpstreamError(
         code, message, retryable=retryable, retry_after_s=delay, upstream_status=status
     )
-    if code == "upstream_bad_request":
+    if code in ("upstream_bad_request", "upstream_billing"):
         err.headers["x-should-retry"] = "false"
         if invalid:
             err.status = 400
     return err
+
+
+def _billing(status: int, error: dict[str, Any] | None) -> bool:
+    """Whether a vendor's error says the gateway's account is out of credit or quota."""
+    if status == 402:
+        return True
+    if error is None:
+        return False
+    if _BILLING_KINDS.intersection((error.get("type"), error.get("code"))):
+        return True
+    message = error.get("message")
+    return status == 400 and isinstance(message, str) and _BILLING_WORDS in message.lower()
 
 
 def _code_for_status(status: int) -> str:
@@ -261,16 +283,21 @@ def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
     return text if len(text) <= MAX_LOGGED_BODY else text[:MAX_LOGGED_BODY] + "…"
 
 
-def told(body: str, secrets: tuple[str, ...] = ()) -> str | None:
-    """The message of a vendor's JSON error body (OpenAI's and Anthropic's ``error.message``,
-    Google's too), redacted and bounded, for the client whose request it rejected; None when
-    the body has none."""
+def _vendor_error(body: str) -> dict[str, Any] | None:
+    """The ``error`` object of a vendor's JSON error body (OpenAI's, Anthropic's and Google's
+    all have one), or None."""
     try:
-        parsed = orjson.loads(body)
+        parsed = orjson.loads(body) if body else None
     except orjson.JSONDecodeError:
         return None
     error = parsed.get("error") if isinstance(parsed, dict) else None
-    message = error.get("message") if isinstance(error, dict) else None
+    return error if isinstance(error, dict) else None
+
+
+def told(error: dict[str, Any] | None, secrets: tuple[str, ...] = ()) -> str | None:
+    """The ``message`` of a vendor's ``error`` object, redacted and bounded, for the client
+    whose request it rejected; None when it has none."""
+    message = error.get("message") if error is not None else None
     if not isinstance(message, str) or not message.strip():
         return None
     text = redact(" ".join(message.split()), secrets)
@@ -340,7 +367,7 @@ async def raise_for_status(
     finally:
         resp.release()
     log_upstream_body(provider, resp.status, detail, secrets)
-    raise error_for_status(resp.status, resp.headers.get("Retry-After"), told(detail, secrets))
+    raise error_for_status(resp.status, resp.headers.get("Retry-After"), detail, secrets)
 
 
 def token_count(answer: dict[str, Any], key: str, call: str) -> int:

@@ -69,7 +69,6 @@ from service.providers.base import (
     error_for_status,
     log_upstream_body,
     token_count,
-    told,
     with_retries,
 )
 from service.providers.sse import SSEDecoder, SSEEvent, load_frame
@@ -303,7 +302,7 @@ async def _raise_for_status(resp: aiohttp.ClientResponse, *, secrets: tuple[str,
             upstream_status=resp.status,
         )
     retry_after = resp.headers.get("Retry-After") or error.retry_delay
-    raise error_for_status(resp.status, retry_after, told(raw.decode(errors="replace"), secrets))
+    raise error_for_status(resp.status, retry_after, raw.decode(errors="replace"), secrets)
 
 
 # ---------------------------------------------------------------------- stream

@@ -73,6 +73,7 @@ const SENTENCES = {
   shutting_down: "The server is restarting. Try again in a moment.",
   internal_error: "Something went wrong on the server. Try again; if it goes on, tell the operators.",
   upstream_auth: "The model provider refused this service's credentials. Tell the operators.",
+  upstream_billing: "The model provider refused this service's account: its credit is used up. Tell the operators.",
   upstream_bad_request: "The model provider refused the request.",
   upstream_bad_response: "The model provider sent an answer that could not be read. Try again.",
   upstream_rate_limited: "The model provider is busy. Try again in a moment.",
