@@ -122,7 +122,8 @@ def table(r: dict[str, Any]) -> str:
     m = r["machine"]
     lines = [
         f"chat-gateway bench ({'quick' if r['quick'] else 'full'}): {m['cpu']}, {m['cores']} "
-        f"cores, Python {m['python']}, aiohttp {m['aiohttp']}, event loop {r['loop']}"
+        f"cores, Python {m['python']}, aiohttp {m['aiohttp']}, event loop {r['loop']}, "
+        f"database {r.get('database', {}).get('server', 'SecantusDB')}"
     ]
     w = lines.append
     lat = r.get("latency")

@@ -4,7 +4,8 @@
     python -m bench --quick    # make bench-quick: a reduced set (under a minute)
 
 Processes (all on 127.0.0.1, each in its own session, all stopped in a ``finally``):
-SecantusDB (in memory), the fake upstream, the thin relay, the service (``bench.serve``:
+SecantusDB (in memory; or a MongoDB of yours, ``--mongodb-uri``), the fake upstream, the thin
+relay, the service (``bench.serve``:
 ``python -m service serve`` with command monitoring) and one load generator per measured phase.
 Every figure is measured in the same run, so each can be a ratio: the service against going
 direct to the upstream and against the thin relay. Scenarios interleave the targets (request by
@@ -144,6 +145,20 @@ def machine() -> dict[str, Any]:
     }
 
 
+def database(uri: str | None) -> dict[str, Any]:
+    """What the service's database is: the bench's own SecantusDB, or the server ``uri`` names
+    (its version; never the URI, which may hold a password)."""
+    if not uri:
+        return {"server": "SecantusDB", "own": True}
+    from pymongo import MongoClient
+
+    with MongoClient(uri, serverSelectionTimeoutMS=5000) as client:
+        info = client.server_info()
+    if "secantusVersion" in info:  # SecantusDB says MongoDB's version it speaks, and its own
+        return {"server": f"SecantusDB {info['secantusVersion']}", "own": False}
+    return {"server": f"MongoDB {info.get('version', '?')}", "own": False}
+
+
 # --------------------------------------------------------------------------- plan
 @dataclass
 class Plan:
@@ -237,6 +252,7 @@ class Bench:
     tracemalloc: bool = False
     phase_tag: str = ""
     db_rtt_ms: float = 0.0  # --db-rtt-ms: the service reaches SecantusDB through bench.netdelay
+    external_mongo: str = ""  # --mongodb-uri: that server, not a SecantusDB of the bench's own
 
     def logfile(self, name: str) -> Any:
         return (self.workdir / f"{name}.log").open("ab")
@@ -259,6 +275,8 @@ class Bench:
         return proc
 
     def start_mongo(self) -> None:
+        if self.external_mongo:
+            return
         port = free_port()
         args = [
             PY,
@@ -274,13 +292,25 @@ class Bench:
 
     def fresh_database(self, db: str = "bench", **extra: str) -> None:
         """A new SecantusDB and a new service process: SecantusDB slows down as it accumulates
-        writes, so each scenario (and each capacity run) starts from an empty one."""
+        writes, so each scenario (and each capacity run) starts from an empty one. On a server
+        of the operator's (``--mongodb-uri``), the database the last phase used is dropped."""
         service = self.procs.pop("service", None)
         if service is not None:
             service.stop(signal.SIGINT)
-        self.procs.pop("mongo").stop()
-        self.start_mongo()
+        if self.external_mongo:
+            self.drop_database()
+        else:
+            self.procs.pop("mongo").stop()
+            self.start_mongo()
         self.start_service(db, **extra)
+
+    def drop_database(self) -> None:
+        """``--mongodb-uri``: drop the database the bench used (named ``bench*``: its own)."""
+        from pymongo import MongoClient
+
+        if self.mongo_uri and self.db.startswith("bench"):
+            with MongoClient(self.mongo_uri, serverSelectionTimeoutMS=5000) as client:
+                client.drop_database(self.db)
 
     def start(self) -> None:
         self.start_mongo()
@@ -313,7 +343,7 @@ class Bench:
         if old is not None:
             old.stop(signal.SIGINT)
         port = free_port()
-        direct = f"mongodb://127.0.0.1:{self.procs['mongo'].port}/"
+        direct = self.external_mongo or f"mongodb://127.0.0.1:{self.procs['mongo'].port}/"
         uri = self.network(direct) if self.db_rtt_ms else direct
         models = [
             {"name": m, "provider": "openai", "upstream_id": m, "encoding": "o200k_base",
@@ -347,6 +377,8 @@ class Bench:
             **extra,
         }
         self.mongo_uri, self.db = direct, db  # the bench's own reads: not through the delay
+        if self.external_mongo:
+            self.drop_database()  # what a run stopped before its end left in it
         (self.workdir / "mongo-counts.json").unlink(missing_ok=True)  # a new process counts anew
         if self.lookup_index:
             self.add_lookup_index(env["MONGODB_URI"], db)
@@ -387,6 +419,12 @@ class Bench:
             )
 
     def stop_all(self) -> None:
+        if self.external_mongo:
+            service = self.procs.pop("service", None)
+            if service is not None:
+                service.stop(signal.SIGINT)
+            with contextlib.suppress(Exception):  # the run's figures matter more than the tidy-up
+                self.drop_database()
         for name in ("service", "relay", "upstream", "mongo-net", "mongo"):
             proc = self.procs.pop(name, None)
             if proc is not None:
@@ -439,7 +477,8 @@ class Bench:
         self.profile_dir.mkdir(parents=True, exist_ok=True)
         spy = shutil.which("py-spy", path=str(Path(PY).parent)) or "py-spy"
         procs = []
-        for name in (watch, "mongo") if watch == "service" else (watch,):
+        watched = (watch, "mongo") if watch == "service" else (watch,)
+        for name in (n for n in watched if n in self.procs):  # no "mongo": --mongodb-uri
             out = self.profile_dir / f"{self.phase_tag}-{self.phase_no}-{name}.txt"
             args = [spy, "record", "-p", str(self.procs[name].pid), "-r", "250", "--gil"]
             with self.logfile("py-spy") as log:
@@ -857,6 +896,11 @@ def main(argv: list[str] | None = None) -> int:
         " trip (a network; SecantusDB is on this machine)",
     )
     parser.add_argument(
+        "--mongodb-uri",
+        help="run against this MongoDB (one you started: the figures SecantusDB cannot show),"
+        " not a SecantusDB of the bench's own; it uses databases named bench* and drops them",
+    )
+    parser.add_argument(
         "--tracemalloc", action="store_true", help="capacity: where the service's memory goes"
     )
     parser.add_argument("--out", type=Path, help="JSON file (default: bench-results/...)")
@@ -866,6 +910,8 @@ def main(argv: list[str] | None = None) -> int:
         help="py-spy the service and the relay during CPU phases; collapsed stacks go here",
     )
     args = parser.parse_args(argv)
+    if args.mongodb_uri and args.db_rtt_ms:
+        parser.error("--db-rtt-ms delays the bench's own SecantusDB; not with --mongodb-uri")
     raise_open_files()
     for sig in (signal.SIGINT, signal.SIGTERM):  # either one stops every child (``finally``)
         signal.signal(sig, _interrupted)
@@ -876,6 +922,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(plan, uvloop=args.uvloop, profile_dir=args.profile)
     bench.lookup_index, bench.tracemalloc = args.lookup_index, args.tracemalloc
     bench.db_rtt_ms = args.db_rtt_ms
+    bench.external_mongo = args.mongodb_uri or ""
     only = set(args.only.split(","))
     result: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -883,6 +930,7 @@ def main(argv: list[str] | None = None) -> int:
         "loop": "uvloop" if args.uvloop else "asyncio",
         "lookup_index": args.lookup_index,
         "db_rtt_ms": args.db_rtt_ms,
+        "database": database(args.mongodb_uri),
         "machine": machine(),
     }
     print(f"bench: {'quick' if plan.quick else 'full'} run; logs in {bench.workdir}", flush=True)

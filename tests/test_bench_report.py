@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.report import derive
+from bench.report import derive, table
+from bench.run import database, machine
+
+MACHINE = machine()
 
 
 def phases(n1: dict[str, float], n200: dict[str, float]) -> dict[str, Any]:
@@ -38,3 +41,14 @@ def test_a_negative_marginal_cost_is_below_the_spread_not_met():
     verdict = marginal(r)["service SSE"]
     assert verdict["met"] is None
     assert verdict["value"].startswith("below the runs' spread")
+
+
+def test_the_report_names_the_database_the_figures_were_taken_on(mongo_server):
+    """``--mongodb-uri``: the bench runs on a server of the operator's (the figures SecantusDB
+    cannot show); its header says which server it was, never the URI (it may hold a password)."""
+    found = database(mongo_server.uri)
+    assert found["server"].startswith("SecantusDB ") and found["own"] is False
+    r = {"quick": True, "loop": "asyncio", "database": found, "machine": MACHINE, "verdicts": []}
+    header = table(r).splitlines()[0]
+    assert header.endswith(f"database {found['server']}")
+    assert "database SecantusDB" in table({**r, "database": database(None)}).splitlines()[0]
