@@ -255,6 +255,16 @@ def openai_error_parts(exc: ServiceError) -> tuple[int, dict[str, Any], dict[str
     return status, body, headers
 
 
+def wire_status(transport: str, exc: ServiceError) -> int:
+    """The status a client of ``transport`` is answered for ``exc``: the ``/v1`` routes speak
+    their vendor's (the month's budget is OpenAI's and Anthropic's 429, the page's 403)."""
+    if transport == "openai":
+        return openai_error_parts(exc)[0]
+    if transport == "anthropic":
+        return anthropic_error_parts(exc)[0]
+    return exc.status
+
+
 def openai_error_response(exc: ServiceError) -> web.Response:
     status, body, headers = openai_error_parts(exc)
     return json_response(body, status=status, headers=headers)

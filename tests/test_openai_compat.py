@@ -348,7 +348,9 @@ async def test_bad_key_is_an_authentication_error(stream_client, sdk_for):
     assert err.response.headers["X-Request-ID"]
 
 
-async def test_budget_exceeded_is_insufficient_quota(aiohttp_client, stream_settings, sdk_for):
+async def test_budget_exceeded_is_insufficient_quota(
+    aiohttp_client, stream_settings, sdk_for, logs
+):
     client = await aiohttp_client(create_app(stream_settings(default_token_limit=10)))
     sdk = sdk_for(client)
     with pytest.raises(openai.RateLimitError) as info:
@@ -357,6 +359,13 @@ async def test_budget_exceeded_is_insufficient_quota(aiohttp_client, stream_sett
     assert err.status_code == 429
     assert err.type == "insufficient_quota" and err.code == "insufficient_quota"
     assert err.response.headers["x-should-retry"] == "false"
+    # The refusal's line says the status the client got (the page's would be 403)
+    (refused,) = [e for e in logs if e["event"] == "stream.refused"]
+    assert (refused["code"], refused["status"], refused["transport"]) == (
+        "budget_exceeded",
+        429,
+        "openai",
+    )
 
 
 async def test_rate_limit_is_rate_limit_exceeded_with_retry_after(

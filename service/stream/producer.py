@@ -38,7 +38,7 @@ from service.errors import (
     StoreUnavailable,
     UpstreamError,
 )
-from service.http import not_found
+from service.http import not_found, wire_status
 from service.logs import error_text
 from service.metrics import COST, DURATION, REJECTIONS, TOKENS, TTFT, TURNS, UPSTREAM_ERRORS
 from service.model_lists import ModelLists
@@ -91,13 +91,14 @@ def _log_refusal(inp: TurnInput, message_id: str, exc: ServiceError) -> None:
     """A turn refused before it started (it has no ``stream.started`` or ``stream.ended``):
     why, on every transport (a WebSocket's refusal is a frame, not a response)."""
     rule = exc.details.get("rule") if isinstance(exc.details, dict) else None
-    (log.warning if exc.status >= 500 else log.info)(
+    status = wire_status(inp.transport, exc)
+    (log.warning if status >= 500 else log.info)(
         "stream.refused",
         message_id=message_id,
         chat_id=inp.chat_id,
         transport=inp.transport,
         model=inp.model,
-        status=exc.status,
+        status=status,
         code=exc.code,
         **({"rule": rule} if rule else {}),
     )
