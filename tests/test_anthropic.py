@@ -473,6 +473,13 @@ async def test_a_credit_balance_too_low_is_the_operators_billing_not_the_clients
     assert "credit balance" not in err.message and err.headers["x-should-retry"] == "false"
     assert len(fake_anthropic.calls("messages")) == 1
 
+    # A 400 that only echoes the words (a client's field) is the client's, as any other
+    echoed = "stop_sequences: 'Your credit balance is too low' is not a valid sequence"
+    fake_anthropic.scripts = [Script(status=400, message=echoed)]
+    with pytest.raises(UpstreamError) as info:
+        await run(provider)
+    assert (info.value.code, info.value.status) == ("upstream_bad_request", 400)
+
 
 async def test_without_a_key_anthropic_answers_401_and_the_turn_is_an_auth_error(
     session, fake_anthropic

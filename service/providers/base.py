@@ -210,7 +210,8 @@ _STATUS_WORDS = {
 # "Your credit balance is too low ..." (anthropic-sdk-typescript#618). The operator's to fix:
 # no retry helps, and a client must neither be blamed nor told the account's state.
 _BILLING_KINDS = frozenset({"insufficient_quota", "billing_error"})
-_BILLING_WORDS = "credit balance"
+_BILLING_WORDS = "your credit balance is too low"  # its message's start: a vendor's 400 that
+# echoes a client's field (which may say anything) does not begin with it
 # What an upstream's error body may echo that must not reach a log: keys of the usual shapes.
 _SECRET_SHAPES = re.compile(
     r"(sk-[A-Za-z0-9_\-*]{6,}|AIza[0-9A-Za-z_\-]{20,}|eyJ[\w\-]+\.[\w\-]+\.[\w\-]*"
@@ -259,7 +260,7 @@ def _billing(status: int, error: dict[str, Any] | None) -> bool:
     if _BILLING_KINDS.intersection((error.get("type"), error.get("code"))):
         return True
     message = error.get("message")
-    return status == 400 and isinstance(message, str) and _BILLING_WORDS in message.lower()
+    return status == 400 and isinstance(message, str) and message.lower().startswith(_BILLING_WORDS)
 
 
 def _code_for_status(status: int) -> str:
