@@ -212,6 +212,40 @@ async def test_a_claim_abandoned_while_starting_frees_its_key(stream_client, fak
     assert text_of(evs) == "".join(CHUNKS) and len(fake_openai.requests) == 1
 
 
+async def test_a_claim_left_starting_by_a_turn_that_ran_is_followed_not_claimed_anew(
+    stream_client, fake_openai, auth, logs
+):
+    """The turn streamed and ended, but MongoDB was away when it would mark its claim
+    ``admitted`` (or its process was killed just then): the claim stays ``starting``. A minute
+    on, a retry with that key finds the claim's message and replays it; a second generation,
+    billed again, is what the key exists to prevent."""
+    client, h = stream_client, auth()
+    chat_id = await new_chat(client, h)
+    store = client.app[STORE]
+    admit = store.admit_claim
+
+    async def unavailable(claim_id):
+        store.admit_claim = admit  # once
+        raise StoreUnavailable("the database is unavailable; try again shortly")
+
+    store.admit_claim = unavailable
+    fake_openai.default = script()
+    first, first_events = await send(client, chat_id, {**h, **KEY})
+    assert first.status == 200 and first_events[-1]["event"] == "done"
+    claims = store.db["idempotency_keys"]
+    assert (await claims.find_one({}))["state"] == "starting"
+    billed = await used(client)
+    await claims.update_many({}, {"$set": {"created_at": utcnow() - timedelta(minutes=2)}})
+    again, again_events = await send(client, chat_id, {**h, **KEY})
+    assert again.status == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert text_of(again_events) == text_of(first_events) == "".join(CHUNKS)
+    assert again_events[-1]["data"]["message_id"] == first_events[-1]["data"]["message_id"]
+    assert len(fake_openai.requests) == 1 and len(await assistants(client)) == 1
+    assert await used(client) == billed
+    assert (await claims.find_one({}))["state"] == "admitted"  # later retries follow at once
+    assert [e["source"] for e in logs if e["event"] == "stream.replayed"] == ["stored"]
+
+
 # --------------------------------------------------------------------------- /v1
 BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
 

@@ -941,7 +941,8 @@ class Turn:
         """A retry with the same key follows this turn from now on, once its records exist (a
         retry on another replica finds it), or (refused before it streamed, its records not
         written) claims the key afresh. A failure leaves the claim starting: retries wait for
-        it, then answer 409, until the claim expires."""
+        it, then answer 409, until it is a minute old; then a retry finds this turn's records
+        and follows it (``Admissions.admit``)."""
         store = self.p.store
         if admitted and await self._insert_finished() is not None:
             admitted = False  # the request was refused (503): its retry is a send of its own
