@@ -4,7 +4,8 @@ Every per-user rule lives in MongoDB as one conditional operation, never in a pr
 so it must hold whichever replica a request lands on: the rate limit, the token budget under
 concurrent turns split across both, the chat cap under concurrent creates. A cancel reaches the
 replica that runs the stream, and a stream left behind by a killed replica is settled and
-reported ``interrupted`` (with its last checkpoint) by the other one.
+reported ``interrupted`` (with its last checkpoint) by the other one; a replica cut off from
+MongoDB long enough to be taken for dead tells its client what the other one kept.
 """
 
 from __future__ import annotations
@@ -216,3 +217,57 @@ async def test_stream_of_a_killed_replica_is_reported_interrupted_through_b(
         5,
         "B's interrupted log line",
     )
+
+
+async def test_a_replica_cut_off_from_mongodb_tells_its_client_what_the_reaper_kept(
+    services, fake_openai, token_for, db, mongo_server
+):
+    """A loses MongoDB (B does not) for longer than STALE_STREAM_S while its upstream goes on:
+    B's reaper takes A for dead and settles A's turn as its checkpoint held (``interrupted``).
+    When A's final write comes back to a record already ended, the record (and the bill that
+    came with it) is the answer: A's client gets its end at the stored length, with
+    ``unsaved`` (what it was sent past it), not a ``done`` that no record or bill agrees with;
+    and A's log says so."""
+    from tests.tcp_proxy import TcpProxy
+
+    proxy = TcpProxy("127.0.0.1", mongo_server.port)
+    await proxy.start()
+    shared, services.mongodb_uri = (
+        services.mongodb_uri,
+        f"mongodb://127.0.0.1:{proxy.port}/?directConnection=true",
+    )
+    try:
+        (a,) = await services.start("a")  # reaches MongoDB through the proxy only
+        services.mongodb_uri = shared
+        (b,) = await services.start("b")
+        fake_openai.default = Script(chunks=["one ", "two ", "three ", "four"], gate_after=2)
+        async with session(a, token_for("alice")) as on_a:
+            chat = await new_chat(on_a)
+            turn = await open_sse(on_a, chat)
+            await turn.wait_text("one two ")
+
+            async def record(status: str, content: str) -> bool:
+                doc = await db.messages.find_one({"_id": turn.message_id})
+                return bool(doc) and (doc["status"], doc["content"]) == (status, content)
+
+            await eventually(lambda: record("streaming", "one two "), 5, "the checkpoint")
+            proxy.cut()
+            await eventually(lambda: record("interrupted", "one two "), 15, "B's reaper")
+            proxy.restore()
+            fake_openai.gate.set()
+            end = await turn.finished(15)
+        assert turn.text == "one two three four"  # sent before A's final write came back
+        assert end is not None and end["event"] == "error", end
+        assert end["data"]["status"] == "interrupted" and end["data"]["code"] == "interrupted"
+        assert int(end["id"]) == len("one two ")
+        assert end["data"]["unsaved"] == [len("one two "), len("one two three four")]
+        stored = await db.messages.find_one({"_id": turn.message_id})
+        assert end["data"]["tokens"] == stored["tokens"]
+        usage = await db.usage.find_one({"user_id": "alice"})
+        assert usage["used"] == stored["tokens"]["total"] and usage["reserved"] == 0
+        assert a.events("stream.ended_elsewhere", message_id=turn.message_id, stored="interrupted")
+        assert b.events("stream.ended", message_id=turn.message_id, outcome="interrupted")
+        assert not a.events("stream.ended", message_id=turn.message_id)  # one end, B's
+    finally:
+        services.mongodb_uri = shared
+        await proxy.close()

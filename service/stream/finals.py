@@ -213,7 +213,7 @@ class PendingFinals:
         while self._writes:
             message_id, write = next(iter(self._writes.items()))
             try:
-                await write.apply(store, rollups)
+                ended = await write.apply(store, rollups)
             except ServiceError as exc:
                 log.warning(
                     "stream.finalize_retry_failed",
@@ -224,8 +224,13 @@ class PendingFinals:
                 break
             del self._writes[message_id]
             applied += 1
-            log.info(
-                "stream.finalize_retried", message_id=message_id, status=write.fields["status"]
+            # ended False: the record was ended before (by the reaper, which took this replica
+            # for dead while MongoDB was out of its reach; or by an attempt whose answer was lost)
+            (log.info if ended else log.warning)(
+                "stream.finalize_retried",
+                message_id=message_id,
+                status=write.fields["status"],
+                ended=ended,
             )
         return applied
 

@@ -143,6 +143,15 @@ class LiveStream:
         self.final = final
         self.notify()
 
+    def cut(self, length: int) -> None:
+        """Keep the first ``length`` characters only (the stored answer, shorter than what was
+        produced): a follower past it gets the end at ``length`` with ``unsaved``."""
+        if length < self.length:
+            self.parts[:] = [self.text()[:length]]
+            self.length, self.loose = length, 0
+            if self.marks is not None:
+                self.marks = [m for m in self.marks if m[1] <= length]
+
     def notify(self) -> None:
         waiters = self._waiters
         if waiters:

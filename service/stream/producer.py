@@ -67,7 +67,7 @@ from service.stream.ahead import Ahead, Drained, Expected
 from service.stream.assembly import Assembly
 from service.stream.context import ContextCache, fit_to_window, history_messages
 from service.stream.events import Final
-from service.stream.finals import FinalCommits, FinalWrite
+from service.stream.finals import FinalCommits, FinalWrite, final_of
 from service.stream.groups import ChatAuthorizations, RecordInserts, Reservations
 from service.stream.leases import Leases
 from service.stream.live import LiveStream
@@ -1163,9 +1163,12 @@ class Turn:
         leases = self.p.leases
         if write.lease_id is not None and leases is not None:  # its grant is free again
             leases.ended(self.inp.user_id, self.period, grant=write.grant, billed=write.billed)
+        elsewhere: Doc | None = None
         try:
             finished = await self.p.commits.apply(write)
             self._remember_context(content, status, finished)
+            if not finished and self._insert is None:  # its record exists, ended by another
+                elsewhere = await self._ended_record()
         except ServiceError as exc:
             # MongoDB is away: the replica retries this write once it answers again.
             self._log("warning", "stream.finalize_deferred", code=exc.code, error=error_text(exc))
@@ -1173,6 +1176,8 @@ class Turn:
             self._remember_context(content, status, False)
         finally:
             self.p.registry.remove(self.message_id)
+        if elsewhere is not None:
+            return self._ended_elsewhere(elsewhere, write.usage, status)
         if write.usage is not None:
             limit = int(write.usage.get("limit", self.p.budget.default_limit))
             spent = int(write.usage["used"]) + int(write.usage["reserved"])
@@ -1214,6 +1219,34 @@ class Turn:
             chunks=self.chunks,
             duration_ms=round(duration * 1000, 2),
         )
+        return self.final
+
+    async def _ended_record(self) -> Doc | None:
+        """The turn's record, when something else ended it (None: it could not be read)."""
+        try:
+            doc = await self.p.store.get_message(self.message_id)
+        except ServiceError:
+            return None
+        return doc if doc is not None and doc.get("status") != "streaming" else None
+
+    def _ended_elsewhere(self, doc: Doc, usage: Doc | None, status: str) -> Final:
+        """The final write found the record already ended: another replica's reaper took this
+        one for dead (MongoDB out of its reach for STALE_STREAM_S while the upstream went on)
+        and settled the turn as its last checkpoint held. The record, and the bill that came
+        with it, is the answer: the followers get its end at its length (those sent more get
+        ``unsaved``, as from a mirror), not an end no record or bill agrees with. The reaper
+        logged and counted the turn."""
+        kept = doc.get("content") or ""
+        self._log(
+            "warning",
+            "stream.ended_elsewhere",
+            stored=doc["status"],
+            outcome=OUTCOME[status],
+            kept=len(kept),
+            produced=self.live.length,
+        )
+        self.live.cut(len(kept))
+        self.final = final_of(doc, usage, self.p.budget)
         return self.final
 
     def _billing(self) -> Doc:
