@@ -647,3 +647,61 @@ async def new_chat_of(client: Any, headers: dict[str, str]) -> str:
     resp = await client.post("/api/chat", json={}, headers=headers)
     assert resp.status == 201
     return str((await resp.json())["chat_id"])
+
+
+async def test_a_lease_the_reaper_gave_back_while_its_replica_was_cut_off_is_not_granted_from(
+    services, fake_openai, token_for, db, mongo_server
+):
+    """A loses MongoDB (B does not) past STALE_STREAM_S with a program turn running: B's reaper
+    settles the turn and gives A's lease back. Once A hears of it (the turn's final write
+    finds its record ended, and the month without A's lease), A's next turn takes a new lease
+    that MongoDB counts; admitted from the lease A remembered, it held nothing every replica
+    sees (``reserved``, the turns at once), and B could grant the same room again."""
+    from tests.tcp_proxy import TcpProxy
+
+    proxy = TcpProxy("127.0.0.1", mongo_server.port)
+    await proxy.start()
+    shared, services.mongodb_uri = (
+        services.mongodb_uri,
+        f"mongodb://127.0.0.1:{proxy.port}/?directConnection=true",
+    )
+    try:
+        # A keeps an idle lease (a long LEASE_IDLE_S): only the reaper gives it back.
+        (a,) = await services.start("a", lease_idle_s=300, lease_keep_s=300)
+        services.mongodb_uri = shared
+        (b,) = await services.start("b")
+        fake_openai.default = Script(chunks=["one ", "two ", "three"], gate_after=2)
+        streamed = {**BODY, "stream": True}
+        async with session(a, token_for("alice")) as on_a:
+            first = await on_a.post("/v1/chat/completions", json=streamed)
+            assert first.status == 200
+            await asyncio.wait_for(fake_openai.reached_gate.wait(), 5)
+            (lease,) = lease_of(await usage(db))
+            proxy.cut()
+
+            async def reaped() -> bool:
+                doc = await usage(db)
+                return not lease_of(doc) and doc["reserved"] == 0 and doc["used"] > 0
+
+            await eventually(reaped, 15, "B's reaper: the turn settled, A's lease given back")
+            await wait_until(lambda: b.events("stream.lease_released"), 5, "B's log line")
+            proxy.restore()
+            fake_openai.gate.set()
+            await first.read()
+            await wait_until(lambda: a.events("stream.ended_elsewhere"), 10, "A's final write")
+            fake_openai.gate.clear()
+            fake_openai.reached_gate.clear()
+            second = await on_a.post("/v1/chat/completions", json=streamed)
+            assert second.status == 200
+            await asyncio.wait_for(fake_openai.reached_gate.wait(), 5)
+            held = await usage(db)
+            fake_openai.gate.set()
+            await second.read()
+        (again,) = lease_of(held)  # A's turn runs on a lease MongoDB holds
+        assert again["mid"] == lease["mid"] and held["reserved"] == again["grant"] > 0
+    finally:
+        services.mongodb_uri = shared
+        await proxy.close()
+    await settled(db, deadline_s=10)
+    totals = [m["tokens"]["total"] async for m in db.messages.find({"role": "assistant"})]
+    assert (await usage(db))["used"] == sum(totals)

@@ -275,10 +275,19 @@ class Leases:
         return _theirs(lease, allowance_of(lease.doc, req.default_limit, req.now), req)
 
     def observe(self, user_id: str, period: str, doc: Doc | None) -> None:
-        """The usage as a turn's final write left it: the freshest for the next headers."""
-        lease = self._leases.get((user_id, period))
-        if lease is not None and doc:
+        """The usage as a turn's final write left it: the freshest for the next headers. A
+        lease the month no longer holds was given back by the reaper (it took this replica for
+        dead: MongoDB out of its reach for STALE_STREAM_S): granting from it would hold nothing
+        any replica sees. Once none of its turns runs and no growth is on its way, it is
+        forgotten (as ``_shrink`` does) and the user's next turn here takes a new one."""
+        key = (user_id, period)
+        lease = self._leases.get(key)
+        if lease is None or not doc:
+            return
+        if any(e.get("mid") == lease.lease_id for e in doc.get("open") or ()):
             lease.doc = doc
+        elif not lease.running and not lease.closing and not lease.lock.locked():
+            del self._leases[key]
 
     def ended(self, user_id: str, period: str, *, grant: int, billed: int) -> None:
         """A turn admitted from the lease ended: its grant is free again, less what it spent

@@ -1246,6 +1246,8 @@ class Turn:
             produced=self.live.length,
         )
         self.live.cut(len(kept))
+        if self.lease_id is not None and self.p.leases is not None:  # given back too, likely
+            self.p.leases.observe(self.inp.user_id, self.period, usage)
         self.final = final_of(doc, usage, self.p.budget)
         return self.final
 
