@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 
@@ -10,6 +11,7 @@ import pytest
 from service.app import create_app
 from service.keys import STORE
 from tests.mongo_server import MongoServer
+from tests.processes import eventually
 
 
 @pytest.fixture
@@ -230,3 +232,59 @@ async def test_the_log_says_why_mongodb_is_unreachable_and_when_it_is_back(
     await eventually(back, deadline_s=15, what="the line saying MongoDB is back")
     assert not client.app[REGISTRY].store_failing
     assert [e["event"] for e in logs].count("mongodb.available_again") == 1
+
+
+async def test_a_final_write_given_up_is_settled_by_its_own_live_replica(
+    aiohttp_client, make_settings, auth, own_mongo, fake_openai, logs
+):
+    """Past its bound, the queue of final writes waiting for MongoDB gives the oldest up "to
+    the reaper" (``stream.finalize_given_up``). Its replica is alive, so no other replica
+    takes its turns for dead: its own reaper settles such a record (``interrupted``, its
+    checkpoint), or it stayed ``streaming`` and its reservation held for the replica's life.
+    Programs' turns (a lease's) have no other way out; a page turn's reservation only after
+    UPSTREAM_TOTAL_TIMEOUT_S."""
+    import json
+
+    from service.keys import REGISTRY
+    from tests.conftest import TEST_MODELS
+    from tests.fake_openai import Script
+    from tests.faults import settled
+
+    settings = make_settings(
+        mongodb_uri=own_mongo.uri,
+        mongodb_timeout_ms=800,
+        models=json.dumps(TEST_MODELS),
+        default_model="gpt-test",
+        openai_base_url=fake_openai.url,
+        watch_interval_s=0.1,
+        checkpoint_interval_s=0.1,
+        stale_stream_s=1.0,
+        reaper_interval_s=0.2,
+    )
+    client = await aiohttp_client(create_app(settings))
+    registry = client.app[REGISTRY]
+    registry.pending.limit = 0  # what 10,000 writes waiting would do to the oldest: given up
+    h = auth()
+    body = {"model": "gpt-test", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
+    fake_openai.default = Script(chunks=["all ", "of ", "it"], usage=(12, 3), gate_after=2)
+    resp = await client.post("/v1/chat/completions", json=body, headers=h)
+    assert resp.status == 200
+    await asyncio.wait_for(fake_openai.reached_gate.wait(), 5)
+    messages = client.app[STORE].messages
+
+    async def checkpointed() -> bool:
+        doc = await messages.find_one({"role": "assistant"})
+        return doc is not None and doc["content"] == "all of "
+
+    await eventually(checkpointed, 5, "the checkpoint")
+    own_mongo.kill()
+    fake_openai.gate.set()
+    assert "[DONE]" in await resp.text()  # the client was told its end
+    assert any(e["event"] == "stream.finalize_given_up" for e in logs)
+    own_mongo.start()  # same port, same data
+    await settled(client.app[STORE].db, registry=registry)
+    record = await messages.find_one({"role": "assistant"})
+    assert record["status"] == "interrupted" and record["content"] == "all of "
+    usage = await client.app[STORE].usage.find_one({"user_id": "alice"})
+    assert usage["used"] == record["tokens"]["total"] > 0 and usage["reserved"] == 0
+    assert any(e["event"] == "stream.ended" and e.get("outcome") == "interrupted" for e in logs)

@@ -5,7 +5,7 @@ The client is told how its turn ended before the final record is written; when M
 away at that moment, the write waits here and the replica's watcher retries it once MongoDB
 answers again, so the record ends as the client was told (not ``interrupted`` by the reaper
 minutes later). The queue is bounded: past ``MAX_PENDING`` the oldest write is given up and
-left to the reaper, with a log line.
+left to the replica's own reaper (``watcher.reap_given_up``), with a log line.
 """
 
 from __future__ import annotations
@@ -197,6 +197,9 @@ class PendingFinals:
     def __init__(self, limit: int = MAX_PENDING) -> None:
         self.limit = limit
         self._writes: OrderedDict[str, FinalWrite] = OrderedDict()
+        # The turns whose write was given up: this replica's reaper settles them (no other
+        # replica takes a live replica's turns for dead), ``watcher.reap_given_up``.
+        self.given_up: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._writes)
@@ -205,6 +208,7 @@ class PendingFinals:
         self._writes[write.message_id] = write
         while len(self._writes) > self.limit:
             _, dropped = self._writes.popitem(last=False)
+            self.given_up.add(dropped.message_id)
             log.error("stream.finalize_given_up", message_id=dropped.message_id, pending=self.limit)
 
     async def retry(self, store: Store, rollups: RollupBuffer) -> int:

@@ -157,6 +157,24 @@ async def reap(store: Store, settings: Settings) -> int:
     return settled
 
 
+async def reap_given_up(store: Store, registry: StreamRegistry, settings: Settings) -> int:
+    """Settle the turns whose final write this replica gave up (``PendingFinals``: too many
+    waited for MongoDB): their replica lives, so no reaper takes them for dead, and they would
+    stay ``streaming``, a lease's turn unbilled, for the replica's life. Settled as a dead
+    replica's are (``interrupted``, their checkpoint); a record that is not there, or already
+    ended, is let go."""
+    ids = registry.pending.given_up
+    if not ids:
+        return 0
+    settled, wanted = 0, list(ids)
+    for doc in await store.read_turns(wanted):
+        if doc.get("status") == "streaming":
+            settled += await settle_interrupted(store, doc, settings.budget)
+        ids.discard(doc["_id"])
+    ids.difference_update(wanted)  # those with no record: nothing to settle
+    return settled
+
+
 async def watch(store: Store, registry: StreamRegistry, settings: Settings) -> None:
     """The replica's loops: control (deadlines, cancels, heartbeat, reaper), checkpoints and
     the idle leases' upkeep, apart so that neither a slow checkpoint round nor the leases of a
@@ -189,6 +207,7 @@ async def _control(store: Store, registry: StreamRegistry, settings: Settings) -
             if now >= next_reap and registry.may_reap(now, settings.stale_stream_s):
                 next_reap = now + settings.reaper_interval_s
                 await reap(store, settings)
+                await reap_given_up(store, registry, settings)
         except ServiceError as exc:
             registry.store_failing = True
             log.warning("stream.watch_failed", code=exc.code, error=error_text(exc))
