@@ -330,6 +330,18 @@ async def test_tool_choice_takes_openais_form(claude, fake_openai, choice, sent)
     assert {k: request.get(k) for k in sent} == sent
 
 
+async def test_a_strict_tool_is_sent_on_as_strict(claude, fake_openai, fake_anthropic):
+    """Anthropic's ``strict`` on a tool (schema-valid inputs) is carried: to an Anthropic model
+    as written, to an OpenAI-compatible one as its function's ``strict``."""
+    strict = {**TOOLS[0], "strict": True}
+    await claude.messages.create(model="claude", max_tokens=50, messages=[ASK], tools=[strict])
+    assert fake_anthropic.calls("messages")[-1].body["tools"] == [strict]
+    await claude.messages.create(model="gpt-test", max_tokens=50, messages=[ASK], tools=[strict])
+    assert fake_openai.requests[-1]["tools"] == [
+        {**OPENAI_TOOLS[0], "function": {**OPENAI_TOOLS[0]["function"], "strict": True}}
+    ]
+
+
 # --------------------------------------------------------------------------- thinking
 async def test_reasoning_is_a_thinking_block_streamed_and_not(claude, fake_openai):
     replay(fake_openai, "reasoning")

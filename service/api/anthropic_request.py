@@ -11,8 +11,8 @@ What goes where (``translate``):
   ``input``), its ``thinking`` blocks its ``reasoning_content`` (the text; the reasoning a
   provider streams is read from the same key);
 - ``stop_sequences`` → ``stop``, ``metadata.user_id`` → ``user``, ``tools`` → OpenAI's function
-  tools, ``tool_choice`` → OpenAI's (``any`` → ``required``, ``tool`` → the named function;
-  ``disable_parallel_tool_use`` → ``parallel_tool_calls: false``);
+  tools (``strict`` the function's), ``tool_choice`` → OpenAI's (``any`` → ``required``,
+  ``tool`` → the named function; ``disable_parallel_tool_use`` → ``parallel_tool_calls: false``);
 - ``thinking`` enabled → ``reasoning_effort`` (``budget_tokens`` up to 1024: ``low``, up to
   2048: ``medium``, more: ``high``; the reverse of LiteLLM's mapping); ``disabled`` and
   ``adaptive`` ask for nothing a model without the switch could honour otherwise, so they add
@@ -173,6 +173,7 @@ class Tool(_Strict):
     input_schema: dict[str, Any]
     type: Literal["custom"] | None = None
     cache_control: CacheControl | None = None
+    strict: bool | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -451,6 +452,8 @@ class Translation:
         function: dict[str, Any] = {"name": tool.name, "parameters": tool.input_schema}
         if tool.description is not None:
             function["description"] = tool.description
+        if tool.strict is not None:
+            function["strict"] = tool.strict
         return self._cached({"type": "function", "function": function}, tool.cache_control)
 
     def _tool_choice(self, choice: ToolChoice) -> None:
