@@ -90,13 +90,15 @@ def block_stop(index: int, pad: int = 6) -> bytes:
     return event("content_block_stop", f'{{"type":"content_block_stop","index":{index}{padding}}}')
 
 
-def message_delta(reason: str, final_usage: dict[str, Any], **extra: Any) -> bytes:
+def message_delta(
+    reason: str, final_usage: dict[str, Any], stop_sequence: str | None = None, **extra: Any
+) -> bytes:
     counts = {k: v for k, v in final_usage.items() if k not in ("cache_creation", "service_tier")}
     counts.update(extra)
     body = json.dumps(
         {
             "type": "message_delta",
-            "delta": {"stop_reason": reason, "stop_sequence": None},
+            "delta": {"stop_reason": reason, "stop_sequence": stop_sequence},
             "usage": counts,
         },
         separators=(",", ":"),
@@ -292,6 +294,17 @@ MAX_TOKENS = [
     text(0, "Once upon a time", 10),
     block_stop(0),
     message_delta("max_tokens", usage(21, 4)),
+    STOP,
+]
+
+
+# One of the request's stop sequences reached.
+STOP_SEQUENCE = [
+    start("msg_01StopSeqB5nK2wQ8xL4vT", MODEL, usage(21, 1)),
+    block_start(0, {"type": "text", "text": ""}),
+    text(0, "One, two", 10),
+    block_stop(0),
+    message_delta("stop_sequence", usage(21, 3), stop_sequence="three"),
     STOP,
 ]
 

@@ -403,6 +403,29 @@ async def test_thinking_disabled_asks_for_nothing(claude, fake_openai, fake_anth
     assert fake_anthropic.calls("messages")[-1].body["thinking"] == {"type": "disabled"}
 
 
+async def test_an_anthropic_models_stop_sequence_is_named_streamed_and_not(
+    claude, fake_anthropic, stream_client, auth
+):
+    """The sequence that stopped an Anthropic model's answer reaches the SDK as Anthropic said
+    it (``stop_reason: "stop_sequence"``, ``stop_sequence``), not as an ``end_turn``."""
+    fake_anthropic.scripts = [Recorded(recording=rec.STOP_SEQUENCE) for _ in range(3)]
+    ask: dict[str, Any] = {
+        "model": "claude",
+        "max_tokens": 50,
+        "messages": HI,
+        "stop_sequences": ["three"],
+    }
+    message = await claude.messages.create(**ask)
+    async with claude.messages.stream(**ask) as stream:
+        streamed = await stream.get_final_message()
+    for got in (message, streamed):
+        assert (got.stop_reason, got.stop_sequence) == ("stop_sequence", "three")
+        assert got.content[0].text == "One, two"
+    events = await raw_events(stream_client, auth(), ask)
+    delta = next(data for name, data in events if name == "message_delta")
+    assert delta["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "three"}
+
+
 async def test_a_refusal_is_text_with_stop_reason_refusal(claude, fake_openai):
     replay(fake_openai, "refusal")
     message = await claude.messages.create(model="gpt-test", max_tokens=50, messages=HI)

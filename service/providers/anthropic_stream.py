@@ -24,7 +24,8 @@ from 0, as tool calls are counted: the OpenAI SDKs merge a list delta's entries 
 them back on the assistant message (``anthropic_request``), which keeps thinking on a tool
 loop's next step.
 
-Stop reasons: ``end_turn``/``stop_sequence`` -> ``stop``; ``max_tokens`` and
+Stop reasons: ``end_turn``/``stop_sequence`` -> ``stop`` (the sequence that stopped the answer
+is choice 0's ``stop_reason`` in a step of its own, vLLM's name for it); ``max_tokens`` and
 ``model_context_window_exceeded`` -> ``length``; ``tool_use`` -> ``tool_calls``; ``refusal``
 -> ``content_filter`` (the text so far is kept); ``pause_turn`` stays ``pause_turn`` (a server
 tool's long turn, to be continued by sending the answer back; the OpenAI route reports it as
@@ -242,6 +243,11 @@ class Reader(TextEvents):
         if reason is not None:
             self.finished = True
             chunk.finish_reason = FINISH.get(reason, "other")
+            sequence = delta.get("stop_sequence") if isinstance(delta, dict) else None
+            if reason == "stop_sequence" and isinstance(sequence, str):
+                step = _step({})
+                step["choices"][0]["stop_reason"] = sequence  # which one stopped it
+                chunk.frame = step
         return chunk
 
     def _error(self, frame: dict[str, Any], data: str) -> UpstreamError:

@@ -24,8 +24,10 @@ again).
 
 The stop reason is OpenAI's finish reason in Anthropic's words (``stop`` → ``end_turn``,
 ``length`` → ``max_tokens``, ``tool_calls`` → ``tool_use``, ``content_filter`` → ``refusal``; an
-answer with a refusal is a ``refusal``; Anthropic's own reasons pass as they are); a turn its
-user stopped ends as ``end_turn``. Usage as Anthropic counts it: ``input_tokens`` the prompt less
+answer with a refusal is a ``refusal``; Anthropic's own reasons pass as they are); a ``stop``
+whose provider said which stop sequence ended it (choice 0's ``stop_reason``, as an Anthropic
+model's does) is ``stop_sequence``, with that ``stop_sequence``; a turn its user stopped ends
+as ``end_turn``. Usage as Anthropic counts it: ``input_tokens`` the prompt less
 the cached tokens (``cache_read_input_tokens``) and the ones written to the cache
 (``cache_creation_input_tokens``, when the provider reports them in the usage details: the
 Anthropic provider's under ``anthropic``), and ``output_tokens`` (reasoning included;
@@ -128,13 +130,14 @@ class Blocks:
     """A turn's steps as content-block steps, in order: each block started, its deltas, stopped
     before the next starts."""
 
-    __slots__ = ("index", "kind", "refused", "tools")
+    __slots__ = ("index", "kind", "refused", "stop_sequence", "tools")
 
     def __init__(self) -> None:
         self.index = -1  # the last block started
         self.kind: str | None = None  # the open block's type
         self.tools: dict[int, tuple[int, str]] = {}  # a call's index -> its block's, its id
         self.refused = False  # the answer has a refusal
+        self.stop_sequence: str | None = None  # the stop sequence that ended it, when told
 
     def text(self, text: str) -> list[Step]:
         if not text:
@@ -150,6 +153,8 @@ class Blocks:
         for choice in frame.get("choices") or ():
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
+            if isinstance(sequence := choice.get("stop_reason"), str):
+                self.stop_sequence = sequence
             delta = choice.get("delta")
             if not isinstance(delta, dict):
                 continue
@@ -241,14 +246,17 @@ class Blocks:
             out.append(self._delta(known[0], delta))
         return out
 
+    def stop(self, final: Final) -> dict[str, Any]:
+        """``stop_reason`` and ``stop_sequence``: ``stop_sequence`` when the provider said which
+        sequence stopped the answer (choice 0's ``stop_reason``, vLLM's name for it)."""
+        reason = stop_reason_of(final, refused=self.refused)
+        if reason == "end_turn" and final.finish_reason == "stop" and self.stop_sequence:
+            return {"stop_reason": "stop_sequence", "stop_sequence": self.stop_sequence}
+        return {"stop_reason": reason, "stop_sequence": None}
+
     def finish(self, final: Final) -> list[Step]:
         """The last open block's stop and the ``message_delta``."""
-        reason = stop_reason_of(final, refused=self.refused)
-        delta = {
-            "type": "message_delta",
-            "delta": {"stop_reason": reason, "stop_sequence": None},
-            "usage": usage_of(final),
-        }
+        delta = {"type": "message_delta", "delta": self.stop(final), "usage": usage_of(final)}
         return [*self.close(), ("message_delta", delta)]
 
 
@@ -368,6 +376,6 @@ async def complete(follower: Follower, mid: str, model: str) -> dict[str, Any]:
     assert final is not None
     message = message_shell(mid, model)
     message["content"] = acc.blocks()
-    message["stop_reason"] = stop_reason_of(final, refused=blocks.refused)
+    message.update(blocks.stop(final))
     message["usage"] = usage_of(final)
     return message
