@@ -393,6 +393,19 @@ async def test_the_thinking_budget_maps_to_a_reasoning_effort(claude, fake_opena
     assert fake_openai.requests[-1]["reasoning_effort"] == effort
 
 
+@pytest.mark.parametrize(
+    "thinking",
+    [{"type": "adaptive", "display": "summarized"}, {**THINKING, "display": "omitted"}],
+)
+async def test_thinking_display_reaches_an_anthropic_model_as_written(
+    claude, fake_anthropic, thinking
+):
+    """How thinking comes back (``display``: newer models omit it unless asked for a summary)
+    is Anthropic's to honour: sent as written, not refused."""
+    await claude.messages.create(model="claude", max_tokens=4000, messages=HI, thinking=thinking)
+    assert fake_anthropic.calls("messages")[-1].body["thinking"] == thinking
+
+
 async def test_thinking_disabled_asks_for_nothing(claude, fake_openai, fake_anthropic):
     for model in MODELS:
         message = await claude.messages.create(
@@ -824,6 +837,11 @@ async def test_x_api_key_carries_the_token(stream_client, token_for):
         ("gpt-test", {"top_k": 5}, "top_k"),
         ("gpt-test", {"frobnicate": 1}, "frobnicate"),
         ("gpt-test", {"stop_sequences": ["a", "b", "c", "d", "e"]}, "stop_sequences"),
+        (
+            "gpt-test",
+            {"thinking": {**THINKING, "display": "summarized"}, "max_tokens": 4000},
+            "thinking.display",
+        ),
         (
             "demo",
             {

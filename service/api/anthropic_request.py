@@ -20,7 +20,8 @@ What goes where (``translate``):
 
 For a model whose provider speaks Anthropic natively (``NATIVE_PROVIDERS``), what OpenAI's shape
 has no place for is kept under Anthropic's names, for that provider to send as it was written:
-options ``thinking`` (as sent, instead of ``reasoning_effort``) and ``top_k``; the fields this
+options ``thinking`` (as sent, ``display`` included, instead of ``reasoning_effort``) and
+``top_k``; the fields this
 module does not know, under the option ``anthropic_fields`` as a ``NativeFields`` (a type a
 JSON value never is: only this route passes fields on unchecked); ``cache_control`` on the
 part, tool or message it was on; an assistant message's ``thinking_blocks`` (its thinking and
@@ -29,12 +30,13 @@ assistant message (a prefill).
 
 Every other provider sends the OpenAI-shaped request as it is (the OpenAI provider sends every
 option on), so for them this module refuses, with 400 ``unsupported_parameter`` naming the field,
-what they cannot express: ``top_k``, fields it does not know, ``redacted_thinking`` blocks, images
-in a tool result, a prefill, more than 4 stop sequences. It drops, as documented in the README,
-what changes nothing in the answer: ``cache_control`` (a caching hint; OpenAI-compatible upstreams
-cache prompt prefixes by themselves), thinking signatures (Anthropic's proof of its own thinking),
-a tool result's ``is_error`` (its content says what failed). The provider's own ``unsupported``
-then refuses the rest (the demo model: tools, images, reasoning), named by ``anthropic_param``.
+what they cannot express: ``top_k``, fields it does not know, ``thinking.display``,
+``redacted_thinking`` blocks, images in a tool result, a prefill, more than 4 stop sequences.
+It drops, as documented in the README, what changes nothing in the answer: ``cache_control`` (a
+caching hint; OpenAI-compatible upstreams cache prompt prefixes by themselves), thinking signatures
+(Anthropic's proof of its own thinking), a tool result's ``is_error`` (its content says what
+failed). The provider's own ``unsupported`` then refuses the rest (the demo model: tools, images,
+reasoning), named by ``anthropic_param``.
 """
 
 from __future__ import annotations
@@ -201,6 +203,7 @@ class ToolChoice(_Strict):
 class Thinking(_Strict):
     type: Literal["enabled", "disabled", "adaptive"]
     budget_tokens: int | None = Field(None, ge=MIN_THINKING_BUDGET)
+    display: Literal["summarized", "omitted"] | None = None  # how the thinking comes back
 
     @model_validator(mode="after")
     def _budget(self) -> Thinking:
@@ -467,6 +470,8 @@ class Translation:
     def _thinking(self, thinking: Thinking, raw: Any) -> None:
         if self.native:
             self.options["thinking"] = raw
+        elif thinking.display is not None:  # the thinking comes back as the provider gives it
+            raise unsupported("thinking.display", self.body.model)
         elif thinking.budget_tokens is not None:
             self.options["reasoning_effort"] = effort(thinking.budget_tokens)
 
