@@ -583,13 +583,46 @@ async def test_a_tool_loop_on_a_stored_chat_sends_the_chats_history(
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"frobnicate": 1}, "frobnicate"),
         ({"temperature": 1.5}, "temperature"),
+        ({"tools": [{"type": "custom", "custom": {"name": "run_sql"}}]}, "tools[0]"),
+        (
+            {
+                "tools": TOOLS,
+                "tool_choice": {
+                    "type": "allowed_tools",
+                    "allowed_tools": {"mode": "auto", "tools": TOOLS[:1]},
+                },
+            },
+            "tool_choice",
+        ),
+        (
+            {
+                "messages": [
+                    *HI,
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {
+                                "id": "c1",
+                                "type": "custom",
+                                "custom": {"name": "run_sql", "input": "SELECT 1"},
+                            }
+                        ],
+                    },
+                    {"role": "tool", "tool_call_id": "c1", "content": "1"},
+                ]
+            },
+            "messages[1].tool_calls[0]",
+        ),
     ],
 )
 async def test_what_anthropic_cannot_honour_is_a_400_naming_it(
     oai, client, fake_anthropic, asked, param
 ):
+    body = {"messages": HI, **asked}
     with pytest.raises(openai.BadRequestError) as info:
-        await oai.chat.completions.create(model="claude", messages=HI, extra_body=asked)
+        await oai.chat.completions.create(
+            model="claude", messages=body.pop("messages"), extra_body=body
+        )
     err = info.value
     assert err.code == "unsupported_parameter" and err.param == param
     assert "'claude" in err.message and "anthropic" in err.message

@@ -383,6 +383,16 @@ def _image(detail: str) -> dict[str, Any]:
             {"messages": [{"role": "user", "content": "x", "tool_call_id": "call_1"}]},
             "messages[0].tool_call_id",
         ),
+        (
+            "gemini-test",
+            {"tools": [{"type": "custom", "custom": {"name": "run_sql"}}]},
+            "tools[0]",
+        ),
+        (
+            "gemini-test",
+            {"tools": [CLOCK], "tool_choice": {"type": "custom", "custom": {"name": "run_sql"}}},
+            "tool_choice",
+        ),
     ],
 )
 async def test_what_gemini_cannot_honour_is_unsupported_parameter(

@@ -323,6 +323,36 @@ async def test_a_tool_loop_on_a_stored_chat_keeps_calls_and_results_in_history(
     assert roles == ["system", "user", "assistant", "tool", "tool", "assistant", "user"]
 
 
+async def test_custom_tools_and_allowed_tools_reach_the_upstream_as_written(oai, fake_openai):
+    """OpenAI's custom tools (free-form input), a history with a custom tool call and its
+    result, and an ``allowed_tools`` tool choice are OpenAI's own request: sent on as written,
+    not refused."""
+    custom = {"type": "custom", "custom": {"name": "run_sql", "description": "Runs SQL"}}
+    call = {"id": "call_C1", "type": "custom", "custom": {"name": "run_sql", "input": "SELECT 1"}}
+    allowed = {
+        "type": "allowed_tools",
+        "allowed_tools": {
+            "mode": "auto",
+            "tools": [{"type": "custom", "custom": {"name": "run_sql"}}],
+        },
+    }
+    messages: list[Any] = [
+        ASK,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_C1", "content": "1"},
+    ]
+    await oai.chat.completions.create(
+        model="gpt-test", messages=messages, tools=[custom, *TOOLS], tool_choice=allowed
+    )
+    named = {"type": "custom", "custom": {"name": "run_sql"}}
+    await oai.chat.completions.create(
+        model="gpt-test", messages=[ASK], tools=[custom], tool_choice=named
+    )
+    first, second = fake_openai.requests
+    assert first["messages"] == messages and first["tools"] == [custom, *TOOLS]
+    assert first["tool_choice"] == allowed and second["tool_choice"] == named
+
+
 # --------------------------------------------------------------------------- refusals
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
 

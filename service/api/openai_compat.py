@@ -77,10 +77,27 @@ class FunctionCall(_Body):
     arguments: str = Field(max_length=MAX_ARGUMENTS)
 
 
+class CustomCall(_Body):
+    name: str = Field(min_length=1, max_length=64)
+    input: str = Field(max_length=MAX_ARGUMENTS)
+
+
+def _one_of_its_type(item: Any) -> None:
+    """A function or custom tool (call, choice) carries the object its ``type`` names."""
+    if getattr(item, item.type) is None:
+        raise ValueError(f"type '{item.type}' needs '{item.type}'")
+
+
 class ToolCall(_Body):
     id: str = Field(min_length=1, max_length=256)
-    type: Literal["function"]
-    function: FunctionCall
+    type: Literal["function", "custom"]
+    function: FunctionCall | None = None
+    custom: CustomCall | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> ToolCall:
+        _one_of_its_type(self)
+        return self
 
 
 class ChatMessage(_Body):
@@ -108,9 +125,21 @@ class FunctionDefinition(_Body):
     strict: bool | None = None
 
 
+class CustomDefinition(_Body):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    format: dict[str, Any] | None = None
+
+
 class Tool(_Body):
-    type: Literal["function"]
-    function: FunctionDefinition
+    type: Literal["function", "custom"]  # custom: free-form input (OpenAI's custom tools)
+    function: FunctionDefinition | None = None
+    custom: CustomDefinition | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> Tool:
+        _one_of_its_type(self)
+        return self
 
 
 class NamedFunction(_Body):
@@ -118,8 +147,24 @@ class NamedFunction(_Body):
 
 
 class NamedToolChoice(_Body):
-    type: Literal["function"]
-    function: NamedFunction
+    type: Literal["function", "custom"]
+    function: NamedFunction | None = None
+    custom: NamedFunction | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> NamedToolChoice:
+        _one_of_its_type(self)
+        return self
+
+
+class AllowedTools(_Body):
+    mode: Literal["auto", "required"]
+    tools: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_TOOLS)
+
+
+class AllowedToolsChoice(_Body):
+    type: Literal["allowed_tools"]
+    allowed_tools: AllowedTools
 
 
 class JSONSchema(_Body):
@@ -157,7 +202,9 @@ class ChatCompletionRequest(_Body):
     n: int | None = Field(None, ge=1, le=MAX_CHOICES)
     user: str | None = Field(None, max_length=256)
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: (
+        Literal["none", "auto", "required"] | NamedToolChoice | AllowedToolsChoice | None
+    ) = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     seed: int | None = None

@@ -33,7 +33,9 @@ Options: ``tools`` -> ``tools`` (``parameters`` as ``input_schema``, ``strict`` 
 ``service_tier`` auto/default -> auto/standard_only, ``stop`` -> ``stop_sequences``.
 ``metadata``'s other keys label OpenAI's stored completions, which Anthropic has none of: they
 are not sent. Everything else (``n`` > 1, ``logprobs``, ``logit_bias``, ``seed``, penalties,
-``json_object``, other service tiers, fields this service does not know) is refused by name.
+``json_object``, other service tiers, fields this service does not know) is refused by name,
+and so are OpenAI's custom tools (a tool, a tool call or a tool choice that is not a function)
+and its ``allowed_tools`` choice.
 
 Thinking needs room: its budget must stay below ``max_tokens``. A budget the answer's limit
 (the model's ``max_output_tokens``, the client's ``max_tokens``, the budget grant) does not
@@ -55,7 +57,12 @@ from typing import Any
 import orjson
 
 from service.errors import BadRequest
-from service.providers.base import CompletionRequest, Message, first_unsupported
+from service.providers.base import (
+    CompletionRequest,
+    Message,
+    first_non_function,
+    first_unsupported,
+)
 
 # reasoning_effort -> thinking budget_tokens (Anthropic's minimum budget is 1,024)
 EFFORT_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 16384, "xhigh": 32768}
@@ -122,7 +129,7 @@ def unsupported(request: CompletionRequest) -> str | None:
     )
     if param is not None:
         return param
-    for check in (_unsupported_option, _unsupported_field, _unsupported_part):
+    for check in (first_non_function, _unsupported_option, _unsupported_field, _unsupported_part):
         param = check(request)
         if param is not None:
             return param

@@ -163,6 +163,23 @@ def first_unsupported(
     return None
 
 
+def first_non_function(request: CompletionRequest) -> str | None:
+    """The first tool, tool choice or assistant tool call of ``request`` that is not a
+    function (OpenAI's custom tools and ``allowed_tools`` choice), for a provider that has
+    functions only; None when there is none."""
+    for i, tool in enumerate(request.options.get("tools") or ()):
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            return f"tools[{i}]"
+    choice = request.options.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") != "function":
+        return "tool_choice"
+    for i, message in enumerate(request.messages):
+        for j, call in enumerate(message.get("tool_calls") or ()):
+            if not isinstance(call, dict) or call.get("type", "function") != "function":
+                return f"messages[{i}].tool_calls[{j}]"
+    return None
+
+
 def _empty(value: Any) -> bool:
     """A message field that says nothing (an SDK's message object passed back carries
     ``annotations: []``, ``audio: null``, ``refusal: null``)."""

@@ -37,7 +37,8 @@ reasoning): ``thinkingLevel`` on Gemini 3 and later, ``thinkingBudget`` on the o
 Gemini 3 accepts too). An image part's ``detail`` -> ``generationConfig.mediaResolution``
 (one for the whole request). ``user`` and ``metadata`` are labels: the provider logs them,
 Gemini has no such fields. Anything else — ``n`` above 1, ``logit_bias``,
-``parallel_tool_calls: false``, ``service_tier``, fields unknown here — is ``Unsupported``.
+``parallel_tool_calls: false``, ``service_tier``, OpenAI's custom tools and ``allowed_tools``
+choice, fields unknown here — is ``Unsupported``.
 """
 
 from __future__ import annotations
@@ -49,7 +50,12 @@ from typing import Any
 import orjson
 
 from service.errors import BadRequest
-from service.providers.base import CompletionRequest, Message, first_unsupported
+from service.providers.base import (
+    CompletionRequest,
+    Message,
+    first_non_function,
+    first_unsupported,
+)
 
 Content = dict[str, Any]
 Part = dict[str, Any]
@@ -125,7 +131,7 @@ def unsupported(request: CompletionRequest) -> str | None:
     for no earlier call) raises ``BadRequest`` (``invalid_value``) instead."""
     param = first_unsupported(
         request, OPTIONS, parts=PARTS, roles=ROLES, message_fields=MESSAGE_FIELDS
-    )
+    ) or first_non_function(request)
     if param is not None:
         return param
     try:
