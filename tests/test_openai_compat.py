@@ -550,7 +550,8 @@ async def upstream_refusal(
 ) -> openai.APIStatusError:
     """What the SDK, with its default retries, raises when the upstream answers ``status`` with
     ``message`` (of error type ``kind``) to every try."""
-    body = {"error": {"message": message, "type": kind, "code": kind}}
+    param = extra.pop("param", None)
+    body = {"error": {"message": message, "type": kind, "code": kind, "param": param}}
     fake_openai.scripts = [Script(status=status, error_body=body) for _ in range(3)]
     sdk = AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=token_for("alice"))
     try:
@@ -569,8 +570,15 @@ async def test_a_request_the_upstream_rejects_is_a_400_with_its_words_and_not_re
     masked. Before, a 502 in our words only, which the SDK sent twice more."""
     rejected = "Unrecognized request argument supplied: bogus_param (key sk-upstream-secret)"
     err = await upstream_refusal(
-        stream_client, fake_openai, token_for, 400, rejected, extra_body={"bogus_param": 1}
+        stream_client,
+        fake_openai,
+        token_for,
+        400,
+        rejected,
+        param="bogus_param",
+        extra_body={"bogus_param": 1},
     )
+    assert err.param == "bogus_param"  # the field it named, as OpenAI names it
     assert isinstance(err, openai.BadRequestError)
     assert err.status_code == 400 and err.code == "upstream_bad_request"
     assert "bogus_param" in err.message and "sk-upstream-secret" not in err.message

@@ -235,6 +235,7 @@ _SECRET_SHAPES = re.compile(
     r"|(?i:bearer)\s+\S+)"
 )
 MAX_LOGGED_BODY = 500
+MAX_PARAM = 256  # characters of a vendor's ``param`` passed on
 MAX_TOLD = 300  # of the vendor's own words on a request it rejected, what a client is told
 
 
@@ -245,10 +246,11 @@ def error_for_status(
     body never reaches a client (it may echo a key or a prompt); ``log_upstream_body`` logs it.
     One exception: a request the vendor called invalid (400, 422) is the client's to fix, often
     a field passed through as written, so it is a 400 ``upstream_bad_request`` with the
-    message of the vendor's ``body``, redacted (``told``). Its other 4xx (a model it does not
-    know) stay a 502 in our words, and the gateway's account out of credit or quota is a 502
-    ``upstream_billing`` whatever status the vendor gives it (``_billing``). None of these is
-    worth a retry: ``x-should-retry: false`` for the SDKs."""
+    message of the vendor's ``body``, redacted (``told``), and the field it named
+    (``told_param``: OpenAI's ``param``, for the client's ``param``). Its other 4xx (a model it
+    does not know) stay a 502 in our words, and the gateway's account out of credit or quota
+    is a 502 ``upstream_billing`` whatever status the vendor gives it (``_billing``). None of
+    these is worth a retry: ``x-should-retry: false`` for the SDKs."""
     error = _vendor_error(body)
     code = "upstream_billing" if _billing(status, error) else _code_for_status(status)
     message = f"{_STATUS_WORDS[code]} (HTTP {status})"
@@ -256,6 +258,7 @@ def error_for_status(
     vendor_message = told(error, secrets) if invalid else None
     if vendor_message:
         message = f"{message}: {vendor_message}"
+    vendor_param = told_param(error, secrets) if invalid else None
     retryable = code in ("upstream_rate_limited", "upstream_timeout", "upstream_unavailable")
     delay = retry_after_seconds(retry_after) if code != "upstream_timeout" else None
     err = UpstreamError(
@@ -265,6 +268,8 @@ def error_for_status(
         err.headers["x-should-retry"] = "false"
         if invalid:
             err.status = 400
+            if vendor_param is not None:
+                err.details = {"param": vendor_param}
     return err
 
 
@@ -320,6 +325,15 @@ def told(error: dict[str, Any] | None, secrets: tuple[str, ...] = ()) -> str | N
         return None
     text = redact(" ".join(message.split()), secrets)
     return text if len(text) <= MAX_TOLD else text[:MAX_TOLD] + "…"
+
+
+def told_param(error: dict[str, Any] | None, secrets: tuple[str, ...] = ()) -> str | None:
+    """The field a vendor's ``error`` object names (OpenAI's ``param``), redacted, when it is a
+    short field name; None otherwise."""
+    param = error.get("param") if error is not None else None
+    if isinstance(param, str) and 0 < len(param) <= MAX_PARAM and param.isprintable():
+        return redact(param, secrets)
+    return None
 
 
 def log_upstream_body(
