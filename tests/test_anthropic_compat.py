@@ -342,6 +342,22 @@ async def test_a_strict_tool_is_sent_on_as_strict(claude, fake_openai, fake_anth
     ]
 
 
+async def test_a_tools_fields_this_service_does_not_know_reach_an_anthropic_model(
+    claude, fake_anthropic
+):
+    """A tool's own fields the route has no OpenAI form for (``input_examples``,
+    ``eager_input_streaming``, ``defer_loading``, ...) are Anthropic's to honour: sent as
+    written to an Anthropic model (and to its token count); other models refuse them by name."""
+    tool = {**TOOLS[0], "input_examples": [{"city": "Paris"}], "eager_input_streaming": True}
+    await claude.messages.create(model="claude", max_tokens=50, messages=[ASK], tools=[tool])
+    assert fake_anthropic.calls("messages")[-1].body["tools"] == [tool]
+    await claude.messages.count_tokens(model="claude", messages=[ASK], tools=[tool])
+    assert fake_anthropic.calls("count_tokens")[-1].body["tools"] == [tool]
+    with pytest.raises(anthropic.BadRequestError) as info:
+        await claude.messages.create(model="gpt-test", max_tokens=50, messages=[ASK], tools=[tool])
+    assert "'tools.0.input_examples' is not supported with model 'gpt-test'" in str(info.value)
+
+
 # --------------------------------------------------------------------------- thinking
 async def test_reasoning_is_a_thinking_block_streamed_and_not(claude, fake_openai):
     replay(fake_openai, "reasoning")

@@ -21,12 +21,11 @@ What goes where (``translate``):
 For a model whose provider speaks Anthropic natively (``NATIVE_PROVIDERS``), what OpenAI's shape
 has no place for is kept under Anthropic's names, for that provider to send as it was written:
 options ``thinking`` (as sent, ``display`` included, instead of ``reasoning_effort``) and
-``top_k``; the fields this
-module does not know, under the option ``anthropic_fields`` as a ``NativeFields`` (a type a
-JSON value never is: only this route passes fields on unchecked); ``cache_control`` on the
-part, tool or message it was on; an assistant message's ``thinking_blocks`` (its thinking and
-redacted-thinking blocks as sent, signatures included); a tool message's ``is_error``; a last
-assistant message (a prefill).
+``top_k``; the fields this module does not know, under the option ``anthropic_fields`` as a
+``NativeFields`` (a type a JSON value never is: only this route passes fields on unchecked),
+and a tool's likewise, on that tool; ``cache_control`` on the part, tool or message it was on;
+an assistant message's ``thinking_blocks`` (its thinking and redacted-thinking blocks as sent,
+signatures included); a tool message's ``is_error``; a last assistant message (a prefill).
 
 Every other provider sends the OpenAI-shaped request as it is (the OpenAI provider sends every
 option on), so for them this module refuses, with 400 ``unsupported_parameter`` naming the field,
@@ -170,6 +169,10 @@ class InputMessage(_Strict):
 
 
 class Tool(_Strict):
+    # Fields beyond these (``input_examples``, ``eager_input_streaming``, ...) are kept, for a
+    # native provider to send as written (``Translation._tool``); other providers refuse them.
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,128}$")
     description: str | None = None
     input_schema: dict[str, Any]
@@ -433,7 +436,7 @@ class Translation:
         body = self.body
         options = self.options
         if body.tools:
-            options["tools"] = [self._tool(t) for t in body.tools]
+            options["tools"] = [self._tool(t, f"tools.{i}") for i, t in enumerate(body.tools)]
         if body.tool_choice is not None:
             self._tool_choice(body.tool_choice)
         if body.thinking is not None:
@@ -451,13 +454,19 @@ class Translation:
         if unknown:
             options[NATIVE_FIELDS] = unknown
 
-    def _tool(self, tool: Tool) -> dict[str, Any]:
+    def _tool(self, tool: Tool, where: str) -> dict[str, Any]:
         function: dict[str, Any] = {"name": tool.name, "parameters": tool.input_schema}
         if tool.description is not None:
             function["description"] = tool.description
         if tool.strict is not None:
             function["strict"] = tool.strict
-        return self._cached({"type": "function", "function": function}, tool.cache_control)
+        out = self._cached({"type": "function", "function": function}, tool.cache_control)
+        unknown = tool.model_extra
+        if unknown and not self.native:
+            raise unsupported(f"{where}.{next(iter(unknown))}", self.body.model)
+        if unknown:
+            out[NATIVE_FIELDS] = NativeFields(unknown)
+        return out
 
     def _tool_choice(self, choice: ToolChoice) -> None:
         if choice.type == "tool":

@@ -19,7 +19,8 @@ client may send them, LiteLLM's names), are sent as they were written: an assist
 in that message, as Anthropic wants them; an ``index`` an OpenAI SDK's accumulation left on
 them is not sent); a ``tool`` message's ``is_error`` on its ``tool_result``; ``cache_control`` on
 a content part, a tool call, a tool (beside its ``function``), or a message (on the last block
-that message becomes: a tool message's ``tool_result``); options ``thinking``, ``top_k``,
+that message becomes: a tool message's ``tool_result``); a tool's fields the front door does not
+know (a ``NativeFields`` beside its ``function``); options ``thinking``, ``top_k``,
 ``stop_sequences``, ``metadata.user_id``; and the fields the front door does not know, as
 ``NATIVE_FIELDS`` (a ``NativeFields``: only the front door makes one, so an OpenAI-shaped
 request's unknown field is still refused by name), never over what this module writes itself
@@ -342,7 +343,7 @@ def tool_fields(options: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     tools = options.get("tools")
     if tools:
-        out["tools"] = [_cached(_tool(t["function"]), t) for t in tools]
+        out["tools"] = [_native(_cached(_tool(t["function"]), t), t) for t in tools]
     choice = _tool_choice(options.get("tool_choice"))
     # One call at most: a flag of the tool choice (auto by default), where a tool may be called.
     serial = options.get("parallel_tool_calls") is False and tools
@@ -351,6 +352,15 @@ def tool_fields(options: dict[str, Any]) -> dict[str, Any]:
     if choice is not None:
         out["tool_choice"] = choice
     return out
+
+
+def _native(block: Block, item: dict[str, Any]) -> Block:
+    """``block`` with the fields the ``/v1/messages`` front door kept on the tool it was made
+    of, as written (``NativeFields``), never over what this module wrote."""
+    native = item.get(NATIVE_FIELDS)
+    if isinstance(native, NativeFields):
+        block.update((k, v) for k, v in native.items() if k not in block)
+    return block
 
 
 def _tool(function: dict[str, Any]) -> Block:
