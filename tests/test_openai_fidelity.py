@@ -407,3 +407,36 @@ async def test_a_replayed_send_answers_the_same_completion_from_the_record(name,
     assert again.headers["Idempotent-Replayed"] == "true"
     assert len(fake_openai.requests) == 1
     assert again.parse().model_dump() == first.parse().model_dump()
+
+
+# ------------------------------------------------------------------- billed without usage
+GENERATED = {  # what each recording's model wrote, every choice and every part of it
+    "tool_calls": ["get_weather", '{"city": "Paris"}', "get_time", '{"tz": "CET"}'],
+    "reasoning": ["The user wants a number; 6 times 7 is 42.", "It is 42."],
+    "refusal": ["I'm sorry, I can't help with that."],
+    "n2": ["Red apple.", "Blue sky."],
+}
+
+
+@pytest.mark.parametrize("name", sorted(GENERATED))
+async def test_an_answer_the_upstream_reports_no_usage_for_is_billed_for_all_it_wrote(
+    stream_client, fake_openai, auth, name
+):
+    """No usage (an upstream that does not send it, a stream cut before it): the completion
+    is the local count of everything the model generated, not of choice 0's text alone:
+    tool calls, reasoning, a refusal and the other choices of ``n`` are output too."""
+    from service.tokens import TokenCounter
+
+    frames, _ = recording(name)
+    fake_openai.scripts = [Script(frames=[f for f in frames if not f.get("usage")])]
+    body = {"model": "gpt-test", "messages": HI, "stream": True, **ASKED[name]}
+    r = await stream_client.post("/v1/chat/completions", json=body, headers=auth())
+    assert r.status == 200, await r.text()
+    await r.read()
+    db = stream_client.app[STORE].db
+    record = await db.messages.find_one({"role": "assistant"})
+    counter = TokenCounter()
+    assert record["tokens"]["source"] == "tokenizer"
+    assert record["tokens"]["completion"] == sum(counter.count(t) for t in GENERATED[name])
+    usage = await db.usage.find_one({"user_id": "alice"})
+    assert usage["used"] == record["tokens"]["total"]

@@ -88,6 +88,23 @@ class Assembly:
             out["refusal"] = message["refusal"]
         return out
 
+    def generated(self) -> list[str]:
+        """What the model wrote besides choice 0's text (which the turn keeps itself): each
+        choice's reasoning, tool calls (names and arguments) and refusal, and the other
+        choices' text. What a turn with no usage is billed for beyond its text."""
+        out: list[str] = []
+        for index, choice in self._choices.items():
+            message = choice["message"]
+            parts = [message.get(k) for k in (*REASONING_KEYS, "refusal")]
+            if index != 0:
+                parts.append(message.get("content"))
+            for call in message.get("tool_calls") or ():
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict):
+                    parts += [function.get("name"), function.get("arguments")]
+            out += [p for p in parts if isinstance(p, str) and p]
+        return out
+
 
 def merge(acc: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
     """The SDKs' ``accumulate_delta``."""

@@ -1323,7 +1323,21 @@ class Turn:
             return self.usage.prompt_tokens, self.usage.completion_tokens, "upstream"
         if not billable:
             return 0, 0, self.counter.source
-        return self.prompt_tokens, self.counter.count(content), self.counter.source
+        count = self.counter.count
+        completion = count(content) + sum(map(count, self._generated()))
+        return self.prompt_tokens, completion, self.counter.source
+
+    def _generated(self) -> list[str]:
+        """What the model wrote besides choice 0's text, from the live stream's marks:
+        reasoning, tool calls, a refusal, the other choices of ``n`` (output as much as the
+        text, so billed as such when the upstream reports no usage)."""
+        marks = self.live.marks
+        if not marks:
+            return []
+        assembly = Assembly()
+        for _, _, frame in marks:
+            assembly.frame(frame)
+        return assembly.generated()
 
 
 # ---------------------------------------------------------------------- helpers
