@@ -1703,7 +1703,9 @@ class Rollup:
     """A turn's line in the daily rollup (``usage_daily``, what the analytics read): counted
     once, when its record is ended (by its turn, or by the reaper)."""
 
-    day: str  # the UTC day it ended, YYYY-MM-DD
+    # The UTC day it was admitted, YYYY-MM-DD: in the month it is billed to (its ``period``),
+    # also when it ends (or is reaped) in the next, so a month's analytics equal its usage.
+    day: str
     user_id: str
     model: str
     key_id: str | None

@@ -738,3 +738,57 @@ async def test_the_collector_runs_again_after_a_report(client, admin):
     with pytest.raises(RuntimeError):
         build()
     assert gc.isenabled()
+
+
+async def test_a_turn_is_counted_in_the_month_it_is_billed_to_when_it_ends_in_the_next(
+    aiohttp_client, make_settings, admin
+):
+    """A turn admitted on a month's last seconds is billed to that month (its reservation,
+    its ``period``), whenever it ends: a replica killed at 23:59:50 UTC on the 31st leaves its
+    turn to the reaper, which settles it in the next month. The analytics of the month it was
+    billed to count it (they equal the month's usage), not the day the reaper came."""
+    from service.stream.watcher import reap
+
+    # The replica's own reaper judges no turn dead (a day of silence is not enough): this
+    # test's reaper round is the one that comes after midnight.
+    client = await aiohttp_client(create_app(make_settings(stale_stream_s=86_400 * 400)))
+    store = client.app[STORE]
+    first = utcnow().date().replace(day=1)
+    late = datetime(first.year, first.month, 1, tzinfo=UTC) - timedelta(seconds=10)
+    period = period_of(late)
+    record = {
+        "_id": "dead-at-midnight",
+        "chat_id": None,
+        "user_id": "ghost",
+        "seq": None,
+        "role": "assistant",
+        "content": "the answer so far",
+        "status": "streaming",
+        "model": "demo",
+        "transport": "openai",
+        "period": period,
+        "reservation": 300,
+        "prompt_tokens": 40,
+        "encoding": "o200k_base",
+        "alive_at": late,
+        "checkpoint_at": late,
+        "created_at": late,
+        "replica": "gone",
+    }
+    reserved = await store.reserve(
+        ReserveRequest("ghost", period, "dead-at-midnight", 300, 50, 10_000, 0, late)
+    )
+    assert reserved.grant == 300
+    assert await store.insert_messages([[record]]) == [None]
+    assert await reap(store, make_settings(stale_stream_s=5)) == 1
+    await rolled_up(store.db)
+    assert (await store.messages.find_one({"_id": "dead-at-midnight"}))["status"] == "interrupted"
+    usage = await store.usage.find_one({"user_id": "ghost", "period": period})
+    assert usage["reserved"] == 0 and usage["used"] > 0
+    span = f"from={late.date().replace(day=1)}&to={late.date()}&user=ghost&by=user"
+    billed = await usage_of(client, admin, span)
+    assert billed["totals"]["turns"] == 1
+    assert billed["totals"]["tokens"]["total"] == usage["used"]
+    now = await usage_of(client, admin, f"from={first}&to={utcnow().date()}&user=ghost&by=user")
+    assert now["totals"]["turns"] == 0  # this month's usage has none of it either
+    assert await store.usage.find_one({"user_id": "ghost", "period": month()}) is None

@@ -244,7 +244,7 @@ async def brute_force(db: Any) -> dict[tuple[Any, ...], dict[str, Any]]:
     out: dict[tuple[Any, ...], dict[str, Any]] = {}
     outcome = {"complete": "completed"}
     async for m in db.messages.find({"role": "assistant"}):
-        key = (m["completed_at"].date().isoformat(), m["user_id"], m["model"], m.get("key_id"))
+        key = (m["created_at"].date().isoformat(), m["user_id"], m["model"], m.get("key_id"))
         row = out.setdefault(
             key,
             {

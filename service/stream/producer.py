@@ -718,6 +718,7 @@ class Turn:
         "_stream",
         "chunks",
         "counter",
+        "day",
         "final",
         "finish_reason",
         "grant",
@@ -776,6 +777,7 @@ class Turn:
         # so a live turn does not keep it.
         self._admitted: Reservation | None = reservation
         self.period = period
+        self.day = ""  # the UTC day it was admitted, in ``period``: its line in the rollup
         self.started = started
         # The chat's messages before this turn, for the context cache; not kept when one is a
         # concurrent turn's, still streaming (the cache would refuse them at the end anyway),
@@ -837,6 +839,7 @@ class Turn:
         meanwhile). From here on the turn belongs to the registry: a client that leaves does
         not stop it (unless it is a stateless API turn, or ON_DISCONNECT=cancel)."""
         self.seq, self.text = seq, text
+        self.day = now.date().isoformat()
         registry = self.p.registry
         registry.add(self.live)
         self._log(
@@ -1133,7 +1136,7 @@ class Turn:
             lease_id=self.lease_id,
             cost=cost or 0,
             rollup=Rollup(
-                day=ended_at.date().isoformat(),
+                day=self.day,
                 user_id=self.inp.user_id,
                 model=self.spec.name,
                 key_id=key.key_id if key is not None else None,

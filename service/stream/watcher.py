@@ -95,7 +95,7 @@ async def settle_interrupted(store: Store, doc: Doc, budget: Budget) -> bool:
         await store.roll_up(
             [
                 Rollup(
-                    day=ended_at.date().isoformat(),
+                    day=(doc.get("created_at") or ended_at).date().isoformat(),
                     user_id=doc["user_id"],
                     model=doc.get("model") or "",
                     key_id=doc.get("key_id"),
