@@ -146,13 +146,15 @@ async def test_a_base_url_with_v1_reaches_the_same_endpoints(session, fake_anthr
 
 async def test_the_chunks_one_network_read_brought_are_marked_more(provider, fake_anthropic):
     """The whole recording in one write: one read, so one publish (``more`` on all but the
-    last chunk); events that carry nothing for the turn (message_start, ping, block stops,
-    message_stop) yield no chunk. The first text is read whole; the two after it have its
-    shape (their padding apart) and are one chunk of both texts (``Chunk.frames``)."""
+    last chunk); events that carry nothing for the turn (ping, block stops, message_stop)
+    yield no chunk, message_start only its prompt's usage. The first text is read whole; the
+    two after it have its shape (their padding apart) and are one chunk of both texts
+    (``Chunk.frames``)."""
     chunks = await replay(provider, fake_anthropic, rec.TEXT, per_write=len(rec.TEXT))
     assert len(fake_anthropic.written) == 1
-    assert [c.more for c in chunks] == [True, True, False]
-    assert [(c.text, c.frames) for c in chunks[:2]] == [
+    assert [c.more for c in chunks] == [True, True, True, False]
+    assert chunks[0].text == "" and chunks[0].usage is not None and chunks[0].usage.partial
+    assert [(c.text, c.frames) for c in chunks[1:3]] == [
         ("Hello", 1),
         ("! How can I help you today?", 2),
     ]
@@ -402,6 +404,8 @@ async def test_usage_without_input_tokens_is_left_to_the_local_count(provider, f
 async def test_closing_the_stream_closes_the_upstream_connection(provider, fake_anthropic):
     fake_anthropic.default = Script(recording=rec.TEXT, gate_after=4)
     stream = await provider.open(request())
+    started = await anext(stream)  # message_start: the prompt's usage
+    assert started.usage is not None and started.usage.partial
     first = await anext(stream)
     assert first.text == "Hello"
     await asyncio.wait_for(fake_anthropic.reached_gate.wait(), 5)

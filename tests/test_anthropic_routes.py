@@ -233,6 +233,35 @@ async def test_cache_writes_are_priced_as_written_for_five_minutes_or_an_hour(
     assert (await usage_doc(client))["cost"] == cost
 
 
+async def test_an_answer_cut_before_its_bill_keeps_the_prompt_anthropic_reported(
+    aiohttp_client, anthropic_settings, fake_anthropic, auth
+):
+    """``message_start`` says what the prompt cost (read from the cache, written to it, the
+    rest); the answer's bill comes only in ``message_delta``. A turn cut before it (an error
+    event, a cancel) is billed that prompt as Anthropic reported it, its cache reads and
+    writes priced as such, and its answer counted here: not the prompt as ``count_tokens``
+    counted it, priced whole at the input price."""
+    price = {"input": "3", "cached_input": "0.30", "cache_write_input": "3.75", "output": "15"}
+    models = [{**MODELS[0], "price": price}, *MODELS[1:]]
+    client = await aiohttp_client(create_app(anthropic_settings(models=json.dumps(models))))
+    replay(fake_anthropic, [*rec.CACHED[:4], rec.OVERLOADED_EVENT])  # "From the cache," then
+    h = auth()
+    chat_id = await new_chat(client, h)
+    evs = await collect(await send(client, chat_id, h))
+    assert text_of(evs) == "From the cache," and evs[-1]["event"] == "error"
+    _, assistant = await records(client, chat_id)
+    tokens = assistant["tokens"]
+    completion = tokens["completion"]
+    assert completion > 0 and tokens["source"] == "estimate"  # the answer: counted here
+    assert tokens["prompt"] == 14 + 256 + 1792 and tokens["cached"] == 1792
+    assert tokens["details"]["anthropic"]["cache_creation_input_tokens"] == 256
+    # per token, in nano-units: 3,000 input, 300 read, 3,750 written, 15,000 output
+    cost = 14 * 3_000 + 1792 * 300 + 256 * 3_750 + completion * 15_000
+    assert assistant["cost"] == cost
+    usage = await usage_doc(client)
+    assert usage["cost"] == cost and usage["used"] == tokens["total"] and usage["reserved"] == 0
+
+
 async def test_an_error_event_mid_answer_ends_the_turn_with_its_partial_text(
     client, fake_anthropic, auth, logs
 ):

@@ -287,7 +287,7 @@ def test_anthropics_text_deltas_padded_alike_or_not_are_one_chunk():
     decoder = SSEDecoder()
     reader = anthropic_stream.Reader(decoder)
     first, _ = reader.read(decoder.blocks(START + rec.text(0, "a", 10)))
-    assert [c.text for c in first] == ["a"] and reader.template is not None
+    assert [c.text for c in first] == ["", "a"] and reader.template is not None  # the usage
     rest = rec.text(0, "b") + rec.text(0, "c", 3) + rec.PING + rec.text(0, "d", 12)
     assert reader.read(decoder.blocks(rest)) == (
         [Chunk("bc", frames=2), Chunk("d")],  # a ping between them is read whole: no text

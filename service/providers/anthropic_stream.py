@@ -32,7 +32,9 @@ tool's long turn, to be continued by sending the answer back; the OpenAI route r
 ``stop``); a reason added later -> ``other``.
 
 Usage is exact: ``message_start``'s counts, overlaid by each ``message_delta``'s (cumulative)
-ones. ``prompt_tokens`` = ``input_tokens`` + ``cache_creation_input_tokens`` +
+ones. ``message_start``'s prompt counts are also a chunk of their own (``Usage.partial``): a
+turn cut before ``message_delta`` bills its prompt by them and counts its answer locally.
+``prompt_tokens`` = ``input_tokens`` + ``cache_creation_input_tokens`` +
 ``cache_read_input_tokens`` (OpenAI counts cached tokens in the prompt), cached =
 ``cache_read_input_tokens``, ``completion_tokens`` = ``output_tokens`` (thinking included, as
 Anthropic bills it), reasoning = ``output_tokens_details.thinking_tokens`` when reported. The
@@ -43,6 +45,7 @@ details are OpenAI's (``prompt_tokens_details.cached_tokens``,
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -138,6 +141,7 @@ class Reader(TextEvents):
             usage = message.get("usage") if isinstance(message, dict) else None
             if isinstance(usage, dict):
                 self.usage = dict(usage)
+                return self._prompt_usage()
         elif kind == "message_stop":
             self.ended = True
         elif kind == "error":
@@ -231,6 +235,17 @@ class Reader(TextEvents):
         return Chunk(frame=_call({"index": tool.index, "function": {"arguments": arguments}}))
 
     # ------------------------------------------------------------------ message
+    def _prompt_usage(self) -> Chunk | None:
+        """``message_start``'s prompt counts, exact (the cache's reads and writes included),
+        as a partial usage: what a turn cut before ``message_delta`` is billed for its prompt
+        (its answer counted locally: ``output_tokens`` here is not its bill)."""
+        usage = self.usage
+        counts = [0 if usage.get(k) is None else usage[k] for k in PROMPT_COUNTS]
+        if "input_tokens" not in usage or not all(map(is_count, counts)):
+            return None
+        prompt = {k: v for k, v in usage.items() if k in (*PROMPT_COUNTS, "cache_creation")}
+        return Chunk(usage=dataclasses.replace(_usage(counts, 0, prompt), partial=True))
+
     def _message_delta(self, frame: dict[str, Any]) -> Chunk:
         usage = frame.get("usage")
         if isinstance(usage, dict):

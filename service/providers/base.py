@@ -33,6 +33,9 @@ class Usage:
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     details: dict[str, Any] | None = None
+    # The prompt's counts alone, said before the answer (Anthropic's ``message_start``): a turn
+    # cut before the whole bill keeps them, and its answer is counted locally.
+    partial: bool = False
 
 
 def cache_writes(details: dict[str, Any] | None) -> tuple[int, int]:

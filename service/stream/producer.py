@@ -1108,7 +1108,7 @@ class Turn:
         except Exception as exc:  # noqa: BLE001 - a counting bug must not cost the final record
             self._log("error", "stream.count_failed", exc_info=exc)
             prompt, completion, source = self.prompt_tokens, estimate_tokens(content), "estimate"
-        usage = self.usage if source == "upstream" else None
+        usage = self.usage if source == "upstream" or billable else None
         cached = usage.cached_tokens if usage is not None else 0
         reasoning = usage.reasoning_tokens if usage is not None else 0
         written, written_1h = cache_writes(usage.details if usage is not None else None)
@@ -1322,13 +1322,16 @@ class Turn:
             UPSTREAM_ERRORS.labels(self.provider.name, error.code, stage).inc()
 
     def _tokens(self, content: str, billable: bool) -> tuple[int, int, str]:
-        if self.usage is not None:
-            return self.usage.prompt_tokens, self.usage.completion_tokens, "upstream"
+        usage = self.usage
+        if usage is not None and not usage.partial:
+            return usage.prompt_tokens, usage.completion_tokens, "upstream"
         if not billable:
             return 0, 0, self.counter.source
         count = self.counter.count
         completion = count(content) + sum(map(count, self._generated()))
-        return self.prompt_tokens, completion, self.counter.source
+        # The prompt as the upstream reported it when it said so before the answer's bill.
+        prompt = usage.prompt_tokens if usage is not None else self.prompt_tokens
+        return prompt, completion, self.counter.source
 
     def _generated(self) -> list[str]:
         """What the model wrote besides choice 0's text, from the live stream's marks:
