@@ -17,7 +17,7 @@ const PREFS = { model: "chat-gateway.model", ws: "chat-gateway.ws" };
 const state = {
   chats: [],
   chatId: null,
-  turn: null, // the running turn (sent, or followed after a reload): {cancel, stopping}
+  turn: null, // the running turn (sent, or followed after a reload): {cancel, stopping, detach}
   ws: new WsTransport(),
   budgetUnit: "tokens", // what the month's budget counts: tokens, or a currency's code
   stick: true, // the messages were scrolled to the bottom: keep them there as an answer grows
@@ -259,7 +259,7 @@ async function deleteChat(chatId) {
 }
 
 function newChat() {
-  if (state.turn) return;
+  if (!leaveTurn()) return;
   state.chatId = null;
   history.replaceState(null, "", location.pathname + location.search);
   cancelRename();
@@ -288,7 +288,12 @@ function appendMessage(msg) {
 
 // Open a chat (at `messageId`, a search result, when given).
 async function openChat(chatId, messageId = null) {
-  if (state.turn) return;
+  if (state.turn && chatId === state.chatId) {
+    closeSidebar(); // the chat whose answer is running: it is on the page already
+    if (messageId) showMessage(messageId);
+    return;
+  }
+  if (!leaveTurn()) return;
   hideError();
   cancelRename();
   state.chatId = chatId;
@@ -342,7 +347,33 @@ function setBusy(busy) {
   el.send.hidden = busy;
   el.stop.hidden = !busy;
   el.stop.disabled = false;
-  el.newChat.disabled = busy;
+}
+
+// A new turn: the running one, until it ends or another chat is opened (leaveTurn).
+function startTurn() {
+  setBusy(true);
+  state.turn = { cancel: null, stopping: false, detach: null, detached: false };
+  return state.turn;
+}
+
+// The turn has ended (or was left): the composer is free again.
+function endTurn(turn) {
+  if (state.turn !== turn) return;
+  state.turn = null;
+  setBusy(false);
+}
+
+// Another chat is opened mid-answer: the page stops following the answer without stopping it
+// (it goes on on the server, and its chat follows it again when opened). Not before the turn
+// has started: a send still on its way could be lost. False when the turn cannot be left yet.
+function leaveTurn() {
+  const turn = state.turn;
+  if (!turn) return true;
+  if (!turn.detach) return false;
+  turn.detached = true;
+  turn.detach();
+  endTurn(turn);
+  return true;
 }
 
 async function ensureChat(text) {
@@ -364,27 +395,30 @@ async function send() {
   const text = el.input.value;
   if (!text.trim() || state.turn) return;
   hideError();
-  setBusy(true);
-  state.turn = { cancel: null, stopping: false };
+  const running = startTurn();
+  let chatId = state.chatId;
   let userEl = null;
   let botEl = null;
   let started = false;
   try {
-    const chatId = await ensureChat(text);
+    chatId = await ensureChat(text);
     el.input.value = "";
     userEl = appendMessage({ role: "user", content: text, status: "complete" });
     botEl = appendMessage({ role: "assistant", content: "", status: "pending" });
+    let turn = null;
     const handlers = answerHandlers(botEl, () => {
       started = true;
+      running.detach = turn.detach;
     });
     // One key per message: a retry of this send (after a network failure) joins its turn.
     const params = { chatId, message: text, model: el.model.value || null, key: randomId() };
-    const turn = el.useWs.checked ? state.ws.turn(params, handlers) : sseTurn(params, handlers);
-    state.turn.cancel = turn.cancel;
-    if (state.turn.stopping) turn.cancel(); // Stop was pressed while the chat was being created
+    turn = el.useWs.checked ? state.ws.turn(params, handlers) : sseTurn(params, handlers);
+    running.cancel = turn.cancel;
+    if (running.stopping) turn.cancel(); // Stop was pressed while the chat was being created
     await turn.finished;
   } catch (exc) {
-    const stopped = exc.name === "AbortError" || (state.turn.stopping && exc.code !== "stop_unconfirmed");
+    if (running.detached) return; // another chat was opened: the answer goes on without the page
+    const stopped = exc.name === "AbortError" || (running.stopping && exc.code !== "stop_unconfirmed");
     if (botEl && stopped) {
       setStatus(botEl, started ? "cancelled" : "not_sent");
       if (started) settle(botEl);
@@ -402,11 +436,10 @@ async function send() {
       if (!stopped) report(exc);
     }
   } finally {
-    state.turn = null;
-    setBusy(false);
-    bumpChat(state.chatId);
+    endTurn(running);
+    bumpChat(chatId);
     refreshUsage();
-    el.input.focus();
+    if (!running.detached) el.input.focus();
   }
 }
 
@@ -453,16 +486,17 @@ function answerHandlers(botEl, onStarted = () => {}) {
 // a send, and Stop stops it.
 async function followRunning(chatId, msg, botEl) {
   if (state.turn) return;
-  setBusy(true);
-  state.turn = { cancel: null, stopping: false };
+  const running = startTurn();
   try {
     const params = { chatId, messageId: msg.message_id, after: codePoints(msg.content || "") };
     const handlers = answerHandlers(botEl);
     const turn = el.useWs.checked ? state.ws.resume(params, handlers) : sseResume(params, handlers);
-    state.turn.cancel = turn.cancel;
+    running.cancel = turn.cancel;
+    running.detach = turn.detach;
     await turn.finished;
   } catch (exc) {
-    if (exc.name === "AbortError" || (state.turn.stopping && exc.code !== "stop_unconfirmed")) {
+    if (running.detached) return; // another chat was opened: the answer goes on without the page
+    if (exc.name === "AbortError" || (running.stopping && exc.code !== "stop_unconfirmed")) {
       setStatus(botEl, "cancelled");
     } else {
       setStatus(botEl, "interrupted");
@@ -470,8 +504,7 @@ async function followRunning(chatId, msg, botEl) {
     }
     settle(botEl);
   } finally {
-    state.turn = null;
-    setBusy(false);
+    endTurn(running);
     refreshUsage();
   }
 }
@@ -565,8 +598,7 @@ async function branch(kind, msgEl, text = null) {
   const messageId = msgEl.dataset.messageId;
   if (state.turn || !messageId) return;
   hideError();
-  setBusy(true);
-  state.turn = { cancel: null, stopping: false };
+  const running = startTurn();
   const chatId = state.chatId;
   const gone = [];
   for (let n = msgEl; n; n = n.nextElementSibling) gone.push(n);
@@ -576,13 +608,18 @@ async function branch(kind, msgEl, text = null) {
   let started = false;
   try {
     const params = { chatId, messageId, kind, message: text, model: el.model.value || null, key: randomId() };
-    const handlers = answerHandlers(botEl, () => (started = true));
-    const turn = el.useWs.checked ? state.ws.branch(params, handlers) : sseBranch(params, handlers);
-    state.turn.cancel = turn.cancel;
-    if (state.turn.stopping) turn.cancel();
+    let turn = null;
+    const handlers = answerHandlers(botEl, () => {
+      started = true;
+      running.detach = turn.detach;
+    });
+    turn = el.useWs.checked ? state.ws.branch(params, handlers) : sseBranch(params, handlers);
+    running.cancel = turn.cancel;
+    if (running.stopping) turn.cancel();
     await turn.finished;
   } catch (exc) {
-    const stopped = exc.name === "AbortError" || (state.turn.stopping && exc.code !== "stop_unconfirmed");
+    if (running.detached) return; // another chat was opened: the answer goes on without the page
+    const stopped = exc.name === "AbortError" || (running.stopping && exc.code !== "stop_unconfirmed");
     if (started) {
       setStatus(botEl, stopped ? "cancelled" : "interrupted");
       settle(botEl);
@@ -593,12 +630,11 @@ async function branch(kind, msgEl, text = null) {
     }
     if (!stopped) report(exc);
   } finally {
-    state.turn = null;
-    setBusy(false);
+    endTurn(running);
     bumpChat(chatId);
     refreshUsage();
   }
-  if (started) await syncIds(chatId).catch(report);
+  if (started && !running.detached) await syncIds(chatId).catch(report);
 }
 
 // The ids and versions of the messages on the page, from the history (a sent question's id is

@@ -74,9 +74,10 @@ async function open(url, init) {
 
 // Start one turn; `key` is its Idempotency-Key. handlers: onStarted(data), onDelta(text),
 // onEnd("done"|"error", data), and onReconnecting() / onResumed() around a reconnect.
-// Returns {finished, cancel}: `finished` resolves after onEnd, or rejects with an ApiError raised
-// before the stream started (budget, rate limit, validation..., or no network after the
-// retries) or when the answer could not be followed again, or with an AbortError after Stop.
+// Returns {finished, cancel, detach}: `finished` resolves after onEnd, or rejects with an ApiError
+// raised before the stream started (budget, rate limit, validation..., or no network after the
+// retries) or when the answer could not be followed again, or with an AbortError after Stop or
+// detach.
 export function sseTurn({ chatId, message, model, key }, handlers) {
   const body = { message };
   if (model) body.model = model;
@@ -236,5 +237,11 @@ function follow({ chatId, messageId: knownId, after }, handlers, post) {
     }
   }
 
-  return { finished, cancel };
+  // Stop following without stopping the answer (another chat is opened): it goes on on the
+  // server, and is followed again from what is stored when its chat is opened again.
+  function detach() {
+    if (!ended) controller.abort();
+  }
+
+  return { finished, cancel, detach };
 }

@@ -280,6 +280,15 @@ class WsTurn {
     }
   }
 
+  // Stop following without stopping the answer (another chat is opened). The protocol has no
+  // frame to stop following one turn, so its socket is retired: it closes once its other turns
+  // have ended, and the server stops sending there what the page no longer reads.
+  detach() {
+    if (this.ended) return;
+    if (this.conn) this.conn.retired = true;
+    this.fail(new DOMException("detached", "AbortError"));
+  }
+
   // Stop. If the server cannot be told (no network), `finished` rejects with stop_unconfirmed.
   async cancel() {
     if (this.ended || this.stopping) return;
@@ -325,12 +334,12 @@ export class WsTransport {
     this.conn = null;
   }
 
-  // Same contract as sseTurn: {finished, cancel}.
+  // Same contract as sseTurn: {finished, cancel, detach}.
   turn({ chatId, message, model, key }, handlers) {
     const sendFrame = { type: "send", id: randomId(), chat_id: chatId, message, key };
     if (model) sendFrame.model = model;
     const turn = new WsTurn(this, handlers, { chatId, sendFrame });
-    return { finished: turn.start(), cancel: () => turn.cancel() };
+    return { finished: turn.start(), cancel: () => turn.cancel(), detach: () => turn.detach() };
   }
 
   // Same contract as sseBranch: regenerate an answer or edit a question (`kind`), a turn like a
@@ -340,12 +349,12 @@ export class WsTransport {
     if (kind === "edit") sendFrame.message = message;
     if (model) sendFrame.model = model;
     const turn = new WsTurn(this, handlers, { chatId, sendFrame });
-    return { finished: turn.start(), cancel: () => turn.cancel() };
+    return { finished: turn.start(), cancel: () => turn.cancel(), detach: () => turn.detach() };
   }
 
   // Same contract as sseResume: follow a running answer from `after`.
   resume({ chatId, messageId, after }, handlers) {
     const turn = new WsTurn(this, handlers, { chatId, messageId, after });
-    return { finished: turn.start(), cancel: () => turn.cancel() };
+    return { finished: turn.start(), cancel: () => turn.cancel(), detach: () => turn.detach() };
   }
 }

@@ -1,0 +1,103 @@
+"""The chat page as a person uses it every day, in a real headless Chromium against the app:
+another chat opened while an answer is written, a send stopped while the network is down, Edit
+after a refused send, wide tables and the rate limit's sentence. Fixtures and helpers:
+tests/test_page_browser.py."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests import test_page_browser as page_browser
+from tests.fake_openai import Script
+from tests.test_page_browser import (
+    ANSWER,
+    HEAD,
+    LAST_ASSISTANT,
+    answer_held_at_gate,
+    completes_exactly,
+    open_page,
+    send,
+    use_transport,
+)
+
+browser = page_browser.browser
+serve = page_browser.serve
+serve_gated = page_browser.serve_gated
+network = page_browser.network
+
+pytestmark = pytest.mark.browser
+
+
+def chat_named(page, title):
+    return page.locator(".chat-item .chat-name", has_text=re.compile(f"^{re.escape(title)}$"))
+
+
+async def shown_roles(page):
+    return await page.evaluate(
+        """() => [...document.querySelectorAll('#messages > .msg')]
+            .map((li) => `${li.dataset.role}:${li.dataset.status}`)"""
+    )
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_another_chat_opens_mid_answer_and_the_answer_goes_on(
+    browser, serve_gated, fake_openai, transport
+):
+    """A click on another chat while an answer is written opens that chat at once, with the
+    composer free; the answer is not stopped, and opened again its chat follows it to the end."""
+    fake_openai.scripts = [Script(chunks=["Hi ", "there."])]  # the first chat's turn, ungated
+    client = await serve_gated()
+    page = await open_page(browser, client)
+    await use_transport(page, transport)
+    await send(page, "Hello")
+    await page.locator(f"{LAST_ASSISTANT}[data-status=complete]").wait_for()
+    first = await page.evaluate("location.hash")
+    await page.click("#new-chat")
+    records = await answer_held_at_gate(page, client, fake_openai)
+
+    await chat_named(page, "Hello").click()
+    await page.wait_for_function(f"() => location.hash === {first!r}")
+    await page.locator(f"{LAST_ASSISTANT}[data-status=complete]", has_text="Hi there.").wait_for()
+    assert await shown_roles(page) == ["user:complete", "assistant:complete"]
+    assert await page.locator("#send").is_visible()
+    assert await page.locator("#stop").is_hidden()
+    assert await page.locator("#error").is_hidden()
+    assert (await records.answer())["status"] == "streaming"  # left, not stopped
+
+    await chat_named(page, "Say hello in many scripts").click()
+    following = page.locator(f"{LAST_ASSISTANT}[data-status=streaming]")
+    await following.wait_for()
+    assert await following.locator(".msg-body").text_content() == "".join(HEAD)
+    assert await page.locator("#stop").is_visible()
+    fake_openai.gate.set()
+    await completes_exactly(page, records)
+    assert await page.locator(f"{LAST_ASSISTANT} .msg-body").text_content() == ANSWER
+    assert page.uncaught == []
+
+
+async def test_deleting_the_open_chat_mid_answer_leaves_a_new_chat_that_sends(
+    browser, serve_gated, fake_openai
+):
+    """The chat whose answer is being written is deleted: the page goes to a new chat (not the
+    deleted one, where every send was refused as chat_not_found), and a send there works."""
+    client = await serve_gated()
+    page = await open_page(browser, client)
+    await answer_held_at_gate(page, client, fake_openai)
+
+    await page.click(".chat-item .chat-delete")
+    await page.click(".chat-item .confirm-yes")
+    await page.locator(".chat-item").wait_for(state="detached")
+    await page.wait_for_function("() => location.hash === ''")
+    assert await page.locator("#chat-title").text_content() == "New chat"
+    assert await page.locator("#messages .msg").count() == 0
+    assert await page.locator("#send").is_visible()
+
+    fake_openai.default = Script(chunks=["Fresh ", "start."])
+    await send(page, "Again")
+    done = page.locator(f"{LAST_ASSISTANT}[data-status=complete]", has_text="Fresh start.")
+    await done.wait_for()
+    await chat_named(page, "Again").wait_for()
+    assert await page.locator("#error").is_hidden()
+    assert page.uncaught == []
