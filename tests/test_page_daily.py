@@ -101,3 +101,31 @@ async def test_deleting_the_open_chat_mid_answer_leaves_a_new_chat_that_sends(
     await chat_named(page, "Again").wait_for()
     assert await page.locator("#error").is_hidden()
     assert page.uncaught == []
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_a_send_stopped_while_the_network_is_down_keeps_its_text(
+    browser, network, fake_openai, transport
+):
+    """The network is down as a message is sent: the page tries again ("reconnecting…"), and
+    the user presses Stop before it went out. The message is marked not sent and its text is
+    back in the box (over the WebSocket it was gone: the question looked sent, and was not)."""
+    client, proxy = await network()
+    fake_openai.scripts = [Script(chunks=["Hi ", "there."])]  # the chat's first turn, ungated
+    page = await open_page(browser, client, port=proxy.port)
+    await use_transport(page, transport)
+    await send(page, "Hello")
+    await page.locator(f"{LAST_ASSISTANT}[data-status=complete]").wait_for()
+    await page.wait_for_function("() => Number(document.querySelector('#usage').dataset.used) > 0")
+
+    proxy.cut()
+    text = "A long question\nI took a while to write"
+    await send(page, text)
+    await page.locator(f"{LAST_ASSISTANT}[data-status=reconnecting]").wait_for()
+    await page.click("#stop")
+
+    await page.locator("#send").wait_for()
+    assert await page.locator("#input").input_value() == text
+    assert await shown_roles(page) == ["user:complete", "assistant:complete", "user:not_sent"]
+    assert len(fake_openai.requests) == 1
+    assert page.uncaught == []

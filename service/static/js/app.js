@@ -419,16 +419,13 @@ async function send() {
   } catch (exc) {
     if (running.detached) return; // another chat was opened: the answer goes on without the page
     const stopped = exc.name === "AbortError" || (running.stopping && exc.code !== "stop_unconfirmed");
-    if (botEl && stopped) {
-      setStatus(botEl, started ? "cancelled" : "not_sent");
-      if (started) settle(botEl);
-      else botEl.remove();
-    } else if (botEl && started) {
-      setStatus(botEl, "interrupted");
+    if (botEl && started) {
+      setStatus(botEl, stopped ? "cancelled" : "interrupted");
       settle(botEl);
-      report(exc);
+      if (!stopped) report(exc);
     } else {
-      // refused before the stream started (budget, rate limit, validation...): nothing was saved
+      // refused before the stream started (budget, rate limit, validation...), or stopped
+      // before it went out (the network was down): nothing was saved, the text goes back
       if (botEl) botEl.remove();
       if (userEl) setStatus(userEl, "not_sent");
       if (!el.input.value) el.input.value = text;
