@@ -129,3 +129,40 @@ async def test_a_send_stopped_while_the_network_is_down_keeps_its_text(
     assert await shown_roles(page) == ["user:complete", "assistant:complete", "user:not_sent"]
     assert len(fake_openai.requests) == 1
     assert page.uncaught == []
+
+
+async def test_edit_works_after_a_refused_send(browser, serve, fake_openai):
+    """A refused send leaves its question on the page marked "not sent" (it is not in the
+    history). The questions sent before and after it can still be edited (Edit did nothing: the
+    page matched its bubbles to the history by position, and the not-sent one was counted);
+    the not-sent one itself offers no Edit."""
+    fake_openai.scripts = [Script(chunks=["First."]), Script(chunks=["Second."])]
+    fake_openai.default = Script(chunks=["Edited."])
+    client = await serve(default_model="gpt-test", max_message_chars=40)
+    page = await open_page(browser, client)
+    await send(page, "One")
+    await page.locator(f"{LAST_ASSISTANT}[data-status=complete]", has_text="First.").wait_for()
+    await send(page, "This question is far too long to be sent here")
+    await page.locator("#error").wait_for()
+    await page.fill("#input", "Two")
+    await page.press("#input", "Enter")
+    await page.locator(f"{LAST_ASSISTANT}[data-status=complete]", has_text="Second.").wait_for()
+    assert await shown_roles(page) == [
+        "user:complete",
+        "assistant:complete",
+        "user:not_sent",
+        "user:complete",
+        "assistant:complete",
+    ]
+    not_sent = page.locator("#messages > .msg.user[data-status=not_sent]")
+    assert await not_sent.locator("[data-action=edit]").is_hidden()
+
+    await page.locator("#messages > .msg.user >> nth=-1").locator("[data-action=edit]").click()
+    edit = page.locator("#messages .msg-edit textarea")
+    await edit.wait_for()
+    assert await edit.input_value() == "Two"
+    await edit.fill("Two, again")
+    await page.keyboard.press("Control+Enter")
+    await page.locator(f"{LAST_ASSISTANT}[data-status=complete]", has_text="Edited.").wait_for()
+    assert fake_openai.requests[-1]["messages"][-1]["content"] == "Two, again"
+    assert page.uncaught == []

@@ -635,10 +635,11 @@ async function branch(kind, msgEl, text = null) {
 }
 
 // The ids and versions of the messages on the page, from the history (a sent question's id is
-// known only from there): matched by position, when the page shows the history as it is.
+// known only from there): matched by position, when the page shows the history as it is (but
+// for the questions not sent, which the history does not have).
 async function syncIds(chatId) {
   const { messages } = await fetchMessages(chatId);
-  const shown = [...el.messages.querySelectorAll(":scope > .msg")];
+  const shown = [...el.messages.querySelectorAll(":scope > .msg:not([data-status=not_sent])")];
   if (state.chatId !== chatId || shown.length !== messages.length) return;
   if (shown.some((li, i) => li.dataset.role !== messages[i].role)) return;
   shown.forEach((li, i) => {

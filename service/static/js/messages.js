@@ -43,7 +43,8 @@ export function setStatus(msgEl, status) {
   const actions = msgEl.querySelector(".msg-actions");
   if (!actions) return;
   // An answer that failed before any text can still be regenerated; there is nothing to copy.
-  actions.hidden = running;
+  // A question not sent is not in the history: there is nothing to edit.
+  actions.hidden = running || status === "not_sent";
   const empty = !rawText(msgEl);
   for (const button of actions.querySelectorAll("button:not(.msg-branch)")) button.hidden = empty;
 }
