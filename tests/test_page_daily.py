@@ -166,3 +166,19 @@ async def test_edit_works_after_a_refused_send(browser, serve, fake_openai):
     await page.locator(f"{LAST_ASSISTANT}[data-status=complete]", has_text="Edited.").wait_for()
     assert fake_openai.requests[-1]["messages"][-1]["content"] == "Two, again"
     assert page.uncaught == []
+
+
+async def test_the_rate_limit_is_said_in_sentences(browser, serve, fake_openai):
+    """A send refused by the page's rate limit (SSE sends: one a MESSAGE_RATE_LIMIT_MS) says
+    so, and when to try again, in two sentences (it read "You are sending messages too quickly
+    Try again in 60 s.")."""
+    client = await serve(default_model="gpt-test", message_rate_limit_ms=60_000)
+    page = await open_page(browser, client)
+    await send(page, "One")
+    await page.locator(f"{LAST_ASSISTANT}[data-status=complete]").wait_for()
+    await send(page, "Two")
+    await page.locator("#error").wait_for()
+    said = await page.locator("#error-text").text_content()
+    assert re.fullmatch(r"You are sending messages too quickly\. Try again in \d+ s\.", said), said
+    assert await page.locator("#input").input_value() == "Two"
+    assert page.uncaught == []

@@ -140,7 +140,7 @@ function limitDetail(code, err) {
   }
   if (code === "rate_limited" || code === "rate_limit_exceeded") {
     const wait = err.retryAfter != null ? Math.max(1, Math.ceil(err.retryAfter)) : null;
-    return wait ? ` Try again in ${wait} s.` : "";
+    return wait ? `. Try again in ${wait} s.` : ".";
   }
   return null;
 }
