@@ -182,3 +182,40 @@ async def test_the_rate_limit_is_said_in_sentences(browser, serve, fake_openai):
     assert re.fullmatch(r"You are sending messages too quickly\. Try again in \d+ s\.", said), said
     assert await page.locator("#input").input_value() == "Two"
     assert page.uncaught == []
+
+
+async def test_a_wide_table_scrolls_on_a_phone_instead_of_breaking_its_words(
+    browser, serve, fake_openai
+):
+    """A table wider than a phone scrolls sideways in its answer; its words stay whole (they
+    were broken a letter or two a line: "col/um/n1"), and the page itself does not scroll."""
+    columns = [f"column{i}" for i in range(10)]
+    table = (
+        f"| {' | '.join(columns)} |\n|{'---|' * len(columns)}\n"
+        f"| {' | '.join('value' for _ in columns)} |\n"
+    )
+    fake_openai.default = Script(chunks=["Here:\n\n", table])
+    client = await serve(default_model="gpt-test")
+    page = await open_page(browser, client, viewport=(390, 844))
+    await send(page, "A table, please")
+    done = page.locator(f"{LAST_ASSISTANT}[data-status=complete]")
+    await done.locator(".msg-md table").wait_for()
+    layout = await page.evaluate(
+        f"""() => {{
+          const table = document.querySelector({LAST_ASSISTANT + " .msg-md table"!r});
+          const lines = (cell) => {{
+            const range = document.createRange();
+            range.selectNodeContents(cell);
+            return new Set([...range.getClientRects()].map((r) => Math.round(r.top))).size;
+          }};
+          return {{
+            lines: [...table.querySelectorAll("th, td")].map(lines),
+            scrolls: table.scrollWidth > table.clientWidth,
+            page: document.documentElement.scrollWidth - window.innerWidth,
+          }};
+        }}"""
+    )
+    assert set(layout["lines"]) == {1}, layout
+    assert layout["scrolls"]
+    assert layout["page"] <= 0
+    assert page.uncaught == []
