@@ -219,3 +219,26 @@ async def test_a_wide_table_scrolls_on_a_phone_instead_of_breaking_its_words(
     assert layout["scrolls"]
     assert layout["page"] <= 0
     assert page.uncaught == []
+
+
+async def test_a_send_scrolled_up_brings_the_new_answer_into_view(browser, serve, fake_openai):
+    """Scrolled up to read an earlier answer, the user sends a follow-up: the page goes down to
+    it and keeps the new answer in view as it grows (it streamed in out of sight)."""
+    long = "".join(f"Line {i} of a long answer.\n\n" for i in range(60))
+    fake_openai.scripts = [Script(chunks=[long])]
+    fake_openai.default = Script(chunks=[f"Part {i} of the follow-up.\n\n" for i in range(30)])
+    client = await serve(default_model="gpt-test")
+    page = await open_page(browser, client, viewport=(1000, 600))
+    await send(page, "Something long")
+    await page.locator(f"{LAST_ASSISTANT}[data-status=complete]").wait_for()
+    await page.evaluate("() => { document.querySelector('#messages').scrollTop = 0; }")
+    await page.wait_for_function("() => document.querySelector('#messages').scrollTop === 0")
+
+    await send(page, "And then?")
+    await page.locator(f"{LAST_ASSISTANT}[data-status=complete]", has_text="Part 29").wait_for()
+    at_bottom = """() => {
+      const m = document.querySelector('#messages');
+      return m.scrollHeight - m.scrollTop - m.clientHeight < 80;
+    }"""
+    await page.wait_for_function(at_bottom, timeout=5_000)
+    assert page.uncaught == []

@@ -277,12 +277,15 @@ function nearBottom() {
   return m.scrollHeight - m.scrollTop - m.clientHeight < 80;
 }
 
-function appendMessage(msg) {
-  const stick = nearBottom();
+// `toEnd`: the user's own question (a send, an edit): the page goes down to it, scrolled up or
+// not, and keeps the answer after it in view.
+function appendMessage(msg, toEnd = false) {
+  const stick = toEnd || nearBottom();
   const li = messageEl(msg);
   el.messages.append(li);
   el.emptyChat.hidden = true;
   if (stick) el.messages.scrollTop = el.messages.scrollHeight;
+  if (toEnd) state.stick = true;
   return li;
 }
 
@@ -403,7 +406,7 @@ async function send() {
   try {
     chatId = await ensureChat(text);
     el.input.value = "";
-    userEl = appendMessage({ role: "user", content: text, status: "complete" });
+    userEl = appendMessage({ role: "user", content: text, status: "complete" }, true);
     botEl = appendMessage({ role: "assistant", content: "", status: "pending" });
     let turn = null;
     const handlers = answerHandlers(botEl, () => {
@@ -600,8 +603,8 @@ async function branch(kind, msgEl, text = null) {
   const gone = [];
   for (let n = msgEl; n; n = n.nextElementSibling) gone.push(n);
   gone.forEach((n) => n.remove());
-  const userEl = kind === "edit" ? appendMessage({ role: "user", content: text, status: "complete" }) : null;
-  const botEl = appendMessage({ role: "assistant", content: "", status: "pending" });
+  const userEl = kind === "edit" ? appendMessage({ role: "user", content: text, status: "complete" }, true) : null;
+  const botEl = appendMessage({ role: "assistant", content: "", status: "pending" }, true);
   let started = false;
   try {
     const params = { chatId, messageId, kind, message: text, model: el.model.value || null, key: randomId() };
