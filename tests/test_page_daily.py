@@ -242,3 +242,20 @@ async def test_a_send_scrolled_up_brings_the_new_answer_into_view(browser, serve
     }"""
     await page.wait_for_function(at_bottom, timeout=5_000)
     assert page.uncaught == []
+
+
+async def test_focus_is_kept_after_a_regenerate_from_the_keyboard(browser, serve, fake_openai):
+    """Regenerate pressed from the keyboard removes its own button with the old answer: focus
+    goes to the message box when the new answer ends, as after a send (it was lost to the
+    page's body, Tab starting over from the top)."""
+    fake_openai.scripts = [Script(chunks=["First."])]
+    fake_openai.default = Script(chunks=["Second."])
+    client = await serve(default_model="gpt-test")
+    page = await open_page(browser, client)
+    await send(page, "Hello")
+    await page.locator(f"{LAST_ASSISTANT}[data-status=complete]", has_text="First.").wait_for()
+    await page.locator(f"{LAST_ASSISTANT} [data-action=regenerate]").focus()
+    await page.keyboard.press("Enter")
+    await page.locator(f"{LAST_ASSISTANT}[data-status=complete]", has_text="Second.").wait_for()
+    await page.wait_for_function("() => document.activeElement?.id === 'input'", timeout=5_000)
+    assert page.uncaught == []

@@ -633,6 +633,9 @@ async function branch(kind, msgEl, text = null) {
     endTurn(running);
     bumpChat(chatId);
     refreshUsage();
+    // the Regenerate or Save pressed left with its message: focus goes to the message box
+    const lost = !document.activeElement || document.activeElement === document.body;
+    if (lost && !running.detached) el.input.focus();
   }
   if (started && !running.detached) await syncIds(chatId).catch(report);
 }
