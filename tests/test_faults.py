@@ -191,3 +191,38 @@ async def test_an_upstream_error_body_reaches_the_log_redacted_never_the_client(
     assert len(logged) == 2 and all("Incorrect API key" in e["body"] for e in logged)
     assert "sk-upstream-secret" not in repr(logs)
     assert all(len(e["body"]) <= 501 for e in logged)
+
+
+# --------------------------------------------------------------------------- a write refused
+def _frame(delta: dict[str, object], finish: str | None = None) -> dict[str, object]:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-test", "choices": [choice]}
+
+
+async def test_a_final_write_mongodb_refuses_ends_the_turn_and_its_record(
+    aiohttp_client, stream_settings, fake_openai, auth, logs
+):
+    """A record MongoDB will not take (past its 16 MB: an upstream's reasoning of 17 MB, which
+    the answer's character bound does not count) is no outage: before, its group of final
+    writes failed with no one to tell, and the turn never ended (its client waiting, its
+    record ``streaming`` for the replica's life). Now the client gets its end, the write is
+    logged as refused, and the replica's reaper settles the record from its checkpoint."""
+    with unretrieved_task_exceptions() as unretrieved:
+        gauge = active_streams()
+        settings = stream_settings(checkpoint_interval_s=0.05, reaper_interval_s=0.1)
+        client = await aiohttp_client(create_app(settings))
+        thought = "t" * 100_000
+        frames = [_frame({"role": "assistant", "content": ""})]
+        frames += [_frame({"reasoning_content": thought}) for _ in range(170)]
+        frames += [_frame({"content": "the answer"}), _frame({}, "stop")]
+        fake_openai.default = Script(frames=frames)
+        h = auth()
+        chat_id = await new_chat(client, h)
+        resp = await client.post(f"/api/chat/{chat_id}/message", json={"message": "x"}, headers=h)
+        body = await asyncio.wait_for(resp.text(), 30)
+        assert "the answer" in body and "event: done" in body
+        await settled(client.app[STORE].db, registry=client.app[REGISTRY], gauge_before=gauge)
+        record = await client.app[STORE].messages.find_one({"role": "assistant"})
+        assert record["status"] == "interrupted"
+        assert any(e["event"] == "stream.finalize_refused" for e in logs)
+    assert unretrieved == []

@@ -107,14 +107,23 @@ class FinalCommits:
     """The replica's group commit of final writes: the turns that end within ``GATHER_S`` of
     each other are settled and written in three commands (``Store.finish_many``), not two each.
     A turn's finalization waits for its group (a few milliseconds more before its final event);
-    a group MongoDB refused fails each of its writes, which go to the pending queue."""
+    a group MongoDB refused fails each of its writes, which go to the pending queue. A group
+    that fails otherwise than by an outage is written again write by write, to find whose it
+    was; a write MongoDB refuses on its own (a record past its 16 MB, say) is ``refused``:
+    logged, and left to the replica's own reaper (``PendingFinals.given_up``), which settles its
+    record from its checkpoint; its turn ends as if another had ended the record."""
 
     def __init__(
-        self, store: Store, track: Callable[[asyncio.Task[Any]], None], rollups: RollupBuffer
+        self,
+        store: Store,
+        track: Callable[[asyncio.Task[Any]], None],
+        rollups: RollupBuffer,
+        pending: PendingFinals,
     ) -> None:
         self.store = store
         self._track = track
         self.rollups = rollups
+        self.pending = pending
         self._group: list[tuple[FinalWrite, asyncio.Future[bool]]] = []
         self._flush: asyncio.Task[None] | None = None
 
@@ -146,6 +155,16 @@ class FinalCommits:
             for _, done in group:
                 if not done.done():
                     done.set_exception(exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - not an outage: whose write was refused?
+            if len(group) > 1:  # each again (the settlement is idempotent: none billed twice)
+                for one in group:
+                    await self._commit([one])
+                return
+            write, done = group[0]
+            self.pending.refused(write.message_id, exc)
+            if not done.done():
+                done.set_result(False)
             return
         self.rollups.add([op.rollup for op in ended if op.rollup is not None])
         finished = {op.message_id for op in ended}
@@ -211,6 +230,12 @@ class PendingFinals:
             self.given_up.add(dropped.message_id)
             log.error("stream.finalize_given_up", message_id=dropped.message_id, pending=self.limit)
 
+    def refused(self, message_id: str, exc: Exception) -> None:
+        """A final write MongoDB refused (not an outage: trying again would not help): its
+        record is left to this replica's reaper, as a write given up is."""
+        self.given_up.add(message_id)
+        log.error("stream.finalize_refused", message_id=message_id, error=error_text(exc))
+
     async def retry(self, store: Store, rollups: RollupBuffer) -> int:
         """Apply the waiting writes in order until MongoDB fails again; how many were applied."""
         applied = 0
@@ -226,6 +251,10 @@ class PendingFinals:
                     pending=len(self),
                 )
                 break
+            except Exception as exc:  # noqa: BLE001 - refused, not an outage: not again
+                del self._writes[message_id]
+                self.refused(message_id, exc)
+                continue
             del self._writes[message_id]
             applied += 1
             # ended False: the record was ended before (by the reaper, which took this replica

@@ -176,7 +176,9 @@ class TurnProducer:
         self.registry = registry
         self.context_cache = context_cache or ContextCache(settings.context_cache_chats)
         self.leases = leases
-        self.commits = FinalCommits(store, registry.track, registry.rollups)  # grouped
+        self.commits = FinalCommits(  # grouped
+            store, registry.track, registry.rollups, registry.pending
+        )
         self.inserts = RecordInserts(store, registry.track)  # grouped too
         self.reservations = Reservations(store, registry.track)  # and the page's
         self.key_reservations = Reservations(store, registry.track)  # and keys' own months
