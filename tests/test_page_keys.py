@@ -67,6 +67,11 @@ async def test_a_key_is_shown_once_works_and_stops_once_revoked(browser, serve):
     assert await page.evaluate("document.activeElement.id") == "keys-secret-value"
     await page.click("#keys-secret-copy")
     assert await page.evaluate("navigator.clipboard.readText()") == secret
+    # Escape while the secret is shown keeps it (as a stray click on the backdrop does): it is
+    # never shown again. Before, the dialog closed and the secret was gone.
+    await page.keyboard.press("Escape")
+    assert await dialog.evaluate("(d) => d.open") and await secret_box.is_visible()
+    assert await page.input_value("#keys-secret-value") == secret
 
     row = page.locator("#keys-list .key-row")
     assert await row.count() == 1

@@ -1,7 +1,7 @@
 // The "API keys" dialog: create a key (its secret shown once, with a copy button, never kept by
 // the page), list the user's keys (name and prefix, never a secret) and revoke one after a
-// confirmation. A modal <dialog>: the browser keeps focus inside it and Escape closes it; focus
-// goes back to the button that opened it.
+// confirmation. A modal <dialog>: the browser keeps focus inside it and Escape closes it (not
+// while a new secret is shown); focus goes back to the button that opened it.
 //
 // POST /api/keys {name, expires_at?, models?, limit?} -> 201 {..., key}; GET /api/keys ->
 // {items}; DELETE /api/keys/{id} -> 204. A key's limit is in the budget's unit: tokens, or a
@@ -69,6 +69,11 @@ export class KeysDialog {
     const e = this.el;
     e.close.addEventListener("click", () => this.close());
     e.dialog.addEventListener("close", () => this.closed());
+    // Escape neither, while a new secret is shown: it is never shown again ("I have copied
+    // it" or the close button put it away)
+    e.dialog.addEventListener("cancel", (ev) => {
+      if (!e.secret.hidden) ev.preventDefault();
+    });
     // a click on the backdrop (the dialog element itself, outside its box) closes it
     // (not while a new secret is shown: a stray click must not lose it)
     e.dialog.addEventListener("click", (ev) => {
