@@ -246,6 +246,53 @@ async def test_a_claim_left_starting_by_a_turn_that_ran_is_followed_not_claimed_
     assert [e["source"] for e in logs if e["event"] == "stream.replayed"] == ["stored"]
 
 
+async def test_a_claim_left_starting_by_a_turn_that_answered_nothing_is_claimed_anew(
+    stream_client, fake_openai, auth, monkeypatch
+):
+    """The process died after the records' insert, before the upstream answered: the reaper
+    ends the record ``interrupted``, empty, its prompt billed. A retry a minute on is a new
+    generation (the client got nothing): before, it followed the dead turn, an ``interrupted``
+    error with no text, for the key's whole life. A record still ``streaming`` is waited for."""
+    client, h = stream_client, auth()
+    chat_id = await new_chat(client, h)
+    store = client.app[STORE]
+    admit = store.admit_claim
+
+    async def unavailable(claim_id):
+        store.admit_claim = admit  # once
+        raise StoreUnavailable("the database is unavailable; try again shortly")
+
+    store.admit_claim = unavailable
+    fake_openai.default = script()
+    _, first_events = await send(client, chat_id, {**h, **KEY})
+    mid = first_events[-1]["data"]["message_id"]
+    claims = store.db["idempotency_keys"]
+    await claims.update_many({}, {"$set": {"created_at": utcnow() - timedelta(minutes=2)}})
+
+    # Still streaming (a live turn, or a dead one not reaped yet): the retry waits, 409.
+    await store.messages.update_one({"_id": mid}, {"$set": {"status": "streaming"}})
+    monkeypatch.setattr("service.stream.idempotency.WAIT_S", 0.3)  # its 409 sooner
+    resp = await client.post(
+        f"/api/chat/{chat_id}/message", json={"message": "hi"}, headers={**h, **KEY}
+    )
+    assert resp.status == 409 and len(fake_openai.requests) == 1
+
+    # As the reaper leaves a turn killed before its upstream answered.
+    died = {
+        "status": "interrupted",
+        "content": "",
+        "reason": "interrupted",
+        "finish_reason": "interrupted",
+        "error": {"code": "interrupted", "message": "the server stopped while answering"},
+        "tokens": {"prompt": 20, "completion": 0, "total": 20, "source": "tokenizer"},
+    }
+    await store.messages.update_one({"_id": mid}, {"$set": died})
+    again, again_events = await send(client, chat_id, {**h, **KEY})
+    assert again.status == 200 and "Idempotent-Replayed" not in again.headers
+    assert text_of(again_events) == "".join(CHUNKS) and len(fake_openai.requests) == 2
+    assert again_events[-1]["data"]["message_id"] != mid
+
+
 # --------------------------------------------------------------------------- /v1
 BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
 

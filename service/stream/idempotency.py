@@ -8,8 +8,9 @@ retry with the same key and payload:
 
 - while the claim is ``starting``: waits for it (polling, with a deadline: 409 after it); a
   claim still starting a minute after it was made is taken as abandoned, and claimed anew,
-  unless its turn's records show it ran (the claim was never marked: MongoDB away then, or its
-  process killed): then it is marked ``admitted`` and followed;
+  unless its turn's record shows it answered (the claim was never marked: MongoDB away then, or
+  its process killed): then it is marked ``admitted`` and followed; while that record is still
+  ``streaming``, the retry waits;
 - once ``admitted``: follows the turn from offset 0 on any replica (``Resumes.find``: from
   memory, from another replica, or the stored answer and its terminal event once it has ended);
   nothing is asked of the upstream and nothing is billed again.
@@ -135,13 +136,15 @@ class Admissions:
                 turn = await self.producer.start(inp, message_id=claim_id)
                 return Admission(turn.live, False, int(now.timestamp()), turn.admitted())
             if held.get("state") != "admitted" and held["created_at"] < now - ABANDONED:
-                if not await self._ran(held):
+                ran = await self._ran(held)
+                if ran is False:
                     await self.store.release_claim(held["_id"])  # its request died starting
                     continue
-                # Its turn ran, but the claim was never marked (MongoDB away then, or its
-                # process killed just then): the turn is the key's, as if it had been.
-                await self.store.admit_claim(held["_id"])
-                held["state"] = "admitted"
+                if ran:
+                    # Its turn answered, but the claim was never marked (MongoDB away then, or
+                    # its process killed just then): the turn is the key's, as if it had been.
+                    await self.store.admit_claim(held["_id"])
+                    held["state"] = "admitted"
             if held.get("fingerprint") != payload:
                 raise KeyReused(
                     f"this {HEADER} was used for a different request",
@@ -157,13 +160,21 @@ class Admissions:
                 )
             await asyncio.sleep(POLL_S)
 
-    async def _ran(self, held: dict[str, Any]) -> bool:
-        """Whether the turn of a claim left ``starting`` exists: its records were written and
-        it was not refused before it streamed (a refusal ends its record unbilled)."""
+    async def _ran(self, held: dict[str, Any]) -> bool | None:
+        """Whether the turn of a claim left ``starting`` answered: its record ended with
+        something of an answer (text, reasoning, a tool call, completion tokens). False: no
+        record, or one ended with nothing (refused, or its process died before the upstream
+        answered: the reaper bills the prompt of such a record, but the client got nothing).
+        None: still ``streaming``, undecided (a live turn's record has its text only at a
+        checkpoint; a dead replica's is ended by the reaper): the retry waits."""
         doc = await self.store.get_message(held["_id"])
         if doc is None:
             return False
-        return doc["status"] == "streaming" or bool((doc.get("tokens") or {}).get("total"))
+        if doc["status"] == "streaming":
+            return None
+        completion = (doc.get("tokens") or {}).get("completion")
+        answered = ("content", "reasoning", "tool_calls", "refusal")
+        return bool(completion) or any(doc.get(k) for k in answered)
 
     async def _follow(self, inp: TurnInput, held: dict[str, Any]) -> Admission:
         """Follow (or replay) the turn that claimed the key: only for a caller who may see it,
