@@ -602,6 +602,29 @@ async def test_the_gateways_quota_used_up_is_a_502_in_our_words_retried_by_nobod
     assert len(fake_openai.requests) == 1
 
 
+async def test_an_error_body_of_another_shape_is_still_the_upstreams_refusal(
+    stream_client, fake_openai, token_for
+):
+    """An upstream (a proxy in front of the vendor, say) whose error's ``type`` and ``code``
+    are an object and a list: before, reading it raised inside the turn, which was taken for
+    the loop's shutdown: the client heard 503 ``shutting_down`` and the record stayed
+    ``streaming``, its grant held, for the replica's life."""
+    from service.keys import REGISTRY, STORE
+    from tests.faults import settled
+
+    body = {"error": {"message": "no such field", "type": {"kind": "x"}, "code": ["a"]}}
+    fake_openai.scripts = [Script(status=400, error_body=body)]
+    sdk = AsyncOpenAI(base_url=str(stream_client.make_url("/v1")), api_key=token_for("alice"))
+    try:
+        with pytest.raises(openai.BadRequestError) as info:
+            await sdk.chat.completions.create(model="gpt-test", messages=HI)
+    finally:
+        await sdk.close()
+    assert info.value.code == "upstream_bad_request" and "no such field" in info.value.message
+    app = stream_client.app
+    await settled(app[STORE].db, registry=app[REGISTRY])
+
+
 async def test_a_model_the_upstream_does_not_know_is_a_502_in_our_words_not_retried(
     stream_client, fake_openai, token_for
 ):

@@ -282,8 +282,8 @@ def _billing(status: int, error: dict[str, Any] | None) -> bool:
         return True
     if error is None:
         return False
-    if _BILLING_KINDS.intersection((error.get("type"), error.get("code"))):
-        return True
+    if any(k in _BILLING_KINDS for k in (error.get("type"), error.get("code")) if type(k) is str):
+        return True  # (either may be anything in a body that is not the vendor's: an object)
     message = error.get("message")
     return status == 400 and isinstance(message, str) and message.lower().startswith(_BILLING_WORDS)
 

@@ -977,6 +977,12 @@ class Turn:
         except ServiceError as exc:
             live.end(await self._finalize_shielded("failed", _reason_of(exc), exc, billable=False))
             return exc
+        except Exception as exc:  # noqa: BLE001 - a provider's bug must not escape the turn
+            # (taken for the loop's shutdown, it left the record streaming and its grant held)
+            self._log("error", "stream.upstream_unreadable", exc_info=exc)
+            err = UpstreamError("upstream_bad_response", "the upstream's answer could not be read")
+            live.end(await self._finalize_shielded("failed", "upstream_error", err, billable=False))
+            return err
         except asyncio.CancelledError:
             if not _absorb_cancel(live):
                 live.end(await self._finalize_shielded("cancelled", "shutdown", billable=False))
