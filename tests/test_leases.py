@@ -218,6 +218,34 @@ async def test_a_lease_short_of_a_turn_grows_by_what_it_lacks(aiohttp_client, st
     assert doc["used"] + doc["reserved"] <= 1000
 
 
+async def test_a_lease_the_reaper_gave_back_grants_no_more_while_its_turns_run(
+    aiohttp_client, stream_settings
+):
+    """The reaper gave this replica's lease back (it took it for dead) while two of its turns
+    ran; one ends and its final write shows the month without the lease. The lease, still
+    running the other, grants nothing more from memory (it held nothing any replica sees)
+    and is grown no more (an entry of the same id the running turn's settlement would
+    shrink): the user's turns are reserved one by one until it is forgotten, with its last
+    turn. Before, it went on granting from memory while any of its turns ran."""
+    store, leases = await local_leases(aiohttp_client, stream_settings)
+    now = utcnow()
+    period = period_of(now)
+    turn = lease_turn("m1", now)
+    g1 = (await leases.admit(turn)).grant
+    g2 = (await leases.admit(dataclasses.replace(turn, message_id="m2"))).grant
+    await store.release_lease("alice", period, leases.lease_id)  # the reaper's
+    leases.ended("alice", period, grant=g1, billed=0)  # (a turn cut before its first token)
+    third = dataclasses.replace(turn, message_id="m3")
+    assert not leases.must_ask(third)  # m1's room is free again: a turn would fit in memory
+    leases.observe("alice", period, await usage(store.db))
+    assert leases.stale(third) and leases.must_ask(third)
+    leases.ended("alice", period, grant=g2, billed=100)  # its last turn
+    assert not leases.stale(third) and len(leases) == 0
+    assert (await leases.admit(third)).grant == WANT  # a new lease, in the month
+    (entry,) = lease_of(await usage(store.db))
+    assert entry["grant"] >= WANT
+
+
 async def test_a_lease_with_a_free_turn_slot_grows_its_tokens_only(aiohttp_client, stream_settings):
     """Two turns at once allowed, the lease holds two slots and one turn runs: a turn wanting
     more tokens than the lease has free asks the month for tokens only, and is admitted. Before,

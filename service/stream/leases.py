@@ -71,13 +71,16 @@ class Lease:
     last: ReserveRequest | None = None  # the latest turn's: what an idle lease keeps for the next
     topped: float = -1.0  # the idle spell (its ``idle_since``) whose shortfall was taken
     closing: bool = False  # being given back or shrunk: nothing is granted from memory
+    # The month no longer holds it (the reaper gave it back) while turns of it still run:
+    # nothing is granted from it or grown on it; forgotten once they have ended.
+    stale: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def fits(self, req: ReserveRequest, *, full: bool = True) -> bool:
         """Whether the lease has room for one turn: its whole ``want`` (``full``), or at least
         its ``need`` (what is left, as a reservation would), a turn slot, a request."""
         free = self.tokens - self.held
-        if self.closing or free < (req.want if full else req.need):
+        if self.closing or self.stale or free < (req.want if full else req.need):
             return False
         if req.max_concurrent and self.running >= self.turns:
             return False
@@ -123,6 +126,14 @@ class Leases:
         self.lease_id = f"lease:{replica_id}"
         self._leases: dict[tuple[str, str], Lease] = {}
         self.expected = Expected()  # whose next growth this replica expects to go through
+
+    def stale(self, req: ReserveRequest) -> bool:
+        """Whether the user's lease here is one the month no longer holds, with turns of it
+        still running (``observe``): the user's turns here are then reserved one by one, as
+        the page's are, until they have ended and a new lease can be taken. A growth would
+        make an entry of the same id, which those turns' settlements would shrink."""
+        lease = self._leases.get((req.user_id, req.period))
+        return lease is not None and lease.stale
 
     def must_ask(self, req: ReserveRequest) -> bool:
         """Whether ``req``'s turn cannot be admitted from memory now (no lease, or no room):
@@ -279,7 +290,9 @@ class Leases:
         lease the month no longer holds was given back by the reaper (it took this replica for
         dead: MongoDB out of its reach for STALE_STREAM_S): granting from it would hold nothing
         any replica sees. Once none of its turns runs and no growth is on its way, it is
-        forgotten (as ``_shrink`` does) and the user's next turn here takes a new one."""
+        forgotten (as ``_shrink`` does) and the user's next turn here takes a new one; until
+        then it is ``stale``: nothing is granted from it, the user's turns are reserved one by
+        one (``stale``)."""
         key = (user_id, period)
         lease = self._leases.get(key)
         if lease is None or not doc:
@@ -288,16 +301,21 @@ class Leases:
             lease.doc = doc
         elif not lease.running and not lease.closing and not lease.lock.locked():
             del self._leases[key]
+        else:  # its turns still run (or a growth is on its way): granted from no more
+            lease.stale = True
 
     def ended(self, user_id: str, period: str, *, grant: int, billed: int) -> None:
         """A turn admitted from the lease ended: its grant is free again, less what it spent
         (which its final write moves from the lease to ``used``)."""
-        lease = self._leases.get((user_id, period))
+        key = (user_id, period)
+        lease = self._leases.get(key)
         if lease is None:
             return
         lease.held -= grant
         lease.tokens -= min(billed, grant)  # past its grant was never the lease's
         lease.running -= 1
+        if lease.stale and not lease.running and not lease.lock.locked():
+            del self._leases[key]  # the last of its turns: the next takes a new lease
         lease.idle_since = asyncio.get_running_loop().time()
 
     def unadmit(self, user_id: str, period: str, *, grant: int, request: bool) -> None:

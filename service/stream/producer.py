@@ -546,8 +546,9 @@ class TurnProducer:
         """Programs' turns (``/v1``, WebSocket) from this replica's lease on the user's month,
         in memory while it has room; the page's with a conditional update each (its message
         gap is a rule between two sends, not a quantity a lease could hold), the updates of
-        the page's turns arriving together sent together (``Reservations``)."""
-        if transport == "sse" or self.leases is None:
+        the page's turns arriving together sent together (``Reservations``); a program's too
+        while its lease is one the reaper gave back with turns of it still running."""
+        if transport == "sse" or self.leases is None or self.leases.stale(req):
             return await self.reservations.reserve(req)
         return await self.leases.admit(req)
 
