@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
+from pymongo.errors import BulkWriteError
 from structlog.typing import EventDict, WrappedLogger
 
 if TYPE_CHECKING:
@@ -94,7 +95,11 @@ def error_text(exc: BaseException) -> str:
     cause (the driver's or the HTTP client's error a ``ServiceError`` was raised from), or its
     own; credentials and a URL's password masked, at most about ``MAX_ERROR_CHARS``."""
     cause = exc.__cause__ or exc
-    words = str(cause)
+    if isinstance(cause, BulkWriteError):  # its str() holds the documents: a user's text
+        errors = cause.details.get("writeErrors") or ()
+        words = "; ".join(f"{e.get('code')}: {e.get('errmsg')}" for e in errors[:3])
+    else:
+        words = str(cause)
     text = f"{type(cause).__name__}: {words}" if words else type(cause).__name__
     text = redact(_USERINFO.sub(rf"\g<s>{REDACTED}@", text[: 4 * MAX_ERROR_CHARS]))
     return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "…"

@@ -205,8 +205,10 @@ async def test_a_final_write_mongodb_refuses_ends_the_turn_and_its_record(
     """A record MongoDB will not take (past its 16 MB: an upstream's reasoning of 17 MB, which
     the answer's character bound does not count) is no outage: before, its group of final
     writes failed with no one to tell, and the turn never ended (its client waiting, its
-    record ``streaming`` for the replica's life). Now the client gets its end, the write is
-    logged as refused, and the replica's reaper settles the record from its checkpoint."""
+    record ``streaming`` for the replica's life). Now the client gets its end, and the record
+    is written again without its reasoning: it ends as the client was told and billed (one
+    ``stream.ended``, the month's ``used`` its tokens), logged as refused, the log line free
+    of the record's text."""
     with unretrieved_task_exceptions() as unretrieved:
         gauge = active_streams()
         settings = stream_settings(checkpoint_interval_s=0.05, reaper_interval_s=0.1)
@@ -222,7 +224,13 @@ async def test_a_final_write_mongodb_refuses_ends_the_turn_and_its_record(
         body = await asyncio.wait_for(resp.text(), 30)
         assert "the answer" in body and "event: done" in body
         await settled(client.app[STORE].db, registry=client.app[REGISTRY], gauge_before=gauge)
-        record = await client.app[STORE].messages.find_one({"role": "assistant"})
-        assert record["status"] == "interrupted"
-        assert any(e["event"] == "stream.finalize_refused" for e in logs)
+        store = client.app[STORE]
+        record = await store.messages.find_one({"role": "assistant"})
+        assert record["status"] == "complete" and record["content"] == "the answer"
+        assert "reasoning" not in record
+        usage = await store.usage.find_one({"user_id": "alice"})
+        assert usage["used"] == record["tokens"]["total"] > 1_000_000  # the reasoning billed
+        (refused,) = [e for e in logs if e["event"] == "stream.finalize_refused"]
+        assert refused["dropped"] == ["reasoning"] and "ttt" not in refused["error"]
+        assert [e["event"] for e in logs].count("stream.ended") == 1
     assert unretrieved == []

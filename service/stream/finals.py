@@ -11,6 +11,7 @@ left to the replica's own reaper (``watcher.reap_given_up``), with a log line.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ log = structlog.get_logger("service.stream")
 MAX_PENDING = 10_000
 GATHER_S = 0.005  # how long the group commit gathers the final writes of turns ending together
 MAX_GROUP = 500  # the most final writes in one group
+# What a final record may go without when MongoDB refuses it whole (past its 16 MB: the
+# answer's own characters are bounded, an upstream's reasoning or tool calls are not).
+SPARED = ("reasoning", "tool_calls", "refusal", "meta")
 
 
 @dataclass(slots=True)
@@ -46,6 +50,14 @@ class FinalWrite:
     key_grant: int = 0  # ... for this much
     settled: bool = False
     usage: Doc | None = field(default=None)
+
+    def slimmed(self) -> FinalWrite | None:
+        """This write without the fields a record may go without (``SPARED``); None when it
+        has none of them."""
+        if not any(k in self.fields for k in SPARED):
+            return None
+        fields = {k: v for k, v in self.fields.items() if k not in SPARED}
+        return dataclasses.replace(self, fields=fields)
 
     def op(self) -> FinalOp:
         return FinalOp(
@@ -109,9 +121,11 @@ class FinalCommits:
     A turn's finalization waits for its group (a few milliseconds more before its final event);
     a group MongoDB refused fails each of its writes, which go to the pending queue. A group
     that fails otherwise than by an outage is written again write by write, to find whose it
-    was; a write MongoDB refuses on its own (a record past its 16 MB, say) is ``refused``:
-    logged, and left to the replica's own reaper (``PendingFinals.given_up``), which settles its
-    record from its checkpoint; its turn ends as if another had ended the record."""
+    was; a write MongoDB refuses on its own (a record past its 16 MB, say) is written once more
+    without what a record may go without (its reasoning, tool calls: ``SPARED``), so the record
+    still ends as its client was told and billed, and is logged (``stream.finalize_refused``);
+    refused again, it is left to the replica's own reaper (``PendingFinals.given_up``), which
+    settles its record from its checkpoint."""
 
     def __init__(
         self,
@@ -162,8 +176,12 @@ class FinalCommits:
                     await self._commit([one])
                 return
             write, done = group[0]
-            self.pending.refused(write.message_id, exc)
-            if not done.done():
+            slim = write.slimmed()
+            dropped = sorted(set(write.fields) - set(slim.fields)) if slim else []
+            self.pending.refused(write.message_id, exc, dropped)
+            if slim is not None:
+                await self._commit([(slim, done)])
+            elif not done.done():
                 done.set_result(False)
             return
         self.rollups.add([op.rollup for op in ended if op.rollup is not None])
@@ -230,11 +248,18 @@ class PendingFinals:
             self.given_up.add(dropped.message_id)
             log.error("stream.finalize_given_up", message_id=dropped.message_id, pending=self.limit)
 
-    def refused(self, message_id: str, exc: Exception) -> None:
-        """A final write MongoDB refused (not an outage: trying again would not help): its
-        record is left to this replica's reaper, as a write given up is."""
-        self.given_up.add(message_id)
-        log.error("stream.finalize_refused", message_id=message_id, error=error_text(exc))
+    def refused(self, message_id: str, exc: Exception, dropped: list[str]) -> None:
+        """A final write MongoDB refused (not an outage: the same write again would be refused
+        again). ``dropped``: the fields it is written again without; none: its record is left
+        to this replica's reaper, as a write given up is."""
+        if not dropped:
+            self.given_up.add(message_id)
+        log.error(
+            "stream.finalize_refused",
+            message_id=message_id,
+            error=error_text(exc),
+            **({"dropped": dropped} if dropped else {}),
+        )
 
     async def retry(self, store: Store, rollups: RollupBuffer) -> int:
         """Apply the waiting writes in order until MongoDB fails again; how many were applied."""
@@ -251,9 +276,16 @@ class PendingFinals:
                     pending=len(self),
                 )
                 break
-            except Exception as exc:  # noqa: BLE001 - refused, not an outage: not again
-                del self._writes[message_id]
-                self.refused(message_id, exc)
+            except Exception as exc:  # noqa: BLE001 - refused, not an outage: not as it was
+                slim = write.slimmed()
+                self.refused(
+                    message_id, exc, sorted(set(write.fields) - set(slim.fields)) if slim else []
+                )
+                if slim is not None:
+                    self._writes[message_id] = slim  # next, without what it may go without
+                    self._writes.move_to_end(message_id, last=False)
+                else:
+                    del self._writes[message_id]
                 continue
             del self._writes[message_id]
             applied += 1
