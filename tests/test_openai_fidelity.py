@@ -440,3 +440,32 @@ async def test_an_answer_the_upstream_reports_no_usage_for_is_billed_for_all_it_
     assert record["tokens"]["completion"] == sum(counter.count(t) for t in GENERATED[name])
     usage = await db.usage.find_one({"user_id": "alice"})
     assert usage["used"] == record["tokens"]["total"]
+
+
+async def test_a_custom_tool_call_without_usage_is_billed_for_its_input(
+    stream_client, fake_openai, auth
+):
+    """OpenAI's custom tools stream a free-form ``input``, not ``arguments``: billed too when
+    the upstream reports no usage (it was not counted: only functions' arguments were)."""
+    from service.tokens import TokenCounter
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return {"id": "c1", "object": "chat.completion.chunk", "choices": [choice]}
+
+    call = {"index": 0, "id": "call_1", "type": "custom", "custom": {"name": "run", "input": ""}}
+    code = "print(sum(range(10)))\n" * 20
+    frames = [
+        chunk({"role": "assistant", "content": None, "tool_calls": [call]}),
+        chunk({"tool_calls": [{"index": 0, "custom": {"input": code}}]}),
+        chunk({}, "tool_calls"),
+    ]
+    fake_openai.scripts = [Script(frames=frames)]
+    tools = [{"type": "custom", "custom": {"name": "run"}}]
+    body = {"model": "gpt-test", "messages": HI, "stream": True, "tools": tools}
+    r = await stream_client.post("/v1/chat/completions", json=body, headers=auth())
+    assert r.status == 200, await r.text()
+    await r.read()
+    record = await stream_client.app[STORE].db.messages.find_one({"role": "assistant"})
+    counter = TokenCounter()
+    assert record["tokens"]["completion"] == counter.count("run") + counter.count(code)

@@ -228,7 +228,8 @@ _STATUS_WORDS = {
 # A vendor's words for the gateway's own account out of credit or quota: OpenAI's 429
 # ``insufficient_quota``, Anthropic's 402 ``billing_error`` and its 400 ``invalid_request_error``
 # "Your credit balance is too low ..." (anthropic-sdk-typescript#618). The operator's to fix:
-# no retry helps, and a client must neither be blamed nor told the account's state.
+# no retry helps; a client is not blamed (no 400), hears our words only (never the vendor's
+# about the account), and learns that the operators must act (its page says so).
 _BILLING_KINDS = frozenset({"insufficient_quota", "billing_error"})
 _BILLING_WORDS = "your credit balance is too low"  # its message's start: a vendor's 400 that
 # echoes a client's field (which may say anything) does not begin with it

@@ -90,8 +90,8 @@ class Assembly:
 
     def generated(self) -> list[str]:
         """What the model wrote besides choice 0's text (which the turn keeps itself): each
-        choice's reasoning, tool calls (names and arguments) and refusal, and the other
-        choices' text. What a turn with no usage is billed for beyond its text."""
+        choice's reasoning, tool calls (names and arguments, a custom tool's input) and refusal,
+        and the other choices' text. What a turn with no usage is billed for beyond its text."""
         out: list[str] = []
         for index, choice in self._choices.items():
             message = choice["message"]
@@ -99,9 +99,13 @@ class Assembly:
             if index != 0:
                 parts.append(message.get("content"))
             for call in message.get("tool_calls") or ():
-                function = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(call, dict):
+                    continue
+                function, custom = call.get("function"), call.get("custom")
                 if isinstance(function, dict):
                     parts += [function.get("name"), function.get("arguments")]
+                if isinstance(custom, dict):  # OpenAI's custom tools: free-form input
+                    parts += [custom.get("name"), custom.get("input")]
             out += [p for p in parts if isinstance(p, str) and p]
         return out
 
