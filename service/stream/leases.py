@@ -132,8 +132,14 @@ class Leases:
         still running (``observe``): the user's turns here are then reserved one by one, as
         the page's are, until they have ended and a new lease can be taken. A growth would
         make an entry of the same id, which those turns' settlements would shrink."""
-        lease = self._leases.get((req.user_id, req.period))
-        return lease is not None and lease.stale
+        key = (req.user_id, req.period)
+        lease = self._leases.get(key)
+        if lease is None or not lease.stale:
+            return False
+        if lease.running or lease.lock.locked():
+            return True
+        del self._leases[key]  # its last turn ended while a growth was on its way: forgotten
+        return False
 
     def must_ask(self, req: ReserveRequest) -> bool:
         """Whether ``req``'s turn cannot be admitted from memory now (no lease, or no room):
