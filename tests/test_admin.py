@@ -358,6 +358,46 @@ async def test_a_new_month_takes_the_standing_limit(client, admin):
     assert getattr(refused.value, "code", None) == "budget_exceeded"
 
 
+async def test_before_a_months_first_turn_its_limit_is_the_standing_one(client, admin, auth, logs):
+    """A new month has no usage document until the user's first turn creates it with the
+    standing limit: until then the admin's view, a reset's answer, the limit change's log and
+    the user's own usage say that limit, not the default."""
+    store = client.app[STORE]
+    resp = await client.put("/api/admin/users/alice/limit", json={"limit": 777}, headers=admin())
+    assert resp.status == 200
+    # As at the start of the next month: the standing limit, no document for the month yet.
+    await store.usage.delete_one({"user_id": "alice", "period": month()})
+
+    resp = await client.get("/api/admin/users/alice/limit", headers=admin())
+    view = await resp.json()
+    assert (view["limit"], view["remaining"], view["standing_limit"]) == (777, 777, 777)
+    resp = await client.get("/api/usage", headers=auth())
+    mine = await resp.json()
+    assert (mine["limit"], mine["remaining"], mine["percent"]) == (777, 777, 0.0)
+    resp = await client.post("/api/admin/users/alice/reset", headers=admin())
+    assert (await resp.json())["limit"] == 777
+    assert await store.get_usage("alice", month()) is None
+
+    # What a turn would be held to is what was shown.
+    request = ReserveRequest(
+        "alice",
+        month(),
+        "m-1",
+        want=700,
+        need=10,
+        default_limit=100_000,
+        rate_limit_ms=0,
+        now=utcnow(),
+    )
+    assert (await store.reserve(request)).allowance.limit == 777
+    await store.usage.delete_one({"user_id": "alice", "period": month()})
+
+    resp = await client.put("/api/admin/users/alice/limit", json={"limit": 900}, headers=admin())
+    assert resp.status == 200
+    changes = [e for e in logs if e["event"] == "admin.limit_set"]
+    assert (changes[-1]["old_limit"], changes[-1]["old_standing_limit"]) == (777, 777)
+
+
 # --------------------------------------------------------------------------- users by usage
 async def test_users_are_listed_by_usage_most_first(client, admin):
     store = client.app[STORE]

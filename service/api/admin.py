@@ -94,10 +94,19 @@ def _actor(request: web.Request) -> dict[str, Any]:
     }
 
 
+def month_limit(doc: Doc, budget: Budget, standing: int | None) -> int:
+    """The month's limit as admissions hold to it: its usage document's; before the month has
+    one (no turn yet), the standing limit its first turn will create it with, else the
+    default (``Store._new_month``)."""
+    if not doc and standing is not None:
+        return standing
+    return int(doc.get("limit", budget.default_limit))
+
+
 def limit_view(
     user_id: str, period: str, doc: Doc, budget: Budget, standing: int | None
 ) -> dict[str, Any]:
-    limit = int(doc.get("limit", budget.default_limit))
+    limit = month_limit(doc, budget, standing)
     used, reserved = int(doc.get("used", 0)), int(doc.get("reserved", 0))
     return {
         "user_id": user_id,
@@ -148,7 +157,7 @@ async def set_limit(request: web.Request) -> web.Response:
         target_user_id=user_id,
         period=period,
         unit=budget.label,
-        old_limit=int(before.get("limit", budget.default_limit)),
+        old_limit=month_limit(before, budget, old_standing),
         old_standing_limit=old_standing,
         new_limit=limit,
     )

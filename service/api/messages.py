@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 from pydantic import Field
 
+from service.api.admin import month_limit
 from service.api.chats import StrictModel
 from service.costs import format_cost
 from service.errors import BadRequest, Conflict
@@ -157,9 +158,12 @@ async def get_usage(request: web.Request) -> web.Response:
     no_query(request)
     now = utcnow()
     period = period_of(now)
-    doc = await request.app[STORE].get_usage(request[PRINCIPAL].user_id, period) or {}
+    store, user_id = request.app[STORE], request[PRINCIPAL].user_id
+    doc = await store.get_usage(user_id, period) or {}
     budget = request.app[SETTINGS].budget
-    limit = int(doc.get("limit", budget.default_limit))
+    # Before the month's first turn, the standing limit an admin set (one more read, then).
+    standing = None if doc else await store.standing_limit(user_id)
+    limit = month_limit(doc, budget, standing)
     used, reserved = int(doc.get("used", 0)), int(doc.get("reserved", 0))
     start, end = _period_bounds(now)
     return json_response(
