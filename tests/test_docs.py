@@ -241,3 +241,23 @@ async def test_on_disconnect_docs_name_the_turns_that_always_cancel(
     assert row
     for text in (row.group(0), _env_example_comment("ON_DISCONNECT")):
         assert re.search(r"[Ss]tateless `?/v1`? turns.*without an `?Idempotency-Key`?", text), text
+
+
+# A log event as the docs name it (`stream.ended`), and as the service logs it: a string literal.
+LOG_EVENT = re.compile(
+    r"`((?:stream|service|models|mongodb|admin|upstream|jwks|http|ws|store)"
+    r"\.[a-z_]+)`"
+)
+
+
+def test_every_log_event_the_docs_send_operators_to_is_one_the_service_logs():
+    """The README's Logs section and deploy/README.md's runbook tell operators which log lines
+    to look for: a line the service never writes is a search that finds nothing, always."""
+    deploy_readme = (ROOT / "deploy" / "README.md").read_text()
+    runbook = re.search(r"^### Runbook\n(.*?)(?=^##|\Z)", deploy_readme, re.S | re.M)
+    assert runbook, "deploy/README.md has no '### Runbook' section"
+    named = set(LOG_EVENT.findall(_readme_section("Logs") + runbook.group(1)))
+    assert "stream.ended" in named
+    source = "\n".join(p.read_text() for p in (ROOT / "service").rglob("*.py"))
+    logged = set(re.findall(r"""["']([a-z_]+\.[a-z_]+)["']""", source))
+    assert not named - logged, f"the docs name log lines the service never writes: {named - logged}"
