@@ -83,7 +83,7 @@ UPSTREAM_ERRORS = Counter(
 REJECTIONS = Counter(
     "gateway_turn_rejections",
     "Turns refused before they started by a rule: rate_limited, budget_exceeded, budget_held, "
-    "shutting_down.",
+    "shutting_down, model_not_allowed (an API key used outside its models).",
     ["reason"],
     registry=REGISTRY,
 )

@@ -97,6 +97,32 @@ async def test_rejections_by_rule(aiohttp_client, stream_settings, auth):
     )
 
 
+async def test_a_key_outside_its_models_is_a_turn_rejection_and_a_count_is_none(
+    stream_client, auth
+):
+    """A turn sent with a key outside its models is refused by a rule, counted once as
+    ``model_not_allowed`` (README's list); a count of tokens refused the same way is no turn."""
+    client = stream_client
+    resp = await client.post("/api/keys", json={"name": "ci", "models": ["demo"]}, headers=auth())
+    secret = (await resp.json())["key"]
+    rejected = "gateway_turn_rejections_total"
+    before = await scrape(client)
+    body = {"model": "gpt-test", "messages": [{"role": "user", "content": "Hi"}]}
+    resp = await client.post(
+        "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {secret}"}
+    )
+    assert resp.status == 403
+    counted = value(await scrape(client), rejected, reason="model_not_allowed")
+    assert counted - value(before, rejected, reason="model_not_allowed") == 1
+    resp = await client.post(
+        "/v1/messages/count_tokens",
+        json={**body, "max_tokens": 16},
+        headers={"x-api-key": secret, "anthropic-version": "2023-06-01"},
+    )
+    assert resp.status == 403
+    assert value(await scrape(client), rejected, reason="model_not_allowed") == counted
+
+
 async def test_upstream_errors_by_code_and_stage(stream_client, fake_openai, auth):
     client, h = stream_client, auth()
     chat_id = await new_chat(client, h)

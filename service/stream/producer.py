@@ -84,7 +84,11 @@ MAX_RESULTS_CHARS = 1_000_000  # the tool results of one stored chat turn, in al
 MAX_MARKS = 200_000  # steps that are more than text (reasoning, tool call deltas): ditto
 OUTCOME = {"complete": "completed", "cancelled": "cancelled", "failed": "failed"}
 # A turn refused by one of these rules is counted in gateway_turn_rejections_total.
-REFUSED_BY_RULE = frozenset({"rate_limited", "budget_exceeded", "budget_held", "shutting_down"})
+# Refusals of a turn by a rule, counted once as its admission ends (``REJECTIONS``); an API key
+# used outside its models too, not a count of tokens (no turn) nor a turn admitted again.
+REFUSED_BY_RULE = frozenset(
+    {"rate_limited", "budget_exceeded", "budget_held", "shutting_down", "model_not_allowed"}
+)
 
 
 def _log_refusal(inp: TurnInput, message_id: str, exc: ServiceError) -> None:
@@ -113,7 +117,6 @@ def _retrieved(future: asyncio.Future[Any]) -> None:
 def _allowed(key: KeyScope | None, spec: ModelSpec) -> None:
     """An API key with a model list may use only those models."""
     if key is not None and not key.may_use(spec.name):
-        REJECTIONS.labels("model_not_allowed").inc()
         raise key.not_allowed(spec.name)
 
 
