@@ -9,7 +9,7 @@ values before and after.
 A limit set here holds from the next admission on every replica: it is written on the month's
 usage document, which every admission reads in its conditional update. A replica's lease taken
 before the change (``service/stream/leases.py``) may still admit turns from what it holds, until
-it is spent or given back (``LEASE_IDLE_S`` after the user's last program turn there); the SSE
+it is spent or given back (``LEASE_KEEP_S`` after the user's last program turn there); the SSE
 page's turns have no lease and see it at once (docs/architecture.md, "Budget leases").
 """
 
