@@ -206,9 +206,10 @@ async def test_a_final_write_mongodb_refuses_ends_the_turn_and_its_record(
     the answer's character bound does not count) is no outage: before, its group of final
     writes failed with no one to tell, and the turn never ended (its client waiting, its
     record ``streaming`` for the replica's life). Now the client gets its end, and the record
-    is written again without its reasoning: it ends as the client was told and billed (one
-    ``stream.ended``, the month's ``used`` its tokens), logged as refused, the log line free
-    of the record's text."""
+    is written again without its reasoning (the largest of what it may go without, alone: its
+    tool calls are kept, which the chat's next turn sends back): it ends as the client was
+    told and billed (one ``stream.ended``, the month's ``used`` its tokens), logged as
+    refused, the log line free of the record's text."""
     with unretrieved_task_exceptions() as unretrieved:
         gauge = active_streams()
         settings = stream_settings(checkpoint_interval_s=0.05, reaper_interval_s=0.1)
@@ -216,21 +217,26 @@ async def test_a_final_write_mongodb_refuses_ends_the_turn_and_its_record(
         thought = "t" * 100_000
         frames = [_frame({"role": "assistant", "content": ""})]
         frames += [_frame({"reasoning_content": thought}) for _ in range(170)]
-        frames += [_frame({"content": "the answer"}), _frame({}, "stop")]
+        call = {"index": 0, "id": "call_1", "type": "function"}
+        call["function"] = {"name": "lookup", "arguments": '{"q": "x"}'}
+        frames += [_frame({"content": "the answer"}), _frame({"tool_calls": [call]})]
+        frames += [_frame({}, "stop")]
         fake_openai.default = Script(frames=frames)
         h = auth()
         chat_id = await new_chat(client, h)
         resp = await client.post(f"/api/chat/{chat_id}/message", json={"message": "x"}, headers=h)
         body = await asyncio.wait_for(resp.text(), 30)
         assert "the answer" in body and "event: done" in body
+        done = orjson.loads(body.split("event: done\ndata: ", 1)[1].split("\n", 1)[0])
+        assert done["budget"]["limit"] > 0  # the usage the final write left, as always
         await settled(client.app[STORE].db, registry=client.app[REGISTRY], gauge_before=gauge)
         store = client.app[STORE]
         record = await store.messages.find_one({"role": "assistant"})
         assert record["status"] == "complete" and record["content"] == "the answer"
-        assert "reasoning" not in record
+        assert "reasoning" not in record and record["tool_calls"][0]["id"] == "call_1"
         usage = await store.usage.find_one({"user_id": "alice"})
         assert usage["used"] == record["tokens"]["total"] > 1_000_000  # the reasoning billed
         (refused,) = [e for e in logs if e["event"] == "stream.finalize_refused"]
-        assert refused["dropped"] == ["reasoning"] and "ttt" not in refused["error"]
+        assert refused["dropped"] == "reasoning" and "ttt" not in refused["error"]
         assert [e["event"] for e in logs].count("stream.ended") == 1
     assert unretrieved == []

@@ -11,12 +11,12 @@ left to the replica's own reaper (``watcher.reap_given_up``), with a log line.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import structlog
 
 from service.costs import Budget
@@ -31,8 +31,9 @@ MAX_PENDING = 10_000
 GATHER_S = 0.005  # how long the group commit gathers the final writes of turns ending together
 MAX_GROUP = 500  # the most final writes in one group
 # What a final record may go without when MongoDB refuses it whole (past its 16 MB: the
-# answer's own characters are bounded, an upstream's reasoning or tool calls are not).
-SPARED = ("reasoning", "tool_calls", "refusal", "meta")
+# answer's own characters are bounded, an upstream's reasoning or tool calls are not), the
+# largest first, one at a time: a chat's tool loop needs its tool calls back.
+SPARED = ("reasoning", "refusal", "tool_calls")
 
 
 @dataclass(slots=True)
@@ -51,13 +52,15 @@ class FinalWrite:
     settled: bool = False
     usage: Doc | None = field(default=None)
 
-    def slimmed(self) -> FinalWrite | None:
-        """This write without the fields a record may go without (``SPARED``); None when it
-        has none of them."""
-        if not any(k in self.fields for k in SPARED):
+    def slim(self) -> str | None:
+        """Drop the largest of the fields a record may go without (``SPARED``) from this
+        write; its name, or None when it has none left."""
+        present = [k for k in SPARED if self.fields.get(k)]
+        if not present:
             return None
-        fields = {k: v for k, v in self.fields.items() if k not in SPARED}
-        return dataclasses.replace(self, fields=fields)
+        largest = max(present, key=lambda k: len(orjson.dumps(self.fields[k])))
+        self.fields = {k: v for k, v in self.fields.items() if k != largest}
+        return largest
 
     def op(self) -> FinalOp:
         return FinalOp(
@@ -121,11 +124,12 @@ class FinalCommits:
     A turn's finalization waits for its group (a few milliseconds more before its final event);
     a group MongoDB refused fails each of its writes, which go to the pending queue. A group
     that fails otherwise than by an outage is written again write by write, to find whose it
-    was; a write MongoDB refuses on its own (a record past its 16 MB, say) is written once more
-    without what a record may go without (its reasoning, tool calls: ``SPARED``), so the record
-    still ends as its client was told and billed, and is logged (``stream.finalize_refused``);
-    refused again, it is left to the replica's own reaper (``PendingFinals.given_up``), which
-    settles its record from its checkpoint."""
+    was; a write MongoDB refuses on its own (a record past its 16 MB, say) is written again
+    without the largest of what a record may go without (its reasoning, a refusal, its tool
+    calls: ``SPARED``), one at a time, so the record still ends as its client was told and
+    billed, each logged (``stream.finalize_refused``); with none left to drop, it is left to
+    the replica's own reaper (``PendingFinals.given_up``), which settles its record from its
+    checkpoint."""
 
     def __init__(
         self,
@@ -176,11 +180,10 @@ class FinalCommits:
                     await self._commit([one])
                 return
             write, done = group[0]
-            slim = write.slimmed()
-            dropped = sorted(set(write.fields) - set(slim.fields)) if slim else []
+            dropped = write.slim()
             self.pending.refused(write.message_id, exc, dropped)
-            if slim is not None:
-                await self._commit([(slim, done)])
+            if dropped is not None:
+                await self._commit([(write, done)])  # again, without it
             elif not done.done():
                 done.set_result(False)
             return
@@ -248,11 +251,11 @@ class PendingFinals:
             self.given_up.add(dropped.message_id)
             log.error("stream.finalize_given_up", message_id=dropped.message_id, pending=self.limit)
 
-    def refused(self, message_id: str, exc: Exception, dropped: list[str]) -> None:
+    def refused(self, message_id: str, exc: Exception, dropped: str | None) -> None:
         """A final write MongoDB refused (not an outage: the same write again would be refused
-        again). ``dropped``: the fields it is written again without; none: its record is left
+        again). ``dropped``: the field it is written again without; None: its record is left
         to this replica's reaper, as a write given up is."""
-        if not dropped:
+        if dropped is None:
             self.given_up.add(message_id)
         log.error(
             "stream.finalize_refused",
@@ -277,14 +280,9 @@ class PendingFinals:
                 )
                 break
             except Exception as exc:  # noqa: BLE001 - refused, not an outage: not as it was
-                slim = write.slimmed()
-                self.refused(
-                    message_id, exc, sorted(set(write.fields) - set(slim.fields)) if slim else []
-                )
-                if slim is not None:
-                    self._writes[message_id] = slim  # next, without what it may go without
-                    self._writes.move_to_end(message_id, last=False)
-                else:
+                dropped = write.slim()  # next, without it (still first in the queue)
+                self.refused(message_id, exc, dropped)
+                if dropped is None:
                     del self._writes[message_id]
                 continue
             del self._writes[message_id]
