@@ -269,8 +269,9 @@ async def test_a_claim_left_starting_by_a_turn_that_answered_nothing_is_claimed_
     claims = store.db["idempotency_keys"]
     await claims.update_many({}, {"$set": {"created_at": utcnow() - timedelta(minutes=2)}})
 
-    # Still streaming (a live turn, or a dead one not reaped yet): the retry waits, 409.
-    await store.messages.update_one({"_id": mid}, {"$set": {"status": "streaming"}})
+    # Still streaming on a replica whose heartbeat stopped (not reaped yet): the retry waits.
+    dead = {"status": "streaming", "replica": "a-replica-long-gone"}
+    await store.messages.update_one({"_id": mid}, {"$set": dead})
     monkeypatch.setattr("service.stream.idempotency.WAIT_S", 0.3)  # its 409 sooner
     resp = await client.post(
         f"/api/chat/{chat_id}/message", json={"message": "hi"}, headers={**h, **KEY}
@@ -291,6 +292,39 @@ async def test_a_claim_left_starting_by_a_turn_that_answered_nothing_is_claimed_
     assert again.status == 200 and "Idempotent-Replayed" not in again.headers
     assert text_of(again_events) == "".join(CHUNKS) and len(fake_openai.requests) == 2
     assert again_events[-1]["data"]["message_id"] != mid
+
+
+async def test_a_claim_left_starting_by_a_turn_still_streaming_here_is_followed(
+    stream_client, fake_openai, auth
+):
+    """The claim was never marked (MongoDB away at that moment) and the turn still streams,
+    on a live replica, a minute on: a retry follows it as it goes (it waited, 409 after 409,
+    for the whole turn)."""
+    client, h = stream_client, auth()
+    chat_id = await new_chat(client, h)
+    store = client.app[STORE]
+    admit = store.admit_claim
+
+    async def unavailable(claim_id):
+        store.admit_claim = admit  # once
+        raise StoreUnavailable("the database is unavailable; try again shortly")
+
+    store.admit_claim = unavailable
+    fake_openai.default = script(gate_after=2)
+    first = await client.post(
+        f"/api/chat/{chat_id}/message", json={"message": "hi"}, headers={**h, **KEY}
+    )
+    assert first.status == 200
+    await asyncio.wait_for(fake_openai.reached_gate.wait(), 5)
+    claims = store.db["idempotency_keys"]
+    await claims.update_many({}, {"$set": {"created_at": utcnow() - timedelta(minutes=2)}})
+    again = await client.post(
+        f"/api/chat/{chat_id}/message", json={"message": "hi"}, headers={**h, **KEY}
+    )
+    assert again.status == 200 and again.headers["Idempotent-Replayed"] == "true"
+    fake_openai.gate.set()
+    assert text_of(await collect(again)) == text_of(await collect(first)) == "".join(CHUNKS)
+    assert len(fake_openai.requests) == 1
 
 
 # --------------------------------------------------------------------------- /v1

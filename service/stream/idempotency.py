@@ -9,8 +9,9 @@ retry with the same key and payload:
 - while the claim is ``starting``: waits for it (polling, with a deadline: 409 after it); a
   claim still starting a minute after it was made is taken as abandoned, and claimed anew,
   unless its turn's record shows it answered (the claim was never marked: MongoDB away then, or
-  its process killed): then it is marked ``admitted`` and followed; while that record is still
-  ``streaming``, the retry waits;
+  its process killed), or is still streaming on a live replica: then it is marked ``admitted``
+  and followed; while that record is ``streaming`` on a replica whose heartbeat stopped, the
+  retry waits (the reaper ends it);
 - once ``admitted``: follows the turn from offset 0 on any replica (``Resumes.find``: from
   memory, from another replica, or the stored answer and its terminal event once it has ended);
   nothing is asked of the upstream and nothing is billed again.
@@ -162,16 +163,19 @@ class Admissions:
 
     async def _ran(self, held: dict[str, Any]) -> bool | None:
         """Whether the turn of a claim left ``starting`` answered: its record ended with
-        something of an answer (text, reasoning, a tool call, completion tokens). False: no
-        record, or one ended with nothing (refused, or its process died before the upstream
-        answered: the reaper bills the prompt of such a record, but the client got nothing).
-        None: still ``streaming``, undecided (a live turn's record has its text only at a
-        checkpoint; a dead replica's is ended by the reaper): the retry waits."""
+        something of an answer (text, reasoning, a tool call, completion tokens), or is still
+        ``streaming`` on a live replica (followed as it goes). False: no record, or one ended
+        with nothing (refused, or its process died before the upstream answered: the reaper
+        bills the prompt of such a record, but the client got nothing). None: ``streaming`` on
+        a replica whose heartbeat stopped, undecided until the reaper ends it: the retry
+        waits."""
         doc = await self.store.get_message(held["_id"])
         if doc is None:
             return False
         if doc["status"] == "streaming":
-            return None
+            since = utcnow() - timedelta(seconds=self.producer.settings.stale_stream_s)
+            live = await self.store.live_replicas(since=since)
+            return True if doc.get("replica") in live else None
         completion = (doc.get("tokens") or {}).get("completion")
         answered = ("content", "reasoning", "tool_calls", "refusal")
         return bool(completion) or any(doc.get(k) for k in answered)
