@@ -335,7 +335,13 @@ class TurnProducer:
         inp = turn.inp
         if reservation.lease_id is not None and self.leases is not None:
             request = bool(self._requests_per_minute(inp.transport))
-            self.leases.unadmit(inp.user_id, turn.period, grant=reservation.grant, request=request)
+            self.leases.unadmit(
+                inp.user_id,
+                turn.period,
+                reservation.lease_id,
+                grant=reservation.grant,
+                request=request,
+            )
             return
         gap = self._gap_ms(inp.transport)
         with contextlib.suppress(ServiceError):
@@ -549,9 +555,8 @@ class TurnProducer:
         """Programs' turns (``/v1``, WebSocket) from this replica's lease on the user's month,
         in memory while it has room; the page's with a conditional update each (its message
         gap is a rule between two sends, not a quantity a lease could hold), the updates of
-        the page's turns arriving together sent together (``Reservations``); a program's too
-        while its lease is one the reaper gave back with turns of it still running."""
-        if transport == "sse" or self.leases is None or self.leases.stale(req):
+        the page's turns arriving together sent together (``Reservations``)."""
+        if transport == "sse" or self.leases is None:
             return await self.reservations.reserve(req)
         return await self.leases.admit(req)
 
@@ -1177,7 +1182,13 @@ class Turn:
         limit = remaining = 0
         leases = self.p.leases
         if write.lease_id is not None and leases is not None:  # its grant is free again
-            leases.ended(self.inp.user_id, self.period, grant=write.grant, billed=write.billed)
+            leases.ended(
+                self.inp.user_id,
+                self.period,
+                write.lease_id,
+                grant=write.grant,
+                billed=write.billed,
+            )
         elsewhere: Doc | None = None
         try:
             finished = await self.p.commits.apply(write)
