@@ -27,6 +27,7 @@ from service.settings import Settings
 from tests.conftest import TEST_MODELS, TEST_SECRET
 from tests.mongo_server import free_port
 from tests.sse_client import events as sse_events
+from tests.tcp_proxy import TcpProxy
 
 ROOT = Path(__file__).resolve().parents[1]
 START_DEADLINE_S = 30.0
@@ -358,3 +359,23 @@ async def new_chat(http: aiohttp.ClientSession) -> str:
     async with http.post("/api/chat", json={}) as resp:
         assert resp.status == 201, await resp.text()
         return str((await resp.json())["chat_id"])
+
+
+async def start_behind_proxy(
+    services: Any, mongo_port: int, name: str, **overrides: Any
+) -> tuple[Any, TcpProxy]:
+    """Start replica ``name`` reaching MongoDB (on ``mongo_port``) only through a proxy that
+    can cut it off (``proxy.cut()``), while the replicas started after it reach it directly;
+    the caller closes the proxy."""
+    proxy = TcpProxy("127.0.0.1", mongo_port)
+    await proxy.start()
+    shared = services.mongodb_uri
+    services.mongodb_uri = f"mongodb://127.0.0.1:{proxy.port}/?directConnection=true"
+    try:
+        (replica,) = await services.start(name, **overrides)
+    except BaseException:
+        await proxy.close()
+        raise
+    finally:
+        services.mongodb_uri = shared
+    return replica, proxy

@@ -50,6 +50,17 @@ async def assistants(client, user: str = "alice") -> list[dict[str, Any]]:
     return [d async for d in cursor]
 
 
+def fails_once(store: Any, method: str) -> None:
+    """``store``'s ``method`` answers its next call as an outage would, then is itself again."""
+    real = getattr(store, method)
+
+    async def unavailable(*_args: Any, **_kwargs: Any) -> None:
+        setattr(store, method, real)
+        raise StoreUnavailable("the database is unavailable; try again shortly")
+
+    setattr(store, method, unavailable)
+
+
 async def send(client, chat_id: str, h, message: str = "hi", **extra) -> tuple[Any, list]:
     resp = await client.post(
         f"/api/chat/{chat_id}/message", json={"message": message, **extra}, headers=h
@@ -154,13 +165,7 @@ async def test_a_send_whose_records_could_not_be_written_releases_its_key(
     client, h = stream_client, auth()
     chat_id = await new_chat(client, h)
     store = client.app[STORE]
-    insert = store.insert_messages
-
-    async def unavailable(groups):
-        store.insert_messages = insert  # once
-        raise StoreUnavailable("the database is unavailable; try again shortly")
-
-    store.insert_messages = unavailable
+    fails_once(store, "insert_messages")
     fake_openai.default = script()
     refused, _ = await send(client, chat_id, {**h, **KEY})
     assert refused.status == 503
@@ -222,13 +227,7 @@ async def test_a_claim_left_starting_by_a_turn_that_ran_is_followed_not_claimed_
     client, h = stream_client, auth()
     chat_id = await new_chat(client, h)
     store = client.app[STORE]
-    admit = store.admit_claim
-
-    async def unavailable(claim_id):
-        store.admit_claim = admit  # once
-        raise StoreUnavailable("the database is unavailable; try again shortly")
-
-    store.admit_claim = unavailable
+    fails_once(store, "admit_claim")  # the claim is never marked admitted
     fake_openai.default = script()
     first, first_events = await send(client, chat_id, {**h, **KEY})
     assert first.status == 200 and first_events[-1]["event"] == "done"
@@ -256,13 +255,7 @@ async def test_a_claim_left_starting_by_a_turn_that_answered_nothing_is_claimed_
     client, h = stream_client, auth()
     chat_id = await new_chat(client, h)
     store = client.app[STORE]
-    admit = store.admit_claim
-
-    async def unavailable(claim_id):
-        store.admit_claim = admit  # once
-        raise StoreUnavailable("the database is unavailable; try again shortly")
-
-    store.admit_claim = unavailable
+    fails_once(store, "admit_claim")  # the claim is never marked admitted
     fake_openai.default = script()
     _, first_events = await send(client, chat_id, {**h, **KEY})
     mid = first_events[-1]["data"]["message_id"]
@@ -303,13 +296,7 @@ async def test_a_claim_left_starting_by_a_turn_still_streaming_here_is_followed(
     client, h = stream_client, auth()
     chat_id = await new_chat(client, h)
     store = client.app[STORE]
-    admit = store.admit_claim
-
-    async def unavailable(claim_id):
-        store.admit_claim = admit  # once
-        raise StoreUnavailable("the database is unavailable; try again shortly")
-
-    store.admit_claim = unavailable
+    fails_once(store, "admit_claim")  # the claim is never marked admitted
     fake_openai.default = script(gate_after=2)
     first = await client.post(
         f"/api/chat/{chat_id}/message", json={"message": "hi"}, headers={**h, **KEY}

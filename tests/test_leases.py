@@ -18,7 +18,7 @@ from service.tokens import TokenCounter
 from tests.conftest import TEST_MODELS
 from tests.fake_openai import Script
 from tests.faults import answers_lost, cancelled_while_running, settled
-from tests.processes import eventually, new_chat, session, wait_until
+from tests.processes import eventually, new_chat, session, start_behind_proxy, wait_until
 from tests.sse_client import events
 
 HI = [{"role": "user", "content": "Hi"}]
@@ -699,18 +699,11 @@ async def test_a_lease_the_reaper_gave_back_while_its_replica_was_cut_off_is_not
     finds its record ended, and the month without A's lease), A's next turn takes a new lease
     that MongoDB counts; admitted from the lease A remembered, it held nothing every replica
     sees (``reserved``, the turns at once), and B could grant the same room again."""
-    from tests.tcp_proxy import TcpProxy
-
-    proxy = TcpProxy("127.0.0.1", mongo_server.port)
-    await proxy.start()
-    shared, services.mongodb_uri = (
-        services.mongodb_uri,
-        f"mongodb://127.0.0.1:{proxy.port}/?directConnection=true",
+    # A keeps an idle lease (a long LEASE_IDLE_S): only the reaper gives it back.
+    a, proxy = await start_behind_proxy(
+        services, mongo_server.port, "a", lease_idle_s=300, lease_keep_s=300
     )
     try:
-        # A keeps an idle lease (a long LEASE_IDLE_S): only the reaper gives it back.
-        (a,) = await services.start("a", lease_idle_s=300, lease_keep_s=300)
-        services.mongodb_uri = shared
         (b,) = await services.start("b")
         fake_openai.default = Script(chunks=["one ", "two ", "three"], gate_after=2)
         streamed = {**BODY, "stream": True}
@@ -743,7 +736,6 @@ async def test_a_lease_the_reaper_gave_back_while_its_replica_was_cut_off_is_not
         assert again["replica"] == lease["replica"] and again["mid"] != lease["mid"]  # new
         assert held["reserved"] == again["grant"] > 0
     finally:
-        services.mongodb_uri = shared
         await proxy.close()
     await settled(db, deadline_s=10)
     totals = [m["tokens"]["total"] async for m in db.messages.find({"role": "assistant"})]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
+from typing import Any
 
 import pytest
 
@@ -22,6 +24,24 @@ def own_mongo():
     server.start()
     yield server
     server.close()
+
+
+def outage_settings(make_settings: Any, own_mongo: Any, fake_openai: Any, **extra: Any) -> Any:
+    """A replica of the test's own MongoDB, streaming from the fake upstream, whose watcher,
+    reaper and MongoDB deadline are quick: the outages below end in seconds."""
+    from tests.conftest import TEST_MODELS
+
+    return make_settings(
+        mongodb_uri=own_mongo.uri,
+        mongodb_timeout_ms=800,
+        models=json.dumps(TEST_MODELS),
+        default_model="gpt-test",
+        openai_base_url=fake_openai.url,
+        watch_interval_s=0.1,
+        stale_stream_s=1.0,
+        reaper_interval_s=0.2,
+        **extra,
+    )
 
 
 async def test_stopped_mongodb_gives_fast_503_and_recovers(
@@ -118,24 +138,13 @@ async def test_a_turn_that_ends_while_mongodb_is_down_is_finalized_when_it_is_ba
     """The client is told ``done``; MongoDB is away at that moment; the replica keeps the final
     write and retries it once MongoDB answers again: the record ends ``complete`` with the
     upstream's exact usage (not ``interrupted`` by the reaper), the reservation is released."""
-    import json
 
     from service.keys import REGISTRY
-    from tests.conftest import TEST_MODELS
     from tests.fake_openai import Script
     from tests.faults import active_streams, settled, unretrieved_task_exceptions
     from tests.sse_client import events, text_of
 
-    settings = make_settings(
-        mongodb_uri=own_mongo.uri,
-        mongodb_timeout_ms=800,
-        models=json.dumps(TEST_MODELS),
-        default_model="gpt-test",
-        openai_base_url=fake_openai.url,
-        watch_interval_s=0.1,
-        stale_stream_s=1.0,
-        reaper_interval_s=0.2,
-    )
+    settings = outage_settings(make_settings, own_mongo, fake_openai)
     with unretrieved_task_exceptions() as unretrieved:
         gauge = active_streams()
         client = await aiohttp_client(create_app(settings))
@@ -243,24 +252,12 @@ async def test_a_final_write_given_up_is_settled_by_its_own_live_replica(
     checkpoint), or it stayed ``streaming`` and its reservation held for the replica's life.
     Programs' turns (a lease's) have no other way out; a page turn's reservation only after
     UPSTREAM_TOTAL_TIMEOUT_S."""
-    import json
 
     from service.keys import REGISTRY
-    from tests.conftest import TEST_MODELS
     from tests.fake_openai import Script
     from tests.faults import settled
 
-    settings = make_settings(
-        mongodb_uri=own_mongo.uri,
-        mongodb_timeout_ms=800,
-        models=json.dumps(TEST_MODELS),
-        default_model="gpt-test",
-        openai_base_url=fake_openai.url,
-        watch_interval_s=0.1,
-        checkpoint_interval_s=0.1,
-        stale_stream_s=1.0,
-        reaper_interval_s=0.2,
-    )
+    settings = outage_settings(make_settings, own_mongo, fake_openai, checkpoint_interval_s=0.1)
     client = await aiohttp_client(create_app(settings))
     registry = client.app[REGISTRY]
     registry.pending.limit = 0  # what 10,000 writes waiting would do to the oldest: given up

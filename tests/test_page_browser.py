@@ -112,6 +112,20 @@ async def send(page, text):
     await page.press("#input", "Enter")
 
 
+async def after_a_first_turn(browser, network, fake_openai, transport):
+    """A page on ``transport`` behind a network that can drop (``proxy.cut()``), whose chat's
+    first turn has ended, nothing else in flight (the chat exists; for ws, its socket is
+    open): (client, proxy, page)."""
+    client, proxy = await network()
+    fake_openai.scripts = [Script(chunks=["Hi ", "there."])]  # the chat's first turn, ungated
+    page = await open_page(browser, client, port=proxy.port)
+    await use_transport(page, transport)
+    await send(page, "Hello")
+    await page.locator(f"{LAST_ASSISTANT}[data-status=complete]").wait_for()
+    await page.wait_for_function("() => Number(document.querySelector('#usage').dataset.used) > 0")
+    return client, proxy, page
+
+
 async def use_transport(page, transport):
     if transport == "ws":
         await page.check("#use-ws")
@@ -428,14 +442,7 @@ async def test_send_lost_on_the_network_is_retried_with_its_key_into_one_answer(
     answer is lost) or before (the request is): the page sends again with the same
     Idempotency-Key, and follows the turn the first attempt started or starts it. One upstream
     request, one stored answer, one answer on the page."""
-    client, proxy = await network()
-    fake_openai.scripts = [Script(chunks=["Hi ", "there."])]  # the chat's first turn, ungated
-    page = await open_page(browser, client, port=proxy.port)
-    await use_transport(page, transport)
-    await send(page, "Hello")
-    await page.locator(f"{LAST_ASSISTANT}[data-status=complete]").wait_for()
-    # Nothing else in flight: the chat exists (and, for ws, its socket is open).
-    await page.wait_for_function("() => Number(document.querySelector('#usage').dataset.used) > 0")
+    client, proxy, page = await after_a_first_turn(browser, network, fake_openai, transport)
 
     if lost == "answer":
         proxy.mute()

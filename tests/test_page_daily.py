@@ -110,13 +110,9 @@ async def test_a_send_stopped_while_the_network_is_down_keeps_its_text(
     """The network is down as a message is sent: the page tries again ("reconnecting…"), and
     the user presses Stop before it went out. The message is marked not sent and its text is
     back in the box (over the WebSocket it was gone: the question looked sent, and was not)."""
-    client, proxy = await network()
-    fake_openai.scripts = [Script(chunks=["Hi ", "there."])]  # the chat's first turn, ungated
-    page = await open_page(browser, client, port=proxy.port)
-    await use_transport(page, transport)
-    await send(page, "Hello")
-    await page.locator(f"{LAST_ASSISTANT}[data-status=complete]").wait_for()
-    await page.wait_for_function("() => Number(document.querySelector('#usage').dataset.used) > 0")
+    _client, proxy, page = await page_browser.after_a_first_turn(
+        browser, network, fake_openai, transport
+    )
 
     proxy.cut()
     text = "A long question\nI took a while to write"

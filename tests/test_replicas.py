@@ -21,7 +21,15 @@ from service.stream.producer import MIN_COMPLETION_TOKENS
 from service.tokens import TokenCounter
 from tests.conftest import TEST_MODELS
 from tests.fake_openai import Script
-from tests.processes import ServiceProcess, eventually, new_chat, open_sse, session, wait_until
+from tests.processes import (
+    ServiceProcess,
+    eventually,
+    new_chat,
+    open_sse,
+    session,
+    start_behind_proxy,
+    wait_until,
+)
 
 
 async def send(http: aiohttp.ClientSession, chat_id: str) -> tuple[int, Any]:
@@ -228,17 +236,8 @@ async def test_a_replica_cut_off_from_mongodb_tells_its_client_what_the_reaper_k
     came with it) is the answer: A's client gets its end at the stored length, with
     ``unsaved`` (what it was sent past it), not a ``done`` that no record or bill agrees with;
     and A's log says so."""
-    from tests.tcp_proxy import TcpProxy
-
-    proxy = TcpProxy("127.0.0.1", mongo_server.port)
-    await proxy.start()
-    shared, services.mongodb_uri = (
-        services.mongodb_uri,
-        f"mongodb://127.0.0.1:{proxy.port}/?directConnection=true",
-    )
+    a, proxy = await start_behind_proxy(services, mongo_server.port, "a")
     try:
-        (a,) = await services.start("a")  # reaches MongoDB through the proxy only
-        services.mongodb_uri = shared
         (b,) = await services.start("b")
         fake_openai.default = Script(chunks=["one ", "two ", "three ", "four"], gate_after=2)
         async with session(a, token_for("alice")) as on_a:
@@ -269,5 +268,4 @@ async def test_a_replica_cut_off_from_mongodb_tells_its_client_what_the_reaper_k
         assert b.events("stream.ended", message_id=turn.message_id, outcome="interrupted")
         assert not a.events("stream.ended", message_id=turn.message_id)  # one end, B's
     finally:
-        services.mongodb_uri = shared
         await proxy.close()
