@@ -71,10 +71,6 @@ class Lease:
     last: ReserveRequest | None = None  # the latest turn's: what an idle lease keeps for the next
     topped: float = -1.0  # the idle spell (its ``idle_since``) whose shortfall was taken
     closing: bool = False  # being given back or shrunk: nothing is granted from memory
-    # Turns still running of an earlier entry of this lease, which the month no longer holds
-    # (the reaper gave it back): what they hold is no entry's (``Leases.observe``).
-    orphans: int = 0
-    grown: bool = False  # its entry (``lease_id``) has been taken in the month
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def fits(self, req: ReserveRequest, *, full: bool = True) -> bool:
@@ -124,16 +120,9 @@ class Leases:
         self.idle_s = idle_s
         self.keep_s = max(idle_s, keep_s)
         self.replica_id = replica_id
-        self.lease_id = f"lease:{replica_id}"  # each lease's entry: this, then ":<n>"
-        self._entries = itertools.count(1)
+        self.lease_id = f"lease:{replica_id}"
         self._leases: dict[tuple[str, str], Lease] = {}
         self.expected = Expected()  # whose next growth this replica expects to go through
-
-    def _entry_id(self) -> str:
-        """The id of a new entry of this replica's in a month's ``open``: each lease's own, so
-        that the turns of an entry the month no longer holds never settle against a later one
-        (``observe``)."""
-        return f"{self.lease_id}:{next(self._entries)}"
 
     def must_ask(self, req: ReserveRequest) -> bool:
         """Whether ``req``'s turn cannot be admitted from memory now (no lease, or no room):
@@ -149,7 +138,7 @@ class Leases:
         key = (req.user_id, req.period)
         lease = self._leases.get(key)
         if lease is None:
-            lease = self._leases[key] = Lease(req.user_id, req.period, self._entry_id())
+            lease = self._leases[key] = Lease(req.user_id, req.period, self.lease_id)
         return key, lease
 
     async def admit(self, req: ReserveRequest) -> Reservation:
@@ -229,12 +218,11 @@ class Leases:
         """Grow the lease by what fits of ``tokens``, ``turns``, ``requests``, where ``req``'s
         rules hold for one more turn (``Store.take_lease``; refused with their errors)."""
         growth = next(self._growths)
-        lease_id = lease.lease_id  # a new one if the month gives this one up meanwhile
         take = asyncio.ensure_future(
             self.store.take_lease(
                 LeaseRequest(
                     turn=req,
-                    lease_id=lease_id,
+                    lease_id=self.lease_id,
                     replica=self.replica_id,
                     want_tokens=tokens,
                     want_turns=turns,
@@ -245,13 +233,8 @@ class Leases:
             )
         )
         # Its command runs on if the turn's client leaves: what it takes, undone.
-        withdraw = functools.partial(self._withdraw, lease, lease_id, req, growth)
-        doc = await taken_or_given_back(take, withdraw)
-        if lease.lease_id != lease_id:  # it made the entry the month had given up anew: undone
-            withdraw()
-            return
-        entry = next(e for e in doc["open"] if e["mid"] == lease_id)
-        lease.grown = True
+        doc = await taken_or_given_back(take, functools.partial(self._withdraw, lease, req, growth))
+        entry = next(e for e in doc["open"] if e["mid"] == self.lease_id)
         took = entry["took"]
         lease.tokens += int(took["tokens"])
         lease.turns += int(took["turns"])
@@ -262,7 +245,7 @@ class Leases:
             lease.interval_ms = request_interval(rpm) // timedelta(milliseconds=1)
         lease.doc = doc
 
-    def _withdraw(self, lease: Lease, lease_id: str, req: ReserveRequest, growth: int) -> None:
+    def _withdraw(self, lease: Lease, req: ReserveRequest, growth: int) -> None:
         """A growth whose answer did not come may have been taken all the same, beyond what
         this replica knows the lease holds: undo it now (``Store.undo_growth``, nothing when it
         was not taken), in the background, so that the turn's 503 does not wait; otherwise it
@@ -273,7 +256,7 @@ class Leases:
         async def withdraw() -> None:
             with contextlib.suppress(ServiceError):
                 await self.store.undo_growth(
-                    lease.user_id, lease.period, lease_id, growth, interval_ms=interval_ms
+                    lease.user_id, lease.period, lease.lease_id, growth, interval_ms=interval_ms
                 )
 
         self._track(asyncio.ensure_future(withdraw()))
@@ -296,70 +279,36 @@ class Leases:
         lease the month no longer holds was given back by the reaper (it took this replica for
         dead: MongoDB out of its reach for STALE_STREAM_S): granting from it would hold nothing
         any replica sees. Once none of its turns runs and no growth is on its way, it is
-        forgotten (as ``_shrink`` does) and the user's next turn here takes a new one. While
-        turns of it run, it starts a new entry, under an id of its own: what those turns hold
-        is no entry's (nothing is free to grant; their slots and grants leave with them,
-        ``ended``), and their settlements, by the old id, never shrink the new entry."""
+        forgotten (as ``_shrink`` does) and the user's next turn here takes a new one."""
         key = (user_id, period)
         lease = self._leases.get(key)
-        if lease is None or not doc or lease.closing:
+        if lease is None or not doc:
             return
         if any(e.get("mid") == lease.lease_id for e in doc.get("open") or ()):
             lease.doc = doc
-        elif not lease.grown:
-            return  # a new entry not taken yet: the month cannot hold it
-        elif not lease.running and not lease.lock.locked():
+        elif not lease.running and not lease.closing and not lease.lock.locked():
             del self._leases[key]
-        else:
-            lease.lease_id, lease.grown = self._entry_id(), False
-            lease.orphans = lease.running
-            lease.tokens, lease.turns, lease.requests = lease.held, lease.running, 0
-            lease.doc = doc
 
-    def ended(self, user_id: str, period: str, lease_id: str, *, grant: int, billed: int) -> None:
-        """A turn admitted from the lease (its entry ``lease_id``) ended: its grant is free
-        again, less what it spent (which its final write moves from the lease to ``used``);
-        a turn of an entry the month gave up takes its grant and its slot away with it."""
-        lease = self._lease_of_turn(user_id, period, lease_id)
+    def ended(self, user_id: str, period: str, *, grant: int, billed: int) -> None:
+        """A turn admitted from the lease ended: its grant is free again, less what it spent
+        (which its final write moves from the lease to ``used``)."""
+        lease = self._leases.get((user_id, period))
         if lease is None:
             return
         lease.held -= grant
-        if lease_id == lease.lease_id:
-            lease.tokens -= min(billed, grant)  # past its grant was never the lease's
-        else:
-            lease.tokens -= grant
-            lease.turns -= 1
+        lease.tokens -= min(billed, grant)  # past its grant was never the lease's
         lease.running -= 1
         lease.idle_since = asyncio.get_running_loop().time()
 
-    def _lease_of_turn(self, user_id: str, period: str, lease_id: str) -> Lease | None:
-        """The lease a turn was admitted from: the user's here, whose entry is ``lease_id`` or
-        was, before the month gave it up (one of its ``orphans``, then counted out)."""
-        lease = self._leases.get((user_id, period))
-        if lease is None:
-            return None
-        if lease_id != lease.lease_id:
-            if not lease.orphans:
-                return None  # not this lease's (it cannot happen: none is dropped running)
-            lease.orphans -= 1
-        return lease
-
-    def unadmit(
-        self, user_id: str, period: str, lease_id: str, *, grant: int, request: bool
-    ) -> None:
+    def unadmit(self, user_id: str, period: str, *, grant: int, request: bool) -> None:
         """A turn admitted from the lease that will not run: its grant, its turn slot and (if
-        it took one) its request are the lease's again, as if it had never been admitted (or,
-        of an entry the month gave up, go with it, as when it ends)."""
-        lease = self._lease_of_turn(user_id, period, lease_id)
+        it took one) its request are the lease's again, as if it had never been admitted."""
+        lease = self._leases.get((user_id, period))
         if lease is None:
             return
         lease.held -= grant
         lease.running -= 1
-        if lease_id == lease.lease_id:
-            lease.requests += int(request)
-        else:
-            lease.tokens -= grant
-            lease.turns -= 1
+        lease.requests += int(request)
         lease.idle_since = asyncio.get_running_loop().time()
 
     async def take_request(self, req: ReserveRequest) -> None:

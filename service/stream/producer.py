@@ -335,13 +335,7 @@ class TurnProducer:
         inp = turn.inp
         if reservation.lease_id is not None and self.leases is not None:
             request = bool(self._requests_per_minute(inp.transport))
-            self.leases.unadmit(
-                inp.user_id,
-                turn.period,
-                reservation.lease_id,
-                grant=reservation.grant,
-                request=request,
-            )
+            self.leases.unadmit(inp.user_id, turn.period, grant=reservation.grant, request=request)
             return
         gap = self._gap_ms(inp.transport)
         with contextlib.suppress(ServiceError):
@@ -1182,13 +1176,7 @@ class Turn:
         limit = remaining = 0
         leases = self.p.leases
         if write.lease_id is not None and leases is not None:  # its grant is free again
-            leases.ended(
-                self.inp.user_id,
-                self.period,
-                write.lease_id,
-                grant=write.grant,
-                billed=write.billed,
-            )
+            leases.ended(self.inp.user_id, self.period, grant=write.grant, billed=write.billed)
         elsewhere: Doc | None = None
         try:
             finished = await self.p.commits.apply(write)
