@@ -1281,13 +1281,8 @@ class Turn:
     def _extras(self) -> dict[str, Any]:
         """What the record keeps of the answer besides its text: choice 0's reasoning, tool
         calls and refusal, put together from the live stream's marks."""
-        marks = self.live.marks
-        if not marks:
-            return {}
-        assembly = Assembly()
-        for _, _, frame in marks:
-            assembly.frame(frame)
-        return assembly.extras()
+        assembly = _assembled(self.live.marks)
+        return assembly.extras() if assembly is not None else {}
 
     def _remember_context(self, content: str, status: str, finished: bool) -> None:
         """The chat's messages as this turn leaves them, for the chat's next turn here."""
@@ -1348,16 +1343,22 @@ class Turn:
         """What the model wrote besides choice 0's text, from the live stream's marks:
         reasoning, tool calls, a refusal, the other choices of ``n`` (output as much as the
         text, so billed as such when the upstream reports no usage)."""
-        marks = self.live.marks
-        if not marks:
-            return []
-        assembly = Assembly()
-        for _, _, frame in marks:
-            assembly.frame(frame)
-        return assembly.generated()
+        assembly = _assembled(self.live.marks)
+        return assembly.generated() if assembly is not None else []
 
 
 # ---------------------------------------------------------------------- helpers
+def _assembled(marks: list[Any] | None) -> Assembly | None:
+    """The choices a live stream's marks (its steps that are more than text) make; None when
+    it has none."""
+    if not marks:
+        return None
+    assembly = Assembly()
+    for _, _, frame in marks:
+        assembly.frame(frame)
+    return assembly
+
+
 def input_record(inp: TurnInput, text: str) -> Doc:
     """The record of a stored chat turn's new message: the user's text, or tool results."""
     if inp.results is not None:
