@@ -297,6 +297,62 @@ async def test_cancel_from_another_instance_stops_a_detached_turn(
     await settled(a.app[STORE].db, registry=a.app[REGISTRY])
 
 
+async def test_a_failed_round_of_the_mirrors_poll_does_not_stall_their_followers(
+    aiohttp_client, stream_settings, fake_openai, auth, logs
+):
+    """A turn another (live) replica runs is followed through this replica's poll of its
+    record; one round of that poll failing with something other than an outage (a bug, a
+    record it cannot read) is logged, and the next round carries the follower to the end.
+    Before, the poll's task ended and every follower here hung until a new one came."""
+    client = await aiohttp_client(create_app(stream_settings()))
+    h = auth()
+    chat_id = await new_chat(client, h)
+    fake_openai.default = script()
+    resp = await client.post(f"/api/chat/{chat_id}/message", json={"message": "x"}, headers=h)
+    message_id = (await _rest(resp))[0]["data"]["message_id"]
+    store = client.app[STORE]
+
+    async def final() -> bool:
+        return (await record(client, message_id))["status"] == "complete"
+
+    await until(final)
+    answer = "".join(CHUNKS)
+    # As if a live replica elsewhere ran it, five characters in.
+    await store.heartbeat("elsewhere")
+    ended = await record(client, message_id)
+    running = {"status": "streaming", "replica": "elsewhere", "content": answer[:5]}
+    await store.messages.update_one({"_id": message_id}, {"$set": running})
+    real = store.read_turns
+
+    async def broken(*_args: Any, **_kwargs: Any) -> None:
+        store.read_turns = real
+        raise RuntimeError("a record this replica cannot read")
+
+    store.read_turns = broken
+    follow = await client.get(
+        f"/api/chat/{chat_id}/messages/{message_id}/stream?after=0", headers=h
+    )
+    assert follow.status == 200
+    seen, _ = await read_until(follow, 5)
+    assert text_of(seen) == answer[:5]
+
+    async def failed_once() -> bool:
+        return store.read_turns is real
+
+    await until(failed_once)
+    back = {k: ended[k] for k in ("status", "replica", "content")}
+    await store.messages.update_one({"_id": message_id}, {"$set": back})
+    rest = await asyncio.wait_for(_rest(follow), 10)
+    assert text_of(seen) + text_of(rest) == answer and rest[-1]["event"] == "done"
+    assert [e["error"] for e in logs if e["event"] == "stream.follow_failed"] == [
+        "RuntimeError: a record this replica cannot read"
+    ]
+
+
+async def _rest(resp) -> list[dict]:
+    return [e async for e in events(resp) if "event" in e]
+
+
 async def test_metrics_count_detached_turns_resumes_and_followers(
     aiohttp_client, stream_settings, fake_openai, auth
 ):

@@ -144,6 +144,14 @@ class Resumes:
                     error=error_text(exc),
                     mirrors=len(self.mirrors),
                 )
+            except Exception as exc:  # one failed round must not end the poll
+                log.error(  # (its followers would hang until a new mirror started it again)
+                    "stream.follow_failed",
+                    code="internal",
+                    error=error_text(exc),
+                    mirrors=len(self.mirrors),
+                    exc_info=exc,
+                )
 
     async def _settle_dead(self, docs: list[Doc]) -> list[Doc]:
         cutoff = utcnow() - timedelta(seconds=self.settings.stale_stream_s)
