@@ -134,7 +134,9 @@ async def test_dead_stream_is_reported_interrupted_on_read(client, auth):
 
 async def test_reservation_without_a_turn_record_is_released(aiohttp_client, make_settings):
     """The process died between reserving and persisting: the reservation is released unbilled."""
-    settings = make_settings(upstream_total_timeout_s=1, stale_stream_s=1)
+    settings = make_settings(
+        upstream_first_token_timeout_s=1, upstream_total_timeout_s=1, stale_stream_s=1
+    )
     client = await aiohttp_client(create_app(settings))
     store = client.app[STORE]
     old = utcnow() - timedelta(seconds=60)
@@ -153,6 +155,41 @@ async def test_reservation_without_a_turn_record_is_released(aiohttp_client, mak
     await reap(store, settings)
     usage = await store.usage.find_one({"user_id": "orphan"})
     assert usage["reserved"] == 0 and usage["used"] == 0 and usage["open"] == []
+
+
+async def test_an_old_reservation_is_released_alone_and_a_long_turn_is_not_taken_for_dead(
+    client, settings: Settings
+):
+    """The reaper releases a reservation whose turn can no longer be running: older than the
+    longest turn (its first token's timeout, then the whole answer's, then STALE_STREAM_S).
+    Before, it took every reservation of a month that held one such, young ones included (a
+    running turn ended ``interrupted``, a turn being admitted released and never billed), and a
+    turn whose first token came late was taken for dead before its answer's time was up."""
+    store, now = client.app[STORE], utcnow()
+    period = period_of(now)
+
+    async def reserve(mid: str, age_s: float) -> None:
+        at = now - timedelta(seconds=age_s)
+        await store.reserve(
+            ReserveRequest("busy", period, mid, 300, 50, 10_000, rate_limit_ms=0, now=at)
+        )
+
+    await reserve("orphan", 7200)  # its process died before writing its records
+    await reserve("admitting", 0)  # being admitted now: its records not written yet
+    running, _ = await dead_turn(store, "busy", None, "so far", age_s=1, replica="here")
+    longest = settings.upstream_first_token_timeout_s + settings.upstream_total_timeout_s
+    late_mid, _ = await dead_turn(store, "busy", None, "thought", age_s=1, replica="slow")
+    old = now - timedelta(seconds=longest - 30)  # first token at 60 s, answering since
+    await store.usage.update_one(
+        {"user_id": "busy", "period": period, "open.mid": late_mid}, {"$set": {"open.$.at": old}}
+    )
+
+    await reap(store, settings)
+    usage = await store.usage.find_one({"user_id": "busy", "period": period})
+    assert sorted(e["mid"] for e in usage["open"]) == sorted(["admitting", running, late_mid])
+    assert usage["used"] == 0 and usage["reserved"] == 3 * 300
+    for mid in (running, late_mid):
+        assert (await store.messages.find_one({"_id": mid}))["status"] == "streaming"
 
 
 async def test_quiet_stream_of_a_live_replica_is_not_reaped(client, auth, settings: Settings):

@@ -138,11 +138,14 @@ async def reap(store: Store, settings: Settings) -> int:
             if entry.get("replica") and entry["replica"] not in live:
                 await store.release_lease(usage["user_id"], usage["period"], entry["mid"])
                 log.info("stream.lease_released", user_id=usage["user_id"], lease=entry["mid"])
-    horizon = settings.upstream_total_timeout_s + settings.stale_stream_s
-    for usage in await store.old_reservations(older_than=now - timedelta(seconds=horizon)):
+    # No turn runs longer than its first token's timeout and then its answer's: a reservation
+    # older than both (and STALE_STREAM_S) has no turn running for it.
+    longest = settings.upstream_first_token_timeout_s + settings.upstream_total_timeout_s
+    cutoff = now - timedelta(seconds=longest + settings.stale_stream_s)
+    for usage in await store.old_reservations(older_than=cutoff):
         for entry in usage.get("open", []):
-            if entry.get("replica"):
-                continue  # a lease: released above when its replica is dead
+            if entry.get("replica") or not entry["at"] < cutoff:
+                continue  # a lease (released above when its replica is dead), or a young one
             message = await store.get_message(entry["mid"])
             if message is not None and message.get("status") == "streaming":
                 settled += await settle_interrupted(store, message, settings.budget)
