@@ -1292,6 +1292,25 @@ class Store:
         return [d["_id"] for d in docs]
 
     @db_call
+    async def own_streaming(
+        self, replica_id: str, *, older_than: datetime, limit: int = 100
+    ) -> list[Doc]:
+        """This replica's records still ``streaming`` and not saved since ``older_than``."""
+        docs: list[Doc] = (
+            await self.messages.find(
+                {
+                    "status": "streaming",
+                    "checkpoint_at": {"$lt": older_than},
+                    "replica": replica_id,
+                },
+                comment=REPLICA_WORK,
+            )
+            .limit(limit)
+            .to_list(limit)
+        )
+        return docs
+
+    @db_call
     async def stale_streams(self, *, older_than: datetime, limit: int = 100) -> list[Doc]:
         """Turns left ``streaming`` by a dead process: not saved since ``older_than`` and their
         replica's heartbeat is older too (or gone)."""

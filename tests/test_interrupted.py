@@ -11,13 +11,16 @@ from datetime import timedelta
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
-from service.keys import REGISTRY, STORE
+from service.errors import StoreUnavailable
+from service.keys import REGISTRY, SETTINGS, STORE
 from service.settings import Settings
 from service.store import ReserveRequest, Store, utcnow
 from service.stream.producer import period_of
-from service.stream.watcher import reap
+from service.stream.watcher import reap, reap_own
 from service.tokens import TokenCounter
+from tests.fake_openai import Script
 from tests.processes import eventually
+from tests.sse_client import collect
 
 
 async def dead_turn(
@@ -190,6 +193,53 @@ async def test_an_old_reservation_is_released_alone_and_a_long_turn_is_not_taken
     assert usage["used"] == 0 and usage["reserved"] == 3 * 300
     for mid in (running, late_mid):
         assert (await store.messages.find_one({"_id": mid}))["status"] == "streaming"
+
+
+async def test_a_record_its_live_replica_no_longer_runs_is_settled_by_that_replica(
+    aiohttp_client, stream_settings, fake_openai, auth
+):
+    """The records' insert answered as failed (its answer lost): the send is refused 503, its
+    final write ends nothing. MongoDB took the insert after all: the record stays ``streaming``
+    on a live replica, which no reaper takes for dead (its chat's answer "running" for ever).
+    Past the longest turn, that replica's own reaper settles it; a turn it still runs, however
+    old its last save, is left alone."""
+    client = await aiohttp_client(create_app(stream_settings()))
+    h, store, registry = auth(), client.app[STORE], client.app[REGISTRY]
+    chat = (await (await client.post("/api/chat", json={}, headers=h)).json())["chat_id"]
+    real, late = store.insert_messages, []
+
+    async def lost_answer(groups):
+        store.insert_messages = real
+        late.extend(d for docs in groups for d in docs)
+        raise StoreUnavailable("the database is unavailable; try again shortly")
+
+    store.insert_messages = lost_answer
+    refused = await client.post(f"/api/chat/{chat}/message", json={"message": "a"}, headers=h)
+    assert refused.status == 503
+
+    async def finalized() -> bool:  # its final write done: it found nothing to end
+        return not registry.streams
+
+    await eventually(finalized, 5, "the refused turn's final write")
+    long_ago = utcnow() - timedelta(hours=2)
+    for doc in late:  # MongoDB takes it now (backdated: as if the longest turn had passed)
+        doc.update(created_at=long_ago, alive_at=long_ago, checkpoint_at=long_ago)
+    await store.messages.insert_many(late)
+    orphan = next(d["_id"] for d in late if d["role"] == "assistant")
+
+    fake_openai.default = Script(chunks=["held ", "answer"], gate_after=1)
+    running = await client.post(f"/api/chat/{chat}/message", json={"message": "b"}, headers=h)
+    assert running.status == 200
+    await fake_openai.reached_gate.wait()
+    mine = next(iter(registry.streams))
+    await store.messages.update_one({"_id": mine}, {"$set": {"checkpoint_at": long_ago}})
+
+    assert await reap_own(store, registry, client.app[SETTINGS]) == 1
+    assert (await store.messages.find_one({"_id": orphan}))["status"] == "interrupted"
+    fake_openai.gate.set()
+    events = await collect(running)
+    assert events[-1]["event"] == "done" and events[-1]["data"]["status"] == "complete"
+    assert (await store.messages.find_one({"_id": mine}))["status"] == "complete"
 
 
 async def test_quiet_stream_of_a_live_replica_is_not_reaped(client, auth, settings: Settings):

@@ -5,7 +5,7 @@ The client is told how its turn ended before the final record is written; when M
 away at that moment, the write waits here and the replica's watcher retries it once MongoDB
 answers again, so the record ends as the client was told (not ``interrupted`` by the reaper
 minutes later). The queue is bounded: past ``MAX_PENDING`` the oldest write is given up and
-left to the replica's own reaper (``watcher.reap_given_up``), with a log line.
+left to the replica's own reaper (``watcher.reap_own``), with a log line.
 """
 
 from __future__ import annotations
@@ -238,11 +238,14 @@ class PendingFinals:
         self.limit = limit
         self._writes: OrderedDict[str, FinalWrite] = OrderedDict()
         # The turns whose write was given up: this replica's reaper settles them (no other
-        # replica takes a live replica's turns for dead), ``watcher.reap_given_up``.
+        # replica takes a live replica's turns for dead), ``watcher.reap_own``.
         self.given_up: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._writes)
+
+    def __contains__(self, message_id: object) -> bool:
+        return message_id in self._writes
 
     def add(self, write: FinalWrite) -> None:
         self._writes[write.message_id] = write

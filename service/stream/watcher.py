@@ -138,10 +138,7 @@ async def reap(store: Store, settings: Settings) -> int:
             if entry.get("replica") and entry["replica"] not in live:
                 await store.release_lease(usage["user_id"], usage["period"], entry["mid"])
                 log.info("stream.lease_released", user_id=usage["user_id"], lease=entry["mid"])
-    # No turn runs longer than its first token's timeout and then its answer's: a reservation
-    # older than both (and STALE_STREAM_S) has no turn running for it.
-    longest = settings.upstream_first_token_timeout_s + settings.upstream_total_timeout_s
-    cutoff = now - timedelta(seconds=longest + settings.stale_stream_s)
+    cutoff = now - timedelta(seconds=_longest_turn_s(settings))
     for usage in await store.old_reservations(older_than=cutoff):
         for entry in usage.get("open", []):
             if entry.get("replica") or not entry["at"] < cutoff:
@@ -160,22 +157,37 @@ async def reap(store: Store, settings: Settings) -> int:
     return settled
 
 
-async def reap_given_up(store: Store, registry: StreamRegistry, settings: Settings) -> int:
-    """Settle the turns whose final write this replica gave up (``PendingFinals``: too many
-    waited for MongoDB): their replica lives, so no reaper takes them for dead, and they would
-    stay ``streaming``, a lease's turn unbilled, for the replica's life. Settled as a dead
-    replica's are (``interrupted``, their checkpoint); a record that is not there, or already
-    ended, is let go."""
+async def reap_own(store: Store, registry: StreamRegistry, settings: Settings) -> int:
+    """Settle this replica's records it no longer runs: their replica lives, so no reaper takes
+    them for dead, and they would stay ``streaming`` (a chat's answer "running" for ever, a
+    lease's turn unbilled) for the replica's life. Settled as a dead replica's are
+    (``interrupted``, their checkpoint):
+
+    - the turns whose final write was given up (``PendingFinals``: too many waited for MongoDB,
+      or MongoDB refused it), at once; a record that is not there, or already ended, is let go;
+    - a record no turn here runs or waits to finalize, older than the longest turn: one whose
+      insert MongoDB took after its turn had ended (the insert's answer lost, the turn refused),
+      so its final write found nothing to end."""
     ids = registry.pending.given_up
-    if not ids:
-        return 0
     settled, wanted = 0, list(ids)
-    for doc in await store.read_turns(wanted):
-        if doc.get("status") == "streaming":
+    if wanted:
+        for doc in await store.read_turns(wanted):
+            if doc.get("status") == "streaming":
+                settled += await settle_interrupted(store, doc, settings.budget)
+            ids.discard(doc["_id"])
+        ids.difference_update(wanted)  # those with no record: nothing to settle
+    cutoff = utcnow() - timedelta(seconds=_longest_turn_s(settings))
+    for doc in await store.own_streaming(registry.replica_id, older_than=cutoff):
+        if doc["_id"] not in registry.streams and doc["_id"] not in registry.pending:
             settled += await settle_interrupted(store, doc, settings.budget)
-        ids.discard(doc["_id"])
-    ids.difference_update(wanted)  # those with no record: nothing to settle
     return settled
+
+
+def _longest_turn_s(settings: Settings) -> float:
+    """No turn runs longer than its first token's timeout and then its answer's; past that and
+    ``STALE_STREAM_S``, nothing runs for a record or a reservation any more."""
+    longest = settings.upstream_first_token_timeout_s + settings.upstream_total_timeout_s
+    return longest + settings.stale_stream_s
 
 
 async def watch(store: Store, registry: StreamRegistry, settings: Settings) -> None:
@@ -210,7 +222,7 @@ async def _control(store: Store, registry: StreamRegistry, settings: Settings) -
             if now >= next_reap and registry.may_reap(now, settings.stale_stream_s):
                 next_reap = now + settings.reaper_interval_s
                 await reap(store, settings)
-                await reap_given_up(store, registry, settings)
+                await reap_own(store, registry, settings)
         except ServiceError as exc:
             registry.store_failing = True
             log.warning("stream.watch_failed", code=exc.code, error=error_text(exc))
