@@ -10,8 +10,10 @@ from service import __version__
 from service.settings import Settings, SettingsError, load_settings, require_server_settings
 
 DESCRIPTION = """\
-Streaming chat gateway: streams LLM answers over SSE, WebSocket and an OpenAI-compatible API,
-keeping chats, messages and per-user token usage in MongoDB.
+Streaming chat gateway: streams LLM answers from OpenAI-compatible upstreams, Gemini,
+Anthropic or a built-in offline demo model, over SSE, WebSocket, an OpenAI-compatible API
+(/v1/chat/completions) and an Anthropic-compatible one (/v1/messages), keeping chats,
+messages and per-user usage and budgets in MongoDB.
 
 All settings come from the environment (or a .env file); see README.md for the table.
 """

@@ -37,6 +37,10 @@ def test_help_lists_commands():
     out = run("--help")
     assert out.returncode == 0
     assert "serve" in out.stdout and "token" in out.stdout
+    # The description names what README's opening does: every upstream and every front door.
+    words = " ".join(out.stdout.split())
+    for named in ("Gemini", "Anthropic", "demo", "/v1/chat/completions", "/v1/messages"):
+        assert named in words, named
 
 
 def test_invalid_setting_stops_startup_naming_the_variable():
