@@ -20,7 +20,7 @@ import hashlib
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,9 +50,14 @@ def secret_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def key_view(doc: Doc, budget: Budget) -> dict[str, Any]:
+def key_view(doc: Doc, budget: Budget, month: Doc | None = None) -> dict[str, Any]:
     """A key as the API shows it: never its hash (nor, but at creation, its secret); its own
-    limit in the budget's unit."""
+    limit in the budget's unit and, for a key that has one, what it used of it this month and
+    has left (``month``: the key's usage document of the month, None before its first turn);
+    both null for a key without one (its turns count in its user's month alone)."""
+    use: dict[str, Any] = {"used": None, "remaining": None}
+    if doc.get("limit") is not None:
+        use = _month_use(int(doc["limit"]), month or {}, budget)
     return {
         "id": doc["_id"],
         "name": doc["name"],
@@ -63,7 +68,16 @@ def key_view(doc: Doc, budget: Budget) -> dict[str, Any]:
         "limit": None if doc.get("limit") is None else budget.show(int(doc["limit"])),
         "admin": bool(doc.get("admin")),
         "last_used_at": doc.get("last_used_at"),
+        **use,
     }
+
+
+def _month_use(limit: int, month: Doc, budget: Budget) -> dict[str, Any]:
+    """``used`` and ``remaining`` (less what running turns hold) as ``GET /api/usage`` counts
+    them; the month's document holds the limit its admissions read."""
+    limit = int(month.get("limit", limit))
+    used, reserved = int(month.get("used", 0)), int(month.get("reserved", 0))
+    return {"used": budget.show(used), "remaining": budget.show(max(0, limit - used - reserved))}
 
 
 def _bad_expiry(message: str, problem: str) -> BadRequest:
@@ -160,6 +174,15 @@ class ApiKeys:
 
     async def list(self, user_id: str) -> list[Doc]:
         return await self.store.list_api_keys(user_id)
+
+    async def views(
+        self, docs: Sequence[Doc], budget: Budget, period: str
+    ) -> Sequence[dict[str, Any]]:
+        """``key_view`` of each doc, with the ``period``'s use of the keys that have a limit of
+        their own: one read for all of them, none when no key has one."""
+        limited = [str(doc["_id"]) for doc in docs if doc.get("limit") is not None]
+        months = await self.store.key_months(limited, period) if limited else {}
+        return [key_view(doc, budget, months.get(str(doc["_id"]))) for doc in docs]
 
     async def revoke(self, user_id: str, key_id: str) -> bool:
         doc = await self.store.revoke_api_key(user_id, key_id)

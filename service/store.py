@@ -1524,6 +1524,17 @@ class Store:
     async def touch_api_key(self, key_id: str, at: datetime) -> None:
         await self.db["api_keys"].update_one({"_id": key_id}, {"$max": {"last_used_at": at}})
 
+    @db_call
+    async def key_months(self, key_ids: list[str], period: str) -> dict[str, Doc]:
+        """The ``period`` usage documents of these keys' own months (``key_account``), by key
+        id, in one read; a key whose month has no document yet (no turn) is left out."""
+        accounts = {key_account(key_id): key_id for key_id in key_ids}
+        docs: list[Doc] = await self.usage.find(
+            {"user_id": {"$in": list(accounts)}, "period": period},
+            projection={"user_id": 1, "used": 1, "reserved": 1, "limit": 1},
+        ).to_list(None)
+        return {accounts[doc["user_id"]]: doc for doc in docs}
+
     # ================================================================== admin (operators)
     # /api/admin (``service/api/admin.py``): a user's standing limit (``users``: {_id: user,
     # limit, updated_at, updated_by}, taken by each new month's usage document), the current

@@ -73,6 +73,8 @@ async def test_in_currency_a_key_s_limit_is_money(aiohttp_client, stream_setting
     assert key["limit"] == "0.25"
     listed = await (await client.get("/api/keys", headers=auth())).json()
     assert listed["items"][0]["limit"] == "0.25"
+    assert (listed["items"][0]["used"], listed["items"][0]["remaining"]) == ("0.00", "0.25")
+    assert (key["used"], key["remaining"]) == ("0.00", "0.25")  # as made
     stored = await client.app[STORE].db["api_keys"].find_one({"_id": key["id"]})
     assert stored["limit"] == 250_000_000  # nano-units
     for bad in (5, "abc", "-1", "0.0000000001"):
@@ -105,3 +107,36 @@ async def test_a_token_named_as_a_keys_own_account_is_refused(
     )
     assert resp.status == 200  # the key's whole budget is its own
     await resp.read()
+
+
+async def test_a_key_s_view_shows_what_it_used_of_its_own_limit_this_month(
+    stream_client, fake_openai, auth
+):
+    """``GET /api/keys`` shows each key with a limit of its own its month's ``used`` and
+    ``remaining`` (less what running turns hold), from the key's own month, every key's in one
+    read; a key without a limit of its own shows null for both (its use is the user's month)."""
+    client = stream_client
+    db = client.app[STORE].db
+
+    async def make(**body) -> dict:
+        resp = await client.post("/api/keys", json={"name": "ci", **body}, headers=auth())
+        assert resp.status == 201
+        return await resp.json()
+
+    spent, idle, plain = await make(limit=1000), await make(limit=500), await make()
+    fake_openai.default = Script(chunks=["a"], usage=(30, 5))
+    body = {**BODY, "stream": False}
+    resp = await client.post(
+        "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {spent['key']}"}
+    )
+    assert resp.status == 200, await resp.text()
+    await settled(db)
+    await settled(db, users=(key_account(spent["id"]),))
+    await db.usage.update_one(  # a turn of the key running now holds 100 more
+        {"user_id": key_account(spent["id"])}, {"$inc": {"reserved": 100}}
+    )
+    reads = calls("key_months")
+    listed = await (await client.get("/api/keys", headers=auth())).json()
+    assert calls("key_months") == reads + 1  # one read for the listing, not one per key
+    views = {k["id"]: (k["used"], k["remaining"]) for k in listed["items"]}
+    assert views == {spent["id"]: (35, 865), idle["id"]: (0, 500), plain["id"]: (None, None)}

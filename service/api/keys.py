@@ -17,6 +17,7 @@ from service.errors import BadRequest, Forbidden, NotFound
 from service.http import json_response, no_query, one_line, read_json
 from service.keys import API_KEYS, CATALOGUE, PRINCIPAL, SETTINGS
 from service.store import utcnow
+from service.stream.producer import period_of
 
 
 class CreateKey(BaseModel):
@@ -75,9 +76,10 @@ async def create_key(request: web.Request) -> web.Response:
 async def list_keys(request: web.Request) -> web.Response:
     no_query(request)
     principal = _token_principal(request)
-    docs = await request.app[API_KEYS].list(principal.user_id)
-    budget = request.app[SETTINGS].budget
-    return json_response({"items": [key_view(d, budget) for d in docs]})
+    api_keys = request.app[API_KEYS]
+    docs = await api_keys.list(principal.user_id)
+    views = await api_keys.views(docs, request.app[SETTINGS].budget, period_of(utcnow()))
+    return json_response({"items": views})
 
 
 async def revoke_key(request: web.Request) -> web.Response:
