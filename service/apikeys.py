@@ -1,4 +1,5 @@
-"""API keys for programs: created, listed and revoked by their user, used wherever a token is.
+"""API keys for programs: created, listed and revoked by their user (and listed and revoked by
+an operator, ``service/api/admin_keys.py``), used wherever a token is.
 
 A secret is ``cgw-`` and 32 random bytes (URL-safe base64), shown once, when it is created;
 MongoDB keeps only its SHA-256 (a unique index) and its first characters (``prefix``) for
@@ -191,6 +192,16 @@ class ApiKeys:
         self._cache.pop(doc["hash"], None)  # this replica stops at once; others within cache_s
         self._by_id.pop(key_id, None)
         return True
+
+    async def revoke_all(self, user_id: str) -> Sequence[str]:
+        """Revoke every key of ``user_id`` not revoked yet, one by one as ``revoke`` does; the
+        ids of those this call revoked (one revoked meanwhile by another call is not among
+        them). A key created after the list was read is not revoked."""
+        revoked = []
+        for doc in await self.list(user_id):
+            if await self.revoke(user_id, str(doc["_id"])):
+                revoked.append(str(doc["_id"]))
+        return revoked
 
     # ------------------------------------------------------------------ authentication
     async def resolve(self, secret: str) -> Principal:

@@ -16,6 +16,7 @@ from pymongo.errors import PyMongoError
 from service import metrics
 from service.api import (
     admin,
+    admin_keys,
     anthropic_compat,
     branches,
     chats,
@@ -258,6 +259,7 @@ def create_app(settings: Settings) -> web.Application:
     ws.setup(app)
     page.setup(app)
     admin.setup(app)
+    admin_keys.setup(app)
     metrics.setup(app)
     return app
 

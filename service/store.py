@@ -1460,6 +1460,10 @@ class Store:
         await keys.create_index(
             [("user_id", ASCENDING), ("created_at", DESCENDING)], name="user_keys"
         )
+        await keys.create_index(  # every user's keys, newest first (an operator's audit)
+            [("admin", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)],
+            name="admin_keys",
+        )
 
     @db_call
     async def create_api_key(self, doc: Doc, *, cap: int) -> None:
@@ -1534,6 +1538,30 @@ class Store:
             projection={"user_id": 1, "used": 1, "reserved": 1, "limit": 1},
         ).to_list(None)
         return {accounts[doc["user_id"]]: doc for doc in docs}
+
+    @db_call
+    async def all_api_keys(
+        self, *, admin: bool | None, limit: int, after: tuple[datetime, str] | None
+    ) -> list[Doc]:
+        """Every user's keys not revoked (only admin keys, or only others, when ``admin`` says),
+        newest first, after the ``(created_at, _id)`` of the previous page; ``limit + 1`` at
+        most, to tell a next page. Both values of ``admin`` are asked for when it is None, so
+        that MongoDB merges the index's two runs in order instead of sorting every key."""
+        query: Doc = {
+            "admin": {"$in": [False, True]} if admin is None else admin,
+            "revoked_at": None,
+        }
+        if after is not None:
+            at, key_id = after
+            query["$or"] = [{"created_at": {"$lt": at}}, {"created_at": at, "_id": {"$lt": key_id}}]
+        docs: list[Doc] = (
+            await self.db["api_keys"]
+            .find(query, {"hash": 0})
+            .sort([("created_at", DESCENDING), ("_id", DESCENDING)])
+            .limit(limit + 1)
+            .to_list(limit + 1)
+        )
+        return docs
 
     # ================================================================== admin (operators)
     # /api/admin (``service/api/admin.py``): a user's standing limit (``users``: {_id: user,

@@ -32,6 +32,10 @@ ROUTES = [
     ("PUT", "/api/admin/users/alice/limit"),
     ("POST", "/api/admin/users/alice/reset"),
     ("GET", "/api/admin/usage"),
+    ("GET", "/api/admin/keys"),
+    ("GET", "/api/admin/users/alice/keys"),
+    ("DELETE", "/api/admin/users/alice/keys"),
+    ("DELETE", "/api/admin/users/alice/keys/key_000000000000"),
 ]
 V1 = {"model": "gpt-test", "messages": [{"role": "user", "content": "Hi"}]}
 

@@ -1,5 +1,6 @@
 """Operators' routes, ``/api/admin/...``: a user's monthly limit (read, set, reset the month's
-usage), users by usage, and usage analytics from the daily rollup (JSON or CSV).
+usage), users by usage, and usage analytics from the daily rollup (JSON or CSV). The routes over
+users' API keys are ``service/api/admin_keys.py``.
 
 Every route answers 403 ``forbidden`` unless the caller is an administrator
 (``Principal.admin``: the token's admin role, or an admin API key). Actions that change a user's
@@ -69,7 +70,8 @@ def admin_only(handler: Handler) -> Handler:
     return guarded
 
 
-def _user_id(request: web.Request) -> str:
+def target_user(request: web.Request) -> str:
+    """The ``{user_id}`` of the path: a token's ``sub``, not an API key's own month (400)."""
     user_id = request.match_info["user_id"]
     problem = None
     if len(user_id) > MAX_USER_ID:
@@ -85,7 +87,7 @@ def _user_id(request: web.Request) -> str:
     return user_id
 
 
-def _actor(request: web.Request) -> dict[str, Any]:
+def actor(request: web.Request) -> dict[str, Any]:
     """Who acts, for the log: the administrator and, when they came with one, their key."""
     principal = request[PRINCIPAL]
     return {
@@ -125,7 +127,7 @@ def limit_view(
 
 @admin_only
 async def get_limit(request: web.Request) -> web.Response:
-    user_id = _user_id(request)
+    user_id = target_user(request)
     period = period_of(utcnow())
     store = request.app[STORE]
     doc = await store.get_usage(user_id, period) or {}
@@ -143,17 +145,17 @@ class SetLimit(BaseModel):
 
 @admin_only
 async def set_limit(request: web.Request) -> web.Response:
-    user_id = _user_id(request)
+    user_id = target_user(request)
     budget = budget_of(request.app[SETTINGS])
     limit = parse_limit((await read_json(request, SetLimit)).limit, budget)
     period = period_of(utcnow())
     store = request.app[STORE]
     old_standing = await store.standing_limit(user_id)
-    actor = _actor(request)
-    before = await store.set_user_limit(user_id, period, limit, by=actor["admin_id"])
+    who = actor(request)
+    before = await store.set_user_limit(user_id, period, limit, by=who["admin_id"])
     log.info(
         "admin.limit_set",
-        **actor,
+        **who,
         target_user_id=user_id,
         period=period,
         unit=budget.label,
@@ -166,13 +168,13 @@ async def set_limit(request: web.Request) -> web.Response:
 
 @admin_only
 async def reset_period(request: web.Request) -> web.Response:
-    user_id = _user_id(request)
+    user_id = target_user(request)
     period = period_of(utcnow())
     store = request.app[STORE]
     before = await store.reset_usage(user_id, period)
     log.info(
         "admin.period_reset",
-        **_actor(request),
+        **actor(request),
         target_user_id=user_id,
         period=period,
         old_used=int(before.get("used", 0)),
@@ -192,18 +194,21 @@ class UsersQuery(BaseModel):
     cursor: str | None = Field(None, max_length=400)
 
 
-def encode_cursor(used: int, user_id: str) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps([used, user_id])).decode().rstrip("=")
+def encode_cursor(rank: int, last_id: str) -> str:
+    """A page's ``next_cursor``: where its last item stands in the order (a number, such as
+    ``used``) and its id, which breaks ties."""
+    return base64.urlsafe_b64encode(orjson.dumps([rank, last_id])).decode().rstrip("=")
 
 
 def decode_cursor(cursor: str) -> tuple[int, str]:
+    """``encode_cursor``'s pair again; 400 ``invalid_cursor`` for anything else."""
     try:
-        used, user_id = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        rank, last_id = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
     except (ValueError, TypeError) as exc:
         raise BadRequest("invalid cursor", code="invalid_cursor") from exc
-    if type(used) is not int or not isinstance(user_id, str):
+    if type(rank) is not int or not isinstance(last_id, str):
         raise BadRequest("invalid cursor", code="invalid_cursor")
-    return used, user_id
+    return rank, last_id
 
 
 @admin_only
