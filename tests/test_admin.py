@@ -107,6 +107,25 @@ async def test_an_api_key_is_an_administrator_only_when_it_is_an_admin_key(clien
     assert secret not in repr(logs)
 
 
+async def test_a_users_routes_refuse_a_query_parameter_they_do_not_take(client, admin):
+    """A month's limit and its reset take no ``period``: asked with one, they say so (400
+    naming it) rather than answer for, or reset, the current month instead."""
+    await client.put("/api/admin/users/alice/limit", json={"limit": 5}, headers=admin())
+    for method, path in (
+        ("GET", "/api/admin/users/alice/limit"),
+        ("PUT", "/api/admin/users/alice/limit"),
+        ("POST", "/api/admin/users/alice/reset"),
+    ):
+        resp = await client.request(
+            method, path, params={"period": "2026-01"}, json={"limit": 9}, headers=admin()
+        )
+        assert resp.status == 400, (method, path)
+        error = (await resp.json())["error"]
+        assert error["code"] == "validation_error"
+        assert error["details"][0]["field"] == "period", (method, path)
+    assert (await client.app[STORE].get_usage("alice", month()))["limit"] == 5
+
+
 # --------------------------------------------------------------------------- limits
 async def test_an_administrator_reads_sets_and_resets_a_users_limit(
     stream_client, auth, admin, fake_openai, logs

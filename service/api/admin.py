@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service import analytics
 from service.costs import Budget, format_cost
 from service.errors import BadRequest, Forbidden
-from service.http import json_response, read_json, validate
+from service.http import json_response, no_query, read_json, validate
 from service.keys import PRINCIPAL, SETTINGS, STORE
 from service.settings import Settings
 from service.store import KEY_ACCOUNT, Doc, utcnow
@@ -127,6 +127,7 @@ def limit_view(
 
 @admin_only
 async def get_limit(request: web.Request) -> web.Response:
+    no_query(request)
     user_id = target_user(request)
     period = period_of(utcnow())
     store = request.app[STORE]
@@ -145,6 +146,7 @@ class SetLimit(BaseModel):
 
 @admin_only
 async def set_limit(request: web.Request) -> web.Response:
+    no_query(request)
     user_id = target_user(request)
     budget = budget_of(request.app[SETTINGS])
     limit = parse_limit((await read_json(request, SetLimit)).limit, budget)
@@ -168,6 +170,7 @@ async def set_limit(request: web.Request) -> web.Response:
 
 @admin_only
 async def reset_period(request: web.Request) -> web.Response:
+    no_query(request)
     user_id = target_user(request)
     period = period_of(utcnow())
     store = request.app[STORE]
