@@ -1,7 +1,7 @@
 """The chat page as a person uses it every day, in a real headless Chromium against the app:
-another chat opened while an answer is written, a send stopped while the network is down, Edit
-after a refused send, wide tables and the rate limit's sentence. Fixtures and helpers:
-tests/test_page_browser.py."""
+another chat opened while an answer is written, a send stopped while the network is down, a
+refused send (its reason, its text back, gone with the next send; Edit after it), wide tables
+and the rate limit's sentence. Fixtures and helpers: tests/test_page_browser.py."""
 
 from __future__ import annotations
 
@@ -127,33 +127,55 @@ async def test_a_send_stopped_while_the_network_is_down_keeps_its_text(
     assert page.uncaught == []
 
 
-async def test_edit_works_after_a_refused_send(browser, serve, fake_openai):
-    """A refused send leaves its question on the page marked "not sent" (it is not in the
-    history). The questions sent before and after it can still be edited (Edit did nothing: the
-    page matched its bubbles to the history by position, and the not-sent one was counted);
-    the not-sent one itself offers no Edit."""
+async def test_a_refused_send_says_why_and_goes_with_the_next_send(browser, serve, fake_openai):
+    """A refused send's question stays on the page marked "not sent" with the reason, its text
+    back in the box and focus there; it offers Dismiss, not Edit (it is not in the history).
+    Dismissed, or when the next message is sent, it leaves the page (it stayed until a reload,
+    one more for each try). Edit works with one on the page (the page matches the history to
+    the bubbles without it: counted, Edit did nothing)."""
     fake_openai.scripts = [Script(chunks=["First."]), Script(chunks=["Second."])]
     fake_openai.default = Script(chunks=["Edited."])
     client = await serve(default_model="gpt-test", max_message_chars=40)
     page = await open_page(browser, client)
     await send(page, "One")
     await page.locator(f"{LAST_ASSISTANT}[data-status=complete]", has_text="First.").wait_for()
-    await send(page, "This question is far too long to be sent here")
-    await page.locator("#error").wait_for()
+    too_long = "This question is far too long to be sent here"
+    not_sent = page.locator("#messages > .msg.user[data-status=not_sent]")
+
+    async def refused():
+        await send(page, too_long)
+        await not_sent.wait_for()
+        assert await not_sent.count() == 1
+        why = await not_sent.locator(".msg-error").text_content()
+        assert why.startswith("The message cannot be sent as it is (message must be 1 to 40"), why
+        assert why.endswith("Your text is back in the message box."), why
+        assert why.startswith(await page.locator("#error-text").text_content())
+        assert await page.locator("#input").input_value() == too_long
+        await page.wait_for_function("() => document.activeElement?.id === 'input'")
+
+    await refused()
+    assert await not_sent.locator("[data-action=edit]").is_hidden()
+    await not_sent.locator("[data-action=dismiss]").click()
+    await not_sent.wait_for(state="detached")
+    assert await page.locator("#error").is_hidden()
+    assert await page.locator("#input").input_value() == too_long  # still there to edit
+    await page.wait_for_function("() => document.activeElement?.id === 'input'")
+
+    await page.press("#input", "Enter")  # the same again: one bubble, not two
+    await refused()
     await page.fill("#input", "Two")
     await page.press("#input", "Enter")
     await page.locator(f"{LAST_ASSISTANT}[data-status=complete]", has_text="Second.").wait_for()
-    assert await shown_roles(page) == [
-        "user:complete",
-        "assistant:complete",
-        "user:not_sent",
-        "user:complete",
-        "assistant:complete",
-    ]
-    not_sent = page.locator("#messages > .msg.user[data-status=not_sent]")
-    assert await not_sent.locator("[data-action=edit]").is_hidden()
+    complete = ["user:complete", "assistant:complete"]
+    assert await shown_roles(page) == complete * 2
+    assert await page.locator("#error").is_hidden()
 
-    await page.locator("#messages > .msg.user >> nth=-1").locator("[data-action=edit]").click()
+    await refused()
+    await (
+        page.locator("#messages > .msg.user[data-status=complete] >> nth=-1")
+        .locator("[data-action=edit]")
+        .click()
+    )
     edit = page.locator("#messages .msg-edit textarea")
     await edit.wait_for()
     assert await edit.input_value() == "Two"
@@ -161,6 +183,7 @@ async def test_edit_works_after_a_refused_send(browser, serve, fake_openai):
     await page.keyboard.press("Control+Enter")
     await page.locator(f"{LAST_ASSISTANT}[data-status=complete]", has_text="Edited.").wait_for()
     assert fake_openai.requests[-1]["messages"][-1]["content"] == "Two, again"
+    assert await shown_roles(page) == complete * 2  # what followed "Two" went, the refused one too
     assert page.uncaught == []
 
 

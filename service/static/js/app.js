@@ -5,7 +5,7 @@ import { $, formatTime, h, titleFrom } from "./dom.js";
 import { describe, describeEnd, setBudgetUnit } from "./errors.js";
 import { copyText } from "./markdown.js";
 import { KeysDialog } from "./keys.js";
-import { appendReasoning, appendText, cutText, messageEl, onRendered, rawText, setMeta, setStatus, setVersion, settle } from "./messages.js";
+import { appendReasoning, appendText, cutText, messageEl, onRendered, rawText, setMeta, setNotSent, setStatus, setVersion, settle } from "./messages.js";
 import { formatMoney, isMoneyUnit } from "./money.js";
 import { codePoints } from "./resume.js";
 import { Search } from "./search.js";
@@ -394,10 +394,42 @@ async function ensureChat(text) {
   return chat.chat_id;
 }
 
+// What the page says of a send that did not go out (the error's sentence, or the user's Stop).
+function notSentReason(exc, stopped) {
+  if (stopped) return "You stopped it before it was sent.";
+  return exc instanceof ApiError ? describe(exc) : "Something went wrong on this page.";
+}
+
+// A refused message's text goes back in the message box, before anything typed since (never
+// lost: the bubble saying "not sent" goes with the next send).
+function offerBack(text) {
+  const now = el.input.value;
+  if (!now.trim()) el.input.value = text;
+  else if (!now.includes(text)) el.input.value = `${text}\n\n${now}`;
+}
+
+// The questions not sent leave the page: the user sends again (their text was in the box) or
+// dismisses one.
+function clearNotSent(only = null) {
+  for (const li of only ? [only] : el.messages.querySelectorAll(":scope > .msg[data-status=not_sent]")) {
+    const why = li.querySelector(".msg-error")?.textContent || "";
+    if (!el.error.hidden && why.startsWith(el.errorText.textContent)) hideError(); // its refusal
+    li.remove();
+  }
+  el.emptyChat.hidden = el.messages.children.length > 0;
+}
+
+function dismissNotSent(msgEl) {
+  clearNotSent(msgEl);
+  el.input.focus();
+  announce("The message that was not sent was removed.");
+}
+
 async function send() {
   const text = el.input.value;
   if (!text.trim() || state.turn) return;
   hideError();
+  clearNotSent();
   const running = startTurn();
   let chatId = state.chatId;
   let userEl = null;
@@ -430,8 +462,8 @@ async function send() {
       // refused before the stream started (budget, rate limit, validation...), or stopped
       // before it went out (the network was down): nothing was saved, the text goes back
       if (botEl) botEl.remove();
-      if (userEl) setStatus(userEl, "not_sent");
-      if (!el.input.value) el.input.value = text;
+      if (userEl) setNotSent(userEl, notSentReason(exc, stopped));
+      offerBack(text);
       if (exc instanceof ApiError && exc.code === "chat_not_found") loadChats().catch(report);
       if (!stopped) report(exc);
     }
@@ -587,6 +619,7 @@ async function onMessagesClick(ev) {
   if (action === "edit") return startEdit(msgEl);
   if (action === "edit-cancel") return cancelEdit(msgEl);
   if (action === "versions") return toggleVersions(msgEl);
+  if (action === "dismiss") return dismissNotSent(msgEl);
 }
 
 // ------------------------------------------------------------------------------------ versions

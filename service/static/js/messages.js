@@ -170,6 +170,23 @@ export function messageEl({ role, content, status, message_id: messageId, error,
   return li;
 }
 
+// A question the server refused (or that was stopped before it went out): it is not in the
+// history. Marked "not sent" with the reason, and that its text is back in the message box;
+// Dismiss removes it (so does the next send).
+export function setNotSent(msgEl, why) {
+  setStatus(msgEl, "not_sent");
+  msgEl.querySelector(".msg-error")?.remove();
+  msgEl.querySelector(".msg-unsent")?.remove();
+  msgEl.append(
+    h("div", { class: "msg-error" }, `${why} Your text is back in the message box.`),
+    h(
+      "div",
+      { class: "msg-unsent", role: "group", "aria-label": "Message not sent" },
+      h("button", { class: "icon-btn", type: "button", dataset: { action: "dismiss" }, title: "Remove this message: it was not sent" }, "Dismiss"),
+    ),
+  );
+}
+
 // A reasoning model's thinking: folded away above the answer, open on a click.
 export function appendReasoning(msgEl, text) {
   let box = msgEl.querySelector(".msg-reasoning");
