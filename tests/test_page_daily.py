@@ -278,3 +278,33 @@ async def test_focus_is_kept_after_a_regenerate_from_the_keyboard(browser, serve
     await page.locator(f"{LAST_ASSISTANT}[data-status=complete]", has_text="Second.").wait_for()
     await page.wait_for_function("() => document.activeElement?.id === 'input'", timeout=5_000)
     assert page.uncaught == []
+
+
+async def test_more_chats_pages_through_every_chat(browser, serve):
+    """Past the list's first page (100 chats, with MAX_CHATS_PER_USER raised) "More chats"
+    shows the rest, focus on the first of them; every chat can be reached (the older ones
+    were never shown)."""
+    client = await serve(max_chats_per_user=150)
+    token = (await (await client.get("/api/dev/token?user=alice")).json())["token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    ids = []
+    for i in range(101):
+        title = "The oldest chat" if i == 0 else f"Chat {i}"
+        resp = await client.post("/api/chat", json={"title": title}, headers=headers)
+        assert resp.status == 201
+        ids.append((await resp.json())["chat_id"])
+    page = await open_page(browser, client)
+    items = page.locator("#chat-list .chat-item")
+    assert await items.count() == 100
+    assert await chat_named(page, "The oldest chat").count() == 0
+
+    await page.click("#chat-list .chat-more button")
+    await chat_named(page, "The oldest chat").wait_for()
+    assert await items.count() == 101
+    assert await page.locator("#chat-list .chat-more").count() == 0
+    focused = "() => document.activeElement?.closest('.chat-item')?.dataset.chatId"
+    assert await page.evaluate(focused) == ids[0]
+    await chat_named(page, "The oldest chat").click()
+    await page.wait_for_function(f"() => location.hash === '#/chat/{ids[0]}'")
+    assert await page.locator("#chat-title").text_content() == "The oldest chat"
+    assert page.uncaught == []

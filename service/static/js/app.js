@@ -14,8 +14,11 @@ import { WsTransport } from "./ws.js";
 
 const PREFS = { model: "chat-gateway.model", ws: "chat-gateway.ws" };
 
+const CHAT_PAGE = 100; // chats a page of the list (the API's largest)
+
 const state = {
-  chats: [],
+  chats: [], // the list's chats loaded so far, newest activity first
+  chatsCursor: null, // the list's next page ("More chats"), null when every chat is loaded
   chatId: null,
   turn: null, // the running turn (sent, or followed after a reload): {cancel, stopping, detach}
   ws: new WsTransport(),
@@ -107,6 +110,7 @@ function setSignedIn(signedIn) {
   el.app.dataset.state = signedIn ? "loading" : "login";
   if (!signedIn) {
     state.chats = [];
+    state.chatsCursor = null;
     state.chatId = null;
     el.chatList.replaceChildren();
     el.messages.replaceChildren();
@@ -239,12 +243,41 @@ function renderChats() {
       return li;
     }),
   );
+  if (state.chatsCursor) {
+    const more = h("button", { class: "link-btn", type: "button", onclick: () => loadMoreChats(more) }, "More chats");
+    el.chatList.append(h("li", { class: "chat-more" }, more));
+  }
 }
 
 async function loadChats() {
-  const body = await api("GET", "/api/chat?limit=100");
+  const body = await api("GET", `/api/chat?limit=${CHAT_PAGE}`);
   state.chats = body.chats;
+  state.chatsCursor = body.next_cursor;
   renderChats();
+}
+
+// The list's next page, after the chats shown (a chat already there, moved up by a send
+// meanwhile, is not shown twice); focus goes to the first one it adds.
+async function loadMoreChats(button) {
+  const cursor = state.chatsCursor;
+  if (!cursor || button.disabled) return;
+  button.disabled = true;
+  let body;
+  try {
+    body = await api("GET", `/api/chat?limit=${CHAT_PAGE}&cursor=${encodeURIComponent(cursor)}`);
+  } catch (exc) {
+    button.disabled = false;
+    return report(exc);
+  }
+  if (state.chatsCursor !== cursor) return; // the list was loaded again meanwhile
+  const known = new Set(state.chats.map((c) => c.chat_id));
+  const added = body.chats.filter((c) => !known.has(c.chat_id));
+  state.chats.push(...added);
+  state.chatsCursor = body.next_cursor;
+  renderChats();
+  const first = added.length ? `.chat-item[data-chat-id="${CSS.escape(added[0].chat_id)}"] .chat-open` : ".chat-more button";
+  el.chatList.querySelector(first)?.focus();
+  announce(`${added.length} more ${added.length === 1 ? "chat" : "chats"}${state.chatsCursor ? "" : ": every chat is shown"}.`);
 }
 
 async function deleteChat(chatId) {
