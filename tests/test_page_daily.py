@@ -280,15 +280,17 @@ async def test_focus_is_kept_after_a_regenerate_from_the_keyboard(browser, serve
     assert page.uncaught == []
 
 
-async def test_more_chats_pages_through_every_chat(browser, serve):
-    """Past the list's first page (100 chats, with MAX_CHATS_PER_USER raised) "More chats"
-    shows the rest, focus on the first of them; every chat can be reached (the older ones
-    were never shown)."""
-    client = await serve(max_chats_per_user=150)
+async def test_more_chats_pages_through_every_chat(browser, serve, fake_openai):
+    """Past the list's first page (100 chats, with MAX_CHATS_PER_USER raised) every chat can be
+    reached (the older ones were never shown). One beyond the list, opened from a search, can
+    be renamed (Rename did nothing) and, sent to, goes to the top of the list (it was in none of
+    its pages); "More chats" shows the rest, that one not twice, focus on the first added."""
+    fake_openai.default = Script(chunks=["Welcome back."])
+    client = await serve(default_model="gpt-test", max_chats_per_user=150)
     token = (await (await client.get("/api/dev/token?user=alice")).json())["token"]
     headers = {"Authorization": f"Bearer {token}"}
     ids = []
-    for i in range(101):
+    for i in range(102):
         title = "The oldest chat" if i == 0 else f"Chat {i}"
         resp = await client.post("/api/chat", json={"title": title}, headers=headers)
         assert resp.status == 201
@@ -296,15 +298,27 @@ async def test_more_chats_pages_through_every_chat(browser, serve):
     page = await open_page(browser, client)
     items = page.locator("#chat-list .chat-item")
     assert await items.count() == 100
-    assert await chat_named(page, "The oldest chat").count() == 0
+    assert await chat_named(page, "Chat 1").count() == 0
+
+    await page.fill("#search", "oldest")
+    await page.locator(".search-open", has_text="The oldest chat").click()
+    await page.wait_for_function(f"() => location.hash === '#/chat/{ids[0]}'")
+    await page.locator("#chat-title", has_text="The oldest chat").wait_for()
+    await page.click("#rename")
+    await page.fill("#rename-input", "Found again")
+    await page.press("#rename-input", "Enter")
+    await page.locator("#chat-title", has_text="Found again").wait_for()
+    await page.fill("#search", "")
+    await send(page, "Hello again")
+    await page.locator(f"{LAST_ASSISTANT}[data-status=complete]").wait_for()
+    assert await items.first.locator(".chat-name").text_content() == "Found again"
+    assert await items.count() == 101
 
     await page.click("#chat-list .chat-more button")
-    await chat_named(page, "The oldest chat").wait_for()
-    assert await items.count() == 101
+    await chat_named(page, "Chat 1").wait_for()
+    assert await items.count() == 102
+    assert await chat_named(page, "Found again").count() == 1
     assert await page.locator("#chat-list .chat-more").count() == 0
     focused = "() => document.activeElement?.closest('.chat-item')?.dataset.chatId"
-    assert await page.evaluate(focused) == ids[0]
-    await chat_named(page, "The oldest chat").click()
-    await page.wait_for_function(f"() => location.hash === '#/chat/{ids[0]}'")
-    assert await page.locator("#chat-title").text_content() == "The oldest chat"
+    assert await page.evaluate(focused) == ids[1]
     assert page.uncaught == []

@@ -20,6 +20,7 @@ const state = {
   chats: [], // the list's chats loaded so far, newest activity first
   chatsCursor: null, // the list's next page ("More chats"), null when every chat is loaded
   chatId: null,
+  current: null, // the open chat as its history came (it may be beyond the list's pages)
   turn: null, // the running turn (sent, or followed after a reload): {cancel, stopping, detach}
   ws: new WsTransport(),
   budgetUnit: "tokens", // what the month's budget counts: tokens, or a currency's code
@@ -112,6 +113,7 @@ function setSignedIn(signedIn) {
     state.chats = [];
     state.chatsCursor = null;
     state.chatId = null;
+    state.current = null;
     el.chatList.replaceChildren();
     el.messages.replaceChildren();
     el.model.replaceChildren();
@@ -574,10 +576,13 @@ async function followRunning(chatId, msg, botEl) {
   }
 }
 
+// A chat with new activity goes to the top of the list; one beyond the list's pages (opened from
+// a search result or a link) joins it there (no later page has it now).
 function bumpChat(chatId) {
   const i = state.chats.findIndex((c) => c.chat_id === chatId);
-  if (i <= 0) return;
-  const [chat] = state.chats.splice(i, 1);
+  if (i === 0) return;
+  const chat = i > 0 ? state.chats.splice(i, 1)[0] : state.current?.chat_id === chatId ? state.current : null;
+  if (!chat) return;
   chat.updated_at = new Date().toISOString();
   state.chats.unshift(chat);
   renderChats();
@@ -592,13 +597,21 @@ async function stop() {
 }
 
 // ------------------------------------------------------------------------------------ title, rename
+// The open chat: the list's, or as its history came when it is beyond the list's pages.
+function currentChat() {
+  const listed = state.chats.find((c) => c.chat_id === state.chatId);
+  return listed || (state.current?.chat_id === state.chatId ? state.current : null);
+}
+
 function showTitle(chat) {
+  const { chat_id, title, model, created_at, updated_at } = chat || {}; // not its messages
+  state.current = chat ? { chat_id, title, model, created_at, updated_at } : null;
   el.chatTitle.textContent = chat ? chatLabel(chat) : "New chat";
   el.rename.hidden = !chat;
 }
 
 function startRename() {
-  const chat = state.chats.find((c) => c.chat_id === state.chatId);
+  const chat = currentChat();
   if (!chat) return;
   el.renameInput.value = chat.title || "";
   el.renameForm.hidden = false;
@@ -622,8 +635,9 @@ async function saveRename() {
   if (!chatId || !title) return;
   try {
     const chat = await api("PATCH", `/api/chat/${chatId}`, { title });
-    const known = state.chats.find((c) => c.chat_id === chatId);
-    if (known) known.title = chat.title;
+    for (const known of [state.chats.find((c) => c.chat_id === chatId), state.current]) {
+      if (known?.chat_id === chatId) known.title = chat.title;
+    }
     if (state.chatId === chatId) showTitle(chat);
     renderChats();
     cancelRename();
