@@ -1,10 +1,12 @@
 """The chat page as a person uses it every day, in a real headless Chromium against the app:
-another chat opened while an answer is written, a send stopped while the network is down, a
-refused send (its reason, its text back, gone with the next send; Edit after it), wide tables
-and the rate limit's sentence. Fixtures and helpers: tests/test_page_browser.py."""
+another chat opened while an answer is written or right after a send, a send stopped while the
+network is down, a refused send (its reason, its text back, gone with the next send; Edit after
+it), more chats than a page of the list, wide tables and the rate limit's sentence. Fixtures and
+helpers: tests/test_page_browser.py."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import pytest
@@ -74,6 +76,90 @@ async def test_another_chat_opens_mid_answer_and_the_answer_goes_on(
     fake_openai.gate.set()
     await completes_exactly(page, records)
     assert await page.locator(f"{LAST_ASSISTANT} .msg-body").text_content() == ANSWER
+    assert page.uncaught == []
+
+
+async def holding_the_send(page, text):
+    """Hold the page's send of ``text`` on its way (its POST, or its WebSocket ``send`` frame),
+    before it reaches the service, until the returned ``release`` is set: (held, release)."""
+    held, release = asyncio.Event(), asyncio.Event()
+    later = set()
+
+    async def post(route):
+        if text in (route.request.post_data or ""):
+            held.set()
+            await release.wait()
+        await route.continue_()
+
+    async def forward_when_released(server, message):
+        await release.wait()
+        server.send(message)
+
+    def socket(ws):
+        server = ws.connect_to_server()
+
+        def from_page(message):
+            if isinstance(message, str) and text in message and not release.is_set():
+                held.set()
+                task = asyncio.create_task(forward_when_released(server, message))
+                later.add(task)
+                task.add_done_callback(later.discard)
+            else:
+                server.send(message)
+
+        ws.on_message(from_page)
+
+    await page.route("**/api/chat/*/message", post)
+    await page.route_web_socket(re.compile(r"/api/ws\?"), socket)
+    return held, release
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_another_chat_opens_before_the_answer_starts(
+    browser, serve_gated, fake_openai, transport
+):
+    """A click on another chat in the instant after a send, before its answer started (the
+    send still on its way), opens that chat at once (the click did nothing until the answer
+    started). The send is not cut off: its answer is written, never shown in the chat opened,
+    and is there when its own chat is opened again."""
+    fake_openai.scripts = [Script(chunks=["Hi ", "there."]), Script(chunks=["Fine."])]
+    client = await serve_gated()
+    page = await open_page(browser, client)
+    held, release = await holding_the_send(page, "Say hello in many scripts")
+    await use_transport(page, transport)
+    await send(page, "Hello")
+    await page.locator(f"{LAST_ASSISTANT}[data-status=complete]", has_text="Hi there.").wait_for()
+    first = await page.evaluate("location.hash")
+    await page.click("#new-chat")
+    await send(page, "Other")
+    await page.locator(f"{LAST_ASSISTANT}[data-status=complete]", has_text="Fine.").wait_for()
+    other = await page.evaluate("location.hash")
+    await chat_named(page, "Hello").click()
+    await page.wait_for_function(f"() => location.hash === {first!r}")
+    await page.locator(f"{LAST_ASSISTANT}[data-status=complete]", has_text="Hi there.").wait_for()
+
+    await send(page, "Say hello in many scripts")
+    await asyncio.wait_for(held.wait(), 15)
+    records = await page_browser.Records.of(page, client)
+    assert await page.locator(LAST_ASSISTANT).get_attribute("data-status") == "pending"
+    await chat_named(page, "Other").click()
+    await page.wait_for_function(f"() => location.hash === {other!r}")
+    await page.locator(f"{LAST_ASSISTANT}[data-status=complete]", has_text="Fine.").wait_for()
+    assert await page.locator("#send").is_visible()
+    assert await page.locator("#stop").is_hidden()
+
+    release.set()  # the send arrives, its answer starts (and is let go by the page)
+    await asyncio.wait_for(fake_openai.reached_gate.wait(), 15)
+    fake_openai.gate.set()
+    await records.wait(lambda r: r["status"] == "complete" and r["content"] == ANSWER)
+    assert await shown_roles(page) == ["user:complete", "assistant:complete"]
+    assert "Say hello" not in await page.locator("#messages").text_content()
+    assert await page.locator("#error").is_hidden()
+
+    await chat_named(page, "Hello").click()
+    await completes_exactly(page, records)
+    assert await shown_roles(page) == ["user:complete", "assistant:complete"] * 2
+    assert len(fake_openai.requests) == 3  # Hello, Other, and this one, once
     assert page.uncaught == []
 
 

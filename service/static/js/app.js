@@ -21,6 +21,7 @@ const state = {
   chatsCursor: null, // the list's next page ("More chats"), null when every chat is loaded
   chatId: null,
   current: null, // the open chat as its history came (it may be beyond the list's pages)
+  unsent: new Map(), // chat id ("" for a new chat) -> its question refused after it was left
   turn: null, // the running turn (sent, or followed after a reload): {cancel, stopping, detach}
   ws: new WsTransport(),
   budgetUnit: "tokens", // what the month's budget counts: tokens, or a currency's code
@@ -114,6 +115,7 @@ function setSignedIn(signedIn) {
     state.chatsCursor = null;
     state.chatId = null;
     state.current = null;
+    state.unsent.clear();
     el.chatList.replaceChildren();
     el.messages.replaceChildren();
     el.model.replaceChildren();
@@ -289,18 +291,20 @@ async function deleteChat(chatId) {
     if (exc.code !== "chat_not_found") return report(exc);
   }
   state.chats = state.chats.filter((c) => c.chat_id !== chatId);
+  state.unsent.delete(chatId);
   if (state.chatId === chatId) newChat();
   renderChats();
 }
 
 function newChat() {
-  if (!leaveTurn()) return;
+  leaveTurn();
   state.chatId = null;
   history.replaceState(null, "", location.pathname + location.search);
   cancelRename();
   showTitle(null);
   el.messages.replaceChildren();
   el.emptyChat.hidden = false;
+  showUnsent("");
   renderChats();
   closeSidebar();
   el.input.focus();
@@ -331,7 +335,7 @@ async function openChat(chatId, messageId = null) {
     if (messageId) showMessage(messageId);
     return;
   }
-  if (!leaveTurn()) return;
+  leaveTurn();
   hideError();
   cancelRename();
   state.chatId = chatId;
@@ -354,6 +358,7 @@ async function openChat(chatId, messageId = null) {
     if (last && last.role === "assistant" && last.status === "streaming") {
       followRunning(chatId, last, el.messages.lastElementChild); // not awaited: the page is ready now
     }
+    showUnsent(chatId);
   } catch (exc) {
     if (exc.code === "chat_not_found") {
       state.chats = state.chats.filter((c) => c.chat_id !== chatId);
@@ -401,30 +406,62 @@ function endTurn(turn) {
   setBusy(false);
 }
 
-// Another chat is opened mid-answer: the page stops following the answer without stopping it
-// (it goes on on the server, and its chat follows it again when opened). Not before the turn
-// has started: a send still on its way could be lost. False when the turn cannot be left yet.
+// Another chat (or New chat) is opened mid-turn: it opens at once, and the page stops following
+// the turn without stopping it (the answer goes on on the server, and its chat follows it again
+// when opened). A turn not started yet (its request on its way, or sent again after a network
+// failure) is not cut off, which could lose it: it goes on out of sight, its events touching
+// nothing on the page, and is let go once it starts (startedAway); a send refused meanwhile is
+// shown in its chat (sendRefusedAway).
 function leaveTurn() {
   const turn = state.turn;
-  if (!turn) return true;
-  if (!turn.detach) return false;
+  if (!turn) return;
   turn.detached = true;
-  turn.detach();
+  turn.detach?.();
   endTurn(turn);
-  return true;
 }
 
-async function ensureChat(text) {
-  if (state.chatId) return state.chatId;
+// A turn left before it started has started: let it go. When its chat is open again (opened
+// meanwhile, its history read before the turn was in it), it is read again, and followed.
+function startedAway(turn, chatId) {
+  turn.detach();
+  if (state.chatId === chatId && !state.turn) openChat(chatId);
+}
+
+// A send refused after its chat was left: the chat shows it "not sent" (with its text back in
+// the box) when opened again, or at once if it is open again already (and its history shown).
+function sendRefusedAway(chatId, userEl, why) {
+  const key = chatId || "";
+  showError(`Your message in ${chatName(chatId)} was not sent. ${why}`);
+  state.unsent.set(key, userEl);
+  const shown = (state.chatId || "") === key && el.messages.getAttribute("aria-busy") !== "true";
+  if (shown && !state.turn) showUnsent(key);
+}
+
+function showUnsent(key) {
+  const userEl = state.unsent.get(key);
+  if (!userEl) return;
+  state.unsent.delete(key);
+  el.messages.querySelector(":scope > .msg[data-status=not_sent]")?.remove(); // one at a time
+  el.messages.append(userEl);
+  el.emptyChat.hidden = true;
+  offerBack(rawText(userEl));
+}
+
+// The chat to send in: the open one, or a new one, created now (the page goes to it, unless
+// another chat was opened meanwhile).
+async function ensureChat(chatId, text, running) {
+  if (chatId) return chatId;
   const title = titleFrom(text);
   const chat = await api("POST", "/api/chat", {
     title: title || undefined, // nothing left to show: the server names it
     model: el.model.value || undefined,
   });
   state.chats.unshift(chat);
-  state.chatId = chat.chat_id;
-  history.replaceState(null, "", `#/chat/${chat.chat_id}`);
-  showTitle(chat);
+  if (!running.detached) {
+    state.chatId = chat.chat_id;
+    history.replaceState(null, "", `#/chat/${chat.chat_id}`);
+    showTitle(chat);
+  }
   renderChats();
   return chat.chat_id;
 }
@@ -467,18 +504,17 @@ async function send() {
   clearNotSent();
   const running = startTurn();
   let chatId = state.chatId;
-  let userEl = null;
-  let botEl = null;
+  el.input.value = "";
+  const userEl = appendMessage({ role: "user", content: text, status: "complete" }, true);
+  const botEl = appendMessage({ role: "assistant", content: "", status: "pending" });
   let started = false;
   try {
-    chatId = await ensureChat(text);
-    el.input.value = "";
-    userEl = appendMessage({ role: "user", content: text, status: "complete" }, true);
-    botEl = appendMessage({ role: "assistant", content: "", status: "pending" });
+    chatId = await ensureChat(chatId, text, running);
     let turn = null;
-    const handlers = answerHandlers(botEl, () => {
+    const handlers = answerHandlers(botEl, running, () => {
       started = true;
       running.detach = turn.detach;
+      if (running.detached) startedAway(turn, chatId);
     });
     // One key per message: a retry of this send (after a network failure) joins its turn.
     const params = { chatId, message: text, model: el.model.value || null, key: randomId() };
@@ -487,20 +523,24 @@ async function send() {
     if (running.stopping) turn.cancel(); // Stop was pressed while the chat was being created
     await turn.finished;
   } catch (exc) {
-    if (running.detached) return; // another chat was opened: the answer goes on without the page
     const stopped = exc.name === "AbortError" || (running.stopping && exc.code !== "stop_unconfirmed");
-    if (botEl && started) {
+    if (started) {
+      if (running.detached) return; // another chat was opened: the answer goes on without the page
       setStatus(botEl, stopped ? "cancelled" : "interrupted");
       settle(botEl);
       if (!stopped) report(exc);
     } else {
       // refused before the stream started (budget, rate limit, validation...), or stopped
       // before it went out (the network was down): nothing was saved, the text goes back
-      if (botEl) botEl.remove();
-      if (userEl) setNotSent(userEl, notSentReason(exc, stopped));
-      offerBack(text);
+      botEl.remove();
+      const why = notSentReason(exc, stopped);
+      setNotSent(userEl, why);
       if (exc instanceof ApiError && exc.code === "chat_not_found") loadChats().catch(report);
-      if (!stopped) report(exc);
+      if (running.detached) sendRefusedAway(chatId, userEl, why);
+      else {
+        offerBack(text);
+        if (!stopped) report(exc);
+      }
     }
   } finally {
     endTurn(running);
@@ -510,27 +550,22 @@ async function send() {
   }
 }
 
-// What a turn's events do to its bubble (a sent turn, or one followed after a reload).
-function answerHandlers(botEl, onStarted = () => {}) {
+// What a turn's events do to its bubble (a sent turn, or one followed after a reload); nothing
+// once the turn was left (another chat is on the page).
+function answerHandlers(botEl, running, onStarted = () => {}) {
+  const live = (fn) => (...args) => (running.detached ? undefined : fn(...args));
   return {
     onStarted(data) {
       onStarted();
+      if (running.detached) return;
       botEl.dataset.messageId = data.message_id;
       setStatus(botEl, "streaming");
     },
-    onDelta(chunk) {
-      appendText(botEl, chunk);
-    },
-    onReasoning(text) {
-      appendReasoning(botEl, text);
-    },
-    onReconnecting() {
-      setStatus(botEl, "reconnecting");
-    },
-    onResumed() {
-      setStatus(botEl, "streaming");
-    },
-    onEnd(kind, data) {
+    onDelta: live((chunk) => appendText(botEl, chunk)),
+    onReasoning: live((text) => appendReasoning(botEl, text)),
+    onReconnecting: live(() => setStatus(botEl, "reconnecting")),
+    onResumed: live(() => setStatus(botEl, "streaming")),
+    onEnd: live((kind, data) => {
       setStatus(botEl, data.status || (kind === "done" ? "complete" : "failed"));
       if (Array.isArray(data.unsaved)) cutText(botEl, data.unsaved[0]);
       settle(botEl);
@@ -543,7 +578,7 @@ function answerHandlers(botEl, onStarted = () => {}) {
       } else {
         announce(data.status === "cancelled" ? "The answer was stopped." : "The answer is complete.");
       }
-    },
+    }),
   };
 }
 
@@ -556,7 +591,7 @@ async function followRunning(chatId, msg, botEl) {
   const running = startTurn();
   try {
     const params = { chatId, messageId: msg.message_id, after: codePoints(msg.content || "") };
-    const handlers = answerHandlers(botEl);
+    const handlers = answerHandlers(botEl, running);
     const turn = el.useWs.checked ? state.ws.resume(params, handlers) : sseResume(params, handlers);
     running.cancel = turn.cancel;
     running.detach = turn.detach;
@@ -599,8 +634,18 @@ async function stop() {
 // ------------------------------------------------------------------------------------ title, rename
 // The open chat: the list's, or as its history came when it is beyond the list's pages.
 function currentChat() {
-  const listed = state.chats.find((c) => c.chat_id === state.chatId);
-  return listed || (state.current?.chat_id === state.chatId ? state.current : null);
+  return currentChatOf(state.chatId);
+}
+
+function currentChatOf(chatId) {
+  const listed = state.chats.find((c) => c.chat_id === chatId);
+  return listed || (state.current?.chat_id === chatId ? state.current : null);
+}
+
+// "“Its title”", for a sentence about a chat that is not the one open.
+function chatName(chatId) {
+  const chat = chatId ? currentChatOf(chatId) : null;
+  return chat ? `“${chatLabel(chat)}”` : chatId ? "another chat" : "a new chat";
 }
 
 function showTitle(chat) {
@@ -689,16 +734,23 @@ async function branch(kind, msgEl, text = null) {
   try {
     const params = { chatId, messageId, kind, message: text, model: el.model.value || null, key: randomId() };
     let turn = null;
-    const handlers = answerHandlers(botEl, () => {
+    const handlers = answerHandlers(botEl, running, () => {
       started = true;
       running.detach = turn.detach;
+      if (running.detached) startedAway(turn, chatId);
     });
     turn = el.useWs.checked ? state.ws.branch(params, handlers) : sseBranch(params, handlers);
     running.cancel = turn.cancel;
     if (running.stopping) turn.cancel();
     await turn.finished;
   } catch (exc) {
-    if (running.detached) return; // another chat was opened: the answer goes on without the page
+    if (running.detached) {
+      // another chat was opened: the answer goes on without the page; refused, nothing changed
+      // in its chat (the messages that left the page are still its history)
+      const what = kind === "edit" ? "the question was not asked again" : "no new answer was written";
+      if (!started) showError(`In ${chatName(chatId)}, ${what}. ${notSentReason(exc, false)}`);
+      return;
+    }
     const stopped = exc.name === "AbortError" || (running.stopping && exc.code !== "stop_unconfirmed");
     if (started) {
       setStatus(botEl, stopped ? "cancelled" : "interrupted");
