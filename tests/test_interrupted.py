@@ -5,6 +5,7 @@ checkpoint written, and the process's clock stopped (no finalization runs)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from datetime import timedelta
 
@@ -15,6 +16,7 @@ from service.errors import StoreUnavailable
 from service.keys import REGISTRY, SETTINGS, STORE
 from service.settings import Settings
 from service.store import ReserveRequest, Store, utcnow
+from service.stream.finals import FinalWrite
 from service.stream.producer import period_of
 from service.stream.watcher import reap, reap_own
 from service.tokens import TokenCounter
@@ -240,6 +242,41 @@ async def test_a_record_its_live_replica_no_longer_runs_is_settled_by_that_repli
     events = await collect(running)
     assert events[-1]["event"] == "done" and events[-1]["data"]["status"] == "complete"
     assert (await store.messages.find_one({"_id": mine}))["status"] == "complete"
+
+
+async def test_a_replica_retrying_its_waiting_final_writes_is_not_taken_for_dead(
+    aiohttp_client, make_settings
+):
+    """After an outage a replica applies its waiting final writes one after the other (up to
+    10,000: minutes). That ran in the loop that also writes its heartbeat: past STALE_STREAM_S
+    another replica's reaper took it for dead and ended the very records the writes were for
+    ``interrupted``, at their checkpoints from before the outage (their clients told ``done``).
+    The heartbeat has a loop of its own now."""
+    settings = make_settings(stale_stream_s=1.0, watch_interval_s=0.05, reaper_interval_s=0.2)
+    a = await aiohttp_client(create_app(settings))
+    await aiohttp_client(create_app(settings))  # another replica, reaping
+    store, registry = a.app[STORE], a.app[REGISTRY]
+    before, period = utcnow() - timedelta(seconds=20), period_of(utcnow())
+    ids = [f"w{i}" for i in range(400)]
+    record = {"chat_id": None, "user_id": "alice", "seq": None, "role": "assistant"}
+    record |= {"content": "partial", "status": "streaming", "model": "demo", "period": period}
+    record |= {"transport": "openai", "reservation": 0, "prompt_tokens": 5}
+    record |= {"alive_at": before, "checkpoint_at": before, "created_at": before}
+    record |= {"replica": registry.replica_id}
+    await store.messages.insert_many([{**record, "_id": mid} for mid in ids])
+    done = {"status": "complete", "content": "partial and the rest", "completed_at": utcnow()}
+    for mid in ids:  # the final writes an outage deferred
+        registry.pending.add(FinalWrite("alice", period, mid, grant=0, billed=7, fields=done))
+
+    oldest_beat, loop = 0.0, asyncio.get_running_loop()
+    end = loop.time() + 60
+    while registry.pending and loop.time() < end:
+        beat = await store.replicas.find_one({"_id": registry.replica_id})
+        oldest_beat = max(oldest_beat, (utcnow() - beat["alive_at"]).total_seconds())
+        await asyncio.sleep(0.05)  # sampling the heartbeat's age, not waiting for an event
+    assert not registry.pending and oldest_beat < settings.stale_stream_s
+    statuses = await store.messages.distinct("status", {"_id": {"$in": ids}})
+    assert statuses == ["complete"]
 
 
 async def test_quiet_stream_of_a_live_replica_is_not_reaped(client, auth, settings: Settings):

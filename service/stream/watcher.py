@@ -191,34 +191,70 @@ def _longest_turn_s(settings: Settings) -> float:
 
 
 async def watch(store: Store, registry: StreamRegistry, settings: Settings) -> None:
-    """The replica's loops: control (deadlines, cancels, heartbeat, reaper), checkpoints and
-    the idle leases' upkeep, apart so that neither a slow checkpoint round nor the leases of a
-    burst of users going idle together (a command or two each) delay a cancel or a heartbeat."""
+    """The replica's loops, apart so that no slow round of one delays another: the heartbeat;
+    control (deadlines, cancels, deleted chats); upkeep (the final writes waiting for MongoDB,
+    the reaper); checkpoints; the idle leases' upkeep. After an outage the upkeep may apply
+    thousands of waiting final writes, one after the other: meanwhile the heartbeat still goes
+    (other replicas would take this one for dead and end the very records the writes are for),
+    and so do deadlines and cancels."""
     await asyncio.gather(
+        _heartbeat(store, registry, settings),
         _control(store, registry, settings),
+        _upkeep(store, registry, settings),
         _checkpoints(store, registry, settings),
         _idle_leases(registry, settings),
     )
 
 
+async def _heartbeat(store: Store, registry: StreamRegistry, settings: Settings) -> None:
+    """This replica is alive: one small write every few seconds, and at once (each round) while
+    another loop found MongoDB failing, so ``store_answered`` says when it is back."""
+    loop = asyncio.get_running_loop()
+    next_alive = loop.time()
+    while True:
+        now = loop.time()
+        if now >= next_alive or registry.store_failing:
+            try:
+                await store.heartbeat(registry.replica_id)
+                next_alive = now + min(ALIVE_EVERY_S, settings.stale_stream_s / 3)
+                registry.store_answered(now)
+            except ServiceError as exc:
+                registry.store_failing = True
+                log.warning("stream.watch_failed", code=exc.code, error=error_text(exc))
+            except Exception:  # one failed round must not end the replica's heartbeat
+                log.exception("stream.watch_failed")
+        await asyncio.sleep(settings.watch_interval_s)
+
+
 async def _control(store: Store, registry: StreamRegistry, settings: Settings) -> None:
     loop = asyncio.get_running_loop()
-    next_alive = next_reap = loop.time()
     while True:
         now = loop.time()
         _deadlines(registry, now)
         _stalled_writes(registry, now, settings.stream_send_timeout_s)
         try:
-            if now >= next_alive or registry.store_failing:
-                await store.heartbeat(registry.replica_id)  # at once when MongoDB is back
-                next_alive = now + min(ALIVE_EVERY_S, settings.stale_stream_s / 3)
-                registry.store_answered(now)
-            if registry.pending:
-                await registry.pending.retry(store, registry.rollups)
             if registry.streams:
                 _flags(registry, await store.flagged_turns(), now)
             if registry.written:
                 await _deleted_chats(store, registry)
+        except ServiceError as exc:
+            registry.store_failing = True
+            log.warning("stream.watch_failed", code=exc.code, error=error_text(exc))
+        except Exception:  # one failed round must not end the replica's watch
+            log.exception("stream.watch_failed")
+        await asyncio.sleep(settings.watch_interval_s)
+
+
+async def _upkeep(store: Store, registry: StreamRegistry, settings: Settings) -> None:
+    """The final writes waiting for MongoDB, retried each round once it answers (in order,
+    until it fails again), and the reaper every ``REAPER_INTERVAL_S``."""
+    loop = asyncio.get_running_loop()
+    next_reap = loop.time()
+    while True:
+        try:
+            if registry.pending and not registry.store_failing:  # the heartbeat says when
+                await registry.pending.retry(store, registry.rollups)
+            now = loop.time()
             if now >= next_reap and registry.may_reap(now, settings.stale_stream_s):
                 next_reap = now + settings.reaper_interval_s
                 await reap(store, settings)
@@ -226,7 +262,7 @@ async def _control(store: Store, registry: StreamRegistry, settings: Settings) -
         except ServiceError as exc:
             registry.store_failing = True
             log.warning("stream.watch_failed", code=exc.code, error=error_text(exc))
-        except Exception:  # one failed round must not end the replica's watch
+        except Exception:  # one failed round must not end the replica's upkeep
             log.exception("stream.watch_failed")
         await asyncio.sleep(settings.watch_interval_s)
 
