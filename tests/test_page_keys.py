@@ -6,6 +6,7 @@ page makes that call 401. Fixtures: tests/test_page_browser.py."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import pytest
@@ -57,6 +58,7 @@ async def test_a_key_is_shown_once_works_and_stops_once_revoked(browser, serve):
 
     await page.fill("#keys-name", "laptop script")
     await page.check("#keys-models-list input[value=demo]")
+    await page.fill("#keys-limit", "100000")
     await page.click("#keys-create")
     secret_box = page.locator("#keys-secret")
     await secret_box.wait_for()
@@ -79,6 +81,7 @@ async def test_a_key_is_shown_once_works_and_stops_once_revoked(browser, serve):
     prefix = (await row.locator(".key-prefix").text_content()).rstrip("…")
     assert secret.startswith(prefix) and len(prefix) < len(secret)
     assert await row.locator(".key-models").text_content() == "demo"
+    assert await row.locator(".key-limit").text_content() == "0 of 100,000 tokens used"
     assert secret not in await page.locator("#keys-list").evaluate("(n) => n.outerHTML")
 
     # Dismissed, the secret is gone from the page; it was never stored.
@@ -100,10 +103,12 @@ async def test_a_key_is_shown_once_works_and_stops_once_revoked(browser, serve):
         await page.click("#keys-open")
         await row.wait_for()
         assert await row.locator(".key-name").text_content() == "laptop script"
-        if await row.locator(".key-used").text_content() != "never":  # it was just used
+        used = await row.locator(".key-limit").text_content()  # its month, once settled
+        if await row.locator(".key-used").text_content() != "never" and not used.startswith("0 "):
             break
         assert time.monotonic() < deadline, "last used never shown"
         await asyncio.sleep(0.05)
+    assert re.fullmatch(r"[1-9][\d,]* of 100,000 tokens used", used)
     assert secret not in await everything_the_page_keeps(page)
 
     # Revoke asks first; Cancel (or Escape) keeps the key, and the dialog open.

@@ -182,6 +182,15 @@ export class KeysDialog {
     return `${Number(limit).toLocaleString()} tokens`;
   }
 
+  // A key's own limit and, this month, how much of it the key used ("25 of 100,000 tokens used").
+  limitCell(key) {
+    const limit = this.limitText(key.limit);
+    if (key.limit == null || key.used == null) return limit;
+    const unit = this.budgetUnit();
+    const used = isMoneyUnit(unit) ? formatMoney(key.used, unit) || String(key.used) : Number(key.used).toLocaleString();
+    return `${used} of ${limit} used`;
+  }
+
   row(key) {
     const tr = h(
       "tr",
@@ -192,7 +201,7 @@ export class KeysDialog {
       h("td", { class: "key-used" }, when(key.last_used_at, "never")),
       h("td", { class: "key-expires" }, when(key.expires_at, "never")),
       h("td", { class: "key-models" }, key.models && key.models.length ? key.models.join(", ") : "any"),
-      h("td", { class: "key-limit" }, this.limitText(key.limit)),
+      h("td", { class: "key-limit" }, this.limitCell(key)),
       h("td", { class: "key-actions" }),
     );
     this.showRevoke(tr, key);
