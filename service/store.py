@@ -1060,6 +1060,7 @@ class Store:
         period: str,
         lease_id: str,
         *,
+        shrink: int,
         tokens: int,
         turns: int,
         requests: int = 0,
@@ -1068,33 +1069,42 @@ class Store:
         """Give back part of a lease: ``tokens`` of its grant leave ``reserved``, ``turns`` of
         its turn slots are free, and ``requests`` go back to the bucket (``interval_ms`` each).
         Relative, so a settlement of its turns still on its way shrinks what is left as it
-        would have. The usage after it (None: the lease is no longer there)."""
-        unused = _unused_requests(requests, interval_ms)
+        would have; once (``shrink``, its number on the replica, is noted in the entry's
+        ``shrunk``: asked again after its answer was lost, it changes nothing when it was
+        applied). The usage after it (None: the lease is no longer there)."""
+        due = {"$ifNull": ["$requests_due", EPOCH]}
+        fresh = {"$ne": [{"$ifNull": ["$_lease.shrunk", 0]}, shrink]}  # not applied yet
+        unused: Doc = {}
+        if requests and interval_ms:
+            less_due = {"$subtract": [due, requests * interval_ms]}
+            unused["requests_due"] = {"$cond": [fresh, less_due, "$requests_due"]}
         less = {
             "grant": {"$subtract": ["$$this.grant", tokens]},
             "turns": {"$subtract": [{"$ifNull": ["$$this.turns", 0]}, turns]},
+            "shrunk": shrink,
         }
+        ours = {"$and": [fresh, {"$eq": ["$$this.mid", lease_id]}]}
         doc: Doc | None = await self.usage.find_one_and_update(
             {"user_id": user_id, "period": period, "open.mid": lease_id},
             [
+                {"$set": {"_lease": {"$arrayElemAt": [_entries(lease_id, "$eq"), 0]}}},
                 {
                     "$set": {
-                        "reserved": {"$subtract": ["$reserved", tokens]},
+                        "reserved": {
+                            "$cond": [fresh, {"$subtract": ["$reserved", tokens]}, "$reserved"]
+                        },
                         "open": {
                             "$map": {
                                 "input": "$open",
                                 "in": {
-                                    "$cond": [
-                                        {"$eq": ["$$this.mid", lease_id]},
-                                        {"$mergeObjects": ["$$this", less]},
-                                        "$$this",
-                                    ]
+                                    "$cond": [ours, {"$mergeObjects": ["$$this", less]}, "$$this"]
                                 },
                             }
                         },
                         **unused,
                     }
-                }
+                },
+                {"$unset": "_lease"},
             ],
             projection={"settled": 0},
             return_document=ReturnDocument.AFTER,
@@ -1816,6 +1826,7 @@ class LeaseRequest:
     want_turns: int
     want_requests: int
     growth: int = 0  # this growth's number on the replica (``Store.undo_growth`` names it)
+    shrunk: int = 0  # the lease's shrink whose answer was lost (``Store.shrink_lease``), if any
     credit: int = 0  # what the lease holds free already: the turn needs that much less
 
 
@@ -1998,6 +2009,9 @@ def _lease_update(req: LeaseRequest) -> list[Doc]:
         "grant": {"$add": [{"$ifNull": ["$_old.grant", 0]}, "$_tokens"]},
         "turns": {"$add": [{"$ifNull": ["$_old.turns", 0]}, "$_turns"]},
         "at": turn.now,
+        # The latest shrink applied: kept (asked again, it changes nothing); in an entry made
+        # anew, the shrink whose answer was lost, meant for the entry that is gone.
+        "shrunk": {"$ifNull": ["$_old.shrunk", req.shrunk]},
         "took": {
             "tokens": "$_tokens",
             "turns": "$_turns",

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from service.app import create_app
+from service.errors import StoreUnavailable
 from service.keys import REGISTRY, STORE
 from service.store import LeaseRequest, ReserveRequest, open_turns, utcnow
 from service.stream.leases import Leases
@@ -457,6 +458,130 @@ async def test_undoing_a_growth_leaves_a_later_one(aiohttp_client, stream_settin
     assert doc["reserved"] == 300 and (lease_of(doc)[0]["grant"], lease_of(doc)[0]["turns"]) == (
         300,
         1,
+    )
+
+
+async def idle_after_a_burst(store: Any, leases: Leases) -> Any:
+    """Six of alice's turns at once (the lease grows its slots, tokens and requests), ended
+    and settled: the idle lease, as this replica holds it."""
+    now = utcnow()
+    period = period_of(now)
+    turns = [lease_turn(f"m{i}", now, max_concurrent=20, requests_per_minute=600) for i in range(6)]
+    admitted = [await leases.admit(turn) for turn in turns]
+    for turn, reservation in zip(turns, admitted, strict=True):
+        leases.ended("alice", period, grant=reservation.grant, billed=0)
+        await store.settle_leased(
+            "alice", period, leases.lease_id, turn.message_id, billed=0, grant=reservation.grant
+        )
+    return leases._leases[("alice", period)]
+
+
+def shrink_answer_lost_once(monkeypatch: Any, store: Any) -> list[dict[str, Any]]:
+    """``store.shrink_lease`` applies its first shrink and loses the answer (StoreUnavailable);
+    the later ones answer. What each was asked, in order."""
+    real = store.shrink_lease
+    asked: list[dict[str, Any]] = []
+
+    async def answer_lost_once(*args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs)
+        doc = await real(*args, **kwargs)
+        if len(asked) == 1:
+            raise StoreUnavailable("the database is unavailable; try again shortly")
+        return doc
+
+    monkeypatch.setattr(store, "shrink_lease", answer_lost_once)
+    return asked
+
+
+async def test_a_shrink_whose_answer_was_lost_is_not_applied_twice(
+    aiohttp_client, stream_settings, monkeypatch
+):
+    """An idle lease's shrink is applied but its answer is lost (an outage, a deadline): the
+    next round asks the same shrink again, which MongoDB applies once (its number is noted in
+    the entry). Asked anew, the same relative give-back was applied twice: the entry and the
+    month's ``reserved`` went below nothing (-2630 tokens, -7 turn slots) while the replica
+    granted from one turn's worth, and the bucket got its requests back twice."""
+    store, leases = await local_leases(aiohttp_client, stream_settings)
+    lease = await idle_after_a_burst(store, leases)
+    given_back = lease.requests - 1  # the shrink keeps one request for the next turn
+    due = (await usage(store.db))["requests_due"]
+    asked = shrink_answer_lost_once(monkeypatch, store)
+    loop = asyncio.get_running_loop()
+    for later in (1, 2):  # applied, its answer lost; then asked again at the next round
+        await leases.release_idle(loop.time() + later)
+    assert len(asked) == 2 and asked[0] == asked[1]
+    doc = await usage(store.db)
+    (entry,) = lease_of(doc)
+    assert (lease.tokens, lease.turns, lease.requests) == (WANT, 1, 1)
+    assert (entry["grant"], entry["turns"], doc["reserved"]) == (WANT, 1, WANT)
+    assert doc["requests_due"] == due - given_back * timedelta(milliseconds=100)  # 600 a minute
+
+
+async def test_a_growth_between_a_lost_shrink_and_its_retry_keeps_it_applied_once(
+    aiohttp_client, stream_settings, monkeypatch
+):
+    """The lease grows after a shrink whose answer was lost and before it is asked again (the
+    user's turns come back): the growth rewrites the entry, and keeps the number of the shrink
+    applied, so the retry still changes nothing. What the shrink gave back was not granted
+    from meanwhile: the replica counts it gone from the moment it asked."""
+    store, leases = await local_leases(aiohttp_client, stream_settings)
+    lease = await idle_after_a_burst(store, leases)
+    asked = shrink_answer_lost_once(monkeypatch, store)
+    loop = asyncio.get_running_loop()
+    await leases.release_idle(loop.time() + 1)  # applied, its answer lost
+    assert (lease.tokens, lease.turns) == (WANT, 1)  # what it gave back is not granted from
+    now = utcnow()
+    turns = [lease_turn(f"n{i}", now, max_concurrent=20, requests_per_minute=600) for i in (1, 2)]
+    admitted = [await leases.admit(turn) for turn in turns]  # the second grows the lease
+    for turn, reservation in zip(turns, admitted, strict=True):
+        leases.ended("alice", turn.period, grant=reservation.grant, billed=10)
+        await store.settle_leased(
+            "alice",
+            turn.period,
+            leases.lease_id,
+            turn.message_id,
+            billed=10,
+            grant=reservation.grant,
+        )
+    await leases.release_idle(loop.time() + 2)  # asked again: applied before, nothing changes
+    assert len(asked) == 2 and asked[0] == asked[1]
+    doc = await usage(store.db)
+    (entry,) = lease_of(doc)
+    assert (entry["grant"], entry["turns"], doc["reserved"]) == (
+        lease.tokens,
+        lease.turns,
+        lease.tokens,
+    )
+    assert lease.tokens > WANT and lease.shrink is None
+
+
+async def test_a_lost_shrink_asked_again_leaves_a_new_entry_alone(
+    aiohttp_client, stream_settings, monkeypatch
+):
+    """The lease is given back (the reaper, taking its replica for dead) after a shrink whose
+    answer was lost, and a growth makes its entry anew before the shrink is asked again: the
+    new entry counts that shrink as done, so the retry does not give back what the new entry
+    never held (``reserved`` below nothing)."""
+    store, leases = await local_leases(aiohttp_client, stream_settings)
+    lease = await idle_after_a_burst(store, leases)
+    asked = shrink_answer_lost_once(monkeypatch, store)
+    loop = asyncio.get_running_loop()
+    await leases.release_idle(loop.time() + 1)  # applied, its answer lost
+    await store.release_lease("alice", lease.period, leases.lease_id)  # as the reaper does
+    now = utcnow()
+    for mid in ("n1", "n2"):  # the second grows the lease: its entry made anew
+        await leases.admit(lease_turn(mid, now, max_concurrent=20, requests_per_minute=600))
+    (made,) = lease_of(await usage(store.db))
+    for _ in ("n1", "n2"):
+        leases.ended("alice", lease.period, grant=WANT, billed=0)
+    await leases.release_idle(loop.time() + 2)  # asked again: for the entry that is gone
+    assert len(asked) == 2 and asked[0] == asked[1]
+    doc = await usage(store.db)
+    (entry,) = lease_of(doc)
+    assert (entry["grant"], entry["turns"], doc["reserved"]) == (
+        made["grant"],
+        made["turns"],
+        made["grant"],
     )
 
 

@@ -71,6 +71,7 @@ class Lease:
     last: ReserveRequest | None = None  # the latest turn's: what an idle lease keeps for the next
     topped: float = -1.0  # the idle spell (its ``idle_since``) whose shortfall was taken
     closing: bool = False  # being given back or shrunk: nothing is granted from memory
+    shrink: Shrink | None = None  # a shrink whose answer was lost: asked again, as it was
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def fits(self, req: ReserveRequest, *, full: bool = True) -> bool:
@@ -97,6 +98,17 @@ class Lease:
         return grant
 
 
+@dataclass(frozen=True, slots=True)
+class Shrink:
+    """What one shrink of a lease gives back, and its number (``Store.shrink_lease`` applies
+    it once, however often it is asked)."""
+
+    n: int
+    tokens: int
+    turns: int
+    requests: int
+
+
 # A growth of requests alone: the budget is not its rule (credit past any month's tokens).
 NO_BUDGET = 2**62
 
@@ -117,6 +129,7 @@ class Leases:
         self._background: set[asyncio.Task[Any]] = set()
         self._track = track or self._keep
         self._growths = itertools.count(1)
+        self._shrinks = itertools.count(1)
         self.idle_s = idle_s
         self.keep_s = max(idle_s, keep_s)
         self.replica_id = replica_id
@@ -228,6 +241,7 @@ class Leases:
                     want_turns=turns,
                     want_requests=requests,
                     growth=growth,
+                    shrunk=lease.shrink.n if lease.shrink else 0,
                     credit=credit,
                 )
             )
@@ -353,6 +367,9 @@ class Leases:
             idle_for = loop_now - lease.idle_since
             if not idle or not (everything or idle_for >= self.idle_s):
                 continue
+            if lease.shrink is not None:  # one whose answer was lost, asked again first (its
+                await self._shrink(key, lease)  # requests go back by it, once); the rest, at
+                continue  # the next round
             if not everything and idle_for < self.keep_s:
                 await self._shrink(key, lease)
                 if self._leases.get(key) is lease and lease.topped != lease.idle_since:
@@ -390,25 +407,42 @@ class Leases:
     async def _shrink(self, key: tuple[str, str], lease: Lease) -> None:
         """Keep what the user's next turn needs (its latest want, a turn slot, a request) and
         give the rest back: a user's next turn within ``keep_s`` is still admitted from memory,
-        while other replicas lose at most that much room to an idle lease."""
-        tokens = max(0, lease.tokens - min(lease.tokens, lease.last.want if lease.last else 0))
-        turns = max(0, lease.turns - 1)
-        requests = max(0, lease.requests - 1)
-        if not (tokens or turns or requests):
-            return
+        while other replicas lose at most that much room to an idle lease.
+
+        What a shrink gives back is no longer granted from once it is asked, whether its answer
+        comes or not: MongoDB may have applied it. One whose answer did not come is asked again,
+        as it was, before any other (``Store.shrink_lease`` applies it once): asked anew from
+        what the lease then holds, it gave the same back twice, the entry and the month's
+        ``reserved`` below what they hold."""
         lease.closing = True  # turns arriving meanwhile wait for the lock, then fit
         async with lease.lock:
+            shrink = lease.shrink
+            if shrink is None:
+                shrink = Shrink(
+                    next(self._shrinks),
+                    tokens=max(0, lease.tokens - (lease.last.want if lease.last else 0)),
+                    turns=max(0, lease.turns - 1),
+                    requests=max(0, lease.requests - 1),
+                )
+                if not (shrink.tokens or shrink.turns or shrink.requests):
+                    lease.closing = False
+                    return
+                lease.tokens -= shrink.tokens
+                lease.turns -= shrink.turns
+                lease.requests -= shrink.requests
+                lease.shrink = shrink
             try:
                 doc = await self.store.shrink_lease(
                     lease.user_id,
                     lease.period,
                     lease.lease_id,
-                    tokens=tokens,
-                    turns=turns,
-                    requests=requests,
+                    shrink=shrink.n,
+                    tokens=shrink.tokens,
+                    turns=shrink.turns,
+                    requests=shrink.requests,
                     interval_ms=lease.interval_ms,
                 )
-            except ServiceError as exc:  # kept whole, and shrunk at a later round
+            except ServiceError as exc:  # asked again at a later round
                 lease.closing = False
                 log.warning(
                     "stream.lease_shrink_failed",
@@ -420,13 +454,11 @@ class Leases:
             except BaseException:
                 lease.closing = False
                 raise
+            lease.shrink = None
             if doc is None:  # released meanwhile (the reaper): nothing is held here any more,
                 del self._leases[key]  # and a turn waiting on the lock takes a new lease
                 return
             lease.closing = False
-            lease.tokens -= tokens
-            lease.turns -= turns
-            lease.requests -= requests
             lease.doc = doc
 
     async def _top_up(self, lease: Lease) -> None:
