@@ -9,6 +9,8 @@ import signal
 from datetime import datetime, timedelta
 from typing import Any
 
+import pytest
+
 from service.app import create_app
 from service.errors import StoreUnavailable
 from service.keys import REGISTRY, STORE
@@ -583,6 +585,43 @@ async def test_a_lost_shrink_asked_again_leaves_a_new_entry_alone(
         made["turns"],
         made["grant"],
     )
+
+
+async def test_a_release_whose_answer_was_lost_grants_nothing_from_the_released_lease(
+    aiohttp_client, stream_settings, monkeypatch
+):
+    """An idle lease's release is applied but its answer is lost: the replica cannot tell
+    whether the month still holds the lease, so it grants nothing from it. A turn arriving
+    while MongoDB still does not answer is 503; once it answers, the next turn releases the
+    lease again (nothing left to give back) and takes a new one the month counts whole.
+    Before, the lease was kept open and the next turn admitted from memory: room nobody sees
+    held (``reserved`` 0), which a later growth would make anew below what the replica counts."""
+    client = await aiohttp_client(create_app(stream_settings()))
+    store = client.app[STORE]
+    leases = Leases(store, client.app[REGISTRY].replica_id, idle_s=0.0, keep_s=0.0)
+    now = utcnow()
+    period = period_of(now)
+    first = await leases.admit(lease_turn("m1", now))
+    leases.ended("alice", period, grant=first.grant, billed=10)
+    await store.settle_leased("alice", period, leases.lease_id, "m1", billed=10, grant=first.grant)
+    real = store.release_lease
+
+    async def answer_lost(*args: Any, **kwargs: Any) -> Any:
+        await real(*args, **kwargs)
+        raise StoreUnavailable("the database is unavailable; try again shortly")
+
+    monkeypatch.setattr(store, "release_lease", answer_lost)
+    loop = asyncio.get_running_loop()
+    assert await leases.release_idle(loop.time() + 1) == 0  # applied, its answer lost
+    with pytest.raises(StoreUnavailable):  # released again first: MongoDB still away
+        await leases.admit(lease_turn("m2", utcnow()))
+    assert (await usage(store.db))["reserved"] == 0  # nothing granted
+    monkeypatch.setattr(store, "release_lease", real)
+    second = await leases.admit(lease_turn("m3", utcnow()))
+    doc = await usage(store.db)
+    (entry,) = lease_of(doc)  # the new lease, wholly counted
+    assert doc["reserved"] == entry["grant"] == leases._leases[("alice", period)].tokens
+    assert entry["grant"] >= second.grant == WANT and doc["used"] == 10
 
 
 async def test_a_chat_deleted_on_one_replica_refuses_its_next_turn_on_the_other(

@@ -72,6 +72,7 @@ class Lease:
     topped: float = -1.0  # the idle spell (its ``idle_since``) whose shortfall was taken
     closing: bool = False  # being given back or shrunk: nothing is granted from memory
     shrink: Shrink | None = None  # a shrink whose answer was lost: asked again, as it was
+    unreleased: bool = False  # a release whose answer was lost: closing until one answers
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def fits(self, req: ReserveRequest, *, full: bool = True) -> bool:
@@ -165,6 +166,9 @@ class Leases:
         async with lease.lock:  # one growth at a time; the others wait for it, then fit
             if lease.closing and self._leases.get(key) is not lease:
                 return await self.admit(req)  # given back while this turn waited: a new one
+            if lease.unreleased:  # maybe given back: released first (503 if it cannot be)
+                await self._release(key, lease)
+                return await self.admit(req)
             grant = lease.admit(req, loop.time())
             if not grant:
                 try:
@@ -337,6 +341,9 @@ class Leases:
         async with lease.lock:
             if lease.closing and self._leases.get(key) is not lease:
                 return await self.take_request(req)  # given back meanwhile: a new lease
+            if lease.unreleased:  # maybe given back: released first (503 if it cannot be)
+                await self._release(key, lease)
+                return await self.take_request(req)
             if lease.requests < 1:
                 rules = dataclasses.replace(req, want=0, need=0, max_concurrent=0)
                 requests = max(1, req.requests_per_minute // 60)
@@ -360,17 +367,19 @@ class Leases:
     async def release_idle(self, loop_now: float, *, everything: bool = False) -> int:
         """Bring the leases with no running turn for ``idle_s`` to one turn's worth (shrunk,
         or topped up once), give them back after ``keep_s`` (``everything``: every lease with
-        no running turn, at shutdown); how many were given back."""
+        no running turn, at shutdown), and those whose release's answer was lost at once; how
+        many were given back."""
         released = 0
         for key, lease in list(self._leases.items()):
             idle = not lease.running and not lease.lock.locked()
             idle_for = loop_now - lease.idle_since
-            if not idle or not (everything or idle_for >= self.idle_s):
+            due = lease.unreleased or everything
+            if not idle or not (due or idle_for >= self.idle_s):
                 continue
             if lease.shrink is not None:  # one whose answer was lost, asked again first (its
                 await self._shrink(key, lease)  # requests go back by it, once); the rest, at
                 continue  # the next round
-            if not everything and idle_for < self.keep_s:
+            if not due and idle_for < self.keep_s:
                 await self._shrink(key, lease)
                 if self._leases.get(key) is lease and lease.topped != lease.idle_since:
                     lease.topped = lease.idle_since  # once per idle spell, taken or refused
@@ -381,15 +390,8 @@ class Leases:
             lease.closing = True
             async with lease.lock:
                 try:
-                    await self.store.release_lease(
-                        lease.user_id,
-                        lease.period,
-                        lease.lease_id,
-                        lease.requests,
-                        lease.interval_ms,
-                    )
-                except ServiceError as exc:  # kept, and given back at a later round
-                    lease.closing = False
+                    await self._release(key, lease)
+                except ServiceError as exc:  # given back at a later round
                     log.warning(
                         "stream.lease_release_failed",
                         user_id=lease.user_id,
@@ -397,12 +399,31 @@ class Leases:
                         error=error_text(exc),
                     )
                     continue
-                except BaseException:  # any other failure: kept too (a turn waiting on the
-                    lease.closing = False  # lock would otherwise wait for itself, for ever)
-                    raise
-                del self._leases[key]
             released += 1
         return released
+
+    async def _release(self, key: tuple[str, str], lease: Lease) -> None:
+        """Give ``lease`` back (its lock held, ``closing``) and forget it. One whose answer was
+        lost (an outage, a deadline: ``StoreUnavailable``) may have been given back all the
+        same: it stays closing (``unreleased``), nothing granted from it nor grown, until a
+        release answers (asked again, it finds nothing to give back when the first was
+        applied); granting from it held room nobody sees held, and a growth made its entry
+        anew below what this replica counts. One MongoDB refused (not applied) is kept, open."""
+        try:
+            await self.store.release_lease(
+                lease.user_id,
+                lease.period,
+                lease.lease_id,
+                lease.requests,
+                lease.interval_ms,
+            )
+        except ServiceError:
+            lease.unreleased = True
+            raise
+        except BaseException:  # refused: kept (a turn waiting on the lock would otherwise
+            lease.closing = lease.unreleased  # wait for itself, for ever), open unless an
+            raise  # earlier release may have been applied
+        del self._leases[key]
 
     async def _shrink(self, key: tuple[str, str], lease: Lease) -> None:
         """Keep what the user's next turn needs (its latest want, a turn slot, a request) and
