@@ -624,6 +624,73 @@ async def test_a_release_whose_answer_was_lost_grants_nothing_from_the_released_
     assert entry["grant"] >= second.grant == WANT and doc["used"] == 10
 
 
+async def test_a_pending_settlement_of_a_lease_given_back_does_not_shrink_the_next_lease(
+    aiohttp_client, stream_settings
+):
+    """A leased turn ends while MongoDB is away: its grant and turn slot are free at once, its
+    settlement waits in the replica's queue of final writes. The idle lease is not given back
+    until that settlement is written: given back before, the user's next turn made a new lease
+    under the same entry id, which the late settlement then shrank by the old turn's tokens
+    (MongoDB counting less than the replica grants from), with no replica cut off."""
+    client = await aiohttp_client(create_app(stream_settings()))
+    store = client.app[STORE]
+    leases = Leases(store, client.app[REGISTRY].replica_id, idle_s=0.0, keep_s=0.0)
+    now = utcnow()
+    period = period_of(now)
+    first = await leases.admit(lease_turn("m1", now))
+    leases.ended("alice", period, grant=first.grant, billed=200)
+    landed = leases.settling("alice", period)  # its final write waits in the queue
+    loop = asyncio.get_running_loop()
+    assert await leases.release_idle(loop.time() + 1) == 0  # its settlement not written yet
+    await store.settle_leased("alice", period, leases.lease_id, "m1", billed=200, grant=first.grant)
+    landed()  # the queue's retry wrote it
+    assert await leases.release_idle(loop.time() + 2) == 1
+    await leases.admit(lease_turn("m2", utcnow()))  # a new lease
+    doc = await usage(store.db)
+    (entry,) = lease_of(doc)
+    assert doc["reserved"] == entry["grant"] == leases._leases[("alice", period)].tokens
+    assert doc["used"] == 200
+
+
+async def test_a_lease_is_kept_while_a_final_write_of_its_turns_waits_in_the_queue(
+    aiohttp_client, stream_settings, fake_openai, auth, monkeypatch
+):
+    """The producer's side of the above: a program turn's final write MongoDB does not take
+    (an outage) waits in the replica's queue, and its lease stays busy until the queue's retry
+    has written it; then it is given back as any idle lease, the month exactly the turn's use."""
+    client = await aiohttp_client(create_app(stream_settings(lease_idle_s=300, lease_keep_s=300)))
+    store, registry = client.app[STORE], client.app[REGISTRY]
+    leases = registry.leases
+    finish_many = store.finish_many
+
+    async def away(*args: Any, **kwargs: Any) -> Any:
+        raise StoreUnavailable("the database is unavailable; try again shortly")
+
+    settle_leased = store.settle_leased
+    retrying, written = asyncio.Event(), asyncio.Event()
+
+    async def held(*args: Any, **kwargs: Any) -> Any:  # the queue's retry, held in MongoDB
+        retrying.set()
+        await written.wait()
+        return await settle_leased(*args, **kwargs)
+
+    monkeypatch.setattr(store, "finish_many", away)
+    monkeypatch.setattr(store, "settle_leased", held)
+    fake_openai.default = Script(chunks=["a ", "b"], usage=(10, 2))
+    resp = await client.post("/v1/chat/completions", json=BODY, headers=auth())
+    assert resp.status == 200 and len(registry.pending) == 1  # the client told, the write queued
+    monkeypatch.setattr(store, "finish_many", finish_many)
+    await asyncio.wait_for(retrying.wait(), 5)
+    loop = asyncio.get_running_loop()
+    assert await leases.release_idle(loop.time() + 1000) == 0  # busy: its settlement on its way
+    assert lease_of(await usage(store.db))
+    written.set()
+    await wait_until(lambda: not registry.pending, 5, "the queued final write")
+    assert await leases.release_idle(loop.time() + 1000) == 1
+    await settled(store.db, registry=registry)
+    assert (await usage(store.db))["used"] == 12
+
+
 async def test_a_chat_deleted_on_one_replica_refuses_its_next_turn_on_the_other(
     services, fake_openai, token_for
 ):

@@ -51,6 +51,14 @@ class FinalWrite:
     key_grant: int = 0  # ... for this much
     settled: bool = False
     usage: Doc | None = field(default=None)
+    # Called once its settlement is written or given up (``Leases.ended``: its lease's).
+    landed: Callable[[], None] | None = None
+
+    def let_go(self) -> None:
+        """Its settlement is written, or left to the reaper: ``landed``, once."""
+        landed, self.landed = self.landed, None
+        if landed is not None:
+            landed()
 
     def slim(self) -> str | None:
         """Drop the largest of the fields a record may go without (``SPARED``) from this
@@ -252,6 +260,7 @@ class PendingFinals:
         while len(self._writes) > self.limit:
             _, dropped = self._writes.popitem(last=False)
             self.given_up.add(dropped.message_id)
+            dropped.let_go()
             log.error("stream.finalize_given_up", message_id=dropped.message_id, pending=self.limit)
 
     def refused(self, message_id: str, exc: Exception, dropped: str | None) -> None:
@@ -287,8 +296,10 @@ class PendingFinals:
                 self.refused(message_id, exc, dropped)
                 if dropped is None:
                     del self._writes[message_id]
+                    write.let_go()
                 continue
             del self._writes[message_id]
+            write.let_go()
             applied += 1
             # ended False: the record was ended before (by the reaper, which took this replica
             # for dead while MongoDB was out of its reach; or by an attempt whose answer was lost)

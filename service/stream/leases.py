@@ -64,6 +64,7 @@ class Lease:
     held: int = 0  # of which granted to its running turns
     turns: int = 0  # turn slots the lease holds
     running: int = 0  # turns admitted from it and not ended
+    unsettled: int = 0  # turns ended whose settlement is not written yet (``settling``)
     requests: int = 0  # requests taken from the bucket and not used yet
     interval_ms: int = 0  # the bucket's interval when they were taken (0: no per-minute rule)
     doc: Doc = field(default_factory=dict)  # the usage as of the last take (for the headers)
@@ -318,6 +319,18 @@ class Leases:
         lease.running -= 1
         lease.idle_since = asyncio.get_running_loop().time()
 
+    def settling(self, user_id: str, period: str) -> Callable[[], None]:
+        """The settlement of a turn of the lease is on its way (its final write): what this
+        returns is to be called once it is written (or given up to the reaper). Until then the
+        lease is not idle, neither shrunk nor given back: a settlement written after the lease
+        was given back (one waiting in the queue while MongoDB was away, say) would shrink the
+        next lease of the same entry id, below what this replica counts."""
+        lease = self._leases.get((user_id, period))
+        if lease is None:
+            return _nothing
+        lease.unsettled += 1
+        return functools.partial(_settled, lease)
+
     def unadmit(self, user_id: str, period: str, *, grant: int, request: bool) -> None:
         """A turn admitted from the lease that will not run: its grant, its turn slot and (if
         it took one) its request are the lease's again, as if it had never been admitted."""
@@ -371,7 +384,9 @@ class Leases:
         many were given back."""
         released = 0
         for key, lease in list(self._leases.items()):
-            idle = not lease.running and not lease.lock.locked()
+            # At shutdown a settlement still queued is no matter: no lease follows this one.
+            unsettled = lease.unsettled and not everything
+            idle = not (lease.running or unsettled or lease.lock.locked())
             idle_for = loop_now - lease.idle_since
             due = lease.unreleased or everything
             if not idle or not (due or idle_for >= self.idle_s):
@@ -511,6 +526,14 @@ class Leases:
                 await self._take(lease, turn, tokens=tokens, turns=0, requests=request)
             except ServiceError as exc:
                 log.info("stream.lease_top_up_refused", user_id=lease.user_id, code=exc.code)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _settled(lease: Lease) -> None:
+    lease.unsettled -= 1
 
 
 def _theirs(lease: Lease, seen: Allowance, req: ReserveRequest) -> Allowance:

@@ -1177,6 +1177,7 @@ class Turn:
         leases = self.p.leases
         if write.lease_id is not None and leases is not None:  # its grant is free again
             leases.ended(self.inp.user_id, self.period, grant=write.grant, billed=write.billed)
+            write.landed = leases.settling(self.inp.user_id, self.period)
         elsewhere: Doc | None = None
         try:
             finished = await self.p.commits.apply(write)
@@ -1190,6 +1191,8 @@ class Turn:
             self._remember_context(content, status, False)
         finally:
             self.p.registry.remove(self.message_id)
+            if self.message_id not in self.p.registry.pending:  # written, or the reaper's
+                write.let_go()
         if elsewhere is not None:
             return self._ended_elsewhere(elsewhere, write.usage, status)
         if write.usage is not None:
