@@ -928,3 +928,142 @@ async def test_a_lease_the_reaper_gave_back_while_its_replica_was_cut_off_is_not
     await settled(db, deadline_s=10)
     totals = [m["tokens"]["total"] async for m in db.messages.find({"role": "assistant"})]
     assert (await usage(db))["used"] == sum(totals)
+
+
+async def test_shutdown_gives_back_a_lease_whose_shrink_answer_was_lost(
+    aiohttp_client, stream_settings, monkeypatch
+):
+    """A shrink's answer is lost; then the replica shuts down: its one pass of
+    ``release_idle(everything=True)`` gives the lease back whole. It only asked the shrink
+    again: the lease stayed in the month (reserved, a turn slot) until another replica's
+    reaper took this one for dead (found by review)."""
+    store, leases = await local_leases(aiohttp_client, stream_settings)
+    await idle_after_a_burst(store, leases)
+    shrink_answer_lost_once(monkeypatch, store)
+    loop = asyncio.get_running_loop()
+    await leases.release_idle(loop.time() + 1)  # applied, answer lost
+    await leases.release_idle(0.0, everything=True)  # app.py's shutdown pass
+    doc = await usage(store.db)
+    assert lease_of(doc) == [] and doc["reserved"] == 0, (lease_of(doc), doc["reserved"])
+
+
+async def test_shutdown_during_a_shrink_still_gives_the_lease_back(
+    aiohttp_client, stream_settings, fake_openai, auth, monkeypatch, db
+):
+    """No outage at all: SIGTERM arrives while the watcher's idle-lease loop awaits a shrink.
+    The watcher is cancelled (the shrink stays pending); the shutdown's release pass gives the
+    lease back all the same (it only asked the shrink again, and the lease was left in MongoDB
+    after the process was gone)."""
+    client = await aiohttp_client(
+        create_app(stream_settings(lease_idle_s=0.1, lease_keep_s=300, watch_interval_s=0.05))
+    )
+    store = client.app[STORE]
+    fake_openai.default = Script(chunks=["a ", "b"], usage=(10, 2))
+    real = store.shrink_lease
+    entered = asyncio.Event()
+
+    async def slow(*args: Any, **kwargs: Any) -> Any:
+        doc = await real(*args, **kwargs)
+        if not entered.is_set():
+            entered.set()
+            await asyncio.sleep(3600)  # MongoDB applied it; the answer is slow to come
+        return doc
+
+    monkeypatch.setattr(store, "shrink_lease", slow)
+    # two turns at once: the lease takes two slots, so an idle one is shrunk
+    r1, r2 = await asyncio.gather(
+        *(client.post("/v1/chat/completions", json=BODY, headers=auth()) for _ in range(2))
+    )
+    assert r1.status == r2.status == 200
+    await asyncio.wait_for(entered.wait(), 10)
+    await client.close()  # graceful shutdown: watcher cancelled, then release_idle(everything)
+    doc = await usage(db)
+    assert lease_of(doc) == [] and doc["reserved"] == 0, (lease_of(doc), doc["reserved"])
+
+
+async def test_a_release_cancelled_at_shutdown_is_not_granted_from(aiohttp_client, stream_settings):
+    """The watcher is cancelled (SIGTERM) while the idle lease's release runs; MongoDB applied
+    it. A cancelled release is a lost answer, not a refusal: a turn that waited on the lease's
+    lock is not admitted from memory (a grant from an entry the month no longer holds) but
+    takes a lease the month counts."""
+    client = await aiohttp_client(create_app(stream_settings()))
+    store = client.app[STORE]
+    leases = Leases(store, client.app[REGISTRY].replica_id, idle_s=0.0, keep_s=0.0)
+    now = utcnow()
+    period = period_of(now)
+    first = await leases.admit(lease_turn("m1", now))
+    leases.ended("alice", period, grant=first.grant, billed=10)
+    await store.settle_leased("alice", period, leases.lease_id, "m1", billed=10, grant=first.grant)
+    real, entered = store.release_lease, asyncio.Event()
+
+    async def applied_then_slow(*args: Any, **kwargs: Any) -> Any:
+        doc = await real(*args, **kwargs)
+        entered.set()
+        await asyncio.sleep(3600)
+        return doc
+
+    store.release_lease = applied_then_slow  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    upkeep = asyncio.ensure_future(leases.release_idle(loop.time() + 1))
+    await asyncio.wait_for(entered.wait(), 5)
+    turn = asyncio.ensure_future(leases.admit(lease_turn("m2", utcnow())))
+    lock = leases._leases[("alice", period)].lock
+
+    async def waiting() -> bool:  # the turn waits on the lease's lock
+        return bool(lock._waiters)
+
+    await eventually(waiting, 5, "the turn waiting on the lease")
+    upkeep.cancel()  # app shutdown: watcher.cancel()
+    store.release_lease = real  # type: ignore[method-assign]
+    second = await asyncio.wait_for(turn, 5)
+    doc = await usage(store.db)
+    assert doc["reserved"] >= second.grant, (second.grant, doc["reserved"], lease_of(doc))
+
+
+async def test_a_pass_does_not_release_the_new_lease_under_a_stale_unreleased_one(
+    aiohttp_client, stream_settings
+):
+    """``release_idle`` walks a snapshot of the leases, awaiting each one's command. Alice's
+    lease L1 is ``unreleased`` (a release whose answer was lost). During a pass, while it waits
+    on bob's release, alice's next turn releases L1 (``admit``: answered), forgets it and grows
+    a new lease L2 under the same entry id; the turn runs on L2. The pass skips its stale L1:
+    released by entry id, which is L2's, and forgotten, L2's running turn held room the month
+    no longer counted (found by review)."""
+    client = await aiohttp_client(create_app(stream_settings()))
+    store = client.app[STORE]
+    leases = Leases(store, client.app[REGISTRY].replica_id, idle_s=0.0, keep_s=300.0)
+    now = utcnow()
+    period = period_of(now)
+    bob = dataclasses.replace(lease_turn("b1", now), user_id="bob")
+    b1 = await leases.admit(bob)  # bob's lease first in the replica's dict: walked first
+    a1 = await leases.admit(lease_turn("a1", now))
+    leases.ended("alice", period, grant=a1.grant, billed=10)
+    await store.settle_leased("alice", period, leases.lease_id, "a1", billed=10, grant=a1.grant)
+    real = store.release_lease
+    lost, hold, holding = [True], asyncio.Event(), asyncio.Event()
+
+    async def release(user_id: str, *args: Any, **kwargs: Any) -> Any:
+        if user_id == "bob":
+            holding.set()
+            await hold.wait()
+        doc = await real(user_id, *args, **kwargs)
+        if user_id == "alice" and lost[0]:
+            lost[0] = False
+            raise StoreUnavailable("the database is unavailable; try again shortly")
+        return doc
+
+    store.release_lease = release  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    await leases.release_idle(loop.time() + 1000)  # bob runs; alice's release: answer lost
+    old = leases._leases[("alice", period)]
+    assert old.unreleased
+    leases.ended("bob", period, grant=b1.grant, billed=0)  # bob idle now
+    upkeep = asyncio.ensure_future(leases.release_idle(loop.time() + 1000))
+    await asyncio.wait_for(holding.wait(), 5)  # the pass waits on bob's release
+    a2 = await leases.admit(lease_turn("a2", utcnow()))  # releases L1, grows L2, runs
+    assert leases._leases[("alice", period)] is not old
+    hold.set()
+    await asyncio.wait_for(upkeep, 5)
+    doc = await store.db.usage.find_one({"user_id": "alice"})
+    assert lease_of(doc) and doc["reserved"] >= a2.grant, (lease_of(doc), doc["reserved"])
+    assert ("alice", period) in leases._leases, "the running turn's lease was forgotten"

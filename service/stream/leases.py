@@ -384,6 +384,8 @@ class Leases:
         many were given back."""
         released = 0
         for key, lease in list(self._leases.items()):
+            if self._leases.get(key) is not lease:  # forgotten during this pass (a turn gave
+                continue  # it back, ``admit``): its entry id may be a new lease's now
             # At shutdown a settlement still queued is no matter: no lease follows this one.
             unsettled = lease.unsettled and not everything
             idle = not (lease.running or unsettled or lease.lock.locked())
@@ -391,7 +393,7 @@ class Leases:
             due = lease.unreleased or everything
             if not idle or not (due or idle_for >= self.idle_s):
                 continue
-            if lease.shrink is not None:  # one whose answer was lost, asked again first (its
+            if lease.shrink is not None and not everything:  # (at shutdown: given back whole)
                 await self._shrink(key, lease)  # requests go back by it, once); the rest, at
                 continue  # the next round
             if not due and idle_for < self.keep_s:
@@ -432,7 +434,7 @@ class Leases:
                 lease.requests,
                 lease.interval_ms,
             )
-        except ServiceError:
+        except (ServiceError, asyncio.CancelledError):  # perhaps applied all the same
             lease.unreleased = True
             raise
         except BaseException:  # refused: kept (a turn waiting on the lock would otherwise
