@@ -717,8 +717,10 @@ class Store:
     @db_call
     async def reserve(self, req: ReserveRequest) -> Reservation:
         """Rate limits + budget in one conditional update; raise RateLimited / BudgetExceeded
-        (each with the usage that refused)."""
-        doc = await self._admit(req, _reserve_update(req))
+        (each with the usage that refused). Once per request: a request already taken (its
+        entry, its turn's id at its ``now``, is in ``open``: a group's bulk applied, then run
+        again turn by turn) is told its entry, not reserved a second time."""
+        doc = await self._admit(req, _reserve_update(req), once=True)
         return Reservation.from_doc(doc, req)
 
     @db_call
@@ -731,13 +733,14 @@ class Store:
         would have one after the other); one whose month has no document yet, or whose rule no
         longer refuses when read, is reserved on its own (``reserve``)."""
         await self.usage.bulk_write(
-            [UpdateOne(_reserve_filter(r), _reserve_update(r)) for r in reqs], ordered=False
+            [UpdateOne({**_reserve_filter(r), **_not_taken(r)}, _reserve_update(r)) for r in reqs],
+            ordered=False,
         )
         months = await self._months({(r.user_id, r.period) for r in reqs})
         outcomes: list[Reservation | ServiceError] = []
         for req in reqs:
             doc = months.get((req.user_id, req.period))
-            if doc is not None and any(e["mid"] == req.message_id for e in doc.get("open", ())):
+            if doc is not None and _entry(doc, req) is not None:
                 outcomes.append(Reservation.from_doc(doc, req))
                 continue
             refusal = _refusal(doc, req) if doc is not None else None
@@ -745,7 +748,7 @@ class Store:
                 outcomes.append(refusal)
                 continue
             try:
-                doc = await self._admit(req, _reserve_update(req))
+                doc = await self._admit(req, _reserve_update(req), once=True)
             except (RateLimited, BudgetExceeded) as exc:
                 outcomes.append(exc)
                 continue
@@ -795,17 +798,22 @@ class Store:
         ``took`` saying what this call added."""
         return await self._admit(req.turn, _lease_update(req), credit=req.credit)
 
-    async def _admit(self, req: ReserveRequest, update: list[Doc], *, credit: int = 0) -> Doc:
+    async def _admit(
+        self, req: ReserveRequest, update: list[Doc], *, credit: int = 0, once: bool = False
+    ) -> Doc:
         """``update`` the user's month where every rule of ``req`` holds (its budget less
         ``credit``, what a lease already holds free for it); else raise the rule that refuses
         (one read tells which). A month with no document yet gets one first; a refusal that no
-        longer holds when read (a turn settled in between) is tried again."""
+        longer holds when read (a turn settled in between) is tried again. ``once``: not where
+        ``req``'s own entry is already (``_not_taken``), and a month that holds it is
+        returned as it is."""
         month = {"user_id": req.user_id, "period": req.period}
+        query = {**_reserve_filter(req, credit), **(_not_taken(req) if once else {})}
         for attempt in range(RESERVE_ATTEMPTS):
             if attempt > 1:  # contended: concurrent turns of one user settled in between
                 await asyncio.sleep(0.002 * attempt * random.random())
             doc: Doc | None = await self.usage.find_one_and_update(
-                _reserve_filter(req, credit),
+                query,
                 update,
                 projection={"settled": 0},
                 return_document=ReturnDocument.AFTER,
@@ -817,6 +825,8 @@ class Store:
                 with contextlib.suppress(DuplicateKeyError):
                     await self.usage.insert_one(await self._new_month(month))
                 continue
+            if once and _entry(existing, req) is not None:  # taken by an earlier run of it
+                return existing
             refusal = _refusal(existing, req, credit)
             if refusal is not None:
                 raise refusal
@@ -870,9 +880,9 @@ class Store:
             if op.lease_id is not None:
                 groups.setdefault((op.user_id, op.period, op.lease_id), []).append(op)
             else:
-                ops.append(_reserved_settlement(op.user_id, op, op.grant))
-            if op.key_account is not None:
-                ops.append(_reserved_settlement(op.key_account, op, op.key_grant))
+                ops.append(_reserved_settlement(op.user_id, op))
+            if op.key_account is not None:  # the same on the key's own month
+                ops.append(_reserved_settlement(op.key_account, op))
         for (user_id, period, lease_id), group in groups.items():
             mids = [op.message_id for op in group]
             billed = sum(op.billed for op in group)
@@ -1187,15 +1197,12 @@ class Store:
 
     @db_call
     async def settle_usage(
-        self, user_id: str, period: str, message_id: str, *, grant: int, billed: int, cost: int = 0
+        self, user_id: str, period: str, message_id: str, *, billed: int, cost: int = 0
     ) -> Doc | None:
-        """Turn a reservation into actual usage, once: a second call for a turn is a no-op."""
+        """Turn a reservation into actual usage, once: a second call for a turn is a no-op.
+        What its entries hold leaves ``reserved`` (``_settlement``)."""
         doc: Doc | None = await self.usage.find_one_and_update(
-            {"user_id": user_id, "period": period, "open.mid": message_id},
-            {
-                "$inc": {"used": billed, "reserved": -grant, "cost": cost},
-                "$pull": {"open": {"mid": message_id}},
-            },
+            *_settlement(user_id, period, message_id, billed=billed, cost=cost),
             return_document=ReturnDocument.AFTER,
         )
         if doc is None:
@@ -1762,8 +1769,7 @@ class FinalOp:
     fields: Doc
     cost: int = 0  # nano-units of CURRENCY, added to the month's ``cost``
     rollup: Rollup | None = None  # its line in the daily rollup
-    key_account: str | None = None  # an API key's own month it was also reserved on ...
-    key_grant: int = 0  # ... for this much
+    key_account: str | None = None  # an API key's own month it was also reserved on
 
 
 @dataclass(frozen=True, slots=True)
@@ -1838,7 +1844,8 @@ class Reservation:
 
     @classmethod
     def from_doc(cls, doc: Doc, req: ReserveRequest) -> Reservation:
-        entry = next(e for e in doc["open"] if e["mid"] == req.message_id)
+        entry = _entry(doc, req)
+        assert entry is not None, "the month holds the reservation"
         allowance = allowance_of(doc, req.default_limit, req.now)
         return cls(grant=int(entry["grant"]), allowance=allowance)
 
@@ -1882,6 +1889,23 @@ def _reserve_filter(req: ReserveRequest, credit: int = 0) -> Doc:
     return {"user_id": req.user_id, "period": req.period, "$expr": {"$and": conditions}}
 
 
+def _not_taken(req: ReserveRequest) -> Doc:
+    """The filter's condition that ``req`` is not reserved yet: no entry of its turn's id at
+    its ``now`` in ``open``. So a reservation's command taken twice (a group's bulk MongoDB
+    applied but answered with an error that is not an outage, each turn then run on its own)
+    reserves once. A turn reserved again under its id at a later ``now`` (a prediction that
+    missed) is another request."""
+    return {"open": {"$not": {"$elemMatch": {"mid": req.message_id, "at": req.now}}}}
+
+
+def _entry(doc: Doc, req: ReserveRequest) -> Doc | None:
+    """``req``'s entry in its month's ``open`` (its turn's id, taken at its ``now``)."""
+    return next(
+        (e for e in doc.get("open") or () if e["mid"] == req.message_id and e["at"] == req.now),
+        None,
+    )
+
+
 def _reserve_update(req: ReserveRequest) -> list[Doc]:
     moved: Doc = {}  # only the rules this turn is held to move
     if req.rate_limit_ms:
@@ -1908,15 +1932,37 @@ def _reserve_update(req: ReserveRequest) -> list[Doc]:
     ]
 
 
-def _reserved_settlement(account: str, op: FinalOp, grant: int) -> tuple[Doc, Doc]:
+def _reserved_settlement(account: str, op: FinalOp) -> tuple[Doc, list[Doc]]:
+    """``_settlement`` of ``op``'s turn on ``account``'s month (the user's, or its API key's)."""
+    return _settlement(account, op.period, op.message_id, billed=op.billed, cost=op.cost)
+
+
+def _settlement(
+    account: str, period: str, message_id: str, *, billed: int, cost: int
+) -> tuple[Doc, list[Doc]]:
     """Bill a reserved turn on ``account``'s month (a user's, or an API key's own), once: its
-    ``open`` entry is pulled, so a second settlement matches nothing. (filter, update)"""
-    return (
-        {"user_id": account, "period": op.period, "open.mid": op.message_id},
-        {
-            "$inc": {"used": op.billed, "reserved": -grant, "cost": op.cost},
-            "$pull": {"open": {"mid": op.message_id}},
-        },
+    ``open`` entries are pulled, so a second settlement matches nothing, and what their grants
+    hold leaves ``reserved``. One entry as a rule; two when the turn was reserved again under
+    its id while the first could not be undone (a prediction that missed, ``Store.unreserve``
+    failing): pulling both while giving back one grant would leave the other in ``reserved``
+    for the rest of the month, with no entry the reaper could release. (filter, update)"""
+    open_: Doc = {"$ifNull": ["$open", []]}
+    ours = {"$filter": {"input": open_, "cond": {"$eq": ["$$this.mid", message_id]}}}
+    held = {"$sum": {"$map": {"input": ours, "in": "$$this.grant"}}}
+    return (  # one stage: each expression reads the document as it was (SecantusDB: cheaper)
+        {"user_id": account, "period": period, "open.mid": message_id},
+        [
+            {
+                "$set": {
+                    "used": {"$add": [{"$ifNull": ["$used", 0]}, billed]},
+                    "cost": {"$add": [{"$ifNull": ["$cost", 0]}, cost]},
+                    "reserved": {"$subtract": [{"$ifNull": ["$reserved", 0]}, held]},
+                    "open": {
+                        "$filter": {"input": open_, "cond": {"$ne": ["$$this.mid", message_id]}}
+                    },
+                }
+            }
+        ],
     )
 
 

@@ -183,7 +183,7 @@ async def test_an_administrator_reads_sets_and_resets_a_users_limit(
     assert (view["used"], view["reserved"], view["cost"], view["limit"]) == (0, 40, "0.00", 500)
     doc = await store.get_usage("alice", month())
     assert (doc["used"], doc["cost"], doc["reserved"], len(doc["open"])) == (0, 0, 40, 1)
-    await store.settle_usage("alice", month(), "m-running", grant=40, billed=12)
+    await store.settle_usage("alice", month(), "m-running", billed=12)
     assert (await store.get_usage("alice", month()))["used"] == 12  # the running turn settles
 
     # A user with no month at all: reset makes nothing.

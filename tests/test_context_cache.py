@@ -8,6 +8,7 @@ import asyncio
 from typing import Any
 
 from service.app import create_app
+from service.errors import StoreUnavailable
 from service.keys import PRODUCER, STORE
 from service.metrics import REGISTRY
 from service.store import utcnow
@@ -284,3 +285,34 @@ async def test_a_prediction_outdated_and_refused_twice_is_counted_once(
     assert resp.status == 429
     after = REGISTRY.get_sample_value("gateway_turn_rejections_total", rejected) or 0.0
     assert after - before == 1
+
+
+async def test_a_prediction_outdated_whose_undo_failed_holds_nothing_once_it_ends(
+    aiohttp_client, stream_settings, fake_openai, auth, monkeypatch
+):
+    """A predicts from its last turn, B had one since, and A's undo of the predicted
+    reservation fails (MongoDB did not answer it): the turn is admitted again under its id, so
+    its month holds two entries of it. When it ends, its settlement gives back what both hold:
+    nothing stays in ``reserved`` for the rest of the month with no entry the reaper could
+    release."""
+    settings = stream_settings()
+    a = await aiohttp_client(create_app(settings))
+    b = await aiohttp_client(create_app(settings))
+    h = auth("undo-failed")
+    chat_id = await new_chat(a, h)
+    fake_openai.scripts = [Script(chunks=["from A"]), Script(chunks=["from B"]), Script()]
+    await collect(await send(a, chat_id, h, "q1"))
+    await collect(await send(b, chat_id, h, "q2"))
+    store = a.app[STORE]
+    undone: list[str] = []
+
+    async def unreserve_fails(user_id: str, period: str, message_id: str, **kw: Any) -> None:
+        undone.append(message_id)
+        raise StoreUnavailable("the database is unavailable; try again shortly")
+
+    monkeypatch.setattr(store, "unreserve", unreserve_fails)
+    resp = await send(a, chat_id, h, "q3")
+    assert resp.status == 200, await resp.text()
+    assert (await collect(resp))[-1]["event"] == "done"
+    assert len(undone) == 1  # the prediction missed, and its undo failed
+    await settled(store.db, users=("undo-failed",), deadline_s=5)

@@ -11,13 +11,16 @@ from typing import Any
 from service.app import create_app
 from service.errors import RateLimited
 from service.keys import PRODUCER, STORE
-from service.store import ReserveRequest, key_account, utcnow
+from service.metrics import REGISTRY
+from service.store import FinalOp, ReserveRequest, key_account, utcnow
 from service.stream.groups import Reservations
 from service.stream.producer import period_of
 from tests.fake_openai import Script
 from tests.faults import answers_lost, calls, cancelled_while_running, settled
 from tests.processes import eventually, wait_until
 from tests.sse_client import collect, text_of
+
+OPERATION_COUNT = "gateway_mongodb_operation_seconds_count"
 
 
 def page_turn(
@@ -240,3 +243,90 @@ async def test_undoing_a_reservation_leaves_the_same_turns_later_one(
     ]
     await store.unreserve("twice", first.period, "turn-1", now=first.now, gap_ms=0)  # again
     assert (await store.usage.find_one({"user_id": "twice"}))["reserved"] == 70
+
+
+async def test_a_reservation_group_refused_otherwise_than_by_an_outage_is_not_reserved_twice(
+    aiohttp_client, stream_settings
+):
+    """A group's bulk that MongoDB applied but answered with an error that is not an outage (a
+    write concern error other than a timeout): each turn is run again on its own, to find whose
+    it was. That second run must not reserve the turn again (two entries of it, its grant twice
+    in ``reserved``, of which its settlement would give back one: held for the rest of the
+    month with no entry left for the reaper). Each turn is told its one reservation, and once
+    they are settled the month holds nothing."""
+    from pymongo.errors import BulkWriteError
+
+    client = await aiohttp_client(create_app(stream_settings()))
+    store = client.app[STORE]
+    real_usage = store.usage
+
+    class WriteConcernFails:
+        """The usage collection, whose bulk writes apply and then answer with a write
+        concern error."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real_usage, name)
+
+        async def bulk_write(self, ops: Any, **kw: Any) -> Any:
+            result = await real_usage.bulk_write(ops, **kw)
+            raise BulkWriteError(
+                {
+                    "writeErrors": [],
+                    "writeConcernErrors": [{"code": 100, "errmsg": "UnsatisfiableWriteConcern"}],
+                    "nInserted": 0,
+                    "nUpserted": 0,
+                    "nMatched": result.matched_count,
+                    "nModified": result.modified_count,
+                    "nRemoved": 0,
+                    "upserted": [],
+                }
+            )
+
+    first = page_turn("alice", "first", want=300, gap_ms=0)
+    await store.reserve(first)  # the month exists: the group's read finds it
+    await store.settle_usage("alice", first.period, "first", billed=0)
+    failed = {"operation": "reserve_many", "result": "error"}
+    before = REGISTRY.get_sample_value(OPERATION_COUNT, failed) or 0.0
+    store.usage = WriteConcernFails()  # type: ignore[assignment]
+    reservations = Reservations(store, lambda task: None)
+    try:
+        got = await asyncio.gather(
+            *(reservations.reserve(page_turn("alice", m, want=300, gap_ms=0)) for m in "abc")
+        )
+    finally:
+        store.usage = real_usage
+    after = REGISTRY.get_sample_value(OPERATION_COUNT, failed) or 0.0
+    assert after - before == 1  # the three in one group, which failed (not an outage)
+    doc = await store.usage.find_one({"user_id": "alice"})
+    assert sorted(e["mid"] for e in doc["open"]) == ["a", "b", "c"]
+    assert doc["reserved"] == sum(r.grant for r in got) == 900
+    for mid in "abc":  # each turn ends, billed nothing
+        await store.settle_usage("alice", first.period, mid, billed=0)
+    doc = await store.usage.find_one({"user_id": "alice"})
+    assert (doc["reserved"], doc["open"]) == (0, [])
+
+
+async def test_a_turn_reserved_twice_under_its_id_gives_back_both_when_it_ends(
+    aiohttp_client, stream_settings
+):
+    """A turn whose prediction missed is reserved again under its id; when the undo of the
+    first reservation failed (MongoDB did not answer it), its month holds two entries of the
+    turn. Its settlement, on its own or with its group's final writes, pulls both and gives
+    back what both hold: nothing stays in ``reserved`` without an entry."""
+    store = (await aiohttp_client(create_app(stream_settings()))).app[STORE]
+    for settle in ("alone", "grouped"):
+        first = page_turn(settle, "turn-1", want=40, gap_ms=0)
+        await store.reserve(first)
+        again = dataclasses.replace(first, want=70, need=70, now=first.now + timedelta(seconds=1))
+        await store.reserve(again)
+        doc = await store.usage.find_one({"user_id": settle})
+        assert doc["reserved"] == 110 and len(doc["open"]) == 2
+        if settle == "alone":
+            await store.settle_usage(settle, first.period, "turn-1", billed=25)
+        else:
+            op = FinalOp(settle, first.period, "turn-1", 70, 25, None, {"status": "complete"})
+            await store.finish_many([op])
+        doc = await store.usage.find_one({"user_id": settle})
+        assert (doc["used"], doc["reserved"], doc["open"]) == (25, 0, [])
+        await store.settle_usage(settle, first.period, "turn-1", billed=25)  # once
+        assert (await store.usage.find_one({"user_id": settle}))["used"] == 25

@@ -47,8 +47,7 @@ class FinalWrite:
     lease_id: str | None = None  # admitted from this lease: billed from it, once
     cost: int = 0  # nano-units of CURRENCY
     rollup: Rollup | None = None  # its line in the daily rollup
-    key_account: str | None = None  # also reserved on this API key's own month ...
-    key_grant: int = 0  # ... for this much
+    key_account: str | None = None  # also reserved on this API key's own month
     settled: bool = False
     usage: Doc | None = field(default=None)
     # Called once its settlement is written or given up (``Leases.ended``: its lease's).
@@ -82,7 +81,6 @@ class FinalWrite:
             cost=self.cost,
             rollup=self.rollup,
             key_account=self.key_account,
-            key_grant=self.key_grant,
         )
 
     async def apply(self, store: Store, rollups: RollupBuffer) -> bool:
@@ -96,7 +94,6 @@ class FinalWrite:
                     self.key_account,
                     self.period,
                     self.message_id,
-                    grant=self.key_grant,
                     billed=self.billed,
                     cost=self.cost,
                 )
@@ -105,7 +102,6 @@ class FinalWrite:
                     self.user_id,
                     self.period,
                     self.message_id,
-                    grant=self.grant,
                     billed=self.billed,
                     cost=self.cost,
                 )

@@ -13,7 +13,9 @@ waits, and nothing waits on a timer.
 
 Each turn learns its own outcome: one MongoDB refused fails that turn only (its error, the
 others done); a group that fails otherwise than by an outage is run again turn by turn, to find
-whose it was; an outage fails the whole group, as it failed each command before.
+whose it was (MongoDB may have applied the group all the same: a reservation already taken is
+told as it is, ``Store.reserve``, not taken again); an outage fails the whole group, as it
+failed each command before.
 """
 
 from __future__ import annotations

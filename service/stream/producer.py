@@ -421,7 +421,6 @@ class TurnProducer:
                             key_account(inp.api_key.key_id),
                             period,
                             message_id,
-                            grant=key_grant,
                             billed=0,
                         )
                     )
@@ -1159,7 +1158,6 @@ class Turn:
                 cost=cost or 0,
             ),
             key_account=key_account(key.key_id) if self.key_grant is not None and key else None,
-            key_grant=self.key_grant or 0,
             fields={
                 **self._extras(),
                 **({"meta": self.live.meta} if self.live.meta else {}),

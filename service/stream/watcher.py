@@ -48,7 +48,6 @@ async def settle_interrupted(store: Store, doc: Doc, budget: Budget) -> bool:
             key_account(doc["key_id"]),
             doc["period"],
             doc["_id"],
-            grant=int(doc["key_grant"]),
             billed=billed,
             cost=cost or 0,
         )
@@ -67,7 +66,6 @@ async def settle_interrupted(store: Store, doc: Doc, budget: Budget) -> bool:
             doc["user_id"],
             doc["period"],
             doc["_id"],
-            grant=int(doc["reservation"]),
             billed=billed,
             cost=cost or 0,
         )
@@ -151,7 +149,6 @@ async def reap(store: Store, settings: Settings) -> int:
                     usage["user_id"],
                     usage["period"],
                     entry["mid"],
-                    grant=int(entry["grant"]),
                     billed=0,
                 )
     return settled
