@@ -168,7 +168,7 @@ async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:
         if registry.pending:
             log.error("service.final_writes_lost", pending=len(registry.pending))
     with contextlib.suppress(ServiceError):  # the rollup's last increments (logged if lost)
-        await registry.rollups.flush(app[STORE])
+        await registry.rollups.flush(app[STORE], everything=True)
     if registry.rollups:
         log.error("service.rollup_lost", turns=len(registry.rollups))
     await registry.leases.release_idle(0.0, everything=True)  # the reaper's otherwise

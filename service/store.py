@@ -963,25 +963,50 @@ class Store:
         ]
 
     @db_call
-    async def roll_up(self, lines: list[Rollup]) -> None:
+    async def roll_up(self, lines: list[Rollup], *, mark: tuple[str, int] | None = None) -> None:
         """Add turns to the rollup (``service/analytics.py``): one unordered bulk of upserts,
         one per (user, month) the turns touch and one to each month's totals. Two replicas
         creating the same document at once: the loser's upsert is a duplicate key, applied
-        again as an update of the winner's document."""
+        again as an update of the winner's document. ``mark`` (replica, round): each upsert
+        applies only where that replica's round is not marked yet, and marks it
+        (``rollup_ops``), so the same round sent again (its answer lost) counts once; a
+        document that refuses it again as a duplicate key holds the mark already. A document
+        MongoDB refuses for itself (not a duplicate key) is logged and its increments left
+        out: the same round again would be refused again."""
         if not lines:
             return
-        ops = rollup_ops(lines)
+        ops = rollup_ops(lines, mark)
         try:
-            await self.rollup.bulk_write(ops, ordered=False, comment=REPLICA_WORK)
+            await self.rollup.bulk_write(
+                [op for *_, op in ops], ordered=False, comment=REPLICA_WORK
+            )
         except BulkWriteError as exc:
-            again = [
-                ops[e["index"]]
-                for e in exc.details.get("writeErrors", [])
-                if e.get("code") == DUPLICATE_KEY
-            ]
-            if len(again) < len(exc.details.get("writeErrors", [])):
+            errors = exc.details.get("writeErrors", [])
+            if not errors:  # a write concern error: applied, perhaps; the round is kept
                 raise
-            await self.rollup.bulk_write(again, ordered=False, comment=REPLICA_WORK)
+            for error in errors:
+                if error.get("code") != DUPLICATE_KEY:
+                    log.error(
+                        "stream.rollup_refused",
+                        month=ops[error["index"]][0],
+                        user_id=ops[error["index"]][1],
+                        code=error.get("code"),
+                        error=str(error.get("errmsg", ""))[:200],
+                    )
+            again = [ops[e["index"]][2] for e in errors if e.get("code") == DUPLICATE_KEY]
+            if not again:
+                return
+            try:
+                await self.rollup.bulk_write(again, ordered=False, comment=REPLICA_WORK)
+            except BulkWriteError as twice:
+                errors = twice.details.get("writeErrors", [])
+                if (
+                    mark is None
+                    or not errors
+                    or any(e.get("code") != DUPLICATE_KEY for e in errors)
+                ):
+                    raise
+                # the documents exist and do not match: they hold this round's mark already
 
     @db_call
     async def undo_growth(
@@ -1802,10 +1827,15 @@ class Rollup:
         }
 
 
-def rollup_ops(lines: list[Rollup]) -> list[UpdateOne]:
-    """The rollup's upserts for ``lines``: one ``$inc`` per (month, user) document of the
-    counters of each of its (day, model, key) lines, and one per month's totals (``user_id``
-    null, per (day, model))."""
+def rollup_ops(
+    lines: list[Rollup], mark: tuple[str, int] | None = None
+) -> list[tuple[str, str | None, UpdateOne]]:
+    """The rollup's upserts for ``lines``, each with its document's month and user: one
+    ``$inc`` per (month, user) document of the counters of each of its (day, model, key)
+    lines, and one per month's totals (``user_id`` null, per (day, model)). ``mark``
+    (replica, round): each only where the document's ``applied.<replica>`` is not that round
+    yet, and setting it (a replica's rounds go one after the other, so the latest is all a
+    document keeps of each replica that wrote it)."""
     sums: dict[tuple[str, str | None], dict[str, int]] = {}
     for line in lines:
         month = line.day[:7]
@@ -1814,8 +1844,22 @@ def rollup_ops(lines: list[Rollup]) -> list[UpdateOne]:
             path = "lines." + line_key(line.day, line.model, key)
             for name, value in line.counters().items():
                 counters[f"{path}.{name}"] = counters.get(f"{path}.{name}", 0) + value
+    unmarked: Doc = {}
+    marking: Doc = {}
+    if mark is not None:
+        replica, n = mark
+        unmarked = {f"applied.{replica}": {"$ne": n}}
+        marking = {"$set": {f"applied.{replica}": n}}
     return [
-        UpdateOne({"month": month, "user_id": user}, {"$inc": counters}, upsert=True)
+        (
+            month,
+            user,
+            UpdateOne(
+                {"month": month, "user_id": user, **unmarked},
+                {"$inc": counters, **marking},
+                upsert=True,
+            ),
+        )
         for (month, user), counters in sums.items()
     ]
 

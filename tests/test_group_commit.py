@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from pymongo import monitoring
 
 from service.app import create_app
+from service.errors import StoreUnavailable
 from service.keys import STORE
-from service.store import REPLICA_WORK
+from service.store import REPLICA_WORK, Rollup, utcnow
+from service.stream.finals import RollupBuffer
 from tests.fake_openai import Script
 from tests.faults import calls, settled
 from tests.sse_client import collect
@@ -117,3 +120,60 @@ async def test_a_turn_ending_alone_is_settled_and_written_in_two_commands(
     usage = await client.app[STORE].usage.find_one({"user_id": "alice"})
     assert usage["used"] == 12 and usage["reserved"] == 0
     assert done["budget"]["remaining"] == done["budget"]["limit"] - 12
+
+
+async def test_a_rollup_round_whose_answer_was_lost_is_not_counted_twice(
+    aiohttp_client, stream_settings, monkeypatch
+):
+    """A round of the rollup's increments that MongoDB applied but whose answer was lost is
+    kept and sent again at the next round: the analytics count its turns once (each document
+    holds the round's mark and skips it), and what ended meanwhile goes in the round after."""
+    client = await aiohttp_client(create_app(stream_settings()))
+    store = client.app[STORE]
+    rollups = RollupBuffer(replica="r1")
+
+    def line(cost: int) -> Rollup:
+        day = utcnow().date().isoformat()
+        return Rollup(day, "alice", "demo", None, "completed", 10, 5, 0, 0, cost)
+
+    rollups.add([line(1000)])
+    real = store.roll_up
+    lost = []
+
+    async def answer_lost(*args: Any, **kwargs: Any) -> None:
+        await real(*args, **kwargs)
+        if not lost:
+            lost.append(args)
+            raise StoreUnavailable("the database is unavailable; try again shortly")
+
+    monkeypatch.setattr(store, "roll_up", answer_lost)
+    with pytest.raises(StoreUnavailable):
+        await rollups.flush(store)
+    rollups.add([line(7)])  # a turn ended meanwhile
+    assert len(rollups) == 2
+    assert await rollups.flush(store) == 1  # the round in doubt, as it was
+    assert await rollups.flush(store) == 1  # then the next
+    assert len(rollups) == 0
+    for user in ("alice", None):
+        doc = await store.rollup.find_one({"user_id": user})
+        (counters,) = doc["lines"].values()
+        assert (counters["turns"], counters["cost"]) == (2, 1007)
+
+
+async def test_a_rollup_document_mongodb_refuses_does_not_hold_up_the_others(
+    aiohttp_client, stream_settings, logs
+):
+    """A rollup document MongoDB refuses for itself (here one whose ``lines`` is not an object:
+    the same round again would be refused again) is logged and left out; the round's other
+    documents are counted, and the round is not sent again for ever, holding up the next."""
+    client = await aiohttp_client(create_app(stream_settings()))
+    store = client.app[STORE]
+    day = utcnow().date().isoformat()
+    await store.rollup.insert_one({"month": day[:7], "user_id": None, "lines": "not an object"})
+    rollups = RollupBuffer(replica="r1")
+    rollups.add([Rollup(day, "alice", "demo", None, "completed", 10, 5, 0, 0, 3)])
+    assert await rollups.flush(store) == 1 and len(rollups) == 0
+    (counters,) = (await store.rollup.find_one({"user_id": "alice"}))["lines"].values()
+    assert counters["turns"] == 1
+    (refused,) = [e for e in logs if e["event"] == "stream.rollup_refused"]
+    assert (refused["month"], refused["user_id"]) == (day[:7], None)

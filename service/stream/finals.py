@@ -11,6 +11,7 @@ left to the replica's own reaper (``watcher.reap_own``), with a log line.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -203,17 +204,26 @@ class FinalCommits:
 class RollupBuffer:
     """The rollup's increments of the turns this replica ended, written together by the
     watcher's checkpoint round (``Store.roll_up``, one command per round whatever the number
-    of turns) rather than one command per group of final writes. A round MongoDB refuses keeps
-    them for the next (at most ``MAX_PENDING`` turns: past it the oldest are dropped, logged);
-    a replica that dies loses the increments of its last round: the analytics', never the
-    billing's (the usage documents are written with the records)."""
+    of turns) rather than one command per group of final writes. A replica that dies loses
+    the increments of its last round: the analytics', never the billing's (the usage
+    documents are written with the records).
 
-    def __init__(self, limit: int = MAX_PENDING) -> None:
+    Each round is numbered, and each of its increments applies only where the document does
+    not hold the round's mark (``applied.<replica>``), which it sets: a round whose answer did
+    not come (MongoDB may have applied it, all or some of its documents) is sent again as it
+    was, under its number, at the next round, and counts once. The turns ended meanwhile wait
+    for the round after (so a document never sees this replica's rounds out of order): at most
+    ``MAX_PENDING`` of them, past it the oldest are dropped, logged."""
+
+    def __init__(self, limit: int = MAX_PENDING, replica: str | None = None) -> None:
         self.limit = limit
-        self._lines: list[Rollup] = []
+        self.replica = replica or uuid.uuid4().hex  # whose rounds (the process's)
+        self._lines: list[Rollup] = []  # not sent yet
+        self._sent: tuple[int, list[Rollup]] | None = None  # a round whose answer did not come
+        self._rounds = 0
 
     def __len__(self) -> int:
-        return len(self._lines)
+        return len(self._lines) + (len(self._sent[1]) if self._sent is not None else 0)
 
     def add(self, lines: list[Rollup]) -> None:
         self._lines += lines
@@ -222,17 +232,23 @@ class RollupBuffer:
             del self._lines[:dropped]
             log.error("stream.rollup_dropped", turns=dropped, pending=self.limit)
 
-    async def flush(self, store: Store) -> int:
-        """Write what is waiting; how many turns. Raises ``ServiceError`` (kept for later)."""
-        lines, self._lines = self._lines, []
-        if not lines:
-            return 0
-        try:
-            await store.roll_up(lines)
-        except BaseException:
-            self.add(lines)  # before anything newer: they are added up, order does not matter
-            raise
-        return len(lines)
+    async def flush(self, store: Store, *, everything: bool = False) -> int:
+        """Write one round (``everything``: until nothing waits): the round whose answer did
+        not come again, else what waits; how many turns. Raises what MongoDB answered (the
+        round is sent again as it was)."""
+        written = 0
+        while True:
+            if self._sent is None:
+                if not self._lines:
+                    return written
+                self._rounds += 1
+                self._sent, self._lines = (self._rounds, self._lines), []
+            n, lines = self._sent
+            await store.roll_up(lines, mark=(self.replica, n))
+            self._sent = None
+            written += len(lines)
+            if not everything:
+                return written
 
 
 class PendingFinals:

@@ -37,7 +37,9 @@ class StreamRegistry:
         self.written: list[LiveStream] = []
         self.draining = False
         self.pending = PendingFinals()  # final writes MongoDB could not take yet
-        self.rollups = RollupBuffer()  # the rollup's increments, written each checkpoint round
+        # the rollup's increments, written each checkpoint round (its rounds marked as this
+        # process's in the rollup's documents)
+        self.rollups = RollupBuffer(replica=self.replica_id)
         # MongoDB as the watcher last found it: failing, or back since (loop time) after an
         # outage. After an outage every replica's heartbeat is old at once: no turn is judged
         # dead until all had STALE_STREAM_S to write theirs and their pending final writes.
