@@ -955,12 +955,8 @@ class Store:
             {"_id": {"$in": [op.message_id for op in finals]}},
             projection={"status": 1, "completed_at": 1},
         ).to_list(None)
-        now = {d["_id"]: (d.get("status"), d.get("completed_at")) for d in docs}
-        return [
-            op
-            for op in finals
-            if now.get(op.message_id) == (op.fields.get("status"), op.fields.get("completed_at"))
-        ]
+        now = {d["_id"]: d for d in docs}
+        return [op for op in finals if _ends(now.get(op.message_id) or {}, op.fields)]
 
     @db_call
     async def roll_up(self, lines: list[Rollup], *, mark: tuple[str, int] | None = None) -> None:
@@ -1236,10 +1232,19 @@ class Store:
 
     @db_call
     async def finish_message(self, message_id: str, fields: Doc) -> bool:
+        """End a record still ``streaming`` with ``fields``; True when it ends as they say: by
+        this write, or by an earlier try of the same write whose answer was lost (the record
+        has their status and end time: one read, only when this write changed nothing). A
+        record ended otherwise (the reaper's end) is left alone: False."""
         result = await self.messages.update_one(
             {"_id": message_id, "status": "streaming"}, {"$set": fields}
         )
-        return bool(result.modified_count)
+        if result.modified_count:
+            return True
+        doc = await self.messages.find_one(
+            {"_id": message_id}, projection={"status": 1, "completed_at": 1}
+        )
+        return doc is not None and _ends(doc, fields)
 
     @db_call
     async def request_cancel(self, user_id: str, chat_id: str, message_id: str) -> Doc | None:
@@ -1931,6 +1936,16 @@ def _reserve_filter(req: ReserveRequest, credit: int = 0) -> Doc:
         due = {"$ifNull": ["$requests_due", EPOCH]}
         conditions.append({"$lte": [due, _requests_due_by(req)]})
     return {"user_id": req.user_id, "period": req.period, "$expr": {"$and": conditions}}
+
+
+def _ends(record: Doc, fields: Doc) -> bool:
+    """Whether ``record`` ended as the final write of ``fields`` says (its status and end
+    time: an end time is the write's own)."""
+    at = fields.get("completed_at")
+    return at is not None and (record.get("status"), record.get("completed_at")) == (
+        fields.get("status"),
+        at,
+    )
 
 
 def _not_taken(req: ReserveRequest) -> Doc:

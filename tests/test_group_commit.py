@@ -15,7 +15,7 @@ from service.keys import STORE
 from service.store import REPLICA_WORK, Rollup, utcnow
 from service.stream.finals import RollupBuffer
 from tests.fake_openai import Script
-from tests.faults import calls, settled
+from tests.faults import answers_lost, calls, rolled_up, settled
 from tests.sse_client import collect
 
 BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
@@ -158,6 +158,26 @@ async def test_a_rollup_round_whose_answer_was_lost_is_not_counted_twice(
         doc = await store.rollup.find_one({"user_id": user})
         (counters,) = doc["lines"].values()
         assert (counters["turns"], counters["cost"]) == (2, 1007)
+
+
+async def test_a_final_write_retried_after_its_answer_was_lost_keeps_its_rollup_line(
+    aiohttp_client, stream_settings, fake_openai, auth, db, monkeypatch
+):
+    """A turn's final write that MongoDB applied (the record ended) but whose answer was lost
+    waits in the pending queue; its retry finds the record ended by that very write and counts
+    the turn in the rollup, which no one else would (the reaper rolls up only what it ends)."""
+    client = await aiohttp_client(create_app(stream_settings(checkpoint_interval_s=0.1)))
+    store = client.app[STORE]
+    fake_openai.default = Script(chunks=["x"], usage=(10, 2))
+    finish_many = answers_lost(monkeypatch, store, "finish_many")
+    resp = await client.post("/v1/chat/completions", json=BODY, headers=auth())
+    assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+    monkeypatch.setattr(store, "finish_many", finish_many)
+    await settled(db)
+    await rolled_up(db, deadline_s=5)
+    record = await db.messages.find_one({"role": "assistant"})
+    assert record["status"] == "complete"
+    assert (await db.usage.find_one({"user_id": "alice"}))["used"] == 12  # billed once
 
 
 async def test_a_rollup_document_mongodb_refuses_does_not_hold_up_the_others(

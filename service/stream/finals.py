@@ -313,8 +313,9 @@ class PendingFinals:
             del self._writes[message_id]
             write.let_go()
             applied += 1
-            # ended False: the record was ended before (by the reaper, which took this replica
-            # for dead while MongoDB was out of its reach; or by an attempt whose answer was lost)
+            # ended False: the record was ended before, by the reaper, which took this replica
+            # for dead while MongoDB was out of its reach (an attempt of this write whose
+            # answer was lost counts as this write: ``Store.finish_message``)
             (log.info if ended else log.warning)(
                 "stream.finalize_retried",
                 message_id=message_id,
