@@ -1958,10 +1958,11 @@ def _not_taken(req: ReserveRequest) -> Doc:
 
 
 def _entry(doc: Doc, req: ReserveRequest) -> Doc | None:
-    """``req``'s entry in its month's ``open`` (its turn's id, taken at its ``now``)."""
+    """``req``'s entry in its month's ``open`` (its turn's id, taken at its ``now``, to the
+    millisecond as MongoDB keeps it)."""
+    at = req.now.replace(microsecond=req.now.microsecond // 1000 * 1000)
     return next(
-        (e for e in doc.get("open") or () if e["mid"] == req.message_id and e["at"] == req.now),
-        None,
+        (e for e in doc.get("open") or () if e["mid"] == req.message_id and e["at"] == at), None
     )
 
 
