@@ -1231,7 +1231,7 @@ class Store:
         return doc
 
     @db_call
-    async def finish_message(self, message_id: str, fields: Doc) -> bool:
+    async def finish_message(self, message_id: str, fields: Doc, *, retried: bool = False) -> bool:
         """End a record still ``streaming`` with ``fields``; True when it ends as they say: by
         this write, or by an earlier try of the same write whose answer was lost (the record
         has their status and end time: one read, only when this write changed nothing). A
@@ -1239,8 +1239,8 @@ class Store:
         result = await self.messages.update_one(
             {"_id": message_id, "status": "streaming"}, {"$set": fields}
         )
-        if result.modified_count:
-            return True
+        if result.modified_count or not retried:
+            return bool(result.modified_count)
         doc = await self.messages.find_one(
             {"_id": message_id}, projection={"status": 1, "completed_at": 1}
         )
@@ -1719,7 +1719,7 @@ class Store:
 
     @db_call
     async def read_rollup(self, selection: Doc) -> list[Doc]:
-        docs: list[Doc] = await self.rollup.find(selection).to_list(None)
+        docs: list[Doc] = await self.rollup.find(selection, {"applied": 0}).to_list(None)
         return docs
 
 
@@ -1838,9 +1838,9 @@ def rollup_ops(
     """The rollup's upserts for ``lines``, each with its document's month and user: one
     ``$inc`` per (month, user) document of the counters of each of its (day, model, key)
     lines, and one per month's totals (``user_id`` null, per (day, model)). ``mark``
-    (replica, round): each only where the document's ``applied.<replica>`` is not that round
-    yet, and setting it (a replica's rounds go one after the other, so the latest is all a
-    document keeps of each replica that wrote it)."""
+    (replica, round): each only where the document's ``applied.<replica>`` is not at or past
+    that round (missing, or older), and setting it: a round sent again (its answer lost), or
+    a copy of it landing after a later round, is not counted again."""
     sums: dict[tuple[str, str | None], dict[str, int]] = {}
     for line in lines:
         month = line.day[:7]
@@ -1853,7 +1853,7 @@ def rollup_ops(
     marking: Doc = {}
     if mark is not None:
         replica, n = mark
-        unmarked = {f"applied.{replica}": {"$ne": n}}
+        unmarked = {f"applied.{replica}": {"$not": {"$gte": n}}}
         marking = {"$set": {f"applied.{replica}": n}}
     return [
         (

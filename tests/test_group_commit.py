@@ -197,3 +197,21 @@ async def test_a_rollup_document_mongodb_refuses_does_not_hold_up_the_others(
     assert counters["turns"] == 1
     (refused,) = [e for e in logs if e["event"] == "stream.rollup_refused"]
     assert (refused["month"], refused["user_id"]) == (day[:7], None)
+
+
+async def test_a_round_landing_after_a_later_one_is_counted_once(client):
+    """A replica's rounds are marked in each document (``applied.<replica>``): a copy of round
+    1 that MongoDB applies after round 2 (the watcher cancelled at shutdown while the driver's
+    thread still ran round 1's bulk, the shutdown's flush sending round 1 again, then round 2)
+    is not counted again (found by review)."""
+    store = client.app[STORE]
+    day = utcnow().date().isoformat()
+
+    def line(cost: int) -> Rollup:
+        return Rollup(day, "alice", "demo", None, "completed", 10, 5, 0, 0, cost)
+
+    await store.roll_up([line(1)], mark=("r1", 1))
+    await store.roll_up([line(10)], mark=("r1", 2))
+    await store.roll_up([line(1)], mark=("r1", 1))  # the late copy of round 1
+    doc = await store.rollup.find_one({"user_id": "alice"})
+    assert sum(c["turns"] for c in doc["lines"].values()) == 2

@@ -16,9 +16,10 @@ from service.errors import StoreUnavailable
 from service.keys import REGISTRY, SETTINGS, STORE
 from service.settings import Settings
 from service.store import ReserveRequest, Store, utcnow
+from service.stream import watcher
 from service.stream.finals import FinalWrite
 from service.stream.producer import period_of
-from service.stream.watcher import reap, reap_own
+from service.stream.watcher import reap, reap_own, settle_interrupted
 from service.tokens import TokenCounter
 from tests.fake_openai import Script
 from tests.processes import eventually
@@ -409,3 +410,25 @@ async def test_a_dead_priced_turn_is_billed_at_its_recorded_price_on_the_key_too
     assert total["turns"] == 1 and total["cost"] == cost and total["key_id"] is None
     assert await reap(store, settings) == 0  # nothing billed or rolled up twice
     assert [r["turns"] for r in await lines("ghost")] == [1]
+
+
+async def test_two_settlements_of_one_dead_turn_in_the_same_millisecond_count_it_once(
+    client, monkeypatch
+):
+    """The reaper, a chat read, a mirror's poll and the replica's own reaper each settle a dead
+    record; two of them on the same record (two replicas' reapers, two tabs reading the chat)
+    are told apart by which one ended it: the other's end is not taken for its own, even in
+    the same millisecond (found by review: a queued final write's look at its record counted
+    such a turn twice in the rollup)."""
+    store = client.app[STORE]
+    budget = client.app[SETTINGS].budget
+    mid, _ = await dead_turn(store, "ghost", None, "half of an answer", age_s=120)
+    doc = await store.get_message(mid)
+    frozen = utcnow()
+    monkeypatch.setattr(watcher, "utcnow", lambda: frozen)  # both end in the same ms
+    done = await asyncio.gather(
+        settle_interrupted(store, doc, budget), settle_interrupted(store, doc, budget)
+    )
+    assert sorted(done) == [False, True]
+    rollup = await store.rollup.find_one({"user_id": "ghost"})
+    assert sum(line["turns"] for line in rollup["lines"].values()) == 1

@@ -117,7 +117,7 @@ class FinalWrite:
                     cost=self.cost,
                 )
             self.settled = True
-        ended = await store.finish_message(self.message_id, self.fields)
+        ended = await store.finish_message(self.message_id, self.fields, retried=True)
         if ended and self.rollup is not None:
             rollups.add([self.rollup])
         return ended
