@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import structlog
@@ -208,38 +209,31 @@ async def _heartbeat(store: Store, registry: StreamRegistry, settings: Settings)
     another loop found MongoDB failing, so ``store_answered`` says when it is back."""
     loop = asyncio.get_running_loop()
     next_alive = loop.time()
-    while True:
+
+    async def beat() -> None:
+        nonlocal next_alive
         now = loop.time()
         if now >= next_alive or registry.store_failing:
-            try:
-                await store.heartbeat(registry.replica_id)
-                next_alive = now + min(ALIVE_EVERY_S, settings.stale_stream_s / 3)
-                registry.store_answered(now)
-            except ServiceError as exc:
-                registry.store_failing = True
-                log.warning("stream.watch_failed", code=exc.code, error=error_text(exc))
-            except Exception:  # one failed round must not end the replica's heartbeat
-                log.exception("stream.watch_failed")
-        await asyncio.sleep(settings.watch_interval_s)
+            await store.heartbeat(registry.replica_id)
+            next_alive = now + min(ALIVE_EVERY_S, settings.stale_stream_s / 3)
+            registry.store_answered(now)
+
+    await _every_round(beat, registry, settings)
 
 
 async def _control(store: Store, registry: StreamRegistry, settings: Settings) -> None:
     loop = asyncio.get_running_loop()
-    while True:
+
+    async def control() -> None:
         now = loop.time()
         _deadlines(registry, now)
         _stalled_writes(registry, now, settings.stream_send_timeout_s)
-        try:
-            if registry.streams:
-                _flags(registry, await store.flagged_turns(), now)
-            if registry.written:
-                await _deleted_chats(store, registry)
-        except ServiceError as exc:
-            registry.store_failing = True
-            log.warning("stream.watch_failed", code=exc.code, error=error_text(exc))
-        except Exception:  # one failed round must not end the replica's watch
-            log.exception("stream.watch_failed")
-        await asyncio.sleep(settings.watch_interval_s)
+        if registry.streams:
+            _flags(registry, await store.flagged_turns(), now)
+        if registry.written:
+            await _deleted_chats(store, registry)
+
+    await _every_round(control, registry, settings)
 
 
 async def _upkeep(store: Store, registry: StreamRegistry, settings: Settings) -> None:
@@ -247,38 +241,48 @@ async def _upkeep(store: Store, registry: StreamRegistry, settings: Settings) ->
     until it fails again), and the reaper every ``REAPER_INTERVAL_S``."""
     loop = asyncio.get_running_loop()
     next_reap = loop.time()
-    while True:
-        try:
-            if registry.pending and not registry.store_failing:  # the heartbeat says when
-                await registry.pending.retry(store, registry.rollups)
-            now = loop.time()
-            if now >= next_reap and registry.may_reap(now, settings.stale_stream_s):
-                next_reap = now + settings.reaper_interval_s
-                await reap(store, settings)
-                await reap_own(store, registry, settings)
-        except ServiceError as exc:
-            registry.store_failing = True
-            log.warning("stream.watch_failed", code=exc.code, error=error_text(exc))
-        except Exception:  # one failed round must not end the replica's upkeep
-            log.exception("stream.watch_failed")
-        await asyncio.sleep(settings.watch_interval_s)
+
+    async def upkeep() -> None:
+        nonlocal next_reap
+        if registry.pending and not registry.store_failing:  # the heartbeat says when
+            await registry.pending.retry(store, registry.rollups)
+        now = loop.time()
+        if now >= next_reap and registry.may_reap(now, settings.stale_stream_s):
+            next_reap = now + settings.reaper_interval_s
+            await reap(store, settings)
+            await reap_own(store, registry, settings)
+
+    await _every_round(upkeep, registry, settings)
 
 
 async def _idle_leases(registry: StreamRegistry, settings: Settings) -> None:
     """Every ``WATCH_INTERVAL_S``, the leases idle for ``LEASE_IDLE_S`` brought to one turn's
     worth, and those idle for ``LEASE_KEEP_S`` given back (``Leases.release_idle``: one lease
-    after the other, a command or two each)."""
+    after the other, a command or two each); what could not be done is done at a later round."""
     leases = registry.leases
     if leases is None:
         return
     loop = asyncio.get_running_loop()
+
+    async def upkeep() -> None:
+        await leases.release_idle(loop.time())
+
+    await _every_round(upkeep, registry, settings)
+
+
+async def _every_round(
+    work: Callable[[], Awaitable[None]], registry: StreamRegistry, settings: Settings
+) -> None:
+    """``work`` every ``WATCH_INTERVAL_S``, for ever: a round MongoDB failed is noted (the
+    heartbeat then tries at each round, and says when it is back) and logged, as is any
+    other error; neither ends the loop."""
     while True:
         try:
-            await leases.release_idle(loop.time())
-        except ServiceError as exc:  # what could not be done is done at a later round
+            await work()
+        except ServiceError as exc:
             registry.store_failing = True
             log.warning("stream.watch_failed", code=exc.code, error=error_text(exc))
-        except Exception:
+        except Exception:  # one failed round must not end the loop
             log.exception("stream.watch_failed")
         await asyncio.sleep(settings.watch_interval_s)
 
