@@ -47,6 +47,20 @@ async def local_leases(aiohttp_client, stream_settings) -> tuple[Any, Leases]:
     return store, Leases(store, client.app[REGISTRY].replica_id, idle_s=0.0, keep_s=300.0)
 
 
+async def a_settled_turn_s_lease(aiohttp_client, stream_settings) -> tuple[Any, Leases, str]:
+    """A replica's store, a ``Leases`` of its own that gives an idle lease back at once, and
+    the period of alice's lease there, whose one turn ended and is settled."""
+    client = await aiohttp_client(create_app(stream_settings()))
+    store = client.app[STORE]
+    leases = Leases(store, client.app[REGISTRY].replica_id, idle_s=0.0, keep_s=0.0)
+    now = utcnow()
+    period = period_of(now)
+    first = await leases.admit(lease_turn("m1", now))
+    leases.ended("alice", period, grant=first.grant, billed=10)
+    await store.settle_leased("alice", period, leases.lease_id, "m1", billed=10, grant=first.grant)
+    return store, leases, period
+
+
 def lease_turn(mid: str, now: datetime, **rules: int) -> ReserveRequest:
     """One of alice's turns as the producer asks a lease for it (``rules``: its rate limits)."""
     return ReserveRequest(
@@ -596,14 +610,7 @@ async def test_a_release_whose_answer_was_lost_grants_nothing_from_the_released_
     lease again (nothing left to give back) and takes a new one the month counts whole.
     Before, the lease was kept open and the next turn admitted from memory: room nobody sees
     held (``reserved`` 0), which a later growth would make anew below what the replica counts."""
-    client = await aiohttp_client(create_app(stream_settings()))
-    store = client.app[STORE]
-    leases = Leases(store, client.app[REGISTRY].replica_id, idle_s=0.0, keep_s=0.0)
-    now = utcnow()
-    period = period_of(now)
-    first = await leases.admit(lease_turn("m1", now))
-    leases.ended("alice", period, grant=first.grant, billed=10)
-    await store.settle_leased("alice", period, leases.lease_id, "m1", billed=10, grant=first.grant)
+    store, leases, period = await a_settled_turn_s_lease(aiohttp_client, stream_settings)
     real = store.release_lease
 
     async def answer_lost(*args: Any, **kwargs: Any) -> Any:
@@ -986,14 +993,7 @@ async def test_a_release_cancelled_at_shutdown_is_not_granted_from(aiohttp_clien
     it. A cancelled release is a lost answer, not a refusal: a turn that waited on the lease's
     lock is not admitted from memory (a grant from an entry the month no longer holds) but
     takes a lease the month counts."""
-    client = await aiohttp_client(create_app(stream_settings()))
-    store = client.app[STORE]
-    leases = Leases(store, client.app[REGISTRY].replica_id, idle_s=0.0, keep_s=0.0)
-    now = utcnow()
-    period = period_of(now)
-    first = await leases.admit(lease_turn("m1", now))
-    leases.ended("alice", period, grant=first.grant, billed=10)
-    await store.settle_leased("alice", period, leases.lease_id, "m1", billed=10, grant=first.grant)
+    store, leases, period = await a_settled_turn_s_lease(aiohttp_client, stream_settings)
     real, entered = store.release_lease, asyncio.Event()
 
     async def applied_then_slow(*args: Any, **kwargs: Any) -> Any:
