@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,6 +17,8 @@ import orjson
 
 from service.app import create_app
 from service.keys import STORE
+from service.stream.ahead import Ahead
+from service.stream.producer import Turn
 from tests.fake_openai import Script
 from tests.faults import settled
 from tests.processes import eventually
@@ -68,6 +71,47 @@ async def test_the_upstream_is_asked_while_the_reservation_is_on_its_way(
     assert answer["status"] == "complete" and answer["content"] == "early bird"
     usage = await usage_doc(client)
     assert usage["used"] == 2 * 25 and usage["reserved"] == 0  # both turns, as the upstream said
+
+
+async def test_a_turn_read_ahead_to_its_end_leaves_nothing_to_the_cyclic_collector(
+    stream_client, fake_openai, auth
+):
+    """The read-ahead reaches the upstream's end before the turn is admitted (the upstream
+    answered whole meanwhile): what it keeps of that end is not the StopAsyncIteration that
+    said so, whose traceback held the read-ahead's frame and so, through the turn's own frame,
+    the read-ahead and the turn in a cycle. Each page turn's objects then waited for the cyclic
+    collector; now none is left to it."""
+    client, h = stream_client, auth()
+    chat_id = await new_chat(client, h)
+    await collect(await send(client, chat_id, h, "q1"))  # its first: reserved, then asked
+    store = client.app[STORE]
+    reserve = store.reserve
+    answered = asyncio.Event()
+
+    async def after_the_answer(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.wait_for(answered.wait(), HOLD_S)  # the read-ahead has it all by then
+        await asyncio.sleep(0.05)
+        return await reserve(*args, **kwargs)
+
+    store.reserve = after_the_answer
+    fake_openai.default = Script(chunks=["early ", "bird"], gate_after=0)
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds unreachable stays in gc.garbage
+    try:
+        sending = asyncio.ensure_future(send(client, chat_id, h, "q2"))
+        await asyncio.wait_for(fake_openai.reached_gate.wait(), HOLD_S)
+        fake_openai.gate.set()
+        answered.set()
+        seen = await collect(await sending)
+        await settled(store.db)
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if isinstance(o, Ahead | Turn)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert "".join(e["data"]["text"] for e in seen if e["event"] == "delta") == "early bird"
+    assert len(fake_openai.requests) == 2  # the second turn asked early, and read ahead
+    assert left == []
 
 
 async def test_a_turn_refused_after_all_drops_the_upstream_it_asked_and_takes_nothing(

@@ -76,12 +76,19 @@ class Drained(Exception):
         self.stream = stream
 
 
+# The read-ahead reached the upstream's end (``Ahead._end``). Not the StopAsyncIteration that said
+# so: kept, its traceback would hold the read-ahead's frame, the read-ahead and so the turn in a
+# cycle (every turn's objects then waited for the cyclic collector instead of going at once).
+ENDED = StopAsyncIteration()
+
+
 class Ahead:
     __slots__ = ("_buffer", "_end", "_opened", "_stream", "_taken", "_task")
 
     def __init__(self, opening: Awaitable[AsyncIterator[Chunk]]) -> None:
         self._buffer: deque[Chunk] = deque()
-        self._end: Exception | None = None  # what ended the read-ahead: the end, or an error
+        # What ended the read-ahead: ``ENDED`` (the end), or an error.
+        self._end: Exception | None = None
         self._stream: AsyncIterator[Chunk] | None = None
         self._taken = False
         self._opened: asyncio.Future[AsyncIterator[Chunk]] = (
@@ -108,7 +115,10 @@ class Ahead:
         while not self._taken:
             try:
                 self._buffer.append(await anext(stream))
-            except Exception as exc:  # noqa: BLE001 - the end, or an error: the turn's, in turn
+            except StopAsyncIteration:
+                self._end = ENDED
+                return
+            except Exception as exc:  # noqa: BLE001 - an error: the turn's, in turn
                 self._end = exc
                 return
 
@@ -127,6 +137,8 @@ class Ahead:
             await self._task  # its read in flight, the last (it was taken)
         if self._buffer:
             return self._buffer.popleft()
+        if self._end is ENDED:
+            raise StopAsyncIteration  # a new one each time: ``ENDED`` is never raised
         if self._end is not None:
             raise self._end
         assert self._stream is not None
