@@ -273,6 +273,25 @@ async def _listen(runner: web.AppRunner, settings: Settings) -> int:
     return next((int(address[1]) for address in runner.addresses), settings.port)
 
 
+# The cyclic collector's youngest generation is collected once this many more container
+# objects were allocated than freed, not Python's 700. A turn's objects are freed by their last
+# reference (no turn leaves a cycle), yet the count drifts up by about a hundred a turn (a free
+# that finds it at 0 is not counted), so at 700 the collector ran every few turns, each run
+# walking the live turns' young objects and promoting them, for nothing: 90-100 us of a page
+# turn's CPU at C=50; at 10,000, about 1 us (docs/performance.md, finding 35). What it can
+# delay is cyclic garbage only (an error's traceback), at most this many objects.
+YOUNG_COLLECTION_EVERY = 10_000
+
+
+def settle_collector() -> None:
+    """Once the service listens: what start-up made (modules, models, the app) lives as long as
+    the process, so it leaves the collector's way (a full collection walks only what turns
+    allocated since, docs/performance.md, finding 27); the youngest generation is collected
+    every ``YOUNG_COLLECTION_EVERY`` allocations."""
+    gc.freeze()
+    gc.set_threshold(YOUNG_COLLECTION_EVERY, *gc.get_threshold()[1:])
+
+
 def run(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT, drain, and return (the process then exits 0)."""
     asyncio.run(serve(settings))
@@ -325,10 +344,7 @@ async def serve(settings: Settings) -> None:
         try:
             port = await _listen(runner, settings)
             log.info("service.listening", url=f"http://{settings.host}:{port}")
-            # What start-up made (modules, models, the app) lives as long as the process: out
-            # of the collector's way, a full collection walks only what turns allocate since
-            # (docs/performance.md, finding 27).
-            gc.freeze()
+            settle_collector()
             await stopping.wait()
             _begin_draining(app, received[0])
             await drain(app, hurry)

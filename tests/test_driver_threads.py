@@ -1,6 +1,7 @@
 """MONGODB_THREADS sizes the thread pool motor runs PyMongo in (motor's own default is five
 threads per core of the machine, not of the pod); MONGODB_TIMEOUT_MS bounds a call, its wait for
-one of those threads included."""
+one of those threads included. And the process's other setting made at start-up: the cyclic
+collector's."""
 
 from __future__ import annotations
 
@@ -74,3 +75,21 @@ async def test_a_call_waiting_for_a_driver_thread_answers_503_at_the_timeout_and
     # The one thread runs in order: the refused call's command, had it stayed queued, would
     # have been sent before this one's.
     assert sent.commands.count(("find", "chats")) == listed + 1
+
+
+def test_the_collector_is_settled_once_the_service_listens():
+    """``serve`` freezes what start-up made and collects the youngest generation every
+    ``YOUNG_COLLECTION_EVERY`` allocations, not Python's 700 (docs/performance.md, finding 35);
+    the older generations keep Python's thresholds."""
+    import gc
+
+    from service.app import YOUNG_COLLECTION_EVERY, settle_collector
+
+    before = gc.get_threshold()
+    try:
+        settle_collector()
+        assert gc.get_threshold() == (YOUNG_COLLECTION_EVERY, *before[1:])
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
