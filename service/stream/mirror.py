@@ -147,7 +147,6 @@ class Resumes:
             except Exception as exc:  # one failed round must not end the poll
                 log.error(  # (its followers would hang until a new mirror started it again)
                     "stream.follow_failed",
-                    code="internal",
                     error=error_text(exc),
                     mirrors=len(self.mirrors),
                     exc_info=exc,
