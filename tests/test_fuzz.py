@@ -60,8 +60,17 @@ QUERY_VALUES = [
 ]  # fmt: skip
 QUERY_KEYS = [b"limit", b"cursor", b"after", b"ticket", b"user", b"stream", b"q", b"x", b""]
 VALID_QUERIES = [b"", b"?limit=5", b"?after=0", b"?limit=1&after=-1", b"?user=fuzz"]
-# Routes whose queries are their own (search needs its q).
-ROUTE_QUERIES = {"/api/search": [b"?q=hi", b"?q=fuzz+hi&limit=5", b"?q=%F0%9D%84%9E"]}
+# Routes whose queries are their own (search needs its q; an admin's actions on a user take
+# none, and refuse any).
+NO_QUERY = [b""]
+ROUTE_QUERIES = {
+    "/api/search": [b"?q=hi", b"?q=fuzz+hi&limit=5", b"?q=%F0%9D%84%9E"],
+    "/api/admin/users/{user_id}/limit": NO_QUERY,
+    "/api/admin/users/{user_id}/reset": NO_QUERY,
+    "/api/admin/users/{user_id}/keys": NO_QUERY,
+    "/api/admin/users/{user_id}/keys/{key_id}": NO_QUERY,
+    "/api/admin/keys": [b"", b"?limit=5", b"?admin=true"],
+}
 CONTENT_TYPES = [
     b"application/json", b"text/plain", b"application/json; charset=latin-1",
     b"multipart/form-data; boundary=zz", b"application/x-www-form-urlencoded", b"\xff\xfe",
@@ -440,6 +449,8 @@ DEEP = {
     ("POST", "/api/chat/{chat_id}/messages/{message_id}/edit"): {200, 409},
     ("POST", "/api/chat/{chat_id}/messages/{message_id}/regenerate"): {200, 409},
     ("GET", "/api/ws"): {400},
+    # a key of another user than the path's, mostly: its lookup's 404 is past validation
+    ("DELETE", "/api/admin/users/{user_id}/keys/{key_id}"): {204, 404},
 }
 
 
