@@ -967,8 +967,10 @@ class Store:
         applies only where that replica's round is not marked yet, and marks it
         (``rollup_ops``), so the same round sent again (its answer lost) counts once; a
         document that refuses it again as a duplicate key holds the mark already. A document
-        MongoDB refuses for itself (not a duplicate key) is logged and its increments left
-        out: the same round again would be refused again."""
+        MongoDB refuses for itself (not a duplicate key, nor a moment's error: a primary
+        stepping down, a shutdown, ``TRANSIENT_WRITE_ERRORS``, for which the round is sent
+        again) is logged and its increments left out: the same round again would be refused
+        again."""
         if not lines:
             return
         ops = rollup_ops(lines, mark)
@@ -978,8 +980,8 @@ class Store:
             )
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors", [])
-            if not errors:  # a write concern error: applied, perhaps; the round is kept
-                raise
+            if not errors or any(e.get("code") in TRANSIENT_WRITE_ERRORS for e in errors):
+                raise  # a write concern error, a primary stepping down: the round is kept
             for error in errors:
                 if error.get("code") != DUPLICATE_KEY:
                     log.error(
@@ -1738,6 +1740,11 @@ REPLICA_TTL_S = 86_400
 REPLICA_WORK = "gateway:replica"
 RESERVE_ATTEMPTS = 10
 DUPLICATE_KEY = 11000
+# A write's errors that say nothing of the write itself, only of the moment (the server's own
+# "retryable" codes: a primary stepping down or shutting down, a network error, a timeout).
+TRANSIENT_WRITE_ERRORS = frozenset(
+    {6, 7, 89, 91, 134, 189, 262, 9001, 10058, 10107, 11600, 11602, 13435, 13436, 50}
+)
 KEY_ACCOUNT = key_account("")  # the user_id prefix of API keys' own months
 
 

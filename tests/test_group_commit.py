@@ -215,3 +215,31 @@ async def test_a_round_landing_after_a_later_one_is_counted_once(client):
     await store.roll_up([line(1)], mark=("r1", 1))  # the late copy of round 1
     doc = await store.rollup.find_one({"user_id": "alice"})
     assert sum(c["turns"] for c in doc["lines"].values()) == 2
+
+
+async def test_a_round_a_primary_stepping_down_refused_is_sent_again_not_dropped(client):
+    """A document's write error of the moment (a primary stepping down mid-bulk) keeps the
+    round, sent again as it was and counted once; only a document MongoDB refuses for itself
+    is left out (found by review: every error but a duplicate key dropped its increments)."""
+    from pymongo.errors import BulkWriteError
+
+    store = client.app[STORE]
+    day = utcnow().date().isoformat()
+    rollups = RollupBuffer(replica="r1")
+    rollups.add([Rollup(day, "alice", "demo", None, "completed", 10, 5, 0, 0, 7)])
+    collection = store.rollup
+    real = collection.bulk_write
+
+    async def stepped_down(requests, **kwargs):
+        collection.bulk_write = real
+        await real(requests[1:], **kwargs)  # the others applied; the first refused
+        error = {"index": 0, "code": 189, "errmsg": "primary stepped down"}
+        raise BulkWriteError({"writeErrors": [error], "nInserted": 0})
+
+    collection.bulk_write = stepped_down
+    with pytest.raises(BulkWriteError):
+        await rollups.flush(store)
+    assert await rollups.flush(store) == 1  # the same round again
+    docs = await store.rollup.find({}).to_list(None)
+    assert len(docs) == 2  # the user's month and the month's totals, each counted once
+    assert all(sum(c["turns"] for c in d["lines"].values()) == 1 for d in docs)
