@@ -21,7 +21,7 @@ import hashlib
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, MutableSequence, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -186,18 +186,25 @@ class ApiKeys:
         return [key_view(doc, budget, months.get(str(doc["_id"]))) for doc in docs]
 
     async def revoke(self, user_id: str, key_id: str) -> bool:
-        doc = await self.store.revoke_api_key(user_id, key_id)
-        if doc is None:
-            return False
-        self._cache.pop(doc["hash"], None)  # this replica stops at once; others within cache_s
-        self._by_id.pop(key_id, None)
-        return True
+        try:
+            doc = await self.store.revoke_api_key(user_id, key_id)
+        finally:  # also when the answer is lost (timeout, cancelled): the write may have landed
+            self._forget(key_id)  # this replica stops at once; others within cache_s
+        return doc is not None
 
-    async def revoke_all(self, user_id: str) -> Sequence[str]:
+    def _forget(self, key_id: str) -> None:
+        self._by_id.pop(key_id, None)
+        for digest in [d for d, (_, doc) in self._cache.items() if doc.get("_id") == key_id]:
+            del self._cache[digest]
+
+    async def revoke_all(
+        self, user_id: str, into: MutableSequence[str] | None = None
+    ) -> Sequence[str]:
         """Revoke every key of ``user_id`` not revoked yet, one by one as ``revoke`` does; the
         ids of those this call revoked (one revoked meanwhile by another call is not among
-        them). A key created after the list was read is not revoked."""
-        revoked = []
+        them), appended to ``into`` as they go (a failure half-way leaves the list of those
+        done). A key created after the list was read is not revoked."""
+        revoked: MutableSequence[str] = [] if into is None else into
         for doc in await self.list(user_id):
             if await self.revoke(user_id, str(doc["_id"])):
                 revoked.append(str(doc["_id"]))

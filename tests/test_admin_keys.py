@@ -5,6 +5,7 @@ WebSocket closed. Real sockets, SecantusDB."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from datetime import timedelta
@@ -14,6 +15,7 @@ import aiohttp
 import pytest
 
 from service.app import create_app
+from service.errors import StoreUnavailable
 from service.keys import STORE
 from service.store import utcnow
 from tests.test_api_keys import bearer, error_of, make_key, until
@@ -245,3 +247,104 @@ async def test_every_admin_key_is_listed_newest_first_page_by_page(client, token
     assert [(k["user_id"], k["id"]) for k in plain] == expected(made["plain"])
     every = await pages()
     assert [(k["user_id"], k["id"]) for k in every] == expected(made["admin"] + made["plain"])
+
+
+async def test_a_revoke_all_failing_half_way_logs_the_keys_it_revoked(client, auth, admin, logs):
+    """MongoDB fails on the 2nd of 3 revocations: the answer is 503, and the 1st key, revoked,
+    is named in the log line all the same (``complete`` false): before, no line said who
+    revoked it, or that it was revoked at all (found by review)."""
+    for i in range(3):
+        await make_key(client, auth("alice"), name=f"k{i}")
+    store = client.app[STORE]
+    real, calls = store._revoke_api_key, []
+
+    async def flaky(user_id, key_id):
+        calls.append(key_id)
+        if len(calls) == 2:
+            raise StoreUnavailable("the database is unavailable; try again shortly")
+        return await real(user_id, key_id)
+
+    store._revoke_api_key = flaky
+    resp = await client.delete("/api/admin/users/alice/keys", headers=admin())
+    assert resp.status == 503
+    revoked = [
+        d["_id"]
+        for d in await store.db["api_keys"].find({"revoked_at": {"$ne": None}}).to_list(None)
+    ]
+    assert revoked, "the first key was revoked before the failure"
+    logged = {
+        k
+        for e in logs
+        if e["event"] in ("admin.key_revoked", "admin.keys_revoked")
+        for k in e.get("target_key_ids", [e.get("target_key_id")])
+    }
+    assert set(revoked) <= logged, (revoked, logged)
+
+
+async def test_a_revoke_whose_answer_is_late_is_logged_and_refused_here_at_once(
+    make_settings, aiohttp_client, token_for, admin, logs
+):
+    """The revoke's write lands but its answer comes past MONGODB_TIMEOUT_MS: the handler says
+    503, the write goes on. The key is refused on this replica at once all the same (README:
+    'refused at once on the replica that made it'), and a line names the revocation that may
+    have landed (``admin.key_revoke_unconfirmed``); before, this replica kept accepting it from
+    its cache for API_KEY_CACHE_S and no line named it (found by review)."""
+    from service.app import create_app
+
+    client = await aiohttp_client(create_app(make_settings(mongodb_timeout_ms=500)))
+    alice = {"Authorization": f"Bearer {token_for('alice')}"}
+    key = await make_key(client, alice)
+    assert await works(client, key["key"]) == 200  # cached on this replica
+    store = client.app[STORE]
+    real = store._revoke_api_key
+
+    async def slow(user_id, key_id):
+        doc = await real(user_id, key_id)
+        await asyncio.sleep(1.0)  # the count's update slow: past the 0.5 s deadline
+        return doc
+
+    store._revoke_api_key = slow
+    resp = await client.delete(f"/api/admin/users/alice/keys/{key['id']}", headers=admin())
+    assert resp.status == 503
+
+    async def revoked() -> bool:  # the write goes on past the deadline, and lands
+        doc = await store.db["api_keys"].find_one({"_id": key["id"]})
+        return doc["revoked_at"] is not None
+
+    await until(revoked)
+    still = await works(client, key["key"])
+    named = any(
+        e["event"].startswith("admin.") and e.get("target_key_id") == key["id"] for e in logs
+    )
+    assert named and still == 401, (
+        [e["event"] for e in logs if e["event"].startswith("admin.")],
+        still,
+    )
+
+
+async def test_an_admin_key_lists_keys_but_revokes_none(client, auth, token_for, admin):
+    """Revoking cannot be undone (a secret is shown once: every integration re-keyed), so it
+    takes a token, as on the user's own key routes: a leaked admin key may list every key, not
+    revoke them (403), another admin's included."""
+    ops = {"Authorization": f"Bearer {token_for('ops', extra={'role': 'admin'})}"}
+    leaked = await make_key(client, ops, name="ops ci", admin=True)
+    victims = [
+        await make_key(client, auth("bob")),
+        await make_key(client, admin("root"), admin=True),
+    ]
+    listing = await (
+        await client.get("/api/admin/keys", headers={"Authorization": f"Bearer {leaked['key']}"})
+    ).json()
+    targets = {(k["user_id"], k["id"]) for k in listing["items"]}
+    assert {("bob", victims[0]["id"]), ("root", victims[1]["id"])} <= targets
+    statuses = []
+    for user, key_id in sorted(targets):
+        if key_id == leaked["id"]:
+            continue
+        resp = await client.delete(
+            f"/api/admin/users/{user}/keys/{key_id}",
+            headers={"Authorization": f"Bearer {leaked['key']}"},
+        )
+        statuses.append(resp.status)
+    assert statuses and all(s == 403 for s in statuses), statuses
+    assert all([await works(client, v["key"]) == 200 for v in victims])

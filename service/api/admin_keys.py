@@ -8,7 +8,8 @@ That takes the path a user's own ``DELETE /api/keys/{key_id}`` takes (``ApiKeys.
 refused at once on this replica and within ``API_KEY_CACHE_S`` on the others, the key's open
 WebSockets closed (4001) when they next check it. Each revocation is logged
 (``admin.key_revoked``, ``admin.keys_revoked``) with who did it, the user and the key ids.
-Administrators only, as every ``/api/admin`` route (``admin_only``).
+Administrators only, as every ``/api/admin`` route (``admin_only``); revoking, which cannot be
+undone, with a token only (``_token_only``: a leaked admin key cannot revoke every user's keys).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.admin import actor, admin_only, decode_cursor, encode_cursor, target_user
-from service.errors import BadRequest, NotFound
+from service.errors import BadRequest, Forbidden, NotFound
 from service.http import json_response, no_query, validate
-from service.keys import API_KEYS, SETTINGS, STORE
+from service.keys import API_KEYS, PRINCIPAL, SETTINGS, STORE
 from service.store import EPOCH, Doc, utcnow
 from service.stream.producer import period_of
 
@@ -41,12 +42,31 @@ async def list_user_keys(request: web.Request) -> web.Response:
     return json_response({"items": views})
 
 
+def _token_only(request: web.Request) -> None:
+    """Revoking is irreversible (a secret is shown once): a token's, never a key's, as on the
+    user's own key routes (a leaked admin key must not wipe every user's keys)."""
+    if request[PRINCIPAL].key is not None:
+        raise Forbidden("API keys cannot revoke API keys: use a token")
+
+
 @admin_only
 async def revoke_user_key(request: web.Request) -> web.Response:
     no_query(request)
+    _token_only(request)
     user_id = target_user(request)
     key_id = request.match_info["key_id"]
-    if not await request.app[API_KEYS].revoke(user_id, key_id):
+    try:
+        found = await request.app[API_KEYS].revoke(user_id, key_id)
+    except BaseException as exc:  # the write may have landed: say who tried
+        log.warning(
+            "admin.key_revoke_unconfirmed",
+            **actor(request),
+            target_user_id=user_id,
+            target_key_id=key_id,
+            error=type(exc).__name__,
+        )
+        raise
+    if not found:
         raise NotFound("API key not found", code="key_not_found")
     log.info("admin.key_revoked", **actor(request), target_user_id=user_id, target_key_id=key_id)
     return web.Response(status=204)
@@ -56,15 +76,22 @@ async def revoke_user_key(request: web.Request) -> web.Response:
 async def revoke_user_keys(request: web.Request) -> web.Response:
     """Every key of the user not revoked yet: how many this call revoked, and which."""
     no_query(request)
+    _token_only(request)
     user_id = target_user(request)
-    revoked = list(await request.app[API_KEYS].revoke_all(user_id))
-    log.info(
-        "admin.keys_revoked",
-        **actor(request),
-        target_user_id=user_id,
-        target_key_ids=revoked,
-        revoked=len(revoked),
-    )
+    revoked: list[str] = []
+    complete = False
+    try:
+        await request.app[API_KEYS].revoke_all(user_id, into=revoked)
+        complete = True
+    finally:  # those revoked before a failure or a cancellation are logged too
+        log.info(
+            "admin.keys_revoked",
+            **actor(request),
+            target_user_id=user_id,
+            target_key_ids=revoked,
+            revoked=len(revoked),
+            complete=complete,
+        )
     return json_response({"user_id": user_id, "revoked": len(revoked), "key_ids": revoked})
 
 
