@@ -241,7 +241,8 @@ async def test_a_refused_send_says_why_and_goes_with_the_next_send(browser, serv
 
     await refused()
     assert await not_sent.locator("[data-action=edit]").is_hidden()
-    await not_sent.locator("[data-action=dismiss]").click()
+    # named apart from the error banner's own Dismiss
+    await not_sent.get_by_role("button", name="Dismiss the message not sent").click()
     await not_sent.wait_for(state="detached")
     assert await page.locator("#error").is_hidden()
     assert await page.locator("#input").input_value() == too_long  # still there to edit

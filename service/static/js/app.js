@@ -21,7 +21,8 @@ const state = {
   chatsCursor: null, // the list's next page ("More chats"), null when every chat is loaded
   chatId: null,
   current: null, // the open chat as its history came (it may be beyond the list's pages)
-  unsent: new Map(), // chat id ("" for a new chat) -> its question refused after it was left
+  unsent: new Map(), // chat id ("" for a new chat) -> its questions refused after it was left
+  deleted: new Set(), // the chats deleted on this page (a send still on its way there goes with them)
   turn: null, // the running turn (sent, or followed after a reload): {cancel, stopping, detach}
   ws: new WsTransport(),
   budgetUnit: "tokens", // what the month's budget counts: tokens, or a currency's code
@@ -292,6 +293,7 @@ async function deleteChat(chatId) {
   }
   state.chats = state.chats.filter((c) => c.chat_id !== chatId);
   state.unsent.delete(chatId);
+  state.deleted.add(chatId);
   if (state.chatId === chatId) newChat();
   renderChats();
 }
@@ -424,27 +426,30 @@ function leaveTurn() {
 // meanwhile, its history read before the turn was in it), it is read again, and followed.
 function startedAway(turn, chatId) {
   turn.detach();
-  if (state.chatId === chatId && !state.turn) openChat(chatId);
+  // not over an edit, a comment or a rename being typed: the chat follows it when opened again
+  const typing = el.messages.querySelector(".msg-edit, .msg-comment") || !el.renameForm.hidden;
+  if (state.chatId === chatId && !state.turn && !typing) openChat(chatId);
 }
 
 // A send refused after its chat was left: the chat shows it "not sent" (with its text back in
 // the box) when opened again, or at once if it is open again already (and its history shown).
-function sendRefusedAway(chatId, userEl, why) {
+function sendRefusedAway(chatId, userEl, why, said = `Your message in ${chatName(chatId)} was not sent. ${why}`) {
   const key = chatId || "";
-  showError(`Your message in ${chatName(chatId)} was not sent. ${why}`);
-  state.unsent.set(key, userEl);
+  showError(said);
+  state.unsent.set(key, [...(state.unsent.get(key) || []), userEl]);
   const shown = (state.chatId || "") === key && el.messages.getAttribute("aria-busy") !== "true";
   if (shown && !state.turn) showUnsent(key);
 }
 
 function showUnsent(key) {
-  const userEl = state.unsent.get(key);
-  if (!userEl) return;
+  const userEls = state.unsent.get(key);
+  if (!userEls) return;
   state.unsent.delete(key);
-  el.messages.querySelector(":scope > .msg[data-status=not_sent]")?.remove(); // one at a time
-  el.messages.append(userEl);
+  el.messages.querySelector(":scope > .msg[data-status=not_sent]")?.remove(); // its text is in the box
+  el.messages.append(...userEls);
   el.emptyChat.hidden = true;
-  offerBack(rawText(userEl));
+  for (const userEl of [...userEls].reverse()) offerBack(rawText(userEl)); // in the order sent
+  announce(`${userEls.length === 1 ? "A message" : "Messages"} you sent in this chat ${userEls.length === 1 ? "was" : "were"} not sent: the text is back in the message box.`);
 }
 
 // The chat to send in: the open one, or a new one, created now (the page goes to it, unless
@@ -504,6 +509,7 @@ async function send() {
   clearNotSent();
   const running = startTurn();
   let chatId = state.chatId;
+  const sentIn = currentChat(); // beyond the list's pages, it joins the list's top (bumpChat)
   el.input.value = "";
   const userEl = appendMessage({ role: "user", content: text, status: "complete" }, true);
   const botEl = appendMessage({ role: "assistant", content: "", status: "pending" });
@@ -535,7 +541,9 @@ async function send() {
       botEl.remove();
       const why = notSentReason(exc, stopped);
       setNotSent(userEl, why);
-      if (exc instanceof ApiError && exc.code === "chat_not_found") loadChats().catch(report);
+      const gone = exc instanceof ApiError && exc.code === "chat_not_found";
+      if (gone && state.deleted.has(chatId)) return; // the user deleted its chat meanwhile
+      if (gone) loadChats().catch(report);
       if (running.detached) sendRefusedAway(chatId, userEl, why);
       else {
         offerBack(text);
@@ -544,7 +552,7 @@ async function send() {
     }
   } finally {
     endTurn(running);
-    bumpChat(chatId);
+    bumpChat(chatId, sentIn);
     refreshUsage();
     if (!running.detached) el.input.focus();
   }
@@ -613,10 +621,11 @@ async function followRunning(chatId, msg, botEl) {
 
 // A chat with new activity goes to the top of the list; one beyond the list's pages (opened from
 // a search result or a link) joins it there (no later page has it now).
-function bumpChat(chatId) {
+function bumpChat(chatId, sentIn = null) {
   const i = state.chats.findIndex((c) => c.chat_id === chatId);
-  if (i === 0) return;
-  const chat = i > 0 ? state.chats.splice(i, 1)[0] : state.current?.chat_id === chatId ? state.current : null;
+  if (i === 0 || state.deleted.has(chatId)) return;
+  const beyond = [sentIn, state.current].find((c) => c?.chat_id === chatId) || null;
+  const chat = i > 0 ? state.chats.splice(i, 1)[0] : beyond;
   if (!chat) return;
   chat.updated_at = new Date().toISOString();
   state.chats.unshift(chat);
@@ -725,6 +734,7 @@ async function branch(kind, msgEl, text = null) {
   hideError();
   const running = startTurn();
   const chatId = state.chatId;
+  const sentIn = currentChat();
   const gone = [];
   for (let n = msgEl; n; n = n.nextElementSibling) gone.push(n);
   gone.forEach((n) => n.remove());
@@ -748,7 +758,13 @@ async function branch(kind, msgEl, text = null) {
       // another chat was opened: the answer goes on without the page; refused, nothing changed
       // in its chat (the messages that left the page are still its history)
       const what = kind === "edit" ? "the question was not asked again" : "no new answer was written";
-      if (!started) showError(`In ${chatName(chatId)}, ${what}. ${notSentReason(exc, false)}`);
+      const why = notSentReason(exc, false);
+      const said = `In ${chatName(chatId)}, ${what}. ${why}`;
+      if (started) return;
+      if (userEl) {
+        setNotSent(userEl, why); // its new text: back in the box when the chat is opened again
+        sendRefusedAway(chatId, userEl, why, said);
+      } else showError(said);
       return;
     }
     const stopped = exc.name === "AbortError" || (running.stopping && exc.code !== "stop_unconfirmed");
@@ -763,7 +779,7 @@ async function branch(kind, msgEl, text = null) {
     if (!stopped) report(exc);
   } finally {
     endTurn(running);
-    bumpChat(chatId);
+    bumpChat(chatId, sentIn);
     refreshUsage();
     // the Regenerate or Save pressed left with its message: focus goes to the message box
     const lost = !document.activeElement || document.activeElement === document.body;

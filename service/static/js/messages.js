@@ -182,7 +182,7 @@ export function setNotSent(msgEl, why) {
     h(
       "div",
       { class: "msg-unsent", role: "group", "aria-label": "Message not sent" },
-      h("button", { class: "icon-btn", type: "button", dataset: { action: "dismiss" }, title: "Remove this message: it was not sent" }, "Dismiss"),
+      h("button", { class: "icon-btn", type: "button", dataset: { action: "dismiss" }, "aria-label": "Dismiss the message not sent", title: "Remove this message: it was not sent" }, "Dismiss"),
     ),
   );
 }
