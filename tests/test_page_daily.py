@@ -79,15 +79,16 @@ async def test_another_chat_opens_mid_answer_and_the_answer_goes_on(
     assert page.uncaught == []
 
 
-async def holding_the_send(page, text):
-    """Hold the page's send of ``text`` on its way (its POST, or its WebSocket ``send`` frame),
-    before it reaches the service, until the returned ``release`` is set: (held, release)."""
-    held, release = asyncio.Event(), asyncio.Event()
+async def holding(page, marker, url="**/api/chat/*/message"):
+    """Hold every request of the page carrying ``marker`` (a POST to ``url``, or a WebSocket
+    frame) on its way to the service until the returned ``release`` is set: (held, release);
+    ``held`` counts them."""
+    held, release = [], asyncio.Event()
     later = set()
 
     async def post(route):
-        if text in (route.request.post_data or ""):
-            held.set()
+        if marker in (route.request.post_data or ""):
+            held.append(route.request.url)
             await release.wait()
         await route.continue_()
 
@@ -99,8 +100,8 @@ async def holding_the_send(page, text):
         server = ws.connect_to_server()
 
         def from_page(message):
-            if isinstance(message, str) and text in message and not release.is_set():
-                held.set()
+            if isinstance(message, str) and marker in message and not release.is_set():
+                held.append(message)
                 task = asyncio.create_task(forward_when_released(server, message))
                 later.add(task)
                 task.add_done_callback(later.discard)
@@ -109,9 +110,16 @@ async def holding_the_send(page, text):
 
         ws.on_message(from_page)
 
-    await page.route("**/api/chat/*/message", post)
+    await page.route(url, post)
     await page.route_web_socket(re.compile(r"/api/ws\?"), socket)
     return held, release
+
+
+async def until(check, timeout_s=10.0):
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize("transport", ["sse", "ws"])
@@ -125,7 +133,7 @@ async def test_another_chat_opens_before_the_answer_starts(
     fake_openai.scripts = [Script(chunks=["Hi ", "there."]), Script(chunks=["Fine."])]
     client = await serve_gated()
     page = await open_page(browser, client)
-    held, release = await holding_the_send(page, "Say hello in many scripts")
+    held, release = await holding(page, "Say hello in many scripts")
     await use_transport(page, transport)
     await send(page, "Hello")
     await page.locator(f"{LAST_ASSISTANT}[data-status=complete]", has_text="Hi there.").wait_for()
@@ -139,7 +147,7 @@ async def test_another_chat_opens_before_the_answer_starts(
     await page.locator(f"{LAST_ASSISTANT}[data-status=complete]", has_text="Hi there.").wait_for()
 
     await send(page, "Say hello in many scripts")
-    await asyncio.wait_for(held.wait(), 15)
+    await until(lambda: len(held) == 1, 15)
     records = await page_browser.Records.of(page, client)
     assert await page.locator(LAST_ASSISTANT).get_attribute("data-status") == "pending"
     await chat_named(page, "Other").click()

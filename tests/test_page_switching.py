@@ -8,14 +8,13 @@ test_page_daily.py. One transport: the logic under test is the page's, not the t
 from __future__ import annotations
 
 import asyncio
-import re
 
 import pytest
 
 from tests import test_page_browser as page_browser
 from tests.fake_openai import Script
 from tests.test_page_browser import LAST_ASSISTANT, open_page, send, use_transport
-from tests.test_page_daily import chat_named, shown_roles
+from tests.test_page_daily import chat_named, holding, shown_roles, until
 
 browser = page_browser.browser
 serve = page_browser.serve
@@ -24,49 +23,6 @@ serve_gated = page_browser.serve_gated
 pytestmark = pytest.mark.browser
 
 USER = "#messages > .msg.user"
-
-
-async def holding(page, marker, url="**/api/chat/*/message"):
-    """Hold every request of the page carrying ``marker`` (a POST to ``url``, or a WebSocket
-    frame) on its way to the service until the returned ``release`` is set: (held, release);
-    ``held`` counts them."""
-    held, release = [], asyncio.Event()
-    later = set()
-
-    async def post(route):
-        if marker in (route.request.post_data or ""):
-            held.append(route.request.url)
-            await release.wait()
-        await route.continue_()
-
-    async def forward_when_released(server, message):
-        await release.wait()
-        server.send(message)
-
-    def socket(ws):
-        server = ws.connect_to_server()
-
-        def from_page(message):
-            if isinstance(message, str) and marker in message and not release.is_set():
-                held.append(message)
-                task = asyncio.create_task(forward_when_released(server, message))
-                later.add(task)
-                task.add_done_callback(later.discard)
-            else:
-                server.send(message)
-
-        ws.on_message(from_page)
-
-    await page.route(url, post)
-    await page.route_web_socket(re.compile(r"/api/ws\?"), socket)
-    return held, release
-
-
-async def until(check, timeout_s=10.0):
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline
-        await asyncio.sleep(0.02)
 
 
 async def a_first_chat(page, question="One", answer="First."):
