@@ -257,6 +257,10 @@ async def test_a_refused_send_says_why_and_goes_with_the_next_send(browser, serv
     await page.wait_for_function("() => document.activeElement?.id === 'input'")
 
     await page.press("#input", "Enter")  # the same again: one bubble, not two
+    # Its refusal back (the text in the box again) before the next send's fill: a fill racing
+    # the text given back would type into it.
+    await not_sent.wait_for()
+    await page.wait_for_function("() => document.getElementById('input').value !== ''")
     await refused()
     await page.fill("#input", "Two")
     await page.press("#input", "Enter")
