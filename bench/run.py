@@ -101,7 +101,8 @@ def cpu_s(pid: int) -> float:
 
 
 def main_thread_cpu_s(pid: int) -> float:
-    """CPU time of the main thread alone (the event loop's; the rest is motor's thread pool)."""
+    """CPU time of the main thread alone: the event loop's (the MongoDB driver's work included
+    since PyMongo's asyncio client, finding 38)."""
     with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
         return int(f.read().split()[0]) / 1e9
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import signal
 from collections.abc import AsyncIterator
 
@@ -79,6 +80,12 @@ log = structlog.get_logger("service.app")
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    if "MONGODB_THREADS" in os.environ:
+        log.warning(
+            "settings.retired",
+            name="MONGODB_THREADS",
+            reason="the MongoDB driver runs on the event loop: there are no threads to size",
+        )
     client = make_client(settings)
     store = Store(client[settings.mongodb_db], idempotency_ttl_s=settings.idempotency_ttl_s)
     try:
@@ -89,7 +96,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     app[STORE] = store
     yield
     await store.close()
-    client.close()
+    await client.close()
 
 
 async def _api_keys_ctx(app: web.Application) -> AsyncIterator[None]:

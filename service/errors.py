@@ -14,7 +14,7 @@
     ├── ServiceUnavailable            503     shutting_down | ...
     └── UpstreamError                 502/503/504  upstream_* (see ``UPSTREAM_STATUS``)
 
-Third-party errors (pymongo/motor, aiohttp client) are converted at the boundary that calls
+Third-party errors (pymongo, aiohttp client) are converted at the boundary that calls
 them, with ``raise ... from exc``. Anything else reaching the middleware becomes a 500 with
 the same shape; the traceback goes only to the log.
 """

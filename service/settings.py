@@ -56,11 +56,6 @@ class Settings(BaseSettings):
     mongodb_db: str = Field("chat_gateway", min_length=1)
     mongodb_timeout_ms: int = Field(3000, ge=100)
     mongodb_max_pool_size: int = Field(100, ge=1)
-    # motor runs PyMongo, a blocking driver, in one thread pool per process: the MongoDB
-    # commands in flight at once. motor's own default is 5 per core of the machine (a pod on a
-    # 64-core node would get 320 threads), and past the commands a turn has in flight the extra
-    # threads only contend for the GIL (docs/performance.md, finding 23).
-    mongodb_threads: int = Field(4, ge=1, le=256)
 
     # --- auth
     jwt_secret: SecretStr | None = None

@@ -1,4 +1,4 @@
-"""The only module that speaks to MongoDB (through motor).
+"""The only module that speaks to MongoDB (through PyMongo's asyncio API, on the event loop).
 
 Every method maps driver failures to ``StoreUnavailable`` (503) at this boundary. Rules that must
 hold across replicas are single conditional MongoDB operations, never read-then-write:
@@ -12,9 +12,10 @@ hold across replicas are single conditional MongoDB operations, never read-then-
               programs: ``requests_due``, requests per minute, and the size of ``open``, turns
               at once) and reserves; reconciled with one ``$inc``.
 
-Motor is in maintenance; keeping it behind this module makes a switch to PyMongo's async API a
-change of one file.
-"""
+The driver is PyMongo's own asyncio client (``AsyncMongoClient``): its commands run on the
+event loop, with no thread pool to hand them to and back from (motor, past its end of life since
+May 2026, did that: docs/performance.md, findings 38 and 39). No cancellation reaches it
+(``_guarded``)."""
 
 from __future__ import annotations
 
@@ -26,20 +27,19 @@ import functools
 import hashlib
 import random
 import re
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
-import motor.frameworks.asyncio as motor_threads
 import orjson
 import pymongo
 import structlog
-from motor.motor_asyncio import AsyncIOMotorClient, AsyncIOMotorDatabase
-from pymongo import ASCENDING, DESCENDING, TEXT, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, DESCENDING, TEXT, AsyncMongoClient, ReturnDocument, UpdateOne
+from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import (
     BulkWriteError,
     ConnectionFailure,
@@ -108,12 +108,15 @@ def _unavailable(exc: PyMongoError) -> bool:
     )
 
 
+BACKSTOP_S = 0.25  # past MONGODB_TIMEOUT_MS: the driver's own deadline ends its commands first
+
+
 def db_call(
     fn: Callable[Concatenate[Store, P], Coroutine[Any, Any, R]],
 ) -> Callable[Concatenate[Store, P], Coroutine[Any, Any, R]]:
     """Bound the call by the client's ``timeoutMS`` (``MONGODB_TIMEOUT_MS``) from now, its wait
-    for the indexes and its commands' waits for a driver thread included; turn driver outages
-    and timeouts into ``StoreUnavailable`` (``_guarded``)."""
+    for the indexes and for a pooled connection included; turn driver outages and timeouts into
+    ``StoreUnavailable`` (``_guarded``)."""
 
     ok = MONGODB_SECONDS.labels(fn.__name__, "ok")
     failed = MONGODB_SECONDS.labels(fn.__name__, "error")
@@ -138,26 +141,31 @@ async def _guarded(
     driver's own bounds), timed into ``ok`` or ``failed``; an outage or a timeout raised as
     ``StoreUnavailable``.
 
-    PyMongo's own clock starts when a driver thread takes a command: while every thread is held
-    (an outage, a hung server: each command up to the timeout), the commands queued behind them
-    would wait unbounded. Here the deadline is set where the call is made (``pymongo.timeout``:
-    motor hands the caller's context to the thread, so a command a thread takes past it is
-    never sent), and the caller stops waiting at it (a command no thread has taken is then
-    dropped from the queue; one in flight ends by the same deadline in its thread). The
-    indexes, when MongoDB was away at start-up, are made off the call's path
-    (``Store.indexes``): the call waits for them within its own deadline."""
+    The deadline is PyMongo's own (``pymongo.timeout``, absolute from now): the call's every
+    command, its server selection, its wait for a pooled connection and a retried write end by
+    it, each raising the driver's own timeout. The wait for the indexes (made off the call's
+    path when MongoDB was away at start-up, ``Store.indexes``) is bounded by ``asyncio.timeout``
+    from the same instant; and the caller's wait, by ``asyncio.timeout`` ``BACKSTOP_S`` later.
+
+    No cancellation reaches the driver (``_undisturbed``): a caller cancelled (a client gone,
+    a deadline) stops waiting; the call goes on in a task of its own to its end or the driver's
+    deadline, as motor's thread did. PyMongo's asyncio code cancelled half-way closes the
+    connection, can leave a pool slot or a server-side cursor behind, and on Python 3.11 meets
+    ``asyncio.wait_for``'s races (docs/performance.md, finding 39); and a store method is never
+    left half-done by its caller (a counter taken for a chat or a key it did not make)."""
     started = time.perf_counter()
     try:
         if timeout_s is None:
             if not store.indexes_ready:
                 await store.indexes()
-            result = await call()
+            result = await _undisturbed(store, call)
         else:
             with pymongo.timeout(timeout_s):
-                async with asyncio.timeout(timeout_s):
+                async with asyncio.timeout(timeout_s + BACKSTOP_S):
                     if not store.indexes_ready:
-                        await store.indexes()
-                    result = await call()
+                        async with asyncio.timeout(timeout_s):
+                            await store.indexes()
+                    result = await _undisturbed(store, call)
     except (PyMongoError, TimeoutError) as exc:
         failed.observe(time.perf_counter() - started)
         if isinstance(exc, TimeoutError) or _unavailable(exc):
@@ -165,6 +173,16 @@ async def _guarded(
         raise
     ok.observe(time.perf_counter() - started)
     return result
+
+
+async def _undisturbed(store: Store, call: Callable[[], Awaitable[R]]) -> R:
+    """``call()`` in a task of its own (this context's copy: its ``pymongo.timeout``), awaited
+    through ``asyncio.shield``: cancelling the caller stops its wait, not the call. The store
+    keeps each until it is done (``Store.close`` waits for them)."""
+    task = asyncio.ensure_future(call())
+    store.undisturbed.add(task)
+    task.add_done_callback(store.let_go)
+    return await asyncio.shield(task)
 
 
 def _retrieved(task: asyncio.Task[None]) -> None:
@@ -176,19 +194,39 @@ def _retrieved(task: asyncio.Task[None]) -> None:
 _PING = (MONGODB_SECONDS.labels("ping", "ok"), MONGODB_SECONDS.labels("ping", "error"))
 
 
-def size_driver_threads(threads: int) -> None:
-    """The thread pool motor runs PyMongo in (one per process, shared by every client), of
-    ``threads`` threads: ``MONGODB_THREADS``, not motor's 5 per core of the machine."""
-    old = motor_threads._EXECUTOR
-    if old._max_workers != threads:
-        motor_threads._EXECUTOR = ThreadPoolExecutor(threads, thread_name_prefix="mongodb")
-        old.shutdown(wait=False)  # what it runs finishes; its threads then exit
+async def _cond_wait(condition: Any, timeout: float | None) -> bool:  # noqa: ASYNC109 (PyMongo's signature)
+    """PyMongo's wait on one of its conditions (server selection's, a pool's), bounded by
+    ``timeout``, in the caller's own task: a cancellation of the caller ends it with the
+    condition's lock taken back, as the caller's ``async with`` expects."""
+    try:
+        async with asyncio.timeout(timeout):
+            return bool(await condition.wait())
+    except TimeoutError:
+        return False
 
 
-def make_client(settings: Settings) -> AsyncIOMotorClient[Doc]:
-    size_driver_threads(settings.mongodb_threads)
+def _keep_driver_waits_in_their_task() -> None:
+    """On Python 3.11 PyMongo waits on its conditions with ``asyncio.wait_for``, which runs the
+    wait in a task of its own. A caller cancelled while that task takes the lock back (our
+    deadline, a client gone) returns without it; the caller's ``async with`` then releases a
+    lock it does not hold, and the task takes it for good: every later command of the client
+    waits on the topology's lock for ever (docs/performance.md, finding 39). Python 3.12's
+    ``wait_for`` keeps the wait in the caller's task; so does this."""
+    if sys.version_info >= (3, 12):
+        return
+    import pymongo.asynchronous.pool as pool
+    import pymongo.asynchronous.topology as topology
+
+    for module in (pool, topology):
+        module._async_cond_wait = _cond_wait  # type: ignore[attr-defined]
+
+
+_keep_driver_waits_in_their_task()
+
+
+def make_client(settings: Settings) -> AsyncMongoClient[Doc]:
     timeout = settings.mongodb_timeout_ms
-    return AsyncIOMotorClient(
+    return AsyncMongoClient(
         settings.mongodb_uri,
         appname="chat-gateway",
         tz_aware=True,
@@ -226,11 +264,12 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 class Store:
     def __init__(
-        self, db: AsyncIOMotorDatabase[Doc], *, idempotency_ttl_s: int = IDEMPOTENCY_TTL_S
+        self, db: AsyncDatabase[Doc], *, idempotency_ttl_s: int = IDEMPOTENCY_TTL_S
     ) -> None:
         self.db = db
         self.idempotency_ttl_s = idempotency_ttl_s
-        self.timeout_s: float | None = db.client.delegate.options.timeout  # MONGODB_TIMEOUT_MS
+        self.timeout_s: float | None = db.client.options.timeout  # MONGODB_TIMEOUT_MS
+        self.undisturbed: set[asyncio.Future[Any]] = set()  # calls under way (``_guarded``)
         self.chats = db["chats"]
         self.messages = db["messages"]
         self.usage = db["usage"]
@@ -243,13 +282,23 @@ class Store:
         self._index_lock = asyncio.Lock()
         self._index_task: asyncio.Task[None] | None = None
 
+    def let_go(self, task: asyncio.Future[Any]) -> None:
+        """A call done: forgotten, its error retrieved (its caller may be gone: ``shield``
+        then leaves it unread)."""
+        self.undisturbed.discard(task)
+        if not task.cancelled():
+            task.exception()
+
     async def close(self) -> None:
-        """Stop making the indexes, if that is under way (before the client closes)."""
+        """Stop making the indexes, if that is under way, and let the calls whose callers were
+        cancelled end (each by its deadline), before the client closes."""
         task, self._index_task = self._index_task, None
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.undisturbed:
+            await asyncio.wait(list(self.undisturbed))
 
     # ------------------------------------------------------------------ lifecycle
     async def ensure_indexes(self) -> None:
@@ -363,12 +412,8 @@ class Store:
     async def create_chat(
         self, user_id: str, *, title: str | None, model: str | None, cap: int
     ) -> Doc:
-        # Shielded: a client that disconnects half-way must not leave the counter incremented.
-        return await asyncio.shield(self._create_chat(user_id, title, model, cap))
-
-    async def _create_chat(
-        self, user_id: str, title: str | None, model: str | None, cap: int
-    ) -> Doc:
+        # A client that disconnects half-way does not stop it (``_guarded``): the counter is
+        # never left incremented for a chat not made.
         await _take_slot(
             self.chat_counts,
             user_id,
@@ -435,9 +480,6 @@ class Store:
 
     @db_call
     async def delete_chat(self, user_id: str, chat_id: str) -> datetime | None:
-        return await asyncio.shield(self._delete_chat(user_id, chat_id))
-
-    async def _delete_chat(self, user_id: str, chat_id: str) -> datetime | None:
         now = utcnow()
         doc: Doc | None = await self.chats.find_one_and_update(
             {"_id": chat_id, "user_id": user_id, "is_active": True},
@@ -1523,10 +1565,8 @@ class Store:
     @db_call
     async def create_api_key(self, doc: Doc, *, cap: int) -> None:
         """Insert a key doc (``revoked_at: None``) unless its user has ``cap`` keys not revoked;
-        409 ``key_limit_reached`` then. Shielded: a client gone half-way leaves no count."""
-        await asyncio.shield(self._create_api_key(doc, cap))
-
-    async def _create_api_key(self, doc: Doc, cap: int) -> None:
+        409 ``key_limit_reached`` then. A client gone half-way does not stop it (``_guarded``):
+        it leaves no count."""
         counts = self.db["api_key_counts"]
         await _take_slot(
             counts,
@@ -1558,7 +1598,7 @@ class Store:
     @db_call
     async def revoke_api_key(self, user_id: str, key_id: str) -> Doc | None:
         """Mark the user's key revoked; None when it has no such key (or it is revoked)."""
-        return await asyncio.shield(self._revoke_api_key(user_id, key_id))
+        return await self._revoke_api_key(user_id, key_id)
 
     async def _revoke_api_key(self, user_id: str, key_id: str) -> Doc | None:
         doc: Doc | None = await self.db["api_keys"].find_one_and_update(

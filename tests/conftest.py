@@ -182,8 +182,8 @@ async def services(mongo_server, db_name, fake_openai, tmp_path):
 @pytest.fixture
 async def db(mongo_server, db_name):
     """This test's database, read directly (what the service processes wrote)."""
-    from motor.motor_asyncio import AsyncIOMotorClient
+    from pymongo import AsyncMongoClient
 
-    client: AsyncIOMotorClient[Any] = AsyncIOMotorClient(mongo_server.uri)
+    client: AsyncMongoClient[Any] = AsyncMongoClient(mongo_server.uri)
     yield client[db_name]
-    client.close()
+    await client.close()

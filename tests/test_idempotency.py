@@ -181,7 +181,7 @@ async def test_an_expired_key_starts_a_new_turn(stream_client, fake_openai, auth
     fake_openai.default = script()
     assert (await send(client, chat_id, {**h, **KEY}))[0].status == 200
     keys = client.app[STORE].db["idempotency_keys"]
-    indexes = {i["name"]: i async for i in keys.list_indexes()}
+    indexes = {i["name"]: i async for i in await keys.list_indexes()}
     assert indexes["key_ttl"]["expireAfterSeconds"] == 86_400
     assert indexes["user_key"]["unique"]
     # What MongoDB's TTL monitor would remove a day later; older claims count as gone anyway.

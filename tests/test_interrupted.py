@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import re
 from datetime import timedelta
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -309,8 +310,7 @@ async def test_quiet_stream_of_a_live_replica_is_not_reaped(client, auth, settin
 async def test_the_replica_s_own_commands_are_labelled_and_a_turn_s_are_not(mongo_server, db_name):
     """The watcher's commands carry ``comment: gateway:replica`` (MongoDB's profiler, logs and
     currentOp show it, and the bench counts them apart from a turn's); a turn's commands do not."""
-    from motor.motor_asyncio import AsyncIOMotorClient
-    from pymongo import monitoring
+    from pymongo import AsyncMongoClient, monitoring
 
     from service.store import REPLICA_WORK
 
@@ -331,7 +331,9 @@ async def test_the_replica_s_own_commands_are_labelled_and_a_turn_s_are_not(mong
             pass
 
     recorder = Recorder()
-    client = AsyncIOMotorClient(mongo_server.uri, tz_aware=True, event_listeners=[recorder])
+    client: AsyncMongoClient[Any] = AsyncMongoClient(
+        mongo_server.uri, tz_aware=True, event_listeners=[recorder]
+    )
     try:
         store = Store(client[db_name])
         await store.ensure_indexes()
@@ -347,7 +349,7 @@ async def test_the_replica_s_own_commands_are_labelled_and_a_turn_s_are_not(mong
         await store.stale_streams(older_than=utcnow())
         await store.old_reservations(older_than=utcnow())
     finally:
-        client.close()
+        await client.close()
     replica = recorder.comments
     assert set(replica) >= {
         "update:replicas",

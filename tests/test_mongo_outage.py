@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import pytest
+from pymongo import monitoring
 
 from service.app import create_app
 from service.keys import STORE
@@ -89,7 +90,7 @@ async def test_starts_while_mongodb_is_down(aiohttp_client, make_settings, auth,
     while (await client.post("/api/chat", headers=auth())).status != 201:
         assert time.monotonic() < deadline
     store = client.app[STORE]
-    names = {i["name"] async for i in store.usage.list_indexes()}
+    names = {i["name"] async for i in await store.usage.list_indexes()}
     assert "user_period" in names  # the unique index the budget relies on exists after recovery
 
 
@@ -208,6 +209,67 @@ async def test_the_timeout_bounds_a_whole_operation_retries_included(
         own_mongo.proc.send_signal(signal.SIGCONT)
 
 
+class FindChats(monitoring.CommandListener):
+    """How many ``find`` commands on ``chats`` were sent (started on a connection)."""
+
+    def __init__(self, db_name: str) -> None:
+        self.db_name = db_name
+        self.sent = 0
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if (event.database_name, event.command_name) == (self.db_name, "find"):
+            self.sent += event.command.get("find") == "chats"
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+async def test_calls_waiting_for_a_pooled_connection_answer_503_at_their_own_timeout(
+    aiohttp_client, make_settings, auth, own_mongo, db_name
+):
+    """A hung server holds the pool's one connection up to the timeout: the calls queued behind
+    it fail at MONGODB_TIMEOUT_MS from when each was made, not one timeout after another, and
+    none of their commands is sent once the server answers again."""
+    sent = FindChats(db_name)
+    monitoring.register(sent)  # global: the app's client is made after this
+    settings = make_settings(
+        mongodb_uri=own_mongo.uri,
+        mongodb_max_pool_size=1,
+        mongodb_timeout_ms=1000,
+    )
+    client = await aiohttp_client(create_app(settings))
+    h = auth()
+    assert (await client.get("/api/chat", headers=h)).status == 200
+    assert own_mongo.proc is not None
+    own_mongo.proc.send_signal(signal.SIGSTOP)  # hung: connections open, no answers
+    try:
+
+        async def listed() -> tuple[int, float]:
+            started = time.monotonic()
+            resp = await client.get("/api/chat", headers=h)
+            assert (await resp.json())["error"]["code"] == "database_unavailable"
+            return resp.status, time.monotonic() - started
+
+        answers = await asyncio.wait_for(asyncio.gather(*(listed() for _ in range(4))), 10)
+        assert [status for status, _ in answers] == [503] * 4
+        assert max(took for _, took in answers) < 1.6, answers  # four in a row would take 4 s
+    finally:
+        own_mongo.proc.send_signal(signal.SIGCONT)
+
+    async def ready() -> bool:
+        return (await client.get("/readyz")).status == 200
+
+    await eventually(ready, what="the server answering again")
+    before = sent.sent
+    assert (await client.get("/api/chat", headers=h)).status == 200
+    # The pool's one connection serves in order: a queued command, had it stayed queued, would
+    # have been sent before this one.
+    assert sent.sent == before + 1
+
+
 async def test_the_log_says_why_mongodb_is_unreachable_and_when_it_is_back(
     aiohttp_client, make_settings, own_mongo, logs
 ):
@@ -284,4 +346,8 @@ async def test_a_final_write_given_up_is_settled_by_its_own_live_replica(
     assert record["status"] == "interrupted" and record["content"] == "all of "
     usage = await client.app[STORE].usage.find_one({"user_id": "alice"})
     assert usage["used"] == record["tokens"]["total"] > 0 and usage["reserved"] == 0
-    assert any(e["event"] == "stream.ended" and e.get("outcome") == "interrupted" for e in logs)
+
+    async def logged() -> bool:  # said once its rollup is written, after the record
+        return any(e["event"] == "stream.ended" and e.get("outcome") == "interrupted" for e in logs)
+
+    await eventually(logged, 5, "the interrupted turn's stream.ended")
