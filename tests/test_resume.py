@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from service.app import create_app
+from service.errors import StoreUnavailable
 from service.keys import REGISTRY, STORE
 from service.metrics import DETACHED, FOLLOWERS, RESUMES
 from tests.fake_openai import Script
@@ -456,3 +457,46 @@ async def test_stalled_sse_clients_do_not_stop_their_turns(
     finally:
         for sock in socks:
             sock.close()
+
+
+async def test_a_resume_after_one_whose_mark_failed_still_gets_the_rest(
+    aiohttp_client, stream_settings, fake_openai, auth
+):
+    """The first resume of a turn another (live) replica runs makes its mirror here, then its
+    mark (``follow_turns``) fails: 503. The next resume of that turn finds the mirror and
+    follows it to the end. Before, the poll started only after a mark that answered, so that
+    resume got the record's text and then nothing (found by review)."""
+    client = await aiohttp_client(create_app(stream_settings()))
+    h = auth()
+    chat_id = await new_chat(client, h)
+    fake_openai.default = script()
+    resp = await client.post(f"/api/chat/{chat_id}/message", json={"message": "x"}, headers=h)
+    message_id = (await _rest(resp))[0]["data"]["message_id"]
+    store = client.app[STORE]
+
+    async def final() -> bool:
+        return (await record(client, message_id))["status"] == "complete"
+
+    await until(final)
+    answer = "".join(CHUNKS)
+    await store.heartbeat("elsewhere")  # as if a live replica elsewhere ran it, 5 characters in
+    ended = await record(client, message_id)
+    running = {"status": "streaming", "replica": "elsewhere", "content": answer[:5]}
+    await store.messages.update_one({"_id": message_id}, {"$set": running})
+    real = store.follow_turns
+
+    async def unavailable(*_args: Any, **_kwargs: Any) -> None:
+        store.follow_turns = real
+        raise StoreUnavailable("the database is unavailable; try again shortly")
+
+    store.follow_turns = unavailable
+    url = f"/api/chat/{chat_id}/messages/{message_id}/stream?after=0"
+    assert (await client.get(url, headers=h)).status == 503
+    follow = await client.get(url, headers=h)
+    assert follow.status == 200
+    seen, _ = await read_until(follow, 5)
+    assert text_of(seen) == answer[:5]
+    back = {k: ended[k] for k in ("status", "replica", "content")}
+    await store.messages.update_one({"_id": message_id}, {"$set": back})
+    rest = await asyncio.wait_for(_rest(follow), 10)
+    assert text_of(seen) + text_of(rest) == answer and rest[-1]["event"] == "done"

@@ -109,8 +109,10 @@ class Resumes:
         if live is None:
             live = self.mirrors[doc["_id"]] = _of_record(doc)
             await self.store.follow_turns([doc["_id"]], until=utcnow() + _lease())
-            if self._poll is None or self._poll.done():
-                self._poll = asyncio.create_task(self._run(), name="resume-mirrors")
+        # Whoever follows a mirror sees the poll running: the first follower's mark may have
+        # failed (503) after its mirror was made, and the poll drops a mirror nobody follows.
+        if self._poll is None or self._poll.done():
+            self._poll = asyncio.create_task(self._run(), name="resume-mirrors")
         return live
 
     # ------------------------------------------------------------------ the poll
