@@ -105,7 +105,7 @@ async def test_down_at_start_readyz_and_every_call_keep_their_bound(
     from service.errors import StoreUnavailable
     from tests.mongo_server import free_port
 
-    timeout_s = 2.0
+    timeout_s = 1.0
     uri = f"mongodb://127.0.0.1:{free_port()}/?replicaSet=rs0"
     settings = make_settings(mongodb_uri=uri, mongodb_timeout_ms=int(timeout_s * 1000))
     client = await aiohttp_client(create_app(settings))
