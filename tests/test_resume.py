@@ -307,22 +307,9 @@ async def test_a_failed_round_of_the_mirrors_poll_does_not_stall_their_followers
     Before, the poll's task ended and every follower here hung until a new one came."""
     client = await aiohttp_client(create_app(stream_settings()))
     h = auth()
-    chat_id = await new_chat(client, h)
-    fake_openai.default = script()
-    resp = await client.post(f"/api/chat/{chat_id}/message", json={"message": "x"}, headers=h)
-    message_id = (await _rest(resp))[0]["data"]["message_id"]
+    chat_id, message_id, ended = await _running_elsewhere(client, h, fake_openai)
     store = client.app[STORE]
-
-    async def final() -> bool:
-        return (await record(client, message_id))["status"] == "complete"
-
-    await until(final)
     answer = "".join(CHUNKS)
-    # As if a live replica elsewhere ran it, five characters in.
-    await store.heartbeat("elsewhere")
-    ended = await record(client, message_id)
-    running = {"status": "streaming", "replica": "elsewhere", "content": answer[:5]}
-    await store.messages.update_one({"_id": message_id}, {"$set": running})
     real = store.read_turns
 
     async def broken(*_args: Any, **_kwargs: Any) -> None:
@@ -348,6 +335,26 @@ async def test_a_failed_round_of_the_mirrors_poll_does_not_stall_their_followers
     assert [e["error"] for e in logs if e["event"] == "stream.follow_failed"] == [
         "RuntimeError: a record this replica cannot read"
     ]
+
+
+async def _running_elsewhere(client, h, fake_openai) -> tuple[str, str, dict]:
+    """A chat turn answered here, then its record set back as if a live replica elsewhere ran
+    it, five characters in: (chat_id, message_id, the ended record to put back)."""
+    chat_id = await new_chat(client, h)
+    fake_openai.default = script()
+    resp = await client.post(f"/api/chat/{chat_id}/message", json={"message": "x"}, headers=h)
+    message_id = (await _rest(resp))[0]["data"]["message_id"]
+    store = client.app[STORE]
+
+    async def final() -> bool:
+        return (await record(client, message_id))["status"] == "complete"
+
+    await until(final)
+    await store.heartbeat("elsewhere")
+    ended = await record(client, message_id)
+    running = {"status": "streaming", "replica": "elsewhere", "content": "".join(CHUNKS)[:5]}
+    await store.messages.update_one({"_id": message_id}, {"$set": running})
+    return chat_id, message_id, ended
 
 
 async def _rest(resp) -> list[dict]:
@@ -468,21 +475,9 @@ async def test_a_resume_after_one_whose_mark_failed_still_gets_the_rest(
     resume got the record's text and then nothing (found by review)."""
     client = await aiohttp_client(create_app(stream_settings()))
     h = auth()
-    chat_id = await new_chat(client, h)
-    fake_openai.default = script()
-    resp = await client.post(f"/api/chat/{chat_id}/message", json={"message": "x"}, headers=h)
-    message_id = (await _rest(resp))[0]["data"]["message_id"]
+    chat_id, message_id, ended = await _running_elsewhere(client, h, fake_openai)
     store = client.app[STORE]
-
-    async def final() -> bool:
-        return (await record(client, message_id))["status"] == "complete"
-
-    await until(final)
     answer = "".join(CHUNKS)
-    await store.heartbeat("elsewhere")  # as if a live replica elsewhere ran it, 5 characters in
-    ended = await record(client, message_id)
-    running = {"status": "streaming", "replica": "elsewhere", "content": answer[:5]}
-    await store.messages.update_one({"_id": message_id}, {"$set": running})
     real = store.follow_turns
 
     async def unavailable(*_args: Any, **_kwargs: Any) -> None:
