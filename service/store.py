@@ -297,8 +297,9 @@ class Store:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self.undisturbed:
-            await asyncio.wait(list(self.undisturbed))
+        if self.undisturbed:  # each ends by its deadline; a driver past it is not waited for
+            bound = None if self.timeout_s is None else self.timeout_s + BACKSTOP_S
+            await asyncio.wait(list(self.undisturbed), timeout=bound)
 
     # ------------------------------------------------------------------ lifecycle
     async def ensure_indexes(self) -> None:
