@@ -86,7 +86,7 @@ def serve(aiohttp_client, stream_settings):
     """The app on a real socket, with the dev token endpoint and the demo model."""
 
     async def factory(**overrides):
-        values = {"dev_token_endpoint": True, "default_model": "demo", "demo_token_delay_ms": 40}
+        values = {"dev_token_endpoint": True, "default_model": "demo", "demo_token_delay_ms": 15}
         values.update(overrides)
         return await aiohttp_client(create_app(stream_settings(**values)))
 
