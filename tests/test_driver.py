@@ -190,3 +190,27 @@ async def test_a_caller_cancelled_mid_command_leaves_the_call_to_end_on_its_conn
     finally:
         await store.close()
         await client.close()
+
+
+async def test_closing_waits_for_a_call_its_caller_left_no_longer_than_a_deadline(
+    mongo_server, db_name
+):
+    """A call whose caller left ends by the driver's deadline; one that does not (a driver
+    hung past it, finding 39's kind) holds the shutdown no longer than that deadline and the
+    backstop."""
+    from pymongo import AsyncMongoClient
+
+    from service.store import BACKSTOP_S, Store
+
+    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(mongo_server.uri, timeoutMS=200)
+    store = Store(client[db_name])
+    hung = asyncio.ensure_future(asyncio.Event().wait())
+    store.undisturbed.add(hung)
+    try:
+        started = asyncio.get_running_loop().time()
+        async with asyncio.timeout(5):
+            await store.close()
+        assert asyncio.get_running_loop().time() - started < 0.2 + BACKSTOP_S + 0.5
+    finally:
+        hung.cancel()
+        await client.close()
