@@ -495,3 +495,41 @@ async def test_a_resume_after_one_whose_mark_failed_still_gets_the_rest(
     await store.messages.update_one({"_id": message_id}, {"$set": back})
     rest = await asyncio.wait_for(_rest(follow), 10)
     assert text_of(seen) + text_of(rest) == answer and rest[-1]["event"] == "done"
+
+
+async def test_a_mirror_made_while_the_poll_runs_is_not_dropped_before_its_follower_comes(
+    aiohttp_client, stream_settings, fake_openai, auth
+):
+    """The poll already runs for one turn followed here when a second turn's first resume makes
+    its mirror and waits for its mark: a round of the poll in that wait saw a mirror nobody
+    followed yet and dropped it, and that resume then got the record's text and nothing more
+    (found by review)."""
+    client = await aiohttp_client(create_app(stream_settings()))
+    h = auth()
+    first = await _running_elsewhere(client, h, fake_openai)
+    second = await _running_elsewhere(client, h, fake_openai)
+    store = client.app[STORE]
+    answer = "".join(CHUNKS)
+
+    def url(chat_id: str, message_id: str) -> str:
+        return f"/api/chat/{chat_id}/messages/{message_id}/stream?after=0"
+
+    followed = await client.get(url(*first[:2]), headers=h)  # the poll runs for it
+    assert text_of((await read_until(followed, 5))[0]) == answer[:5]
+    real = store.follow_turns
+
+    async def slow(*args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(0.5)  # rounds of the poll go by (FOLLOW_INTERVAL_S 0.1)
+        await real(*args, **kwargs)
+
+    store.follow_turns = slow
+    follow = await client.get(url(*second[:2]), headers=h)
+    store.follow_turns = real
+    assert follow.status == 200
+    seen, _ = await read_until(follow, 5)
+    for _chat_id, message_id, ended in (first, second):
+        back = {k: ended[k] for k in ("status", "replica", "content")}
+        await store.messages.update_one({"_id": message_id}, {"$set": back})
+    rest = await asyncio.wait_for(_rest(follow), 10)
+    assert text_of(seen) + text_of(rest) == answer and rest[-1]["event"] == "done"
+    await asyncio.wait_for(_rest(followed), 10)

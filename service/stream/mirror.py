@@ -109,6 +109,8 @@ class Resumes:
         if live is None:
             live = self.mirrors[doc["_id"]] = _of_record(doc)
             await self.store.follow_turns([doc["_id"]], until=utcnow() + _lease())
+            # The poll may have dropped it meanwhile (nobody followed it yet): put back.
+            live = self.mirrors.setdefault(doc["_id"], live)
         # Whoever follows a mirror sees the poll running: the first follower's mark may have
         # failed (503) after its mirror was made, and the poll drops a mirror nobody follows.
         if self._poll is None or self._poll.done():
