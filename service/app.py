@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import os
 import signal
 from collections.abc import AsyncIterator
 
@@ -80,7 +79,7 @@ log = structlog.get_logger("service.app")
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    if "MONGODB_THREADS" in os.environ:
+    if settings.mongodb_threads is not None:
         log.warning(
             "settings.retired",
             name="MONGODB_THREADS",

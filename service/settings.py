@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     mongodb_db: str = Field("chat_gateway", min_length=1)
     mongodb_timeout_ms: int = Field(3000, ge=100)
     mongodb_max_pool_size: int = Field(100, ge=1)
+    # Retired with motor's thread pool (docs/performance.md, finding 39): read, from the
+    # environment or .env, only to be said at start-up (``settings.retired``), not ignored.
+    mongodb_threads: str | None = None
 
     # --- auth
     jwt_secret: SecretStr | None = None
