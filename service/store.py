@@ -413,8 +413,9 @@ class Store:
     async def create_chat(
         self, user_id: str, *, title: str | None, model: str | None, cap: int
     ) -> Doc:
-        # A client that disconnects half-way does not stop it (``_guarded``): the counter is
-        # never left incremented for a chat not made.
+        # A client that disconnects half-way does not stop it (``_guarded``). An insert that
+        # fails gives its slot back, but not once the call's deadline is spent: that undo is
+        # refused by the driver too, and the slot stays taken (a known gap).
         await _take_slot(
             self.chat_counts,
             user_id,
@@ -1566,8 +1567,8 @@ class Store:
     @db_call
     async def create_api_key(self, doc: Doc, *, cap: int) -> None:
         """Insert a key doc (``revoked_at: None``) unless its user has ``cap`` keys not revoked;
-        409 ``key_limit_reached`` then. A client gone half-way does not stop it (``_guarded``):
-        it leaves no count."""
+        409 ``key_limit_reached`` then. A client gone half-way does not stop it (``_guarded``);
+        a failed insert gives its slot back (not once the deadline is spent, as for chats)."""
         counts = self.db["api_key_counts"]
         await _take_slot(
             counts,
