@@ -178,7 +178,10 @@ async def _guarded(
 async def _undisturbed(store: Store, call: Callable[[], Awaitable[R]]) -> R:
     """``call()`` in a task of its own (this context's copy: its ``pymongo.timeout``), awaited
     through ``asyncio.shield``: cancelling the caller stops its wait, not the call. The store
-    keeps each until it is done (``Store.close`` waits for them)."""
+    keeps each until it is done (``Store.close`` waits for them). A call made inside one (a
+    store method calling another) is out of its caller's reach already: it runs in that task."""
+    if asyncio.current_task() in store.undisturbed:
+        return await call()
     task = asyncio.ensure_future(call())
     store.undisturbed.add(task)
     task.add_done_callback(store.let_go)

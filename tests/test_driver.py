@@ -214,3 +214,42 @@ async def test_closing_waits_for_a_call_its_caller_left_no_longer_than_a_deadlin
     finally:
         hung.cancel()
         await client.close()
+
+
+class _Tasks(monitoring.CommandListener):
+    """The asyncio task each command of one database started in."""
+
+    def __init__(self, db_name: str) -> None:
+        self.db_name = db_name
+        self.tasks: list[object] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.database_name == self.db_name:
+            self.tasks.append(asyncio.current_task())
+
+    def succeeded(self, event: object) -> None: ...
+    def failed(self, event: object) -> None: ...
+
+
+async def test_a_store_call_made_inside_another_runs_in_that_call_s_task(mongo_server, db_name):
+    """``stale_streams`` asks ``live_replicas`` first: both store calls, one task between them
+    (the outer call is out of its caller's reach already: a task more per nested call, as in
+    the final writes' and the authorizations' turn-by-turn fallbacks, was work for nothing)."""
+    from pymongo import AsyncMongoClient
+
+    from service.store import Store, utcnow
+
+    tasks = _Tasks(db_name)
+    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(
+        mongo_server.uri, timeoutMS=3000, event_listeners=[tasks]
+    )
+    store = Store(client[db_name])
+    try:
+        await store.ensure_indexes()
+        tasks.tasks.clear()
+        await store.stale_streams(older_than=utcnow())
+        assert len(tasks.tasks) == 2  # the replicas' find, then the messages'
+        assert tasks.tasks[0] is tasks.tasks[1] is not asyncio.current_task()
+    finally:
+        await store.close()
+        await client.close()
