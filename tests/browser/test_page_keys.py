@@ -1,7 +1,7 @@
 """The chat page's API keys screen (issue 20), in a real headless Chromium: a key is created
 with its secret shown once (copied, then gone from the page), the list shows its name and
 prefix but never the secret, the key works on ``/v1/chat/completions``, and revoking it in the
-page makes that call 401. Fixtures: tests/test_page_browser.py."""
+page makes that call 401. Fixtures: tests/browser/conftest.py."""
 
 from __future__ import annotations
 
@@ -11,11 +11,7 @@ import time
 
 import pytest
 
-from tests import test_page_browser as page_browser
-from tests.test_page_browser import open_page
-
-browser = page_browser.browser
-serve = page_browser.serve
+from tests.browser.test_page_browser import open_page
 
 pytestmark = pytest.mark.browser
 

@@ -1,18 +1,14 @@
 """Regenerate an answer and edit a question on the chat page (issue 19), end to end in a real
 headless Chromium: the new version streams in, the page and its history after a reload show the
 chosen version ("2 of 2", the earlier one listed), and the upstream got the chosen branch.
-Fixtures and helpers: tests/test_page_browser.py."""
+Fixtures: tests/browser/conftest.py; helpers: test_page_browser.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests import test_page_browser as page_browser
+from tests.browser.test_page_browser import LAST_ASSISTANT, open_page, send, use_transport
 from tests.fake_openai import Script
-from tests.test_page_browser import LAST_ASSISTANT, open_page, send, use_transport
-
-browser = page_browser.browser
-serve = page_browser.serve
 
 pytestmark = pytest.mark.browser
 

@@ -1,7 +1,7 @@
 """The chat page shows what answers cost (issue 20), in a real headless Chromium: a priced
 model's answer shows its cost beside its tokens, live and after a reload; the header shows the
 month's spend as ``GET /api/usage`` has it; an unpriced model's answer shows no cost; and with
-``BUDGET_UNIT=currency`` the header's budget is money. Fixtures: tests/test_page_browser.py."""
+``BUDGET_UNIT=currency`` the header's budget is money. Fixtures: tests/browser/conftest.py."""
 
 from __future__ import annotations
 
@@ -10,13 +10,9 @@ from decimal import ROUND_HALF_UP, Decimal
 
 import pytest
 
-from tests import test_page_browser as page_browser
+from tests.browser.test_page_browser import LAST_ASSISTANT, open_page, send
 from tests.conftest import TEST_MODELS
 from tests.fake_openai import Script
-from tests.test_page_browser import LAST_ASSISTANT, open_page, send
-
-browser = page_browser.browser
-serve = page_browser.serve
 
 pytestmark = pytest.mark.browser
 

@@ -1,6 +1,6 @@
 """The chat page a new user would choose (issue 19), in a real headless Chromium: answers as
 Markdown while they stream and safely, copy, rename, search, feedback, the signed-out view,
-keyboard use and the phone layout. Fixtures and helpers: tests/test_page_browser.py."""
+keyboard use and the phone layout. Fixtures: conftest.py; helpers: test_page_browser.py."""
 
 from __future__ import annotations
 
@@ -9,13 +9,8 @@ import re
 
 import pytest
 
-from tests import test_page_browser as page_browser
+from tests.browser.test_page_browser import LAST_ASSISTANT, TIMEOUT_MS, open_page, send
 from tests.fake_openai import Script
-from tests.test_page_browser import LAST_ASSISTANT, TIMEOUT_MS, open_page, send
-
-# The fixtures of the page's browser tests: Chromium, and the app on a real port.
-browser = page_browser.browser
-serve = page_browser.serve
 
 pytestmark = pytest.mark.browser
 

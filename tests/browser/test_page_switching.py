@@ -11,14 +11,9 @@ import asyncio
 
 import pytest
 
-from tests import test_page_browser as page_browser
+from tests.browser.test_page_browser import LAST_ASSISTANT, open_page, send, use_transport
+from tests.browser.test_page_daily import chat_named, holding, shown_roles, until
 from tests.fake_openai import Script
-from tests.test_page_browser import LAST_ASSISTANT, open_page, send, use_transport
-from tests.test_page_daily import chat_named, holding, shown_roles, until
-
-browser = page_browser.browser
-serve = page_browser.serve
-serve_gated = page_browser.serve_gated
 
 pytestmark = pytest.mark.browser
 

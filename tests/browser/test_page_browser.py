@@ -10,32 +10,18 @@ drops are real: the page talks to the app through a relay that resets its connec
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 
-from service.app import create_app
 from tests.fake_openai import Script
 from tests.processes import eventually
-from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.browser
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 TIMEOUT_MS = 15_000
 
 # Records the assistant bubble's text length at every DOM change while it streams.
@@ -52,45 +38,6 @@ SAMPLE_GROWTH = """() => {
 }"""
 
 LAST_ASSISTANT = "#messages > .msg.assistant:last-child"
-
-
-def _missing_browser() -> str | None:
-    if importlib.util.find_spec("playwright") is None:
-        return "Python playwright is not installed (pip install playwright)"
-    if not Path(CHROMIUM).exists():
-        return f"Chromium not found at {CHROMIUM} (apt-get install chromium)"
-    return None
-
-
-@pytest.fixture
-async def browser():
-    reason = _missing_browser()
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"browser tests cannot run in CI: {reason}")
-        pytest.skip(reason)
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        chromium = await pw.chromium.launch(
-            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
-        )
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
-
-
-@pytest.fixture
-def serve(aiohttp_client, stream_settings):
-    """The app on a real socket, with the dev token endpoint and the demo model."""
-
-    async def factory(**overrides):
-        values = {"dev_token_endpoint": True, "default_model": "demo", "demo_token_delay_ms": 15}
-        values.update(overrides)
-        return await aiohttp_client(create_app(stream_settings(**values)))
-
-    return factory
 
 
 async def open_page(browser, client, *, user="alice", viewport=(1200, 800), port=None, locale=None):
@@ -287,41 +234,6 @@ HEAD = ["héllo ", "😀 ", "wörld, ", "𝄞 ça va? "]
 TAIL = ["Ünïcode ", "👍🏽 ", "日本語 ", "and the end."]
 ANSWER = "".join(HEAD + TAIL)
 STREAMING = f"{LAST_ASSISTANT} .msg-body"
-
-
-@pytest.fixture
-def serve_gated(serve, fake_openai):
-    """The app with the fake upstream as its model, its answer held after HEAD until
-    ``fake_openai.gate`` is set; checkpoints every 0.1 s so a reload finds HEAD saved."""
-
-    async def factory(**overrides):
-        fake_openai.default = Script(chunks=HEAD + TAIL, gate_after=len(HEAD), usage=(21, 12))
-        values = {
-            "default_model": "gpt-test",
-            "checkpoint_interval_s": 0.1,
-            "upstream_idle_timeout_s": 30.0,
-        }
-        values.update(overrides)
-        return await serve(**values)
-
-    return factory
-
-
-@pytest.fixture
-async def network(serve_gated):
-    """The gated app behind a TCP relay whose connections can be cut (``TcpProxy``)."""
-    proxies = []
-
-    async def factory(**overrides):
-        client = await serve_gated(**overrides)
-        proxy = TcpProxy("127.0.0.1", client.server.port)
-        await proxy.start()
-        proxies.append(proxy)
-        return client, proxy
-
-    yield factory
-    for proxy in proxies:
-        await proxy.close()
 
 
 class Records:

@@ -2,7 +2,7 @@
 another chat opened while an answer is written or right after a send, a send stopped while the
 network is down, a refused send (its reason, its text back, gone with the next send; Edit after
 it), more chats than a page of the list, wide tables and the rate limit's sentence. Fixtures and
-helpers: tests/test_page_browser.py."""
+helpers: test_page_browser.py; fixtures: conftest.py."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import re
 
 import pytest
 
-from tests import test_page_browser as page_browser
-from tests.fake_openai import Script
-from tests.test_page_browser import (
+from tests.browser import test_page_browser as page_browser
+from tests.browser.test_page_browser import (
     ANSWER,
     HEAD,
     LAST_ASSISTANT,
@@ -23,11 +22,7 @@ from tests.test_page_browser import (
     send,
     use_transport,
 )
-
-browser = page_browser.browser
-serve = page_browser.serve
-serve_gated = page_browser.serve_gated
-network = page_browser.network
+from tests.fake_openai import Script
 
 pytestmark = pytest.mark.browser
 
