@@ -344,6 +344,7 @@ async def serve(settings: Settings) -> None:
         handler_cancellation=True,
         access_log=None,
         shutdown_timeout=settings.drain_timeout_s + 5,
+        keepalive_timeout=settings.keepalive_timeout_s,
     )
     try:
         await runner.setup()

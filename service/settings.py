@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".data")
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     request_body_timeout_s: float = Field(30.0, gt=0, le=3600)  # the whole body, once headed
+    # A connection waiting for a request (its first, the next, or the rest of its headers);
+    # aiohttp's default: longer than the idle timeout of any proxy in front (deploy/README.md)
+    keepalive_timeout_s: float = Field(3630.0, gt=0, le=86400)
     drain_timeout_s: float = Field(20.0, ge=0)
 
     # --- MongoDB

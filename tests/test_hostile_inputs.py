@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gzip
 import json
 import logging
+import time
 import uuid
 import zlib
 
@@ -307,3 +309,42 @@ async def test_the_demo_model_cuts_a_prompts_long_word_with_few_counts():
     plain = TokenCounter()
     assert plain.count(text) <= 1000 < plain.count(full[: len(text) + 1])
     assert counter.calls < 60, counter.calls  # a count per character: thousands here
+
+
+async def test_a_connection_without_a_request_is_closed_after_keepalive_timeout_s(services):
+    """A connection that sends nothing, one whose headers come a byte at a time, and one kept
+    alive after its response are each closed ``KEEPALIVE_TIMEOUT_S`` after their last request
+    (or their opening), for a gateway exposed with no proxy in front (deploy/README.md)."""
+    [svc] = await services.start("a", keepalive_timeout_s=0.5)
+    opened = time.monotonic()
+    silent, trickling, kept = [
+        await asyncio.open_connection("127.0.0.1", svc.port) for _ in range(3)
+    ]
+    kept[1].write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    trickling[1].write(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+
+    async def trickle() -> None:
+        reader, writer = trickling
+        while not reader.at_eof():
+            try:
+                writer.write(b"x")
+                await writer.drain()
+            except ConnectionError:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(reader.read(), 0.05)
+
+    async def until_closed(reader: asyncio.StreamReader) -> bytes:
+        return await asyncio.wait_for(reader.read(), 10)  # every byte, up to the server's close
+
+    async with asyncio.timeout(10):
+        _, nothing, answered = await asyncio.gather(
+            trickle(), until_closed(silent[0]), until_closed(kept[0])
+        )
+    assert time.monotonic() - opened >= 0.4
+    assert nothing == b""
+    assert answered.startswith(b"HTTP/1.1 200 ")
+    for _, writer in (silent, trickling, kept):
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
