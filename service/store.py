@@ -62,6 +62,7 @@ from service.errors import (
 )
 from service.limits import CONCURRENCY_RETRY_S, Allowance, request_interval, request_window
 from service.metrics import MONGODB_SECONDS
+from service.records import Status
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -498,7 +499,12 @@ class Store:
         # Its running answers stop as if cancelled (no one can read them now): flagged as the
         # cancel route flags one, for whichever replica runs each (``flagged_turns``).
         await self.messages.update_many(
-            {"chat_id": chat_id, "user_id": user_id, "role": "assistant", "status": "streaming"},
+            {
+                "chat_id": chat_id,
+                "user_id": user_id,
+                "role": "assistant",
+                "status": Status.STREAMING,
+            },
             {"$set": {"cancel_requested": True, "flagged": True}},
         )
         return now
@@ -567,7 +573,7 @@ class Store:
         query = {"_id": message_id, "chat_id": chat_id, "user_id": user_id, "role": "assistant"}
         change = {"$set": {"feedback": feedback}} if feedback else {"$unset": {"feedback": ""}}
         doc: Doc | None = await self.messages.find_one_and_update(
-            {**query, "status": {"$ne": "streaming"}},
+            {**query, "status": {"$ne": Status.STREAMING}},
             change,
             projection={"feedback": 1, "status": 1},
             return_document=ReturnDocument.AFTER,
@@ -705,7 +711,7 @@ class Store:
             {
                 "chat_id": chat_id,
                 "seq": {"$gt": seq, "$lt": before_seq},
-                "status": "streaming",
+                "status": Status.STREAMING,
                 **CHOSEN,
             },
             projection={"_id": 1},
@@ -717,7 +723,7 @@ class Store:
         """Mark one chosen, ended record superseded by turn ``by``; False when it is not (any
         more): another regenerate or edit took it first, or it is still streaming."""
         doc = await self.messages.find_one_and_update(
-            {"_id": message_id, "chat_id": chat_id, "status": {"$ne": "streaming"}, **CHOSEN},
+            {"_id": message_id, "chat_id": chat_id, "status": {"$ne": Status.STREAMING}, **CHOSEN},
             {"$set": {"superseded_by": by}},
             projection={"_id": 1},
         )
@@ -968,7 +974,7 @@ class Store:
                     )
         written = await self.messages.bulk_write(
             [
-                UpdateOne({"_id": op.message_id, "status": "streaming"}, {"$set": op.fields})
+                UpdateOne({"_id": op.message_id, "status": Status.STREAMING}, {"$set": op.fields})
                 for op in finals
             ],
             ordered=False,
@@ -1248,7 +1254,7 @@ class Store:
             await self.messages.bulk_write(
                 [
                     UpdateOne(
-                        {"_id": message_id, "status": "streaming"},
+                        {"_id": message_id, "status": Status.STREAMING},
                         {"$set": {"content": content, "checkpoint_at": now, "alive_at": now}},
                     )
                     for message_id, content in texts
@@ -1286,7 +1292,7 @@ class Store:
         has their status and end time: one read, only when this write changed nothing). A
         record ended otherwise (the reaper's end) is left alone: False."""
         result = await self.messages.update_one(
-            {"_id": message_id, "status": "streaming"}, {"$set": fields}
+            {"_id": message_id, "status": Status.STREAMING}, {"$set": fields}
         )
         if result.modified_count or not retried:
             return bool(result.modified_count)
@@ -1306,7 +1312,7 @@ class Store:
                 {"_id": chat_id, "user_id": user_id, "is_active": True}, projection={"_id": 1}
             ),
             self.messages.find_one_and_update(
-                {**query, "status": "streaming"},
+                {**query, "status": Status.STREAMING},
                 {"$set": {"cancel_requested": True, "flagged": True}},
                 projection={"status": 1},
             ),
@@ -1324,7 +1330,7 @@ class Store:
         replica (``cancel_requested``, ``followed_until``): served by the partial ``flags``
         index, so it costs O(flagged turns), not O(live streams)."""
         docs: list[Doc] = await self.messages.find(
-            {"flagged": True, "status": "streaming"},
+            {"flagged": True, "status": Status.STREAMING},
             projection={"_id": 1, "cancel_requested": 1, "followed_until": 1},
             comment=REPLICA_WORK,
         ).to_list(None)
@@ -1346,7 +1352,7 @@ class Store:
         """This replica follows these running turns until ``until``: their replicas checkpoint
         them every FOLLOW_INTERVAL_S meanwhile (renewed while anyone follows)."""
         await self.messages.update_many(
-            {"_id": {"$in": message_ids}, "status": "streaming"},
+            {"_id": {"$in": message_ids}, "status": Status.STREAMING},
             {"$set": {"flagged": True, "followed_until": until}},
             comment=REPLICA_WORK,
         )
@@ -1364,7 +1370,7 @@ class Store:
         """The chat's answer being produced now, if any (its latest)."""
         docs: list[Doc] = (
             await self.messages.find(
-                {"chat_id": chat_id, "user_id": user_id, "status": "streaming"},
+                {"chat_id": chat_id, "user_id": user_id, "status": Status.STREAMING},
                 projection={"_id": 1},
             )
             .sort("seq", DESCENDING)
@@ -1395,7 +1401,7 @@ class Store:
         docs: list[Doc] = (
             await self.messages.find(
                 {
-                    "status": "streaming",
+                    "status": Status.STREAMING,
                     "checkpoint_at": {"$lt": older_than},
                     "replica": replica_id,
                 },
@@ -1414,7 +1420,7 @@ class Store:
         docs: list[Doc] = (
             await self.messages.find(
                 {
-                    "status": "streaming",
+                    "status": Status.STREAMING,
                     "alive_at": {"$lt": older_than},
                     "replica": {"$nin": alive},
                 },
@@ -1430,7 +1436,7 @@ class Store:
         candidates = [
             d
             for d in docs
-            if d.get("status") == "streaming"
+            if d.get("status") == Status.STREAMING
             and d.get("alive_at") is not None
             and d["alive_at"] < older_than
         ]

@@ -12,6 +12,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 from service.costs import format_cost
 from service.http import json_response, not_found, one_line, parse_uuid, read_json, validate
 from service.keys import CATALOGUE, MODEL_LISTS, PRINCIPAL, REGISTRY, SETTINGS, STORE
+from service.records import Status
 from service.store import Doc, utcnow
 from service.stream.watcher import settle_interrupted
 
@@ -76,7 +77,7 @@ def message_view(doc: Doc) -> dict[str, Any]:
         "seq": doc["seq"],
         "role": doc["role"],
         "content": doc.get("content", ""),
-        "status": doc.get("status", "complete"),
+        "status": doc.get("status", Status.COMPLETE),
         "created_at": doc["created_at"],
         "model": doc.get("model"),
         "finish_reason": doc.get("finish_reason"),

@@ -24,6 +24,7 @@ from service.keys import (
     STORE,
 )
 from service.metrics import RESUMES as RESUMES_TOTAL
+from service.records import Status
 from service.store import utcnow
 from service.stream.idempotency import HEADER as KEY_HEADER
 from service.stream.idempotency import REPLAYED_HEADER, Admission, chat_send_payload, parse_key
@@ -138,7 +139,7 @@ async def cancel_message(request: web.Request) -> web.Response:
     doc = await request.app[STORE].request_cancel(request[PRINCIPAL].user_id, chat_id, message_id)
     if doc is None:
         raise not_found("message")
-    if doc["status"] != "streaming":
+    if doc["status"] != Status.STREAMING:
         raise Conflict(
             "this answer is not streaming any more",
             code="not_streaming",

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from service.providers.base import Message
+from service.records import PARTIAL, Status
 from service.store import Doc
 from service.tokens import TokenCounter
 
-PARTIAL_STATUSES = frozenset({"cancelled", "failed", "interrupted"})
 PARTIAL_MARK = "\n\n[this answer was cut off before it finished]"
 
 
@@ -27,7 +27,7 @@ def history_messages(docs: list[Doc]) -> list[Message]:
         calls = doc.get("tool_calls") if doc["role"] == "assistant" else None
         if not content and not calls:
             continue
-        if doc["role"] == "assistant" and doc.get("status") in PARTIAL_STATUSES:
+        if doc["role"] == "assistant" and doc.get("status") in PARTIAL:
             content += PARTIAL_MARK
         message: Message = {"role": doc["role"], "content": content or None}
         if calls:
@@ -128,7 +128,7 @@ class ContextCache:
 
     def put(self, chat_id: str, next_seq: int, docs: list[Doc]) -> None:
         """Remember ``docs`` as the chat's messages before ``next_seq``."""
-        if self.size <= 0 or any(d.get("status") == "streaming" for d in docs):
+        if self.size <= 0 or any(d.get("status") == Status.STREAMING for d in docs):
             self._entries.pop(chat_id, None)
             return
         current = self._entries.get(chat_id)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.costs import format_cost
+from service.records import Status
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +84,7 @@ class Final:
     """What finalization settled; the body of ``Done`` and ``Error``."""
 
     message_id: str
-    status: str  # complete | cancelled | failed | interrupted
+    status: Status  # never STREAMING: what the turn ended as
     reason: str
     finish_reason: str | None
     prompt_tokens: int
@@ -107,7 +108,7 @@ class Final:
     @property
     def ok(self) -> bool:
         """Ends with ``done`` (completed, or stopped by its user) rather than ``error``."""
-        return self.status == "complete" or self.reason == "user_cancel"
+        return self.status == Status.COMPLETE or self.reason == "user_cancel"
 
     def _amount(self, amount: int) -> int | str:
         return amount if self.budget_unit == "tokens" else format_cost(amount)

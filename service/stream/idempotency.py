@@ -36,6 +36,7 @@ import structlog
 from service.errors import BadRequest, Conflict, ServiceError
 from service.http import not_found
 from service.metrics import RESUMES
+from service.records import Status
 from service.store import Reservation, Store, utcnow
 from service.stream.live import LiveStream
 from service.stream.mirror import Resumes
@@ -172,7 +173,7 @@ class Admissions:
         doc = await self.store.get_message(held["_id"])
         if doc is None:
             return False
-        if doc["status"] == "streaming":
+        if doc["status"] == Status.STREAMING:
             since = utcnow() - timedelta(seconds=self.producer.settings.stale_stream_s)
             live = await self.store.live_replicas(since=since)
             return True if doc.get("replica") in live else None

@@ -29,6 +29,7 @@ import structlog
 
 from service.errors import ServiceError
 from service.logs import error_text
+from service.records import Status
 from service.settings import Settings
 from service.store import Doc, Store, utcnow
 from service.stream.finals import final_of
@@ -84,7 +85,7 @@ class Resumes:
         if live is not None:
             return live, "memory"
         assert doc is not None
-        if doc["status"] == "streaming":
+        if doc["status"] == Status.STREAMING:
             return await self._mirror(doc), "replica"
         return await self._stored(doc), "stored"
 
@@ -175,7 +176,7 @@ class Resumes:
         content = doc.get("content") or ""
         if len(content) > live.length:
             live.add(content[live.length :])
-        if doc["status"] != "streaming":
+        if doc["status"] != Status.STREAMING:
             usage = await self.store.get_usage(doc["user_id"], doc["period"])
             live.end(final_of(doc, usage, self.settings.budget))
             del self.mirrors[doc["_id"]]

@@ -52,6 +52,7 @@ from service.providers.base import (
     cache_writes,
     close_stream,
 )
+from service.records import Status, final_fields, tokens_doc
 from service.settings import Settings
 from service.store import (
     Doc,
@@ -82,7 +83,7 @@ MIN_COMPLETION_TOKENS = 16
 MAX_ANSWER_CHARS = 2_000_000
 MAX_RESULTS_CHARS = 1_000_000  # the tool results of one stored chat turn, in all
 MAX_MARKS = 200_000  # steps that are more than text (reasoning, tool call deltas): ditto
-OUTCOME = {"complete": "completed", "cancelled": "cancelled", "failed": "failed"}
+OUTCOME = {Status.COMPLETE: "completed", Status.CANCELLED: "cancelled", Status.FAILED: "failed"}
 # A turn refused by one of these rules is counted in gateway_turn_rejections_total.
 # Refusals of a turn by a rule, counted once as its admission ends (``REJECTIONS``); an API key
 # used outside its models too, not a count of tokens (no turn) nor a turn admitted again.
@@ -786,7 +787,7 @@ class Turn:
         # The chat's messages before this turn, for the context cache; not kept when one is a
         # concurrent turn's, still streaming (the cache would refuse them at the end anyway),
         # nor for a stateless turn (no chat: nothing to cache).
-        streaming = any(d.get("status") == "streaming" for d in history)
+        streaming = any(d.get("status") == Status.STREAMING for d in history)
         self.history: list[Doc] | None = None if streaming or inp.chat_id is None else history
         self.seq = 0
         self.text = ""
@@ -880,7 +881,7 @@ class Turn:
         if refused is not None:
             return
         live = self.live
-        status, reason, error = "complete", "finished", None
+        status, reason, error = Status.COMPLETE, "finished", None
         stream = self._stream
         assert stream is not None
         loop = asyncio.get_running_loop()
@@ -934,10 +935,10 @@ class Turn:
             if live.reason is not None:
                 status, reason, error = _stopped(live.reason)
         except ServiceError as exc:  # the upstream failed, or MongoDB did (the records' insert)
-            status, reason, error = "failed", _reason_of(exc), exc
+            status, reason, error = Status.FAILED, _reason_of(exc), exc
         except asyncio.CancelledError:
             if not _absorb_cancel(live):  # not ours: the loop is closing; finalize, then go
-                live.end(await self._finalize_shielded("cancelled", live.reason or "shutdown"))
+                live.end(await self._finalize_shielded(Status.CANCELLED, live.reason or "shutdown"))
                 raise
             status, reason, error = _stopped(live.reason or "shutdown")
         # A failed insert is its request's error (``launch``): a refusal, billed nothing.
@@ -977,17 +978,23 @@ class Turn:
                 if self._stream is None:
                     await self._insert_finished()
         except ServiceError as exc:
-            live.end(await self._finalize_shielded("failed", _reason_of(exc), exc, billable=False))
+            live.end(
+                await self._finalize_shielded(Status.FAILED, _reason_of(exc), exc, billable=False)
+            )
             return exc
         except Exception as exc:  # noqa: BLE001 - a provider's bug must not escape the turn
             # (taken for the loop's shutdown, it left the record streaming and its grant held)
             self._log("error", "stream.upstream_unreadable", exc_info=exc)
             err = UpstreamError("upstream_bad_response", "the upstream's answer could not be read")
-            live.end(await self._finalize_shielded("failed", "upstream_error", err, billable=False))
+            live.end(
+                await self._finalize_shielded(Status.FAILED, "upstream_error", err, billable=False)
+            )
             return err
         except asyncio.CancelledError:
             if not _absorb_cancel(live):
-                live.end(await self._finalize_shielded("cancelled", "shutdown", billable=False))
+                live.end(
+                    await self._finalize_shielded(Status.CANCELLED, "shutdown", billable=False)
+                )
                 raise
             status, reason, error = _stopped(live.reason or "shutdown")
             live.end(await self._finalize_shielded(status, reason, error, billable=False))
@@ -1022,7 +1029,7 @@ class Turn:
             "seq": seq + 1 if self.inp.chat_id else 0,
             "role": "assistant",
             "content": "",
-            "status": "streaming",
+            "status": Status.STREAMING,
             "model": self.spec.name,
             "transport": self.inp.transport,
             "period": self.period,
@@ -1100,7 +1107,12 @@ class Turn:
 
     # ------------------------------------------------------------------ finalize
     async def _finalize_shielded(
-        self, status: str, reason: str, error: ServiceError | None = None, *, billable: bool = True
+        self,
+        status: Status,
+        reason: str,
+        error: ServiceError | None = None,
+        *,
+        billable: bool = True,
     ) -> Final:
         if self.final is not None:
             return self.final
@@ -1109,7 +1121,7 @@ class Turn:
         return await asyncio.shield(task)
 
     async def _finalize(
-        self, status: str, reason: str, error: ServiceError | None, billable: bool
+        self, status: Status, reason: str, error: ServiceError | None, billable: bool
     ) -> Final:
         await self._insert_finished()  # the final write must not overtake the first
         content = "".join(self.parts)
@@ -1162,13 +1174,22 @@ class Turn:
                 **self._extras(),
                 **({"meta": self.live.meta} if self.live.meta else {}),
                 "content": content,
-                "status": status,
-                "finish_reason": self.finish_reason if status == "complete" else status,
-                "reason": reason,
-                "error": {"code": error.code, "message": error.message} if error else None,
-                "tokens": _tokens_doc(prompt, completion, source, usage),
-                **({"cost": cost} if cost is not None else {}),
-                "completed_at": ended_at,
+                **final_fields(
+                    status,
+                    reason,
+                    finish_reason=self.finish_reason,
+                    error=(error.code, error.message) if error else None,
+                    tokens=tokens_doc(
+                        prompt,
+                        completion,
+                        source,
+                        cached=cached,
+                        reasoning=reasoning,
+                        details=usage.details if usage is not None else None,
+                    ),
+                    cost=cost,
+                    completed_at=ended_at,
+                ),
             },
         )
         limit = remaining = 0
@@ -1204,7 +1225,7 @@ class Turn:
             message_id=self.message_id,
             status=status,
             reason=reason,
-            finish_reason=self.finish_reason if status == "complete" else status,
+            finish_reason=self.finish_reason if status == Status.COMPLETE else status,
             prompt_tokens=prompt,
             completion_tokens=completion,
             token_source=source,
@@ -1242,9 +1263,9 @@ class Turn:
             doc = await self.p.store.get_message(self.message_id)
         except ServiceError:
             return None
-        return doc if doc is not None and doc.get("status") != "streaming" else None
+        return doc if doc is not None and doc.get("status") != Status.STREAMING else None
 
-    def _ended_elsewhere(self, doc: Doc, usage: Doc | None, status: str) -> Final:
+    def _ended_elsewhere(self, doc: Doc, usage: Doc | None, status: Status) -> Final:
         """The final write found the record already ended: another replica's reaper took this
         one for dead (MongoDB out of its reach for STALE_STREAM_S while the upstream went on)
         and settled the turn as its last checkpoint held. The record, and the bill that came
@@ -1285,7 +1306,7 @@ class Turn:
         assembly = _assembled(self.live.marks)
         return assembly.extras() if assembly is not None else {}
 
-    def _remember_context(self, content: str, status: str, finished: bool) -> None:
+    def _remember_context(self, content: str, status: Status, finished: bool) -> None:
         """The chat's messages as this turn leaves them, for the chat's next turn here."""
         chat_id, limit = self.inp.chat_id, self.p.settings.context_messages
         if chat_id is None or not limit:
@@ -1363,8 +1384,8 @@ def _assembled(marks: list[Any] | None) -> Assembly | None:
 def input_record(inp: TurnInput, text: str) -> Doc:
     """The record of a stored chat turn's new message: the user's text, or tool results."""
     if inp.results is not None:
-        return {"role": "tool", "content": "", "results": inp.results, "status": "complete"}
-    return {"role": "user", "content": text, "status": "complete"}
+        return {"role": "tool", "content": "", "results": inp.results, "status": Status.COMPLETE}
+    return {"role": "user", "content": text, "status": Status.COMPLETE}
 
 
 def _honoured(provider: Provider, spec: ModelSpec, request: CompletionRequest) -> None:
@@ -1391,21 +1412,6 @@ def _complete(history: list[Doc] | None, seq: int, limit: int) -> bool:
     return all(d["seq"] == first + i for i, d in enumerate(history))
 
 
-def _tokens_doc(prompt: int, completion: int, source: str, usage: Usage | None) -> Doc:
-    """A record's tokens; the cached (of the prompt) and reasoning (of the completion) ones,
-    and the upstream's usage details as it sent them, only when it reported some."""
-    doc: Doc = {"prompt": prompt, "completion": completion, "total": prompt + completion}
-    if usage is not None:
-        if usage.cached_tokens:
-            doc["cached"] = usage.cached_tokens
-        if usage.reasoning_tokens:
-            doc["reasoning"] = usage.reasoning_tokens
-        if usage.details:
-            doc["details"] = usage.details
-    doc["source"] = source
-    return doc
-
-
 def _choices(options: dict[str, Any] | None) -> int:
     n = (options or {}).get("n")
     return n if isinstance(n, int) and n > 1 else 1
@@ -1424,12 +1430,12 @@ def _absorb_cancel(live: LiveStream) -> bool:
     return True
 
 
-def _stopped(reason: str) -> tuple[str, str, ServiceError | None]:
+def _stopped(reason: str) -> tuple[Status, str, ServiceError | None]:
     if reason == "timeout":
-        return "failed", reason, UpstreamError("upstream_timeout", "the model took too long")
+        return Status.FAILED, reason, UpstreamError("upstream_timeout", "the model took too long")
     if reason == "shutdown":
-        return "cancelled", reason, _stop_error(reason)
-    return "cancelled", reason, None
+        return Status.CANCELLED, reason, _stop_error(reason)
+    return Status.CANCELLED, reason, None
 
 
 def _stop_error(reason: str | None) -> ServiceError:

@@ -25,6 +25,7 @@ from service.costs import NANOS, Budget, Price, cost_nanos
 from service.errors import ServiceError
 from service.logs import error_text
 from service.metrics import COST, TURNS
+from service.records import Status, final_fields, tokens_doc
 from service.settings import Settings
 from service.store import Doc, Rollup, Store, key_account, utcnow
 from service.stream.registry import StreamRegistry
@@ -73,20 +74,15 @@ async def settle_interrupted(store: Store, doc: Doc, budget: Budget) -> bool:
     ended_at = utcnow()
     done = await store.finish_message(
         doc["_id"],
-        {
-            "status": "interrupted",
-            "reason": "interrupted",
-            "finish_reason": "interrupted",
-            "error": {"code": "interrupted", "message": "the server stopped while answering"},
-            "tokens": {
-                "prompt": prompt,
-                "completion": completion,
-                "total": prompt + completion,
-                "source": counter.source,
-            },
-            **({"cost": cost} if cost is not None else {}),
-            "completed_at": ended_at,
-        },
+        final_fields(
+            Status.INTERRUPTED,
+            "interrupted",
+            finish_reason=None,
+            error=("interrupted", "the server stopped while answering"),
+            tokens=tokens_doc(prompt, completion, counter.source),
+            cost=cost,
+            completed_at=ended_at,
+        ),
     )
     if done:
         if cost:
@@ -143,7 +139,7 @@ async def reap(store: Store, settings: Settings) -> int:
             if entry.get("replica") or not entry["at"] < cutoff:
                 continue  # a lease (released above when its replica is dead), or a young one
             message = await store.get_message(entry["mid"])
-            if message is not None and message.get("status") == "streaming":
+            if message is not None and message.get("status") == Status.STREAMING:
                 settled += await settle_interrupted(store, message, settings.budget)
             else:  # never persisted, or already final: nothing was produced for it
                 await store.settle_usage(
@@ -170,7 +166,7 @@ async def reap_own(store: Store, registry: StreamRegistry, settings: Settings) -
     settled, wanted = 0, list(ids)
     if wanted:
         for doc in await store.read_turns(wanted):
-            if doc.get("status") == "streaming":
+            if doc.get("status") == Status.STREAMING:
                 settled += await settle_interrupted(store, doc, settings.budget)
             ids.discard(doc["_id"])
         ids.difference_update(wanted)  # those with no record: nothing to settle

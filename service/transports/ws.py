@@ -34,6 +34,7 @@ from service.errors import BadRequest, ServiceError, Unauthorized
 from service.http import not_found
 from service.logs import error_text
 from service.metrics import RESUMES as RESUMES_TOTAL
+from service.records import Status
 from service.settings import Settings
 from service.store import Store
 from service.stream.branches import Branch
@@ -230,7 +231,7 @@ def _empty(event: Event | Ping) -> bool:
 def _final_error(turn_id: str, event: Error) -> Frame:
     final = event.final
     frame: Frame = {"type": "error", "id": turn_id, **event.data()}
-    frame.setdefault("code", "cancelled" if final.status == "cancelled" else "stream_failed")
+    frame.setdefault("code", "cancelled" if final.status == Status.CANCELLED else "stream_failed")
     frame.setdefault("message", f"the turn was stopped ({final.reason})")
     return frame
 
