@@ -61,6 +61,7 @@ from service.errors import (
     StoreUnavailable,
 )
 from service.limits import CONCURRENCY_RETRY_S, Allowance, request_interval, request_window
+from service.logs import error_text
 from service.metrics import MONGODB_SECONDS
 from service.records import Status
 from service.settings import Settings
@@ -125,7 +126,7 @@ def db_call(
     @functools.wraps(fn)
     async def wrapper(store: Store, /, *args: P.args, **kwargs: P.kwargs) -> R:
         return await _guarded(
-            store, store.timeout_s, lambda: fn(store, *args, **kwargs), ok, failed
+            store, fn.__name__, store.timeout_s, lambda: fn(store, *args, **kwargs), ok, failed
         )
 
     return wrapper
@@ -133,6 +134,7 @@ def db_call(
 
 async def _guarded(
     store: Store,
+    name: str,
     timeout_s: float | None,
     call: Callable[[], Awaitable[R]],
     ok: Histogram,
@@ -159,14 +161,14 @@ async def _guarded(
         if timeout_s is None:
             if not store.indexes_ready:
                 await store.indexes()
-            result = await _undisturbed(store, call)
+            result = await _undisturbed(store, name, call)
         else:
             with pymongo.timeout(timeout_s):
                 async with asyncio.timeout(timeout_s + BACKSTOP_S):
                     if not store.indexes_ready:
                         async with asyncio.timeout(timeout_s):
                             await store.indexes()
-                    result = await _undisturbed(store, call)
+                    result = await _undisturbed(store, name, call)
     except (PyMongoError, TimeoutError) as exc:
         failed.observe(time.perf_counter() - started)
         if isinstance(exc, TimeoutError) or _unavailable(exc):
@@ -176,17 +178,29 @@ async def _guarded(
     return result
 
 
-async def _undisturbed(store: Store, call: Callable[[], Awaitable[R]]) -> R:
+async def _undisturbed(store: Store, name: str, call: Callable[[], Awaitable[R]]) -> R:
     """``call()`` in a task of its own (this context's copy: its ``pymongo.timeout``), awaited
     through ``asyncio.shield``: cancelling the caller stops its wait, not the call. The store
-    keeps each until it is done (``Store.close`` waits for them). A call made inside one (a
-    store method calling another) is out of its caller's reach already: it runs in that task."""
+    keeps each until it is done (``Store.close`` waits for them); a call that fails once its
+    caller has gone is logged (``store.call_failed_unawaited``: nobody else sees it). A call
+    made inside one (a store method calling another) is out of its caller's reach already: it
+    runs in that task."""
     if asyncio.current_task() in store.undisturbed:
         return await call()
     task = asyncio.ensure_future(call())
     store.undisturbed.add(task)
     task.add_done_callback(store.let_go)
-    return await asyncio.shield(task)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:  # the caller stopped waiting (gone, or its backstop)
+        if not task.done():
+            task.add_done_callback(functools.partial(_unawaited, name))
+        raise
+
+
+def _unawaited(name: str, task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.warning("store.call_failed_unawaited", call=name, error=error_text(exc))
 
 
 def _retrieved(task: asyncio.Task[None]) -> None:
@@ -410,7 +424,7 @@ class Store:
         """/readyz: the indexes and a ping, together within ``timeout_s`` (at most
         ``MONGODB_TIMEOUT_MS``)."""
         bound = timeout_s if self.timeout_s is None else min(timeout_s, self.timeout_s)
-        await _guarded(self, bound, lambda: self.db.command("ping"), *_PING)
+        await _guarded(self, "ping", bound, lambda: self.db.command("ping"), *_PING)
 
     # ------------------------------------------------------------------ chats
     @db_call

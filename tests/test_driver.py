@@ -192,6 +192,37 @@ async def test_a_caller_cancelled_mid_command_leaves_the_call_to_end_on_its_conn
         await client.close()
 
 
+async def test_a_call_that_fails_once_its_caller_has_gone_is_logged(mongo_server, db_name, logs):
+    """A client gone while its key is being made, and the key's insert then refused (its hash
+    is taken): nobody awaits the call any more, so the store says it failed, naming the call;
+    the slot the call took is given back as when its caller waits."""
+    from pymongo import AsyncMongoClient
+
+    from service.store import Store
+
+    watch = _Cancels("insert", "api_keys")
+    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(
+        mongo_server.uri, timeoutMS=3000, event_listeners=[watch]
+    )
+    store = Store(client[db_name])
+    key = {"user_id": "alice", "name": "k", "hash": "h" * 64, "revoked_at": None}
+    try:
+        await store.ensure_indexes()
+        await store.create_api_key({**key, "_id": "key_first"}, cap=5)
+        watch.caller = asyncio.create_task(store.create_api_key({**key, "_id": "key_b"}, cap=5))
+        with pytest.raises(asyncio.CancelledError):
+            await watch.caller
+        await store.close()  # lets the calls whose callers are gone end
+        failed = [e for e in logs if e["event"] == "store.call_failed_unawaited"]
+        assert [(e["call"], e["log_level"]) for e in failed] == [("create_api_key", "warning")]
+        assert "E11000" in failed[0]["error"] or "duplicate" in failed[0]["error"].lower()
+        count = await store.db["api_key_counts"].find_one({"_id": "alice"})
+        assert count["active"] == 1
+    finally:
+        await store.close()
+        await client.close()
+
+
 async def test_closing_waits_for_a_call_its_caller_left_no_longer_than_a_deadline(
     mongo_server, db_name
 ):
