@@ -193,8 +193,7 @@ async def _undisturbed(store: Store, name: str, call: Callable[[], Awaitable[R]]
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:  # the caller stopped waiting (gone, or its backstop)
-        if not task.done():
-            task.add_done_callback(functools.partial(_unawaited, name))
+        task.add_done_callback(functools.partial(_unawaited, name))  # done or not
         raise
 
 
