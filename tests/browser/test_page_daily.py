@@ -1,8 +1,9 @@
 """The chat page as a person uses it every day, in a real headless Chromium against the app:
 another chat opened while an answer is written or right after a send, a send stopped while the
 network is down, a refused send (its reason, its text back, gone with the next send; Edit after
-it), more chats than a page of the list, wide tables and the rate limit's sentence. Fixtures and
-helpers: test_page_browser.py; fixtures: conftest.py."""
+it; one refused in a new chat leaves no empty chat), more chats than a page of the list, wide
+tables and the rate limit's sentence. Fixtures and helpers: test_page_browser.py; fixtures:
+conftest.py."""
 
 from __future__ import annotations
 
@@ -278,6 +279,49 @@ async def test_a_refused_send_says_why_and_goes_with_the_next_send(browser, serv
     await page.locator(f"{LAST_ASSISTANT}[data-status=complete]", has_text="Edited.").wait_for()
     assert fake_openai.requests[-1]["messages"][-1]["content"] == "Two, again"
     assert await shown_roles(page) == complete * 2  # what followed "Two" went, the refused one too
+    assert page.uncaught == []
+
+
+async def test_a_refused_first_send_leaves_no_empty_chat(browser, serve):
+    """A fresh page's first send creates its chat, and is refused (the month's budget is used
+    up): the chat goes again. It stayed, titled with the question and holding no message, in
+    the list and after a reload. The page is a new chat again, the question "not sent" and its
+    text back in the box: the next send makes a chat of its own (not one deleted)."""
+    client = await serve(default_token_limit=1)
+    page = await open_page(browser, client)
+    assert await page.locator(".chat-item").count() == 0
+    token = await page.evaluate("sessionStorage.getItem('chat-gateway.token')")
+    headers = {"Authorization": f"Bearer {token}"}
+    not_sent = page.locator("#messages > .msg.user[data-status=not_sent]")
+    no_chat = """() => location.hash === '' && !document.querySelector('#chat-list .chat-item')
+        && document.querySelector('#chat-title').textContent === 'New chat'"""
+
+    def a_delete(response):
+        return response.request.method == "DELETE" and "/api/chat/" in response.url
+
+    async def refused_and_gone(question):
+        async with page.expect_response(a_delete) as gone:
+            await send(page, question)
+            await not_sent.wait_for()
+        assert (await gone.value).ok
+        await page.wait_for_function(no_chat)
+        assert "budget is used up" in await page.locator("#error-text").text_content()
+        assert await not_sent.count() == 1
+        assert await not_sent.locator(".msg-body").text_content() == question
+        assert await page.locator("#input").input_value() == question  # kept for a retry
+        resp = await client.get("/api/chat", headers=headers)
+        assert (await resp.json())["chats"] == []
+        return (await gone.value).url
+
+    first = await refused_and_gone("Hello?")
+    second = await refused_and_gone("Hello again?")  # a new chat, refused for the budget too
+    assert first != second
+
+    await page.reload()
+    await page.wait_for_selector("#app[data-state=ready]")
+    await page.wait_for_function(no_chat)
+    assert await page.locator("#chat-list-empty").is_visible()
+    assert await page.locator("#messages .msg").count() == 0
     assert page.uncaught == []
 
 

@@ -300,16 +300,57 @@ async function deleteChat(chatId) {
 
 function newChat() {
   leaveTurn();
-  state.chatId = null;
-  history.replaceState(null, "", location.pathname + location.search);
-  cancelRename();
-  showTitle(null);
+  asNewChat();
   el.messages.replaceChildren();
   el.emptyChat.hidden = false;
   showUnsent("");
   renderChats();
   closeSidebar();
   el.input.focus();
+}
+
+// The page is a new chat, what it shows kept: the next send creates a chat of its own.
+function asNewChat() {
+  state.chatId = null;
+  history.replaceState(null, "", location.pathname + location.search);
+  cancelRename();
+  showTitle(null);
+}
+
+// A chat created for a send refused before its answer started goes again: it stayed in the list
+// (and after a reload), titled with a question never sent. Only while it holds nothing: a refusal
+// by the model's provider keeps the question and its failed answer, and another send may have
+// gone in meanwhile (another tab's, or this page's once back in it: none may be on its way).
+// Best effort, out of sight: a chat that could not be deleted is only an empty chat left over.
+async function dropEmptyChat(chatId) {
+  let messages;
+  try {
+    ({ messages } = await api("GET", `/api/chat/${chatId}?limit=1`));
+  } catch (exc) {
+    if (exc.code === "chat_not_found") forgetChat(chatId); // deleted elsewhere meanwhile
+    else console.warn("The chat of a refused send was not deleted:", exc);
+    return;
+  }
+  if (messages.length || (state.turn && state.chatId === chatId)) return;
+  forgetChat(chatId);
+  try {
+    await api("DELETE", `/api/chat/${chatId}`);
+  } catch (exc) {
+    if (exc.code !== "chat_not_found") console.warn("The chat of a refused send was not deleted:", exc);
+  }
+}
+
+// A chat gone leaves the list. Open, the page becomes a new chat, keeping the question not sent
+// and its text in the box; another chat opened meanwhile stays as it is. Its questions refused
+// out of sight go with the new chat: they were asked there.
+function forgetChat(chatId) {
+  state.chats = state.chats.filter((c) => c.chat_id !== chatId);
+  state.deleted.add(chatId);
+  if (state.chatId === chatId) asNewChat();
+  renderChats();
+  const unsent = state.unsent.get(chatId);
+  state.unsent.delete(chatId);
+  if (unsent) keepUnsent("", unsent);
 }
 
 // ------------------------------------------------------------------------------------ messages
@@ -394,10 +435,11 @@ function setBusy(busy) {
   el.stop.disabled = false;
 }
 
-// A new turn: the running one, until it ends or another chat is opened (leaveTurn).
+// A new turn: the running one, until it ends or another chat is opened (leaveTurn). `retried`:
+// its connection dropped and was tried again (before "started", the send went out again).
 function startTurn() {
   setBusy(true);
-  state.turn = { cancel: null, stopping: false, detach: null, detached: false };
+  state.turn = { cancel: null, stopping: false, detach: null, detached: false, retried: false };
   return state.turn;
 }
 
@@ -434,9 +476,14 @@ function startedAway(turn, chatId) {
 // A send refused after its chat was left: the chat shows it "not sent" (with its text back in
 // the box) when opened again, or at once if it is open again already (and its history shown).
 function sendRefusedAway(chatId, userEl, why, said = `Your message in ${chatName(chatId)} was not sent. ${why}`) {
-  const key = chatId || "";
   showError(said);
-  state.unsent.set(key, [...(state.unsent.get(key) || []), userEl]);
+  keepUnsent(chatId || "", [userEl]);
+}
+
+// Questions not sent, kept for their chat ("" a new chat) until it is opened again, or shown at
+// once if it is open (and its history shown).
+function keepUnsent(key, userEls) {
+  state.unsent.set(key, [...(state.unsent.get(key) || []), ...userEls]);
   const shown = (state.chatId || "") === key && el.messages.getAttribute("aria-busy") !== "true";
   if (shown && !state.turn) showUnsent(key);
 }
@@ -469,6 +516,12 @@ async function ensureChat(chatId, text, running) {
   }
   renderChats();
   return chat.chat_id;
+}
+
+// The server refused the send as it came (budget, rate limit, validation...): not stopped, not
+// lost on the network, not sent again (the first attempt, cut off, may have started the turn).
+function refusedOutright(exc, stopped, running) {
+  return !stopped && exc instanceof ApiError && exc.status > 0 && !running.retried;
 }
 
 // What the page says of a send that did not go out (the error's sentence, or the user's Stop).
@@ -509,6 +562,7 @@ async function send() {
   clearNotSent();
   const running = startTurn();
   let chatId = state.chatId;
+  const fresh = !chatId; // its chat is created for it (ensureChat)
   const sentIn = currentChat(); // beyond the list's pages, it joins the list's top (bumpChat)
   el.input.value = "";
   const userEl = appendMessage({ role: "user", content: text, status: "complete" }, true);
@@ -549,6 +603,7 @@ async function send() {
         offerBack(text);
         if (!stopped) report(exc);
       }
+      if (fresh && chatId && refusedOutright(exc, stopped, running)) dropEmptyChat(chatId);
     }
   } finally {
     endTurn(running);
@@ -571,7 +626,10 @@ function answerHandlers(botEl, running, onStarted = () => {}) {
     },
     onDelta: live((chunk) => appendText(botEl, chunk)),
     onReasoning: live((text) => appendReasoning(botEl, text)),
-    onReconnecting: live(() => setStatus(botEl, "reconnecting")),
+    onReconnecting() {
+      running.retried = true;
+      if (!running.detached) setStatus(botEl, "reconnecting");
+    },
     onResumed: live(() => setStatus(botEl, "streaming")),
     onEnd: live((kind, data) => {
       setStatus(botEl, data.status || (kind === "done" ? "complete" : "failed"));
