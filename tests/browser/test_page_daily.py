@@ -305,7 +305,7 @@ async def test_a_refused_first_send_leaves_no_empty_chat(browser, serve):
             await not_sent.wait_for()
         assert (await gone.value).ok
         await page.wait_for_function(no_chat)
-        assert "budget is used up" in await page.locator("#error-text").text_content()
+        assert "budget is not enough" in await page.locator("#error-text").text_content()
         assert await not_sent.count() == 1
         assert await not_sent.locator(".msg-body").text_content() == question
         assert await page.locator("#input").input_value() == question  # kept for a retry

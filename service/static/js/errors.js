@@ -148,9 +148,13 @@ function limitDetail(code, err) {
 // The sentence for an ApiError-like {code, message, status, details, retryAfter}.
 export function describe(err) {
   const code = err.code || "";
-  if (budgetUnit !== "tokens" && (code === "budget_exceeded" || code === "insufficient_quota")) {
-    // a money budget: "token" is not its word; its amounts come in the refusal's unit
-    return "Your monthly budget is used up" + limitDetail(code, err);
+  if (code === "budget_exceeded" || code === "insufficient_quota") {
+    // A budget refuses a turn it cannot hold (the prompt and a minimum answer), so some may be
+    // left. A money budget: "token" is not its word; its amounts come in the refusal's unit.
+    const budget = budgetUnit === "tokens" ? "monthly token budget" : "monthly budget";
+    const some = Number((err.details || {}).remaining) > 0;
+    const head = some ? `What is left of your ${budget} is not enough for this message` : `Your ${budget} is used up`;
+    return head + limitDetail(code, err);
   }
   const sentence = SENTENCES[code];
   if (sentence) {
