@@ -325,6 +325,75 @@ async def test_a_refused_first_send_leaves_no_empty_chat(browser, serve):
     assert page.uncaught == []
 
 
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_a_send_the_upstream_refused_is_shown_as_saved(
+    browser, serve, fake_openai, transport
+):
+    """The model's provider refuses a send before its answer started (400): the service has
+    saved the question and its failed answer by then. The page shows them so (the question
+    sent, the answer failed with its reason and Regenerate), not the question "not sent" with
+    its text back in the box, which a reload contradicted and a send again made twice in the
+    chat. A fresh page's first send keeps its chat; in a chat after a good turn, the same."""
+    refusal = {"error": {"message": "no such field: tone", "type": "invalid_request_error"}}
+    fake_openai.scripts = [
+        Script(status=400, error_body=refusal),  # a fresh page's first send
+        Script(chunks=["Hi ", "there."]),  # a new chat's good turn
+        Script(status=400, error_body=refusal),  # then its second send
+    ]
+    client = await serve(default_model="gpt-test")
+    page = await open_page(browser, client)
+    await use_transport(page, transport)
+    token = await page.evaluate("sessionStorage.getItem('chat-gateway.token')")
+    headers = {"Authorization": f"Bearer {token}"}
+    ended = "#messages > .msg.assistant[data-status=failed], #messages > .msg[data-status=not_sent]"
+
+    async def shown_as_saved(question, roles):
+        failed = page.locator(f"{LAST_ASSISTANT}[data-status=failed]")
+        assert await shown_roles(page) == roles
+        asked = page.locator("#messages > .msg.user >> nth=-1")
+        assert await asked.locator(".msg-body").text_content() == question
+        assert (
+            "model provider refused the request"
+            in await failed.locator(".msg-error").text_content()
+        )
+        assert await failed.locator("[data-action=regenerate]").is_visible()
+        assert await page.locator("#chat-title").text_content() != "New chat"
+        assert await page.locator(".chat-item[data-chat-id]").count() >= 1
+        chat_id = (await page.evaluate("location.hash")).removeprefix("#/chat/")
+        resp = await client.get(f"/api/chat/{chat_id}", headers=headers)
+        saved = (await resp.json())["messages"]
+        assert [m["content"] for m in saved if m["role"] == "user"].count(question) == 1
+        assert [f"{m['role']}:{m['status']}" for m in saved] == roles
+        return chat_id
+
+    async def refused(question, roles):
+        await send(page, question)
+        await page.locator(ended).first.wait_for()
+        await page.wait_for_selector("#app[data-busy=false]")
+        chat_id = await shown_as_saved(question, roles)
+        assert (
+            "model provider refused the request" in await page.locator("#error-text").text_content()
+        )
+        assert await page.locator("#input").input_value() == ""  # the question is in the chat
+        await page.reload()
+        await page.wait_for_selector("#app[data-state=ready]")
+        assert await page.evaluate("location.hash") == f"#/chat/{chat_id}"
+        await page.locator(f"{LAST_ASSISTANT}[data-status=failed]").wait_for()
+        assert await shown_as_saved(question, roles) == chat_id
+        return chat_id
+
+    first = await refused("Hello?", ["user:complete", "assistant:failed"])
+
+    await page.click("#new-chat")
+    await send(page, "Hi")
+    await page.locator(f"{LAST_ASSISTANT}[data-status=complete]", has_text="Hi there.").wait_for()
+    roles = ["user:complete", "assistant:complete", "user:complete", "assistant:failed"]
+    second = await refused("And now?", roles)
+    assert first != second
+    assert len(fake_openai.requests) == 3  # nothing was sent again
+    assert page.uncaught == []
+
+
 async def test_the_rate_limit_is_said_in_sentences(browser, serve, fake_openai):
     """A send refused by the page's rate limit (SSE sends: one a MESSAGE_RATE_LIMIT_MS) says
     so, and when to try again, in two sentences (it read "You are sending messages too quickly

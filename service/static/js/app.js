@@ -390,18 +390,9 @@ async function openChat(chatId, messageId = null) {
   el.messages.replaceChildren();
   el.messages.setAttribute("aria-busy", "true");
   try {
-    const { chat, messages } = await fetchMessages(chatId);
+    const history = await fetchMessages(chatId);
     if (state.chatId !== chatId) return; // another chat was opened meanwhile
-    showTitle(chat);
-    el.messages.replaceChildren(...messages.map(messageEl));
-    el.emptyChat.hidden = messages.length > 0;
-    el.messages.scrollTop = el.messages.scrollHeight;
-    if (messageId) showMessage(messageId);
-    const last = messages[messages.length - 1];
-    if (last && last.role === "assistant" && last.status === "streaming") {
-      followRunning(chatId, last, el.messages.lastElementChild); // not awaited: the page is ready now
-    }
-    showUnsent(chatId);
+    showHistory(chatId, history, messageId);
   } catch (exc) {
     if (exc.code === "chat_not_found") {
       state.chats = state.chats.filter((c) => c.chat_id !== chatId);
@@ -411,6 +402,21 @@ async function openChat(chatId, messageId = null) {
   } finally {
     el.messages.setAttribute("aria-busy", "false");
   }
+}
+
+// The open chat's history on the page, as it came (fetchMessages); an answer still running is
+// followed.
+function showHistory(chatId, { chat, messages }, messageId = null) {
+  showTitle(chat);
+  el.messages.replaceChildren(...messages.map(messageEl));
+  el.emptyChat.hidden = messages.length > 0;
+  el.messages.scrollTop = el.messages.scrollHeight;
+  if (messageId) showMessage(messageId);
+  const last = messages[messages.length - 1];
+  if (last && last.role === "assistant" && last.status === "streaming") {
+    followRunning(chatId, last, el.messages.lastElementChild); // not awaited: the page is ready now
+  }
+  showUnsent(chatId);
 }
 
 // The chat and its history (the chosen versions), every page of it.
@@ -524,6 +530,29 @@ function refusedOutright(exc, stopped, running) {
   return !stopped && exc instanceof ApiError && exc.status > 0 && !running.retried;
 }
 
+// The model's provider refused the turn before its answer started (the service answered the
+// request with its error): the service had saved the turn's records by then.
+function refusedUpstream(exc, stopped) {
+  return !stopped && exc instanceof ApiError && exc.code.startsWith("upstream_");
+}
+
+// The chat's history (fetchMessages) when it ends with this send's question (as the service
+// keeps it: trimmed) and an answer that did not complete: the send was saved. Else (its
+// records could not be written, the history could not be read) null: it was not sent.
+async function savedTurn(chatId, text) {
+  let history;
+  try {
+    history = await fetchMessages(chatId);
+  } catch {
+    return null;
+  }
+  const { messages } = history;
+  const question = messages.findLast((m) => m.role === "user");
+  const last = messages[messages.length - 1];
+  const saved = question?.content === text.trim() && last !== question && last.status !== "complete";
+  return saved ? history : null;
+}
+
 // What the page says of a send that did not go out (the error's sentence, or the user's Stop).
 function notSentReason(exc, stopped) {
   if (stopped) return "You stopped it before it was sent.";
@@ -590,6 +619,17 @@ async function send() {
       settle(botEl);
       if (!stopped) report(exc);
     } else {
+      // refused by the model's provider: the service saved the question and its failed answer
+      // (unless its database failed too), as the chat's history says
+      const saved = refusedUpstream(exc, stopped) && chatId ? await savedTurn(chatId, text) : null;
+      if (saved && !running.detached && state.chatId === chatId) {
+        endTurn(running); // the chat as opened: a retry is its answer's Regenerate
+        showHistory(chatId, saved);
+        report(exc);
+        announce("The answer failed.");
+        return;
+      }
+      if (saved) return showError(`In ${chatName(chatId)}, the answer failed. ${describe(exc)}`);
       // refused before the stream started (budget, rate limit, validation...), or stopped
       // before it went out (the network was down): nothing was saved, the text goes back
       botEl.remove();
