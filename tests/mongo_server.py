@@ -80,6 +80,22 @@ class MongoServer:
                 self.proc.wait()
         self.proc = None
 
+    def hang(self) -> None:
+        """SIGSTOP, returning once every thread of it has stopped (state ``T``): the signal is
+        delivered a moment after it is sent, and a command sent meanwhile could be answered."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+        stat = Path(f"/proc/{self.proc.pid}/stat")
+        deadline = time.monotonic() + 10
+        while stat.read_text().rpartition(")")[2].split()[0] != "T":
+            if time.monotonic() > deadline:
+                raise RuntimeError("SecantusDB did not stop in 10 s")
+            time.sleep(0.001)
+
+    def unhang(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL: the database dies mid-operation (same port and data path on ``start``)."""
         if self.proc and self.proc.poll() is None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import time
 from typing import Any
 
@@ -195,8 +194,7 @@ async def test_the_timeout_bounds_a_whole_operation_retries_included(
     client = await aiohttp_client(create_app(settings))
     h = auth()
     chat_id = (await (await client.post("/api/chat", headers=h)).json())["chat_id"]
-    assert own_mongo.proc is not None
-    own_mongo.proc.send_signal(signal.SIGSTOP)  # hung: connections open, no answers
+    own_mongo.hang()  # connections open, no answers
     try:
         for path, body in ((f"/api/chat/{chat_id}/message", {"message": "Hi"}), ("/api/chat", {})):
             started = time.monotonic()
@@ -206,7 +204,7 @@ async def test_the_timeout_bounds_a_whole_operation_retries_included(
             assert (await resp.json())["error"]["code"] == "database_unavailable"
             assert took < 1.6, f"{path}: {took:.2f} s against a 1 s MONGODB_TIMEOUT_MS"
     finally:
-        own_mongo.proc.send_signal(signal.SIGCONT)
+        own_mongo.unhang()
 
 
 class FindChats(monitoring.CommandListener):
@@ -243,8 +241,7 @@ async def test_calls_waiting_for_a_pooled_connection_answer_503_at_their_own_tim
     client = await aiohttp_client(create_app(settings))
     h = auth()
     assert (await client.get("/api/chat", headers=h)).status == 200
-    assert own_mongo.proc is not None
-    own_mongo.proc.send_signal(signal.SIGSTOP)  # hung: connections open, no answers
+    own_mongo.hang()  # connections open, no answers
     try:
 
         async def listed() -> tuple[int, float]:
@@ -257,7 +254,7 @@ async def test_calls_waiting_for_a_pooled_connection_answer_503_at_their_own_tim
         assert [status for status, _ in answers] == [503] * 4
         assert max(took for _, took in answers) < 1.6, answers  # four in a row would take 4 s
     finally:
-        own_mongo.proc.send_signal(signal.SIGCONT)
+        own_mongo.unhang()
 
     async def ready() -> bool:
         return (await client.get("/readyz")).status == 200
