@@ -59,8 +59,24 @@ def _missing_browser() -> str | None:
     return None
 
 
+class _Chromium:
+    """The session's Chromium, launched again if it went away (a crash stops one test, not
+    every test after it)."""
+
+    def __init__(self, playwright: Any) -> None:
+        self.playwright = playwright
+        self.browser: Any = None
+
+    async def get(self) -> Any:
+        if self.browser is None or not self.browser.is_connected():
+            self.browser = await self.playwright.chromium.launch(
+                executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+            )
+        return self.browser
+
+
 @pytest_asyncio.fixture(scope="session", loop_scope=SESSION)
-async def _chromium() -> AsyncIterator[Any]:
+async def _chromium() -> AsyncIterator[_Chromium]:
     reason = _missing_browser()
     if reason:
         if os.environ.get("CI") == "true":
@@ -69,21 +85,20 @@ async def _chromium() -> AsyncIterator[Any]:
     from playwright.async_api import async_playwright
 
     async with async_playwright() as pw:
-        chromium = await pw.chromium.launch(
-            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
-        )
+        chromium = _Chromium(pw)
         try:
             yield chromium
         finally:
-            await chromium.close()
+            if chromium.browser is not None:
+                await chromium.browser.close()
 
 
 @pytest_asyncio.fixture(loop_scope=SESSION)
-async def browser(_chromium: Any) -> AsyncIterator[Any]:
+async def browser(_chromium: _Chromium) -> AsyncIterator[Any]:
     """The session's Chromium; the contexts (pages) a test opened are closed after it."""
-    assert not _chromium.contexts, "a context of an earlier test is still open"
-    yield _chromium
-    for context in _chromium.contexts:
+    chromium = await _chromium.get()
+    yield chromium
+    for context in chromium.contexts:
         await context.close()
 
 
