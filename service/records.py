@@ -50,6 +50,12 @@ def tokens_doc(
     return doc
 
 
+def finish_reason_of(status: Status, finish_reason: str | None) -> str | None:
+    """The model's finish reason for a completed answer; an answer that did not complete has
+    its status as its finish reason."""
+    return finish_reason if status == Status.COMPLETE else str(status)
+
+
 def final_fields(
     status: Status,
     reason: str,
@@ -61,11 +67,10 @@ def final_fields(
     completed_at: datetime,
 ) -> dict[str, Any]:
     """What a record's end sets (on a record still ``streaming``: ``Store.finish_message``).
-    A record that did not complete has its status as its finish reason; ``error``: the code
-    and message of what ended it; ``cost`` only for a priced model."""
+    ``error``: the code and message of what ended it; ``cost`` only for a priced model."""
     return {
         "status": status,
-        "finish_reason": finish_reason if status == Status.COMPLETE else str(status),
+        "finish_reason": finish_reason_of(status, finish_reason),
         "reason": reason,
         "error": {"code": error[0], "message": error[1]} if error else None,
         "tokens": tokens,

@@ -52,7 +52,7 @@ from service.providers.base import (
     cache_writes,
     close_stream,
 )
-from service.records import Status, final_fields, tokens_doc
+from service.records import Status, final_fields, finish_reason_of, tokens_doc
 from service.settings import Settings
 from service.store import (
     Doc,
@@ -1225,7 +1225,7 @@ class Turn:
             message_id=self.message_id,
             status=status,
             reason=reason,
-            finish_reason=self.finish_reason if status == Status.COMPLETE else status,
+            finish_reason=finish_reason_of(status, self.finish_reason),
             prompt_tokens=prompt,
             completion_tokens=completion,
             token_source=source,
